@@ -1,0 +1,6 @@
+"""The network: image encoders, prompt encoder, mask decoder and the registry of configurations."""
+
+from .registry import CONFIGS, ModelConfig, build_model
+from .sam import DecoderOutput, MedSAMModel
+
+__all__ = ["CONFIGS", "ModelConfig", "build_model", "DecoderOutput", "MedSAMModel"]

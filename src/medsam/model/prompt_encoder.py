@@ -1,0 +1,137 @@
+"""SAM's prompt encoder: points, boxes and low-resolution masks to prompt embeddings.
+
+Coordinates given to this module are in the model's input frame (pixels of the S x S network
+input, x to the right, y down), already transformed by the preprocessing contract.
+
+Outputs:
+    sparse: (B, P, D) one token per point (plus a padding token when no box is given) and two per box.
+    dense:  (B, D, E, E) mask embedding, or the learned "no mask" embedding broadcast.
+with D = ``embed_dim`` (256) and E the image-embedding size (64 for the official weights).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .common import LayerNorm2d
+
+
+class PositionEmbeddingRandom(nn.Module):
+    """Random-Fourier positional encoding (``positional_encoding_gaussian_matrix``, 2 x D/2)."""
+
+    def __init__(self, num_pos_feats: int = 128, scale: float | None = None) -> None:
+        super().__init__()
+        scale = 1.0 if scale is None or scale <= 0.0 else scale
+        self.register_buffer(
+            "positional_encoding_gaussian_matrix", scale * torch.randn((2, num_pos_feats))
+        )
+
+    def _encode(self, coords: torch.Tensor) -> torch.Tensor:
+        """coords in [0, 1], shape (..., 2) as (x, y) -> (..., D)."""
+        coords = (2 * coords - 1) @ self.positional_encoding_gaussian_matrix.to(coords.dtype)
+        coords = 2 * math.pi * coords
+        return torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1)
+
+    def forward(self, size: tuple[int, int]) -> torch.Tensor:
+        """Encoding of every cell centre of an (h, w) grid -> (D, h, w)."""
+        h, w = size
+        device = self.positional_encoding_gaussian_matrix.device
+        y = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
+        x = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
+        grid = torch.stack(torch.meshgrid(x, y, indexing="xy"), dim=-1)  # (h, w, 2) as (x, y)
+        return self._encode(grid).permute(2, 0, 1)
+
+    def forward_with_coords(self, coords: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+        """Encode (B, N, 2) pixel coordinates (x, y) of an image of size (H, W) -> (B, N, D)."""
+        coords = coords.clone().float()
+        coords[:, :, 0] = coords[:, :, 0] / image_size[1]
+        coords[:, :, 1] = coords[:, :, 1] / image_size[0]
+        return self._encode(coords)
+
+
+class PromptEncoder(nn.Module):
+    """Embeds point, box and mask prompts for the mask decoder."""
+
+    def __init__(
+        self,
+        embed_dim: int = 256,
+        image_embedding_size: tuple[int, int] = (64, 64),
+        input_image_size: tuple[int, int] = (1024, 1024),
+        mask_in_chans: int = 16,
+    ) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.input_image_size = input_image_size
+        self.image_embedding_size = image_embedding_size
+        self.pe_layer = PositionEmbeddingRandom(embed_dim // 2)
+        # 0: negative point, 1: positive point, 2: box top-left, 3: box bottom-right.
+        self.point_embeddings = nn.ModuleList(nn.Embedding(1, embed_dim) for _ in range(4))
+        self.not_a_point_embed = nn.Embedding(1, embed_dim)
+        self.mask_input_size = (4 * image_embedding_size[0], 4 * image_embedding_size[1])
+        self.mask_downscaling = nn.Sequential(
+            nn.Conv2d(1, mask_in_chans // 4, kernel_size=2, stride=2),
+            LayerNorm2d(mask_in_chans // 4),
+            nn.GELU(),
+            nn.Conv2d(mask_in_chans // 4, mask_in_chans, kernel_size=2, stride=2),
+            LayerNorm2d(mask_in_chans),
+            nn.GELU(),
+            nn.Conv2d(mask_in_chans, embed_dim, kernel_size=1),
+        )
+        self.no_mask_embed = nn.Embedding(1, embed_dim)
+
+    def get_dense_pe(self) -> torch.Tensor:
+        """Positional encoding of the image-embedding grid, (1, D, E, E)."""
+        return self.pe_layer(self.image_embedding_size).unsqueeze(0)
+
+    def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
+        points = points + 0.5  # pixel centres
+        if pad:
+            points = torch.cat([points, points.new_zeros(points.shape[0], 1, 2)], dim=1)
+            labels = torch.cat([labels, -labels.new_ones(labels.shape[0], 1)], dim=1)
+        emb = self.pe_layer.forward_with_coords(points, self.input_image_size)
+        labels = labels.unsqueeze(-1)
+        emb = torch.where(labels == -1, self.not_a_point_embed.weight, emb)
+        emb = emb + torch.where(labels == 0, self.point_embeddings[0].weight, 0.0)
+        emb = emb + torch.where(labels == 1, self.point_embeddings[1].weight, 0.0)
+        return emb
+
+    def _embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
+        corners = (boxes + 0.5).reshape(-1, 2, 2)
+        emb = self.pe_layer.forward_with_coords(corners, self.input_image_size)
+        corner_weights = torch.cat([self.point_embeddings[2].weight, self.point_embeddings[3].weight])
+        return emb + corner_weights
+
+    def forward(
+        self,
+        points: tuple[torch.Tensor, torch.Tensor] | None,
+        boxes: torch.Tensor | None,
+        masks: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Args:
+            points: ((B, N, 2) coordinates (x, y), (B, N) labels 1 = foreground, 0 = background).
+            boxes: (B, 4) or (B, 1, 4) boxes [x0, y0, x1, y1].
+            masks: (B, 1, 4E, 4E) low-resolution mask logits.
+        """
+        if points is not None:
+            bs = points[0].shape[0]
+        elif boxes is not None:
+            bs = boxes.shape[0]
+        elif masks is not None:
+            bs = masks.shape[0]
+        else:
+            bs = 1
+        weight = self.no_mask_embed.weight
+        sparse = weight.new_empty((bs, 0, self.embed_dim))
+        if points is not None:
+            coords, labels = points
+            sparse = torch.cat([sparse, self._embed_points(coords, labels, pad=boxes is None)], dim=1)
+        if boxes is not None:
+            sparse = torch.cat([sparse, self._embed_boxes(boxes)], dim=1)
+        if masks is not None:
+            dense = self.mask_downscaling(masks)
+        else:
+            dense = weight.reshape(1, -1, 1, 1).expand(bs, -1, *self.image_embedding_size)
+        return sparse, dense

@@ -1,0 +1,85 @@
+"""The assembled promptable segmentation model (image encoder + prompt encoder + mask decoder).
+
+Preprocessing is deliberately not part of the module: it lives in :mod:`medsam.preprocess` as a
+named contract that travels with the model (``MedSAMModel.contract``), so a checkpoint is always
+paired with the preprocessing it was trained with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .mask_decoder import MaskDecoder
+from .prompt_encoder import PromptEncoder
+
+
+@dataclass(frozen=True)
+class DecoderOutput:
+    """Raw decoder output. ``logits``: (B, M, 4E, 4E); ``iou``: (B, M)."""
+
+    logits: torch.Tensor
+    iou: torch.Tensor
+
+
+class MedSAMModel(nn.Module):
+    """Image encoder, prompt encoder and mask decoder under the official top-level names.
+
+    Attributes:
+        config: the :class:`medsam.model.registry.ModelConfig` the model was built from.
+        contract: name of the preprocessing contract (``"medsam"``, ``"sam"`` or ``"lite"``).
+    """
+
+    def __init__(
+        self,
+        image_encoder: nn.Module,
+        prompt_encoder: PromptEncoder,
+        mask_decoder: MaskDecoder,
+        config: "ModelConfig",  # noqa: F821 (avoid an import cycle)
+        contract: str,
+    ) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.config = config
+        self.contract = contract
+
+    @property
+    def input_size(self) -> int:
+        """Side of the square network input (1024 for ViT models, 256 for LiteMedSAM)."""
+        return self.config.img_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) preprocessed images -> (B, 256, E, E) embeddings."""
+        return self.image_encoder(images)
+
+    def decode(
+        self,
+        image_embeddings: torch.Tensor,
+        boxes: torch.Tensor | None = None,
+        points: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool = False,
+    ) -> DecoderOutput:
+        """Prompts in network-input coordinates -> low-resolution logits and IoU predictions.
+
+        Args:
+            image_embeddings: (1 or B, 256, E, E).
+            boxes: (B, 4) [x0, y0, x1, y1]; points: ((B, P, 2), (B, P)); mask_input: (B, 1, 4E, 4E).
+        """
+        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        logits, iou = self.mask_decoder(
+            image_embeddings=image_embeddings,
+            image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask_output,
+        )
+        return DecoderOutput(logits=logits, iou=iou)
