@@ -1,0 +1,1 @@
+"""Dataset curation: turning raw medical images into MedSAM-ready inputs."""

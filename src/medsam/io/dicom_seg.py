@@ -1,0 +1,132 @@
+"""DICOM-SEG output through highdicom (optional dependency: ``pip install highdicom``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pydicom
+
+from .atomic import atomic_output
+from .image import MedicalImage
+from .writers import _label_array
+
+__all__ = ["write_dicom_seg"]
+
+
+# Patient / study attributes highdicom copies from the source images
+_TYPE2_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
+
+
+def _medsam_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("medsam")
+    except Exception:  # noqa: BLE001 - not installed as a distribution
+        try:
+            from medsam import __version__
+
+            return str(__version__)
+        except ImportError:
+            return "unknown"
+
+
+def write_dicom_seg(
+    mask,
+    like: MedicalImage,
+    path: str | Path,
+    segment_labels: Mapping[int, str] | None = None,
+    *,
+    series_description: str = "MedSAM segmentation",
+) -> Path:
+    """Write ``mask`` as a binary DICOM Segmentation object referencing ``like``'s DICOM files.
+
+    ``like`` must come from :func:`read_image` on a DICOM series or file (it
+    needs ``like.source_files``, still present on disk); ``mask`` has
+    ``like.spatial_shape`` and ``mask[k]`` annotates ``like.source_files[k]``.
+    Every label ``n > 0`` present becomes segment ``n`` (named from
+    ``segment_labels`` or ``"label n"``), marked as produced by an automatic
+    algorithm ("MedSAM"). The segmented property is coded generically as
+    SNOMED CT "Tissue"; edit the result if a precise code is needed.
+
+    Requires the optional dependency ``highdicom``. Writing is atomic.
+    """
+    try:
+        import highdicom as hd
+        from pydicom.sr.codedict import codes
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("write_dicom_seg needs highdicom: pip install highdicom") from exc
+
+    path = Path(path)
+    if like.source_format not in ("dicom", "dicom-series") or not like.source_files:
+        raise ValueError(
+            "write_dicom_seg needs an image read from DICOM (its source files are referenced); "
+            f"this one is {like.source_format or 'in-memory'}: write NIfTI with write_mask instead"
+        )
+    labels = _label_array(mask, like)
+    frames = labels[None] if labels.ndim == 2 else labels
+    present = [int(v) for v in np.unique(labels) if v > 0]
+    if not present:
+        raise ValueError("mask is empty (no label > 0): a DICOM-SEG needs at least one segment")
+    if present != list(range(1, present[-1] + 1)):
+        # DICOM segment numbers must be 1..N without gaps
+        remap = np.zeros(present[-1] + 1, dtype=np.uint16)
+        remap[present] = np.arange(1, len(present) + 1)
+        frames = remap[frames]
+    missing = [f for f in like.source_files if not Path(f).exists()]
+    if missing:
+        raise FileNotFoundError(f"source DICOM files are gone: {missing[:3]}")
+    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in like.source_files]
+    for ds in sources:  # anonymised data often lacks these type-2 (may be empty) attributes
+        for keyword in _TYPE2_COPIED:
+            if keyword not in ds:
+                setattr(ds, keyword, "")
+    if len(sources) != frames.shape[0] and not (len(sources) == 1 and frames.shape[0] > 1):
+        raise ValueError(
+            f"mask has {frames.shape[0]} slices but the image references {len(sources)} files"
+        )
+    names = dict(segment_labels or {})
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="MedSAM", family=codes.DCM.ArtificialIntelligence, version=_medsam_version()
+    )
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=i + 1,
+            segment_label=str(names.get(label, f"label {label}"))[:64],
+            segmented_property_category=codes.SCT.Tissue,
+            segmented_property_type=codes.SCT.Tissue,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+        )
+        for i, label in enumerate(present)
+    ]
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=frames.astype(np.uint16 if len(present) > 255 else np.uint8),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=int(getattr(sources[0], "SeriesNumber", 0) or 0) + 1000,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="medsam",
+        manufacturer_model_name="MedSAM",
+        software_versions=_medsam_version(),
+        device_serial_number="0",
+        series_description=series_description,
+    )
+    with atomic_output(path) as tmp:
+        seg.save_as(tmp)
+    return path
