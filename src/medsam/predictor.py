@@ -1,0 +1,252 @@
+"""Embedding once, prompting many times: the 2D predictor.
+
+    predictor = Predictor(model)
+    predictor.set_image(image)                       # (H, W) or (H, W, 3), any dtype
+    result = predictor.predict(boxes=[[x0, y0, x1, y1], ...])
+    result.masks            # (N, H, W) bool
+    result.scores           # (N,) predicted IoU
+    result.low_res_logits   # (N, 1, L, L) logits (L = 256 for the official models)
+
+Coordinates are pixels of the input image, x to the right and y down; box corners are inclusive
+pixel positions as in MedSAM. All N prompts go through the decoder in one batched call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .model.sam import MedSAMModel
+from .preprocess import Contract, ImageGeometry, get_contract
+
+
+class PromptError(ValueError):
+    """A prompt that does not fit the image (outside it, empty, wrong shape, NaN)."""
+
+
+@dataclass
+class Prediction:
+    """Masks for N prompts.
+
+    Attributes:
+        masks: (N, H, W) bool, or (N, 3, H, W) when ``multimask`` was requested.
+        scores: (N,) predicted IoU, or (N, 3).
+        low_res_logits: (N, 1 or 3, L, L) float32 logits in the network's low-resolution frame.
+        geometry: sizes linking the image to the network input.
+    """
+
+    masks: np.ndarray
+    scores: np.ndarray
+    low_res_logits: np.ndarray
+    geometry: ImageGeometry
+    contract: Contract = field(repr=False)
+
+    def best(self) -> np.ndarray:
+        """(N, H, W) masks: the highest-scoring of the three when multimask, else the masks."""
+        if self.masks.ndim == 3:
+            return self.masks
+        idx = self.scores.argmax(axis=1)
+        return self.masks[np.arange(len(idx)), idx]
+
+    def score_maps(self, index: int) -> np.ndarray:
+        """Full-resolution per-pixel scores of prompt ``index``: (M, H, W) float32.
+
+        Probabilities for the ``medsam``/``lite`` contracts, logits for ``sam``; the mask is
+        ``score_maps(i) > contract.threshold``.
+        """
+        logits = torch.from_numpy(self.low_res_logits[index : index + 1])
+        return self.contract.mask_scores(logits, self.geometry)[0].numpy()
+
+
+def masks_to_label_map(prediction: Prediction) -> np.ndarray:
+    """Combine N objects into one (H, W) label map with labels 1..N (0 = background).
+
+    A pixel inside several masks goes to the object with the highest score (probability or logit)
+    there, not to the last prompt. With multimask predictions the best mask per prompt is used.
+    Memory stays O(H * W): objects are processed one at a time.
+    """
+    H, W = prediction.geometry.original_size
+    labels = np.zeros((H, W), dtype=np.uint16 if len(prediction.scores) > 255 else np.uint8)
+    best_score = np.full((H, W), -np.inf, dtype=np.float32)
+    threshold = prediction.contract.threshold
+    multi = prediction.masks.ndim == 4
+    for i in range(len(prediction.scores)):
+        maps = prediction.score_maps(i)
+        score = maps[int(prediction.scores[i].argmax())] if multi else maps[0]
+        take = (score > threshold) & (score > best_score)
+        labels[take] = i + 1
+        best_score[take] = score[take]
+    return labels
+
+
+class Predictor:
+    """Holds one image embedding and answers prompts on it.
+
+    Args:
+        model: a loaded :class:`MedSAMModel`.
+        contract: override the model's preprocessing contract by name.
+    """
+
+    def __init__(self, model: MedSAMModel, contract: str | None = None) -> None:
+        self.model = model.eval()
+        self.contract = get_contract(contract or model.contract, model.input_size)
+        self._embedding: torch.Tensor | None = None
+        self._geometry: ImageGeometry | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def is_image_set(self) -> bool:
+        return self._embedding is not None
+
+    @property
+    def embedding(self) -> torch.Tensor:
+        """(1, 256, E, E) embedding of the current image."""
+        if self._embedding is None:
+            raise RuntimeError("call set_image() first")
+        return self._embedding
+
+    @property
+    def geometry(self) -> ImageGeometry:
+        if self._geometry is None:
+            raise RuntimeError("call set_image() first")
+        return self._geometry
+
+    @torch.inference_mode()
+    def set_image(self, image: np.ndarray) -> None:
+        """Preprocess ``image`` by the contract and compute its embedding (once)."""
+        x, geom = self.contract.prepare_image(image)
+        self._embedding = self.model.embed_image(x.to(self.device))
+        self._geometry = geom
+
+    def set_embedding(self, embedding: torch.Tensor, original_size: tuple[int, int]) -> None:
+        """Use a precomputed (1, 256, E, E) embedding (e.g. from a cache) for an (H, W) image."""
+        self._embedding = embedding.to(self.device)
+        self._geometry = self.contract.geometry(tuple(original_size))
+
+    def reset_image(self) -> None:
+        self._embedding = None
+        self._geometry = None
+
+    @torch.inference_mode()
+    def predict(
+        self,
+        boxes: np.ndarray | list | None = None,
+        points: np.ndarray | list | None = None,
+        point_labels: np.ndarray | list | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask: bool = False,
+    ) -> Prediction:
+        """Segment N objects of the current image.
+
+        Args:
+            boxes: (N, 4) [x0, y0, x1, y1] in input pixels (a single (4,) box is accepted).
+            points: (N, P, 2) (x, y) in input pixels ((P, 2) for a single prompt).
+            point_labels: (N, P) 1 = foreground, 0 = background.
+            mask_input: (N, 1, L, L) low-resolution logits, e.g. a previous ``low_res_logits``.
+            multimask: return three candidate masks per prompt instead of one.
+        """
+        geom = self.geometry
+        n, box_t, pts_t, mask_t = self._prompts_to_tensors(boxes, points, point_labels, mask_input)
+        out = self.model.decode(
+            self.embedding, boxes=box_t, points=pts_t, mask_input=mask_t, multimask_output=multimask
+        )
+        logits = out.logits.float()
+        masks = np.empty((n, logits.shape[1], *geom.original_size), dtype=bool)
+        # Upsample a few prompts at a time so memory stays bounded for large images.
+        chunk = max(1, int(64e6 // (logits.shape[1] * geom.original_size[0] * geom.original_size[1] * 4)))
+        for i in range(0, n, chunk):
+            scores = self.contract.mask_scores(logits[i : i + chunk].cpu(), geom)
+            masks[i : i + chunk] = (scores > self.contract.threshold).numpy()
+        iou = out.iou.float().cpu().numpy()
+        if not multimask:
+            masks, iou = masks[:, 0], iou[:, 0]
+        return Prediction(masks, iou, logits.cpu().numpy(), geom, self.contract)
+
+    # ---------------------------------------------------------------- checks
+    def _prompts_to_tensors(self, boxes, points, point_labels, mask_input):
+        geom = self.geometry
+        H, W = geom.original_size
+        counts = []
+        box_t = pts_t = mask_t = None
+        dev = self.device
+        if boxes is not None:
+            b = np.asarray(boxes, dtype=np.float64)
+            if b.ndim == 1:
+                b = b[None]
+            if b.ndim != 2 or b.shape[1] != 4 or b.shape[0] == 0:
+                raise PromptError(f"boxes must have shape (N, 4), got {np.asarray(boxes).shape}")
+            validate_boxes(b, (H, W))
+            counts.append(len(b))
+            box_t = torch.as_tensor(self.contract.transform_boxes(b, geom), dtype=torch.float32, device=dev)
+        if points is not None:
+            p = np.asarray(points, dtype=np.float64)
+            if p.ndim == 2:
+                p = p[None]
+            if point_labels is None:
+                raise PromptError("point_labels are required with points (1 = foreground, 0 = background)")
+            lab = np.asarray(point_labels)
+            if lab.ndim == 1:
+                lab = lab[None]
+            if p.ndim != 3 or p.shape[2] != 2 or lab.shape != p.shape[:2]:
+                raise PromptError(
+                    f"points must be (N, P, 2) with labels (N, P); got {p.shape} and {lab.shape}"
+                )
+            if not np.isfinite(p).all():
+                raise PromptError("points contain NaN or infinite values")
+            if (p[..., 0] < 0).any() or (p[..., 0] > W).any() or (p[..., 1] < 0).any() or (p[..., 1] > H).any():
+                raise PromptError(f"a point lies outside the {W}x{H} image")
+            if not np.isin(lab, (0, 1)).all():
+                raise PromptError("point labels must be 1 (foreground) or 0 (background)")
+            counts.append(len(p))
+            pts_t = (
+                torch.as_tensor(self.contract.transform_coords(p, geom), dtype=torch.float32, device=dev),
+                torch.as_tensor(lab, dtype=torch.int64, device=dev),
+            )
+        if mask_input is not None:
+            m = np.asarray(mask_input, dtype=np.float32)
+            L = self.model.prompt_encoder.mask_input_size[0]
+            if m.ndim == 2:  # (L, L): one prompt
+                m = m[None, None]
+            elif m.ndim == 3:  # (N, L, L)
+                m = m[:, None]
+            if m.ndim != 4 or m.shape[1:] != (1, L, L):
+                raise PromptError(f"mask_input must be (N, 1, {L}, {L}) logits, got {np.asarray(mask_input).shape}")
+            if not np.isfinite(m).all():
+                raise PromptError("mask_input contains NaN or infinite values")
+            counts.append(len(m))
+            mask_t = torch.as_tensor(m, device=dev)
+        if not counts:
+            raise PromptError("give at least one prompt: boxes, points or mask_input")
+        n = max(counts)
+        if any(c not in (1, n) for c in counts):
+            raise PromptError(f"prompt counts do not match: {counts}")
+        if box_t is not None and len(box_t) != n:
+            box_t = box_t.expand(n, -1)
+        if pts_t is not None and len(pts_t[0]) != n:
+            pts_t = (pts_t[0].expand(n, -1, -1), pts_t[1].expand(n, -1))
+        if mask_t is not None and len(mask_t) != n:
+            mask_t = mask_t.expand(n, -1, -1, -1)
+        return n, box_t, pts_t, mask_t
+
+
+def validate_boxes(boxes: np.ndarray, size: tuple[int, int]) -> None:
+    """Check (N, 4) boxes [x0, y0, x1, y1] against an image of (H, W); raise PromptError.
+
+    Corners are inclusive pixel positions; a corner may also sit on the far edge (x = W, y = H)
+    for users who give exclusive ends.
+    """
+    H, W = size
+    if not np.isfinite(boxes).all():
+        raise PromptError("boxes contain NaN or infinite values")
+    for x0, y0, x1, y1 in boxes:
+        if x1 <= x0 or y1 <= y0:
+            raise PromptError(f"box [{x0:g}, {y0:g}, {x1:g}, {y1:g}] is empty: need x1 > x0 and y1 > y0")
+        if x0 < 0 or y0 < 0 or x1 > W or y1 > H:
+            raise PromptError(
+                f"box [{x0:g}, {y0:g}, {x1:g}, {y1:g}] lies outside the image (width {W}, height {H})"
+            )

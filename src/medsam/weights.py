@@ -1,0 +1,236 @@
+"""Reading and writing every checkpoint format MedSAM users hold.
+
+Accepted inputs (``load_model``):
+- official plain state dicts: ``sam_vit_b_01ec64.pth``, ``medsam_vit_b.pth`` (and ViT-L/H);
+- training checkpoints ``{"model": state_dict, "optimizer": ..., "epoch": ...}`` (also
+  ``"state_dict"``), with or without the ``module.`` prefix that DDP adds;
+- LiteMedSAM's ``lite_medsam.pth`` (TinyViT encoder);
+- safetensors files written by :func:`save_model` (config and contract in the metadata) or by
+  anyone else (architecture inferred from the tensor shapes).
+
+Pickled files are opened with ``torch.load(weights_only=True)`` only: a pickle that tries to build
+arbitrary objects is refused, never executed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from .model.registry import CONFIGS, ModelConfig, build_model
+from .model.sam import MedSAMModel
+from .preprocess import CONTRACT_NAMES
+
+PREFIXES = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
+SAFETENSORS_CONFIG_KEY = "medsam_config"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message says why."""
+
+
+def _is_safetensors(path: Path) -> bool:
+    if path.suffix == ".safetensors":
+        return True
+    with open(path, "rb") as f:
+        head = f.read(9)
+    # safetensors: 8-byte little-endian header length, then a JSON object.
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read the raw tensors of a checkpoint file and any metadata stored with it.
+
+    Returns (state_dict with ``module.`` prefixes removed, metadata dict).
+    Raises :class:`CheckpointError` with one clear sentence for anything unreadable.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    metadata: dict = {}
+    if _is_safetensors(path):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw_meta = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+        if SAFETENSORS_CONFIG_KEY in raw_meta:
+            metadata = json.loads(raw_meta[SAFETENSORS_CONFIG_KEY])
+    else:
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            text = str(exc)
+            if "Weights only load failed" in text or "Unsupported global" in text:
+                raise CheckpointError(
+                    f"{path}: refused to unpickle: the file contains Python objects other than "
+                    "tensors (it could run code). Only plain state dicts and training checkpoints "
+                    "of tensors are loaded."
+                ) from None
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({text.splitlines()[0]})") from None
+        state = _unwrap(obj, path)
+    cleaned = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {key!r} is not a tensor")
+        cleaned[key[len("module."):] if key.startswith("module.") else key] = value
+    return cleaned, metadata
+
+
+def _unwrap(obj: object, path: Path) -> Mapping[str, torch.Tensor]:
+    if isinstance(obj, Mapping):
+        for key in ("model", "state_dict", "model_state_dict"):
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and any(isinstance(v, torch.Tensor) for v in inner.values()):
+                return inner
+        if any(isinstance(v, torch.Tensor) for v in obj.values()):
+            return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    raise CheckpointError(f"{path}: no model state dict found in the checkpoint")
+
+
+def infer_config(state: Mapping[str, torch.Tensor]) -> ModelConfig:
+    """Infer the architecture from tensor names and shapes.
+
+    ViT encoders: width from ``patch_embed.proj``, depth from the block count, head size from the
+    relative-position tables, global blocks from the longer tables, input size from ``pos_embed``.
+    A TinyViT encoder (``image_encoder.layers.*``) is LiteMedSAM.
+    """
+    if not any(k.startswith(PREFIXES) for k in state):
+        raise CheckpointError(
+            "not a SAM/MedSAM checkpoint: no image_encoder/prompt_encoder/mask_decoder weights "
+            f"(first keys: {list(state)[:3]})"
+        )
+    if "image_encoder.patch_embed.proj.weight" in state:
+        proj = state["image_encoder.patch_embed.proj.weight"]
+        embed_dim, patch = proj.shape[0], proj.shape[-1]
+        pos = state.get("image_encoder.pos_embed")
+        grid = pos.shape[1] if pos is not None else 64
+        depth = 1 + max(
+            int(k.split(".")[2]) for k in state if k.startswith("image_encoder.blocks.")
+        )
+        rel = [state[f"image_encoder.blocks.{i}.attn.rel_pos_h"] for i in range(depth)]
+        head_dim = rel[0].shape[1]
+        global_idx = tuple(i for i, r in enumerate(rel) if r.shape[0] == 2 * grid - 1)
+        window = next(((r.shape[0] + 1) // 2 for r in rel if r.shape[0] != 2 * grid - 1), 14)
+        for name, cfg in CONFIGS.items():
+            if cfg.encoder == "vit" and (cfg.embed_dim, cfg.depth, cfg.img_size) == (
+                embed_dim, depth, grid * patch
+            ) and cfg.global_attn_indexes == global_idx:
+                return cfg
+        return ModelConfig(
+            name="custom_vit",
+            img_size=grid * patch,
+            patch_size=patch,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=embed_dim // head_dim,
+            global_attn_indexes=global_idx,
+            window_size=window,
+            embedding_size=grid,
+        )
+    if any(k.startswith("image_encoder.layers.") for k in state):
+        return CONFIGS["lite"]
+    raise CheckpointError("checkpoint has no recognisable image encoder (neither ViT nor TinyViT)")
+
+
+def load_model(
+    checkpoint: str | os.PathLike | None = None,
+    contract: str | None = None,
+    device: str | torch.device | None = None,
+    config: ModelConfig | str | None = None,
+) -> MedSAMModel:
+    """Load a model from any supported checkpoint, in eval mode.
+
+    Args:
+        checkpoint: path; ``None`` loads the embedded default model shipped with the package.
+        contract: override the preprocessing contract (``medsam``, ``sam``, ``lite``). Default:
+            the one stored with the checkpoint, else the architecture's default (MedSAM's for
+            ViT-B, SAM's for ViT-L/H, LiteMedSAM's for TinyViT).
+        device: where to put the model; default picks CUDA, then MPS, then CPU.
+        config: force an architecture instead of inferring it from the tensor shapes.
+    """
+    from .device import pick_device
+
+    if checkpoint is None:
+        from .default_model import load_default_model
+
+        return load_default_model(contract=contract, device=pick_device(device))
+    state, metadata = read_state_dict(checkpoint)
+    if config is not None:
+        cfg = CONFIGS[config] if isinstance(config, str) else config
+    elif "config" in metadata:
+        cfg = ModelConfig.from_dict(metadata["config"])
+    else:
+        cfg = infer_config(state)
+    chosen = contract or metadata.get("contract") or cfg.default_contract
+    if chosen not in CONTRACT_NAMES:
+        raise CheckpointError(f"unknown preprocessing contract {chosen!r}; known: {CONTRACT_NAMES}")
+    model = build_model(cfg, contract=chosen)
+    _load_strict(model, state, checkpoint)
+    return model.to(pick_device(device)).eval()
+
+
+def _load_strict(model: MedSAMModel, state: Mapping[str, torch.Tensor], path: object) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(
+        k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape)
+    )
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        if wrong:
+            k = wrong[0]
+            parts.append(
+                f"{len(wrong)} with the wrong shape (e.g. {k}: file {tuple(state[k].shape)}, "
+                f"model {tuple(expected[k].shape)})"
+            )
+        raise CheckpointError(
+            f"{path}: checkpoint does not fit the {model.config.name} model: " + "; ".join(parts)
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def save_model(model: MedSAMModel, path: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Write ``model`` as safetensors (config and contract in its metadata) plus a JSON sidecar.
+
+    ``path`` is the ``.safetensors`` file; the sidecar is the same name with ``.json``. Both are
+    written atomically (temporary file, then rename).
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path.with_suffix(".safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = {"config": model.config.to_dict(), "contract": model.contract, **(extra or {})}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
+        tmp_name = tmp.name
+    try:
+        save_file(tensors, tmp_name, metadata={SAFETENSORS_CONFIG_KEY: json.dumps(info)})
+        os.replace(tmp_name, path)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+    _write_json_atomic(path.with_suffix(".json"), info)
+    return path
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)

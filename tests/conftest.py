@@ -1,0 +1,35 @@
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+
+
+def smooth_image(h: int, w: int, seed: int = 0, channels: int | None = None) -> np.ndarray:
+    """A uint8 test image with structure (blobs) rather than white noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.zeros((h, w), np.float64)
+    for _ in range(6):
+        cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+        r = rng.uniform(0.1, 0.3) * min(h, w)
+        img += rng.uniform(0.3, 1.0) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+    img += 0.05 * rng.standard_normal((h, w))
+    img = (img - img.min()) / (img.max() - img.min()) * 255
+    img = img.astype(np.uint8)
+    if channels:
+        img = np.stack([np.roll(img, 3 * c, axis=1) for c in range(channels)], axis=-1)
+    return img
+
+
+@pytest.fixture
+def tiny_model():
+    from medsam.model import build_model
+
+    torch.manual_seed(0)
+    return build_model("vit_tiny").eval()
