@@ -116,3 +116,63 @@ def test_console_script_reports_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("medsam: error:") and "Traceback" not in proc.stderr
     assert not (tmp_path / "m.png").exists()
+
+
+def _volume(tmp_path):
+    z, y, x = np.mgrid[0:12, 0:48, 0:56]
+    ball = ((z - 6) / 5.0) ** 2 + ((y - 24) / 14.0) ** 2 + ((x - 28) / 16.0) ** 2 <= 1
+    arr = (ball * 300 + np.random.default_rng(0).normal(0, 20, ball.shape) - 100).astype(np.int16)
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((0.8, 0.9, 3.0))
+    img.SetOrigin((5.0, 6.0, 7.0))
+    img.SetDirection((1, 0, 0, 0, -1, 0, 0, 0, 1))
+    path = tmp_path / "vol.nii.gz"
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+def test_segment_volume_3d_box_keeps_geometry(tmp_path):
+    src = _volume(tmp_path)
+    out = tmp_path / "seg.nii.gz"
+    code = main(["segment", str(src), "--box", "12", "10", "2", "44", "38", "9", "--modality", "CT",
+                 "--iou-threshold=-1e9", "-o", str(out), "--overlay", str(tmp_path / "ov.png")])
+    assert code == 0
+    seg = nib.load(out)
+    np.testing.assert_allclose(seg.affine, nib.load(src).affine)
+    data = np.asarray(seg.dataobj)  # nibabel order (i, j, k)
+    assert data.shape == (56, 48, 12)
+    # Never outside the box's slice range z0..z1 (k = 2..9).
+    assert not data[:, :, :2].any() and not data[:, :, 10:].any()
+    report = json.loads((tmp_path / "seg.scores.json").read_text())
+    assert report["embeddings_computed"] <= 8
+    assert report["objects"][0]["slices"][0] >= 2 and report["objects"][0]["slices"][1] <= 9
+
+
+def test_segment_volume_key_slice_and_bad_boxes(tmp_path, capsys):
+    src = _volume(tmp_path)
+    out = tmp_path / "seg.nii.gz"
+    assert main(["segment", str(src), "--box", "12", "10", "44", "38", "--slice", "6", "--iou-threshold=-1e9", "-o", str(out)]) == 0
+    assert nib.load(out).shape == (56, 48, 12)
+    out.unlink()
+    for args, expected in [
+        (["--box", "12", "10", "44", "38"], "--slice"),
+        (["--box", "12", "10", "44", "38", "--slice", "40"], "outside the volume"),
+        (["--box", "12", "10", "2", "44", "38", "20"], "outside the volume"),
+    ]:
+        assert main(["segment", str(src), *args, "-o", str(out)]) == 2
+        assert expected in capsys.readouterr().err
+        assert not out.exists()
+
+
+def test_segment_npz_case(tmp_path):
+    from medsam.io import read_npz_case
+
+    rng = np.random.default_rng(0)
+    imgs = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
+    src = tmp_path / "2DBox_case.npz"
+    np.savez_compressed(src, imgs=imgs, boxes=np.array([[5, 5, 30, 30], [20, 25, 60, 60]]))
+    out = tmp_path / "2DBox_case_out.npz"
+    assert main(["segment", str(src), "-o", str(out)]) == 0
+    segs = np.load(out)["segs"]
+    assert segs.shape == (64, 64) and segs.dtype == np.uint8 and set(np.unique(segs)) <= {0, 1, 2}
+    assert read_npz_case(src).n_boxes == 2

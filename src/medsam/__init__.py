@@ -24,6 +24,12 @@ _LAZY = {
     "masks_to_label_map": "medsam.predictor",
     "get_contract": "medsam.preprocess",
     "segment_volume": "medsam.volume",
+    "segment_npz_case": "medsam.volume",
+    "Box3D": "medsam.volume",
+    "Box2D": "medsam.volume",
+    "VolumeSegmentation": "medsam.volume",
+    "EmbeddingCache": "medsam.embedding_cache",
+    "segment_file": "medsam.segment",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

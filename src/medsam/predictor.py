@@ -87,10 +87,16 @@ class Predictor:
     Args:
         model: a loaded :class:`MedSAMModel`.
         contract: override the model's preprocessing contract by name.
+        precision: ``"fp32"`` (default) or ``"bf16"``: run the image encoder under bfloat16
+            autocast (fast on CPUs with AVX512-BF16/AMX and on recent GPUs). The decoder always
+            runs in fp32; the embedding is returned as fp32.
     """
 
-    def __init__(self, model: MedSAMModel, contract: str | None = None) -> None:
+    def __init__(self, model: MedSAMModel, contract: str | None = None, precision: str = "fp32") -> None:
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         self.model = model.eval()
+        self.precision = precision
         self.contract = get_contract(contract or model.contract, model.input_size)
         self._embedding: torch.Tensor | None = None
         self._geometry: ImageGeometry | None = None
@@ -120,8 +126,17 @@ class Predictor:
     def set_image(self, image: np.ndarray) -> None:
         """Preprocess ``image`` by the contract and compute its embedding (once)."""
         x, geom = self.contract.prepare_image(image)
-        self._embedding = self.model.embed_image(x.to(self.device))
+        self._embedding = self.embed(x)
         self._geometry = geom
+
+    @torch.inference_mode()
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) preprocessed images -> (B, 256, E, E) fp32 embeddings, at this precision."""
+        x = x.to(self.device)
+        if self.precision == "bf16":
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
+                return self.model.embed_image(x).float()
+        return self.model.embed_image(x)
 
     def set_embedding(self, embedding: torch.Tensor, original_size: tuple[int, int]) -> None:
         """Use a precomputed (1, 256, E, E) embedding (e.g. from a cache) for an (H, W) image."""

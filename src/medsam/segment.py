@@ -48,10 +48,18 @@ def to_model_input(image: MedicalImage, modality: str | None = None, window=None
         if window is not None:
             chosen = "CT"
         else:
-            from .preprocess import to_rgb_uint8
-
-            return to_rgb_uint8(array) if image.is_color else to_rgb_uint8(array)[..., 0]
+            return _minmax_uint8(array)
     return normalize_image(array, chosen, window=window)
+
+
+def _minmax_uint8(array: np.ndarray) -> np.ndarray:
+    """Min-max scale a whole image or volume (all channels jointly) to uint8, rounding."""
+    data = np.asarray(array, dtype=np.float64)
+    if not np.isfinite(data).all():
+        raise ValueError("image contains NaN or infinite values")
+    lo, hi = float(data.min()), float(data.max())
+    scale = 255.0 / (hi - lo) if hi > lo else 0.0
+    return np.round((data - lo) * scale).astype(np.uint8)
 
 
 def parse_boxes(values: Sequence[Sequence[float]], width: int) -> np.ndarray:
@@ -223,7 +231,12 @@ def _segment_volume_file(image, output_path, boxes, key_slice, model, checkpoint
     report = {
         "input": str(image.source_path), "boxes": [list(map(float, b)) for b in boxes],
         "model": _model_description(model, checkpoint), "contract": predictor.contract.name,
-        "objects": result.summary() if hasattr(result, "summary") else None,
+        "objects": [
+            {"label": i + 1 if len(prompts) > 1 else 1, "slices": None if r is None else list(r),
+             "stopped": {"up": up, "down": down},
+             "scores": {str(k): float(v) for k, v in sorted(sc.items())}}
+            for i, (r, (up, down), sc) in enumerate(zip(result.slices, result.stop_reasons, result.scores))
+        ],
         "embeddings_computed": result.embeddings_computed,
     }
     labels = result.labels
@@ -232,7 +245,7 @@ def _segment_volume_file(image, output_path, boxes, key_slice, model, checkpoint
     overlay_src = None
     if overlay_path is not None:
         # Overlay of the key slice of the first object.
-        k = prompts[0].slice if isinstance(prompts[0], Box2D) else (prompts[0].z0 + prompts[0].z1) // 2
+        k = result.key_slices[0]
         overlay_src = pixels[k]
         labels_for_overlay = labels[k]
         from .overlay import render_overlay, save_png

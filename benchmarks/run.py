@@ -1,0 +1,286 @@
+"""Speed, memory and agreement of medsam against the reference ``segment-anything==1.0``.
+
+Both run in the same invocation on the same (seeded random) ViT-B weights; each timing runs in a
+fresh child process so that peak memory (ru_maxrss) belongs to that measurement alone. The table
+prints ratios (reference time / medsam time), which are what to compare across machines:
+absolute times moved by up to 20 % between processes on the project's 2-core machines.
+
+    .venv/bin/python benchmarks/run.py                 # everything (about 10 minutes on 2 cores)
+    .venv/bin/python benchmarks/run.py --only encoder  # one group: encoder, decoder, lite, volume
+    .venv/bin/python benchmarks/run.py --device cuda   # on a GPU
+
+Peak extra memory = peak RSS during the measured call minus RSS just before it (CPU), or
+torch.cuda.max_memory_allocated above the resident weights (CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class PeakRSS:
+    """Samples this process's RSS every 2 ms in a thread; ``peak`` is the highest seen (MiB)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak = _rss_mib()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_mib())
+            self._stop.wait(0.002)
+
+    def __enter__(self) -> "PeakRSS":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mib())
+
+
+def _weights_file(tmp: Path) -> Path:
+    import torch
+
+    from reference_sam import build_reference
+
+    path = tmp / "vit_b_random.pth"
+    if not path.exists():
+        torch.save(build_reference("vit_b", seed=0).state_dict(), path)
+    return path
+
+
+# ------------------------------------------------------------------ children
+def child(case: str, weights: str, device: str, repeats: int) -> dict:
+    """Run one measurement in this (fresh) process and return its numbers."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    dev = torch.device(device)
+    impl, what, *rest = case.split(":")
+    if impl == "ref":
+        from reference_sam import import_reference
+
+        sa = import_reference()
+        model = sa.sam_model_registry["vit_b"]()
+        model.load_state_dict(torch.load(weights, weights_only=True))
+        model = model.to(dev).eval()
+        encoder = model.image_encoder
+    else:
+        import medsam
+
+        if what == "lite":
+            torch.manual_seed(0)
+            model = medsam.build_model("lite").to(dev).eval()
+        else:
+            model = medsam.load_model(weights, device=device)
+        encoder = model.image_encoder
+    precision = rest[0] if rest else "fp32"
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    times = []
+    if what in ("encoder", "lite"):
+        size = 256 if what == "lite" else 1024
+        x = torch.randn(1, 3, size, size, device=dev)
+        ctx = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if precision == "bf16" else None
+        with torch.inference_mode():
+            def run():
+                if ctx:
+                    with ctx():
+                        return encoder(x)
+                return encoder(x)
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                base_gpu = torch.cuda.memory_allocated()
+            rss0 = _rss_mib()  # before the first call: memory kept by the allocator counts too
+            with PeakRSS() as peak:
+                run()  # warm-up (timed runs follow)
+                sync()
+                for _ in range(repeats):
+                    t = time.perf_counter()
+                    run()
+                    sync()
+                    times.append(time.perf_counter() - t)
+        if dev.type == "cuda":
+            extra = (torch.cuda.max_memory_allocated() - base_gpu) / 2**20
+        else:
+            extra = peak.peak - rss0
+        return {"seconds": times, "peak_extra_mib": extra}
+    if what == "decoder":
+        n = int(rest[0])
+        H, W = 512, 512
+        rng = np.random.default_rng(0)
+        x0 = rng.integers(0, 300, n); y0 = rng.integers(0, 300, n)
+        boxes = np.stack([x0, y0, x0 + rng.integers(50, 200, n), y0 + rng.integers(50, 200, n)], 1).astype(np.float64)
+        emb = torch.randn(1, 256, 64, 64, device=dev)
+        if impl == "ref":
+            # The MedSAM recipe's decode step: prompt encoder, decoder, sigmoid, resize to (H, W).
+            import torch.nn.functional as F
+
+            def run():
+                with torch.inference_mode():
+                    b = torch.as_tensor(boxes / np.array([W, H, W, H]) * 1024, dtype=torch.float, device=dev)[:, None]
+                    sp, de = model.prompt_encoder(points=None, boxes=b, masks=None)
+                    logits, _ = model.mask_decoder(emb, model.prompt_encoder.get_dense_pe(), sp, de, False)
+                    prob = F.interpolate(torch.sigmoid(logits), size=(H, W), mode="bilinear", align_corners=False)
+                    return (prob > 0.5).cpu().numpy()
+        else:
+            predictor = medsam.Predictor(model)
+            predictor.set_embedding(emb, (H, W))
+
+            def run():
+                return predictor.predict(boxes=boxes).masks
+        run()
+        sync()
+        for _ in range(repeats):
+            t = time.perf_counter()
+            run()
+            sync()
+            times.append(time.perf_counter() - t)
+        return {"seconds": times}
+    if what == "volume":
+        from medsam.volume import Box3D, segment_volume
+
+        torch.manual_seed(0)
+        model = medsam.build_model("lite").to(dev).eval() if rest and rest[0] == "lite" else model
+        predictor = medsam.Predictor(model)
+        rng = np.random.default_rng(0)
+        vol = (rng.random((100, 512, 512)) * 255).astype(np.uint8)
+        boxes = [Box3D(100, 100, 0, 300, 300, 99), Box3D(200, 150, 10, 400, 350, 90), Box3D(50, 300, 20, 250, 480, 80)]
+        t = time.perf_counter()
+        res = segment_volume(predictor, vol, boxes, iou_threshold=-1e9)
+        dt = time.perf_counter() - t
+        return {"seconds": [dt], "embeddings": res.embeddings_computed, "slices": 100}
+    raise ValueError(case)
+
+
+def run_child(case: str, weights: Path, device: str, repeats: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", case, "--weights", str(weights), "--device", device, "--repeats", str(repeats)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"{case} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+# ----------------------------------------------------------------- agreement
+def agreement(weights: Path, device: str) -> dict:
+    """Embedding error vs the reference and bf16-vs-fp32 mask agreement on real images."""
+    import numpy as np
+    import torch
+
+    import medsam
+    from reference_sam import import_reference
+    from medsam.demo import bundled_samples
+    from medsam.io import read_image
+    from medsam.segment import to_model_input
+
+    sa = import_reference()
+    ref = sa.sam_model_registry["vit_b"]()
+    ref.load_state_dict(torch.load(weights, weights_only=True))
+    ref = ref.to(device).eval()
+    model = medsam.load_model(weights, device=device)
+    x = torch.randn(1, 3, 1024, 1024, device=device)
+    with torch.inference_mode():
+        a, b = ref.image_encoder(x), model.image_encoder(x)
+    result = {"embedding_rel_err_fp32": float((a - b).norm() / a.norm())}
+    fp32 = medsam.Predictor(model)
+    bf16 = medsam.Predictor(model, precision="bf16")
+    agree, rel = [], []
+    for sample in bundled_samples():
+        img = read_image(sample.path)
+        pixels = to_model_input(img, sample.modality)
+        fp32.set_image(pixels)
+        bf16.set_image(pixels)
+        rel.append(float((fp32.embedding - bf16.embedding).norm() / fp32.embedding.norm()))
+        H, W = pixels.shape[:2]
+        rng = np.random.default_rng(1)
+        x0 = rng.integers(0, W // 2, 16); y0 = rng.integers(0, H // 2, 16)
+        boxes = np.stack([x0, y0, x0 + W // 3, y0 + H // 3], 1)
+        m1 = fp32.predict(boxes=boxes).masks
+        m2 = bf16.predict(boxes=boxes).masks
+        agree.append(float((m1 == m2).mean()))
+    result["bf16_embedding_rel_err"] = rel
+    result["bf16_mask_agreement"] = agree
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--child")
+    parser.add_argument("--weights")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", default=None, help="encoder, decoder, lite, volume, agreement")
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.weights, args.device, args.repeats)))
+        return 0
+    import torch
+
+    tmp = Path(tempfile.gettempdir()) / "medsam-bench"
+    tmp.mkdir(exist_ok=True)
+    weights = _weights_file(tmp)
+    groups = [args.only] if args.only else ["encoder", "decoder", "lite", "volume", "agreement"]
+    rows = []
+    print(f"torch {torch.__version__}, threads {os.environ.get('OMP_NUM_THREADS', '2')}, device {args.device}")
+    if "encoder" in groups:
+        ref = run_child("ref:encoder", weights, args.device, args.repeats)
+        ours = run_child("ours:encoder", weights, args.device, args.repeats)
+        ref_bf = run_child("ref:encoder:bf16", weights, args.device, args.repeats)
+        ours_bf = run_child("ours:encoder:bf16", weights, args.device, args.repeats)
+        r = median(ref["seconds"])
+        rows.append(("ViT-B embedding fp32", r, median(ours["seconds"]), ref["peak_extra_mib"], ours["peak_extra_mib"]))
+        rows.append(("ViT-B embedding bf16 (ref fp32 as base)", r, median(ours_bf["seconds"]), ref["peak_extra_mib"], ours_bf["peak_extra_mib"]))
+        rows.append(("ViT-B embedding bf16 (ref bf16 autocast)", median(ref_bf["seconds"]), median(ours_bf["seconds"]), ref_bf["peak_extra_mib"], ours_bf["peak_extra_mib"]))
+    if "decoder" in groups:
+        for n in (1, 16):
+            ref = run_child(f"ref:decoder:{n}", weights, args.device, args.repeats * 3)
+            ours = run_child(f"ours:decoder:{n}", weights, args.device, args.repeats * 3)
+            rows.append((f"decode {n} box(es) + upsample to 512x512", median(ref["seconds"]), median(ours["seconds"]), None, None))
+    if "lite" in groups:
+        ref = run_child("ref:encoder", weights, args.device, args.repeats)
+        lite = run_child("ours:lite", weights, args.device, args.repeats * 3)
+        rows.append(("lite (TinyViT 256) vs reference ViT-B embedding", median(ref["seconds"]), median(lite["seconds"]), ref["peak_extra_mib"], lite["peak_extra_mib"]))
+    print()
+    print(f"{'what':52s} {'ref s':>8s} {'medsam s':>9s} {'ratio':>7s} {'ref MiB':>8s} {'ours MiB':>9s}")
+    for name, r, o, rm, om in rows:
+        fm = lambda v: f"{v:8.0f}" if v is not None else f"{'':8s}"
+        print(f"{name:52s} {r:8.3f} {o:9.3f} {r / o:6.2f}x {fm(rm)} {fm(om)} ")
+    if "volume" in groups:
+        for kind in ("vit_b", "lite"):
+            case = "ours:volume" + (":lite" if kind == "lite" else "")
+            v = run_child(case, weights, args.device, 1)
+            print(f"volume 100x512x512, 3 objects, {kind}: {v['slices'] / v['seconds'][0]:.2f} slices/s, "
+                  f"{v['embeddings']} embeddings computed ({v['seconds'][0]:.1f} s)")
+    if "agreement" in groups:
+        print(json.dumps(agreement(weights, args.device), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,543 @@
+"""3D segmentation by slice-to-slice propagation of 2D box prompts.
+
+MedSAM is a 2D model. A volume is segmented the way the MedSAM/LiteMedSAM 3D inference does it:
+segment one *key slice* from the user's box, then walk slice by slice away from it, prompting each
+slice with the bounding box of the neighbouring slice's mask (expanded by a margin), until the
+object ends. See :func:`segment_volume` for the exact rules and for what differs from the release.
+
+Axis and coordinate conventions
+-------------------------------
+Volumes are NumPy arrays in the package convention (:mod:`medsam.io.image`): ``(Z, Y, X)``, the
+file's voxel index ``(i, j, k)`` reversed, so a voxel is ``volume[k, j, i]``. Colour volumes are
+``(Z, Y, X, 3)``.
+
+Prompts are given in the *slicing frame*: the volume with the slicing ``axis`` moved to the front,
+``frame = np.moveaxis(volume, axis, 0)`` of shape ``(S, H, W)``. In that frame
+
+* ``z`` (``Box3D.z0/z1``, ``Box2D.slice``) is the index along ``axis``;
+* ``y`` is the index along the first of the two remaining axes (image rows, ``H``);
+* ``x`` is the index along the last remaining axis (image columns, ``W``).
+
+With the default ``axis=0`` this is exactly the file convention: ``x = i`` (columns, array axis 2),
+``y = j`` (rows, array axis 1), ``z = k`` (slices, array axis 0), as in the CVPR 2024 npz
+``boxes`` ``[x0, y0, z0, x1, y1, z1]``. Examples for a ``(Z, Y, X)`` volume:
+
+========  ========================  =======  =======  =======
+``axis``  slice ``s``               ``z``    ``y``    ``x``
+========  ========================  =======  =======  =======
+0         axial ``v[k]``            k (Z)    j (Y)    i (X)
+1         coronal ``v[:, j]``       j (Y)    k (Z)    i (X)
+2         sagittal ``v[:, :, i]``   i (X)    k (Z)    j (Y)
+========  ========================  =======  =======  =======
+
+All corners are inclusive voxel indices. "Up" means increasing slice index, "down" decreasing.
+The returned label map has the input's spatial shape and axis order.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .embedding_cache import EmbeddingCache, model_fingerprint, slice_key
+from .predictor import PromptError, masks_to_label_map
+
+__all__ = [
+    "Box2D",
+    "Box3D",
+    "VolumeSegmentation",
+    "segment_volume",
+    "segment_npz_case",
+]
+
+
+@dataclass(frozen=True)
+class Box3D:
+    """A 3D box, inclusive voxel indices in the slicing frame (``x`` columns, ``y`` rows, ``z``
+    slices; with ``axis=0``: x = i, y = j, z = k of a ``(Z, Y, X)`` array ``v[k, j, i]``).
+
+    The object is segmented on slices ``z0..z1`` at most; the key slice is ``(z0 + z1) // 2``
+    unless overridden, and is prompted with ``[x0, y0, x1, y1]``.
+    """
+
+    x0: int
+    y0: int
+    z0: int
+    x1: int
+    y1: int
+    z1: int
+
+    @classmethod
+    def from_array(cls, values: Sequence[float]) -> "Box3D":
+        """From ``[x0, y0, z0, x1, y1, z1]`` (the CVPR 2024 npz layout)."""
+        return cls(*(_as_int(v) for v in np.asarray(values, dtype=np.float64).reshape(6)))
+
+
+@dataclass(frozen=True)
+class Box2D:
+    """A 2D box ``[x0, y0, x1, y1]`` (inclusive pixels, x = columns, y = rows) on key slice
+    ``slice`` (index along the slicing axis). Propagation may run to both ends of the volume."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    slice: int
+
+
+@dataclass
+class VolumeSegmentation:
+    """Result of :func:`segment_volume`.
+
+    Attributes:
+        labels: label map with the input's spatial shape and axis order, uint8 (uint16 with more
+            than 255 objects); label ``n + 1`` is the object of ``boxes[n]``, 0 is background.
+        slices: per object, the inclusive ``(first, last)`` range of slices (index along ``axis``)
+            whose mask was kept, or ``None`` when the key slice's mask was empty.
+        scores: per object, ``{slice: predicted IoU}`` for every kept slice.
+        key_slices: per object, the key slice.
+        stop_reasons: per object, ``(up, down)``, each one of ``"empty"`` (the mask vanished),
+            ``"low_iou"`` (predicted IoU below the threshold), ``"box_end"`` (end of a 3D box's
+            z-range), ``"volume_end"`` or ``"key_empty"`` (nothing on the key slice).
+        embeddings_computed: slices run through the image encoder.
+        cache_hits: embeddings read from the on-disk :class:`EmbeddingCache`.
+        memory_hits: embeddings reused from the in-memory LRU (a slice needed by several objects
+            in different sweeps).
+    """
+
+    labels: np.ndarray
+    slices: list[tuple[int, int] | None]
+    scores: list[dict[int, float]]
+    key_slices: list[int]
+    stop_reasons: list[tuple[str, str]]
+    embeddings_computed: int = 0
+    cache_hits: int = 0
+    memory_hits: int = 0
+
+
+# ----------------------------------------------------------------------------- internals
+def _as_int(v: Any) -> int:
+    f = float(v)
+    if not np.isfinite(f):
+        raise PromptError(f"box coordinate is not finite: {v!r}")
+    r = int(round(f))
+    if abs(f - r) > 1e-6:
+        raise PromptError(f"box coordinates must be integer voxel indices, got {v!r}")
+    return r
+
+
+def _as_prompt(b: Any) -> Box3D | Box2D:
+    if isinstance(b, (Box3D, Box2D)):
+        return b
+    arr = np.asarray(b, dtype=np.float64).reshape(-1)
+    if arr.size == 6:
+        return Box3D.from_array(arr)
+    raise PromptError(
+        f"a volume prompt must be a Box3D, a Box2D or [x0, y0, z0, x1, y1, z1]; got {b!r}"
+    )
+
+
+@dataclass
+class _Track:
+    """Propagation state of one object."""
+
+    index: int
+    key: int
+    lo: int  # allowed slice range, inclusive
+    hi: int
+    key_box: np.ndarray  # (4,) prompt on the key slice
+    limit: tuple[int, int, int, int]  # in-plane clip (x0, y0, x1, y1), inclusive
+    end_reason: str  # "box_end" or "volume_end"
+    up: tuple | None = None  # (box, logits) of the last kept slice going up; None = not walking
+    down: tuple | None = None
+    kept: dict = field(default_factory=dict)  # slice -> (y0, x0, mask crop, score crop | None)
+    scores: dict = field(default_factory=dict)
+    reasons: list = field(default_factory=lambda: ["", ""])
+    resolved: int = 0  # slices of [lo, hi] decided (predicted or given up), for progress
+
+
+def _check_inplane(x0, y0, x1, y1, H, W, what) -> None:
+    if not (0 <= x0 <= x1 < W and 0 <= y0 <= y1 < H):
+        raise PromptError(
+            f"{what} [x0={x0}, y0={y0}, x1={x1}, y1={y1}] must satisfy 0 <= x0 <= x1 < {W} and "
+            f"0 <= y0 <= y1 < {H} (inclusive indices in the slicing frame)"
+        )
+
+
+def _prompt_box(x0: int, y0: int, x1: int, y1: int, H: int, W: int) -> np.ndarray:
+    """Inclusive corners -> predictor box; a one-pixel-wide box gets a far corner one further."""
+    return np.array([x0, y0, min(max(x1, x0 + 1), W), min(max(y1, y0 + 1), H)], dtype=np.float64)
+
+
+def _make_tracks(prompts, key_slices, S, H, W, margin) -> list[_Track]:
+    if key_slices is not None and len(key_slices) != len(prompts):
+        raise PromptError(f"key_slices has {len(key_slices)} entries for {len(prompts)} boxes")
+    tracks = []
+    for n, p in enumerate(prompts):
+        override = None if key_slices is None else key_slices[n]
+        if isinstance(p, Box3D):
+            _check_inplane(p.x0, p.y0, p.x1, p.y1, H, W, f"box {n}")
+            if not 0 <= p.z0 <= p.z1 < S:
+                raise PromptError(
+                    f"box {n}: need 0 <= z0 <= z1 < {S} (slices along the slicing axis), "
+                    f"got z0={p.z0}, z1={p.z1}"
+                )
+            key = (p.z0 + p.z1) // 2 if override is None else int(override)
+            if not p.z0 <= key <= p.z1:
+                raise PromptError(f"box {n}: key slice {key} lies outside its z-range {p.z0}..{p.z1}")
+            limit = (
+                max(p.x0 - margin, 0), max(p.y0 - margin, 0),
+                min(p.x1 + margin, W - 1), min(p.y1 + margin, H - 1),
+            )
+            tracks.append(_Track(n, key, p.z0, p.z1, _prompt_box(p.x0, p.y0, p.x1, p.y1, H, W),
+                                 limit, "box_end"))
+        else:
+            _check_inplane(p.x0, p.y0, p.x1, p.y1, H, W, f"box {n}")
+            if not 0 <= p.slice < S:
+                raise PromptError(f"box {n}: slice {p.slice} outside 0..{S - 1}")
+            if override is not None and int(override) != p.slice:
+                raise PromptError(f"box {n}: key_slices[{n}]={override} contradicts Box2D.slice={p.slice}")
+            tracks.append(_Track(n, p.slice, 0, S - 1, _prompt_box(p.x0, p.y0, p.x1, p.y1, H, W),
+                                 (0, 0, W - 1, H - 1), "volume_end"))
+    return tracks
+
+
+def _next_box(bbox: tuple[int, int, int, int], limit, margin: int, H: int, W: int) -> np.ndarray:
+    """Bounding box (x0, y0, x1, y1) of a mask, expanded by ``margin``, clipped to ``limit``."""
+    x0, y0, x1, y1 = bbox
+    lx0, ly0, lx1, ly1 = limit
+    x0 = min(max(x0 - margin, lx0), lx1)
+    y0 = min(max(y0 - margin, ly0), ly1)
+    x1 = min(max(x1 + margin, lx0), lx1)
+    y1 = min(max(y1 + margin, ly0), ly1)
+    return _prompt_box(x0, y0, x1, y1, H, W)
+
+
+class _SliceEmbedder:
+    """Puts a slice's embedding into the predictor: in-memory LRU, then disk cache, then encoder."""
+
+    def __init__(self, predictor, frame: np.ndarray, cache: EmbeddingCache | None, capacity: int):
+        self.predictor = predictor
+        self.frame = frame
+        self.cache = cache
+        self.capacity = max(0, int(capacity))
+        self.lru: OrderedDict[int, Any] = OrderedDict()
+        self.current: int | None = None
+        self.computed = 0
+        self.cache_hits = 0
+        self.memory_hits = 0
+        self._fp = model_fingerprint(predictor.model) if cache is not None else None
+
+    def activate(self, s: int, keep: bool) -> None:
+        """Make the predictor hold slice ``s``; keep its embedding in memory if ``keep``."""
+        pred = self.predictor
+        if self.current == s:
+            pass
+        elif s in self.lru:
+            pred.set_embedding(self.lru[s], self.frame.shape[1:3])
+            self.lru.move_to_end(s)
+            self.memory_hits += 1
+        else:
+            image = np.ascontiguousarray(self.frame[s])
+            emb = None
+            if self.cache is not None:
+                key = slice_key(self._fp, pred.contract, image)
+                emb = self.cache.get(key)
+            if emb is not None:
+                pred.set_embedding(emb, image.shape[:2])
+                self.cache_hits += 1
+            else:
+                pred.set_image(image)
+                self.computed += 1
+                if self.cache is not None:
+                    self.cache.put(key, pred.embedding, {
+                        "model": self._fp, "contract": pred.contract.name,
+                        "input_size": pred.contract.input_size, "shape": str(list(image.shape)),
+                    })
+        self.current = s
+        if keep and self.capacity:
+            if s not in self.lru:
+                self.lru[s] = pred.embedding
+            while len(self.lru) > self.capacity:
+                self.lru.popitem(last=False)
+        elif not keep:
+            self.lru.pop(s, None)  # never needed again
+
+
+def _to_uint8_volume(volume: np.ndarray) -> np.ndarray:
+    """Non-uint8 data: one min-max scaling over the whole volume (not per slice)."""
+    if volume.dtype == np.uint8:
+        return volume
+    if volume.dtype == np.bool_:
+        return volume.astype(np.uint8) * 255
+    data = volume.astype(np.float32)
+    if not np.isfinite(data).all():
+        raise ValueError("volume contains NaN or infinite values")
+    lo, hi = float(data.min()), float(data.max())
+    scale = 255.0 / (hi - lo) if hi > lo else 0.0
+    return np.round((data - lo) * scale).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- public API
+def segment_volume(
+    predictor: Any,
+    volume: np.ndarray,
+    boxes: Sequence[Box3D | Box2D | Sequence[float]],
+    *,
+    axis: int = 0,
+    key_slices: Sequence[int | None] | None = None,
+    iou_threshold: float = 0.5,
+    box_margin: int = 3,
+    use_mask_prompt: bool = False,
+    cache: EmbeddingCache | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    max_cached_slices: int = 32,
+) -> VolumeSegmentation:
+    """Segment objects in a volume by propagating 2D box prompts from key slices.
+
+    Args:
+        predictor: a :class:`medsam.predictor.Predictor` (or an object with its interface:
+            ``set_image``, ``set_embedding``, ``embedding``, ``predict``, ``model``, ``contract``).
+        volume: ``(Z, Y, X)`` array, or ``(Z, Y, X, 3)`` colour; intensities already normalised to
+            uint8 (e.g. by :mod:`medsam.curate.normalize`). Other dtypes are min-max scaled to
+            0..255 once over the whole volume, so that every slice sees the same scaling.
+        boxes: one prompt per object: :class:`Box3D`, :class:`Box2D`, or a sequence
+            ``[x0, y0, z0, x1, y1, z1]`` (a Box3D). Coordinates are inclusive indices in the
+            slicing frame (module docstring): ``z`` along ``axis``, ``x`` along the last remaining
+            axis, ``y`` along the other.
+        axis: slicing axis in array order (0, 1, 2 or negative); 0 = axial for ``(Z, Y, X)``.
+        key_slices: optional per-object key slice (``None`` entries = default). Default for a
+            Box3D: the middle slice ``(z0 + z1) // 2``; for a Box2D its ``slice``.
+        iou_threshold: a propagated slice whose predicted IoU is below this ends the walk in that
+            direction (that slice's mask is discarded). The key slice is always kept.
+        box_margin: pixels added on each side of the neighbouring mask's bounding box.
+        use_mask_prompt: also give the neighbouring slice's low-resolution logits as
+            ``mask_input``.
+        cache: optional on-disk :class:`medsam.embedding_cache.EmbeddingCache`.
+        progress: optional ``progress(done, total)`` callback, called after each slice step;
+            ``total`` is the number of (object, slice) pairs the boxes allow and ``done`` counts
+            those decided so far (segmented or skipped because the walk stopped); the last call
+            has ``done == total``.
+        max_cached_slices: in-memory LRU size in embeddings (64x64x256 float32 = 4 MiB each for
+            the official models).
+
+    Returns:
+        :class:`VolumeSegmentation`; ``labels`` has the input's spatial shape and axis order.
+
+    Algorithm. For every object the key slice is segmented with its 2D box; then the walk goes
+    up (increasing slice index) and then down. Each next slice is prompted with the bounding box
+    of the previous slice's mask expanded by ``box_margin`` and clipped to the image (for a
+    Box3D also to its in-plane extent plus ``box_margin``). A direction stops when the mask is
+    empty or the predicted IoU is below ``iou_threshold`` (unlike the release, which fell back to
+    the middle box on an empty slice), and never leaves a Box3D's ``z0..z1``; a Box2D may run to
+    the volume's ends. Where objects overlap, a voxel goes to the object with the highest
+    per-pixel score (probability, or logit for the ``sam`` contract), ties to the lower label.
+
+    Embeddings. All objects advance together: one sweep up over the slices in increasing order,
+    then one sweep down, and on each slice all objects that need it are decoded in one batched
+    call, so a slice is embedded once for all objects. A slice needed in both sweeps (between two
+    objects' key slices) is kept in an in-memory LRU of ``max_cached_slices`` embeddings; it is
+    embedded exactly once as long as that span fits (otherwise it is read from ``cache`` if
+    given, or recomputed). With ``cache`` every computed embedding is also written to disk, and
+    a rerun on the same data, model and contract computes none.
+    """
+    vol = np.asarray(volume)
+    colour = vol.ndim == 4 and vol.shape[-1] == 3
+    if not (vol.ndim == 3 or colour):
+        raise ValueError(f"expected a (Z, Y, X) or (Z, Y, X, 3) volume, got shape {vol.shape}")
+    if not -3 <= axis < 3:
+        raise ValueError(f"axis must be 0, 1 or 2 (or negative), got {axis}")
+    axis %= 3
+    vol = _to_uint8_volume(vol)
+    frame = np.moveaxis(vol, axis, 0)  # (S, H, W[, 3]); a view
+    S, H, W = frame.shape[:3]
+    margin = int(box_margin)
+    if margin < 0:
+        raise ValueError(f"box_margin must be >= 0, got {box_margin}")
+
+    prompts = [_as_prompt(b) for b in boxes]
+    n_obj = len(prompts)
+    if n_obj > np.iinfo(np.uint16).max:
+        raise ValueError(f"too many objects ({n_obj}) for a uint16 label map")
+    label_dtype = np.uint8 if n_obj <= 255 else np.uint16
+    tracks = _make_tracks(prompts, key_slices, S, H, W, margin)
+    embedder = _SliceEmbedder(predictor, frame, cache, max_cached_slices)
+    total = sum(t.hi - t.lo + 1 for t in tracks)
+    need_scores = n_obj > 1
+
+    def report() -> None:
+        if progress is not None:
+            progress(sum(t.resolved for t in tracks), total)
+
+    def run_slice(s: int, tasks: list[tuple[_Track, str, np.ndarray, np.ndarray | None]]) -> None:
+        """Decode all tasks on slice s (embedding already active) and update the tracks."""
+        groups = [[t for t in tasks if t[3] is None], [t for t in tasks if t[3] is not None]]
+        for group in groups:
+            if not group:
+                continue
+            kwargs: dict[str, Any] = {"boxes": np.stack([g[2] for g in group])}
+            if group[0][3] is not None:
+                kwargs["mask_input"] = np.stack([g[3] for g in group])
+            pred = predictor.predict(**kwargs)
+            for i, (tr, direction, _box, _) in enumerate(group):
+                _handle(tr, direction, s, pred, i)
+
+    def _handle(tr: _Track, direction: str, s: int, pred, i: int) -> None:
+        mask = np.asarray(pred.masks[i], dtype=bool)
+        score = float(np.asarray(pred.scores[i]).reshape(-1)[0])
+        tr.resolved += 1
+        rows = np.flatnonzero(mask.any(axis=1))
+        empty = rows.size == 0
+        if direction == "key":
+            if empty:
+                tr.reasons = ["key_empty", "key_empty"]
+                tr.resolved += (tr.hi - tr.lo + 1) - 1
+                return
+        else:
+            side = 0 if direction == "up" else 1
+            reason = "empty" if empty else ("low_iou" if score < iou_threshold else "")
+            if reason:
+                tr.reasons[side] = reason
+                tr.resolved += (tr.hi - s) if direction == "up" else (s - tr.lo)
+                if direction == "up":
+                    tr.up = None
+                else:
+                    tr.down = None
+                return
+        cols = np.flatnonzero(mask.any(axis=0))
+        y0, y1, x0, x1 = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+        crop = mask[y0 : y1 + 1, x0 : x1 + 1].copy()
+        score_crop = None
+        if need_scores:
+            maps = pred.score_maps(i)
+            score_crop = np.asarray(maps[0][y0 : y1 + 1, x0 : x1 + 1], dtype=np.float32).copy()
+        tr.kept[s] = (y0, x0, crop, score_crop)
+        tr.scores[s] = score
+        logits = np.asarray(pred.low_res_logits[i], dtype=np.float32).copy() if use_mask_prompt else None
+        state = (_next_box((x0, y0, x1, y1), tr.limit, margin, H, W), logits)
+        if direction in ("key", "up"):
+            tr.up = state if s < tr.hi else None
+            if s >= tr.hi:
+                tr.reasons[0] = tr.end_reason
+        if direction in ("key", "down"):  # from the key slice, the down walk starts in the down sweep
+            tr.down = state if s > tr.lo else None
+            if s <= tr.lo:
+                tr.reasons[1] = tr.end_reason
+
+    report()
+    if tracks:
+        keys = sorted({t.key for t in tracks})
+        # ---- sweep up: key slices and upward walks, in increasing slice order
+        by_key: dict[int, list[_Track]] = {}
+        for t in tracks:
+            by_key.setdefault(t.key, []).append(t)
+        for s in range(keys[0], S):
+            tasks = [(t, "key", t.key_box, None) for t in by_key.get(s, [])]
+            tasks += [(t, "up", t.up[0], t.up[1]) for t in tracks if t.up is not None and t.key < s]
+            if not tasks:
+                if s > keys[-1]:
+                    break
+                continue
+            # a slice is needed again in the down sweep if an object with a higher key may reach it
+            keep = any(t.key > s and t.lo <= s for t in tracks)
+            embedder.activate(s, keep)
+            run_slice(s, tasks)
+            report()
+        # ---- sweep down: downward walks, in decreasing slice order
+        for s in range(keys[-1] - 1, -1, -1):
+            tasks = [(t, "down", t.down[0], t.down[1]) for t in tracks if t.down is not None and t.key > s]
+            if not tasks:
+                if not any(t.down is not None for t in tracks):
+                    break
+                continue
+            embedder.activate(s, keep=False)
+            run_slice(s, tasks)
+            report()
+
+    # ---- assemble the label map: overlaps go to the highest score
+    labels = np.zeros((S, H, W), dtype=label_dtype)
+    per_slice: dict[int, list[tuple[int, tuple]]] = {}
+    for t in tracks:
+        for s, entry in t.kept.items():
+            per_slice.setdefault(s, []).append((t.index + 1, entry))
+    for s, entries in per_slice.items():
+        out = labels[s]
+        if len(entries) == 1:
+            lab, (y0, x0, crop, _) = entries[0]
+            view = out[y0 : y0 + crop.shape[0], x0 : x0 + crop.shape[1]]
+            view[crop] = lab
+            continue
+        best = np.full((H, W), -np.inf, dtype=np.float32)
+        for lab, (y0, x0, crop, sc) in sorted(entries, key=lambda e: e[0]):
+            sl = (slice(y0, y0 + crop.shape[0]), slice(x0, x0 + crop.shape[1]))
+            take = crop & (sc > best[sl])
+            out[sl][take] = lab
+            best[sl][take] = sc[take]
+
+    for t in tracks:
+        t.resolved = t.hi - t.lo + 1
+    report()
+    return VolumeSegmentation(
+        labels=np.moveaxis(labels, 0, axis),
+        slices=[(min(t.kept), max(t.kept)) if t.kept else None for t in tracks],
+        scores=[dict(sorted(t.scores.items())) for t in tracks],
+        key_slices=[t.key for t in tracks],
+        stop_reasons=[(t.reasons[0], t.reasons[1]) for t in tracks],
+        embeddings_computed=embedder.computed,
+        cache_hits=embedder.cache_hits,
+        memory_hits=embedder.memory_hits,
+    )
+
+
+def segment_npz_case(
+    predictor: Any,
+    case: Any,
+    *,
+    cache: EmbeddingCache | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    **volume_options: Any,
+) -> np.ndarray:
+    """Segment a CVPR 2024 challenge case (:class:`medsam.io.npz.NpzCase`); returns ``segs``.
+
+    * 2D case (``imgs`` (H, W, 3) or (H, W), ``boxes`` (N, 4) ``[x0, y0, x1, y1]``): one
+      ``predict`` call with all boxes, combined by :func:`medsam.predictor.masks_to_label_map`
+      (overlaps to the highest score).
+    * 3D case (``imgs`` (D, H, W), ``boxes`` (N, 6) ``[x0, y0, z0, x1, y1, z1]``):
+      :func:`segment_volume` with one :class:`Box3D` per row (axis 0); ``volume_options``
+      (``iou_threshold``, ``box_margin``, ``use_mask_prompt``, ...) are passed on.
+
+    Box corners are inclusive indices. Returns uint8 labels with the spatial shape of ``imgs``,
+    label ``n + 1`` for ``boxes[n]`` (0 = background). At most 255 boxes.
+    """
+    from .embedding_cache import set_image_cached
+
+    boxes = np.asarray(case.boxes)
+    n = int(boxes.shape[0]) if boxes.ndim == 2 else 0
+    if n > 255:
+        raise ValueError(f"{n} boxes do not fit uint8 segs (at most 255)")
+    shape = tuple(case.imgs.shape[:3] if case.is_volume else case.imgs.shape[:2])
+    if n == 0:
+        return np.zeros(shape, dtype=np.uint8)
+    if case.is_volume:
+        prompts = [Box3D.from_array(b) for b in boxes]
+        result = segment_volume(predictor, case.imgs, prompts, cache=cache, progress=progress,
+                                **volume_options)
+        return result.labels.astype(np.uint8)
+    if volume_options:
+        raise TypeError(f"options {sorted(volume_options)} apply to 3D cases only")
+    imgs = np.asarray(case.imgs)
+    H, W = shape
+    prompt = []
+    for row in boxes:
+        x0, y0, x1, y1 = (_as_int(v) for v in np.asarray(row, dtype=np.float64))
+        _check_inplane(x0, y0, x1, y1, H, W, "box")
+        prompt.append(_prompt_box(x0, y0, x1, y1, H, W))
+    set_image_cached(predictor, imgs, cache)
+    pred = predictor.predict(boxes=np.stack(prompt))
+    labels = masks_to_label_map(pred).astype(np.uint8)
+    if progress is not None:
+        progress(n, n)
+    return labels
