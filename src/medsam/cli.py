@@ -14,7 +14,7 @@ import sys
 from typing import Sequence
 
 # Modules providing ``add_parser(subparsers)`` and ``run(args) -> int`` for more subcommands.
-_COMMAND_MODULES = ("medsam.cli_prepare", "medsam.cli_train")
+_COMMAND_MODULES = ("medsam.cli_prepare", "medsam.cli_train", "medsam.cli_export")
 
 
 class CLIError(Exception):
@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.add_parser(sub)
+        for extra in ("add_demo_parser",):
+            if hasattr(module, extra):
+                getattr(module, extra)(sub)
     return parser
 
 

@@ -94,23 +94,48 @@ class MaskDecoder(nn.Module):
                 f"{image_embeddings.shape[0]} image embeddings for {b} prompts: "
                 "give one embedding, or one per prompt"
             )
-        # One shared embedding broadcasts over the prompts; the sum below makes the only copy.
-        src = image_embeddings + dense_prompt_embeddings
-        if src.shape[0] != b:
+        # Without a mask prompt the dense embedding is one vector broadcast over the prompts;
+        # then the image tokens are shared (batch 1) until the first image->token update.
+        dense = dense_prompt_embeddings
+        if dense.shape[0] > 1 and dense.stride(0) == 0:
+            dense = dense[:1]
+        src = image_embeddings + dense
+        if src.shape[0] not in (1, b):
             src = src.expand(b, -1, -1, -1)
-        pos_src = image_pe.expand(b, -1, -1, -1)
         _, c, h, w = src.shape
-
-        hs, src = self.transformer(src, pos_src, tokens)
+        hs, keys = self.transformer(src, image_pe, tokens)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
-
-        src = src.transpose(1, 2).reshape(b, c, h, w)
-        upscaled = self.output_upscaling(src)
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
             dim=1,
-        )
-        _, c, h, w = upscaled.shape
-        masks = (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
+        )  # (B, M, C/8)
+        masks = self._upscale_and_project(keys, hyper_in, h, w)
         return masks, self.iou_prediction_head(iou_token_out)
+
+    def _upscale_and_project(
+        self, tokens: torch.Tensor, hyper_in: torch.Tensor, h: int, w: int
+    ) -> torch.Tensor:
+        """``output_upscaling`` followed by the hypernetwork dot product, as matrix products.
+
+        A 2x2 stride-2 transposed convolution maps each input pixel to its own 2x2 output block,
+        so it is one (pixels x C_in) x (C_in x 4 C_out) product; the layer norm and GELU act per
+        pixel and the mask is a per-pixel dot product, so everything stays in token layout and
+        only the final (B, M, 4h, 4w) masks are rearranged into images.
+
+        tokens (B, h*w, C), hyper_in (B, M, C/8) -> (B, M, 4h, 4w) logits.
+        """
+        conv1, norm, act1, conv2, act2 = self.output_upscaling
+        B, n, C = tokens.shape
+        c1 = conv1.out_channels
+        c2 = conv2.out_channels
+        w1 = conv1.weight.permute(0, 2, 3, 1).reshape(C, 4 * c1)  # (C_in, (dy, dx, o))
+        x = torch.addmm(conv1.bias.repeat(4), tokens.reshape(B * n, C), w1).reshape(B * n * 4, c1)
+        x = act1(F.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps))
+        w2 = conv2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)
+        x = act2(torch.addmm(conv2.bias.repeat(4), x, w2))  # (B*n*4, (ey, ex, o2))
+        M = hyper_in.shape[1]
+        masks = torch.bmm(x.reshape(B, n * 16, c2), hyper_in.transpose(1, 2))  # (B, n*16, M)
+        # token (y, x), first block (dy, dx), second block (ey, ex) -> pixel (4y+2dy+ey, 4x+2dx+ex)
+        masks = masks.reshape(B, h, w, 2, 2, 2, 2, M).permute(0, 7, 1, 3, 5, 2, 4, 6)
+        return masks.reshape(B, M, 4 * h, 4 * w)
