@@ -98,16 +98,30 @@ class Attention(nn.Module):
         else:
             rh = relative_position_table(H, H, self.rel_pos_h)  # (H, H, hd)
             rw = relative_position_table(W, W, self.rel_pos_w)  # (W, W, hd)
-            # Bias of query (h, w) for key (kh, kw) = <q, Rh[h, kh]> + <q, Rw[w, kw]>.
+            # Bias of query (y, x) for key (ky, kx) = <q_yx, Rh[y, ky]> + <q_yx, Rw[x, kx]>,
+            # computed for all queries at once as two batched products (batch = y, resp. x).
+            hd = C // heads
+            q5 = q.reshape(B * heads, H, W, hd)
+            rel_h = torch.bmm(q5.permute(1, 0, 2, 3).reshape(H, B * heads * W, hd), rh.transpose(1, 2))
+            rel_h = rel_h.view(H, B, heads, W, H).permute(1, 2, 0, 3, 4)  # (B, heads, y, x, ky)
+            rel_w = torch.bmm(q5.permute(2, 0, 1, 3).reshape(W, B * heads * H, hd), rw.transpose(1, 2))
+            rel_w = rel_w.view(W, B, heads, H, W).permute(1, 2, 3, 0, 4)  # (B, heads, y, x, kx)
             rows_per_chunk = max(1, _MAX_BIAS_ELEMENTS // (B * heads * W * n))
             outs = []
+            buffer = None
             for r0 in range(0, H, rows_per_chunk):
                 r1 = min(H, r0 + rows_per_chunk)
+                # The (rows, W, H, W) bias goes straight into a contiguous buffer reused across
+                # chunks, so SDPA gets it as an additive mask without a further copy.
+                a, b = rel_h[:, :, r0:r1].unsqueeze(-1), rel_w[:, :, r0:r1].unsqueeze(-2)
+                if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+                    bias = (a + b).reshape(B, heads, (r1 - r0) * W, n)  # out= has no autograd
+                else:
+                    shape = (B, heads, r1 - r0, W, H, W)
+                    if buffer is None or buffer.shape != shape:
+                        buffer = torch.empty(shape, dtype=a.dtype, device=a.device)
+                    bias = torch.add(a, b, out=buffer).view(B, heads, (r1 - r0) * W, n)
                 qc = q[:, :, r0 * W : r1 * W]
-                r_q = qc.reshape(B, heads, r1 - r0, W, -1)
-                rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh[r0:r1])
-                rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw)
-                bias = (rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)).reshape(B, heads, (r1 - r0) * W, n)
                 outs.append(F.scaled_dot_product_attention(qc, k, v, attn_mask=bias))
             out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         out = out.transpose(1, 2).reshape(B, H, W, C)

@@ -1,0 +1,101 @@
+"""``medsam train`` and ``medsam export``: a thin command line over :mod:`medsam.train`.
+
+    medsam train configs/tiny_cpu.yaml data.corpus=/data/corpus output.dir=runs/tiny
+    torchrun --nproc_per_node 4 -m medsam.cli_train train configs/medsam_vit_b.yaml data.corpus=...
+    medsam train RUN.yaml train.resume=auto            # continue an interrupted run
+    medsam export runs/tiny/best.pt -o tiny.safetensors
+
+The main CLI adds these with :func:`add_parser` and calls :func:`run`; ``python -m medsam.cli_train``
+works on its own (this is what torchrun starts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def add_parser(subparsers) -> None:
+    """Register the ``train`` and ``export`` sub-commands on an argparse ``subparsers`` object."""
+    p = subparsers.add_parser(
+        "train",
+        help="train or fine-tune a model on a curated corpus (one process, or many under torchrun)",
+        description=(
+            "Train as described by a YAML config; override any setting as section.field=value "
+            "(e.g. train.lr=3e-4 data.batch_size=4). Under torchrun every process runs this command."
+        ),
+    )
+    p.add_argument("config", help="YAML config (see configs/ and docs/training.md)")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value", help="settings to override")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=run, train_command="train")
+
+    e = subparsers.add_parser(
+        "export",
+        help="turn a training checkpoint into an inference checkpoint (safetensors) for load_model",
+        description="Write a .safetensors model (with its config and preprocessing contract; LoRA merged).",
+    )
+    e.add_argument("checkpoint", help="training checkpoint, e.g. RUN_DIR/best.pt")
+    e.add_argument("-o", "--output", required=True, help="output .safetensors path")
+    e.set_defaults(func=run, train_command="export")
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0") or 0)
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s" if "RANK" in os.environ else "%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the sub-command chosen by :func:`add_parser`; returns the exit status."""
+    from .train.config import ConfigError, dump_config, load_config
+
+    command = getattr(args, "train_command", None)
+    if command == "train":
+        try:
+            cfg = load_config(args.config, args.overrides)
+        except ConfigError as exc:
+            print(f"medsam train: {exc}", file=sys.stderr)
+            return 2
+        if args.print_config:
+            print(dump_config(cfg), end="")
+            return 0
+        _setup_logging()
+        from .train.loop import train
+
+        try:
+            result = train(cfg)
+        except (ValueError, RuntimeError, FileNotFoundError, FileExistsError) as exc:
+            print(f"medsam train: {exc}", file=sys.stderr)
+            return 1
+        if int(os.environ.get("RANK", "0") or 0) == 0:
+            best = f", best validation DSC {result.best_dsc:.4f}" if result.best_dsc is not None else ""
+            print(f"finished at step {result.global_step}{best}; checkpoints in {result.run_dir}")
+        return 0
+    if command == "export":
+        from .train.export import export_checkpoint
+
+        try:
+            out = export_checkpoint(args.checkpoint, args.output)
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"medsam export: {exc}", file=sys.stderr)
+            return 1
+        print(f"wrote {out}")
+        return 0
+    raise ValueError(f"unknown command {command!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="medsam", description="MedSAM training and export")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

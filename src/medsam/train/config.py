@@ -1,0 +1,406 @@
+"""Every training setting, with its default, as dataclasses read from YAML.
+
+A run is described by one YAML file with the sections below; any field can be overridden on the
+command line as ``section.field=value`` (the value is parsed as YAML: ``train.lr=3e-4``,
+``data.augment.flip=false``, ``lora.targets=[attn.qkv]``). Unknown sections or fields and values
+of the wrong type are errors that name the offending key, never silently ignored.
+
+    model:   what is trained: registry architecture, initial checkpoint, contract
+    data:    the curated corpus, splits, prompts (box jitter, points, mask prompts), augmentation
+    train:   mode (full / decoder / lora), steps, optimiser, schedule, precision, saving, resume
+    loss:    focal + Dice (the paper) or Dice + BCE (the release), IoU-head MSE
+    lora:    rank, alpha, dropout, target layers (train.mode = lora)
+    output:  run folder
+
+The whole resolved config is stored in every checkpoint (as plain dicts), so a run can be resumed
+or exported without the YAML file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not parse or does not fit the schema."""
+
+
+@dataclass
+class ModelSection:
+    """What is trained.
+
+    Attributes:
+        arch: registry name (``vit_b``, ``vit_l``, ``vit_h``, ``lite``, ``vit_tiny``). With no
+            ``checkpoint`` the model is randomly initialised (seeded by ``train.seed``); with a
+            checkpoint the architecture is read from the checkpoint and must match ``arch``
+            (``null`` accepts whatever the checkpoint holds).
+        checkpoint: initial weights, any format ``medsam.load_model`` reads (e.g. SAM's
+            ``sam_vit_b_01ec64.pth`` for the MedSAM recipe, ``medsam_vit_b.pth`` to fine-tune).
+        contract: preprocessing contract the model is trained (and later used) with:
+            ``medsam``, ``sam`` or ``lite``; ``null`` = the checkpoint's, else the architecture's.
+        config_overrides: fields of :class:`medsam.model.ModelConfig` changed from ``arch``'s
+            (e.g. ``{depth: 2, img_size: 128}``), for small experimental models; random init only.
+    """
+
+    arch: Optional[str] = "vit_b"
+    checkpoint: Optional[str] = None
+    contract: Optional[str] = None
+    config_overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class AugmentSection:
+    """Random augmentation of training samples (never applied to validation).
+
+    Applied to the original image and mask before the contract's preprocessing, so the network
+    sees exactly what the Predictor would produce for the augmented image.
+
+    Attributes:
+        flip_prob: probability of a horizontal flip and, independently, of a vertical flip.
+        gamma: ``[lo, hi]`` range of a random gamma on intensities scaled to [0, 1]; ``null`` = off.
+        contrast: ``[lo, hi]`` range of a random contrast factor around the mean; ``null`` = off.
+    """
+
+    flip_prob: float = 0.0
+    gamma: Optional[list] = None
+    contrast: Optional[list] = None
+
+
+@dataclass
+class DataSection:
+    """The curated corpus (``corpus.json``, ``manifest.csv``, ``cases/``) and the prompts.
+
+    Attributes:
+        corpus: folder of the corpus (required).
+        train_split / val_split: values of the manifest's ``split`` column; ``val_split: null``
+            turns validation (and so ``best.pt``) off.
+        datasets / modalities: keep only rows of these datasets / modalities (empty = all).
+        batch_size: samples per process (per GPU) per micro-step; the global batch is
+            ``batch_size x world size x train.accumulation``.
+        workers: DataLoader worker processes per rank (0 = load in the main process).
+        jitter: box jitter: each side moved outwards by ``randint(0, jitter)`` pixels at the 1024
+            scale (MedSAM: 20), i.e. ``round(jitter * S / 1024)`` pixels of an S-pixel input.
+        jitter_mode: ``fixed`` (as above) or ``proportional``: each side moved outwards by
+            ``randint(0, jitter_fraction x box side)`` pixels of the input.
+        jitter_fraction: see ``jitter_mode``.
+        points: positive points sampled inside the object given as prompts besides the box
+            (0 = box only, MedSAM).
+        negative_points: negative points sampled outside the object.
+        box: give the box prompt (MedSAM: true). With ``box: false`` give ``points``.
+        mask_prompt_prob: probability that a sample also gets a mask prompt (a perturbed
+            ground-truth mask as low-resolution logits, ±``mask_prompt_logit``).
+        mask_prompt_logit: magnitude of the mask-prompt logits.
+        val_max_samples: validate on at most this many objects (first rows of the split; 0 = all).
+        augment: see :class:`AugmentSection`.
+    """
+
+    corpus: Optional[str] = None
+    train_split: str = "train"
+    val_split: Optional[str] = "val"
+    datasets: list = field(default_factory=list)
+    modalities: list = field(default_factory=list)
+    batch_size: int = 8
+    workers: int = 4
+    jitter: float = 20.0
+    jitter_mode: str = "fixed"
+    jitter_fraction: float = 0.1
+    points: int = 0
+    negative_points: int = 0
+    box: bool = True
+    mask_prompt_prob: float = 0.0
+    mask_prompt_logit: float = 8.0
+    val_max_samples: int = 0
+    augment: AugmentSection = field(default_factory=AugmentSection)
+
+
+@dataclass
+class TrainSection:
+    """The optimisation.
+
+    Attributes:
+        mode: ``full`` (image encoder + mask decoder, prompt encoder frozen: MedSAM),
+            ``decoder`` (mask decoder only; embeddings computed without gradients) or ``lora``
+            (LoRA adapters on the encoder's attention + the mask decoder).
+        epochs: passes over the training split; ignored when ``max_steps`` > 0.
+        max_steps: optimiser steps to run (0 = ``epochs`` full epochs).
+        lr / weight_decay / betas: AdamW (MedSAM: 1e-4, 0.01).
+        warmup_steps: linear warm-up from 0 to ``lr`` over this many optimiser steps, then cosine
+            decay to ``lr x min_lr_ratio`` at the last step.
+        accumulation: micro-batches accumulated into one optimiser step.
+        grad_clip: clip the gradient norm to this value (0 = off).
+        precision: ``fp32``, ``bf16`` (autocast, CPU or CUDA) or ``fp16`` (autocast + GradScaler,
+            CUDA only).
+        grad_checkpointing: recompute encoder blocks in the backward pass (less memory).
+        seed: seeds model initialisation, data order and every random prompt/augmentation.
+        deterministic: ask PyTorch for deterministic kernels (``torch.use_deterministic_algorithms``,
+            warn-only) so that CUDA runs repeat exactly; slower. CPU runs are deterministic anyway.
+        device: ``auto`` (the rank's GPU, else CPU), ``cpu`` or ``cuda``.
+        save_every: write ``latest.pt`` every this many optimiser steps (0 = epoch ends only).
+        val_every: validate every this many optimiser steps (0 = at epoch ends only).
+        log_every: write a training row to metrics.csv every this many optimiser steps.
+        resume: ``null`` (fresh run; refuses a run folder that already has ``latest.pt``),
+            ``auto`` (continue from ``output.dir/latest.pt`` if present) or a checkpoint path.
+        progress: show a tqdm progress bar on rank 0.
+    """
+
+    mode: str = "full"
+    epochs: int = 1
+    max_steps: int = 0
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    accumulation: int = 1
+    grad_clip: float = 0.0
+    precision: str = "fp32"
+    grad_checkpointing: bool = False
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"
+    save_every: int = 0
+    val_every: int = 0
+    log_every: int = 10
+    resume: Optional[str] = None
+    progress: bool = True
+
+
+@dataclass
+class LossSection:
+    """The loss, computed on logits upsampled to the network input resolution.
+
+    Attributes:
+        kind: ``focal_dice`` (the paper and the seed: ``focal_weight`` x focal + ``dice_weight`` x
+            Dice) or ``dice_bce`` (the released code: squared-denominator Dice + BCE,
+            ``dice_weight`` and ``bce_weight``).
+        focal_weight / dice_weight / bce_weight: weights of the terms (a term of ``kind`` that
+            is not used is ignored).
+        iou_weight: weight of the MSE between the predicted IoU and the IoU of the thresholded
+            mask (trains the IoU head; 0 = off, as the release).
+        focal_alpha / focal_gamma: focal loss parameters (SAM: 0.25, 2).
+    """
+
+    kind: str = "focal_dice"
+    focal_weight: float = 20.0
+    dice_weight: float = 1.0
+    bce_weight: float = 1.0
+    iou_weight: float = 1.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+
+
+@dataclass
+class LoraSection:
+    """LoRA adapters (``train.mode: lora``).
+
+    Attributes:
+        rank / alpha / dropout: the adapter ``W + (alpha / rank) B A`` with ``A`` (rank x in),
+            ``B`` (out x rank) initialised to zero, dropout on the adapter's input.
+        targets: module-name suffixes inside ``image_encoder`` that get adapters (nn.Linear
+            layers), e.g. ``attn.qkv`` and ``attn.proj`` of every block.
+        train_neck: also train the encoder's neck (otherwise frozen with the encoder).
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list = field(default_factory=lambda: ["attn.qkv", "attn.proj"])
+    train_neck: bool = False
+
+
+@dataclass
+class OutputSection:
+    """Attributes:
+        dir: run folder: ``latest.pt``, ``best.pt``, ``metrics.csv``, ``config.yaml``, TensorBoard
+            events (``tb/``, when tensorboard is installed).
+        tensorboard: write TensorBoard scalars when the package is importable.
+    """
+
+    dir: str = "runs/medsam"
+    tensorboard: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    loss: LossSection = field(default_factory=LossSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    output: OutputSection = field(default_factory=OutputSection)
+
+    def to_dict(self) -> dict:
+        """Plain nested dicts of primitives (YAML- and ``torch.load(weights_only=True)``-safe)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "TrainConfig":
+        cfg = _build(cls, data or {}, "")
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Check choices and ranges; raise :class:`ConfigError` naming the key."""
+        _choice("train.mode", self.train.mode, ("full", "decoder", "lora"))
+        _choice("train.precision", self.train.precision, ("fp32", "bf16", "fp16"))
+        _choice("loss.kind", self.loss.kind, ("focal_dice", "dice_bce"))
+        _choice("data.jitter_mode", self.data.jitter_mode, ("fixed", "proportional"))
+        if self.model.contract is not None:
+            _choice("model.contract", self.model.contract, ("medsam", "sam", "lite"))
+        if self.model.arch is None and self.model.checkpoint is None:
+            raise ConfigError("give model.arch, model.checkpoint or both")
+        for key, value, low in (
+            ("data.batch_size", self.data.batch_size, 1),
+            ("train.accumulation", self.train.accumulation, 1),
+            ("train.log_every", self.train.log_every, 1),
+            ("lora.rank", self.lora.rank, 1),
+            ("data.workers", self.data.workers, 0),
+            ("data.points", self.data.points, 0),
+            ("data.negative_points", self.data.negative_points, 0),
+            ("train.epochs", self.train.epochs, 0),
+            ("train.max_steps", self.train.max_steps, 0),
+            ("train.warmup_steps", self.train.warmup_steps, 0),
+            ("train.save_every", self.train.save_every, 0),
+            ("train.val_every", self.train.val_every, 0),
+            ("data.jitter", self.data.jitter, 0),
+        ):
+            if value < low:
+                raise ConfigError(f"{key} must be >= {low}, got {value}")
+        if self.train.epochs == 0 and self.train.max_steps == 0:
+            raise ConfigError("set train.epochs or train.max_steps to a positive number")
+        if not self.data.box and self.data.points + self.data.negative_points == 0:
+            raise ConfigError("data.box is false and no points are asked for: give the model a prompt")
+        if not 0.0 <= self.data.mask_prompt_prob <= 1.0:
+            raise ConfigError("data.mask_prompt_prob must lie in [0, 1]")
+        if not 0.0 <= self.data.augment.flip_prob <= 1.0:
+            raise ConfigError("data.augment.flip_prob must lie in [0, 1]")
+        for key in ("gamma", "contrast"):
+            rng = getattr(self.data.augment, key)
+            if rng is not None and (len(rng) != 2 or not 0 < float(rng[0]) <= float(rng[1])):
+                raise ConfigError(f"data.augment.{key} must be [lo, hi] with 0 < lo <= hi, got {rng}")
+        if len(self.train.betas) != 2:
+            raise ConfigError(f"train.betas must be two numbers, got {self.train.betas}")
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown setting{'s' if len(unknown) > 1 else ''} "
+            + ", ".join(f"{prefix}{k}" for k in unknown)
+            + f"; known in {prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(known))}"
+        )
+    values = {}
+    for name, value in data.items():
+        values[name] = _coerce(hints[name], value, f"{prefix}{name}")
+    return cls(**values)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value if value is not None else {}, key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif tp is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    elif tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    else:  # pragma: no cover - schema error
+        raise TypeError(f"unsupported config type {tp} for {key}")
+    name = getattr(tp, "__name__", str(tp))
+    raise ConfigError(f"{key} must be a {name}, got {value!r}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=3e-4"`` -> (["train", "lr"], 3e-4); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.field=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"override key {key!r} must be section.field (e.g. train.lr)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
+    return parts, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set each ``a.b.c=value`` of ``overrides`` in the nested dict ``data`` (in place)."""
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {p} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config (``None`` = all defaults), apply ``section.field=value`` overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    apply_overrides(data, list(overrides or []))
+    return TrainConfig.from_dict(data)
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    """The resolved config as YAML text."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,428 @@
+"""Training samples from the curated corpus: one (2D slice, object) row of the manifest each.
+
+Corpus layout (written by the curation step)::
+
+    CORPUS/
+      corpus.json
+      manifest.csv   one row per (slice, object): dataset, case, slice, label, label_name, modality,
+                     x0, y0, x1, y1 (inclusive pixel bbox, x = column), area, split, path, height, width
+      cases/<dataset>/<case>/slices/<slice:04d>.npz   image (H, W) or (H, W, 3) uint8,
+                     label (H, W) uint8|uint16, spacing (2,) mm as (row, col)
+
+The dataset is lazy: an item reads one slice file. Images are prepared exactly as the Predictor
+prepares them at inference (:meth:`medsam.preprocess.Contract.prepare_image`, through its faster
+equivalent :func:`medsam.train.fast_prepare.prepare_image_fast`), boxes are mapped with
+:meth:`Contract.transform_boxes`, so a trained model is used with the same contract it was trained
+with. Augmentations act on the original image and mask, before the contract.
+
+Randomness: every random choice of an item (box jitter, points, mask prompt, flips, intensity) is
+drawn from ``numpy.random.default_rng([seed, epoch, index])``. Items are addressed by
+``(epoch, index)`` keys, produced by :class:`EpochSampler`, so a sample is the same whichever
+process, worker or run (interrupted or not) makes it.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Sampler
+from torch.utils.data.distributed import DistributedSampler
+
+from ..preprocess import Contract, ImageGeometry
+from .fast_prepare import prepare_image_fast
+
+MANIFEST_COLUMNS = (
+    "dataset", "case", "slice", "label", "label_name", "modality",
+    "x0", "y0", "x1", "y1", "area", "split", "path", "height", "width",
+)
+_INT_COLUMNS = {"slice", "label", "x0", "y0", "x1", "y1", "area", "height", "width"}
+
+
+class CorpusError(ValueError):
+    """A corpus that does not have the expected layout; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One (slice, object) row of ``manifest.csv``. The bbox is inclusive, in pixels, x = column."""
+
+    dataset: str
+    case: str
+    slice: int
+    label: int
+    label_name: str
+    modality: str
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    area: int
+    split: str
+    path: str
+    height: int
+    width: int
+
+
+def read_manifest(
+    corpus: str | Path,
+    split: str | None = None,
+    datasets: Sequence[str] = (),
+    modalities: Sequence[str] = (),
+) -> list[ManifestRow]:
+    """Rows of ``CORPUS/manifest.csv``, in file order, optionally of one split / datasets / modalities."""
+    path = Path(corpus) / "manifest.csv"
+    if not path.is_file():
+        raise CorpusError(f"no manifest.csv in corpus folder {corpus}")
+    rows = []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise CorpusError(f"{path}: missing columns {', '.join(missing)}")
+        for i, raw in enumerate(reader, start=2):
+            try:
+                values = {
+                    c: int(float(raw[c])) if c in _INT_COLUMNS else raw[c] for c in MANIFEST_COLUMNS
+                }
+            except (TypeError, ValueError):
+                raise CorpusError(f"{path}, line {i}: a numeric column does not parse: {raw}") from None
+            row = ManifestRow(**values)
+            if split is not None and row.split != split:
+                continue
+            if datasets and row.dataset not in datasets:
+                continue
+            if modalities and row.modality not in modalities:
+                continue
+            rows.append(row)
+    return rows
+
+
+def load_slice(corpus: str | Path, row: ManifestRow) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    """(image (H, W[, 3]) uint8, label map (H, W), spacing (row, col) mm) of a row's slice."""
+    path = Path(corpus) / row.path
+    try:
+        with np.load(path) as data:
+            image, label = data["image"], data["label"]
+            spacing = tuple(float(s) for s in data["spacing"]) if "spacing" in data else (1.0, 1.0)
+    except FileNotFoundError:
+        raise CorpusError(f"slice file missing: {path}") from None
+    except KeyError as exc:
+        raise CorpusError(f"{path}: missing array {exc}") from None
+    if label.shape != image.shape[:2]:
+        raise CorpusError(f"{path}: label {label.shape} and image {image.shape} differ in size")
+    return image, label, spacing
+
+
+def mask_bbox(mask: np.ndarray) -> np.ndarray:
+    """Inclusive [x0, y0, x1, y1] of the non-zero pixels of a (H, W) mask (float64)."""
+    ys = np.flatnonzero(mask.any(axis=1))
+    xs = np.flatnonzero(mask.any(axis=0))
+    if len(ys) == 0:
+        raise CorpusError("the object's mask is empty on its slice")
+    return np.array([xs[0], ys[0], xs[-1], ys[-1]], dtype=np.float64)
+
+
+def jitter_box(
+    box: np.ndarray,
+    rng: np.random.Generator,
+    limit: tuple[float, float],
+    mode: str = "fixed",
+    max_shift: float = 0.0,
+    fraction: float = 0.0,
+) -> np.ndarray:
+    """Move each side of a network-frame box outwards at random and clip it to the image.
+
+    Args:
+        box: [x0, y0, x1, y1] in network input pixels.
+        limit: (width, height) of the image inside the network input (the box is clipped to
+            [0, width] x [0, height]).
+        mode: ``fixed``: each side by ``randint(0, max_shift)`` pixels (MedSAM: 20 at 1024);
+            ``proportional``: by ``randint(0, fraction x side length)`` pixels.
+    """
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if mode == "fixed":
+        hi = [int(round(max_shift))] * 4
+    else:
+        w, h = x1 - x0, y1 - y0
+        hi = [int(fraction * w), int(fraction * h), int(fraction * w), int(fraction * h)]
+    d = [int(rng.integers(0, m + 1)) if m > 0 else 0 for m in hi]
+    W, H = limit
+    return np.array(
+        [max(0.0, x0 - d[0]), max(0.0, y0 - d[1]), min(W, x1 + d[2]), min(H, y1 + d[3])],
+        dtype=np.float64,
+    )
+
+
+def mask_to_input_frame(mask: np.ndarray, geom: ImageGeometry) -> torch.Tensor:
+    """(H, W) binary mask -> (1, S, S) uint8 in the network input frame (nearest, zero padding).
+
+    For the ``medsam`` contract this is the mask resized to S x S; for the padded contracts the
+    mask is resized to the (h', w') image area and padded like the image.
+    """
+    h, w = geom.resized_size
+    S = geom.input_size
+    t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.uint8))[None, None].float()
+    t = F.interpolate(t, size=(h, w), mode="nearest-exact")
+    t = F.pad(t, (0, S - w, 0, S - h))
+    return t[0].to(torch.uint8)
+
+
+def augment_intensity(
+    image: np.ndarray, rng: np.random.Generator, gamma: Sequence[float] | None, contrast: Sequence[float] | None
+) -> np.ndarray:
+    """Random gamma (on [0, 1] intensities) and contrast (around the mean) of a uint8 image."""
+    x = image.astype(np.float64) / 255.0
+    if gamma is not None:
+        g = float(np.exp(rng.uniform(np.log(gamma[0]), np.log(gamma[1]))))
+        x = x ** g
+    if contrast is not None:
+        c = float(rng.uniform(contrast[0], contrast[1]))
+        x = x.mean() + c * (x - x.mean())
+    return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class PromptOptions:
+    """How prompts are made for a sample (see :class:`medsam.train.config.DataSection`)."""
+
+    box: bool = True
+    jitter: float = 20.0
+    jitter_mode: str = "fixed"
+    jitter_fraction: float = 0.1
+    points: int = 0
+    negative_points: int = 0
+    mask_prompt_prob: float = 0.0
+    mask_prompt_logit: float = 8.0
+
+
+@dataclass(frozen=True)
+class AugmentOptions:
+    flip_prob: float = 0.0
+    gamma: tuple[float, float] | None = None
+    contrast: tuple[float, float] | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.flip_prob > 0 or self.gamma is not None or self.contrast is not None
+
+
+class SegmentationDataset(Dataset):
+    """Map-style dataset of (slice, object) samples for training.
+
+    ``dataset[(epoch, index)]`` (or ``dataset[index]`` = epoch 0) returns a dict:
+
+    - ``image``: (3, S, S) float32, the contract's network input;
+    - ``target``: (1, S, S) uint8 object mask in the network input frame (loss resolution);
+    - ``box``: (4,) float32 [x0, y0, x1, y1] in the network frame, jittered (if ``box``);
+    - ``points`` (P, 2) float32 (x, y) network frame and ``point_labels`` (P,) int64
+      (1 inside, 0 outside, -1 padding) when points are asked for;
+    - ``mask_input`` (1, L, L) float32 logits and ``has_mask`` () bool when mask prompts are on.
+
+    Args:
+        corpus: corpus folder. rows: the manifest rows of one split.
+        contract: the model's preprocessing contract. mask_input_size: L (4 x embedding size).
+        train: draw jitter and augmentations; ``False`` gives the exact ground-truth box.
+        seed: the run's seed.
+    """
+
+    def __init__(
+        self,
+        corpus: str | Path,
+        rows: Sequence[ManifestRow],
+        contract: Contract,
+        mask_input_size: int,
+        prompts: PromptOptions = PromptOptions(),
+        augment: AugmentOptions = AugmentOptions(),
+        train: bool = True,
+        seed: int = 0,
+    ) -> None:
+        self.corpus = Path(corpus)
+        self.rows = list(rows)
+        self.contract = contract
+        self.mask_input_size = int(mask_input_size)
+        self.prompts = prompts
+        self.augment = augment
+        self.train = train
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def rng(self, epoch: int, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, int(epoch), int(index)])
+
+    def __getitem__(self, key) -> dict:
+        epoch, index = key if isinstance(key, (tuple, list)) else (0, key)
+        rng = self.rng(epoch, index)
+        row = self.rows[index]
+        image, label, _ = load_slice(self.corpus, row)
+        mask = label == row.label
+        if self.train and self.augment.active:
+            image, mask = self._augment(image, mask, rng)
+        x, geom = prepare_image_fast(self.contract, image)
+        S = geom.input_size
+        h, w = geom.resized_size
+        sample: dict = {"image": x[0], "target": mask_to_input_frame(mask, geom)}
+        p = self.prompts
+        if p.box:
+            box = self.contract.transform_boxes(mask_bbox(mask)[None], geom)[0]
+            if self.train:
+                box = jitter_box(
+                    box, rng, (float(w), float(h)), p.jitter_mode,
+                    max_shift=p.jitter * S / 1024.0, fraction=p.jitter_fraction,
+                )
+            sample["box"] = torch.as_tensor(box, dtype=torch.float32)
+        if p.points or p.negative_points:
+            pts, labels = self._points(mask, rng)
+            sample["points"] = torch.as_tensor(self.contract.transform_coords(pts, geom), dtype=torch.float32)
+            sample["point_labels"] = torch.as_tensor(labels, dtype=torch.int64)
+        if p.mask_prompt_prob > 0:
+            use = bool(rng.random() < p.mask_prompt_prob)
+            sample["has_mask"] = torch.tensor(use)
+            sample["mask_input"] = self._mask_prompt(mask, geom, rng) if use else torch.zeros(
+                1, self.mask_input_size, self.mask_input_size
+            )
+        return sample
+
+    # ------------------------------------------------------------------ parts
+    def _augment(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
+        a = self.augment
+        if a.flip_prob > 0:
+            if rng.random() < a.flip_prob:
+                image, mask = image[:, ::-1], mask[:, ::-1]
+            if rng.random() < a.flip_prob:
+                image, mask = image[::-1], mask[::-1]
+        if a.gamma is not None or a.contrast is not None:
+            image = augment_intensity(image, rng, a.gamma, a.contrast)
+        return np.ascontiguousarray(image), np.ascontiguousarray(mask)
+
+    def _points(self, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Pixel coordinates (x, y) of positive points inside and negative points outside the mask."""
+        coords, labels = [], []
+        for count, region, value in (
+            (self.prompts.points, mask, 1),
+            (self.prompts.negative_points, ~mask, 0),
+        ):
+            if count == 0:
+                continue
+            ys, xs = np.nonzero(region)
+            if len(ys) == 0:  # nothing to sample from: padding points ("not a point")
+                coords.append(np.zeros((count, 2)))
+                labels.append(np.full(count, -1))
+                continue
+            pick = rng.choice(len(ys), size=count, replace=len(ys) < count)
+            coords.append(np.stack([xs[pick], ys[pick]], axis=1).astype(np.float64))
+            labels.append(np.full(count, value))
+        return np.concatenate(coords), np.concatenate(labels)
+
+    def _mask_prompt(self, mask: np.ndarray, geom: ImageGeometry, rng: np.random.Generator) -> torch.Tensor:
+        """A perturbed ground truth (random dilation or erosion) as (1, L, L) low-res logits."""
+        from scipy import ndimage
+
+        L = self.mask_input_size
+        low = F.interpolate(mask_to_input_frame(mask, geom)[None].float(), size=(L, L), mode="area")[0, 0]
+        m = (low > 0.5).numpy()
+        radius = int(rng.integers(0, 3))
+        if radius:
+            op = ndimage.binary_dilation if rng.random() < 0.5 else ndimage.binary_erosion
+            m = op(m, iterations=radius)
+        logit = self.prompts.mask_prompt_logit
+        return torch.from_numpy(np.where(m, logit, -logit).astype(np.float32))[None]
+
+
+class EpochSampler(Sampler):
+    """The sample order of one epoch for one rank, as ``(epoch, index)`` keys, resumable.
+
+    The order is :class:`torch.utils.data.DistributedSampler`'s (a permutation seeded by
+    ``seed + epoch``, then every ``num_replicas``-th index from ``rank``); one process is the case
+    ``num_replicas = 1``. Hence step ``s`` of an epoch uses the samples
+    ``perm[s * G : (s + 1) * G]`` (G = the global batch) whatever the number of processes.
+    :meth:`set_epoch` with ``start`` skips the first ``start`` samples of this rank's share, so a
+    resumed run continues exactly where the interrupted one stopped.
+    """
+
+    def __init__(self, size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True) -> None:
+        self._inner = DistributedSampler(
+            range(size), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
+        )
+        self.epoch = 0
+        self.start = 0
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """This rank's samples per epoch (before skipping)."""
+        return len(self._inner)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch = int(epoch)
+        self.start = int(start)
+        self._inner.set_epoch(self.epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for i, index in enumerate(self._inner):
+            if i >= self.start:
+                yield (self.epoch, int(index))
+
+    def __len__(self) -> int:
+        return max(0, len(self._inner) - self.start)
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack the tensors of a list of samples (all samples carry the same keys)."""
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+# ------------------------------------------------------------------ validation: one item per slice
+@dataclass
+class SliceObjects:
+    """All objects of one validation slice, in original pixels (no jitter)."""
+
+    image: torch.Tensor  # (3, S, S) the contract's network input
+    original_size: tuple[int, int]
+    boxes: np.ndarray  # (N, 4) inclusive [x0, y0, x1, y1] from the ground-truth masks
+    masks: np.ndarray  # (N, H, W) bool ground truth
+    spacing: tuple[float, float]
+    modality: str
+    labels: list[int]
+
+
+class ValidationSlices(Dataset):
+    """Validation items grouped by slice, so each image is embedded once for all its objects."""
+
+    def __init__(self, corpus: str | Path, rows: Sequence[ManifestRow], contract: Contract) -> None:
+        self.corpus = Path(corpus)
+        self.contract = contract
+        groups: dict[str, list[ManifestRow]] = {}
+        for row in rows:
+            groups.setdefault(row.path, []).append(row)
+        self.groups = list(groups.values())
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, i: int) -> SliceObjects:
+        rows = self.groups[i]
+        image, label, spacing = load_slice(self.corpus, rows[0])
+        masks = np.stack([label == r.label for r in rows])
+        boxes = np.stack([mask_bbox(m) for m in masks])
+        # A one-pixel-wide object has x1 == x0: the Predictor wants x1 > x0, so close the box on
+        # the far side (an exclusive end, which the Predictor accepts up to the image edge).
+        H, W = label.shape
+        boxes[:, 2] = np.where(boxes[:, 2] > boxes[:, 0], boxes[:, 2], np.minimum(boxes[:, 0] + 1, W))
+        boxes[:, 3] = np.where(boxes[:, 3] > boxes[:, 1], boxes[:, 3], np.minimum(boxes[:, 1] + 1, H))
+        x, geom = prepare_image_fast(self.contract, image)
+        return SliceObjects(
+            x[0], geom.original_size, boxes, masks, spacing, rows[0].modality, [r.label for r in rows]
+        )
+
+
+def steps_per_epoch(samples_per_rank: int, batch_size: int, accumulation: int) -> int:
+    """Optimiser steps in one epoch (incomplete last step dropped, identically on every rank)."""
+    return math.floor(samples_per_rank / (batch_size * accumulation))

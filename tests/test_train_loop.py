@@ -1,0 +1,249 @@
+"""The training loop in one process: it learns, validates like the Predictor, saves weights-only
+checkpoints, resumes exactly, trains the right parameters per mode, and exports for load_model."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+import medsam
+from medsam.metrics import dice_score
+from medsam.model import build_model
+from medsam.predictor import Predictor
+from medsam.train.config import load_config
+from medsam.train.data import ValidationSlices, read_manifest
+from medsam.train.export import export_checkpoint, model_from_checkpoint
+from medsam.train.loop import Trainer
+from medsam.train.synthetic import write_synthetic_corpus
+from medsam.train.trainable import build_initial_model
+from medsam.train.validate import per_object_scores, validate
+
+MICRO = (
+    "model.config_overrides={img_size: 64, patch_size: 4, embed_dim: 64, depth: 2, num_heads: 2, "
+    "global_attn_indexes: [1], window_size: 8, embedding_size: 16}"
+)
+
+
+def micro_overrides(corpus, out, *extra):
+    """A 64-px, 2-block ViT: a few milliseconds a step on one core."""
+    return [
+        "model.arch=vit_tiny", MICRO, f"data.corpus={corpus}", f"output.dir={out}",
+        "data.batch_size=2", "data.workers=0", "data.val_max_samples=4", "train.epochs=0",
+        "train.lr=1e-3", "train.device=cpu", "train.progress=false", "output.tensorboard=false",
+        "train.log_every=2", *extra,
+    ]
+
+
+def read_metrics(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_synthetic_corpus(tmp_path_factory.mktemp("corpus"), cases={"train": 6, "val": 2}, slices_per_case=4)
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    return write_synthetic_corpus(
+        tmp_path_factory.mktemp("small"), cases={"train": 2, "val": 1}, slices_per_case=4, seed=1
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+    """vit_tiny from random weights, 40 steps of batch 4 (about 10 s on one core)."""
+    out = tmp_path_factory.mktemp("run")
+    cfg = load_config(None, [
+        "model.arch=vit_tiny", f"data.corpus={corpus}", f"output.dir={out}", "data.batch_size=4",
+        "data.workers=0", "train.epochs=0", "train.max_steps=40", "train.lr=1e-3", "train.device=cpu",
+        "train.save_every=20", "train.val_every=20", "train.log_every=5", "train.progress=false",
+        "output.tensorboard=false",
+    ])
+    trainer = Trainer(cfg)
+    start = validate(trainer.model, trainer.val_slices)["all"]
+    result = trainer.fit()
+    return trainer, result, start, out
+
+
+def test_training_lowers_loss_and_raises_validation_dsc(trained):
+    trainer, result, start, out = trained
+    rows = read_metrics(out / "metrics.csv")
+    train_loss = [float(r["loss"]) for r in rows if r["split"] == "train"]
+    assert train_loss[-1] < 0.7 * train_loss[0]
+    end = result.metrics["all"]
+    assert end["dsc"] > start["dsc"] + 0.15, (start, end)
+    assert end["nsd"] > start["nsd"] + 0.1
+    assert end["n"] == 16 and {"CT", "MR", "all"} <= set(result.metrics)
+    val = [r for r in rows if r["split"] == "val"]
+    assert {r["modality"] for r in val} == {"CT", "MR", "all"}
+    assert {int(r["step"]) for r in val} == {20, 40}
+    assert all(float(r["throughput"]) > 0 for r in rows if r["split"] == "train")
+    assert result.global_step == 40 and (out / "config.yaml").exists()
+
+
+def test_checkpoints_are_weights_only_and_best_is_chosen_by_validation_dsc(trained):
+    trainer, result, _, out = trained
+    latest = torch.load(out / "latest.pt", weights_only=True)
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert latest["global_step"] == 40 and latest["epoch"] == 40 // trainer.steps_per_epoch
+    val_all = {int(r["step"]): float(r["dsc"]) for r in read_metrics(out / "metrics.csv")
+               if r["split"] == "val" and r["modality"] == "all"}
+    best_step = max(val_all, key=val_all.get)
+    assert best["global_step"] == best_step
+    assert best["best_dsc"] == pytest.approx(max(val_all.values()), abs=1e-6)
+    for key in ("optimizer", "scheduler", "scaler", "rng", "config", "model_config", "contract"):
+        assert key in latest
+    # the latest checkpoint is the trainer's model
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(latest["model"][k], v)
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+
+
+def test_export_loads_with_load_model_and_gives_the_same_logits(trained, tmp_path):
+    trainer, _, _, out = trained
+    path = export_checkpoint(out / "latest.pt", tmp_path / "model.safetensors")
+    loaded = medsam.load_model(path, device="cpu")
+    assert loaded.contract == trainer.model.contract and loaded.config == trainer.model.config
+    x = torch.rand(2, 3, 256, 256)
+    box = torch.tensor([[40.0, 50.0, 180.0, 200.0], [10.0, 10.0, 100.0, 90.0]])
+    trainer.model.eval()
+    with torch.no_grad():
+        a = trainer.model.decode(trainer.model.embed_image(x), boxes=box)
+        b = loaded.decode(loaded.embed_image(x), boxes=box)
+    torch.testing.assert_close(a.logits, b.logits)
+    torch.testing.assert_close(a.iou, b.iou)
+    # load_model also reads the training checkpoint itself (state dict under "model")
+    direct = medsam.load_model(out / "latest.pt", device="cpu")
+    assert torch.equal(direct.mask_decoder.iou_token.weight, loaded.mask_decoder.iou_token.weight)
+
+
+def test_validation_is_the_predictor_path(corpus):
+    torch.manual_seed(0)
+    model = build_model("vit_tiny").eval()
+    rows = read_manifest(corpus, "val")[:6]
+    slices = ValidationSlices(corpus, rows, Predictor(model).contract)
+    got = per_object_scores(model, slices, batch_size=2)
+    from medsam.train.data import load_slice, mask_bbox
+
+    predictor = Predictor(model)
+    expected = []
+    for row in rows:
+        image, label, _ = load_slice(corpus, row)
+        gt = label == row.label
+        predictor.set_image(image)
+        pred = predictor.predict(boxes=mask_bbox(gt))
+        expected.append(dice_score(pred.masks[0], gt))
+    assert [r["dsc"] for r in got] == pytest.approx(expected, abs=1e-9)
+    assert any(0 < d < 1 for d in expected)  # a random model still draws masks: not a vacuous match
+
+
+def test_resume_after_a_crash_ends_with_the_same_weights(small_corpus, tmp_path):
+    # 16 samples, batch 2 x accumulation 2: 4 steps an epoch; 10 steps cross two epoch ends.
+    extra = ["train.max_steps=10", "train.save_every=3", "train.accumulation=2"]
+    Trainer(load_config(None, micro_overrides(small_corpus, tmp_path / "a", *extra))).fit()
+
+    class Crash(RuntimeError):
+        pass
+
+    class CrashingTrainer(Trainer):
+        def optimizer_step(self):
+            if self.global_step == 7:
+                raise Crash
+            super().optimizer_step()
+
+    with pytest.raises(Crash):
+        CrashingTrainer(load_config(None, micro_overrides(small_corpus, tmp_path / "b", *extra))).fit()
+    saved = torch.load(tmp_path / "b" / "latest.pt", weights_only=True)
+    assert (saved["global_step"], saved["epoch"], saved["step_in_epoch"]) == (6, 1, 2)  # mid-epoch
+    with pytest.raises(FileExistsError):  # a fresh run never overwrites a run folder
+        Trainer(load_config(None, micro_overrides(small_corpus, tmp_path / "b", *extra))).fit()
+    with pytest.raises(ValueError, match="global batch"):
+        Trainer(load_config(None, micro_overrides(
+            small_corpus, tmp_path / "b", *extra, "train.resume=auto", "data.batch_size=4"))).fit()
+    resumed = Trainer(load_config(None, micro_overrides(small_corpus, tmp_path / "b", *extra, "train.resume=auto")))
+    resumed.fit()
+    assert resumed.resumed_from == tmp_path / "b" / "latest.pt"
+    a = torch.load(tmp_path / "a" / "latest.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "latest.pt", weights_only=True)
+    assert (b["global_step"], b["epoch"], b["step_in_epoch"]) == (10, 2, 2)
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-6, atol=1e-7)
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        torch.testing.assert_close(sb["exp_avg_sq"], sa["exp_avg_sq"], rtol=1e-6, atol=1e-12)
+    # the log of the resumed run reads as the uninterrupted one (rows after the checkpoint dropped)
+    strip = lambda rows: [(r["step"], r["split"], r["modality"], r["loss"], r["dsc"]) for r in rows]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "b" / "metrics.csv")) == strip(read_metrics(tmp_path / "a" / "metrics.csv"))
+
+
+def test_modes_train_only_their_parameters(small_corpus, tmp_path):
+    init = build_initial_model(load_config(None, ["model.arch=vit_tiny", MICRO]).model, seed=0).state_dict()
+    changed = {}
+    for mode in ("full", "decoder", "lora"):
+        cfg = load_config(None, micro_overrides(
+            small_corpus, tmp_path / mode, f"train.mode={mode}", "train.max_steps=2", "data.val_split=null",
+            "lora.rank=2", "lora.targets=[attn.qkv]",
+        ))
+        trainer = Trainer(cfg)
+        trainer.fit()
+        state = torch.load(tmp_path / mode / "latest.pt", weights_only=True)["model"]
+        changed[mode] = {k for k in init if not torch.equal(state[k], init[k])}
+        if mode == "lora":
+            lora_keys = {k for k in state if k.endswith((".lora_A", ".lora_B"))}
+            assert len(lora_keys) == 2 * 2  # 2 blocks x qkv x (A, B)
+            assert any(not torch.equal(state[k], torch.zeros_like(state[k])) for k in lora_keys if k.endswith("B"))
+    enc = lambda keys: {k for k in keys if k.startswith("image_encoder.")}  # noqa: E731
+    for mode in changed:
+        assert not any(k.startswith("prompt_encoder.") for k in changed[mode]), mode
+        assert any(k.startswith("mask_decoder.") for k in changed[mode]), mode
+    assert enc(changed["full"]) and not enc(changed["decoder"]) and not enc(changed["lora"])
+
+    # LoRA: export merges the adapters; load_model reads the result and matches the adapted model
+    adapted, _ = model_from_checkpoint(tmp_path / "lora" / "latest.pt", merge=False)
+    path = export_checkpoint(tmp_path / "lora" / "latest.pt", tmp_path / "lora.safetensors")
+    merged = medsam.load_model(path, device="cpu")
+    x = torch.rand(1, 3, 64, 64)
+    box = torch.tensor([[5.0, 8.0, 40.0, 50.0]])
+    with torch.no_grad():
+        a = adapted.decode(adapted.embed_image(x), boxes=box).logits
+        b = merged.decode(merged.embed_image(x), boxes=box).logits
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_and_gradient_checkpointing_run(small_corpus, tmp_path):
+    cfg = load_config(None, micro_overrides(
+        small_corpus, tmp_path / "r", "train.max_steps=2", "train.precision=bf16",
+        "train.grad_checkpointing=true", "data.val_split=null", "data.points=1", "data.negative_points=1",
+        "data.mask_prompt_prob=0.5", "data.augment.flip_prob=0.5", "loss.kind=dice_bce",
+    ))
+    result = Trainer(cfg).fit()
+    assert result.global_step == 2
+    state = torch.load(tmp_path / "r" / "latest.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_cli_train_and_export(small_corpus, tmp_path, capsys):
+    from medsam.cli_train import main
+
+    over = micro_overrides(small_corpus, tmp_path / "cli", "train.max_steps=2", "data.val_split=null")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  seed: 7\n")
+    assert main(["train", str(cfg), *over]) == 0
+    assert main(["export", str(tmp_path / "cli" / "latest.pt"), "-o", str(tmp_path / "m.safetensors")]) == 0
+    assert medsam.load_model(tmp_path / "m.safetensors", device="cpu").config.img_size == 64
+    assert main(["train", str(cfg), "train.nope=1"]) == 2
+    assert "train.nope" in capsys.readouterr().err
+    assert main(["train", str(cfg), *over]) == 1  # the folder holds a run: refuse without resume
+
+
+def test_tensorboard_scalars_when_installed(small_corpus, tmp_path):
+    pytest.importorskip("tensorboard")
+    cfg = load_config(None, micro_overrides(
+        small_corpus, tmp_path / "tb", "train.max_steps=2", "output.tensorboard=true", "data.val_max_samples=2",
+    ))
+    Trainer(cfg).fit()
+    events = list((tmp_path / "tb" / "tb").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
