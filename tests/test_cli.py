@@ -17,6 +17,14 @@ from conftest import smooth_image
 from medsam.cli import main
 
 
+@pytest.fixture(autouse=True)
+def small_default_model(monkeypatch):
+    """These tests exercise the CLI, not the model: use the fast untrained small default."""
+    import medsam.default_model
+
+    monkeypatch.setattr(medsam.default_model, "bundled_checkpoint", lambda: None)
+
+
 @pytest.fixture
 def png(tmp_path):
     path = tmp_path / "slice.png"
