@@ -26,6 +26,8 @@ from .common import LayerNorm2d, MLPBlock
 # Upper bound on the number of float elements of one attention-bias chunk (B*heads*q*k).
 # 2**24 elements = 64 MiB in fp32: large enough for efficient GEMMs, small enough to stay in memory.
 _MAX_BIAS_ELEMENTS = 1 << 24
+# Tokens per MLP block at inference: a 512 x 3072 fp32 hidden block is 6 MiB.
+_MLP_ROWS = 512
 
 
 class PatchEmbed(nn.Module):
@@ -190,8 +192,20 @@ class Block(nn.Module):
             x = window_unpartition(x, self.window_size, padded, (H, W))
         else:
             x = self.attn(x)
-        x = shortcut + x
-        return x + self.mlp(self.norm2(x))
+        if torch.is_grad_enabled():
+            x = shortcut + x
+            return x + self.mlp(self.norm2(x))
+        # Inference: the residual stream (the block's input, owned by the encoder) is updated in
+        # place, keeping its dtype (fp32 under autocast, as the out-of-place sum would give), and
+        # the MLP (norm, 4x-wide hidden layer, GELU, projection) runs over row blocks whose hidden
+        # activations stay in the CPU cache instead of streaming a (tokens x 4C) tensor through
+        # memory three times.
+        x = shortcut.add_(x) if shortcut.dtype == torch.promote_types(shortcut.dtype, x.dtype) else shortcut + x
+        flat = x.view(-1, x.shape[-1])
+        for r0 in range(0, flat.shape[0], _MLP_ROWS):
+            rows = flat[r0 : r0 + _MLP_ROWS]
+            rows.add_(self.mlp(self.norm2(rows)))
+        return x
 
 
 class ImageEncoderViT(nn.Module):
