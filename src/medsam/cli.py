@@ -14,7 +14,14 @@ import sys
 from typing import Sequence
 
 # Modules providing ``add_parser(subparsers)`` and ``run(args) -> int`` for more subcommands.
-_COMMAND_MODULES = ("medsam.cli_prepare", "medsam.cli_train", "medsam.cli_export")
+_COMMAND_MODULES = (
+    "medsam.cli_prepare",
+    "medsam.cli_train",
+    "medsam.cli_export",
+    "medsam.cli_serve",
+    "medsam.cli_benchmark",
+    "medsam.cli_specialist",
+)
 
 
 class CLIError(Exception):

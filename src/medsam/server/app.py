@@ -1,0 +1,155 @@
+"""``create_app``: the workbench's FastAPI application over one data folder.
+
+    app = create_app("/data/study")                        # embedded default model, no token
+    app = create_app("/data/study", model=my_model, token="s3cret", max_upload_bytes=2**30)
+
+Nothing happens at import time; ``create_app`` only checks the folder and builds objects. The
+model is loaded on first use unless one is passed in. The page is served at ``/`` (its files from
+``static/``); the API's OpenAPI schema at ``/openapi.json`` (FastAPI's ``/docs`` pages load
+scripts from a CDN and are therefore switched off).
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+
+from .active_learning import UncertaintyStore
+from .datastore import UPLOAD_SUFFIXES, Datastore
+from .engine import SegmentationEngine
+from .jobs import JobManager
+from .labels import LabelStore
+from .routers import embeddings, images, jobs, labels, next as next_router, propagate, segment
+from .schemas import ServerInfo
+from .security import TokenAndHostMiddleware
+from .settings import DEFAULT_MAX_UPLOAD_BYTES, ServerSettings
+from .state import Workbench, WorkbenchDep
+
+__all__ = ["create_app"]
+
+_CSP = (
+    "default-src 'self'; img-src 'self' blob: data:; script-src 'self'; style-src 'self'; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
+)
+
+
+def _static_dir() -> Path:
+    return Path(str(resources.files("medsam.server") / "static"))
+
+
+def create_app(
+    data_dir: str | Path,
+    model: Any = None,
+    token: str | None = None,
+    *,
+    checkpoint: str | Path | None = None,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    allowed_hosts: tuple[str, ...] | None = None,
+    modality: str | None = None,
+    model_window: str | tuple[float, float] | None = None,
+    images_in_memory: int = 4,
+    embeddings_in_memory: int = 64,
+) -> FastAPI:
+    """The workbench app for the images in ``data_dir``.
+
+    Args:
+        data_dir: the datastore folder; labels go to ``data_dir/.medsam/labels``, embeddings to
+            ``data_dir/.medsam/cache``.
+        model: a loaded model; default: ``medsam.load_model(checkpoint)`` on first use.
+        token: require ``Authorization: Bearer <token>`` on every API route.
+        checkpoint: the checkpoint file (loaded when ``model`` is None; recorded in provenance).
+        max_upload_bytes: upload size limit (default 512 MiB).
+        allowed_hosts: accepted ``Host`` names (default loopback names; ``("*",)`` = any).
+        modality, model_window: model-input normalisation (see :class:`ServerSettings`).
+    """
+    root = Path(data_dir).expanduser().resolve(strict=True)
+    if not root.is_dir():
+        raise NotADirectoryError(f"data folder is not a folder: {root}")
+    if token is not None and (len(token) < 8 or not token.isprintable() or " " in token):
+        raise ValueError("the token must be at least 8 printable characters without spaces")
+    ckpt = Path(checkpoint).expanduser().resolve() if checkpoint else None
+    if model is None and ckpt is None:
+        from ..default_model import bundled_checkpoint
+
+        ckpt = bundled_checkpoint()
+    settings = ServerSettings(
+        data_dir=root, token=token, max_upload_bytes=int(max_upload_bytes),
+        allowed_hosts=tuple(allowed_hosts) if allowed_hosts else ServerSettings.__dataclass_fields__["allowed_hosts"].default,
+        modality=modality, model_window=model_window, checkpoint=ckpt,
+        images_in_memory=images_in_memory, embeddings_in_memory=embeddings_in_memory,
+    )
+    if model is None:
+        chosen = checkpoint
+
+        def loader():
+            from ..weights import load_model
+
+            return load_model(chosen)
+
+        model_source: Any = loader
+    else:
+        model_source = model
+    workbench = Workbench(
+        settings=settings,
+        datastore=Datastore(settings),
+        labels=LabelStore(settings.labels_dir, root),
+        engine=SegmentationEngine(model_source, settings.cache_dir, ckpt, embeddings_in_memory),
+        jobs=JobManager(),
+        uncertainty=UncertaintyStore(settings.state_dir / "uncertainty.json"),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        workbench.jobs.shutdown()
+
+    from .. import __version__
+
+    app = FastAPI(
+        title="MedSAM workbench",
+        version=__version__,
+        description="Annotate medical images with MedSAM: prompts, labels, propagation, active learning.",
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.workbench = workbench
+    # Order matters for the path-style ids: the specific /images/{id}/embeddings first.
+    for module in (embeddings, images, segment, labels, propagate, next_router, jobs):
+        app.include_router(module.router)
+
+    @app.get("/info", response_model=ServerInfo, tags=["server"], summary="Model, limits and counters")
+    def info(wb: WorkbenchDep) -> ServerInfo:
+        stats = wb.engine.stats()
+        return ServerInfo(
+            name="medsam-workbench", version=__version__, model=wb.engine.model_info(),
+            token_required=wb.settings.token is not None, max_upload_bytes=wb.settings.max_upload_bytes,
+            upload_suffixes=list(UPLOAD_SUFFIXES), encoder_calls=stats["encoder_calls"], cache_hits=stats["cache_hits"],
+        )
+
+    static = _static_dir()
+    app.mount("/static", StaticFiles(directory=str(static)), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(static / "index.html", media_type="text/html")
+
+    @app.middleware("http")
+    async def security_headers(request, call_next):
+        response = await call_next(request)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("Content-Security-Policy", _CSP)
+        return response
+
+    # Outermost: Host allow-list and token, before anything else runs.
+    app.add_middleware(TokenAndHostMiddleware, token=token, allowed_hosts=settings.allowed_hosts,
+                       max_body_bytes=settings.max_upload_bytes + (1 << 20))  # uploads meet their own limit first
+    return app

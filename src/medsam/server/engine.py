@@ -1,0 +1,299 @@
+"""``SegmentationEngine``: the model behind the workbench, and what the routes ask of it.
+
+One :class:`medsam.predictor.Predictor` serves every request; a lock serialises its use (one
+model, one set of weights in memory). Slice embeddings come from, in this order:
+
+1. an in-memory LRU (``embeddings_in_memory`` entries, keyed like the disk cache);
+2. the on-disk :class:`medsam.embedding_cache.EmbeddingCache` in ``DATA/.medsam/cache`` (keys
+   are signatures of slice bytes, model weights, contract and package version, so a restarted
+   server reuses them and never uses a stale one);
+3. the image encoder (counted in :attr:`SegmentationEngine.encoder_calls`), whose result is
+   stored in both.
+
+Propagation uses :func:`medsam.volume.segment_volume` with the same disk cache and the same
+slice arrays (the datastore's uint8 model input), so warmed slices are reused there too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..embedding_cache import EmbeddingCache, model_fingerprint, slice_key
+from .datastore import LoadedImage
+
+__all__ = ["SegmentationEngine", "SegmentOutcome", "PromptRefused"]
+
+_MAX_HANDLES = 128
+
+
+class PromptRefused(ValueError):
+    """A prompt the model cannot take (outside the slice, empty, unknown logits handle)."""
+
+
+@dataclass
+class SegmentOutcome:
+    mask: np.ndarray  # (H, W) bool
+    score: float
+    handle: str
+    source: str  # "memory" | "disk" | "computed"
+    elapsed_ms: float
+
+
+class SegmentationEngine:
+    """The model, its embeddings and the prompt -> mask calls (see the module docstring).
+
+    Args:
+        model: a loaded :class:`medsam.model.sam.MedSAMModel`, or a zero-argument callable that
+            loads one (called on first use, so creating the app does no work).
+        cache_dir: folder of the on-disk embedding cache.
+        checkpoint: the checkpoint file the model was loaded from, for provenance (its sha256 is
+            computed once, lazily).
+        embeddings_in_memory: size of the in-memory embedding LRU.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        cache_dir: Path,
+        checkpoint: Path | None = None,
+        embeddings_in_memory: int = 64,
+    ) -> None:
+        self._model_or_loader = model
+        self._model = model if isinstance(model, torch.nn.Module) else None
+        self.cache = EmbeddingCache(cache_dir)
+        self.checkpoint = Path(checkpoint) if checkpoint else None
+        self.capacity = max(1, int(embeddings_in_memory))
+        self.lock = threading.RLock()
+        self._predictor = None
+        self._current_key: str | None = None
+        self._lru: OrderedDict[str, Any] = OrderedDict()
+        self._handles: OrderedDict[str, tuple[str, int, np.ndarray]] = OrderedDict()
+        self._model_info: dict | None = None
+        self.encoder_calls = 0
+        self.cache_hits = 0
+        self.memory_hits = 0
+
+    # ------------------------------------------------------------------ model
+    @property
+    def predictor(self):
+        with self.lock:
+            if self._predictor is None:
+                from ..predictor import Predictor
+
+                if self._model is None:
+                    self._model = self._model_or_loader()
+                self._predictor = Predictor(self._model)
+            return self._predictor
+
+    @property
+    def model(self):
+        return self.predictor.model
+
+    def model_info(self) -> dict:
+        """Name, checkpoint path and sha256, weight fingerprint, contract (for provenance)."""
+        if self._model_info is None:
+            model = self.model
+            ckpt = self.checkpoint
+            info = {
+                "name": getattr(getattr(model, "config", None), "name", type(model).__name__),
+                "contract": self.predictor.contract.name,
+                "checkpoint": str(ckpt) if ckpt else None,
+                "checkpoint_sha256": _sha256_file(ckpt) if ckpt and ckpt.is_file() else None,
+                "fingerprint": model_fingerprint(model),
+                "untrained_default": bool(getattr(model, "is_untrained_default", False)),
+            }
+            self._model_info = info
+        return dict(self._model_info)
+
+    def fingerprint(self) -> str:
+        return model_fingerprint(self.model)
+
+    # ------------------------------------------------------------------ embeddings
+    def key_of(self, loaded: LoadedImage, index: int) -> str:
+        pred = self.predictor
+        return slice_key(self.fingerprint(), pred.contract, loaded.model_slice(index))
+
+    def cached_slices(self, loaded: LoadedImage) -> int:
+        """How many slices of ``loaded`` have an embedding in the disk cache."""
+        fp = self.fingerprint()
+        contract = self.predictor.contract
+        return sum(slice_key(fp, contract, loaded.model_slice(k)) in self.cache for k in range(loaded.n_slices))
+
+    def _activate(self, loaded: LoadedImage, index: int, remember: bool = True) -> str:
+        """Make the predictor hold slice ``index``'s embedding; returns where it came from.
+        Call with :attr:`lock` held."""
+        pred = self.predictor
+        image = loaded.model_slice(index)
+        key = slice_key(self.fingerprint(), pred.contract, image)
+        size = tuple(image.shape[:2])
+        if key == self._current_key and pred.is_image_set:
+            self.memory_hits += 1
+            return "memory"
+        emb = self._lru.get(key)
+        if emb is not None:
+            self._lru.move_to_end(key)
+            pred.set_embedding(emb, size)
+            self.memory_hits += 1
+            source = "memory"
+        else:
+            emb = self.cache.get(key)
+            if emb is not None:
+                pred.set_embedding(emb, size)
+                self.cache_hits += 1
+                source = "disk"
+            else:
+                pred.set_image(image)
+                self.encoder_calls += 1
+                self.cache.put(key, pred.embedding, {
+                    "model": self.fingerprint(), "contract": pred.contract.name,
+                    "input_size": pred.contract.input_size, "shape": str(list(image.shape)),
+                })
+                source = "computed"
+            if remember:
+                self._lru[key] = pred.embedding
+                while len(self._lru) > self.capacity:
+                    self._lru.popitem(last=False)
+        self._current_key = key
+        return source
+
+    def warm(self, loaded: LoadedImage, slices: list[int], progress: Callable[[int, int], None],
+             cancelled: Callable[[], bool]) -> dict:
+        """Embed ``slices`` into the disk cache (the lock is released between slices, so
+        interactive requests interleave). Returns counts by source."""
+        counts = {"computed": 0, "disk": 0, "memory": 0}
+        for n, k in enumerate(slices):
+            if cancelled():
+                break
+            with self.lock:
+                key = slice_key(self.fingerprint(), self.predictor.contract, loaded.model_slice(k))
+                if key in self.cache:
+                    counts["disk"] += 1
+                else:
+                    counts[self._activate(loaded, k, remember=False)] += 1
+            progress(n + 1, len(slices))
+        return counts
+
+    # ------------------------------------------------------------------ prompts
+    def segment(
+        self,
+        loaded: LoadedImage,
+        index: int,
+        box: tuple[float, float, float, float] | None,
+        points: list[tuple[float, float, bool]],
+        previous: str | None,
+    ) -> SegmentOutcome:
+        """One mask for the prompts on slice ``index``; raises :class:`PromptRefused`."""
+        from ..predictor import PromptError
+
+        t0 = time.perf_counter()
+        loaded.check_slice(index)
+        mask_input = None
+        if previous is not None:
+            entry = self._handles.get(previous)
+            if entry is None:
+                raise PromptRefused("unknown or expired logits handle; segment again without 'previous'")
+            if entry[0] != loaded.image_id or entry[1] != index:
+                raise PromptRefused("the logits handle belongs to another image or slice")
+            mask_input = entry[2]
+        if box is None and not points and mask_input is None:
+            raise PromptRefused("give a box, points or a previous logits handle")
+        kwargs: dict[str, Any] = {}
+        if box is not None:
+            kwargs["boxes"] = np.asarray([box], dtype=np.float64)
+        if points:
+            kwargs["points"] = np.asarray([[(x, y) for x, y, _ in points]], dtype=np.float64)
+            kwargs["point_labels"] = np.asarray([[1 if pos else 0 for _, _, pos in points]])
+        if mask_input is not None:
+            kwargs["mask_input"] = mask_input
+        with self.lock:
+            source = self._activate(loaded, index)
+            try:
+                pred = self.predictor.predict(**kwargs)
+            except PromptError as exc:
+                raise PromptRefused(str(exc)) from None
+        mask = np.asarray(pred.masks[0], dtype=bool)
+        handle = secrets.token_urlsafe(12)
+        with self.lock:
+            self._handles[handle] = (loaded.image_id, int(index), pred.low_res_logits[0:1].copy())
+            while len(self._handles) > _MAX_HANDLES:
+                self._handles.popitem(last=False)
+        return SegmentOutcome(mask, float(pred.scores[0]), handle, source, (time.perf_counter() - t0) * 1e3)
+
+    def propagate(self, loaded: LoadedImage, box: tuple[int, int, int, int], key_slice: int,
+                  iou_threshold: float, box_margin: int, progress: Callable[[int, int], None]):
+        """:func:`medsam.volume.segment_volume` from a 2D box on ``key_slice``; returns its result."""
+        from ..volume import Box2D, segment_volume
+
+        x0, y0, x1, y1 = (int(v) for v in box)
+        with self.lock:
+            self._current_key = None  # segment_volume moves the predictor between slices
+            try:
+                result = segment_volume(
+                    self.predictor, loaded.model_input, [Box2D(x0, y0, x1, y1, slice=int(key_slice))],
+                    iou_threshold=iou_threshold, box_margin=box_margin, cache=self.cache, progress=progress,
+                )
+            finally:
+                self._current_key = None
+            self.encoder_calls += result.embeddings_computed
+            self.cache_hits += result.cache_hits
+        return result
+
+    def uncertainty(self, loaded: LoadedImage, jitters: int = 8, fraction: float = 0.1) -> dict:
+        """Box-jitter disagreement on the central slice (the active-learning score).
+
+        The prompt is the central box covering the middle half of the slice (x and y from 1/4
+        to 3/4). It and ``jitters`` copies whose corners are moved by up to ``fraction`` of the
+        box size (seeded by the image id, so scores are reproducible) are decoded in one batch.
+        ``agreement`` is the mean IoU of each mask with the pixel-wise majority mask (two empty
+        masks agree fully); ``uncertainty = 1 - agreement``; ``predicted_iou`` is the model's
+        IoU estimate for the unjittered box.
+        """
+        k = loaded.n_slices // 2
+        H, W = loaded.model_slice(k).shape[:2]
+        base = np.array([W * 0.25, H * 0.25, W * 0.75 - 1, H * 0.75 - 1], dtype=np.float64)
+        seed = int.from_bytes(hashlib.sha256(loaded.image_id.encode()).digest()[:8], "little")
+        rng = np.random.default_rng(seed)
+        size = np.array([base[2] - base[0], base[3] - base[1]] * 2)
+        jit = base[None] + rng.uniform(-fraction, fraction, size=(jitters, 4)) * size[None]
+        boxes = np.concatenate([base[None], jit])
+        boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, W - 1)
+        boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, H - 1)
+        boxes[:, 2] = np.maximum(boxes[:, 2], boxes[:, 0] + 1)
+        boxes[:, 3] = np.maximum(boxes[:, 3], boxes[:, 1] + 1)
+        with self.lock:
+            self._activate(loaded, k)
+            pred = self.predictor.predict(boxes=boxes)
+        masks = np.asarray(pred.masks, dtype=bool)
+        consensus = masks.mean(axis=0) > 0.5
+        ious = []
+        for m in masks:
+            union = np.logical_or(m, consensus).sum()
+            ious.append(1.0 if union == 0 else float(np.logical_and(m, consensus).sum() / union))
+        agreement = float(np.mean(ious))
+        return {
+            "slice_index": int(k),
+            "agreement": agreement,
+            "uncertainty": 1.0 - agreement,
+            "predicted_iou": float(pred.scores[0]),
+        }
+
+    def stats(self) -> dict:
+        return {"encoder_calls": self.encoder_calls, "cache_hits": self.cache_hits, "memory_hits": self.memory_hits}
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

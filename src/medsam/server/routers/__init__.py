@@ -1,0 +1,1 @@
+"""One FastAPI router per resource: images, embeddings, segment, labels, propagate, next, jobs."""

@@ -1,0 +1,175 @@
+"""``/labels``: read and save label maps, with versions and optimistic concurrency.
+
+Every response carries ``ETag: "<version>"``. A write must name the version it was based on,
+as ``If-Match: "<version>"`` or ``expected_version`` in the body (428 when neither is given);
+a write based on an older version gets 409 and changes nothing. An accepted write saves the
+whole label map atomically (NIfTI with the image's geometry, or PNG for plain 2D pictures) plus
+the provenance sidecar, and answers the new :class:`LabelInfo`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from fastapi import APIRouter, Header, HTTPException, Response
+
+from ..encoding import rle_decode, rle_encode
+from ..labels import VersionConflict, default_definitions
+from ..schemas import LabelInfo, LabelMap, LabelMapWrite, RLEMask, SliceLabels, SliceLabelWrite
+from ..state import Workbench, WorkbenchDep
+
+router = APIRouter(prefix="/labels", tags=["labels"])
+
+
+def _etag(version: int) -> str:
+    return f'"{version}"'
+
+
+def expected_version(if_match: str | None, body_version: int | None) -> int:
+    """The version a write is based on, from ``If-Match`` and/or the body; 400/428 otherwise."""
+    header_version = None
+    if if_match is not None:
+        text = if_match.strip()
+        if text.startswith("W/"):
+            text = text[2:]
+        text = text.strip('"')
+        if not text.isdigit():
+            raise HTTPException(400, 'If-Match must be a version ETag such as "3"')
+        header_version = int(text)
+    if header_version is not None and body_version is not None and header_version != body_version:
+        raise HTTPException(400, "If-Match and expected_version disagree")
+    version = header_version if header_version is not None else body_version
+    if version is None:
+        raise HTTPException(428, 'name the version you edited: If-Match: "<version>" (0 for a new label)')
+    return version
+
+
+def label_info(wb: Workbench, image_id: str) -> LabelInfo:
+    loaded = wb.load(image_id)
+    try:
+        rec = wb.labels.record(image_id)
+    except RuntimeError as exc:
+        raise HTTPException(500, str(exc)) from None
+    path = wb.labels.label_file(image_id) if rec.version else None
+    fmt = wb.labels.label_format(loaded.image)
+    return LabelInfo(
+        image_id=image_id, version=rec.version, exists=rec.version > 0,
+        labels=rec.get("labels") or default_definitions(),
+        file=wb.labels.rel_to_data(path) if path else None, format=fmt, updated=rec.get("updated"),
+        history_length=len(rec.get("history", [])), model=rec.get("model"),
+    )
+
+
+def _conflict(exc: VersionConflict) -> HTTPException:
+    return HTTPException(409, str(exc), headers={"ETag": _etag(exc.current)})
+
+
+@router.get("/{image_id:path}/slices/{index}", response_model=SliceLabels, summary="Labels of one slice")
+def get_slice(image_id: str, index: int, wb: WorkbenchDep, response: Response) -> SliceLabels:
+    loaded = wb.load(image_id)
+    try:
+        loaded.check_slice(index)
+    except IndexError as exc:
+        raise HTTPException(404, str(exc)) from None
+    version, labels = wb.labels.read(image_id, loaded.image)
+    plane = labels[index] if loaded.image.is_volume else labels
+    values, counts = rle_encode(plane)
+    response.headers["ETag"] = _etag(version)
+    return SliceLabels(image_id=image_id, slice_index=index, version=version,
+                       mask=RLEMask(shape=list(plane.shape), values=values, counts=counts))
+
+
+@router.put("/{image_id:path}/slices/{index}", response_model=LabelInfo, summary="Save the labels of one slice")
+def put_slice(
+    image_id: str,
+    index: int,
+    body: SliceLabelWrite,
+    wb: WorkbenchDep,
+    response: Response,
+    if_match: str | None = Header(default=None),
+) -> LabelInfo:
+    version = expected_version(if_match, body.expected_version)
+    loaded = wb.load(image_id)
+    try:
+        loaded.check_slice(index)
+    except IndexError as exc:
+        raise HTTPException(404, str(exc)) from None
+    plane_shape = tuple(loaded.image.spatial_shape[-2:])
+    if tuple(body.mask.shape) != plane_shape:
+        raise HTTPException(422, f"mask shape {body.mask.shape} is not the slice shape {list(plane_shape)}")
+    try:
+        plane = rle_decode(body.mask.values, body.mask.counts, plane_shape)
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+    _check_values(plane, body.definitions)
+
+    def change(current: np.ndarray) -> np.ndarray:
+        if loaded.image.is_volume:
+            current[index] = plane
+            return current
+        return plane
+
+    event = {"action": "slice", "slice": index, **body.provenance.model_dump(exclude_none=True)}
+    defs = [d.model_dump() for d in body.definitions] if body.definitions is not None else None
+    try:
+        wb.labels.update(image_id, loaded.image, version, change, event, defs, wb.engine.model_info())
+    except VersionConflict as exc:
+        raise _conflict(exc) from None
+    info = label_info(wb, image_id)
+    response.headers["ETag"] = _etag(info.version)
+    return info
+
+
+@router.get("/{image_id:path}/map", response_model=LabelMap, summary="The whole label map (RLE, array order)")
+def get_map(image_id: str, wb: WorkbenchDep, response: Response) -> LabelMap:
+    loaded = wb.load(image_id)
+    version, labels = wb.labels.read(image_id, loaded.image)
+    values, counts = rle_encode(labels)
+    response.headers["ETag"] = _etag(version)
+    return LabelMap(image_id=image_id, version=version,
+                    mask=RLEMask(shape=list(labels.shape), values=values, counts=counts))
+
+
+@router.put("/{image_id:path}/map", response_model=LabelInfo, summary="Replace the whole label map")
+def put_map(
+    image_id: str,
+    body: LabelMapWrite,
+    wb: WorkbenchDep,
+    response: Response,
+    if_match: str | None = Header(default=None),
+) -> LabelInfo:
+    version = expected_version(if_match, body.expected_version)
+    loaded = wb.load(image_id)
+    shape = tuple(loaded.image.spatial_shape)
+    if tuple(body.mask.shape) != shape:
+        raise HTTPException(422, f"mask shape {body.mask.shape} is not the image's spatial shape {list(shape)}")
+    try:
+        labels = rle_decode(body.mask.values, body.mask.counts, shape)
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+    _check_values(labels, body.definitions)
+    event = {"action": "map", **body.provenance.model_dump(exclude_none=True)}
+    defs = [d.model_dump() for d in body.definitions] if body.definitions is not None else None
+    try:
+        wb.labels.save(image_id, loaded.image, labels, version, event, defs, wb.engine.model_info())
+    except VersionConflict as exc:
+        raise _conflict(exc) from None
+    info = label_info(wb, image_id)
+    response.headers["ETag"] = _etag(info.version)
+    return info
+
+
+@router.get("/{image_id:path}", response_model=LabelInfo, summary="Version, label names and colours, file")
+def get_label(image_id: str, wb: WorkbenchDep, response: Response) -> LabelInfo:
+    info = label_info(wb, image_id)
+    response.headers["ETag"] = _etag(info.version)
+    return info
+
+
+def _check_values(labels: np.ndarray, definitions) -> None:
+    if definitions is None:
+        return
+    allowed = {0} | {d.value for d in definitions}
+    present = set(np.unique(labels).tolist())
+    unknown = sorted(present - allowed)
+    if unknown:
+        raise HTTPException(422, f"label values {unknown[:10]} have no definition")

@@ -1,0 +1,93 @@
+"""``/propagate``: spread a label from its key-slice mask through the volume (background job).
+
+The label's mask on ``slice_index`` (as last saved) gives a 2D box; :func:`medsam.volume.
+segment_volume` walks up and down from that slice. The result is merged into the label map and
+saved as the next version, if nobody saved meanwhile (else the job fails with status 409).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from fastapi import APIRouter, HTTPException
+
+from ..jobs import JobFailed
+from ..labels import VersionConflict
+from ..schemas import JobInfo, PropagateRequest
+from ..state import WorkbenchDep
+
+router = APIRouter(tags=["propagate"])
+
+
+def merge_propagated(current: np.ndarray, predicted: np.ndarray, label: int, key: int, replace: bool) -> np.ndarray:
+    """Put ``label`` where ``predicted`` is set, slice by slice, except on the key slice.
+
+    Voxels of other labels are kept. Without ``replace`` only slices where ``label`` is absent
+    are filled; with it, ``label`` is first removed from every other slice the prediction reaches.
+    """
+    out = current
+    for s in np.flatnonzero(predicted.reshape(predicted.shape[0], -1).any(axis=1)):
+        if s == key:
+            continue
+        plane = out[s]
+        has = plane == label
+        if has.any() and not replace:
+            continue
+        plane[has] = 0
+        plane[(predicted[s] > 0) & (plane == 0)] = label
+    return out
+
+
+@router.post("/propagate", response_model=JobInfo, status_code=202, summary="Propagate a label from a key slice")
+def propagate(body: PropagateRequest, wb: WorkbenchDep) -> JobInfo:
+    loaded = wb.load(body.image_id)
+    if not loaded.image.is_volume:
+        raise HTTPException(422, "propagation needs a volume; this image is 2D")
+    if loaded.image.is_color:
+        raise HTTPException(422, "colour volumes are not supported")
+    try:
+        loaded.check_slice(body.slice_index)
+    except IndexError as exc:
+        raise HTTPException(422, str(exc)) from None
+    version, labels = wb.labels.read(body.image_id, loaded.image)
+    if version != body.expected_version:
+        raise HTTPException(409, f"label was changed meanwhile: current version {version}, yours {body.expected_version}",
+                            headers={"ETag": f'"{version}"'})
+    key_mask = labels[body.slice_index] == body.label
+    if not key_mask.any():
+        raise HTTPException(422, f"label {body.label} is empty on slice {body.slice_index}: accept a mask there first")
+    rows = np.flatnonzero(key_mask.any(axis=1))
+    cols = np.flatnonzero(key_mask.any(axis=0))
+    box = (int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1]))
+
+    def work(job) -> dict:
+        def progress(done: int, total: int) -> None:
+            if job.cancelled:
+                raise JobFailed("cancelled", 499)
+            job.progress(done, total, "propagating")
+
+        result = wb.engine.propagate(loaded, box, body.slice_index, body.iou_threshold, body.box_margin, progress)
+        predicted = result.labels
+        changed = {}
+
+        def change(current: np.ndarray) -> np.ndarray:
+            before = current.copy()
+            out = merge_propagated(current, predicted, body.label, body.slice_index, body.replace)
+            changed["voxels"] = int((out != before).sum())
+            return out
+
+        event = {
+            "action": "propagate", "slice": body.slice_index, "label": body.label,
+            "prompts": [{"box": dict(zip(("x0", "y0", "x1", "y1"), box)), "label": body.label}],
+            "propagation": {"iou_threshold": body.iou_threshold, "box_margin": body.box_margin,
+                            "replace": body.replace, "slices": result.slices[0],
+                            "stop_reasons": list(result.stop_reasons[0])},
+        }
+        try:
+            rec = wb.labels.update(body.image_id, loaded.image, body.expected_version, change, event,
+                                   None, wb.engine.model_info())
+        except VersionConflict as exc:
+            raise JobFailed(str(exc), 409) from None
+        return {"version": rec.version, "slices": result.slices[0], "changed_voxels": changed["voxels"],
+                "stop_reasons": list(result.stop_reasons[0]), "embeddings_computed": result.embeddings_computed}
+
+    return JobInfo(**wb.jobs.submit("propagate", body.image_id, work).info())

@@ -1,0 +1,276 @@
+"""Typed request and response models of the workbench API (they make the OpenAPI schema).
+
+Coordinates: ``x`` is the column and ``y`` the row of a slice, in pixels, as in
+:class:`medsam.predictor.Predictor`; box corners are inclusive. A volume is ``(Z, Y, X)`` and
+``slice_index`` is ``k`` (array axis 0); 2D images have one slice, index 0. Label maps travel as
+:class:`RLEMask` (C-order runs; see :mod:`medsam.server.encoding`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "Box", "Point", "RLEMask", "ImageSummary", "ImageList", "ImageMeta", "UploadResult",
+    "JobInfo", "EmbeddingRequest", "EmbeddingStatus", "SegmentRequest", "SegmentResponse",
+    "LabelDef", "PromptRecord", "EditRecord", "EditProvenance", "LabelInfo", "SliceLabels",
+    "SliceLabelWrite", "LabelMapWrite", "LabelMap", "PropagateRequest", "UncertaintyRequest",
+    "RankedImage", "NextResponse", "ServerInfo",
+]
+
+LabelStatus = Literal["unlabelled", "labelled"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ----------------------------------------------------------------------------- shared
+class Box(_Model):
+    """A box ``[x0, y0, x1, y1]`` in slice pixels (x = column, y = row), corners inclusive."""
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+
+class Point(_Model):
+    """A click at pixel (x, y); ``positive`` = inside the object, else background."""
+
+    x: float
+    y: float
+    positive: bool = True
+
+
+class RLEMask(_Model):
+    """A label array in C order as runs: ``values[i]`` repeated ``counts[i]`` times."""
+
+    shape: list[int] = Field(description="array shape, e.g. [H, W] for a slice, [Z, Y, X] for a volume")
+    values: list[int]
+    counts: list[int]
+
+
+# ----------------------------------------------------------------------------- images
+class ImageSummary(_Model):
+    id: str = Field(description="path relative to the data folder, '/' separated")
+    status: LabelStatus
+    label_version: int
+
+
+class ImageList(_Model):
+    images: list[ImageSummary]
+    count: int
+
+
+class ImageMeta(_Model):
+    id: str
+    status: LabelStatus
+    label_version: int
+    shape: list[int] = Field(description="array shape: (Z, Y, X) for volumes, (H, W[, C]) for 2D")
+    axes: str = Field(description="'ZYX', 'YX' or 'YXC': the meaning of each array axis")
+    is_volume: bool
+    is_color: bool
+    n_slices: int = Field(description="slices along axis 0 (Z) for volumes, 1 for 2D images")
+    slice_shape: list[int] = Field(description="(H, W) of one slice: rows (Y), columns (X)")
+    spacing_xyz: list[float] = Field(description="voxel size in mm in ITK physical order (x, y[, z])")
+    spacing_zyx: list[float] = Field(description="voxel size along each array axis, array order")
+    origin: list[float] = Field(description="LPS position (mm) of voxel (0, 0[, 0]), (x, y[, z])")
+    direction: list[list[float]] = Field(description="direction cosines; column d = index axis d (i, j, k)")
+    dtype: str
+    value_range: list[float]
+    modality: str | None
+    source_format: str | None
+    window_presets: dict[str, list[float]] = Field(description="CT presets: name -> [level, width] (HU)")
+
+
+class UploadResult(_Model):
+    id: str
+
+
+# ----------------------------------------------------------------------------- jobs
+class JobInfo(_Model):
+    """A background job (embedding warm-up, propagation, uncertainty scoring)."""
+
+    id: str
+    kind: Literal["embeddings", "propagate", "uncertainty"]
+    image_id: str | None = None
+    status: Literal["queued", "running", "done", "failed", "cancelled"]
+    done: int = 0
+    total: int = 0
+    message: str = ""
+    error: str | None = None
+    error_status: int | None = Field(default=None, description="HTTP-like status of a failure (409 = conflict)")
+    result: dict | None = Field(default=None, description="kind-specific summary, see the docs")
+    created: str
+    finished: str | None = None
+
+
+# ----------------------------------------------------------------------------- embeddings
+class EmbeddingRequest(_Model):
+    slices: list[int] | None = Field(default=None, description="slices to embed; default all")
+
+
+class EmbeddingStatus(_Model):
+    image_id: str
+    n_slices: int
+    cached_slices: int = Field(description="slices whose embedding is in the on-disk cache")
+    job: JobInfo | None = None
+
+
+# ----------------------------------------------------------------------------- segment
+class SegmentRequest(_Model):
+    """Prompts on one slice. At least one of ``box``, ``points`` or ``previous``."""
+
+    image_id: str
+    slice_index: int = Field(default=0, ge=0)
+    box: Box | None = None
+    points: list[Point] = Field(default_factory=list, max_length=256)
+    previous: str | None = Field(default=None, description="logits_handle of an earlier answer on this slice")
+    encoding: Literal["rle", "png", "both"] = "rle"
+
+
+class SegmentResponse(_Model):
+    image_id: str
+    slice_index: int
+    score: float = Field(description="the model's predicted IoU")
+    area: int = Field(description="mask pixels")
+    bbox: Box | None = Field(description="bounding box of the mask (inclusive), None if empty")
+    mask: RLEMask | None = None
+    png_base64: str | None = Field(default=None, description="the 0/255 mask as a PNG, base64")
+    logits_handle: str = Field(description="pass as 'previous' to refine this mask with more clicks")
+    embedding_source: Literal["memory", "disk", "computed"]
+    elapsed_ms: float
+
+
+# ----------------------------------------------------------------------------- labels
+class LabelDef(_Model):
+    value: int = Field(ge=1, le=255)
+    name: str = Field(min_length=1, max_length=64)
+    color: str = Field(pattern=r"^#[0-9a-fA-F]{6}$")
+
+
+class PromptRecord(_Model):
+    box: Box | None = None
+    points: list[Point] = Field(default_factory=list, max_length=256)
+    score: float | None = None
+    label: int | None = None
+
+
+class EditRecord(_Model):
+    tool: Literal["brush", "eraser", "model", "clear"]
+    label: int = Field(ge=0, le=255)
+    pixels: int = Field(default=0, ge=0, description="pixels changed")
+    radius: float | None = None
+
+
+class EditProvenance(_Model):
+    prompts: list[PromptRecord] = Field(default_factory=list, max_length=1000)
+    edits: list[EditRecord] = Field(default_factory=list, max_length=10000)
+    note: str | None = Field(default=None, max_length=2000)
+
+
+class LabelInfo(_Model):
+    image_id: str
+    version: int = Field(description="0 = nothing saved yet; send it back as If-Match")
+    exists: bool
+    labels: list[LabelDef]
+    file: str | None = Field(description="label file relative to the data folder")
+    format: Literal["nifti", "png"]
+    updated: str | None
+    history_length: int
+    model: dict | None = None
+
+
+class SliceLabels(_Model):
+    image_id: str
+    slice_index: int
+    version: int
+    mask: RLEMask
+
+
+class LabelMap(_Model):
+    image_id: str
+    version: int
+    mask: RLEMask
+
+
+class _LabelWrite(_Model):
+    expected_version: int | None = Field(
+        default=None, ge=0, description="alternative to the If-Match header: the version you read"
+    )
+    definitions: list[LabelDef] | None = Field(default=None, max_length=255)
+    provenance: EditProvenance = Field(default_factory=EditProvenance)
+
+    @field_validator("definitions")
+    @classmethod
+    def _unique_values(cls, v):
+        if v is not None and len({d.value for d in v}) != len(v):
+            raise ValueError("label values must be unique")
+        return v
+
+
+class SliceLabelWrite(_LabelWrite):
+    """Replace the labels of one slice (``mask.shape`` = [H, W])."""
+
+    mask: RLEMask
+
+
+class LabelMapWrite(_LabelWrite):
+    """Replace the whole label map (``mask.shape`` = the image's spatial shape)."""
+
+    mask: RLEMask
+
+
+# ----------------------------------------------------------------------------- propagate
+class PropagateRequest(_Model):
+    """Propagate label ``label`` from its mask on key slice ``slice_index`` through the volume.
+
+    The key slice's mask (as last saved) gives the 2D box; :func:`medsam.volume.segment_volume`
+    walks up and down from it. Only slices where this label is absent are filled, unless
+    ``replace`` is true; voxels of other labels are never overwritten.
+    """
+
+    image_id: str
+    slice_index: int = Field(ge=0)
+    label: int = Field(ge=1, le=255)
+    expected_version: int = Field(ge=0)
+    iou_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    box_margin: int = Field(default=3, ge=0, le=64)
+    replace: bool = False
+
+
+# ----------------------------------------------------------------------------- next
+class UncertaintyRequest(_Model):
+    image_ids: list[str] | None = Field(default=None, description="default: every unlabelled image")
+    jitters: int = Field(default=8, ge=2, le=32)
+    jitter_fraction: float = Field(default=0.1, gt=0.0, le=0.5)
+
+
+class RankedImage(_Model):
+    image_id: str
+    status: LabelStatus
+    uncertainty: float | None = Field(description="1 - agreement of the jittered masks; None = not scored yet")
+    agreement: float | None = Field(description="mean IoU of the jittered-box masks with their consensus")
+    predicted_iou: float | None = Field(description="the model's own IoU estimate for the central box")
+    slice_index: int | None
+
+
+class NextResponse(_Model):
+    method: str
+    images: list[RankedImage]
+    scored: int
+    unscored: int
+
+
+class ServerInfo(_Model):
+    name: str
+    version: str
+    model: dict
+    token_required: bool
+    max_upload_bytes: int
+    upload_suffixes: list[str]
+    encoder_calls: int
+    cache_hits: int

@@ -1,0 +1,54 @@
+"""``ServerSettings``: everything the workbench server is configured with, in one typed object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["ServerSettings", "DEFAULT_MAX_UPLOAD_BYTES", "STATE_DIR"]
+
+DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024 * 1024
+STATE_DIR = ".medsam"  # inside the data folder: labels/, cache/, uncertainty.json
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Configuration of one workbench server.
+
+    Attributes:
+        data_dir: the datastore folder (resolved, absolute). Nothing outside it is read or written.
+        token: when set, every API request needs ``Authorization: Bearer <token>``.
+        max_upload_bytes: largest accepted upload (default 512 MiB).
+        allowed_hosts: accepted ``Host`` header names (DNS-rebinding protection); ``("*",)``
+            accepts any. Default: the loopback names.
+        modality: model-input normalisation for images without a DICOM modality
+            (``"CT"``, ``"MR"`` ...; see :func:`medsam.segment.to_model_input`); ``None`` keeps
+            uint8 data and min-max scales the rest.
+        model_window: CT window for the model input (name or ``(level, width)``).
+        checkpoint: path of the checkpoint the model came from (recorded in provenance).
+        images_in_memory: images (arrays + model input) kept in the reading LRU.
+        embeddings_in_memory: slice embeddings kept in the in-memory LRU (before the disk cache).
+    """
+
+    data_dir: Path
+    token: str | None = None
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "::1")
+    modality: str | None = None
+    model_window: str | tuple[float, float] | None = None
+    checkpoint: Path | None = None
+    images_in_memory: int = 4
+    embeddings_in_memory: int = 64
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.data_dir / STATE_DIR
+
+    @property
+    def labels_dir(self) -> Path:
+        return self.state_dir / "labels"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.state_dir / "cache"

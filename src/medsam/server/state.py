@@ -1,0 +1,55 @@
+"""``Workbench``: the state one server instance owns, handed to routes as a typed dependency."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+
+from .active_learning import UncertaintyStore
+from .datastore import Datastore, ImageNotFound, LoadedImage
+from .engine import SegmentationEngine
+from .jobs import JobManager
+from .labels import LabelStore
+from .security import UnsafePathError
+from .settings import ServerSettings
+
+__all__ = ["Workbench", "WorkbenchDep", "get_workbench"]
+
+
+@dataclass
+class Workbench:
+    settings: ServerSettings
+    datastore: Datastore
+    labels: LabelStore
+    engine: SegmentationEngine
+    jobs: JobManager
+    uncertainty: UncertaintyStore
+
+    def load(self, image_id: str) -> LoadedImage:
+        """Read an image for a route: 404 for unknown ids, 400 for unsafe ones, 422 unreadable."""
+        try:
+            return self.datastore.load(image_id)
+        except UnsafePathError as exc:
+            raise HTTPException(400, f"refused image id: {exc}") from None
+        except (ImageNotFound, FileNotFoundError):
+            raise HTTPException(404, f"no image {image_id!r}") from None
+        except ValueError as exc:  # ImageReadError and normalisation failures
+            raise HTTPException(422, f"cannot read {image_id!r}: {str(exc).splitlines()[0]}") from None
+
+    def check_id(self, image_id: str) -> None:
+        """400/404 for ids that are unsafe or not images, without reading the image."""
+        try:
+            self.datastore.path_of(image_id)
+        except UnsafePathError as exc:
+            raise HTTPException(400, f"refused image id: {exc}") from None
+        except ImageNotFound:
+            raise HTTPException(404, f"no image {image_id!r}") from None
+
+
+def get_workbench(request: Request) -> Workbench:
+    return request.app.state.workbench
+
+
+WorkbenchDep = Annotated[Workbench, Depends(get_workbench)]

@@ -1,0 +1,601 @@
+// MedSAM workbench page: plain JavaScript, no build step, no external resources.
+// Coordinates: x = column, y = row of the current slice, in image pixels (as the API).
+"use strict";
+
+const $ = (sel) => document.querySelector(sel);
+const WINDOWS = ["auto", "minmax", "soft_tissue", "lung", "brain", "bone", "liver"];
+
+const S = {
+  token: sessionStorage.getItem("medsam-token") || "",
+  images: [], scores: {},
+  id: null, meta: null, slice: 0, window: "auto", zoom: 1,
+  tool: "box", brush: 4,
+  defs: [], active: 1, version: 0,
+  bitmap: null, W: 0, H: 0,
+  saved: null,     // Uint8Array: the slice as last saved
+  work: null,      // Uint8Array: the slice as shown / edited
+  base: null,      // Uint8Array: work before the current model proposal (null: no proposal)
+  box: null, points: [], handle: null, prompts: [], edits: [],
+  undo: [], drag: null, busy: false,
+};
+
+// ------------------------------------------------------------------ helpers
+function setStatus(text, error = false) {
+  const el = $("#status");
+  el.textContent = text;
+  el.classList.toggle("error", error);
+}
+
+async function api(path, opts = {}) {
+  const headers = Object.assign({}, opts.headers || {});
+  if (S.token) headers["Authorization"] = "Bearer " + S.token;
+  if (opts.json !== undefined) {
+    headers["Content-Type"] = "application/json";
+    opts.body = JSON.stringify(opts.json);
+  }
+  const res = await fetch(path, { method: opts.method || "GET", headers, body: opts.body });
+  if (res.status === 401) {
+    $("#token-form").classList.remove("hidden");
+    throw new Error("a valid access token is needed");
+  }
+  if (!res.ok) {
+    let detail = res.statusText;
+    try { const j = await res.json(); detail = typeof j.detail === "string" ? j.detail : JSON.stringify(j.detail); } catch (e) { /* not JSON */ }
+    const err = new Error(`${res.status}: ${detail}`);
+    err.status = res.status;
+    throw err;
+  }
+  return res;
+}
+const getJSON = async (path) => (await api(path)).json();
+const enc = (id) => id.split("/").map(encodeURIComponent).join("/");
+
+function rleDecode(rle) {
+  const n = rle.shape.reduce((a, b) => a * b, 1);
+  const out = new Uint8Array(n);
+  let i = 0;
+  for (let r = 0; r < rle.values.length; r++) {
+    out.fill(rle.values[r], i, i + rle.counts[r]);
+    i += rle.counts[r];
+  }
+  return out;
+}
+
+function rleEncode(arr) {
+  const values = [], counts = [];
+  let v = arr[0], c = 0;
+  for (let i = 0; i < arr.length; i++) {
+    if (arr[i] === v) { c++; } else { values.push(v); counts.push(c); v = arr[i]; c = 1; }
+  }
+  if (arr.length) { values.push(v); counts.push(c); }
+  return { shape: [S.H, S.W], values, counts };
+}
+
+function hexToRgb(hex) {
+  const n = parseInt(hex.slice(1), 16);
+  return [(n >> 16) & 255, (n >> 8) & 255, n & 255];
+}
+
+const dirty = () => S.work && S.saved && S.work.some((v, i) => v !== S.saved[i]);
+
+// ------------------------------------------------------------------ images
+async function loadInfo() {
+  const info = await getJSON("/info");
+  $("#token-form").classList.add("hidden");
+  const m = info.model;
+  const el = $("#model-info");
+  el.textContent = `model ${m.name} (${m.contract})` + (m.untrained_default ? " — untrained: masks are meaningless" : "");
+  el.classList.toggle("warn", !!m.untrained_default);
+}
+
+async function loadImages() {
+  const data = await getJSON("/images");
+  S.images = data.images;
+  renderImageList();
+}
+
+function renderImageList() {
+  const ul = $("#image-list");
+  ul.textContent = "";
+  for (const im of S.images) {
+    const li = document.createElement("li");
+    li.dataset.id = im.id;
+    if (im.id === S.id) li.classList.add("current");
+    const name = document.createElement("span");
+    name.textContent = im.id;
+    const badge = document.createElement("span");
+    badge.className = "badge " + im.status;
+    badge.textContent = im.status === "labelled" ? `v${im.label_version}` : "new";
+    li.append(badge, name);
+    const sc = S.scores[im.id];
+    if (sc !== undefined && sc !== null) {
+      const s = document.createElement("span");
+      s.className = "score";
+      s.textContent = sc.toFixed(2);
+      s.title = "uncertainty";
+      li.append(s);
+    }
+    li.addEventListener("click", () => openImage(im.id));
+    ul.append(li);
+  }
+}
+
+async function openImage(id) {
+  if (dirty() && !confirm("Unsaved edits on this slice will be lost. Continue?")) return;
+  try {
+    S.id = id;
+    S.meta = await getJSON(`/images/${enc(id)}`);
+    const info = await getJSON(`/labels/${enc(id)}`);
+    S.defs = info.labels;
+    S.version = info.version;
+    if (!S.defs.some((d) => d.value === S.active)) S.active = S.defs.length ? S.defs[0].value : 1;
+    S.slice = Math.floor(S.meta.n_slices / 2);
+    const slider = $("#slice-slider");
+    slider.max = S.meta.n_slices - 1;
+    slider.value = S.slice;
+    $("#propagate-btn").disabled = !S.meta.is_volume;
+    renderInfo();
+    renderImageList();
+    renderLabels();
+    await loadSlice(S.slice, true);
+    fitZoom();
+  } catch (e) {
+    setStatus(`cannot open ${id}: ${e.message}`, true);
+  }
+}
+
+function renderInfo() {
+  const m = S.meta;
+  if (!m) return;
+  $("#image-info").textContent =
+    `${m.id}\nshape ${m.shape.join("×")} (${m.axes})\nspacing x,y${m.spacing_xyz.length > 2 ? ",z" : ""}: ` +
+    `${m.spacing_xyz.map((v) => v.toFixed(3)).join(", ")} mm\n${m.source_format || ""} ${m.modality || ""}\n` +
+    `label version ${S.version}`;
+}
+
+async function loadSlice(k, force = false) {
+  if (!S.meta) return;
+  k = Math.max(0, Math.min(S.meta.n_slices - 1, k));
+  if (k === S.slice && !force) return;
+  if (!force && dirty() && !confirm("Unsaved edits on this slice will be lost. Continue?")) return;
+  S.slice = k;
+  $("#slice-slider").value = k;
+  $("#slice-label").textContent = `${k + 1} / ${S.meta.n_slices}`;
+  const win = encodeURIComponent(S.window);
+  const [png, lab] = await Promise.all([
+    api(`/images/${enc(S.id)}/slices/${k}.png?window=${win}`).then((r) => r.blob()),
+    getJSON(`/labels/${enc(S.id)}/slices/${k}`),
+  ]);
+  S.bitmap = await createImageBitmap(png);
+  [S.H, S.W] = lab.mask.shape;
+  S.version = lab.version;
+  S.saved = rleDecode(lab.mask);
+  S.work = S.saved.slice();
+  resetPrompts();
+  S.undo = [];
+  draw();
+  $("#canvas").dataset.slice = String(k);
+  renderInfo();
+  setStatus(`slice ${k + 1} of ${S.meta.n_slices}, label version ${S.version}`);
+}
+
+async function reloadBitmap() {
+  if (!S.meta) return;
+  const png = await api(`/images/${enc(S.id)}/slices/${S.slice}.png?window=${encodeURIComponent(S.window)}`).then((r) => r.blob());
+  S.bitmap = await createImageBitmap(png);
+  draw();
+}
+
+function resetPrompts() {
+  S.base = null; S.box = null; S.points = []; S.handle = null; S.prompts = []; S.edits = [];
+}
+
+// ------------------------------------------------------------------ labels
+function renderLabels() {
+  const ul = $("#label-list");
+  ul.textContent = "";
+  S.defs.forEach((d, i) => {
+    const li = document.createElement("li");
+    if (d.value === S.active) li.classList.add("current");
+    const key = document.createElement("span");
+    key.className = "key";
+    key.textContent = i < 9 ? String(i + 1) : "";
+    const color = document.createElement("input");
+    color.type = "color";
+    color.value = d.color;
+    color.addEventListener("input", () => { d.color = color.value; draw(); });
+    const name = document.createElement("input");
+    name.type = "text";
+    name.value = d.name;
+    name.maxLength = 64;
+    name.addEventListener("change", () => { d.name = name.value || `label ${d.value}`; });
+    li.append(key, color, name);
+    li.addEventListener("click", (ev) => { if (ev.target === li || ev.target === key) setActive(d.value); });
+    name.addEventListener("focus", () => setActive(d.value, false));
+    ul.append(li);
+  });
+}
+
+function setActive(value, rerender = true) {
+  S.active = value;
+  if (rerender) renderLabels();
+  else document.querySelectorAll("#label-list li").forEach((li, i) => li.classList.toggle("current", S.defs[i].value === value));
+}
+
+function addLabel() {
+  const name = $("#new-label-name").value.trim();
+  const used = new Set(S.defs.map((d) => d.value));
+  let v = 1;
+  while (used.has(v)) v++;
+  if (v > 255) { setStatus("at most 255 labels", true); return; }
+  const palette = ["#e6194b", "#3cb44b", "#ffe119", "#0082c8", "#f58230", "#911eb4", "#46f0f0", "#f032e6", "#d2f53c", "#fabed4"];
+  S.defs.push({ value: v, name: name || `label ${v}`, color: palette[(v - 1) % palette.length] });
+  $("#new-label-name").value = "";
+  setActive(v);
+}
+
+// ------------------------------------------------------------------ drawing
+function fitZoom() {
+  if (!S.W) return;
+  const vp = $("#viewport");
+  const z = Math.min((vp.clientWidth - 4) / S.W, (vp.clientHeight - 4) / S.H);
+  setZoom(Math.max(0.25, Math.min(16, z)));
+}
+
+function setZoom(z) {
+  S.zoom = Math.max(0.25, Math.min(32, z));
+  $("#zoom-label").textContent = Math.round(S.zoom * 100) + "%";
+  draw();
+}
+
+const overlayCanvas = document.createElement("canvas");
+
+function draw() {
+  const c = $("#canvas");
+  if (!S.bitmap) return;
+  const W = S.W, H = S.H, z = S.zoom;
+  c.width = Math.round(W * z);
+  c.height = Math.round(H * z);
+  const ctx = c.getContext("2d");
+  ctx.imageSmoothingEnabled = false;
+  ctx.drawImage(S.bitmap, 0, 0, c.width, c.height);
+  // labels
+  overlayCanvas.width = W;
+  overlayCanvas.height = H;
+  const octx = overlayCanvas.getContext("2d");
+  const img = octx.createImageData(W, H);
+  const colors = {};
+  for (const d of S.defs) colors[d.value] = hexToRgb(d.color);
+  const px = img.data;
+  for (let i = 0; i < S.work.length; i++) {
+    const v = S.work[i];
+    if (!v) continue;
+    const rgb = colors[v] || [255, 255, 255];
+    const inProposal = S.base && S.base[i] !== v;
+    px[4 * i] = rgb[0]; px[4 * i + 1] = rgb[1]; px[4 * i + 2] = rgb[2];
+    px[4 * i + 3] = inProposal ? 150 : 110;
+  }
+  octx.putImageData(img, 0, 0);
+  ctx.drawImage(overlayCanvas, 0, 0, c.width, c.height);
+  // prompts
+  const b = S.drag && S.tool === "box" ? S.drag.box : S.box;
+  if (b) {
+    ctx.strokeStyle = "#4fc3f7";
+    ctx.lineWidth = 2;
+    ctx.strokeRect(b.x0 * z, b.y0 * z, (b.x1 - b.x0 + 1) * z, (b.y1 - b.y0 + 1) * z);
+  }
+  for (const p of S.points) {
+    ctx.beginPath();
+    ctx.arc((p.x + 0.5) * z, (p.y + 0.5) * z, 5, 0, 2 * Math.PI);
+    ctx.fillStyle = p.positive ? "#66bb6a" : "#ef5350";
+    ctx.fill();
+    ctx.strokeStyle = "#fff";
+    ctx.lineWidth = 1;
+    ctx.stroke();
+  }
+}
+
+function toImage(ev) {
+  const r = $("#canvas").getBoundingClientRect();
+  const x = Math.floor((ev.clientX - r.left) / S.zoom);
+  const y = Math.floor((ev.clientY - r.top) / S.zoom);
+  return { x: Math.max(0, Math.min(S.W - 1, x)), y: Math.max(0, Math.min(S.H - 1, y)) };
+}
+
+function pushUndo() {
+  S.undo.push({
+    work: S.work.slice(), base: S.base ? S.base.slice() : null, box: S.box, points: S.points.slice(),
+    handle: S.handle, prompts: S.prompts.length, edits: S.edits.length,
+  });
+  if (S.undo.length > 50) S.undo.shift();
+}
+
+function paint(p, value) {
+  const r = S.brush;
+  let changed = 0;
+  for (let y = Math.max(0, p.y - r); y <= Math.min(S.H - 1, p.y + r); y++) {
+    for (let x = Math.max(0, p.x - r); x <= Math.min(S.W - 1, p.x + r); x++) {
+      if ((x - p.x) ** 2 + (y - p.y) ** 2 > r * r) continue;
+      const i = y * S.W + x;
+      if (value === 0 ? S.work[i] !== 0 : S.work[i] !== value) { S.work[i] = value; changed++; }
+    }
+  }
+  return changed;
+}
+
+// ------------------------------------------------------------------ model
+async function runSegment() {
+  if (!S.box && !S.points.length) return;
+  const body = { image_id: S.id, slice_index: S.slice, points: S.points, encoding: "rle" };
+  if (S.box) body.box = { x0: S.box.x0, y0: S.box.y0, x1: Math.max(S.box.x1, S.box.x0 + 1), y1: Math.max(S.box.y1, S.box.y0 + 1) };
+  if (S.handle && S.points.length) body.previous = S.handle;
+  setStatus("segmenting…");
+  S.busy = true;
+  try {
+    const res = await (await api("/segment", { method: "POST", json: body })).json();
+    const mask = rleDecode(res.mask);
+    if (!S.base) S.base = S.work.slice();
+    const a = S.active;
+    for (let i = 0; i < mask.length; i++) {
+      const b = S.base[i];
+      S.work[i] = mask[i] && b === 0 ? a : b;
+    }
+    S.handle = res.logits_handle;
+    S.prompts.push({ box: body.box || null, points: S.points.slice(), score: res.score, label: a });
+    draw();
+    setStatus(`mask: ${res.area} px, predicted IoU ${res.score.toFixed(3)} (${res.embedding_source} embedding, ${Math.round(res.elapsed_ms)} ms)` +
+      " — Enter accepts, Esc discards, + / − points refine");
+    $("#canvas").dataset.maskArea = String(res.area);
+  } catch (e) {
+    setStatus(`segment failed: ${e.message}`, true);
+  } finally {
+    S.busy = false;
+  }
+}
+
+async function accept() {
+  if (!S.meta || !S.work) return;
+  const body = {
+    mask: rleEncode(S.work),
+    definitions: S.defs,
+    provenance: { prompts: S.prompts, edits: S.edits },
+  };
+  setStatus("saving…");
+  try {
+    const res = await api(`/labels/${enc(S.id)}/slices/${S.slice}`, {
+      method: "PUT", json: body, headers: { "If-Match": `"${S.version}"` },
+    });
+    const info = await res.json();
+    S.version = info.version;
+    S.saved = S.work.slice();
+    resetPrompts();
+    draw();
+    setStatus(`saved: ${info.file}, version ${info.version}`);
+    $("#canvas").dataset.savedVersion = String(info.version);
+    renderInfo();
+    const im = S.images.find((x) => x.id === S.id);
+    if (im) { im.status = "labelled"; im.label_version = info.version; renderImageList(); }
+  } catch (e) {
+    if (e.status === 409) setStatus("not saved: this label was changed elsewhere (another tab?). Reload the slice to see it.", true);
+    else setStatus(`not saved: ${e.message}`, true);
+  }
+}
+
+function undo() {
+  const last = S.undo.pop();
+  if (!last) { setStatus("nothing to undo"); return; }
+  S.work = last.work;
+  S.base = last.base;
+  S.box = last.box;
+  S.points = last.points;
+  S.handle = last.handle;
+  S.prompts.length = Math.min(S.prompts.length, last.prompts);
+  S.edits.length = Math.min(S.edits.length, last.edits);
+  draw();
+  setStatus("undone");
+}
+
+function discard() {
+  if (!S.base) return;
+  pushUndo();
+  S.work = S.base;
+  resetPrompts();
+  draw();
+  setStatus("proposal discarded");
+}
+
+async function propagate() {
+  if (!S.meta || !S.meta.is_volume) return;
+  if (dirty()) { setStatus("accept this slice first (Enter), then propagate", true); return; }
+  setStatus("propagating…");
+  try {
+    let job = await (await api("/propagate", {
+      method: "POST",
+      json: { image_id: S.id, slice_index: S.slice, label: S.active, expected_version: S.version },
+    })).json();
+    while (job.status === "queued" || job.status === "running") {
+      await new Promise((r) => setTimeout(r, 300));
+      job = await getJSON(`/jobs/${job.id}`);
+      setStatus(`propagating… ${job.done}/${job.total}`);
+    }
+    if (job.status !== "done") throw new Error(job.error || job.status);
+    await loadSlice(S.slice, true);
+    const r = job.result;
+    const im = S.images.find((x) => x.id === S.id);
+    if (im) { im.status = "labelled"; im.label_version = r.version; renderImageList(); }
+    setStatus(`propagated to slices ${r.slices ? r.slices.join("–") : "none"}, ${r.changed_voxels} voxels, version ${r.version}`);
+  } catch (e) {
+    setStatus(`propagation failed: ${e.message}`, true);
+  }
+}
+
+async function suggestNext() {
+  setStatus("scoring unlabelled images…");
+  try {
+    let job = await (await api("/next/score", { method: "POST", json: {} })).json();
+    while (job.status === "queued" || job.status === "running") {
+      await new Promise((r) => setTimeout(r, 400));
+      job = await getJSON(`/jobs/${job.id}`);
+      setStatus(`scoring… ${job.done}/${job.total}`);
+    }
+    const ranked = await getJSON("/next?limit=1000");
+    for (const r of ranked.images) S.scores[r.image_id] = r.uncertainty;
+    renderImageList();
+    if (ranked.images.length) await openImage(ranked.images[0].image_id);
+    else setStatus("every image is labelled");
+  } catch (e) {
+    setStatus(`ranking failed: ${e.message}`, true);
+  }
+}
+
+async function upload(file) {
+  setStatus(`uploading ${file.name}…`);
+  try {
+    const res = await api(`/images?name=${encodeURIComponent(file.name)}`, {
+      method: "POST", body: file, headers: { "Content-Type": "application/octet-stream" },
+    });
+    const { id } = await res.json();
+    await loadImages();
+    await openImage(id);
+  } catch (e) {
+    setStatus(`upload failed: ${e.message}`, true);
+  }
+}
+
+// ------------------------------------------------------------------ events
+function setTool(t) {
+  S.tool = t;
+  document.querySelectorAll("#tools .tool").forEach((b) => b.classList.toggle("active", b.dataset.tool === t));
+}
+
+function bind() {
+  const c = $("#canvas");
+  c.addEventListener("contextmenu", (e) => e.preventDefault());
+  c.addEventListener("mousedown", (ev) => {
+    if (!S.bitmap || S.busy) return;
+    const p = toImage(ev);
+    if (S.tool === "box") {
+      S.drag = { start: p, box: { x0: p.x, y0: p.y, x1: p.x, y1: p.y } };
+    } else if (S.tool === "pos" || S.tool === "neg") {
+      const positive = S.tool === "pos" ? ev.button !== 2 : ev.button === 2;
+      pushUndo();
+      S.points.push({ x: p.x, y: p.y, positive });
+      draw();
+      runSegment();
+    } else {
+      pushUndo();
+      if (S.base) { S.base = null; S.box = null; S.points = []; S.handle = null; }
+      const value = S.tool === "eraser" || ev.button === 2 ? 0 : S.active;
+      S.drag = { paint: value, changed: paint(p, value) };
+      draw();
+    }
+  });
+  window.addEventListener("mousemove", (ev) => {
+    if (!S.drag) return;
+    const p = toImage(ev);
+    if (S.drag.box) {
+      const s = S.drag.start;
+      S.drag.box = { x0: Math.min(s.x, p.x), y0: Math.min(s.y, p.y), x1: Math.max(s.x, p.x), y1: Math.max(s.y, p.y) };
+    } else {
+      S.drag.changed += paint(p, S.drag.paint);
+    }
+    draw();
+  });
+  window.addEventListener("mouseup", () => {
+    const d = S.drag;
+    if (!d) return;
+    S.drag = null;
+    if (d.box) {
+      if (d.box.x1 - d.box.x0 < 2 || d.box.y1 - d.box.y0 < 2) { draw(); return; }
+      pushUndo();
+      if (S.base) { S.work = S.base; S.base = null; }  // a new box starts a new proposal
+      S.box = d.box; S.points = []; S.handle = null;
+      runSegment();
+    } else {
+      S.edits.push({ tool: d.paint === 0 ? "eraser" : "brush", label: d.paint, pixels: d.changed, radius: S.brush });
+    }
+  });
+  c.addEventListener("wheel", (ev) => {
+    ev.preventDefault();
+    if (ev.ctrlKey) setZoom(S.zoom * (ev.deltaY < 0 ? 1.25 : 0.8));
+    else loadSlice(S.slice + (ev.deltaY > 0 ? 1 : -1)).catch((e) => setStatus(e.message, true));
+  }, { passive: false });
+
+  document.querySelectorAll("#tools .tool").forEach((b) => b.addEventListener("click", () => setTool(b.dataset.tool)));
+  $("#brush-size").addEventListener("change", (e) => { S.brush = Math.max(1, Math.min(64, +e.target.value || 1)); });
+  $("#window-select").addEventListener("change", (e) => { S.window = e.target.value; reloadBitmap(); });
+  $("#zoom-in").addEventListener("click", () => setZoom(S.zoom * 1.25));
+  $("#zoom-out").addEventListener("click", () => setZoom(S.zoom * 0.8));
+  $("#zoom-fit").addEventListener("click", fitZoom);
+  $("#slice-slider").addEventListener("change", (e) => loadSlice(+e.target.value));
+  $("#slice-up").addEventListener("click", () => loadSlice(S.slice + 1));
+  $("#slice-down").addEventListener("click", () => loadSlice(S.slice - 1));
+  $("#accept-btn").addEventListener("click", accept);
+  $("#undo-btn").addEventListener("click", undo);
+  $("#discard-btn").addEventListener("click", discard);
+  $("#propagate-btn").addEventListener("click", propagate);
+  $("#add-label-btn").addEventListener("click", addLabel);
+  $("#next-btn").addEventListener("click", suggestNext);
+  $("#upload-input").addEventListener("change", (e) => { if (e.target.files[0]) upload(e.target.files[0]); e.target.value = ""; });
+  $("#help-btn").addEventListener("click", () => $("#help").classList.toggle("hidden"));
+  $("#help-close").addEventListener("click", () => $("#help").classList.add("hidden"));
+  $("#token-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    S.token = $("#token-input").value.trim();
+    sessionStorage.setItem("medsam-token", S.token);
+    start();
+  });
+
+  window.addEventListener("keydown", (ev) => {
+    const tag = (ev.target.tagName || "").toLowerCase();
+    if (tag === "input" || tag === "select" || tag === "textarea") return;
+    const k = ev.key;
+    if ((ev.ctrlKey || ev.metaKey) && k.toLowerCase() === "z") { ev.preventDefault(); undo(); return; }
+    if (ev.ctrlKey || ev.metaKey || ev.altKey) return;
+    const tools = { b: "box", p: "pos", n: "neg", r: "brush", e: "eraser" };
+    if (tools[k.toLowerCase()]) { setTool(tools[k.toLowerCase()]); return; }
+    if (/^[1-9]$/.test(k)) { const d = S.defs[+k - 1]; if (d) setActive(d.value); return; }
+    switch (k) {
+      case "ArrowUp": case "PageUp": ev.preventDefault(); loadSlice(S.slice + 1); break;
+      case "ArrowDown": case "PageDown": ev.preventDefault(); loadSlice(S.slice - 1); break;
+      case "+": case "=": setZoom(S.zoom * 1.25); break;
+      case "-": setZoom(S.zoom * 0.8); break;
+      case "0": fitZoom(); break;
+      case "[": S.brush = Math.max(1, S.brush - 1); $("#brush-size").value = S.brush; break;
+      case "]": S.brush = Math.min(64, S.brush + 1); $("#brush-size").value = S.brush; break;
+      case "Enter": ev.preventDefault(); accept(); break;
+      case "Escape": discard(); $("#help").classList.add("hidden"); break;
+      case "g": case "G": propagate(); break;
+      case "w": case "W": {
+        S.window = WINDOWS[(WINDOWS.indexOf(S.window) + 1) % WINDOWS.length];
+        $("#window-select").value = S.window;
+        reloadBitmap();
+        break;
+      }
+      case "?": $("#help").classList.toggle("hidden"); break;
+      default: break;
+    }
+  });
+  window.addEventListener("beforeunload", (ev) => { if (dirty()) { ev.preventDefault(); ev.returnValue = ""; } });
+}
+
+async function start() {
+  try {
+    await loadInfo();
+    await loadImages();
+    setStatus(`${S.images.length} images. Open one on the left; draw a box to segment.`);
+  } catch (e) {
+    setStatus(e.message, true);
+  }
+}
+
+// A token may arrive in the URL fragment (#token=...): it is never sent to the server that way.
+const frag = new URLSearchParams(location.hash.slice(1));
+if (frag.get("token")) {
+  S.token = frag.get("token");
+  sessionStorage.setItem("medsam-token", S.token);
+  history.replaceState(null, "", location.pathname + location.search);
+}
+bind();
+window.workbench = { state: S, openImage, accept, loadSlice };
+start();
