@@ -1,0 +1,760 @@
+"""``medsam benchmark``: score a model (or a baseline) on a split of a prepared corpus.
+
+    from medsam.benchmark import run_benchmark
+    result = run_benchmark("demo-corpus", "bench/default", split="test")        # embedded model
+    run_benchmark("demo-corpus", "bench/lite", checkpoint="lite_medsam.pth")
+    run_benchmark("demo-corpus", "bench/otsu", baseline="otsu")
+
+The corpus is the format of ``medsam prepare`` (docs/curation.md): ``manifest.csv`` has one row per
+(2D slice, object) with the object's inclusive bounding box ``x0, y0, x1, y1``; the slice ``.npz``
+holds ``image``, ``label`` and ``spacing`` (row, col) mm.
+
+Protocol
+--------
+* Prompts: the manifest's ground-truth box, optionally jittered: each side moves outwards by an
+  integer drawn uniformly from ``0..round(J * max(H, W) / 1024)`` pixels (``J`` = ``jitter``, in
+  pixels of a 1024-pixel longest side, as MedSAM's 20-pixel training jitter), clipped to the image.
+  The draw is seeded per object by ``(seed, dataset, case, slice, label)``, so every method sees
+  the same boxes, whatever the subset.
+* Models: each slice is embedded once (:meth:`Predictor.set_image`, the checkpoint's own
+  preprocessing contract) and all its objects are decoded in one batched
+  :meth:`Predictor.predict` call. One warm-up embedding is run first and not timed.
+* Baselines, scored by the same loop (their "embedding" time is 0):
+  ``box`` fills the prompt box; ``otsu`` thresholds the box's pixels with
+  :func:`skimage.filters.threshold_otsu` (grey = mean of colour channels), takes the side (bright
+  ``> t`` or dark ``<= t``) that holds the majority of the pixels in the box's central third
+  (bright on a tie), and keeps that side's 8-connected component with the most pixels in the
+  central third (a constant box is filled).
+* Scores per object, at the slice's original resolution: DSC and NSD at ``tolerance_mm`` (2 mm)
+  with the slice spacing (:mod:`medsam.metrics`).
+* Time per slice: ``embed_s`` (preprocessing + encoder) and ``decode_s`` (prompt encoding, decoder,
+  upsampling and thresholding of all the slice's objects); metrics are not timed. Memory: the
+  process's peak resident set size after the slice (``ru_maxrss``, a high-water mark) and, on
+  CUDA, the peak allocated by torch during the slice.
+* Rows that cannot be scored (slice file missing or unreadable, label absent from its slice, box
+  outside the image) go to ``errors.csv`` and are skipped; the run goes on.
+
+Outputs in ``out_dir``: ``objects.csv`` (one row per object), ``slices.csv`` (one row per slice:
+latency and memory), ``errors.csv``, ``summary.csv`` / ``summary.md`` (means per modality,
+dataset, case, structure group and structure), ``run.json`` (settings, versions, totals) and
+``dsc_by_structure.png`` (matplotlib when installed, else a plain Pillow chart).
+
+Structure groups merge the sides and numbered members of a structure: the label name without
+tokens ``left``/``right``/``L``/``R`` and tokens that are a number, optionally after one capital
+letter (``rib_left_10`` -> ``rib``, ``vertebrae_T12`` -> ``vertebrae``,
+``Frontal_Sup_L`` -> ``Frontal_Sup``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import sys
+import time
+import zlib
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+__all__ = [
+    "BASELINES",
+    "BenchmarkResult",
+    "box_baseline",
+    "compare_runs",
+    "jitter_box",
+    "otsu_baseline",
+    "run_benchmark",
+    "structure_group",
+    "summarize",
+]
+
+BASELINES = ("box", "otsu")
+
+OBJECT_COLUMNS = (
+    "dataset", "case", "slice", "label", "label_name", "group", "modality", "split",
+    "x0", "y0", "x1", "y1", "px0", "py0", "px1", "py1", "area", "pred_area", "score",
+    "dsc", "nsd", "embed_s", "decode_s", "objects_in_slice", "height", "width",
+    "spacing_row", "spacing_col",
+)
+SLICE_COLUMNS = (
+    "dataset", "case", "slice", "path", "modality", "height", "width", "objects",
+    "embed_s", "decode_s", "peak_rss_mb", "peak_cuda_mb",
+)
+ERROR_COLUMNS = ("dataset", "case", "slice", "label", "label_name", "path", "error")
+SUMMARY_COLUMNS = (
+    "level", "dataset", "case", "modality", "group", "structure", "objects", "structures",
+    "dsc_mean", "dsc_std", "dsc_median", "nsd_mean", "nsd_std", "nsd_median",
+    "dsc_structure_mean", "nsd_structure_mean", "slices", "embed_s_mean", "decode_s_mean",
+)
+LEVELS = ("all", "modality", "dataset", "case", "group", "structure")
+
+
+# --------------------------------------------------------------------------- helpers
+_SIDE_TOKENS = {"left", "right", "l", "r"}
+_NUMBER_TOKEN = re.compile(r"^[A-Z]?\d+$")
+
+
+def structure_group(name: str) -> str:
+    """The structure group of a label name (see the module docstring); the name if nothing is left."""
+    tokens = [t for t in re.split(r"[_\s]+", name) if t]
+    kept = [t for t in tokens if t.lower() not in _SIDE_TOKENS and not _NUMBER_TOKEN.match(t)]
+    return "_".join(kept) if kept else name
+
+
+def _object_seed(seed: int, dataset: str, case: str, slice_index: int, label: int) -> np.random.Generator:
+    key = zlib.crc32(f"{dataset}/{case}/{slice_index}/{label}".encode())
+    return np.random.default_rng([int(seed), key])
+
+
+def jitter_box(box: Sequence[float], jitter: float, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """Move each side of an inclusive [x0, y0, x1, y1] box outwards by randint(0, J') pixels.
+
+    ``J' = round(jitter * max(H, W) / 1024)``; the result is clipped to the (H, W) image.
+    """
+    H, W = size
+    x0, y0, x1, y1 = (float(v) for v in box)
+    limit = int(round(float(jitter) * max(H, W) / 1024.0))
+    if limit <= 0:
+        return np.array([x0, y0, x1, y1], dtype=np.float64)
+    d = rng.integers(0, limit + 1, size=4)
+    return np.array(
+        [max(0.0, x0 - d[0]), max(0.0, y0 - d[1]), min(W - 1.0, x1 + d[2]), min(H - 1.0, y1 + d[3])],
+        dtype=np.float64,
+    )
+
+
+def _box_slices(box: Sequence[float], size: tuple[int, int]) -> tuple[slice, slice]:
+    H, W = size
+    x0, y0, x1, y1 = (int(round(float(v))) for v in box)
+    x0, y0 = max(0, x0), max(0, y0)
+    x1, y1 = min(W - 1, x1), min(H - 1, y1)
+    return slice(y0, y1 + 1), slice(x0, x1 + 1)
+
+
+def box_baseline(image: np.ndarray, box: Sequence[float]) -> np.ndarray:
+    """(H, W) bool mask filling the inclusive box (corners rounded to pixels)."""
+    H, W = image.shape[:2]
+    mask = np.zeros((H, W), dtype=bool)
+    mask[_box_slices(box, (H, W))] = True
+    return mask
+
+
+def otsu_baseline(image: np.ndarray, box: Sequence[float]) -> np.ndarray:
+    """(H, W) bool mask: Otsu's threshold inside the box, the side and component at its centre.
+
+    The rule (module docstring): threshold the box's pixels with Otsu; the object's side (bright
+    ``> t`` or dark ``<= t``) is the one holding the majority of the central third of the box
+    (bright on a tie); keep that side's 8-connected component with the most central pixels
+    (if no component touches the centre, the largest one). A constant box is filled.
+    """
+    from scipy import ndimage
+    from skimage.filters import threshold_otsu
+
+    H, W = image.shape[:2]
+    grey = image.astype(np.float64)
+    if grey.ndim == 3:
+        grey = grey.mean(axis=2)
+    rows, cols = _box_slices(box, (H, W))
+    patch = grey[rows, cols]
+    mask = np.zeros((H, W), dtype=bool)
+    if patch.size == 0 or float(patch.min()) == float(patch.max()):
+        mask[rows, cols] = True
+        return mask
+    t = threshold_otsu(patch)
+    bright = patch > t
+    h, w = patch.shape
+    cr = slice(h // 3, max(h // 3 + 1, h - h // 3))
+    cc = slice(w // 3, max(w // 3 + 1, w - w // 3))
+    side = bright if bright[cr, cc].mean() >= 0.5 else ~bright
+    components, n = ndimage.label(side, structure=np.ones((3, 3), dtype=bool))
+    if n > 1:
+        central = np.bincount(components[cr, cc].ravel(), minlength=n + 1)
+        central[0] = 0
+        if central.max() > 0:
+            side = components == int(central.argmax())
+        else:
+            sizes = np.bincount(components.ravel(), minlength=n + 1)
+            sizes[0] = 0
+            side = components == int(sizes.argmax())
+    mask[rows, cols] = side
+    return mask
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024.0 / (1024.0 if sys.platform == "darwin" else 1.0)
+
+
+# --------------------------------------------------------------------------- methods
+class _ModelMethod:
+    """A model through the Predictor: embed once per slice, all boxes in one call."""
+
+    def __init__(self, model, contract: str | None = None, precision: str = "fp32") -> None:
+        import torch
+
+        from .predictor import Predictor
+
+        self.torch = torch
+        self.predictor = Predictor(model, contract=contract, precision=precision)
+        self.device = self.predictor.device
+        self.scores: np.ndarray | None = None
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize(self.device)
+
+    def embed(self, image: np.ndarray) -> float:
+        self._sync()
+        start = time.perf_counter()
+        self.predictor.set_image(image)
+        self._sync()
+        return time.perf_counter() - start
+
+    def segment(self, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        self._sync()
+        start = time.perf_counter()
+        prediction = self.predictor.predict(boxes=boxes)
+        self._sync()
+        seconds = time.perf_counter() - start
+        return prediction.masks, np.asarray(prediction.scores, dtype=np.float64), seconds
+
+    def reset_peak(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_cuda_mb(self) -> float | None:
+        if self.device.type == "cuda":
+            return self.torch.cuda.max_memory_allocated(self.device) / 2**20
+        return None
+
+
+class _BaselineMethod:
+    def __init__(self, kind: str) -> None:
+        if kind not in BASELINES:
+            raise ValueError(f"unknown baseline {kind!r}; known: {', '.join(BASELINES)}")
+        self.fn = box_baseline if kind == "box" else otsu_baseline
+
+    def embed(self, image: np.ndarray) -> float:
+        return 0.0
+
+    def segment(self, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        start = time.perf_counter()
+        masks = np.stack([self.fn(image, b) for b in boxes])
+        seconds = time.perf_counter() - start
+        return masks, np.full(len(boxes), np.nan), seconds
+
+    def reset_peak(self) -> None:
+        pass
+
+    def peak_cuda_mb(self) -> float | None:
+        return None
+
+
+# --------------------------------------------------------------------------- result
+@dataclass
+class BenchmarkResult:
+    """What :func:`run_benchmark` computed and wrote."""
+
+    out_dir: Path
+    method: str
+    objects: list[dict]
+    slices: list[dict]
+    errors: list[dict]
+    summary: list[dict]
+    plot_path: Path | None
+    info: dict = field(default_factory=dict)
+
+    def overall(self) -> dict:
+        """The ``level == "all"`` summary row."""
+        return next(r for r in self.summary if r["level"] == "all")
+
+
+def _select(rows, max_objects: int | None, seed: int):
+    """At most ``max_objects`` rows per dataset: a seeded random subset, in manifest order."""
+    if not max_objects:
+        return rows, {}
+    by_dataset: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        by_dataset[r.dataset].append(i)
+    keep = set()
+    subsampled = {}
+    rng = np.random.default_rng(seed)
+    for dataset in sorted(by_dataset):
+        idx = by_dataset[dataset]
+        if len(idx) > max_objects:
+            chosen = rng.choice(len(idx), size=max_objects, replace=False)
+            keep.update(idx[int(c)] for c in chosen)
+            subsampled[dataset] = {"rows": len(idx), "kept": int(max_objects)}
+        else:
+            keep.update(idx)
+    return [r for i, r in enumerate(rows) if i in keep], subsampled
+
+
+def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    with np.load(path) as data:
+        image, label = np.asarray(data["image"]), np.asarray(data["label"])
+        spacing = tuple(float(s) for s in np.asarray(data["spacing"]).reshape(-1)) if "spacing" in data else (1.0, 1.0)
+    if label.shape != image.shape[:2]:
+        raise ValueError(f"label {label.shape} and image {image.shape} differ in size")
+    if len(spacing) != 2 or not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise ValueError(f"bad spacing {spacing}")
+    return image, label, spacing
+
+
+def run_benchmark(
+    corpus: str | Path,
+    out_dir: str | Path,
+    *,
+    split: str = "test",
+    checkpoint: str | Path | None = None,
+    baseline: str | None = None,
+    model=None,
+    contract: str | None = None,
+    device: str | None = None,
+    precision: str = "fp32",
+    jitter: float = 0.0,
+    seed: int = 0,
+    max_objects: int | None = None,
+    datasets: Sequence[str] = (),
+    tolerance_mm: float = 2.0,
+    name: str | None = None,
+    plot: bool = True,
+    log: Callable[[str], None] = lambda message: None,
+) -> BenchmarkResult:
+    """Score a model or a baseline on ``split`` of ``corpus``; write the outputs to ``out_dir``.
+
+    Args:
+        checkpoint: model weights; ``None`` (and no ``model``/``baseline``) = the embedded default.
+        baseline: ``"box"`` or ``"otsu"`` instead of a model.
+        model: an already loaded :class:`MedSAMModel` (takes precedence over ``checkpoint``).
+        jitter: box jitter in pixels of a 1024-pixel longest side (0 = exact boxes).
+        seed: seeds the jitter and the ``max_objects`` subset.
+        max_objects: at most this many objects per dataset (a seeded random subset).
+        datasets: only these datasets (default all of the split).
+        name: method name in the outputs (default: ``default``, the checkpoint's stem, or
+            ``baseline-box`` / ``baseline-otsu``).
+    """
+    from .metrics import dice_score, normalized_surface_dice
+    from .train.data import read_manifest
+
+    if baseline is not None and (checkpoint is not None or model is not None):
+        raise ValueError("give either a checkpoint (or model) or a baseline, not both")
+    if jitter < 0:
+        raise ValueError(f"jitter must be >= 0, got {jitter}")
+    if max_objects is not None and max_objects < 1:
+        raise ValueError(f"max_objects must be >= 1, got {max_objects}")
+    corpus = Path(corpus)
+    out = Path(out_dir)
+    rows = read_manifest(corpus, split=split, datasets=tuple(datasets))
+    if not rows:
+        known = sorted({r.split for r in read_manifest(corpus)})
+        raise ValueError(
+            f"no manifest rows in split {split!r}"
+            + (f" for datasets {', '.join(datasets)}" if datasets else "")
+            + f" of {corpus} (splits present: {', '.join(known) or 'none'})"
+        )
+    rows, subsampled = _select(rows, max_objects, seed)
+
+    model_info: dict = {}
+    if baseline is not None:
+        method = _BaselineMethod(baseline)
+        method_name = name or f"baseline-{baseline}"
+        model_info = {"baseline": baseline}
+    else:
+        if model is None:
+            from .segment import _load
+
+            model = _load(checkpoint, device, contract, log)
+        method = _ModelMethod(model, contract=contract, precision=precision)
+        method_name = name or ("default" if checkpoint is None else Path(str(checkpoint)).name.split(".")[0])
+        model_info = {
+            "checkpoint": None if checkpoint is None else str(checkpoint),
+            "architecture": model.config.name,
+            "contract": method.predictor.contract.name,
+            "untrained_default": bool(getattr(model, "is_untrained_default", False)),
+            "device": str(method.device),
+            "precision": precision,
+        }
+    out.mkdir(parents=True, exist_ok=True)
+
+    groups: "OrderedDict[str, list]" = OrderedDict()
+    for r in rows:
+        groups.setdefault(r.path, []).append(r)
+
+    objects: list[dict] = []
+    slices: list[dict] = []
+    errors: list[dict] = []
+
+    def error(r, message: str) -> None:
+        errors.append({"dataset": r.dataset, "case": r.case, "slice": r.slice, "label": r.label,
+                       "label_name": r.label_name, "path": r.path, "error": message})
+
+    warmed = baseline is not None
+    start_all = time.perf_counter()
+    n_slices = len(groups)
+    for s_index, (path, srows) in enumerate(groups.items()):
+        try:
+            image, label_map, spacing = _load_npz(corpus / path)
+        except Exception as exc:  # unreadable slice: report its rows, go on
+            message = f"slice unreadable: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            for r in srows:
+                error(r, message)
+            continue
+        H, W = label_map.shape
+        boxes, gts, kept = [], [], []
+        for r in srows:
+            gt = label_map == r.label
+            if not gt.any():
+                error(r, f"label {r.label} is not on its slice")
+                continue
+            if not (0 <= r.x0 <= r.x1 < W and 0 <= r.y0 <= r.y1 < H) or r.x1 == r.x0 or r.y1 == r.y0:
+                error(r, f"box [{r.x0}, {r.y0}, {r.x1}, {r.y1}] is empty or outside the {W}x{H} image")
+                continue
+            box = np.array([r.x0, r.y0, r.x1, r.y1], dtype=np.float64)
+            if jitter > 0:
+                box = jitter_box(box, jitter, (H, W), _object_seed(seed, r.dataset, r.case, r.slice, r.label))
+            boxes.append(box)
+            gts.append(gt)
+            kept.append(r)
+        if not kept:
+            continue
+        boxes_arr = np.stack(boxes)
+        if not warmed:
+            method.embed(image)  # one untimed warm-up (allocations, kernels)
+            warmed = True
+        method.reset_peak()
+        embed_s = method.embed(image)
+        masks, scores, decode_s = method.segment(image, boxes_arr)
+        peak_cuda = method.peak_cuda_mb()
+        peak_rss = _peak_rss_mb()
+        for r, box, gt, mask, score in zip(kept, boxes_arr, gts, masks, scores):
+            objects.append({
+                "dataset": r.dataset, "case": r.case, "slice": r.slice, "label": r.label,
+                "label_name": r.label_name, "group": structure_group(r.label_name),
+                "modality": r.modality, "split": r.split,
+                "x0": r.x0, "y0": r.y0, "x1": r.x1, "y1": r.y1,
+                "px0": box[0], "py0": box[1], "px1": box[2], "py1": box[3],
+                "area": int(gt.sum()), "pred_area": int(mask.sum()),
+                "score": None if not np.isfinite(score) else float(score),
+                "dsc": dice_score(mask, gt),
+                "nsd": normalized_surface_dice(mask, gt, spacing, tolerance_mm),
+                "embed_s": embed_s, "decode_s": decode_s, "objects_in_slice": len(kept),
+                "height": H, "width": W, "spacing_row": spacing[0], "spacing_col": spacing[1],
+            })
+        slices.append({
+            "dataset": kept[0].dataset, "case": kept[0].case, "slice": kept[0].slice, "path": path,
+            "modality": kept[0].modality, "height": H, "width": W, "objects": len(kept),
+            "embed_s": embed_s, "decode_s": decode_s, "peak_rss_mb": peak_rss, "peak_cuda_mb": peak_cuda,
+        })
+        if (s_index + 1) % 20 == 0 or s_index + 1 == n_slices:
+            log(f"{method_name}: {s_index + 1}/{n_slices} slices, {len(objects)} objects, "
+                f"{time.perf_counter() - start_all:.0f} s")
+    total_s = time.perf_counter() - start_all
+    if not objects:
+        raise ValueError(f"no object could be scored ({len(errors)} errors; see the first: "
+                         f"{errors[0]['error'] if errors else '-'})")
+
+    summary = summarize(objects, slices)
+    import torch
+
+    info = {
+        "method": method_name,
+        "corpus": str(corpus),
+        "split": split,
+        "datasets": list(datasets),
+        "jitter": jitter,
+        "seed": seed,
+        "max_objects": max_objects,
+        "subsampled": subsampled,
+        "tolerance_mm": tolerance_mm,
+        "objects": len(objects),
+        "slices": len(slices),
+        "errors": len(errors),
+        "seconds": round(total_s, 3),
+        "peak_rss_mb": _peak_rss_mb(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "medsam": _version(),
+        "warmup": "one untimed embedding before the first timed slice" if baseline is None else None,
+        **model_info,
+    }
+    _write_csv(out / "objects.csv", OBJECT_COLUMNS, objects)
+    _write_csv(out / "slices.csv", SLICE_COLUMNS, slices)
+    _write_csv(out / "errors.csv", ERROR_COLUMNS, errors)
+    _write_csv(out / "summary.csv", SUMMARY_COLUMNS, summary)
+    plot_path, plot_note = (None, "plot not requested")
+    if plot:
+        plot_path, plot_note = plot_dsc_by_structure(summary, out / "dsc_by_structure.png", title=method_name)
+    info["plot"] = plot_note
+    (out / "summary.md").write_text(summary_markdown(summary, info, errors))
+    (out / "run.json").write_text(json.dumps(info, indent=2))
+    return BenchmarkResult(out, method_name, objects, slices, errors, summary, plot_path, info)
+
+
+def _version() -> str:
+    try:
+        from . import __version__
+
+        return __version__
+    except Exception:
+        return "unknown"
+
+
+# --------------------------------------------------------------------------- summary
+def _stats(values: list[float]) -> tuple[float, float, float]:
+    a = np.asarray(values, dtype=np.float64)
+    return float(a.mean()), float(a.std()), float(np.median(a))
+
+
+def summarize(objects: Iterable[dict], slices: Iterable[dict] = ()) -> list[dict]:
+    """Summary rows per level (``all``, ``modality``, ``dataset``, ``case``, ``group``, ``structure``).
+
+    ``dsc_mean``/``nsd_mean`` are means over objects; ``dsc_structure_mean``/``nsd_structure_mean``
+    (aggregate levels) are means over the structures (dataset, label name) of their per-structure
+    means, the field's per-label-then-per-task average. Latencies are means over slices.
+    """
+    objects = list(objects)
+    slices = list(slices)
+    keyfuncs = {
+        "all": lambda o: (),
+        "modality": lambda o: (o["modality"],),
+        "dataset": lambda o: (o["dataset"], o["modality"]),
+        "case": lambda o: (o["dataset"], o["case"], o["modality"]),
+        "group": lambda o: (o["dataset"], o["modality"], o["group"]),
+        "structure": lambda o: (o["dataset"], o["modality"], o["group"], o["label_name"]),
+    }
+    fields = {
+        "all": (), "modality": ("modality",), "dataset": ("dataset", "modality"),
+        "case": ("dataset", "case", "modality"), "group": ("dataset", "modality", "group"),
+        "structure": ("dataset", "modality", "group", "structure"),
+    }
+    out = []
+    for level in LEVELS:
+        grouped: "OrderedDict[tuple, list[dict]]" = OrderedDict()
+        for o in sorted(objects, key=lambda o: tuple(str(v) for v in keyfuncs[level](o))):
+            grouped.setdefault(keyfuncs[level](o), []).append(o)
+        for key, members in grouped.items():
+            row = {c: "" for c in SUMMARY_COLUMNS}
+            row["level"] = level
+            row.update(dict(zip(fields[level], key)))
+            dsc = [m["dsc"] for m in members]
+            nsd = [m["nsd"] for m in members]
+            row["objects"] = len(members)
+            row["dsc_mean"], row["dsc_std"], row["dsc_median"] = _stats(dsc)
+            row["nsd_mean"], row["nsd_std"], row["nsd_median"] = _stats(nsd)
+            per_structure: dict[tuple, list[dict]] = defaultdict(list)
+            for m in members:
+                per_structure[(m["dataset"], m["label_name"])].append(m)
+            row["structures"] = len(per_structure)
+            if level in ("all", "modality", "dataset", "case", "group"):
+                row["dsc_structure_mean"] = float(np.mean([np.mean([m["dsc"] for m in g]) for g in per_structure.values()]))
+                row["nsd_structure_mean"] = float(np.mean([np.mean([m["nsd"] for m in g]) for g in per_structure.values()]))
+            if level in ("all", "modality", "dataset", "case"):
+                match = [s for s in slices if all(
+                    s.get(f) == v for f, v in zip(fields[level], key) if f in ("dataset", "case", "modality"))]
+                if match:
+                    row["slices"] = len(match)
+                    row["embed_s_mean"] = float(np.mean([s["embed_s"] for s in match]))
+                    row["decode_s_mean"] = float(np.mean([s["decode_s"] for s in match]))
+            out.append(row)
+    return out
+
+
+def _f(v, digits: int = 3) -> str:
+    if v is None or v == "":
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def summary_markdown(summary: Sequence[dict], info: dict, errors: Sequence[dict] = ()) -> str:
+    """The ``summary.md`` text: settings, then one table per level."""
+    lines = [f"# Benchmark: {info.get('method')}", ""]
+    settings = [
+        f"corpus `{info.get('corpus')}`, split `{info.get('split')}`",
+        f"objects {info.get('objects')}, slices {info.get('slices')}, errors {info.get('errors')}",
+        f"box jitter {info.get('jitter')} px at 1024 (seed {info.get('seed')}), NSD tolerance {info.get('tolerance_mm')} mm",
+    ]
+    if info.get("subsampled"):
+        settings.append("subsampled (seeded): " + ", ".join(
+            f"{d} {v['kept']} of {v['rows']} objects" for d, v in info["subsampled"].items()))
+    if info.get("baseline"):
+        settings.append(f"baseline `{info['baseline']}`")
+    else:
+        settings.append(
+            f"model {info.get('architecture')} (contract {info.get('contract')}), checkpoint "
+            f"`{info.get('checkpoint') or 'embedded default'}`, {info.get('device')}, {info.get('precision')}, "
+            f"torch {info.get('torch')} with {info.get('torch_threads')} threads"
+        )
+    settings.append(f"total {info.get('seconds')} s, peak RSS {_f(info.get('peak_rss_mb'), 0)} MB")
+    lines += [f"- {s}" for s in settings] + [""]
+    headers = {
+        "all": ("Overall", ()),
+        "modality": ("By modality", ("modality",)),
+        "case": ("By dataset and case", ("dataset", "case", "modality")),
+        "group": ("By structure group", ("dataset", "modality", "group")),
+        "structure": ("By structure", ("dataset", "modality", "structure")),
+    }
+    for level, (title, keys) in headers.items():
+        rows = [r for r in summary if r["level"] == level]
+        if not rows:
+            continue
+        timing = level in ("all", "modality", "case")
+        cols = list(keys) + ["objects", "DSC mean", "DSC median", "NSD mean", "NSD median"]
+        if level != "structure":
+            cols += ["DSC per-structure mean", "NSD per-structure mean"]
+        if timing:
+            cols += ["embed s/slice", "decode s/slice"]
+        lines += [f"## {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for r in rows:
+            cells = [str(r[k]) for k in keys] + [
+                str(r["objects"]), _f(r["dsc_mean"]), _f(r["dsc_median"]), _f(r["nsd_mean"]), _f(r["nsd_median"])]
+            if level != "structure":
+                cells += [_f(r["dsc_structure_mean"]), _f(r["nsd_structure_mean"])]
+            if timing:
+                cells += [_f(r["embed_s_mean"]), _f(r["decode_s_mean"])]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    if errors:
+        lines += ["## Rows skipped", "", "| dataset | case | slice | label | error |", "|---|---|---|---|---|"]
+        lines += [f"| {e['dataset']} | {e['case']} | {e['slice']} | {e['label_name']} | {e['error']} |" for e in errors[:50]]
+        if len(errors) > 50:
+            lines.append(f"| ... | | | | {len(errors) - 50} more in errors.csv |")
+        lines.append("")
+    lines += [f"Plot: {info.get('plot')}", ""]
+    return "\n".join(lines)
+
+
+def _write_csv(path: Path, columns: Sequence[str], rows: Iterable[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("" if r.get(k) is None else (f"{r[k]:.6g}" if isinstance(r.get(k), float) else r.get(k)))
+                             for k in columns})
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------- plot
+def plot_dsc_by_structure(summary: Sequence[dict], path: Path, title: str = "") -> tuple[Path | None, str]:
+    """Horizontal bars of mean DSC (and NSD dots) per structure; returns (path, note)."""
+    rows = [r for r in summary if r["level"] == "structure"]
+    if not rows:
+        return None, "no structures to plot"
+    rows = sorted(rows, key=lambda r: (r["dataset"], -r["dsc_mean"]))
+    labels = [f"{r['dataset']}: {r['structure']} (n={r['objects']})" for r in rows]
+    dsc = [r["dsc_mean"] for r in rows]
+    nsd = [r["nsd_mean"] for r in rows]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _plot_pillow(labels, dsc, nsd, path, title)
+        return path, f"{path.name} (drawn with Pillow; matplotlib is not installed)"
+    height = max(2.5, 0.2 * len(rows) + 1.2)
+    fig, ax = plt.subplots(figsize=(8, height))
+    y = np.arange(len(rows))
+    ax.barh(y, dsc, color="#3b75af", label="DSC")
+    ax.plot(nsd, y, "o", color="#ef8636", markersize=3, label="NSD (2 mm)")
+    ax.set_yticks(y)
+    ax.set_yticklabels(labels, fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("mean over objects")
+    ax.set_title(title or "DSC by structure")
+    ax.legend(loc="lower right", fontsize=7)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path, path.name
+
+
+def _plot_pillow(labels: list[str], dsc: list[float], nsd: list[float], path: Path, title: str) -> None:
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    bar_h, gap, left, width, top = 10, 3, 8 + 6 * max(len(s) for s in labels), 400, 28
+    H = top + len(labels) * (bar_h + gap) + 30
+    W = left + width + 20
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    d.text((8, 6), (title or "DSC by structure") + "  (bars: DSC, dots: NSD 2 mm)", fill="black", font=font)
+    for k in range(0, 11, 2):
+        x = left + width * k / 10
+        d.line([(x, top - 4), (x, H - 24)], fill=(220, 220, 220))
+        d.text((x - 6, H - 20), f"{k / 10:.1f}", fill="black", font=font)
+    for i, (name, v, n) in enumerate(zip(labels, dsc, nsd)):
+        y = top + i * (bar_h + gap)
+        d.text((8, y - 1), name, fill="black", font=font)
+        d.rectangle([left, y, left + width * max(0.0, min(1.0, v)), y + bar_h], fill=(59, 117, 175))
+        cx = left + width * max(0.0, min(1.0, n))
+        d.ellipse([cx - 3, y + bar_h / 2 - 3, cx + 3, y + bar_h / 2 + 3], fill=(239, 134, 54))
+    tmp = path.with_name(path.stem + ".tmp.png")
+    img.save(tmp, format="PNG")
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------- compare
+def _read_summary(run_dir: Path) -> tuple[str, list[dict]]:
+    path = run_dir / "summary.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"no summary.csv in {run_dir} (not a benchmark output folder)")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    name = run_dir.name
+    info_path = run_dir / "run.json"
+    if info_path.is_file():
+        name = json.loads(info_path.read_text()).get("method", name)
+    return name, rows
+
+
+def compare_runs(run_dirs: Sequence[str | Path], levels: Sequence[str] = ("all", "modality", "case", "group")) -> tuple[list[dict], str]:
+    """Side-by-side DSC / NSD means of several benchmark outputs: (CSV rows, Markdown table).
+
+    Rows are matched on (level, dataset, case, modality, group, structure).
+    """
+    runs = [_read_summary(Path(d)) for d in run_dirs]
+    keys: "OrderedDict[tuple, dict]" = OrderedDict()
+    key_cols = ("level", "dataset", "case", "modality", "group", "structure")
+    for _, rows in runs:
+        for r in rows:
+            if r["level"] in levels:
+                keys.setdefault(tuple(r[c] for c in key_cols), {"objects": r["objects"]})
+    order = {lv: i for i, lv in enumerate(levels)}
+    ordered = sorted(keys, key=lambda k: (order[k[0]], k[1:]))
+    table = []
+    for k in ordered:
+        row = dict(zip(key_cols, k))
+        row["objects"] = keys[k]["objects"]
+        for name, rows in runs:
+            match = next((r for r in rows if tuple(r[c] for c in key_cols) == k), None)
+            row[f"{name} DSC"] = float(match["dsc_mean"]) if match else None
+            row[f"{name} NSD"] = float(match["nsd_mean"]) if match else None
+        table.append(row)
+    names = [n for n, _ in runs]
+    head = ["level", "dataset / case", "modality", "group", "objects"] + [f"{n} DSC / NSD" for n in names]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in table:
+        where = row["dataset"] + (f" / {row['case']}" if row["case"] else "")
+        cells = [row["level"], where or "all", row["modality"] or "all", row["group"] or "-", str(row["objects"])]
+        for n in names:
+            d, s = row[f"{n} DSC"], row[f"{n} NSD"]
+            cells.append("-" if d is None else f"{d:.3f} / {s:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return table, "\n".join(lines) + "\n"
