@@ -208,22 +208,26 @@ def agreement(weights: Path, device: str) -> dict:
     with torch.inference_mode():
         a, b = ref.image_encoder(x), model.image_encoder(x)
     result = {"embedding_rel_err_fp32": float((a - b).norm() / a.norm())}
-    fp32 = medsam.Predictor(model)
-    bf16 = medsam.Predictor(model, precision="bf16")
-    agree, rel = [], []
-    for sample in bundled_samples():
-        img = read_image(sample.path)
-        pixels = to_model_input(img, sample.modality)
-        fp32.set_image(pixels)
-        bf16.set_image(pixels)
-        rel.append(float((fp32.embedding - bf16.embedding).norm() / fp32.embedding.norm()))
-        H, W = pixels.shape[:2]
-        rng = np.random.default_rng(1)
-        x0 = rng.integers(0, W // 2, 16); y0 = rng.integers(0, H // 2, 16)
-        boxes = np.stack([x0, y0, x0 + W // 3, y0 + H // 3], 1)
-        m1 = fp32.predict(boxes=boxes).masks
-        m2 = bf16.predict(boxes=boxes).masks
-        agree.append(float((m1 == m2).mean()))
+    samples = [s for s in bundled_samples() if s.kind == "2d"]
+    agree, rel = {}, {}
+    for label, m in (("vit_b_random", model), ("default_lite_trained", medsam.load_model(device=device))):
+        fp32 = medsam.Predictor(m)
+        bf16 = medsam.Predictor(m, precision="bf16")
+        for sample in samples:
+            img = read_image(sample.image)
+            pixels = to_model_input(img)  # the bundled slices are uint8 already (windowed)
+            fp32.set_image(pixels)
+            bf16.set_image(pixels)
+            key = f"{label}/{sample.name}"
+            rel[key] = float((fp32.embedding - bf16.embedding).norm() / fp32.embedding.norm())
+            H, W = pixels.shape[:2]
+            rng = np.random.default_rng(1)
+            x0 = rng.integers(0, W // 2, 16)
+            y0 = rng.integers(0, H // 2, 16)
+            boxes = np.stack([x0, y0, x0 + W // 3, y0 + H // 3], 1)
+            m1 = fp32.predict(boxes=boxes).masks
+            m2 = bf16.predict(boxes=boxes).masks
+            agree[key] = float((m1 == m2).mean())
     result["bf16_embedding_rel_err"] = rel
     result["bf16_mask_agreement"] = agree
     return result
