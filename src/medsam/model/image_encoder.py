@@ -201,6 +201,8 @@ class Block(nn.Module):
         # activations stay in the CPU cache instead of streaming a (tokens x 4C) tensor through
         # memory three times.
         x = shortcut.add_(x) if shortcut.dtype == torch.promote_types(shortcut.dtype, x.dtype) else shortcut + x
+        if not x.is_contiguous():  # e.g. a permuted patch embedding: make the stream dense once
+            x = x.contiguous()
         flat = x.view(-1, x.shape[-1])
         for r0 in range(0, flat.shape[0], _MLP_ROWS):
             rows = flat[r0 : r0 + _MLP_ROWS]
