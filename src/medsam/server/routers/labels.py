@@ -63,13 +63,43 @@ def _conflict(exc: VersionConflict) -> HTTPException:
     return HTTPException(409, str(exc), headers={"ETag": _etag(exc.current)})
 
 
-@router.get("/{image_id:path}/slices/{index}", response_model=SliceLabels, summary="Labels of one slice")
-def get_slice(image_id: str, index: int, wb: WorkbenchDep, response: Response) -> SliceLabels:
+def _load_slice(wb: Workbench, image_id: str, index: int):
+    """The loaded image, with ``index`` checked against its slices (404 otherwise)."""
     loaded = wb.load(image_id)
     try:
         loaded.check_slice(index)
     except IndexError as exc:
         raise HTTPException(404, str(exc)) from None
+    return loaded
+
+
+def _decode(mask, shape: tuple[int, ...], what: str, definitions) -> np.ndarray:
+    """An RLE mask of exactly ``shape`` with only defined label values (422 otherwise)."""
+    if tuple(mask.shape) != shape:
+        raise HTTPException(422, f"mask shape {mask.shape} is not the {what} {list(shape)}")
+    try:
+        labels = rle_decode(mask.values, mask.counts, shape)
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+    _check_values(labels, definitions)
+    return labels
+
+
+def _saved(wb: Workbench, image_id: str, write, body, response: Response) -> LabelInfo:
+    """Run a versioned label write (409 on a stale version) and answer with the new label info."""
+    defs = [d.model_dump() for d in body.definitions] if body.definitions is not None else None
+    try:
+        write(defs, wb.engine.model_info())
+    except VersionConflict as exc:
+        raise _conflict(exc) from None
+    info = label_info(wb, image_id)
+    response.headers["ETag"] = _etag(info.version)
+    return info
+
+
+@router.get("/{image_id:path}/slices/{index}", response_model=SliceLabels, summary="Labels of one slice")
+def get_slice(image_id: str, index: int, wb: WorkbenchDep, response: Response) -> SliceLabels:
+    loaded = _load_slice(wb, image_id, index)
     version, labels = wb.labels.read(image_id, loaded.image)
     plane = labels[index] if loaded.image.is_volume else labels
     values, counts = rle_encode(plane)
@@ -88,19 +118,8 @@ def put_slice(
     if_match: str | None = Header(default=None),
 ) -> LabelInfo:
     version = expected_version(if_match, body.expected_version)
-    loaded = wb.load(image_id)
-    try:
-        loaded.check_slice(index)
-    except IndexError as exc:
-        raise HTTPException(404, str(exc)) from None
-    plane_shape = tuple(loaded.image.spatial_shape[-2:])
-    if tuple(body.mask.shape) != plane_shape:
-        raise HTTPException(422, f"mask shape {body.mask.shape} is not the slice shape {list(plane_shape)}")
-    try:
-        plane = rle_decode(body.mask.values, body.mask.counts, plane_shape)
-    except ValueError as exc:
-        raise HTTPException(422, str(exc)) from None
-    _check_values(plane, body.definitions)
+    loaded = _load_slice(wb, image_id, index)
+    plane = _decode(body.mask, tuple(loaded.image.spatial_shape[-2:]), "slice shape", body.definitions)
 
     def change(current: np.ndarray) -> np.ndarray:
         if loaded.image.is_volume:
@@ -109,14 +128,11 @@ def put_slice(
         return plane
 
     event = {"action": "slice", "slice": index, **body.provenance.model_dump(exclude_none=True)}
-    defs = [d.model_dump() for d in body.definitions] if body.definitions is not None else None
-    try:
-        wb.labels.update(image_id, loaded.image, version, change, event, defs, wb.engine.model_info())
-    except VersionConflict as exc:
-        raise _conflict(exc) from None
-    info = label_info(wb, image_id)
-    response.headers["ETag"] = _etag(info.version)
-    return info
+    return _saved(
+        wb, image_id,
+        lambda defs, model: wb.labels.update(image_id, loaded.image, version, change, event, defs, model),
+        body, response,
+    )
 
 
 @router.get("/{image_id:path}/map", response_model=LabelMap, summary="The whole label map (RLE, array order)")
@@ -139,23 +155,13 @@ def put_map(
 ) -> LabelInfo:
     version = expected_version(if_match, body.expected_version)
     loaded = wb.load(image_id)
-    shape = tuple(loaded.image.spatial_shape)
-    if tuple(body.mask.shape) != shape:
-        raise HTTPException(422, f"mask shape {body.mask.shape} is not the image's spatial shape {list(shape)}")
-    try:
-        labels = rle_decode(body.mask.values, body.mask.counts, shape)
-    except ValueError as exc:
-        raise HTTPException(422, str(exc)) from None
-    _check_values(labels, body.definitions)
+    labels = _decode(body.mask, tuple(loaded.image.spatial_shape), "image's spatial shape", body.definitions)
     event = {"action": "map", **body.provenance.model_dump(exclude_none=True)}
-    defs = [d.model_dump() for d in body.definitions] if body.definitions is not None else None
-    try:
-        wb.labels.save(image_id, loaded.image, labels, version, event, defs, wb.engine.model_info())
-    except VersionConflict as exc:
-        raise _conflict(exc) from None
-    info = label_info(wb, image_id)
-    response.headers["ETag"] = _etag(info.version)
-    return info
+    return _saved(
+        wb, image_id,
+        lambda defs, model: wb.labels.save(image_id, loaded.image, labels, version, event, defs, model),
+        body, response,
+    )
 
 
 @router.get("/{image_id:path}", response_model=LabelInfo, summary="Version, label names and colours, file")
