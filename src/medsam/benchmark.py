@@ -310,6 +310,20 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
     return image, label, spacing
 
 
+def group_by_slice(rows) -> "OrderedDict[str, list]":
+    """Manifest rows grouped by slice file (in first-seen order): one image read per slice."""
+    groups: "OrderedDict[str, list]" = OrderedDict()
+    for r in rows:
+        groups.setdefault(r.path, []).append(r)
+    return groups
+
+
+def error_row(r, message: str) -> dict:
+    """The ``errors.csv`` row for a manifest row that could not be scored."""
+    return {"dataset": r.dataset, "case": r.case, "slice": r.slice, "label": r.label,
+            "label_name": r.label_name, "path": r.path, "error": message}
+
+
 def run_benchmark(
     corpus: str | Path,
     out_dir: str | Path,
@@ -386,17 +400,13 @@ def run_benchmark(
         }
     out.mkdir(parents=True, exist_ok=True)
 
-    groups: "OrderedDict[str, list]" = OrderedDict()
-    for r in rows:
-        groups.setdefault(r.path, []).append(r)
-
+    groups = group_by_slice(rows)
     objects: list[dict] = []
     slices: list[dict] = []
     errors: list[dict] = []
 
     def error(r, message: str) -> None:
-        errors.append({"dataset": r.dataset, "case": r.case, "slice": r.slice, "label": r.label,
-                       "label_name": r.label_name, "path": r.path, "error": message})
+        errors.append(error_row(r, message))
 
     warmed = baseline is not None
     start_all = time.perf_counter()

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -106,17 +105,13 @@ def evaluate_specialist(
     method_name = name or "specialist-unet"
     orientations = CaseOrientations(corpus, enabled=model.reorient)
     classes = set(model.classes.labels[1:])
-    groups: "OrderedDict[str, list]" = OrderedDict()
-    for r in rows:
-        groups.setdefault(r.path, []).append(r)
-
+    groups = _bench.group_by_slice(rows)
     objects: list[dict] = []
     slices: list[dict] = []
     errors: list[dict] = []
 
     def error(r, message: str) -> None:
-        errors.append({"dataset": r.dataset, "case": r.case, "slice": r.slice, "label": r.label,
-                       "label_name": r.label_name, "path": r.path, "error": message})
+        errors.append(_bench.error_row(r, message))
 
     warmed = False
     start_all = time.perf_counter()
