@@ -8,12 +8,16 @@ paired with the preprocessing it was trained with.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
+
+if TYPE_CHECKING:  # the registry imports this module
+    from .registry import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,7 @@ class MedSAMModel(nn.Module):
         image_encoder: nn.Module,
         prompt_encoder: PromptEncoder,
         mask_decoder: MaskDecoder,
-        config: "ModelConfig",  # noqa: F821 (avoid an import cycle)
+        config: "ModelConfig",
         contract: str,
     ) -> None:
         super().__init__()
