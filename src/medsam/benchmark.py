@@ -48,6 +48,7 @@ letter (``rib_left_10`` -> ``rib``, ``vertebrae_T12`` -> ``vertebrae``,
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import re
@@ -198,13 +199,15 @@ def _peak_rss_mb() -> float | None:
 class _ModelMethod:
     """A model through the Predictor: embed once per slice, all boxes in one call."""
 
-    def __init__(self, model, contract: str | None = None, precision: str = "fp32") -> None:
+    def __init__(self, model, contract: str | None = None, precision: str = "fp32", zoom=None) -> None:
         import torch
 
         from .predictor import Predictor
 
         self.torch = torch
         self.predictor = Predictor(model, contract=contract, precision=precision)
+        self.zoom = zoom  # a medsam.zoom.ZoomPolicy: small boxes on a magnified crop
+        self.crop_predictor = Predictor(model, contract=contract, precision=precision) if zoom else None
         self.device = self.predictor.device
         self.scores: np.ndarray | None = None
 
@@ -222,10 +225,16 @@ class _ModelMethod:
     def segment(self, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
         self._sync()
         start = time.perf_counter()
-        prediction = self.predictor.predict(boxes=boxes)
+        if self.zoom is not None:
+            from .zoom import predict_with_zoom
+
+            masks, scores, _ = predict_with_zoom(self.predictor, image, boxes, self.zoom, self.crop_predictor)
+        else:
+            prediction = self.predictor.predict(boxes=boxes)
+            masks, scores = prediction.masks, prediction.scores
         self._sync()
         seconds = time.perf_counter() - start
-        return prediction.masks, np.asarray(prediction.scores, dtype=np.float64), seconds
+        return masks, np.asarray(scores, dtype=np.float64), seconds
 
     def reset_peak(self) -> None:
         if self.device.type == "cuda":
@@ -342,6 +351,7 @@ def run_benchmark(
     tolerance_mm: float = 2.0,
     name: str | None = None,
     plot: bool = True,
+    zoom=None,
     log: Callable[[str], None] = lambda message: None,
 ) -> BenchmarkResult:
     """Score a model or a baseline on ``split`` of ``corpus``; write the outputs to ``out_dir``.
@@ -356,6 +366,8 @@ def run_benchmark(
         datasets: only these datasets (default all of the split).
         name: method name in the outputs (default: ``default``, the checkpoint's stem, or
             ``baseline-box`` / ``baseline-otsu``).
+        zoom: a :class:`medsam.zoom.ZoomPolicy`: segment small boxes on a magnified crop (one
+            extra embedding each, counted in the decode time); ``None`` = off.
     """
     from .metrics import dice_score, normalized_surface_dice
     from .train.data import read_manifest
@@ -388,7 +400,7 @@ def run_benchmark(
             from .segment import _load
 
             model = _load(checkpoint, device, contract, log)
-        method = _ModelMethod(model, contract=contract, precision=precision)
+        method = _ModelMethod(model, contract=contract, precision=precision, zoom=zoom)
         method_name = name or ("default" if checkpoint is None else Path(str(checkpoint)).name.split(".")[0])
         model_info = {
             "checkpoint": None if checkpoint is None else str(checkpoint),
@@ -397,6 +409,7 @@ def run_benchmark(
             "untrained_default": bool(getattr(model, "is_untrained_default", False)),
             "device": str(method.device),
             "precision": precision,
+            "zoom": None if zoom is None else dataclasses.asdict(zoom),
         }
     out.mkdir(parents=True, exist_ok=True)
 

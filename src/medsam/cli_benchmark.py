@@ -52,6 +52,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="at most N objects per dataset (a seeded random subset)")
     p.add_argument("--datasets", nargs="+", default=[], metavar="NAME", help="only these datasets")
     p.add_argument("--tolerance", type=float, default=2.0, help="NSD tolerance in mm (default 2)")
+    p.add_argument("--zoom", type=float, default=None, metavar="CONTEXT",
+                   help="segment small boxes on a magnified crop CONTEXT x the box's longest side "
+                        "(one extra embedding each; see medsam.zoom); default off")
     p.add_argument("--name", default=None, help="method name in the outputs")
     p.add_argument("--no-plot", action="store_true", help="do not draw dsc_by_structure.png")
     p.add_argument("--compare", nargs="+", default=None, metavar="OUT_DIR",
@@ -84,11 +87,18 @@ def run(args) -> int:
         raise ValueError("--corpus is required (or --compare OUT_DIR ...)")
     if not Path(args.corpus).is_dir():
         raise FileNotFoundError(f"corpus folder not found: {args.corpus}")
+    zoom = None
+    if args.zoom is not None:
+        if args.baseline:
+            raise ValueError("--zoom applies to models, not to baselines")
+        from .zoom import ZoomPolicy
+
+        zoom = ZoomPolicy(context=args.zoom)
     result = run_benchmark(
         args.corpus, out, split=args.split, checkpoint=args.checkpoint, baseline=args.baseline,
         contract=args.contract, device=args.device, precision=args.precision, jitter=args.jitter,
         seed=args.seed, max_objects=args.max_objects, datasets=args.datasets,
-        tolerance_mm=args.tolerance, name=args.name, plot=not args.no_plot, log=_log,
+        tolerance_mm=args.tolerance, name=args.name, plot=not args.no_plot, zoom=zoom, log=_log,
     )
     overall = result.overall()
     print(f"{result.method}: {overall['objects']} objects, DSC {overall['dsc_mean']:.4f}, "

@@ -66,11 +66,19 @@ class AugmentSection:
         flip_prob: probability of a horizontal flip and, independently, of a vertical flip.
         gamma: ``[lo, hi]`` range of a random gamma on intensities scaled to [0, 1]; ``null`` = off.
         contrast: ``[lo, hi]`` range of a random contrast factor around the mean; ``null`` = off.
+        zoom_prob: probability of cropping a square around the object first (a magnified view,
+            as :mod:`medsam.zoom` segments small objects at inference); 0 = off.
+        zoom_context: ``[lo, hi]`` range of the crop side as a multiple of the object's longest
+            box side.
+        zoom_min_side: smallest crop side, original pixels.
     """
 
     flip_prob: float = 0.0
     gamma: Optional[list] = None
     contrast: Optional[list] = None
+    zoom_prob: float = 0.0
+    zoom_context: list = field(default_factory=lambda: [2.0, 4.0])
+    zoom_min_side: int = 32
 
 
 @dataclass
@@ -97,6 +105,16 @@ class DataSection:
         mask_prompt_prob: probability that a sample also gets a mask prompt (a perturbed
             ground-truth mask as low-resolution logits, ±``mask_prompt_logit``).
         mask_prompt_logit: magnitude of the mask-prompt logits.
+        clicks: corrective clicks given with the box (0 = off): each sample draws this many,
+            positive inside the object or negative inside its box but outside it; a step uses the
+            first k of them for the whole batch, k = 0 with probability ``1 - click_prob`` and
+            else uniform in 1..clicks.
+        click_prob: probability that a step's batch gets clicks.
+        cache_embeddings: folder of precomputed image embeddings (only with ``train.mode:
+            decoder``; built on first use, reused while encoder, corpus and zoom settings are
+            unchanged; see :mod:`medsam.train.embedding_store`). Pixel augmentations (flips,
+            gamma, contrast) cannot be cached and are refused with it; ``augment.zoom_prob`` then
+            uses the inference crop of :mod:`medsam.zoom` at the middle of ``zoom_context``.
         val_max_samples: validate on at most this many objects (first rows of the split; 0 = all).
         augment: see :class:`AugmentSection`.
     """
@@ -116,6 +134,9 @@ class DataSection:
     box: bool = True
     mask_prompt_prob: float = 0.0
     mask_prompt_logit: float = 8.0
+    clicks: int = 0
+    click_prob: float = 0.5
+    cache_embeddings: Optional[str] = None
     val_max_samples: int = 0
     augment: AugmentSection = field(default_factory=AugmentSection)
 
@@ -270,6 +291,8 @@ class TrainConfig:
             ("train.save_every", self.train.save_every, 0),
             ("train.val_every", self.train.val_every, 0),
             ("data.jitter", self.data.jitter, 0),
+            ("data.clicks", self.data.clicks, 0),
+            ("data.augment.zoom_min_side", self.data.augment.zoom_min_side, 4),
         ):
             if value < low:
                 raise ConfigError(f"{key} must be >= {low}, got {value}")
@@ -279,6 +302,24 @@ class TrainConfig:
             raise ConfigError("data.box is false and no points are asked for: give the model a prompt")
         if not 0.0 <= self.data.mask_prompt_prob <= 1.0:
             raise ConfigError("data.mask_prompt_prob must lie in [0, 1]")
+        for key, value in (
+            ("data.click_prob", self.data.click_prob),
+            ("data.augment.zoom_prob", self.data.augment.zoom_prob),
+        ):
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{key} must lie in [0, 1], got {value}")
+        if self.data.cache_embeddings:
+            a = self.data.augment
+            if self.train.mode != "decoder":
+                raise ConfigError("data.cache_embeddings needs train.mode: decoder (a trained encoder changes its embeddings)")
+            if a.flip_prob > 0 or a.gamma is not None or a.contrast is not None:
+                raise ConfigError(
+                    "data.cache_embeddings cannot cache pixel augmentations: set data.augment.flip_prob=0, "
+                    "data.augment.gamma=null and data.augment.contrast=null"
+                )
+        zc = self.data.augment.zoom_context
+        if len(zc) != 2 or not 1.0 <= float(zc[0]) <= float(zc[1]):
+            raise ConfigError(f"data.augment.zoom_context must be [lo, hi] with 1 <= lo <= hi, got {zc}")
         if not 0.0 <= self.data.augment.flip_prob <= 1.0:
             raise ConfigError("data.augment.flip_prob must lie in [0, 1]")
         for key in ("gamma", "contrast"):

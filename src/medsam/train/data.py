@@ -200,6 +200,7 @@ class PromptOptions:
     negative_points: int = 0
     mask_prompt_prob: float = 0.0
     mask_prompt_logit: float = 8.0
+    clicks: int = 0
 
 
 @dataclass(frozen=True)
@@ -207,6 +208,9 @@ class AugmentOptions:
     flip_prob: float = 0.0
     gamma: tuple[float, float] | None = None
     contrast: tuple[float, float] | None = None
+    zoom_prob: float = 0.0
+    zoom_context: tuple[float, float] = (2.0, 4.0)
+    zoom_min_side: int = 32
 
     @property
     def active(self) -> bool:
@@ -223,13 +227,22 @@ class SegmentationDataset(Dataset):
     - ``box``: (4,) float32 [x0, y0, x1, y1] in the network frame, jittered (if ``box``);
     - ``points`` (P, 2) float32 (x, y) network frame and ``point_labels`` (P,) int64
       (1 inside, 0 outside, -1 padding) when points are asked for;
-    - ``mask_input`` (1, L, L) float32 logits and ``has_mask`` () bool when mask prompts are on.
+    - ``mask_input`` (1, L, L) float32 logits and ``has_mask`` () bool when mask prompts are on;
+    - ``clicks`` (K, 2) float32 (x, y) network frame and ``click_labels`` (K,) int64 when
+      ``prompts.clicks = K``: corrective clicks given with the box, each positive (inside the
+      object) or negative (inside the box, outside the object) with probability 1/2. The training
+      loop passes the first k of them, the same k for the whole batch (see
+      :func:`clicks_for_step`).
 
     Args:
         corpus: corpus folder. rows: the manifest rows of one split.
         contract: the model's preprocessing contract. mask_input_size: L (4 x embedding size).
         train: draw jitter and augmentations; ``False`` gives the exact ground-truth box.
         seed: the run's seed.
+        store: a :class:`medsam.train.embedding_store.EmbeddingStore` (decoder-only training):
+            items carry ``embedding`` (C, E, E) instead of ``image``; pixel augmentations are
+            not applied, and with ``augment.zoom_prob`` an object uses the store's deterministic
+            zoom crop (made with ``store_zoom``) instead of a random one.
     """
 
     def __init__(
@@ -242,7 +255,11 @@ class SegmentationDataset(Dataset):
         augment: AugmentOptions = AugmentOptions(),
         train: bool = True,
         seed: int = 0,
+        store=None,
+        store_zoom=None,
     ) -> None:
+        self.store = store  # an EmbeddingStore: items carry "embedding" instead of "image"
+        self.store_zoom = store_zoom  # the ZoomPolicy the store's crops were made with
         self.corpus = Path(corpus)
         self.rows = list(rows)
         self.contract = contract
@@ -264,12 +281,25 @@ class SegmentationDataset(Dataset):
         row = self.rows[index]
         image, label, _ = load_slice(self.corpus, row)
         mask = label == row.label
-        if self.train and self.augment.active:
-            image, mask = self._augment(image, mask, rng)
-        x, geom = prepare_image_fast(self.contract, image)
+        if self.store is not None:  # precomputed embeddings: the whole slice or its zoom crop
+            from .embedding_store import object_window, whole_key, zoom_key
+
+            key = whole_key(row)
+            if self.train and self.augment.zoom_prob > 0 and zoom_key(row) in self.store \
+                    and rng.random() < self.augment.zoom_prob:
+                y0, y1, x0, x1 = object_window(mask, self.store_zoom)
+                mask, key = mask[y0:y1, x0:x1], zoom_key(row)
+            geom = self.contract.geometry(mask.shape)
+            sample: dict = {"embedding": self.store[key], "target": mask_to_input_frame(mask, geom)}
+        else:
+            if self.train and self.augment.zoom_prob > 0 and rng.random() < self.augment.zoom_prob:
+                image, mask = self._zoom(image, mask, rng)
+            if self.train and self.augment.active:
+                image, mask = self._augment(image, mask, rng)
+            x, geom = prepare_image_fast(self.contract, image)
+            sample = {"image": x[0], "target": mask_to_input_frame(mask, geom)}
         S = geom.input_size
         h, w = geom.resized_size
-        sample: dict = {"image": x[0], "target": mask_to_input_frame(mask, geom)}
         p = self.prompts
         if p.box:
             box = self.contract.transform_boxes(mask_bbox(mask)[None], geom)[0]
@@ -283,6 +313,10 @@ class SegmentationDataset(Dataset):
             pts, labels = self._points(mask, rng)
             sample["points"] = torch.as_tensor(self.contract.transform_coords(pts, geom), dtype=torch.float32)
             sample["point_labels"] = torch.as_tensor(labels, dtype=torch.int64)
+        if p.clicks:
+            pts, labels = self._clicks(mask, rng)
+            sample["clicks"] = torch.as_tensor(self.contract.transform_coords(pts, geom), dtype=torch.float32)
+            sample["click_labels"] = torch.as_tensor(labels, dtype=torch.int64)
         if p.mask_prompt_prob > 0:
             use = bool(rng.random() < p.mask_prompt_prob)
             sample["has_mask"] = torch.tensor(use)
@@ -302,6 +336,49 @@ class SegmentationDataset(Dataset):
         if a.gamma is not None or a.contrast is not None:
             image = augment_intensity(image, rng, a.gamma, a.contrast)
         return np.ascontiguousarray(image), np.ascontiguousarray(mask)
+
+    def _zoom(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
+        """A square crop around the object, as :func:`medsam.zoom.zoom_window` makes at inference.
+
+        The crop side is a random ``zoom_context`` multiple of the object's longest box side
+        (at least ``zoom_min_side``), its centre moved at random while the box stays inside.
+        Objects whose crop would not be clearly smaller than the image are left whole.
+        """
+        from ..zoom import zoom_window
+
+        a = self.augment
+        x0, y0, x1, y1 = mask_bbox(mask)
+        context = float(rng.uniform(a.zoom_context[0], a.zoom_context[1]))
+        side = max(context * (max(x1 - x0, y1 - y0) + 1.0), float(a.zoom_min_side))
+        H, W = mask.shape
+        if side > 0.75 * max(H, W):
+            return image, mask
+        slack_y = max(0.0, (side - (y1 - y0 + 1.0)) / 2.0)
+        slack_x = max(0.0, (side - (x1 - x0 + 1.0)) / 2.0)
+        offset = (float(rng.uniform(-slack_y, slack_y)), float(rng.uniform(-slack_x, slack_x)))
+        wy0, wy1, wx0, wx1 = zoom_window((x0, y0, x1, y1), (H, W), context, a.zoom_min_side, offset)
+        return image[wy0:wy1, wx0:wx1], mask[wy0:wy1, wx0:wx1]
+
+    def _clicks(self, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """``prompts.clicks`` clicks (x, y) original pixels: positive inside the object, negative
+        in its bounding box (grown by 2 pixels) outside it, each kind with probability 1/2 (the
+        other when a kind has no pixel)."""
+        x0, y0, x1, y1 = (int(v) for v in mask_bbox(mask))
+        H, W = mask.shape
+        ys0, xs0 = max(0, y0 - 2), max(0, x0 - 2)
+        window = mask[ys0 : min(H, y1 + 3), xs0 : min(W, x1 + 3)]
+        regions = {1: np.nonzero(window), 0: np.nonzero(~window)}
+        coords = np.zeros((self.prompts.clicks, 2), dtype=np.float64)
+        labels = np.zeros(self.prompts.clicks, dtype=np.int64)
+        for i in range(self.prompts.clicks):
+            kind = 1 if rng.random() < 0.5 else 0
+            if len(regions[kind][0]) == 0:
+                kind = 1 - kind
+            ys, xs = regions[kind]
+            j = int(rng.integers(len(ys)))
+            coords[i] = (xs[j] + xs0, ys[j] + ys0)
+            labels[i] = kind
+        return coords, labels
 
     def _points(self, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Pixel coordinates (x, y) of positive points inside and negative points outside the mask."""
@@ -372,6 +449,21 @@ class EpochSampler(Sampler):
 
     def __len__(self) -> int:
         return max(0, len(self._inner) - self.start)
+
+
+def clicks_for_step(seed: int, step: int, max_clicks: int, prob: float) -> int:
+    """How many of each sample's clicks the batch of optimiser step ``step`` uses (0..max_clicks).
+
+    With probability ``1 - prob`` none (box only, as at inference without corrections), else a
+    uniform 1..max_clicks. The same for every sample and rank of the step, so a batch has one
+    prompt shape and resumed runs repeat it.
+    """
+    if max_clicks <= 0 or prob <= 0:
+        return 0
+    rng = np.random.default_rng([int(seed), 0xC11C, int(step)])
+    if rng.random() >= prob:
+        return 0
+    return int(rng.integers(1, max_clicks + 1))
 
 
 def collate(samples: list[dict]) -> dict:

@@ -40,7 +40,7 @@ from ..preprocess import get_contract
 from .checkpoint import FORMAT, VERSION, load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig, dump_config
 from .data import (
-    AugmentOptions, EpochSampler, PromptOptions, SegmentationDataset, ValidationSlices, collate,
+    AugmentOptions, EpochSampler, PromptOptions, SegmentationDataset, ValidationSlices, clicks_for_step, collate,
     read_manifest, steps_per_epoch,
 )
 from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_object, cleanup, init_distributed
@@ -103,6 +103,7 @@ class Trainer:
         self.model = model.to(self.device).train()
         self.contract = get_contract(model.contract, model.input_size)
         step = SegmentationStep(self.model, frozen_encoder=t.mode == "decoder")
+        self.step = step
         if self.info.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             # Some parameters never enter the graph (e.g. the key bias of token-to-image attention,
@@ -116,19 +117,39 @@ class Trainer:
         rows = read_manifest(d.corpus, d.train_split, d.datasets, d.modalities)
         if not rows:
             raise ValueError(f"no rows of split {d.train_split!r} in {d.corpus}/manifest.csv")
+        store, store_zoom = None, None
+        if d.cache_embeddings:
+            from ..zoom import ZoomPolicy
+            from .embedding_store import EmbeddingStore, build_embedding_store
+
+            if d.augment.zoom_prob > 0:
+                lo, hi = (float(v) for v in d.augment.zoom_context)
+                store_zoom = ZoomPolicy(context=(lo + hi) / 2.0, min_side=d.augment.zoom_min_side)
+            if self.info.is_main:
+                build_embedding_store(
+                    self.model, d.corpus, rows, self.contract, d.cache_embeddings, store_zoom,
+                    log=log.info,
+                )
+            barrier(self.info)
+            store = EmbeddingStore(d.cache_embeddings)
         self.train_set = SegmentationDataset(
             d.corpus, rows, self.contract, model.prompt_encoder.mask_input_size[0],
             prompts=PromptOptions(
                 d.box, d.jitter, d.jitter_mode, d.jitter_fraction, d.points, d.negative_points,
-                d.mask_prompt_prob, d.mask_prompt_logit,
+                d.mask_prompt_prob, d.mask_prompt_logit, d.clicks,
             ),
             augment=AugmentOptions(
                 d.augment.flip_prob,
                 tuple(d.augment.gamma) if d.augment.gamma else None,
                 tuple(d.augment.contrast) if d.augment.contrast else None,
+                d.augment.zoom_prob,
+                tuple(float(v) for v in d.augment.zoom_context),
+                d.augment.zoom_min_side,
             ),
             train=True,
             seed=t.seed,
+            store=store,
+            store_zoom=store_zoom,
         )
         self.sampler = EpochSampler(len(self.train_set), self.info.world_size, self.info.rank, seed=t.seed)
         self.steps_per_epoch = steps_per_epoch(self.sampler.samples_per_epoch, d.batch_size, t.accumulation)
@@ -248,11 +269,19 @@ class Trainer:
         dev = self.device
         nb = dev.type == "cuda"
         get = lambda k: batch[k].to(dev, non_blocking=nb) if k in batch else None  # noqa: E731
+        points, point_labels = get("points"), get("point_labels")
+        d = self.cfg.data
+        k = clicks_for_step(self.cfg.train.seed, self.global_step, d.clicks, d.click_prob) if "clicks" in batch else 0
+        if k:
+            clicks, click_labels = get("clicks")[:, :k], get("click_labels")[:, :k]
+            points = clicks if points is None else torch.cat([points, clicks], dim=1)
+            point_labels = click_labels if point_labels is None else torch.cat([point_labels, click_labels], dim=1)
         return {
             "images": get("image"),
+            "embeddings": get("embedding"),
             "boxes": get("box"),
-            "points": get("points"),
-            "point_labels": get("point_labels"),
+            "points": points,
+            "point_labels": point_labels,
             "mask_input": get("mask_input"),
             "has_mask": get("has_mask"),
         }
@@ -385,6 +414,7 @@ class Trainer:
                     self.model, self.val_slices, batch_size=self.cfg.data.batch_size,
                     workers=self.cfg.data.workers, autocast_dtype=self.amp_dtype,
                 )
+                self.step.train()  # validate() restores model.train(): keep a frozen encoder in eval
                 self.last_metrics = metrics
                 for modality, m in metrics.items():
                     runlog.write(step, step / self.steps_per_epoch, "val", modality, dsc=m["dsc"], nsd=m["nsd"], lr=lr)

@@ -110,17 +110,32 @@ class SegmentationStep(nn.Module):
 
     Args of :meth:`forward` (network input frame): ``images`` (B, 3, S, S); ``boxes`` (B, 4) or
     None; ``points`` (B, P, 2) and ``point_labels`` (B, P) or None; ``mask_input`` (B, 1, L, L)
-    and ``has_mask`` (B,) bool or None (samples without a mask prompt get the no-mask embedding).
+    and ``has_mask`` (B,) bool or None (samples without a mask prompt get the no-mask embedding);
+    ``embeddings`` (B, C, E, E) instead of ``images`` when the encoder's outputs are precomputed.
     """
 
     def __init__(self, model: MedSAMModel, frozen_encoder: bool = False) -> None:
         super().__init__()
         self.model = model
         self.frozen_encoder = frozen_encoder
+        self.train(model.training)
 
-    def forward(self, images, boxes=None, points=None, point_labels=None, mask_input=None, has_mask=None):
-        m = self.model
+    def train(self, mode: bool = True) -> "SegmentationStep":
+        """A frozen encoder stays in eval mode: its BatchNorm statistics (LiteMedSAM's TinyViT)
+        and dropout must not change while only the decoder trains."""
+        super().train(mode)
         if self.frozen_encoder:
+            self.model.image_encoder.eval()
+        return self
+
+    def forward(
+        self, images=None, boxes=None, points=None, point_labels=None, mask_input=None, has_mask=None,
+        embeddings=None,
+    ):
+        m = self.model
+        if embeddings is not None:  # precomputed (decoder-only training with an embedding store)
+            pass
+        elif self.frozen_encoder:
             with torch.no_grad():
                 embeddings = m.image_encoder(images)
         else:

@@ -1,0 +1,123 @@
+"""Zoomed segmentation of small objects: segment a box on a magnified crop around it.
+
+At 256 px (LiteMedSAM) a rib cross-section of a 512 x 512 CT slice is a few pixels wide, below
+what a 64 x 64 embedding resolves. For a box much smaller than the image, segmenting a square crop
+of ``context`` times the box's longest side, resized to the network input like any image, gives
+the model the object at a useful size. Training draws the same crops (``data.augment.zoom_prob``),
+so the model has seen magnified views (:func:`zoom_window` is shared by both).
+
+Coordinates: boxes are inclusive ``[x0, y0, x1, y1]`` original pixels (x = column); a window is
+``(y0, y1, x0, x1)`` with exclusive ends, inside the image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .predictor import Prediction, Predictor
+
+
+@dataclass(frozen=True)
+class ZoomPolicy:
+    """When and how a box is segmented on a crop.
+
+    Attributes:
+        context: crop side = ``context x`` the box's longest side (at least ``min_side``).
+        min_side: smallest crop side, original pixels.
+        max_crop_fraction: zoom only when the crop side is at most this fraction of the image's
+            longest side (i.e. the crop is magnified at least ``1 / max_crop_fraction`` times
+            more than the whole image would be).
+    """
+
+    context: float = 3.0
+    min_side: int = 32
+    max_crop_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.context < 1.0:
+            raise ValueError(f"zoom context must be >= 1, got {self.context}")
+        if self.min_side < 4:
+            raise ValueError(f"zoom min_side must be >= 4, got {self.min_side}")
+        if not 0.0 < self.max_crop_fraction <= 1.0:
+            raise ValueError(f"zoom max_crop_fraction must lie in (0, 1], got {self.max_crop_fraction}")
+
+
+def zoom_window(
+    box: Sequence[float],
+    size: tuple[int, int],
+    context: float,
+    min_side: int,
+    offset: tuple[float, float] = (0.0, 0.0),
+) -> tuple[int, int, int, int]:
+    """Square window ``(y0, y1, x0, x1)`` of side ``max(context x longest box side, min_side)``.
+
+    Centred on the box, moved by ``offset`` (dy, dx) pixels (training draws it; the caller keeps
+    it within ``(side - box side) / 2`` so the box stays inside), then shifted to lie inside the
+    (H, W) image. A window larger than the image along an axis is clipped to it. The box always
+    lies inside the window.
+    """
+    H, W = size
+    x0, y0, x1, y1 = (float(v) for v in box)
+    side = int(round(max(context * (max(x1 - x0, y1 - y0) + 1.0), float(min_side))))
+    out = []
+    for lo, hi, extent, off in ((y0, y1, H, offset[0]), (x0, x1, W, offset[1])):
+        s = min(side, extent)
+        start = int(round((lo + hi + 1.0) / 2.0 - s / 2.0 + off))
+        start = min(max(start, 0), extent - s)
+        # Rounding may cut the box's far edge by a pixel: keep it inside.
+        start = min(start, int(lo))
+        start = max(start, int(hi) + 1 - s)
+        out.extend((start, start + s))
+    return out[0], out[1], out[2], out[3]
+
+
+def should_zoom(box: Sequence[float], size: tuple[int, int], policy: ZoomPolicy) -> bool:
+    """True when the crop for ``box`` is small enough against the image to be worth a second embedding."""
+    y0, y1, x0, x1 = zoom_window(box, size, policy.context, policy.min_side)
+    return max(y1 - y0, x1 - x0) <= policy.max_crop_fraction * max(size)
+
+
+def predict_with_zoom(
+    predictor: "Predictor",
+    image: np.ndarray,
+    boxes: np.ndarray,
+    policy: ZoomPolicy,
+    crop_predictor: "Predictor | None" = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Segment ``boxes`` on ``image``, small boxes on a zoomed crop.
+
+    ``predictor`` must hold ``image``'s embedding (all large boxes go through one batched call on
+    it, as without zoom). Each small box costs one embedding of its crop, made by
+    ``crop_predictor`` (a second :class:`Predictor` on the same model; one is made if not given),
+    and its mask is pasted back (zero outside the crop).
+
+    Returns:
+        masks (N, H, W) bool, scores (N,) predicted IoU, zoomed (N,) bool.
+    """
+    from .predictor import Predictor
+
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    H, W = image.shape[:2]
+    zoomed = np.array([should_zoom(b, (H, W), policy) for b in boxes], dtype=bool)
+    masks = np.zeros((len(boxes), H, W), dtype=bool)
+    scores = np.zeros(len(boxes), dtype=np.float64)
+    if (~zoomed).any():
+        whole: Prediction = predictor.predict(boxes=boxes[~zoomed])
+        masks[~zoomed] = whole.masks
+        scores[~zoomed] = whole.scores
+    if zoomed.any():
+        crop_predictor = crop_predictor or Predictor(
+            predictor.model, contract=predictor.contract.name, precision=predictor.precision
+        )
+        for i in np.flatnonzero(zoomed):
+            y0, y1, x0, x1 = zoom_window(boxes[i], (H, W), policy.context, policy.min_side)
+            crop_predictor.set_image(np.ascontiguousarray(image[y0:y1, x0:x1]))
+            shifted = boxes[i] - np.array([x0, y0, x0, y0], dtype=np.float64)
+            part = crop_predictor.predict(boxes=shifted[None])
+            masks[i, y0:y1, x0:x1] = part.masks[0]
+            scores[i] = float(part.scores[0])
+    return masks, scores, zoomed
