@@ -12,7 +12,7 @@ What is stored
 One safetensors file per embedding, ``<folder>/<key[:2]>/<key>.safetensors``, holding one tensor
 ``"embedding"`` of shape ``(1, C, E, E)`` (C = 256; E = 64 for the official models, so 4 MiB in
 float32) in the dtype the model produced, on the CPU, plus string metadata: the full ``key``, the
-cache ``format``, the ``medsam_version``, the ``model`` fingerprint, the ``contract`` name and
+cache ``format``, the ``medsam_version``, the ``model`` (encoder) fingerprint, the ``contract`` name and
 ``input_size`` and the image ``shape`` (the last four are informative; the key already covers
 them). Files are written to a temporary file in the same folder and moved into place with
 ``os.replace``, so a reader never sees a half-written entry and concurrent writers of the same key
@@ -22,12 +22,17 @@ The key (the signature)
 -----------------------
 :func:`slice_key` is the SHA-256 of a small JSON header -- cache format, package version,
 model fingerprint, contract name, contract input size, array shape and dtype -- followed by the
-raw bytes of the (C-contiguous) image array. :func:`model_fingerprint` is the SHA-256 of the
-model's state dict (every tensor's name, dtype, shape and bytes, in name order); it is computed
-once per model object and memoised, and recomputed automatically when a parameter or buffer was
+raw bytes of the (C-contiguous) image array. :func:`model_fingerprint` is the SHA-256 of a
+module's state dict (every tensor's name, dtype, shape and bytes, in name order); it is computed
+once per module object and memoised, and recomputed automatically when a parameter or buffer was
 modified in place or replaced (tracked through the tensors' version counters and storage
-pointers). Any change of data, weights, preprocessing or package version therefore gives a
-different key: the old entry is simply never looked up again (``clear()`` removes old files).
+pointers). The fingerprint that enters the key is :func:`encoder_fingerprint`: that of the
+*image encoder* (plus the model's architecture config), because an embedding depends on nothing
+else -- models that differ only in their prompt encoder or mask decoder (a decoder-only
+fine-tune) share their embeddings, while any change of the encoder's weights (full or LoRA
+fine-tuning) gives new keys. Any change of data, encoder weights, preprocessing or package
+version therefore gives a different key: the old entry is simply never looked up again
+(``clear()`` removes old files).
 
 An entry read back is checked: it must parse as safetensors, carry the requested key and the
 current format in its metadata and hold one finite ``(1, C, E, E)`` tensor. Anything else (a
@@ -56,6 +61,7 @@ import torch
 __all__ = [
     "EmbeddingCache",
     "model_fingerprint",
+    "encoder_fingerprint",
     "slice_key",
     "set_image_cached",
     "CACHE_FORMAT",
@@ -112,11 +118,32 @@ def model_fingerprint(model: torch.nn.Module, *, refresh: bool = False) -> str:
     return fp
 
 
+def encoder_fingerprint(model: torch.nn.Module) -> str:
+    """The fingerprint an embedding is keyed by: what the image encoder computes with.
+
+    For a model with an ``image_encoder`` (every :class:`medsam.model.sam.MedSAMModel`): the
+    SHA-256 of the encoder's :func:`model_fingerprint` and the model's architecture config
+    (hyper-parameters such as the number of heads are not in the weights). Prompt encoder and
+    mask decoder do not enter it, so a decoder-only fine-tune keeps the embeddings of its base
+    model. Any other module: its :func:`model_fingerprint`.
+    """
+    encoder = getattr(model, "image_encoder", None)
+    if not isinstance(encoder, torch.nn.Module):
+        return model_fingerprint(model)
+    config = getattr(model, "config", None)
+    config_dict = config.to_dict() if hasattr(config, "to_dict") else repr(config)
+    h = hashlib.sha256(b"medsam-encoder-fingerprint\n")
+    h.update(model_fingerprint(encoder).encode())
+    h.update(json.dumps(config_dict, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
 def slice_key(model_fp: str, contract: Any, slice_array: np.ndarray) -> str:
     """Cache key (64 hex digits) of the embedding of ``slice_array`` by a model and a contract.
 
     Args:
-        model_fp: :func:`model_fingerprint` of the model.
+        model_fp: :func:`encoder_fingerprint` of the model (any string identifying the weights
+            that compute the embedding).
         contract: the predictor's :class:`medsam.preprocess.Contract` (its ``name`` and
             ``input_size`` enter the key), or a ``(name, input_size)`` pair.
         slice_array: the image exactly as given to ``Predictor.set_image``: (H, W) or (H, W, 3),
@@ -276,7 +303,7 @@ def set_image_cached(predictor: Any, image: np.ndarray, cache: EmbeddingCache | 
         predictor.set_image(image)
         return False
     image = np.asarray(image)
-    fp = model_fingerprint(predictor.model)
+    fp = encoder_fingerprint(predictor.model)
     key = slice_key(fp, predictor.contract, image)
     emb = cache.get(key)
     if emb is not None:

@@ -42,7 +42,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .embedding_cache import EmbeddingCache, model_fingerprint, slice_key
+from .embedding_cache import EmbeddingCache, encoder_fingerprint, slice_key
 from .predictor import PromptError, masks_to_label_map
 
 __all__ = [
@@ -229,7 +229,7 @@ class _SliceEmbedder:
         self.computed = 0
         self.cache_hits = 0
         self.memory_hits = 0
-        self._fp = model_fingerprint(predictor.model) if cache is not None else None
+        self._fp = encoder_fingerprint(predictor.model) if cache is not None else None
 
     def activate(self, s: int, keep: bool) -> None:
         """Make the predictor hold slice ``s``; keep its embedding in memory if ``keep``."""

@@ -78,6 +78,9 @@ __all__ = [
     "PrepareReport",
     "prepare",
     "build_index",
+    "index_corpus",
+    "write_case",
+    "slice_objects",
     "curate_labels",
     "align_label",
 ]
@@ -477,6 +480,86 @@ def _save_slice(path: Path, image: np.ndarray, label: np.ndarray, spacing: np.nd
     np.savez_compressed(path, image=image, label=label, spacing=spacing)
 
 
+def slice_objects(label: np.ndarray) -> list[list[int]]:
+    """``[label, x0, y0, x1, y1, area]`` of every label id present in a 2D label map (inclusive
+    bounding box, x = column), in id order: the objects of one corpus slice."""
+    objs = []
+    for lid, bb in enumerate(ndimage.find_objects(label), start=1):
+        if bb is None:
+            continue
+        area = int(np.count_nonzero(label[bb] == lid))
+        ys, xs = bb[0], bb[1]
+        objs.append([lid, xs.start, ys.start, xs.stop - 1, ys.stop - 1, area])
+    return objs
+
+
+def write_case(
+    out_dir: str | Path,
+    dataset: str,
+    case: str,
+    slices: Iterable[tuple[int, np.ndarray, np.ndarray]],
+    spacing: Sequence[float],
+    record: dict[str, Any],
+    started: float | None = None,
+) -> dict[str, Any]:
+    """Write one case of a corpus: ``cases/<dataset>/<case>/slices/<slice:04d>.npz`` and ``case.json``.
+
+    ``slices`` yields ``(slice index, image (H, W[, 3]) uint8, label (H, W) uint8|uint16)``;
+    every slice is stored with ``spacing`` (row, col, mm) and its objects
+    (:func:`slice_objects`). ``record`` holds the case's own fields (``modality``, ``split``,
+    ``label_names`` ...; :func:`build_index` reads ``modality``, ``split``, ``label_names`` and
+    ``label_source``); format, status, dataset, case, the slice list and the counts are added
+    here, and ``seconds`` when ``started`` (a ``time.perf_counter()`` value) is given. The folder
+    is written under a hidden temporary name and renamed when complete (replacing an older one),
+    so a case folder that exists is finished. Returns the written record. Used by
+    :func:`prepare` and by the workbench's training job (accepted labels as a corpus).
+    """
+    out = Path(out_dir)
+    ds_dir = out / "cases" / dataset
+    ds_dir.mkdir(parents=True, exist_ok=True)
+    tmp = ds_dir / f".{case}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    final = ds_dir / case
+    spacing = np.asarray(spacing, dtype=np.float64)
+    slices_rec = []
+    n_objects = 0
+    try:
+        (tmp / "slices").mkdir(parents=True)
+        for s, img2, lab2 in slices:
+            img2 = np.ascontiguousarray(img2)
+            lab2 = np.ascontiguousarray(lab2)
+            objs = slice_objects(lab2)
+            fname = f"slices/{int(s):04d}.npz"
+            _save_slice(tmp / fname, img2, lab2, spacing)
+            slices_rec.append(
+                {"slice": int(s), "file": fname, "height": int(lab2.shape[0]), "width": int(lab2.shape[1]),
+                 "objects": objs}
+            )
+            n_objects += len(objs)
+        full = {
+            "format": CASE_FORMAT,
+            "version": CORPUS_VERSION,
+            "status": "done",
+            "dataset": dataset,
+            "case": case,
+            **record,
+            "n_slices": len(slices_rec),
+            "n_objects": n_objects,
+            "slices": slices_rec,
+            "created": _now(),
+            "medsam_version": _medsam_version(),
+        }
+        if started is not None:
+            full["seconds"] = round(time.perf_counter() - started, 3)
+        (tmp / "case.json").write_text(json.dumps(full, indent=1) + "\n", encoding="utf-8")
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return full
+
+
 def _curate_case(task: _CaseTask, stage: list[str]) -> dict[str, Any]:
     t0 = time.perf_counter()
     spec = task.spec
@@ -527,36 +610,16 @@ def _curate_case(task: _CaseTask, stage: list[str]) -> dict[str, Any]:
     kept = [int(s) for s in np.flatnonzero(np.any(lab_stack, axis=(1, 2)))]
 
     stage[0] = "write"
-    ds_dir = out / "cases" / spec.name
-    ds_dir.mkdir(parents=True, exist_ok=True)
-    tmp = ds_dir / f".{task.case}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    final = ds_dir / task.case
-    slices_rec = []
-    n_objects = 0
-    try:
-        (tmp / "slices").mkdir(parents=True)
-        for s in kept:
-            lab2 = np.ascontiguousarray(lab_stack[s])
-            img2 = np.ascontiguousarray(norm(img_stack[s]) if not image.is_color else norm(None))
-            objs = []
-            for lid, bb in enumerate(ndimage.find_objects(lab2), start=1):
-                if bb is None:
-                    continue
-                area = int(np.count_nonzero(lab2[bb] == lid))
-                ys, xs = bb[0], bb[1]
-                objs.append([lid, xs.start, ys.start, xs.stop - 1, ys.stop - 1, area])
-            fname = f"slices/{s:04d}.npz"
-            _save_slice(tmp / fname, img2, lab2, spacing)
-            slices_rec.append(
-                {"slice": s, "file": fname, "height": int(lab2.shape[0]), "width": int(lab2.shape[1]), "objects": objs}
-            )
-            n_objects += len(objs)
-        record = {
-            "format": CASE_FORMAT,
-            "version": CORPUS_VERSION,
-            "status": "done",
-            "dataset": spec.name,
-            "case": task.case,
+    record = write_case(
+        out,
+        spec.name,
+        task.case,
+        (
+            (s, norm(img_stack[s]) if not image.is_color else norm(None), lab_stack[s])
+            for s in kept
+        ),
+        spacing,
+        {
             "modality": spec.modality,
             "label_source": spec.label_source,
             "source": {"image": str(task.image), "label": str(task.label)},
@@ -589,21 +652,10 @@ def _curate_case(task: _CaseTask, stage: list[str]) -> dict[str, Any]:
             "case_list_digest": task.case_list_digest,
             "n_cases_in_dataset": task.n_cases_in_dataset,
             "fingerprint": spec.processing_fingerprint(),
-            "n_slices": len(slices_rec),
-            "n_objects": n_objects,
-            "slices": slices_rec,
-            "created": _now(),
-            "medsam_version": _medsam_version(),
-            "seconds": round(time.perf_counter() - t0, 3),
-        }
-        (tmp / "case.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return {"n_slices": len(slices_rec), "n_objects": n_objects, "seconds": record["seconds"]}
+        },
+        started=t0,
+    )
+    return {"n_slices": record["n_slices"], "n_objects": record["n_objects"], "seconds": record["seconds"]}
 
 
 def _process_case(task: _CaseTask) -> dict[str, Any]:
@@ -761,14 +813,15 @@ def build_index(
 
 
 # --------------------------------------------------------------------------- corpus.json
-def _update_corpus_json(out: Path, specs: Sequence[DatasetSpec], counts: dict | None = None) -> list[dict]:
+def _update_corpus_json(out: Path, specs: Sequence[DatasetSpec | dict], counts: dict | None = None) -> list[dict]:
     path = out / "corpus.json"
     old = _read_json(path) or {}
     if old and old.get("format") != CORPUS_FORMAT:
         raise ValueError(f"{path} is not a {CORPUS_FORMAT} file")
     datasets = {d["name"]: d for d in old.get("datasets", []) if isinstance(d, dict) and "name" in d}
     for s in specs:
-        datasets[s.name] = s.to_dict()
+        d = dict(s) if isinstance(s, dict) else s.to_dict()
+        datasets[d["name"]] = d
     data = {
         "format": CORPUS_FORMAT,
         "version": CORPUS_VERSION,
@@ -784,6 +837,19 @@ def _update_corpus_json(out: Path, specs: Sequence[DatasetSpec], counts: dict | 
         data["counts"] = old["counts"]
     _write_json_atomic(path, data)
     return data["datasets"]
+
+
+def index_corpus(out_dir: str | Path, datasets: Sequence[DatasetSpec | dict] = ()) -> dict[str, Any]:
+    """Finish a corpus whose cases were written with :func:`write_case`: (re)build
+    ``manifest.csv``, ``summary.csv`` and ``errors.csv`` (:func:`build_index`, splits as
+    recorded in each ``case.json``) and ``corpus.json`` (``datasets``: specs, or dicts with at
+    least a ``name``, recorded as given). Returns the counts of :func:`build_index`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    recorded = _update_corpus_json(out, datasets)
+    counts = build_index(out, None, recorded)
+    _update_corpus_json(out, datasets, counts)
+    return counts
 
 
 # --------------------------------------------------------------------------- main entry

@@ -15,10 +15,12 @@ per idea:
     engine.py      SegmentationEngine: the model, slice embeddings (memory LRU + on-disk cache),
                    prompts -> masks, propagation, uncertainty for active learning
     jobs.py        JobManager: background jobs (one worker thread) with progress
+    training_job.py  TrainingManager: fine-tuning on the accepted labels (``medsam train`` in a
+                   child process), held-out before/after scores, the served model and its switch
     encoding.py    masks <-> RLE / PNG, slices -> windowed PNG
     schemas.py     the typed request and response models (the OpenAPI schema)
     routers/       one router per resource: images, embeddings, segment, labels, propagate,
-                   next (active learning), jobs
+                   next (active learning), jobs, train
     static/        the page: plain HTML + JS, no build step
 """
 

@@ -25,11 +25,12 @@ from .datastore import UPLOAD_SUFFIXES, Datastore
 from .engine import SegmentationEngine
 from .jobs import JobManager
 from .labels import LabelStore
-from .routers import embeddings, images, jobs, labels, next as next_router, propagate, segment
+from .routers import embeddings, images, jobs, labels, next as next_router, propagate, segment, train
 from .schemas import ServerInfo
 from .security import TokenAndHostMiddleware
 from .settings import DEFAULT_MAX_UPLOAD_BYTES, ServerSettings
 from .state import Workbench, WorkbenchDep
+from .training_job import TrainingManager
 
 __all__ = ["create_app"]
 
@@ -55,6 +56,7 @@ def create_app(
     model_window: str | tuple[float, float] | None = None,
     images_in_memory: int = 4,
     embeddings_in_memory: int = 64,
+    train_threads: int | None = None,
 ) -> FastAPI:
     """The workbench app for the images in ``data_dir``.
 
@@ -67,6 +69,7 @@ def create_app(
         max_upload_bytes: upload size limit (default 512 MiB).
         allowed_hosts: accepted ``Host`` names (default loopback names; ``("*",)`` = any).
         modality, model_window: model-input normalisation (see :class:`ServerSettings`).
+        train_threads: CPU threads of a training job's process (default: half the cores).
     """
     root = Path(data_dir).expanduser().resolve(strict=True)
     if not root.is_dir():
@@ -95,18 +98,23 @@ def create_app(
         model_source: Any = loader
     else:
         model_source = model
+    datastore = Datastore(settings)
+    label_store = LabelStore(settings.labels_dir, root)
+    engine = SegmentationEngine(model_source, settings.cache_dir, ckpt, embeddings_in_memory)
     workbench = Workbench(
         settings=settings,
-        datastore=Datastore(settings),
-        labels=LabelStore(settings.labels_dir, root),
-        engine=SegmentationEngine(model_source, settings.cache_dir, ckpt, embeddings_in_memory),
+        datastore=datastore,
+        labels=label_store,
+        engine=engine,
         jobs=JobManager(),
         uncertainty=UncertaintyStore(settings.state_dir / "uncertainty.json"),
+        training=TrainingManager(settings, datastore, label_store, engine, threads=train_threads),
     )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
+        workbench.training.shutdown()
         workbench.jobs.shutdown()
 
     from .. import __version__
@@ -114,14 +122,15 @@ def create_app(
     app = FastAPI(
         title="MedSAM workbench",
         version=__version__,
-        description="Annotate medical images with MedSAM: prompts, labels, propagation, active learning.",
+        description="Annotate medical images with MedSAM: prompts, labels, propagation, active learning, "
+        "fine-tuning on the accepted labels.",
         docs_url=None,
         redoc_url=None,
         lifespan=lifespan,
     )
     app.state.workbench = workbench
     # Order matters for the path-style ids: the specific /images/{id}/embeddings first.
-    for module in (embeddings, images, segment, labels, propagate, next_router, jobs):
+    for module in (embeddings, images, segment, labels, propagate, next_router, jobs, train):
         app.include_router(module.router)
 
     @app.get("/info", response_model=ServerInfo, tags=["server"], summary="Model, limits and counters")

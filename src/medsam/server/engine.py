@@ -5,13 +5,20 @@ model, one set of weights in memory). Slice embeddings come from, in this order:
 
 1. an in-memory LRU (``embeddings_in_memory`` entries, keyed like the disk cache);
 2. the on-disk :class:`medsam.embedding_cache.EmbeddingCache` in ``DATA/.medsam/cache`` (keys
-   are signatures of slice bytes, model weights, contract and package version, so a restarted
-   server reuses them and never uses a stale one);
+   are signatures of slice bytes, image-encoder weights, contract and package version, so a
+   restarted server reuses them and never uses a stale one);
 3. the image encoder (counted in :attr:`SegmentationEngine.encoder_calls`), whose result is
    stored in both.
 
 Propagation uses :func:`medsam.volume.segment_volume` with the same disk cache and the same
 slice arrays (the datastore's uint8 model input), so warmed slices are reused there too.
+
+The served model can be replaced (:meth:`SegmentationEngine.switch_model`, used when a training
+job finishes or a model is selected). Embeddings are keyed by the *encoder*'s fingerprint
+(:func:`medsam.embedding_cache.encoder_fingerprint`), so after a decoder-only fine-tune every
+cached embedding (memory and disk) stays valid, and after a change of the encoder none of them is
+ever looked up again. :meth:`SegmentationEngine.fingerprint` (the whole model) still identifies
+the model for provenance and active-learning scores.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..embedding_cache import EmbeddingCache, model_fingerprint, slice_key
+from ..embedding_cache import EmbeddingCache, encoder_fingerprint, model_fingerprint, slice_key
 from .datastore import LoadedImage
 
 __all__ = ["SegmentationEngine", "SegmentOutcome", "PromptRefused"]
@@ -116,16 +123,40 @@ class SegmentationEngine:
         return dict(self._model_info)
 
     def fingerprint(self) -> str:
+        """SHA-256 of the whole served model's weights (provenance, active-learning scores)."""
         return model_fingerprint(self.model)
+
+    def embedding_fingerprint(self) -> str:
+        """What embeddings are keyed by: the image encoder (see the module docstring)."""
+        return encoder_fingerprint(self.model)
+
+    def switch_model(self, model: Any, checkpoint: Path | None) -> None:
+        """Serve ``model`` (a loaded model, put in eval mode) from now on.
+
+        Done under :attr:`lock`, so a request runs wholly with the old or the new model. The
+        embedding LRU is kept (its keys name the encoder, so entries of another encoder are
+        simply never hit); the logits handles are dropped, since they came from the previous
+        decoder. ``checkpoint`` is the file the model was loaded from (provenance).
+        """
+        from ..predictor import Predictor
+
+        with self.lock:
+            self._model_or_loader = model
+            self._model = model
+            self._predictor = Predictor(model)
+            self._current_key = None
+            self._handles.clear()
+            self.checkpoint = Path(checkpoint) if checkpoint else None
+            self._model_info = None
 
     # ------------------------------------------------------------------ embeddings
     def key_of(self, loaded: LoadedImage, index: int) -> str:
         pred = self.predictor
-        return slice_key(self.fingerprint(), pred.contract, loaded.model_slice(index))
+        return slice_key(self.embedding_fingerprint(), pred.contract, loaded.model_slice(index))
 
     def cached_slices(self, loaded: LoadedImage) -> int:
         """How many slices of ``loaded`` have an embedding in the disk cache."""
-        fp = self.fingerprint()
+        fp = self.embedding_fingerprint()
         contract = self.predictor.contract
         return sum(slice_key(fp, contract, loaded.model_slice(k)) in self.cache for k in range(loaded.n_slices))
 
@@ -134,7 +165,7 @@ class SegmentationEngine:
         Call with :attr:`lock` held."""
         pred = self.predictor
         image = loaded.model_slice(index)
-        key = slice_key(self.fingerprint(), pred.contract, image)
+        key = slice_key(self.embedding_fingerprint(), pred.contract, image)
         size = tuple(image.shape[:2])
         if key == self._current_key and pred.is_image_set:
             self.memory_hits += 1
@@ -155,7 +186,7 @@ class SegmentationEngine:
                 pred.set_image(image)
                 self.encoder_calls += 1
                 self.cache.put(key, pred.embedding, {
-                    "model": self.fingerprint(), "contract": pred.contract.name,
+                    "model": self.embedding_fingerprint(), "contract": pred.contract.name,
                     "input_size": pred.contract.input_size, "shape": str(list(image.shape)),
                 })
                 source = "computed"
@@ -175,7 +206,7 @@ class SegmentationEngine:
             if cancelled():
                 break
             with self.lock:
-                key = slice_key(self.fingerprint(), self.predictor.contract, loaded.model_slice(k))
+                key = slice_key(self.embedding_fingerprint(), self.predictor.contract, loaded.model_slice(k))
                 if key in self.cache:
                     counts["disk"] += 1
                 else:

@@ -12,12 +12,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .training_job import DEFAULT_LR, DEFAULT_STEPS, MAX_LR, MAX_STEPS
+
 __all__ = [
     "Box", "Point", "RLEMask", "ImageSummary", "ImageList", "ImageMeta", "UploadResult",
     "JobInfo", "EmbeddingRequest", "EmbeddingStatus", "SegmentRequest", "SegmentResponse",
     "LabelDef", "PromptRecord", "EditRecord", "EditProvenance", "LabelInfo", "SliceLabels",
     "SliceLabelWrite", "LabelMapWrite", "LabelMap", "PropagateRequest", "UncertaintyRequest",
-    "RankedImage", "NextResponse", "ServerInfo",
+    "RankedImage", "NextResponse", "ServerInfo", "TrainRequest", "HeldoutScores", "ObjectScore",
+    "TrainJobStatus", "ModelEntry", "ModelList", "SelectModelRequest",
 ]
 
 LabelStatus = Literal["unlabelled", "labelled"]
@@ -274,3 +277,97 @@ class ServerInfo(_Model):
     upload_suffixes: list[str]
     encoder_calls: int
     cache_hits: int
+
+
+# ----------------------------------------------------------------------------- training
+TrainMode = Literal["decoder", "lora"]
+
+
+class TrainRequest(_Model):
+    """Fine-tune the served model on the accepted labels (a background job; see the docs).
+
+    ``decoder`` trains the mask decoder only (the image encoder and so every cached embedding
+    stay as they are); ``lora`` adds LoRA adapters to the encoder's attention layers (merged into
+    the weights afterwards). Full fine-tuning is not offered here: it does not fit a CPU.
+    """
+
+    mode: TrainMode = Field(default="decoder", description="'decoder' (default) or 'lora'")
+    steps: int = Field(default=DEFAULT_STEPS, ge=1, le=MAX_STEPS, description="optimiser steps (batches of up to 4 objects)")
+    lr: float = Field(default=DEFAULT_LR, gt=0.0, le=MAX_LR, description="AdamW learning rate, cosine decay to 0")
+
+
+class HeldoutScores(_Model):
+    """Mean scores of one model over the held-out objects (box prompt = the label's bounding box)."""
+
+    dsc: float = Field(description="mean Dice similarity coefficient over objects")
+    nsd: float = Field(description="mean normalized surface Dice over objects")
+    n_objects: int = Field(description="objects scored: one label on one held-out slice each")
+    nsd_tolerance_mm: float
+
+
+class ObjectScore(_Model):
+    image_id: str
+    slice_index: int
+    label: int
+    label_name: str
+    dsc_before: float | None = None
+    nsd_before: float | None = None
+    dsc_after: float | None = None
+    nsd_after: float | None = None
+
+
+class TrainJobStatus(_Model):
+    """A training job: state, progress, log tail, split, before/after scores, error."""
+
+    id: str
+    state: Literal["queued", "running", "done", "failed", "cancelled"]
+    phase: str = Field(description="queued, corpus, scoring before, training, exporting, scoring after, switching, finished")
+    mode: TrainMode
+    steps: int
+    lr: float
+    step: int = Field(description="optimiser steps done")
+    progress: float = Field(ge=0.0, le=1.0, description="overall progress of the job")
+    loss: float | None = Field(description="training loss of the last step")
+    log_tail: list[str] = Field(description="last lines of the job's log (the training process's output included)")
+    train_images: list[str]
+    heldout_images: list[str] = Field(description="images held out (never trained on) and scored")
+    train_objects: int
+    heldout_objects: int
+    before: HeldoutScores | None = Field(description="the model served when the job started, on the held-out labels")
+    after: HeldoutScores | None = Field(description="the new model, same objects, same prompts")
+    objects: list[ObjectScore] = Field(description="per held-out object")
+    model_before: str | None = Field(description="id of the model trained from")
+    model_after: str | None = Field(description="id of the new model (set when done)")
+    switched: bool = Field(description="whether the server now serves the new model")
+    error: str | None = None
+    error_status: int | None = Field(default=None, description="HTTP-like status of a failure (422 = the labels)")
+    created: str
+    finished: str | None = None
+    elapsed_s: float
+
+
+class ModelEntry(_Model):
+    id: str = Field(description="'startup' (the model the server was started with) or a training job id")
+    served: bool
+    source: Literal["startup", "training"]
+    name: str
+    checkpoint: str | None = Field(description="weights file (relative to the data folder for trained models)")
+    fingerprint: str | None = Field(description="SHA-256 of the weights (as in /info and label provenance)")
+    created: str | None = None
+    parent: str | None = Field(default=None, description="id of the model it was trained from")
+    mode: TrainMode | None = None
+    steps: int | None = None
+    lr: float | None = None
+    before: HeldoutScores | None = None
+    after: HeldoutScores | None = None
+    heldout_images: list[str] = Field(default_factory=list)
+
+
+class ModelList(_Model):
+    served: str = Field(description="id of the served model")
+    training: bool = Field(description="a training job is queued or running (switching is refused meanwhile)")
+    models: list[ModelEntry]
+
+
+class SelectModelRequest(_Model):
+    model_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")

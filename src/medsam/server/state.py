@@ -14,6 +14,7 @@ from .jobs import JobManager
 from .labels import LabelStore
 from .security import UnsafePathError
 from .settings import ServerSettings
+from .training_job import TrainingManager
 
 __all__ = ["Workbench", "WorkbenchDep", "get_workbench"]
 
@@ -26,6 +27,7 @@ class Workbench:
     engine: SegmentationEngine
     jobs: JobManager
     uncertainty: UncertaintyStore
+    training: TrainingManager
 
     def load(self, image_id: str) -> LoadedImage:
         """Read an image for a route: 404 for unknown ids, 400 for unsafe ones, 422 unreadable."""

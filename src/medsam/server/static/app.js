@@ -17,6 +17,7 @@ const S = {
   base: null,      // Uint8Array: work before the current model proposal (null: no proposal)
   box: null, points: [], handle: null, prompts: [], edits: [],
   undo: [], drag: null, busy: false,
+  trainJob: null,  // id of the training job being followed
 };
 
 // ------------------------------------------------------------------ helpers
@@ -462,6 +463,119 @@ async function upload(file) {
   }
 }
 
+// ------------------------------------------------------------------ training (human in the loop)
+const fmt3 = (x) => (x === null || x === undefined ? "–" : x.toFixed(3));
+const active = (job) => job.state === "queued" || job.state === "running";
+
+function scoresText(before, after) {
+  if (!before) return "";
+  return `held-out DSC ${fmt3(before.dsc)}${after ? " → " + fmt3(after.dsc) : ""}, ` +
+    `NSD ${fmt3(before.nsd)}${after ? " → " + fmt3(after.nsd) : ""} (${before.n_objects} objects)`;
+}
+
+async function loadModels() {
+  const data = await getJSON("/train/models");
+  const sel = $("#model-select");
+  sel.textContent = "";
+  for (const m of data.models) {
+    const o = document.createElement("option");
+    o.value = m.id;
+    o.textContent = (m.served ? "● " : "") + (m.source === "startup" ? "startup model" :
+      `${m.id} (${m.mode}, ${m.steps} steps${m.after ? ", DSC " + fmt3(m.after.dsc) : ""})`);
+    sel.append(o);
+  }
+  sel.value = data.served;
+  const cur = data.models.find((m) => m.served);
+  $("#model-served").textContent = `serving: ${cur.source === "startup" ? "startup model" : cur.id}` +
+    (cur.after ? "\n" + scoresText(cur.before, cur.after) : "");
+  $("#model-use-btn").disabled = data.training;
+  $("#train-btn").disabled = data.training;
+  return data;
+}
+
+async function useModel() {
+  const id = $("#model-select").value;
+  try {
+    await api("/train/models/select", { method: "POST", json: { model_id: id } });
+    S.handle = null;  // the server drops the logits of the previous model
+    await loadInfo();
+    await loadModels();
+    setStatus(`now serving ${id}`);
+  } catch (e) {
+    setStatus(`switch failed: ${e.message}`, true);
+  }
+}
+
+function showJob(job) {
+  const running = active(job);
+  $("#train-progress").classList.toggle("hidden", !running);
+  $("#train-progress").value = job.progress;
+  $("#train-cancel-btn").classList.toggle("hidden", !running);
+  let t = `${job.state}: ${job.phase}`;
+  if (job.phase === "training") t += ` — step ${job.step}/${job.steps}` + (job.loss !== null ? `, loss ${job.loss.toFixed(4)}` : "");
+  if (job.heldout_images.length) t += `\n${job.train_images.length} training / ${job.heldout_images.length} held-out images`;
+  const sc = scoresText(job.before, job.after);
+  if (sc) t += "\n" + sc;
+  if (job.error) t += "\n" + job.error;
+  $("#train-info").textContent = t;
+  $("#train-info").classList.toggle("error", job.state === "failed");
+}
+
+async function followJob(job) {
+  S.trainJob = job.id;
+  $("#train-btn").disabled = true;
+  $("#model-use-btn").disabled = true;
+  try {
+    showJob(job);
+    while (active(job)) {
+      await new Promise((r) => setTimeout(r, 1000));
+      job = await getJSON(`/train/jobs/${job.id}`);
+      showJob(job);
+    }
+    if (job.state === "done") {
+      S.handle = null;
+      await loadInfo();
+      setStatus(`training done, now serving ${job.model_after}: ${scoresText(job.before, job.after)}`);
+    } else if (job.state === "failed") {
+      setStatus(`training failed: ${job.error}`, true);
+    } else {
+      setStatus(`training ${job.state}; the model is unchanged`);
+    }
+  } catch (e) {
+    setStatus(`training: ${e.message}`, true);
+  } finally {
+    S.trainJob = null;
+    await loadModels().catch(() => {});
+  }
+}
+
+async function train() {
+  const steps = Math.max(1, Math.min(2000, Math.round(+$("#train-steps").value) || 20));
+  try {
+    const job = await (await api("/train", { method: "POST", json: { mode: $("#train-mode").value, steps } })).json();
+    await followJob(job);
+  } catch (e) {
+    setStatus(`training not started: ${e.message}`, true);
+  }
+}
+
+async function cancelTraining() {
+  if (!S.trainJob) return;
+  try {
+    await api(`/train/jobs/${S.trainJob}`, { method: "DELETE" });
+  } catch (e) {
+    setStatus(`cancel failed: ${e.message}`, true);
+  }
+}
+
+async function loadTraining() {
+  await loadModels();
+  const jobs = await getJSON("/train/jobs");
+  const last = jobs[jobs.length - 1];
+  if (last && active(last)) followJob(last);
+  else if (last) showJob(last);
+}
+
 // ------------------------------------------------------------------ events
 function setTool(t) {
   S.tool = t;
@@ -536,6 +650,9 @@ function bind() {
   $("#propagate-btn").addEventListener("click", propagate);
   $("#add-label-btn").addEventListener("click", addLabel);
   $("#next-btn").addEventListener("click", suggestNext);
+  $("#train-btn").addEventListener("click", train);
+  $("#train-cancel-btn").addEventListener("click", cancelTraining);
+  $("#model-use-btn").addEventListener("click", useModel);
   $("#upload-input").addEventListener("change", (e) => { if (e.target.files[0]) upload(e.target.files[0]); e.target.value = ""; });
   $("#help-btn").addEventListener("click", () => $("#help").classList.toggle("hidden"));
   $("#help-close").addEventListener("click", () => $("#help").classList.add("hidden"));
@@ -584,6 +701,7 @@ async function start() {
     await loadInfo();
     await loadImages();
     setStatus(`${S.images.length} images. Open one on the left; draw a box to segment.`);
+    await loadTraining();
   } catch (e) {
     setStatus(e.message, true);
   }
