@@ -45,6 +45,7 @@ def main() -> int:
     from medsam.demo import bundled_samples
     from medsam.io import read_image
     from medsam.metrics import dice_score
+    from medsam.zoom import should_zoom, zoom_window
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--checkpoint", default=None)
@@ -52,8 +53,17 @@ def main() -> int:
     parser.add_argument("--max-clicks", type=int, default=10)
     parser.add_argument("--mask-prompt", action="store_true",
                         help="also pass the previous low-res logits (MedSAM/LiteMedSAM never saw mask prompts)")
+    parser.add_argument("--zoom", type=float, default=None, metavar="CONTEXT",
+                        help="small objects: box and clicks on a crop CONTEXT x the box side (medsam.zoom)")
     args = parser.parse_args()
-    predictor = medsam.Predictor(medsam.load_model(args.checkpoint, device="cpu"))
+    model = medsam.load_model(args.checkpoint, device="cpu")
+    predictor = medsam.Predictor(model)
+    crop_predictor = medsam.Predictor(model)
+    policy = None
+    if args.zoom is not None:
+        from medsam.zoom import ZoomPolicy
+
+        policy = ZoomPolicy(context=args.zoom)
     rows = []
     for sample in bundled_samples():
         if sample.kind != "2d":
@@ -67,8 +77,29 @@ def main() -> int:
                 continue
             ys, xs = np.nonzero(gt)
             box = [xs.min(), ys.min(), xs.max(), ys.max()]
-            result = predictor.predict(boxes=[box])
-            pred, dsc, points, labels, prompts = result.masks[0], dice_score(result.masks[0], gt), [], [], 1
+            # With --zoom, a small object is annotated on its magnified crop: the model sees the
+            # crop, the annotator's box and clicks are shifted into it, the mask pasted back.
+            oy, ox, active = 0, 0, predictor
+            if policy is not None and should_zoom(box, gt.shape, policy):
+                y0, y1, x0, x1 = zoom_window(box, gt.shape, policy.context, policy.min_side)
+                crop_predictor.set_image(np.ascontiguousarray(image[y0:y1, x0:x1]))
+                oy, ox, active = y0, x0, crop_predictor
+
+            def ask(points, labels, previous):
+                shifted_box = [box[0] - ox, box[1] - oy, box[2] - ox, box[3] - oy]
+                kwargs = {}
+                if points:
+                    kwargs = {"points": [[(x - ox, y - oy) for x, y in points]], "point_labels": [labels]}
+                result = active.predict(
+                    boxes=[shifted_box], mask_input=previous if args.mask_prompt else None, **kwargs
+                )
+                full = np.zeros_like(gt)
+                h, w = result.masks[0].shape
+                full[oy : oy + h, ox : ox + w] = result.masks[0]
+                return result, full
+
+            result, pred = ask([], [], None)
+            dsc, points, labels, prompts = dice_score(pred, gt), [], [], 1
             first = dsc
             while dsc < args.target and len(points) < args.max_clicks:
                 click = next_click(pred, gt)
@@ -76,11 +107,8 @@ def main() -> int:
                     break
                 points.append(click[:2])
                 labels.append(click[2])
-                result = predictor.predict(
-                    boxes=[box], points=[points], point_labels=[labels],
-                    mask_input=result.low_res_logits[:, :1] if args.mask_prompt else None,
-                )
-                pred, dsc, prompts = result.masks[0], dice_score(result.masks[0], gt), prompts + 1
+                result, pred = ask(points, labels, result.low_res_logits[:, :1])
+                dsc, prompts = dice_score(pred, gt), prompts + 1
             rows.append((sample.name, sample.label_names.get(lab, str(lab)), int(gt.sum()), first, dsc,
                          prompts if dsc >= args.target else None, boundary_length(gt)))
     print(f"{'sample':10s} {'structure':28s} {'px':>6s} {'DSC box':>8s} {'DSC end':>8s} {'prompts to target':>17s} {'outline px':>10s}")

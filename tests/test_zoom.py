@@ -65,8 +65,16 @@ def test_predict_with_zoom_equals_crop_then_paste(tiny_model):
     policy = ZoomPolicy(context=3.0, min_side=24, max_crop_fraction=0.5)
     predictor = Predictor(tiny_model)
     predictor.set_image(image)
-    masks, scores, zoomed = predict_with_zoom(predictor, image, boxes, policy)
+    zp = predict_with_zoom(predictor, image, boxes, policy, score_maps=True)
+    masks, scores, zoomed = zp.masks, zp.scores, zp.zoomed
     assert zoomed.tolist() == [True, False, True]
+    # score maps agree with the masks; the label map is the masks where they do not overlap
+    np.testing.assert_array_equal(zp.score_maps > zp.threshold, masks)
+    labels = zp.label_map()
+    alone = masks.sum(0) == 1
+    for i in range(3):
+        assert (labels[alone & masks[i]] == i + 1).all()
+    assert (labels[masks.sum(0) == 0] == 0).all()
 
     whole = Predictor(tiny_model)
     whole.set_image(image)
@@ -152,3 +160,23 @@ def test_config_checks_zoom_and_clicks():
         TrainConfig.from_dict({**base, "data": {"augment": {"zoom_context": [0.5, 2.0]}}})
     cfg = TrainConfig.from_dict({**base, "data": {"clicks": 2, "augment": {"zoom_prob": 0.3}}})
     assert cfg.data.clicks == 2 and cfg.data.augment.zoom_prob == 0.3
+
+
+def test_segment_file_with_zoom_writes_the_zoomed_label_map(tiny_model, tmp_path):
+    from PIL import Image
+
+    from medsam.segment import segment_file
+
+    image = smooth_image(120, 150, seed=5)
+    Image.fromarray(image).save(tmp_path / "img.png")
+    boxes = [[20, 30, 30, 38], [10, 10, 140, 110]]
+    policy = ZoomPolicy(context=3.0, min_side=24)
+    out = segment_file(tmp_path / "img.png", tmp_path / "mask.png", boxes, model=tiny_model, zoom=policy)
+    predictor = Predictor(tiny_model)
+    predictor.set_image(np.asarray(Image.open(tmp_path / "img.png")))
+    expected = predict_with_zoom(predictor, np.asarray(Image.open(tmp_path / "img.png")), np.array(boxes, float),
+                                 policy, score_maps=True)
+    assert expected.zoomed.tolist() == [True, False]
+    written = np.asarray(Image.open(out.mask_path))
+    np.testing.assert_array_equal(written, expected.label_map())
+    np.testing.assert_allclose(out.scores, expected.scores, rtol=1e-6)

@@ -228,7 +228,8 @@ class _ModelMethod:
         if self.zoom is not None:
             from .zoom import predict_with_zoom
 
-            masks, scores, _ = predict_with_zoom(self.predictor, image, boxes, self.zoom, self.crop_predictor)
+            zp = predict_with_zoom(self.predictor, image, boxes, self.zoom, self.crop_predictor)
+            masks, scores = zp.masks, zp.scores
         else:
             prediction = self.predictor.predict(boxes=boxes)
             masks, scores = prediction.masks, prediction.scores

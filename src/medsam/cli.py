@@ -56,6 +56,9 @@ def _add_segment(sub) -> None:
     p.add_argument("--series", default=None, help="DICOM SeriesInstanceUID when a folder holds several")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: automatic)")
     p.add_argument("--iou-threshold", type=float, default=0.5, help="3D: stop propagation below this predicted IoU")
+    p.add_argument("--zoom", type=float, nargs="?", const=3.0, default=None, metavar="CONTEXT",
+                   help="2D: segment small boxes on a crop CONTEXT x the box's longest side (default 3), "
+                        "one extra embedding each; see medsam.zoom")
     p.set_defaults(func=_run_segment)
 
 
@@ -71,6 +74,17 @@ def _parse_window(text: str | None):
     return text
 
 
+def _zoom_policy(context: float | None):
+    if context is None:
+        return None
+    from .zoom import ZoomPolicy
+
+    try:
+        return ZoomPolicy(context=context)
+    except ValueError as exc:
+        raise CLIError(f"--zoom: {exc}") from None
+
+
 def _run_segment(args) -> int:
     from .segment import segment_file
 
@@ -81,7 +95,8 @@ def _run_segment(args) -> int:
         args.input, args.output, args.box, checkpoint=args.checkpoint, overlay_path=args.overlay,
         scores_path=args.scores, key_slice=args.key_slice, modality=args.modality,
         window=_parse_window(args.window), device=args.device, contract=args.contract,
-        series_uid=args.series, volume_options={"iou_threshold": args.iou_threshold}, log=_log,
+        series_uid=args.series, volume_options={"iou_threshold": args.iou_threshold},
+        zoom=_zoom_policy(args.zoom), log=_log,
     )
     print(f"wrote {out.mask_path}")
     if out.scores_path:
@@ -150,13 +165,14 @@ def _run_info(args) -> int:
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="segment the bundled sample images with the embedded default model")
     p.add_argument("-o", "--output", default="demo-output", help="folder for the results")
+    p.add_argument("--no-zoom", action="store_true", help="do not segment small 2D boxes on a magnified crop")
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args) -> int:
     from .demo import run_demo
 
-    report = run_demo(args.output, log=_log)
+    report = run_demo(args.output, log=_log, zoom=not args.no_zoom)
     print(f"wrote {report}")
     return 0
 

@@ -145,7 +145,7 @@ def _score_objects(sample: Sample, reference: np.ndarray, predicted: np.ndarray,
     return rows
 
 
-def _run_sample(sample: Sample, model, out: Path, log) -> dict:
+def _run_sample(sample: Sample, model, out: Path, log, zoom=None) -> dict:
     from .io import read_image
     from .overlay import save_png
     from .segment import segment_file
@@ -162,6 +162,7 @@ def _run_sample(sample: Sample, model, out: Path, log) -> dict:
     result = segment_file(
         sample.image, out / f"{sample.name}_mask{suffix}", boxes, model=model,
         scores_path=out / f"{sample.name}_mask.scores.json",
+        zoom=zoom if sample.kind == "2d" else None, log=log,
     )
     seconds = time.perf_counter() - start
     predicted = result.labels  # label n = the n-th box (one box: 0/1)
@@ -200,8 +201,13 @@ def run_demo(
     log: Callable[[str], None] = print,
     samples: Sequence[str] | None = None,
     model=None,
+    zoom: bool = True,
 ) -> Path:
-    """Segment the bundled samples (all, or those named) and write ``report.md``; returns its path."""
+    """Segment the bundled samples (all, or those named) and write ``report.md``; returns its path.
+
+    ``zoom``: segment small boxes of the 2D samples on a magnified crop (:mod:`medsam.zoom`,
+    default policy), as the model card's headline results do.
+    """
     from .default_model import UNTRAINED_WARNING
     from .segment import _load
 
@@ -212,7 +218,12 @@ def run_demo(
     if model is None:
         model = _load(None, None, None, log)
     untrained = bool(getattr(model, "is_untrained_default", False))
-    results = [_run_sample(s, model, out, log) for s in chosen]
+    policy = None
+    if zoom:
+        from .zoom import ZoomPolicy
+
+        policy = ZoomPolicy()
+    results = [_run_sample(s, model, out, log, policy) for s in chosen]
     total = time.perf_counter() - total_start
 
     import torch
@@ -227,7 +238,10 @@ def run_demo(
         f"{torch.__version__} build, model loading included.",
         "",
         "Prompts are the bounding boxes of each structure in the sample's label map (3D boxes on the "
-        "volume). Scores compare the prediction with that label map: DSC, and NSD at "
+        "volume)"
+        + (f"; on the 2D samples, boxes whose {policy.context:g}x crop is at most half the image are "
+           "segmented on that magnified crop (`medsam.zoom`)" if policy else "")
+        + ". Scores compare the prediction with that label map: DSC, and NSD at "
         f"{NSD_TOLERANCE_MM:g} mm with the sample's spacing. **The label maps are TotalSegmentator "
         "pseudo-labels (the outputs of another model), not manual annotations.**",
         "",

@@ -85,6 +85,7 @@ def segment_file(
     contract: str | None = None,
     series_uid: str | None = None,
     volume_options: dict | None = None,
+    zoom=None,
     log: Callable[[str], None] = lambda message: None,
 ) -> SegmentationOutput:
     """Segment the objects given by ``boxes`` in one image file.
@@ -93,6 +94,8 @@ def segment_file(
     boxes with ``key_slice``. Coordinates are pixel/voxel indices (i, j, k) as the file stores
     them, inclusive. CVPR 2024 ``.npz`` cases carry their own boxes (``boxes`` must be empty).
     One box gives a 0/1 mask, several give labels 1..N (overlaps go to the highest score).
+    ``zoom`` (a :class:`medsam.zoom.ZoomPolicy`, 2D images only) segments small boxes on a
+    magnified crop around them.
     """
     input_path = Path(input_path)
     output_path = Path(output_path)
@@ -103,6 +106,8 @@ def segment_file(
 
     image = read_image(input_path, series_uid=series_uid)
     if image.is_volume:
+        if zoom is not None:
+            raise ValueError("zoom applies to 2D images; volumes are segmented by propagation without it")
         return _segment_volume_file(
             image, output_path, boxes, key_slice, model, checkpoint, overlay_path, scores_path,
             modality, window, device, contract, volume_options or {}, log,
@@ -119,10 +124,17 @@ def segment_file(
     model = model if model is not None else _load(checkpoint, device, contract, log)
     predictor = Predictor(model, contract=contract)
     predictor.set_image(pixels)
-    prediction = predictor.predict(boxes=box_array)
-    if len(box_array) == 1:
+    if zoom is not None:
+        from .zoom import predict_with_zoom
+
+        prediction = predict_with_zoom(predictor, pixels, box_array, zoom, score_maps=len(box_array) > 1)
+        log(f"zoom: {int(prediction.zoomed.sum())} of {len(box_array)} boxes segmented on a magnified crop")
+        labels = prediction.masks[0].astype(np.uint8) if len(box_array) == 1 else prediction.label_map()
+    elif len(box_array) == 1:
+        prediction = predictor.predict(boxes=box_array)
         labels = prediction.masks[0].astype(np.uint8)
     else:
+        prediction = predictor.predict(boxes=box_array)
         labels = masks_to_label_map(prediction)
     scores = [float(s) for s in prediction.scores]
 

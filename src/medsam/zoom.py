@@ -81,22 +81,56 @@ def should_zoom(box: Sequence[float], size: tuple[int, int], policy: ZoomPolicy)
     return max(y1 - y0, x1 - x0) <= policy.max_crop_fraction * max(size)
 
 
+@dataclass
+class ZoomedPrediction:
+    """Masks of N boxes, some segmented on a crop.
+
+    Attributes:
+        masks: (N, H, W) bool.
+        scores: (N,) predicted IoU.
+        zoomed: (N,) bool, True where the box was segmented on its crop.
+        score_maps: (N, H, W) float32 per-pixel scores in the contract's units (probabilities
+            for ``medsam``/``lite``, logits for ``sam``; the mask is ``score > threshold``), the
+            lowest possible score outside a crop; only when asked for.
+        threshold: the contract's mask threshold.
+    """
+
+    masks: np.ndarray
+    scores: np.ndarray
+    zoomed: np.ndarray
+    score_maps: np.ndarray | None
+    threshold: float
+
+    def label_map(self) -> np.ndarray:
+        """(H, W) labels 1..N, overlaps to the highest per-pixel score (as
+        :func:`medsam.predictor.masks_to_label_map`); needs ``score_maps``."""
+        if self.score_maps is None:
+            raise ValueError("call predict_with_zoom(..., score_maps=True) for a label map")
+        n = len(self.scores)
+        labels = np.zeros(self.masks.shape[1:], dtype=np.uint16 if n > 255 else np.uint8)
+        best = np.full(self.masks.shape[1:], -np.inf, dtype=np.float32)
+        for i in range(n):
+            score = self.score_maps[i]
+            take = (score > self.threshold) & (score > best)
+            labels[take] = i + 1
+            best[take] = score[take]
+        return labels
+
+
 def predict_with_zoom(
     predictor: "Predictor",
     image: np.ndarray,
     boxes: np.ndarray,
     policy: ZoomPolicy,
     crop_predictor: "Predictor | None" = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    score_maps: bool = False,
+) -> ZoomedPrediction:
     """Segment ``boxes`` on ``image``, small boxes on a zoomed crop.
 
     ``predictor`` must hold ``image``'s embedding (all large boxes go through one batched call on
     it, as without zoom). Each small box costs one embedding of its crop, made by
     ``crop_predictor`` (a second :class:`Predictor` on the same model; one is made if not given),
     and its mask is pasted back (zero outside the crop).
-
-    Returns:
-        masks (N, H, W) bool, scores (N,) predicted IoU, zoomed (N,) bool.
     """
     from .predictor import Predictor
 
@@ -105,13 +139,19 @@ def predict_with_zoom(
     zoomed = np.array([should_zoom(b, (H, W), policy) for b in boxes], dtype=bool)
     masks = np.zeros((len(boxes), H, W), dtype=bool)
     scores = np.zeros(len(boxes), dtype=np.float64)
+    contract = predictor.contract
+    low = 0.0 if contract.name in ("medsam", "lite") else -np.inf
+    maps = np.full((len(boxes), H, W), low, dtype=np.float32) if score_maps else None
     if (~zoomed).any():
         whole: Prediction = predictor.predict(boxes=boxes[~zoomed])
         masks[~zoomed] = whole.masks
         scores[~zoomed] = whole.scores
+        if maps is not None:
+            for j, i in enumerate(np.flatnonzero(~zoomed)):
+                maps[i] = whole.score_maps(j)[0]
     if zoomed.any():
         crop_predictor = crop_predictor or Predictor(
-            predictor.model, contract=predictor.contract.name, precision=predictor.precision
+            predictor.model, contract=contract.name, precision=predictor.precision
         )
         for i in np.flatnonzero(zoomed):
             y0, y1, x0, x1 = zoom_window(boxes[i], (H, W), policy.context, policy.min_side)
@@ -120,4 +160,6 @@ def predict_with_zoom(
             part = crop_predictor.predict(boxes=shifted[None])
             masks[i, y0:y1, x0:x1] = part.masks[0]
             scores[i] = float(part.scores[0])
-    return masks, scores, zoomed
+            if maps is not None:
+                maps[i, y0:y1, x0:x1] = part.score_maps(0)[0]
+    return ZoomedPrediction(masks, scores, zoomed, maps, float(contract.threshold))
