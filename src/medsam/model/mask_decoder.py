@@ -11,8 +11,19 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .common import LayerNorm2d
+from . import _decoder_inference as fast
+from ._workspace import scratch
+from .common import LayerNorm2d, eager_cpu_inference
 from .transformer import TwoWayTransformer
+
+# Prompts decoded together at CPU inference (see MaskDecoder.predict_masks).
+_PROMPTS_PER_GROUP = 4
+
+
+def _eager_cpu_inference(x: torch.Tensor) -> bool:
+    """:func:`~medsam.model.common.eager_cpu_inference` (here so that tests can switch the fast
+    path off)."""
+    return eager_cpu_inference(x)
 
 
 class MLP(nn.Module):
@@ -70,11 +81,18 @@ class MaskDecoder(nn.Module):
         dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        masks, iou_pred = self.predict_masks(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
-        )
         sel = slice(1, None) if multimask_output else slice(0, 1)
-        return masks[:, sel], iou_pred[:, sel]
+        if torch.is_grad_enabled():
+            # Training: all hypernetwork MLPs take part (zero gradients for the unused ones, as
+            # in the published training, so that weight decay still reaches them).
+            masks, iou_pred = self.predict_masks(
+                image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+            )
+            return masks[:, sel], iou_pred[:, sel]
+        masks, iou_pred = self.predict_masks(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, mask_tokens=sel
+        )
+        return masks, iou_pred[:, sel]
 
     def predict_masks(
         self,
@@ -82,36 +100,62 @@ class MaskDecoder(nn.Module):
         image_pe: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
+        mask_tokens: slice = slice(None),
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """All 4 mask tokens: (B, 4, 4E, 4E) logits and (B, 4) IoU predictions."""
+        """(B, M, 4E, 4E) logits of the mask tokens ``mask_tokens`` (default: all 4, M = 4) and the
+        (B, 4) IoU predictions of all four.
+
+        On CPU at inference (no autograd, not traced) the same computation runs over blocks of
+        image tokens (:mod:`medsam.model._decoder_inference`), ``_PROMPTS_PER_GROUP`` prompts at
+        a time: after the first image->token update every prompt has its own (E*E, C) image
+        tokens, and a group's stay in the CPU cache where a whole batch would stream through
+        memory. Prompts do not interact, so the result is the batched one.
+        """
         b = sparse_prompt_embeddings.shape[0]
-        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
-        tokens = torch.cat(
-            [output_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings], dim=1
-        )
         if image_embeddings.shape[0] not in (1, b):
             raise ValueError(
                 f"{image_embeddings.shape[0]} image embeddings for {b} prompts: "
                 "give one embedding, or one per prompt"
             )
+        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        tokens = torch.cat(
+            [output_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings], dim=1
+        )
         # Without a mask prompt the dense embedding is one vector broadcast over the prompts;
         # then the image tokens are shared (batch 1) until the first image->token update.
         dense = dense_prompt_embeddings
         if dense.shape[0] > 1 and dense.stride(0) == 0:
             dense = dense[:1]
+        _, _, h, w = image_embeddings.shape
+        if b and _eager_cpu_inference(sparse_prompt_embeddings):
+            n_masks = len(range(self.num_mask_tokens)[mask_tokens])
+            masks = image_embeddings.new_empty(b, n_masks, 4 * h, 4 * w)
+            iou = []
+            with scratch() as ws:
+                src, k, key_pe = fast.image_tokens(image_embeddings, dense, image_pe, ws)
+                for i in range(0, b, _PROMPTS_PER_GROUP):
+                    j = min(b, i + _PROMPTS_PER_GROUP)
+                    owned = src.shape[0] != 1  # one embedding per prompt: each group owns its slice
+                    own = slice(i, j) if owned else slice(None)
+                    hs, keys = fast.transformer(self.transformer, src[own], k[own], key_pe, tokens[i:j], ws, owned)
+                    fast.upscale_and_project(self, keys, self._hyper_in(hs, mask_tokens), h, w, out=masks[i:j])
+                    iou.append(self.iou_prediction_head(hs[:, 0, :]))
+            return masks, torch.cat(iou)
         src = image_embeddings + dense
         if src.shape[0] not in (1, b):
             src = src.expand(b, -1, -1, -1)
-        _, c, h, w = src.shape
         hs, keys = self.transformer(src, image_pe, tokens)
-        iou_token_out = hs[:, 0, :]
-        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
-        hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
-            dim=1,
-        )  # (B, M, C/8)
+        hyper_in = self._hyper_in(hs, mask_tokens)
         masks = self._upscale_and_project(keys, hyper_in, h, w)
-        return masks, self.iou_prediction_head(iou_token_out)
+        return masks, self.iou_prediction_head(hs[:, 0, :])
+
+    def _hyper_in(self, hs: torch.Tensor, mask_tokens: slice) -> torch.Tensor:
+        """(B, M, C/8) hypernetwork outputs of the wanted mask tokens (transformer output hs)."""
+        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
+        wanted = range(self.num_mask_tokens)[mask_tokens]
+        return torch.stack(
+            [self.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in wanted], dim=1
+        )
 
     def _upscale_and_project(
         self, tokens: torch.Tensor, hyper_in: torch.Tensor, h: int, w: int

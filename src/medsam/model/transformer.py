@@ -40,6 +40,28 @@ class Attention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(b, n, h * c))
 
 
+def token_queries(attn: Attention, q_tok: torch.Tensor) -> torch.Tensor:
+    """Query side of :func:`attend_tokens_to_image`: (B, T, C) tokens -> (B, T*heads, C) rows
+    (t, head) of ``W_k,h^T q_th / sqrt(d)``, to be dotted with image tokens directly."""
+    B, T, C = q_tok.shape
+    h = attn.num_heads
+    d = attn.internal_dim // h
+    q = attn.q_proj(q_tok).reshape(B, T, h, d)
+    q_tilde = torch.einsum("bthd,hdc->bthc", q, attn.k_proj.weight.reshape(h, d, C)) * d**-0.5
+    return q_tilde.reshape(B, T * h, C)
+
+
+def token_output(attn: Attention, u: torch.Tensor, T: int) -> torch.Tensor:
+    """Output side of :func:`attend_tokens_to_image`: the attention-weighted image tokens
+    u (B, T*heads, C) -> (B, T, C) through the value and output projections."""
+    B, _, C = u.shape
+    h = attn.num_heads
+    d = attn.internal_dim // h
+    out = torch.einsum("bthc,hdc->bthd", u.reshape(B, T, h, C), attn.v_proj.weight.reshape(h, d, C))
+    out = out + attn.v_proj.bias.reshape(h, d)
+    return attn.out_proj(out.reshape(B, T, h * d))
+
+
 def attend_tokens_to_image(
     attn: Attention, q_tok: torch.Tensor, k_img: torch.Tensor, v_img: torch.Tensor
 ) -> torch.Tensor:
@@ -55,19 +77,33 @@ def attend_tokens_to_image(
     Shapes: q_tok (B, T, C); k_img, v_img (1 or B, n, C). Returns (B, T, C).
     """
     B, T, C = q_tok.shape
+    q_tilde = token_queries(attn, q_tok)  # (B, T*h, C)
+    if k_img.shape[0] == 1:
+        scores = q_tilde.reshape(-1, C) @ k_img[0].transpose(0, 1)  # (BTh, n)
+        u = (torch.softmax(scores, dim=-1) @ v_img[0]).reshape(B, -1, C)  # (B, Th, C)
+    else:
+        scores = torch.bmm(q_tilde, k_img.transpose(1, 2))  # (B, Th, n)
+        u = torch.bmm(torch.softmax(scores, dim=-1), v_img)  # (B, Th, C)
+    return token_output(attn, u, T)
+
+
+def image_update_terms(
+    attn: Attention, k_tok: torch.Tensor, v_tok: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token side of :func:`attend_image_to_tokens`: (k_tilde (B, heads*T, C), k_bias
+    (B, heads*T, 1), v_out (B, heads*T, C)), rows (head, t). The scores of image token x_j are
+    ``k_tilde . x_j + k_bias`` (softmax over t within each head), and the update of x_j is
+    ``sum_(h,t) p_htj v_out_ht``."""
+    B, T, C = k_tok.shape
     h = attn.num_heads
     d = attn.internal_dim // h
-    q = attn.q_proj(q_tok).reshape(B, T, h, d)
-    q_tilde = torch.einsum("bthd,hdc->bthc", q, attn.k_proj.weight.reshape(h, d, C)) * d**-0.5
-    if k_img.shape[0] == 1:
-        scores = q_tilde.reshape(B * T * h, C) @ k_img[0].transpose(0, 1)  # (BTh, n)
-        u = torch.softmax(scores, dim=-1) @ v_img[0]  # (BTh, C)
-    else:
-        scores = torch.bmm(q_tilde.reshape(B, T * h, C), k_img.transpose(1, 2))  # (B, Th, n)
-        u = torch.bmm(torch.softmax(scores, dim=-1), v_img)  # (B, Th, C)
-    out = torch.einsum("bthc,hdc->bthd", u.reshape(B, T, h, C), attn.v_proj.weight.reshape(h, d, C))
-    out = out + attn.v_proj.bias.reshape(h, d)
-    return attn.out_proj(out.reshape(B, T, h * d))
+    # scores[b, h, t, j] = k_bht . (W_q,h x_j + b_q,h) / sqrt(d) = (W_q,h^T k_bht) . x_j + k_bht . b_q,h
+    k = attn.k_proj(k_tok).reshape(B, T, h, d) * d**-0.5
+    k_tilde = torch.einsum("bthd,hdc->bhtc", k, attn.q_proj.weight.reshape(h, d, C)).reshape(B, h * T, C)
+    k_bias = torch.einsum("bthd,hd->bht", k, attn.q_proj.bias.reshape(h, d)).reshape(B, h * T, 1)
+    v = attn.v_proj(v_tok).reshape(B, T, h, d)
+    v_out = torch.einsum("bthd,chd->bhtc", v, attn.out_proj.weight.reshape(C, h, d)).reshape(B, h * T, C)
+    return k_tilde, k_bias, v_out
 
 
 def attend_image_to_tokens(
@@ -90,21 +126,15 @@ def attend_image_to_tokens(
     """
     B, T, C = k_tok.shape
     h = attn.num_heads
-    d = attn.internal_dim // h
     n = q_img.shape[1]
-    # scores[b, h, t, j] = k_bht . (W_q,h x_j + b_q,h) / sqrt(d) = (W_q,h^T k_bht) . x_j + k_bht . b_q,h
-    k = attn.k_proj(k_tok).reshape(B, T, h, d) * d**-0.5
-    k_tilde = torch.einsum("bthd,hdc->bhtc", k, attn.q_proj.weight.reshape(h, d, C)).reshape(B, h * T, C)
-    k_bias = torch.einsum("bthd,hd->bht", k, attn.q_proj.bias.reshape(h, d)).reshape(B, h * T, 1)
+    k_tilde, k_bias, v_out = image_update_terms(attn, k_tok, v_tok)
     if q_img.shape[0] == 1:
         scores = torch.addmm(k_bias.reshape(B * h * T, 1), k_tilde.reshape(B * h * T, C), q_img[0].transpose(0, 1))
     else:
         scores = torch.baddbmm(k_bias, k_tilde, q_img.transpose(1, 2))
     p = torch.softmax(scores.reshape(B, h, T, n), dim=2)  # normalised over the tokens
-    v = attn.v_proj(v_tok).reshape(B, T, h, d)
-    v_out = torch.einsum("bthd,chd->bhtc", v, attn.out_proj.weight.reshape(C, h, d))  # (B, h, T, C)
     base = attn.out_proj.bias if residual is None else residual + attn.out_proj.bias
-    return torch.baddbmm(base.expand(B, n, C), p.reshape(B, h * T, n).transpose(1, 2), v_out.reshape(B, h * T, C))
+    return torch.baddbmm(base.expand(B, n, C), p.reshape(B, h * T, n).transpose(1, 2), v_out)
 
 
 class TwoWayAttentionBlock(nn.Module):
