@@ -9,7 +9,8 @@ absolute times moved by up to 20 % between processes on the project's 2-core mac
     .venv/bin/python benchmarks/run.py --only encoder  # one group: encoder, decoder, lite, volume
     .venv/bin/python benchmarks/run.py --device cuda   # on a GPU
 
-Peak extra memory = peak RSS during the measured call minus RSS just before it (CPU), or
+Peak extra memory = peak RSS during the first (warm-up) call minus RSS just before it (CPU: timed
+calls run without the sampling thread, which would take a core from the compute threads), or
 torch.cuda.max_memory_allocated above the resident weights (CUDA).
 """
 
@@ -113,14 +114,16 @@ def child(case: str, weights: str, device: str, repeats: int) -> dict:
                 torch.cuda.reset_peak_memory_stats()
                 base_gpu = torch.cuda.memory_allocated()
             rss0 = _rss_mib()  # before the first call: memory kept by the allocator counts too
+            # Memory is sampled during the warm-up call only: the sampling thread would take a
+            # core from the two compute threads during the timed calls.
             with PeakRSS() as peak:
-                run()  # warm-up (timed runs follow)
+                run()
                 sync()
-                for _ in range(repeats):
-                    t = time.perf_counter()
-                    run()
-                    sync()
-                    times.append(time.perf_counter() - t)
+            for _ in range(repeats):
+                t = time.perf_counter()
+                run()
+                sync()
+                times.append(time.perf_counter() - t)
         if dev.type == "cuda":
             extra = (torch.cuda.max_memory_allocated() - base_gpu) / 2**20
         else:

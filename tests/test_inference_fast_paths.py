@@ -308,3 +308,41 @@ def test_predictor_fast_paths_equal_plain(monkeypatch):
     assert _rel(fast_emb, p.embedding) < 1e-5
     np.testing.assert_allclose(fast.low_res_logits, plain.low_res_logits, rtol=1e-4, atol=1e-4)
     assert (fast.masks != plain.masks).mean() < 1e-4
+
+
+# ------------------------------------------------------------------ ViT encoder
+@pytest.mark.parametrize(
+    "window, global_index, score_elements, batch, qkv_bias",
+    [
+        (5, 1, 1 << 22, 2, True),  # 14 x 14 grid: windows padded to 15 x 15; a head's windows at once
+        (7, 1, 1 << 22, 1, True),  # windows tile the grid exactly
+        (14, 0, 1 << 22, 1, True),  # 16 x 16 grid: a 2-row partial window in each direction
+        (5, 2, 3000, 2, True),  # score buffer of a few grid rows: the per-row-block global path
+        (5, 1, 1 << 22, 1, False),  # no qkv bias: the padding projects to zeros
+    ],
+)
+def test_vit_cpu_inference_matches_module_forward(monkeypatch, window, global_index, score_elements, batch, qkv_bias):
+    """The fp32 CPU inference path of the ViT blocks (qkv of real tokens only with the padding
+    filled by the bias, attention with the relative-position bias accumulated in a score buffer,
+    one-copy unpartition) equals the module-by-module forward (SDPA with the bias as a mask)."""
+    from medsam.model import image_encoder
+    from medsam.model.image_encoder import ImageEncoderViT
+
+    img = 256 if window == 14 else 224
+    torch.manual_seed(0)
+    enc = ImageEncoderViT(
+        img_size=img, depth=3, embed_dim=96, num_heads=3, window_size=window,
+        global_attn_indexes=(global_index,), out_chans=32, qkv_bias=qkv_bias,
+    ).eval()
+    for p in enc.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    monkeypatch.setattr(image_encoder, "_CPU_SCORE_ELEMENTS", score_elements)
+    x = torch.randn(batch, 3, img, img)
+    with torch.inference_mode():
+        fast = enc(x)
+        with monkeypatch.context() as m:
+            m.setattr(image_encoder, "eager_cpu_inference", lambda t: False)
+            plain = enc(x)
+    _assert_close(fast, plain)
+    with torch.enable_grad():  # autograd: the module-by-module path, same numbers
+        _assert_close(enc(x).detach(), plain)

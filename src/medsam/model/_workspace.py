@@ -26,7 +26,7 @@ import torch
 MAX_KEPT_BYTES = 32 << 20
 # A set of kept buffers never holds more than this: past it, the set is emptied and refilled
 # (buffers of the current call stay alive through the caller's references until it ends).
-MAX_TOTAL_KEPT_BYTES = 192 << 20
+MAX_TOTAL_KEPT_BYTES = 256 << 20
 
 _lock = threading.Lock()
 _shared: dict = {}
@@ -38,13 +38,16 @@ class Scratch:
     def __init__(self, store: dict) -> None:
         self._store = store
 
-    def buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    def buffer(
+        self, name: str, shape: tuple[int, ...], like: torch.Tensor, max_kept_bytes: int = MAX_KEPT_BYTES
+    ) -> torch.Tensor:
         """An uninitialised contiguous tensor of ``shape`` with ``like``'s dtype and device; each
-        name is one buffer, so two buffers in use at once need two names."""
+        name is one buffer, so two buffers in use at once need two names. Buffers larger than
+        ``max_kept_bytes`` are allocated for the call only."""
         numel = 1
         for s in shape:
             numel *= s
-        if numel * like.element_size() > MAX_KEPT_BYTES:
+        if numel * like.element_size() > max_kept_bytes:
             return like.new_empty(shape)
         key = (name, like.dtype, like.device, torch.is_inference_mode_enabled())
         buf = self._store.get(key)

@@ -11,6 +11,12 @@ Parameter names follow the official checkpoints (``patch_embed.proj``, ``pos_emb
 Attention runs through :func:`torch.nn.functional.scaled_dot_product_attention` with the decomposed
 relative-position bias passed as an additive mask. For global attention the queries are processed
 in chunks, so a full (heads, 4096, 4096) attention map is never held in memory at once.
+
+At fp32 eager CPU inference (no autograd, no autocast, not traced or compiled) each block takes
+:meth:`Block._forward_cpu_inference`: the same operations, float rounding apart, arranged for two
+cores (the qkv projection of real tokens only into a kept buffer, the window padding filled with
+the projection's bias, attention per head and block of query rows in a kept score buffer). See
+docs/performance.md for the measurements that chose each step.
 """
 
 from __future__ import annotations
@@ -21,13 +27,94 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .common import LayerNorm2d, MLPBlock
+from ._workspace import Scratch, scratch
+from .common import LayerNorm2d, MLPBlock, eager_cpu_inference
 
 # Upper bound on the number of float elements of one attention-bias chunk (B*heads*q*k).
 # 2**24 elements = 64 MiB in fp32: large enough for efficient GEMMs, small enough to stay in memory.
 _MAX_BIAS_ELEMENTS = 1 << 24
 # Tokens per MLP block at inference: a 512 x 3072 fp32 hidden block is 6 MiB.
 _MLP_ROWS = 512
+# Score elements (queries x keys) of one head per step of the CPU attention with relative
+# positions: 2**22 = 16 MiB in fp32 (1024 queries x 4096 keys at 1024 px), measured fastest on
+# 2 cores among 1-64 grid rows per step and 1-12 heads per step.
+_CPU_SCORE_ELEMENTS = 1 << 22
+
+
+def attention_with_rel_pos_cpu(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_h: torch.Tensor,
+    rel_w: torch.Tensor,
+    grid: tuple[int, int],
+    scale: float,
+    ws: Scratch,
+) -> torch.Tensor:
+    """softmax(scale * q k^T + bias) v for fp32 CPU inference, per head and block of grid rows
+    (all of a head's windows at once when they are small); ``ws`` holds the score buffer.
+
+    Shapes: q, k, v (B, heads, n, hd) with unit last stride (views of the qkv projection are
+    fine); rel_h (B, heads, H, W, H) and rel_w (B, heads, H, W, W) (any strides) with n = H * W,
+    the bias of query (y, x) for key (ky, kx) being ``rel_h[y, x, ky] + rel_w[y, x, kx]``.
+    Returns (B, n, heads, hd), contiguous.
+
+    The same operations as SDPA with the bias as an additive mask, ordered differently: per step
+    the bias is written into a kept score buffer (16 MiB), the scaled product q k^T accumulated
+    onto it by one GEMM, the softmax taken in place and the product with v written into the
+    output layout. No (heads, n, n) map or full bias tensor exists; the only copies are v^T per
+    head for oneDNN's product (measured faster than MKL's for this narrow shape).
+    """
+    B, heads, n, hd = q.shape
+    H, W = grid
+    out = q.new_empty(B, n, heads, hd)
+    rows = max(1, min(H, _CPU_SCORE_ELEMENTS // (W * n)))
+    if B * n * n <= _CPU_SCORE_ELEMENTS:  # small grids (windows): all of a head's at once
+        buffer = ws.buffer("vit.scores", (B, n, n), q)
+        for h in range(heads):
+            torch.add(rel_h[:, h].unsqueeze(-1), rel_w[:, h].unsqueeze(-2), out=buffer.view(B, H, W, H, W))
+            buffer.baddbmm_(q[:, h], k[:, h].transpose(1, 2), alpha=scale)
+            torch.ops.aten._softmax.out(buffer, -1, False, out=buffer)
+            torch.bmm(buffer, v[:, h], out=out[:, :, h])
+        return out
+    buffer = ws.buffer("vit.scores", (rows * W, n), q)
+    onednn = _onednn_linear()
+    for b in range(B):
+        for h in range(heads):
+            kt = k[b, h].transpose(0, 1)
+            vt = kt if not onednn else v[b, h].t().contiguous()  # (hd, n): oneDNN's weight layout
+            for r0 in range(0, H, rows):
+                r1 = min(H, r0 + rows)
+                m = (r1 - r0) * W
+                scores = buffer[:m]
+                torch.add(
+                    rel_h[b, h, r0:r1].unsqueeze(-1), rel_w[b, h, r0:r1].unsqueeze(-2), out=scores.view(r1 - r0, W, H, W)
+                )
+                scores.addmm_(q[b, h, r0 * W : r1 * W], kt, alpha=scale)
+                torch.ops.aten._softmax.out(scores, -1, False, out=scores)
+                if onednn:  # measured ~1.4x faster than MKL's for this (m x n) @ (n x 64) product
+                    out[b, r0 * W : r1 * W, h] = torch.ops.mkldnn._linear_pointwise(scores, vt, None, "none", [], "")
+                else:
+                    torch.mm(scores, v[b, h], out=out[b, r0 * W : r1 * W, h])
+    return out
+
+
+_onednn_linear_ok: bool | None = None
+
+
+def _onednn_linear() -> bool:
+    """Whether oneDNN's matrix product (``torch.ops.mkldnn._linear_pointwise``) is available and
+    gives the plain product (probed once; a PyTorch without it falls back to ``torch.mm``)."""
+    global _onednn_linear_ok
+    if _onednn_linear_ok is None:
+        try:
+            g = torch.Generator().manual_seed(0)
+            a, w = torch.randn(5, 7, generator=g), torch.randn(3, 7, generator=g)
+            got = torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
+            _onednn_linear_ok = bool(torch.allclose(got, a @ w.t(), rtol=1e-5, atol=1e-6))
+        except (AttributeError, RuntimeError, NotImplementedError):
+            _onednn_linear_ok = False
+    return _onednn_linear_ok and torch.backends.mkldnn.enabled
 
 
 class PatchEmbed(nn.Module):
@@ -89,11 +176,19 @@ class Attention(nn.Module):
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, head_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, H, W, C = x.shape
+        """(B, H, W, C) tokens -> (B, H, W, C)."""
+        return self.proj(self.attend(self.qkv(x)))
+
+    def attend(self, qkv: torch.Tensor, ws: Scratch | None = None) -> torch.Tensor:
+        """The attention between the projections: (B, H, W, 3C) output of ``qkv`` -> (B, H, W, C)
+        input of ``proj``. With ``ws`` (fp32 CPU inference only) relative-position attention runs
+        through :func:`attention_with_rel_pos_cpu` with its score buffer there."""
+        B, H, W, C3 = qkv.shape
+        C = C3 // 3
         n = H * W
         heads = self.num_heads
         # (B, N, 3, heads, hd) -> 3 x (B, heads, N, hd)
-        qkv = self.qkv(x).reshape(B, n, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
+        qkv = qkv.reshape(B, n, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         if not self.use_rel_pos:
             out = F.scaled_dot_product_attention(q, k, v)
@@ -103,11 +198,16 @@ class Attention(nn.Module):
             # Bias of query (y, x) for key (ky, kx) = <q_yx, Rh[y, ky]> + <q_yx, Rw[x, kx]>,
             # computed for all queries at once as two batched products (batch = y, resp. x).
             hd = C // heads
-            q5 = q.reshape(B * heads, H, W, hd)
-            rel_h = torch.bmm(q5.permute(1, 0, 2, 3).reshape(H, B * heads * W, hd), rh.transpose(1, 2))
+            q5 = q.reshape(B, heads, H, W, hd)  # a view
+            rel_h = torch.bmm(q5.permute(2, 0, 1, 3, 4).reshape(H, B * heads * W, hd), rh.transpose(1, 2))
             rel_h = rel_h.view(H, B, heads, W, H).permute(1, 2, 0, 3, 4)  # (B, heads, y, x, ky)
-            rel_w = torch.bmm(q5.permute(2, 0, 1, 3).reshape(W, B * heads * H, hd), rw.transpose(1, 2))
+            rel_w = torch.bmm(q5.permute(3, 0, 1, 2, 4).reshape(W, B * heads * H, hd), rw.transpose(1, 2))
             rel_w = rel_w.view(W, B, heads, H, W).permute(1, 2, 3, 0, 4)  # (B, heads, y, x, kx)
+            if ws is not None:
+                out = attention_with_rel_pos_cpu(
+                    q, k, v, rel_h, rel_w, (H, W), hd**-0.5, ws
+                )
+                return out.view(B, H, W, C)
             rows_per_chunk = max(1, _MAX_BIAS_ELEMENTS // (B * heads * W * n))
             outs = []
             buffer = None
@@ -126,8 +226,7 @@ class Attention(nn.Module):
                 qc = q[:, :, r0 * W : r1 * W]
                 outs.append(F.scaled_dot_product_attention(qc, k, v, attn_mask=bias))
             out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-        out = out.transpose(1, 2).reshape(B, H, W, C)
-        return self.proj(out)
+        return out.transpose(1, 2).reshape(B, H, W, C)
 
 
 def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -154,6 +253,56 @@ def window_unpartition(
     if Hp > H or Wp > W:
         x = x[:, :H, :W, :].contiguous()
     return x
+
+
+def _window_spans(size: int, window: int) -> list[tuple[int, int, int]]:
+    """(first window, number of windows, rows per window) of the full windows along an axis of
+    ``size`` tokens and of the last, partial one if any."""
+    full, rest = divmod(size, window)
+    spans = [(0, full, window)] if full else []
+    if rest:
+        spans.append((full, 1, rest))
+    return spans
+
+
+def qkv_windows(qkv: torch.Tensor, window: int, bias: torch.Tensor, out: torch.Tensor) -> tuple[int, int]:
+    """Window partition of projected tokens, padding included, without projecting the padding.
+
+    The module-by-module forward pads the normalised tokens with zeros and projects all of them;
+    every zero token projects to the same vector (the bias of a plain Linear), so here only the
+    real tokens are projected (qkv, (B, H, W, 3C)) and the padding is filled with ``bias`` (3C),
+    the projection of a zero token. ``out`` (B * nWin, window,
+    window, 3C) receives the windows as :func:`window_partition` orders them. Returns the padded
+    size (Hp, Wp).
+    """
+    B, H, W, C3 = qkv.shape
+    Hp, Wp = -(-H // window) * window, -(-W // window) * window
+    nh, nw = Hp // window, Wp // window
+    grid = out.view(B, nh, nw, window, window, C3).permute(0, 1, 3, 2, 4, 5)  # (B, nh, wy, nw, wx, 3C)
+    for i0, ni, hr in _window_spans(H, window):
+        for j0, nj, wc in _window_spans(W, window):
+            src = qkv[:, i0 * window : i0 * window + ni * hr, j0 * window : j0 * window + nj * wc]
+            grid[:, i0 : i0 + ni, :hr, j0 : j0 + nj, :wc] = src.view(B, ni, hr, nj, wc, C3)
+    if Hp > H:
+        grid[:, nh - 1, H - (nh - 1) * window :] = bias
+    if Wp > W:
+        grid[:, :, :, nw - 1, W - (nw - 1) * window :] = bias
+    return Hp, Wp
+
+
+def windows_to_grid(windows: torch.Tensor, window: int, size: tuple[int, int]) -> torch.Tensor:
+    """:func:`window_unpartition` in one copy: (B * nWin, window, window, C) -> (B, H, W, C)."""
+    H, W = size
+    nh, nw = -(-H // window), -(-W // window)
+    C = windows.shape[-1]
+    B = windows.shape[0] // (nh * nw)
+    grid = windows.view(B, nh, nw, window, window, C).permute(0, 1, 3, 2, 4, 5)
+    out = windows.new_empty(B, H, W, C)
+    for i0, ni, hr in _window_spans(H, window):
+        for j0, nj, wc in _window_spans(W, window):
+            dst = out[:, i0 * window : i0 * window + ni * hr, j0 * window : j0 * window + nj * wc]
+            dst.view(B, ni, hr, nj, wc, C).copy_(grid[:, i0 : i0 + ni, :hr, j0 : j0 + nj, :wc])
+    return out
 
 
 class Block(nn.Module):
@@ -183,6 +332,8 @@ class Block(nn.Module):
         self.window_size = window_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.attn.use_rel_pos and eager_cpu_inference(x):
+            return self._forward_cpu_inference(x)
         shortcut = x
         x = self.norm1(x)
         if self.window_size > 0:
@@ -203,11 +354,47 @@ class Block(nn.Module):
         x = shortcut.add_(x) if shortcut.dtype == torch.promote_types(shortcut.dtype, x.dtype) else shortcut + x
         if not x.is_contiguous():  # e.g. a permuted patch embedding: make the stream dense once
             x = x.contiguous()
+        return self._mlp_in_place(x)
+
+    def _mlp_in_place(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.view(-1, x.shape[-1])
         for r0 in range(0, flat.shape[0], _MLP_ROWS):
             rows = flat[r0 : r0 + _MLP_ROWS]
             rows.add_(self.mlp(self.norm2(rows)))
         return x
+
+    def _forward_cpu_inference(self, x: torch.Tensor) -> torch.Tensor:
+        """The block for fp32 eager CPU inference (same operations, float rounding apart): the
+        qkv projection into a kept buffer (a fresh 38-45 MiB tensor per block would be
+        page-faulted in every time), only real tokens projected in windowed blocks
+        (:func:`qkv_windows`), attention by :func:`attention_with_rel_pos_cpu`, the projection
+        on real tokens only, the residual stream updated in place."""
+        B, H, W, C = x.shape
+        attn = self.attn
+        if not x.is_contiguous():
+            x = x.contiguous()
+        xn = self.norm1(x).view(-1, C)
+        keep = 64 << 20
+        with scratch() as ws:
+            proj_qkv = attn.qkv
+            if type(proj_qkv) is nn.Linear and proj_qkv.bias is not None:
+                qkv = ws.buffer("vit.qkv", (B * H * W, 3 * C), x, keep)
+                torch.addmm(proj_qkv.bias, xn, proj_qkv.weight.t(), out=qkv)
+            else:  # e.g. a LoRA-adapted projection: its own forward
+                qkv = proj_qkv(xn)
+            del xn
+            qkv = qkv.view(B, H, W, 3 * C)
+            if self.window_size > 0:
+                wsz = self.window_size
+                n_win = B * (-(-H // wsz)) * (-(-W // wsz))
+                windows = ws.buffer("vit.qkv_windows", (n_win, wsz, wsz, 3 * C), x, keep)
+                # The padding: the projection of a zero token (its bias, for a plain Linear).
+                qkv_windows(qkv, wsz, proj_qkv(x.new_zeros(1, C))[0], windows)
+                out = windows_to_grid(attn.attend(windows, ws), wsz, (H, W))
+            else:
+                out = attn.attend(qkv, ws)
+        x.add_(attn.proj(out))
+        return self._mlp_in_place(x)
 
 
 class ImageEncoderViT(nn.Module):
