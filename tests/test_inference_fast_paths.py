@@ -319,6 +319,7 @@ def test_predictor_fast_paths_equal_plain(monkeypatch):
         (14, 0, 1 << 22, 1, True),  # 16 x 16 grid: a 2-row partial window in each direction
         (5, 2, 3000, 2, True),  # score buffer of a few grid rows: the per-row-block global path
         (5, 1, 1 << 22, 1, False),  # no qkv bias: the padding projects to zeros
+        (5, 2, 1 << 22, 2, "per-row"),  # relative-position terms by one product per grid row
     ],
 )
 def test_vit_cpu_inference_matches_module_forward(monkeypatch, window, global_index, score_elements, batch, qkv_bias):
@@ -337,6 +338,9 @@ def test_vit_cpu_inference_matches_module_forward(monkeypatch, window, global_in
     for p in enc.parameters():
         torch.nn.init.normal_(p, std=0.05)
     monkeypatch.setattr(image_encoder, "_CPU_SCORE_ELEMENTS", score_elements)
+    if qkv_bias == "per-row":  # as at 1024 px, where grids are larger than the table threshold
+        monkeypatch.setattr(image_encoder, "_REL_POS_TABLE_MAX_TOKENS", 0)
+        qkv_bias = True
     x = torch.randn(batch, 3, img, img)
     with torch.inference_mode():
         fast = enc(x)
