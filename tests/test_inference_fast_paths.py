@@ -318,6 +318,7 @@ def test_predictor_fast_paths_equal_plain(monkeypatch):
         (7, 1, 1 << 22, 1, True),  # windows tile the grid exactly
         (14, 0, 1 << 22, 1, True),  # 16 x 16 grid: a 2-row partial window in each direction
         (5, 2, 3000, 2, True),  # score buffer of a few grid rows: the per-row-block global path
+        # (and the MLP's hidden layer in blocks of 50 tokens)
         (5, 1, 1 << 22, 1, False),  # no qkv bias: the padding projects to zeros
         (5, 2, 1 << 22, 2, "per-row"),  # relative-position terms by one product per grid row
     ],
@@ -338,6 +339,8 @@ def test_vit_cpu_inference_matches_module_forward(monkeypatch, window, global_in
     for p in enc.parameters():
         torch.nn.init.normal_(p, std=0.05)
     monkeypatch.setattr(image_encoder, "_CPU_SCORE_ELEMENTS", score_elements)
+    if score_elements < 1 << 22:
+        monkeypatch.setattr(image_encoder, "_CPU_MLP_HIDDEN_BYTES", 4 * 384 * 50)
     if qkv_bias == "per-row":  # as at 1024 px, where grids are larger than the table threshold
         monkeypatch.setattr(image_encoder, "_REL_POS_TABLE_MAX_TOKENS", 0)
         qkv_bias = True
