@@ -318,7 +318,7 @@ def test_predictor_fast_paths_equal_plain(monkeypatch):
         (7, 1, 1 << 22, 1, True),  # windows tile the grid exactly
         (14, 0, 1 << 22, 1, True),  # 16 x 16 grid: a 2-row partial window in each direction
         (5, 2, 3000, 2, True),  # score buffer of a few grid rows: the per-row-block global path
-        # (and the MLP's hidden layer in blocks of 50 tokens)
+        # (and the MLP's hidden layer in blocks of 50 tokens; windows in groups of 4 of the 18)
         (5, 1, 1 << 22, 1, False),  # no qkv bias: the padding projects to zeros
         (5, 2, 1 << 22, 2, "per-row"),  # relative-position terms by one product per grid row
     ],

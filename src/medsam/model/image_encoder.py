@@ -73,18 +73,23 @@ def attention_with_rel_pos_cpu(
     H, W = grid
     out = q.new_empty(B, n, heads, hd)
     rows = max(1, min(H, _CPU_SCORE_ELEMENTS // (W * n)))
-    if B * n * n <= _CPU_SCORE_ELEMENTS:  # small grids (windows): all of a head's at once
-        buffer = ws.buffer("vit.scores", (B, n, n), q)
-        v_h = ws.buffer("vit.v_head", (B, n, hd), q)
-        out_h = ws.buffer("vit.out_head", (B, n, hd), q)
-        for h in range(heads):
-            torch.add(rel_h[:, h].unsqueeze(-1), rel_w[:, h].unsqueeze(-2), out=buffer.view(B, H, W, H, W))
-            buffer.baddbmm_(q[:, h], k[:, h].transpose(1, 2), alpha=scale)
-            torch.ops.aten._softmax.out(buffer, -1, False, out=buffer)
-            # contiguous operands: ~1.5x faster than the strided views, copies included
-            v_h.copy_(v[:, h] if v is not None else vt[:, h].transpose(1, 2))
-            torch.bmm(buffer, v_h, out=out_h)
-            out[:, :, h] = out_h
+    if n * n <= _CPU_SCORE_ELEMENTS:  # small grids (windows): a group of them per head at once
+        group = min(B, _CPU_SCORE_ELEMENTS // (n * n))
+        scores = ws.buffer("vit.scores", (group, n, n), q)
+        v_h = ws.buffer("vit.v_head", (group, n, hd), q)
+        out_h = ws.buffer("vit.out_head", (group, n, hd), q)
+        for b0 in range(0, B, group):
+            g = slice(b0, min(B, b0 + group))
+            G = g.stop - b0
+            buffer = scores[:G]
+            for h in range(heads):
+                torch.add(rel_h[g, h].unsqueeze(-1), rel_w[g, h].unsqueeze(-2), out=buffer.view(G, H, W, H, W))
+                buffer.baddbmm_(q[g, h], k[g, h].transpose(1, 2), alpha=scale)
+                torch.ops.aten._softmax.out(buffer, -1, False, out=buffer)
+                # contiguous operands: ~1.5x faster than the strided views, copies included
+                v_h[:G].copy_(v[g, h] if v is not None else vt[g, h].transpose(1, 2))
+                torch.bmm(buffer, v_h[:G], out=out_h[:G])
+                out[g, :, h] = out_h[:G]
         return out
     buffer = ws.buffer("vit.scores", (rows * W, n), q)
     onednn = _onednn_linear()
@@ -344,9 +349,8 @@ def qkv_windows(qkv: torch.Tensor, window: int, bias: torch.Tensor, out: torch.T
     The module-by-module forward pads the normalised tokens with zeros and projects all of them;
     every zero token projects to the same vector (the bias of a plain Linear), so here only the
     real tokens are projected (qkv, (B, H, W, 3C)) and the padding is filled with ``bias`` (3C),
-    the projection of a zero token. ``out`` (B * nWin, window,
-    window, 3C) receives the windows as :func:`window_partition` orders them. Returns the padded
-    size (Hp, Wp).
+    the projection of a zero token. ``out`` (B * nWin, window, window, 3C) receives the windows
+    as :func:`window_partition` orders them. Returns the padded size (Hp, Wp).
     """
     B, H, W, C3 = qkv.shape
     Hp, Wp = -(-H // window) * window, -(-W // window) * window
@@ -472,33 +476,37 @@ class Block(nn.Module):
         if not x.is_contiguous():
             x = x.contiguous()
         xn = self.norm1(x).view(-1, C)
-        keep = 64 << 20
         with scratch() as ws:
-            proj_qkv = attn.qkv
-            plain = type(proj_qkv) is nn.Linear and proj_qkv.bias is not None
+            plain = type(attn.qkv) is nn.Linear and attn.qkv.bias is not None
             if plain and self.window_size == 0:
                 out = self._global_attention_cpu(xn, (H, W), ws)
-                del xn
-                x.add_(attn.proj(out))
-                return self._mlp_in_place_cpu(x)
-            if plain:
-                qkv = ws.buffer("vit.qkv", (B * H * W, 3 * C), x, keep)
-                torch.addmm(proj_qkv.bias, xn, proj_qkv.weight.t(), out=qkv)
-            else:  # e.g. a LoRA-adapted projection: its own forward
-                qkv = proj_qkv(xn)
-            del xn
-            qkv = qkv.view(B, H, W, 3 * C)
-            if self.window_size > 0:
-                wsz = self.window_size
-                n_win = B * (-(-H // wsz)) * (-(-W // wsz))
-                windows = ws.buffer("vit.qkv_windows", (n_win, wsz, wsz, 3 * C), x, keep)
-                # The padding: the projection of a zero token (its bias, for a plain Linear).
-                qkv_windows(qkv, wsz, proj_qkv(x.new_zeros(1, C))[0], windows)
-                out = windows_to_grid(attn.attend(windows, ws), wsz, (H, W))
             else:
-                out = attn.attend(qkv, ws)
+                out = self._attention_cpu(xn, (B, H, W, C), ws)
+            del xn
         x.add_(attn.proj(out))
-        return self._mlp_in_place_cpu(x)
+        return self._mlp_in_place_cpu(x)  # after the with-block: it takes the kept buffers too
+
+    def _attention_cpu(self, xn: torch.Tensor, shape: tuple[int, int, int, int], ws: Scratch) -> torch.Tensor:
+        """Windowed attention, or global attention through a non-plain qkv projection, of
+        normalised tokens xn (B * H * W, C): (B, H, W, C), the input of ``proj``."""
+        B, H, W, C = shape
+        attn = self.attn
+        proj_qkv = attn.qkv
+        keep = 64 << 20
+        if type(proj_qkv) is nn.Linear and proj_qkv.bias is not None:
+            qkv = ws.buffer("vit.qkv", (B * H * W, 3 * C), xn, keep)
+            torch.addmm(proj_qkv.bias, xn, proj_qkv.weight.t(), out=qkv)
+        else:  # e.g. a LoRA-adapted projection: its own forward
+            qkv = proj_qkv(xn)
+        qkv = qkv.view(B, H, W, 3 * C)
+        if self.window_size > 0:
+            wsz = self.window_size
+            n_win = B * (-(-H // wsz)) * (-(-W // wsz))
+            windows = ws.buffer("vit.qkv_windows", (n_win, wsz, wsz, 3 * C), xn, keep)
+            # The padding: the projection of a zero token (its bias, for a plain Linear).
+            qkv_windows(qkv, wsz, proj_qkv(xn.new_zeros(1, C))[0], windows)
+            return windows_to_grid(attn.attend(windows, ws), wsz, (H, W))
+        return attn.attend(qkv, ws)
 
     def _global_attention_cpu(self, xn: torch.Tensor, grid: tuple[int, int], ws: Scratch) -> torch.Tensor:
         """Global attention of normalised tokens xn (B * n, C) with a plain qkv Linear: q and k
