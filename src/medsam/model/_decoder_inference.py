@@ -45,6 +45,8 @@ BLOCK_TOKENS = 2048
 UPSCALE_TOKENS = 1024
 
 _gelu_ = torch.ops.aten.gelu_
+
+
 def _self_attention(layer: "TwoWayAttentionBlock", queries: torch.Tensor, query_pe: torch.Tensor) -> torch.Tensor:
     """The prompt-token part at the start of a two-way block (self-attention, norm1)."""
     if layer.skip_first_layer_pe:

@@ -156,12 +156,12 @@ def conv_block(
     act_out: bool,
     ws: Scratch,
     out: torch.Tensor | None = None,
-    out_shape=None,
+    alloc=None,
 ) -> torch.Tensor:
     """1x1 Conv-BN, GELU, depthwise Conv-BN (any stride), GELU, 1x1 Conv-BN [+ x] [GELU].
 
     x: (B, H, W, C_in) contiguous tokens; returns (B, H', W', C_out) contiguous tokens, into
-    ``out`` or into ``out_shape((B, H', W', C_out))`` when given (it must not overlap ``x``).
+    ``out`` or into ``alloc((B, H', W', C_out))`` when given (it must not overlap ``x``).
     """
     B, H, W, cin = x.shape
     w1, b1 = _matrix(conv1)
@@ -174,8 +174,8 @@ def conv_block(
     wo = (W + 2 * pw - kw) // sw + 1
     if residual and (ho, wo, cout) != (H, W, cin):
         raise ValueError("a residual conv block must keep the shape")
-    if out_shape is not None:
-        out = out_shape((B, ho, wo, cout))
+    if alloc is not None:
+        out = alloc((B, ho, wo, cout))
     elif out is None:
         out = x.new_empty(B, ho, wo, cout)
     tile = _rows_per_tile(W * hidden * x.element_size(), s)
@@ -224,46 +224,46 @@ def patch_embed(x: torch.Tensor, seq, out: torch.Tensor | None = None) -> torch.
     return out
 
 
-def transformer_block(blk: "TinyViTBlock", x: torch.Tensor, out: torch.Tensor, scratch_: Scratch) -> torch.Tensor:
+def transformer_block(blk: "TinyViTBlock", x: torch.Tensor, out: torch.Tensor, ws: Scratch) -> torch.Tensor:
     """One TinyViT block: x (B, H, W, C) contiguous (updated in place by the attention) ->
     ``out`` (same shape, must not overlap x)."""
     B, H, W, C = x.shape
-    ws = blk.window_size
+    wsize = blk.window_size
     attn = blk.attn
     heads, hd = attn.num_heads, attn.head_dim
     bias = attn.attention_bias().to(x.dtype).unsqueeze(0)
-    pw_ = -(-W // ws) * ws
-    nw = pw_ // ws
-    n = ws * ws
+    padded_w = -(-W // wsize) * wsize
+    nw = padded_w // wsize
+    n = wsize * wsize
     qkv_w, qkv_b = attn.qkv.weight.t(), attn.qkv.bias
     proj_w, proj_b = attn.proj.weight.t(), attn.proj.bias
     norm = attn.norm
     # Attention over bands of whole window rows (at most ATTN_TOKENS tokens unless one row has
     # more), residual in place.
-    nb = max(1, ATTN_TOKENS // (ws * pw_))  # window rows per band
-    nb = min(nb, -(-H // ws))
-    for a in range(0, H, nb * ws):
-        rows = min(nb * ws, H - a)
-        wr = -(-rows // ws)  # window rows in this band
+    nb = max(1, ATTN_TOKENS // (wsize * padded_w))  # window rows per band
+    nb = min(nb, -(-H // wsize))
+    for a in range(0, H, nb * wsize):
+        rows = min(nb * wsize, H - a)
+        wr = -(-rows // wsize)  # window rows in this band
         band = x[:, a : a + rows]
-        if rows < wr * ws or pw_ > W:
-            padded = scratch_.buffer("tinyvit.band", (B, wr * ws, pw_, C), x)
+        if rows < wr * wsize or padded_w > W:
+            padded = ws.buffer("tinyvit.band", (B, wr * wsize, padded_w, C), x)
             padded[:, :rows, :W] = band
             padded[:, :, W:].zero_()
             padded[:, rows:].zero_()
         else:
             padded = band
         nwin = B * wr * nw
-        win = scratch_.buffer("tinyvit.windows", (nwin * n, C), x)
-        win.view(B * wr, nw, ws, ws, C).copy_(padded.reshape(B * wr, ws, nw, ws, C).transpose(1, 2))
+        win = ws.buffer("tinyvit.windows", (nwin * n, C), x)
+        win.view(B * wr, nw, wsize, wsize, C).copy_(padded.reshape(B * wr, wsize, nw, wsize, C).transpose(1, 2))
         win = F.layer_norm(win, (C,), norm.weight, norm.bias, norm.eps)
-        qkv = torch.addmm(qkv_b, win, qkv_w, out=scratch_.buffer("tinyvit.qkv", (nwin * n, 3 * C), x))
+        qkv = torch.addmm(qkv_b, win, qkv_w, out=ws.buffer("tinyvit.qkv", (nwin * n, 3 * C), x))
         q, k, v = qkv.view(nwin, n, heads, 3, hd).permute(3, 0, 2, 1, 4).unbind(0)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (windows, heads, n, hd)
         o = torch.addmm(
-            proj_b, o.transpose(1, 2).reshape(nwin * n, C), proj_w, out=scratch_.buffer("tinyvit.proj", (nwin * n, C), x)
+            proj_b, o.transpose(1, 2).reshape(nwin * n, C), proj_w, out=ws.buffer("tinyvit.proj", (nwin * n, C), x)
         )
-        band.add_(o.view(B, wr, nw, ws, ws, C).transpose(2, 3).reshape(B, wr * ws, pw_, C)[:, :rows, :W])
+        band.add_(o.view(B, wr, nw, wsize, wsize, C).transpose(2, 3).reshape(B, wr * wsize, padded_w, C)[:, :rows, :W])
     # Depthwise local convolution and MLP, over bands of rows, into ``out``.
     lw, lb = blk.local_conv.folded()
     lc = blk.local_conv.c
@@ -282,7 +282,7 @@ def transformer_block(blk: "TinyViTBlock", x: torch.Tensor, out: torch.Tensor, s
             y = F.conv2d(xb[:, lo:hi].permute(0, 3, 1, 2), lw, lb, 1, (ph, lc.padding[1]), 1, C)
             y = y[0, :, a - lo : a - lo + t].permute(1, 2, 0).reshape(t * W, C)  # a view: channels-last
             yn = F.layer_norm(y, (C,), mlp.norm.weight, mlp.norm.bias, mlp.norm.eps)
-            h = torch.addmm(fc1_b, yn, fc1_w, out=scratch_.buffer("tinyvit.mlp_hidden", (t * W, fc1_w.shape[1]), x))
+            h = torch.addmm(fc1_b, yn, fc1_w, out=ws.buffer("tinyvit.mlp_hidden", (t * W, fc1_w.shape[1]), x))
             _gelu_(h)
             o = ob[a : a + t].view(t * W, C)
             torch.add(y, fc2_b, out=o)
@@ -313,7 +313,7 @@ def forward_stages(model: "TinyViT", x: torch.Tensor, ws: Scratch) -> torch.Tens
                 t = transformer_block(blk, t, other(t.shape), ws)
         ds = layer.downsample
         if ds is not None:
-            t = conv_block(t, ds.conv1, ds.conv2, ds.conv3, residual=False, act_out=False, ws=ws, out_shape=other)
+            t = conv_block(t, ds.conv1, ds.conv2, ds.conv3, residual=False, act_out=False, ws=ws, alloc=other)
     return t
 
 
