@@ -527,7 +527,11 @@ class Block(nn.Module):
         for b in range(B):
             torch.addmm(bias[2 * C :, None], weight[2 * C :], xn[b * n : (b + 1) * n].t(), out=vt[b])
         qk = qk.view(B, n, 2, heads, hd).permute(2, 0, 3, 1, 4)  # (2, B, heads, n, hd)
-        out = attn.attend_cpu(qk[0], qk[1], None, vt.view(B, heads, hd, n), grid, ws)
+        # per-head contiguous q and k: the q k^T products then run ~3 % faster per block,
+        # copy included (measured back to back on one global block)
+        qkc = ws.buffer("vit.qk_heads", (2, B, heads, n, hd), xn, 64 << 20)
+        qkc.copy_(qk)
+        out = attn.attend_cpu(qkc[0], qkc[1], None, vt.view(B, heads, hd, n), grid, ws)
         return out.view(B, H, W, C)
 
 
