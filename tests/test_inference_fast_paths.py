@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import medsam
-from medsam.model import _decoder_inference, _tiny_vit_inference, _workspace, mask_decoder
+from medsam.model import _decoder_inference, _onednn, _tiny_vit_inference, _workspace, mask_decoder
 from medsam.model.tiny_vit import TinyViT
 from test_tiny_vit import random_state
 
@@ -79,8 +79,7 @@ def test_tiled_tinyvit_small_tiles_and_unfused_depthwise(encoder, plain_encoder,
     with torch.inference_mode():
         default = encoder(x)
     monkeypatch.setattr(_tiny_vit_inference, "TILE_BYTES", 1)
-    monkeypatch.setattr(_tiny_vit_inference, "_fused_dw_gelu", False)
-    monkeypatch.setattr(_tiny_vit_inference, "_fused_linear_gelu", False)
+    monkeypatch.setattr(_onednn, "_probed", {"depthwise_gelu": False, "linear_gelu": False})
     with torch.inference_mode():
         small = encoder(x)
     plain_encoder(True)
@@ -320,7 +319,8 @@ def test_predictor_fast_paths_equal_plain(monkeypatch):
         (5, 2, 3000, 2, True),  # score buffer of a few grid rows: the per-row-block global path
         # (and the MLP's hidden layer in blocks of 50 tokens; windows in groups of 4 of the 18)
         (5, 1, 1 << 22, 1, False),  # no qkv bias: the padding projects to zeros
-        (5, 2, 1 << 22, 2, "per-row"),  # relative-position terms by one product per grid row
+        # relative-position terms by one product per grid row, and P @ V by torch.mm (no oneDNN)
+        (5, 2, 3000, 2, "per-row"),
     ],
 )
 def test_vit_cpu_inference_matches_module_forward(monkeypatch, window, global_index, score_elements, batch, qkv_bias):
@@ -343,6 +343,7 @@ def test_vit_cpu_inference_matches_module_forward(monkeypatch, window, global_in
         monkeypatch.setattr(image_encoder, "_CPU_MLP_HIDDEN_BYTES", 4 * 384 * 50)
     if qkv_bias == "per-row":  # as at 1024 px, where grids are larger than the table threshold
         monkeypatch.setattr(image_encoder, "_REL_POS_TABLE_MAX_TOKENS", 0)
+        monkeypatch.setattr(_onednn, "_probed", {"linear": False})
         qkv_bias = True
     x = torch.randn(batch, 3, img, img)
     with torch.inference_mode():

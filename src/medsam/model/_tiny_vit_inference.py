@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from . import _onednn
 from ._workspace import Scratch, scratch
 from .common import eager_cpu_inference
 
@@ -60,49 +61,11 @@ ATTN_TOKENS = 2048
 
 _gelu_ = torch.ops.aten.gelu_
 
-# Whether PyTorch's oneDNN operations with a fused element-wise op (the ones inductor uses) work
-# here with the exact GELU: None until probed (once, by _fused()).
-_fused_dw_gelu: bool | None = None  # torch.ops.mkldnn._convolution_pointwise (depthwise, channels-last)
-_fused_linear_gelu: bool | None = None  # torch.ops.mkldnn._linear_pointwise
-
-
-def _fused() -> tuple[bool, bool]:
-    """(depthwise convolution + GELU, matrix product + GELU) available as one oneDNN pass each,
-    with the result of the separate operations (an older or newer PyTorch, or one built without
-    oneDNN, falls back to them)."""
-    global _fused_dw_gelu, _fused_linear_gelu
-    if _fused_dw_gelu is None:
-        try:
-            g = torch.Generator().manual_seed(0)
-            x = torch.randn(1, 8, 5, 6, generator=g).contiguous(memory_format=torch.channels_last)
-            w, b = torch.randn(8, 1, 3, 3, generator=g), torch.randn(8, generator=g)
-            y = torch.ops.mkldnn._convolution_pointwise(x, w, b, [0, 1], [1, 1], [1, 1], 8, "gelu", [], "none")
-            ref = F.gelu(F.conv2d(x, w, b, 1, (0, 1), 1, 8))
-            _fused_dw_gelu = bool(
-                y.shape == ref.shape
-                and y.is_contiguous(memory_format=torch.channels_last)
-                and torch.allclose(y, ref, rtol=1e-5, atol=1e-6)
-            )
-        except Exception:
-            _fused_dw_gelu = False
-    if _fused_linear_gelu is None:
-        try:
-            g = torch.Generator().manual_seed(1)
-            x, w, b = torch.randn(37, 8, generator=g), torch.randn(16, 8, generator=g), torch.randn(16, generator=g)
-            y = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "none")
-            _fused_linear_gelu = bool(
-                y.shape == (37, 16) and torch.allclose(y, F.gelu(F.linear(x, w, b)), rtol=1e-5, atol=1e-6)
-            )
-        except Exception:
-            _fused_linear_gelu = False
-    return _fused_dw_gelu, _fused_linear_gelu
-
-
 def _expand_gelu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """GELU(x @ w.T + b) for 2-D x and w (out, in) (a 1x1 convolution on tokens): fused, a new
     tensor (one pass; measured faster than the product into a kept buffer and GELU in place
     despite the fresh memory); otherwise into ``out``."""
-    if x.dtype == torch.float32 and torch.backends.mkldnn.enabled and _fused()[1]:
+    if x.dtype == torch.float32 and _onednn.available("linear_gelu"):
         return torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "none")
     return _gelu_(torch.addmm(b, x, w.t(), out=out))
 
@@ -110,7 +73,7 @@ def _expand_gelu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, out: torch.T
 def _depthwise_gelu(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride, padding) -> torch.Tensor:
     """GELU(depthwise conv(h)) for channels-last h, a new channels-last tensor."""
     groups = h.shape[1]
-    if h.dtype == torch.float32 and torch.backends.mkldnn.enabled and _fused()[0]:
+    if h.dtype == torch.float32 and _onednn.available("depthwise_gelu"):
         return torch.ops.mkldnn._convolution_pointwise(
             h, w, b, list(padding), list(stride), [1, 1], groups, "gelu", [], "none"
         )
@@ -127,14 +90,6 @@ def applicable(model: "TinyViT", x: torch.Tensor) -> bool:
         m.training or (isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_var is None)
         for m in model.modules()
     )
-
-
-def _layer_norm(x: torch.Tensor, norm, out: torch.Tensor) -> torch.Tensor:
-    """``norm(x)`` for 2-D x, written into ``out`` (a scratch buffer) instead of a new tensor."""
-    rows, C = x.shape
-    stats = x.new_empty(rows, 1), x.new_empty(rows, 1)
-    torch.ops.aten.native_layer_norm.out(x, [C], norm.weight, norm.bias, norm.eps, out0=out, out1=stats[0], out2=stats[1])
-    return out
 
 
 def _matrix(conv: "Conv2dBN") -> tuple[torch.Tensor, torch.Tensor]:
@@ -339,10 +294,10 @@ def neck(neck, t: torch.Tensor, ws: Scratch) -> torch.Tensor:
     d = conv1.out_channels
     n = B * H * W
     y = torch.mm(t.reshape(n, C), conv1.weight.view(d, C).t(), out=ws.buffer("tinyvit.neck0", (n, d), t))
-    y = _layer_norm(y, norm1, ws.buffer("tinyvit.neck1", (n, d), t))
+    y = F.layer_norm(y, (d,), norm1.weight, norm1.bias, norm1.eps)
     y = F.conv2d(y.view(B, H, W, d).permute(0, 3, 1, 2), conv2.weight, conv2.bias, conv2.stride, conv2.padding)
     y = y.permute(0, 2, 3, 1).reshape(n, d)  # a view: the convolution keeps channels-last
-    y = _layer_norm(y, norm2, ws.buffer("tinyvit.neck0", (n, d), t)).view(B, H, W, d)
+    y = F.layer_norm(y, (d,), norm2.weight, norm2.bias, norm2.eps).view(B, H, W, d)
     out = y.new_empty(B, d, H, W)
     for bi in range(B):
         out[bi].view(d, H * W).copy_(y[bi].reshape(H * W, d).t())

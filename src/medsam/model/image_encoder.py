@@ -27,6 +27,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from . import _onednn
 from ._workspace import Scratch, scratch
 from .common import LayerNorm2d, MLPBlock, eager_cpu_inference
 
@@ -72,7 +73,6 @@ def attention_with_rel_pos_cpu(
     B, heads, n, hd = q.shape
     H, W = grid
     out = q.new_empty(B, n, heads, hd)
-    rows = max(1, min(H, _CPU_SCORE_ELEMENTS // (W * n)))
     if n * n <= _CPU_SCORE_ELEMENTS:  # small grids (windows): a group of them per head at once
         group = min(B, _CPU_SCORE_ELEMENTS // (n * n))
         scores = ws.buffer("vit.scores", (group, n, n), q)
@@ -91,8 +91,9 @@ def attention_with_rel_pos_cpu(
                 torch.bmm(buffer, v_h[:G], out=out_h[:G])
                 out[g, :, h] = out_h[:G]
         return out
+    rows = max(1, min(H, _CPU_SCORE_ELEMENTS // (W * n)))  # grid rows of queries per step
     buffer = ws.buffer("vit.scores", (rows * W, n), q)
-    onednn = _onednn_linear()
+    onednn = _onednn.available("linear")
     for b in range(B):
         for h in range(heads):
             kt = k[b, h].transpose(0, 1)
@@ -114,24 +115,6 @@ def attention_with_rel_pos_cpu(
                 else:
                     torch.mm(scores, v_bh, out=out[b, r0 * W : r1 * W, h])
     return out
-
-
-_onednn_linear_ok: bool | None = None
-
-
-def _onednn_linear() -> bool:
-    """Whether oneDNN's matrix product (``torch.ops.mkldnn._linear_pointwise``) is available and
-    gives the plain product (probed once; a PyTorch without it falls back to ``torch.mm``)."""
-    global _onednn_linear_ok
-    if _onednn_linear_ok is None:
-        try:
-            g = torch.Generator().manual_seed(0)
-            a, w = torch.randn(5, 7, generator=g), torch.randn(3, 7, generator=g)
-            got = torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
-            _onednn_linear_ok = bool(torch.allclose(got, a @ w.t(), rtol=1e-5, atol=1e-6))
-        except (AttributeError, RuntimeError, NotImplementedError):
-            _onednn_linear_ok = False
-    return _onednn_linear_ok and torch.backends.mkldnn.enabled
 
 
 class PatchEmbed(nn.Module):
@@ -267,9 +250,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """Relative-position attention for fp32 CPU inference: q, k (B, heads, n, hd) and v
         (same) or vt (B, heads, hd, n, contiguous), unit last strides -> (B, n, heads, hd)."""
-        B, heads, n, hd = q.shape
         rel_h, rel_w = self._rel_pos_views(q, grid)
-        return attention_with_rel_pos_cpu(q, k, v, vt, rel_h, rel_w, grid, hd**-0.5, ws)
+        return attention_with_rel_pos_cpu(q, k, v, vt, rel_h, rel_w, grid, q.shape[-1] ** -0.5, ws)
 
     def _rel_pos_views(self, q: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The per-axis bias terms for queries q (B, heads, n, hd): rel_h (B, heads, y, x, ky) =
@@ -343,14 +325,14 @@ def _window_spans(size: int, window: int) -> list[tuple[int, int, int]]:
     return spans
 
 
-def qkv_windows(qkv: torch.Tensor, window: int, bias: torch.Tensor, out: torch.Tensor) -> tuple[int, int]:
+def qkv_windows(qkv: torch.Tensor, window: int, bias: torch.Tensor, out: torch.Tensor) -> None:
     """Window partition of projected tokens, padding included, without projecting the padding.
 
     The module-by-module forward pads the normalised tokens with zeros and projects all of them;
     every zero token projects to the same vector (the bias of a plain Linear), so here only the
     real tokens are projected (qkv, (B, H, W, 3C)) and the padding is filled with ``bias`` (3C),
     the projection of a zero token. ``out`` (B * nWin, window, window, 3C) receives the windows
-    as :func:`window_partition` orders them. Returns the padded size (Hp, Wp).
+    as :func:`window_partition` orders them.
     """
     B, H, W, C3 = qkv.shape
     Hp, Wp = -(-H // window) * window, -(-W // window) * window
@@ -364,7 +346,6 @@ def qkv_windows(qkv: torch.Tensor, window: int, bias: torch.Tensor, out: torch.T
         grid[:, nh - 1, H - (nh - 1) * window :] = bias
     if Wp > W:
         grid[:, :, :, nw - 1, W - (nw - 1) * window :] = bias
-    return Hp, Wp
 
 
 def windows_to_grid(windows: torch.Tensor, window: int, size: tuple[int, int]) -> torch.Tensor:
