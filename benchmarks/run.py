@@ -6,7 +6,7 @@ prints ratios (reference time / medsam time), which are what to compare across m
 absolute times moved by up to 20 % between processes on the project's 2-core machines.
 
     .venv/bin/python benchmarks/run.py                 # everything (about 10 minutes on 2 cores)
-    .venv/bin/python benchmarks/run.py --only encoder  # one group: encoder, decoder, lite, volume
+    .venv/bin/python benchmarks/run.py --only encoder  # one group: encoder, image, decoder, lite, volume
     .venv/bin/python benchmarks/run.py --device cuda   # on a GPU
 
 Peak extra memory = peak RSS during the first (warm-up) call minus RSS just before it (CPU: timed
@@ -129,6 +129,40 @@ def child(case: str, weights: str, device: str, repeats: int) -> dict:
         else:
             extra = peak.peak - rss0
         return {"seconds": times, "peak_extra_mib": extra}
+    if what == "image":
+        # Image to embedding, preprocessing included: the bundled 512 x 512 CT slice through the
+        # release's recipe (skimage bicubic resize, uint8, min-max) and the reference encoder, or
+        # through Predictor.set_image.
+        from PIL import Image
+
+        from medsam.demo import bundled_samples
+
+        sample = next(s for s in bundled_samples() if s.name == "ct_slice")
+        img = np.asarray(Image.open(sample.image))
+        if impl == "ref":
+            from skimage.transform import resize
+
+            def run():
+                rgb = np.repeat(img[:, :, None], 3, -1) if img.ndim == 2 else img
+                r = resize(rgb, (1024, 1024), order=3, preserve_range=True, mode="constant", anti_aliasing=True)
+                r = r.astype(np.uint8).astype(np.float64)
+                r = (r - r.min()) / np.clip(r.max() - r.min(), 1e-8, None)
+                t = torch.tensor(r, dtype=torch.float32).permute(2, 0, 1).unsqueeze(0).to(dev)
+                return encoder(t)
+        else:
+            predictor = medsam.Predictor(model)
+
+            def run():
+                predictor.set_image(img)
+        with torch.inference_mode():
+            run()
+            sync()
+            for _ in range(repeats):
+                t = time.perf_counter()
+                run()
+                sync()
+                times.append(time.perf_counter() - t)
+        return {"seconds": times}
     if what == "decoder":
         n = int(rest[0])
         H, W = 512, 512
@@ -198,9 +232,9 @@ def agreement(weights: Path, device: str) -> dict:
 
     import medsam
     from reference_sam import import_reference
+    from PIL import Image
+
     from medsam.demo import bundled_samples
-    from medsam.io import read_image
-    from medsam.segment import to_model_input
 
     sa = import_reference()
     ref = sa.sam_model_registry["vit_b"]()
@@ -217,8 +251,9 @@ def agreement(weights: Path, device: str) -> dict:
         fp32 = medsam.Predictor(m)
         bf16 = medsam.Predictor(m, precision="bf16")
         for sample in samples:
-            img = read_image(sample.image)
-            pixels = to_model_input(img)  # the bundled slices are uint8 already (windowed)
+            # the bundled slices are uint8 PNGs, already windowed (read without medsam.io, whose
+            # SimpleITK and pydicom a bare GPU machine may lack)
+            pixels = np.asarray(Image.open(sample.image))
             fp32.set_image(pixels)
             bf16.set_image(pixels)
             key = f"{label}/{sample.name}"
@@ -242,7 +277,7 @@ def main() -> int:
     parser.add_argument("--weights")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", default=None, help="encoder, decoder, lite, volume, agreement")
+    parser.add_argument("--only", default=None, help="encoder, image, decoder, lite, volume, agreement")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.weights, args.device, args.repeats)))
@@ -252,7 +287,7 @@ def main() -> int:
     tmp = Path(tempfile.gettempdir()) / "medsam-bench"
     tmp.mkdir(exist_ok=True)
     weights = _weights_file(tmp)
-    groups = [args.only] if args.only else ["encoder", "decoder", "lite", "volume", "agreement"]
+    groups = [args.only] if args.only else ["encoder", "image", "decoder", "lite", "volume", "agreement"]
     rows = []
     print(f"torch {torch.__version__}, threads {os.environ.get('OMP_NUM_THREADS', '2')}, device {args.device}")
     if "encoder" in groups:
@@ -264,6 +299,10 @@ def main() -> int:
         rows.append(("ViT-B embedding fp32", r, median(ours["seconds"]), ref["peak_extra_mib"], ours["peak_extra_mib"]))
         rows.append(("ViT-B embedding bf16 (ref fp32 as base)", r, median(ours_bf["seconds"]), ref["peak_extra_mib"], ours_bf["peak_extra_mib"]))
         rows.append(("ViT-B embedding bf16 (ref bf16 autocast)", median(ref_bf["seconds"]), median(ours_bf["seconds"]), ref_bf["peak_extra_mib"], ours_bf["peak_extra_mib"]))
+    if "image" in groups:
+        ref = run_child("ref:image", weights, args.device, args.repeats)
+        ours = run_child("ours:image", weights, args.device, args.repeats)
+        rows.append(("512x512 CT slice to embedding (preprocessing incl.)", median(ref["seconds"]), median(ours["seconds"]), None, None))
     if "decoder" in groups:
         for n in (1, 16):
             ref = run_child(f"ref:decoder:{n}", weights, args.device, args.repeats * 3)
@@ -279,7 +318,8 @@ def main() -> int:
         fm = lambda v: f"{v:8.0f}" if v is not None else f"{'':8s}"
         print(f"{name:52s} {r:8.3f} {o:9.3f} {r / o:6.2f}x {fm(rm)} {fm(om)} ")
     if "volume" in groups:
-        for kind in ("lite",):  # ViT-B would take ~10 minutes for 100 slices on 2 cores
+        # ViT-B would take ~10 minutes for 100 slices on 2 cores: measured on a GPU only
+        for kind in ("lite",) if args.device == "cpu" else ("lite", "vit_b"):
             case = "ours:volume" + (":lite" if kind == "lite" else "")
             v = run_child(case, weights, args.device, 1)
             print(f"volume 100x512x512, 3 objects, {kind}: {v['slices'] / v['seconds'][0]:.2f} slices/s, "

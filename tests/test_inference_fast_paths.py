@@ -354,3 +354,25 @@ def test_vit_cpu_inference_matches_module_forward(monkeypatch, window, global_in
     _assert_close(fast, plain)
     with torch.enable_grad():  # autograd: the module-by-module path, same numbers
         _assert_close(enc(x).detach(), plain)
+
+
+@pytest.mark.parametrize("limit", [1, 3000, 1 << 24])
+def test_vit_sdpa_attention_chunks_agree(monkeypatch, limit):
+    """The module-by-module attention (SDPA with the bias as a mask, used off the CPU fast path:
+    autograd, autocast, GPUs) gives the same result for any chunking of the query rows: one
+    grid row per chunk, a few rows with a shorter last chunk, everything at once."""
+    from medsam.model import image_encoder
+    from medsam.model.image_encoder import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(96, num_heads=3, input_size=(14, 12)).eval()
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 14, 12, 96)
+    with torch.inference_mode():
+        whole = attn(x)  # 2 x 3 heads x 168 x 168 bias elements: one chunk
+        monkeypatch.setattr(image_encoder, "_MAX_BIAS_ELEMENTS", limit)
+        chunked = attn(x)
+    _assert_close(chunked, whole)
+    with torch.enable_grad():  # the autograd branch of the bias sum, chunked too
+        _assert_close(attn(x).detach(), whole)

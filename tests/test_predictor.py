@@ -139,3 +139,40 @@ def test_sam_contract_normalises_with_imagenet_statistics():
     expected = (200 - np.array([123.675, 116.28, 103.53])) / np.array([58.395, 57.12, 57.375])
     np.testing.assert_allclose(x[0, :, 0, 0].numpy(), expected, rtol=1e-6)
     assert float(x[0, :, 32:].abs().max()) == 0.0
+
+
+def test_fast_preparation_equals_the_reference_resize_on_real_slices(monkeypatch):
+    """The Predictor's default image preparation (separable operators) gives the same network
+    input as the contract's scikit-image resize on the bundled CT and MR slices, and the
+    ``exact_preprocessing`` switch runs the reference code itself."""
+    from medsam.demo import bundled_samples
+    from medsam.io import read_image
+    from medsam.preprocess_fast import prepare_image_fast
+    from medsam.segment import to_model_input
+
+    contract = get_contract("medsam", 1024)
+    samples = [s for s in bundled_samples() if s.kind == "2d"]
+    assert samples
+    for sample in samples:
+        pixels = to_model_input(read_image(sample.image))
+        ref, g1 = contract.prepare_image(pixels)
+        fast, g2 = prepare_image_fast(contract, pixels)
+        assert g1 == g2
+        assert torch.equal(ref, fast), sample.name
+    # flat plateaus at mid grey: the resized value is an integer up to float noise there, and
+    # the two operation orders may truncate it to neighbouring levels in a few pixels
+    grey = np.zeros((256, 256), np.uint8)
+    grey[50:200, 60:180] = 37
+    grey[100:150, 100:150] = 200
+    diff = (contract.prepare_image(grey)[0] - prepare_image_fast(contract, grey)[0]).abs()
+    assert diff.max().item() <= 1.01 / 200 and (diff > 1e-6).float().mean().item() < 2e-3  # measured 0.12 %
+
+    calls = []
+    real = contract.prepare_image.__func__
+    monkeypatch.setattr(type(contract), "prepare_image", lambda self, img: calls.append(1) or real(self, img))
+    model = medsam.build_model("vit_tiny").eval()
+    image = smooth_image(40, 50, seed=3)
+    medsam.Predictor(model).set_image(image)
+    assert calls == [] or model.contract != "medsam"
+    medsam.Predictor(model, exact_preprocessing=True).set_image(image)
+    assert calls == [1]

@@ -17,7 +17,7 @@ from medsam.train.config import ConfigError, TrainConfig, load_config
 from medsam.train.data import (
     AugmentOptions, EpochSampler, PromptOptions, SegmentationDataset, jitter_box, read_manifest,
 )
-from medsam.train.fast_prepare import prepare_image_fast
+from medsam.preprocess_fast import prepare_image_fast
 from medsam.train.lora import LoRALinear, apply_lora, has_lora, merge_lora
 from medsam.train.loop import lr_factor
 from medsam.train.losses import SegmentationLoss, dice_loss, mask_iou, sigmoid_focal_loss

@@ -89,6 +89,7 @@ class OnnxPredictor(Predictor):
             were exported; needs an export made with ``quantize="int8"``).
         threads: onnxruntime intra-op threads (default: onnxruntime's choice, all cores).
         providers: onnxruntime execution providers (default CPU).
+        exact_preprocessing: as for :class:`~medsam.Predictor`.
 
     ``set_image``, ``set_embedding``, ``predict``, ``embedding``, ``geometry`` behave as in
     :class:`~medsam.Predictor` and ``predict`` returns a :class:`~medsam.Prediction`. ``model`` is
@@ -102,6 +103,7 @@ class OnnxPredictor(Predictor):
         precision: str = "fp32",
         threads: int | None = None,
         providers: Sequence[str] | None = None,
+        exact_preprocessing: bool = False,
     ) -> None:
         if precision not in ("fp32", "int8"):
             raise ValueError(f"precision must be 'fp32' or 'int8', got {precision!r}")
@@ -109,6 +111,7 @@ class OnnxPredictor(Predictor):
         self.metadata = load_export_metadata(self.export_dir)
         self.contract = check_contract_spec(self.metadata["contract"])
         self.precision = precision
+        self.exact_preprocessing = exact_preprocessing  # as Predictor's
         files = self.metadata["files"]
 
         def pick(key: str, required: bool) -> Path | None:

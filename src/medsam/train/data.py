@@ -11,7 +11,7 @@ Corpus layout (written by the curation step)::
 
 The dataset is lazy: an item reads one slice file. Images are prepared exactly as the Predictor
 prepares them at inference (:meth:`medsam.preprocess.Contract.prepare_image`, through its faster
-equivalent :func:`medsam.train.fast_prepare.prepare_image_fast`), boxes are mapped with
+equivalent :func:`medsam.preprocess_fast.prepare_image_fast`), boxes are mapped with
 :meth:`Contract.transform_boxes`, so a trained model is used with the same contract it was trained
 with. Augmentations act on the original image and mask, before the contract.
 
@@ -36,7 +36,7 @@ from torch.utils.data import Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from ..preprocess import Contract, ImageGeometry
-from .fast_prepare import prepare_image_fast
+from ..preprocess_fast import prepare_image_fast
 
 MANIFEST_COLUMNS = (
     "dataset", "case", "slice", "label", "label_name", "modality",

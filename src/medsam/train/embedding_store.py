@@ -34,7 +34,7 @@ import torch
 from ..preprocess import Contract
 from ..zoom import ZoomPolicy, should_zoom, zoom_window
 from .data import ManifestRow, load_slice, mask_bbox
-from .fast_prepare import prepare_image_fast
+from ..preprocess_fast import prepare_image_fast
 
 FORMAT = "medsam-embedding-store/1"
 
