@@ -19,4 +19,8 @@ timeout 120 python3 benchmarks/run.py --device cuda --only image --repeats 10 > 
 echo "image exit $? after $(( $(date +%s) - start )) s"
 timeout 120 python3 benchmarks/run.py --device cuda --only agreement > "$OUT/agreement.log" 2>&1
 echo "agreement exit $? after $(( $(date +%s) - start )) s"
-tail -3 "$OUT/volume.log"; tail -2 "$OUT/image.log"; grep -A3 mask_agreement "$OUT/agreement.log"
+for group in encoder decoder; do
+  timeout 100 python3 benchmarks/run.py --device cuda --only $group --repeats 10 > "$OUT/$group.log" 2>&1
+  echo "$group exit $? after $(( $(date +%s) - start )) s"
+done
+tail -4 "$OUT/encoder.log"; tail -2 "$OUT/decoder.log"; tail -3 "$OUT/volume.log"; tail -2 "$OUT/image.log"; grep -A3 mask_agreement "$OUT/agreement.log"
