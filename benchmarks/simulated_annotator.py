@@ -19,20 +19,7 @@ import argparse
 import numpy as np
 from scipy import ndimage
 
-
-def next_click(pred: np.ndarray, gt: np.ndarray) -> tuple[int, int, int] | None:
-    """(x, y, label) of the next corrective click, or None when the mask is perfect."""
-    fn = gt & ~pred
-    fp = pred & ~gt
-    best = None
-    for region, label in ((fn, 1), (fp, 0)):
-        if not region.any():
-            continue
-        depth = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
-        y, x = np.unravel_index(np.argmax(depth), depth.shape)
-        if best is None or depth[y, x] > best[0]:
-            best = (depth[y, x], int(x), int(y), label)
-    return None if best is None else best[1:]
+from medsam.clicks import next_click
 
 
 def boundary_length(mask: np.ndarray) -> int:

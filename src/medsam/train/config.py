@@ -110,6 +110,12 @@ class DataSection:
             first k of them for the whole batch, k = 0 with probability ``1 - click_prob`` and
             else uniform in 1..clicks.
         click_prob: probability that a step's batch gets clicks.
+        click_source: ``random`` (each click drawn from the ground truth: positive inside the
+            object, negative in its box outside it) or ``errors`` (each click where the model's
+            own prediction from the box and the clicks so far is most wrong, as an annotator
+            clicks: :func:`medsam.clicks.add_error_clicks`; k gradient-free passes per step,
+            the loss on the prediction with all k clicks). Cheap with ``train.mode: decoder``
+            and cached embeddings; with a trained encoder every pass reruns it.
         cache_embeddings: folder of precomputed image embeddings (only with ``train.mode:
             decoder``; built on first use, reused while encoder, corpus and zoom settings are
             unchanged; see :mod:`medsam.train.embedding_store`). Pixel augmentations (flips,
@@ -136,6 +142,7 @@ class DataSection:
     mask_prompt_logit: float = 8.0
     clicks: int = 0
     click_prob: float = 0.5
+    click_source: str = "random"
     cache_embeddings: Optional[str] = None
     val_max_samples: int = 0
     augment: AugmentSection = field(default_factory=AugmentSection)
@@ -308,6 +315,8 @@ class TrainConfig:
         ):
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{key} must lie in [0, 1], got {value}")
+        if self.data.click_source not in ("random", "errors"):
+            raise ConfigError(f"data.click_source must be 'random' or 'errors', got {self.data.click_source!r}")
         if self.data.cache_embeddings:
             a = self.data.augment
             if self.train.mode != "decoder":

@@ -36,6 +36,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from ..clicks import add_error_clicks
 from ..preprocess import get_contract
 from .checkpoint import FORMAT, VERSION, load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig, dump_config
@@ -136,7 +137,7 @@ class Trainer:
             d.corpus, rows, self.contract, model.prompt_encoder.mask_input_size[0],
             prompts=PromptOptions(
                 d.box, d.jitter, d.jitter_mode, d.jitter_fraction, d.points, d.negative_points,
-                d.mask_prompt_prob, d.mask_prompt_logit, d.clicks,
+                d.mask_prompt_prob, d.mask_prompt_logit, d.clicks if d.click_source == "random" else 0,
             ),
             augment=AugmentOptions(
                 d.augment.flip_prob,
@@ -271,12 +272,12 @@ class Trainer:
         get = lambda k: batch[k].to(dev, non_blocking=nb) if k in batch else None  # noqa: E731
         points, point_labels = get("points"), get("point_labels")
         d = self.cfg.data
-        k = clicks_for_step(self.cfg.train.seed, self.global_step, d.clicks, d.click_prob) if "clicks" in batch else 0
-        if k:
+        k = clicks_for_step(self.cfg.train.seed, self.global_step, d.clicks, d.click_prob)
+        if k and "clicks" in batch:
             clicks, click_labels = get("clicks")[:, :k], get("click_labels")[:, :k]
             points = clicks if points is None else torch.cat([points, clicks], dim=1)
             point_labels = click_labels if point_labels is None else torch.cat([point_labels, click_labels], dim=1)
-        return {
+        inputs = {
             "images": get("image"),
             "embeddings": get("embedding"),
             "boxes": get("box"),
@@ -285,6 +286,10 @@ class Trainer:
             "mask_input": get("mask_input"),
             "has_mask": get("has_mask"),
         }
+        if k and d.click_source == "errors":
+            with self._autocast():
+                inputs = add_error_clicks(self.step_module, inputs, get("target"), k)
+        return inputs
 
     def _autocast(self):
         if self.amp_dtype is None:

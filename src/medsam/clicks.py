@@ -1,0 +1,78 @@
+"""Corrective clicks placed where a mask is most wrong, as an annotator (or a simulated one) does.
+
+The rule (the interactive-segmentation benchmarks' and ``benchmarks/simulated_annotator.py``'s):
+among the missed region (object pixels outside the mask) and the false region (mask pixels outside
+the object), click the pixel deepest inside either (largest Euclidean distance to its border, the
+image border counting as outside): a positive click in a missed region, a negative one in a false
+region. Training with ``data.click_source: errors`` places its clicks by the same rule on the
+model's own predictions, so the click sequences it learns from are the ones it will be given.
+
+Coordinates are pixel indices, x to the right and y down.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+
+def next_click(pred: np.ndarray, gt: np.ndarray) -> tuple[int, int, int] | None:
+    """(x, y, label) of the next corrective click for an (H, W) bool prediction against the (H, W)
+    bool ground truth, label 1 (positive) or 0 (negative); None when the mask is perfect."""
+    best = None
+    for region, label in ((gt & ~pred, 1), (pred & ~gt, 0)):
+        if not region.any():
+            continue
+        depth = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
+        y, x = np.unravel_index(np.argmax(depth), depth.shape)
+        if best is None or depth[y, x] > best[0]:
+            best = (depth[y, x], int(x), int(y), label)
+    return None if best is None else best[1:]
+
+
+def add_error_clicks(
+    forward: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    inputs: dict,
+    target: torch.Tensor,
+    rounds: int,
+) -> dict:
+    """``rounds`` corrective clicks from the model's own errors, for training.
+
+    Each round runs ``forward(**inputs)`` without gradients on the prompts so far, thresholds its
+    (B, 1, L, L) low-resolution logits at 0, compares them with ``target`` ((B, 1, S, S), the
+    object in the network input frame; resized to L x L by nearest neighbour when L != S) and
+    appends one click per sample by :func:`next_click`, mapped to the input frame (pixel centres
+    scaled by S / L). A sample whose prediction is already perfect gets a padding point (label
+    -1, SAM's "not a point"). Returns a copy of ``inputs`` whose ``points`` (B, P + rounds, 2)
+    and ``point_labels`` (B, P + rounds) carry the clicks after any points it had.
+    """
+    inputs = dict(inputs)
+    S = target.shape[-1]
+    gt_full = target.bool()
+    for _ in range(rounds):
+        with torch.no_grad():
+            logits, _ = forward(**inputs)
+        L = logits.shape[-1]
+        gt = gt_full if L == S else F.interpolate(gt_full.float(), size=(L, L), mode="nearest-exact").bool()
+        pred = (logits.detach().float() > 0).cpu().numpy()[:, 0]
+        truth = gt.cpu().numpy()[:, 0]
+        coords = np.zeros((len(pred), 1, 2), dtype=np.float32)
+        labels = np.full((len(pred), 1), -1, dtype=np.int64)
+        for i in range(len(pred)):
+            click = next_click(pred[i], truth[i])
+            if click is not None:
+                x, y, label = click
+                coords[i, 0] = ((x + 0.5) * S / L - 0.5, (y + 0.5) * S / L - 0.5)
+                labels[i, 0] = label
+        device = logits.device
+        pts = torch.from_numpy(coords).to(device)
+        labs = torch.from_numpy(labels).to(device)
+        if inputs.get("points") is not None:
+            pts = torch.cat([inputs["points"], pts.to(inputs["points"].dtype)], dim=1)
+            labs = torch.cat([inputs["point_labels"], labs.to(inputs["point_labels"].dtype)], dim=1)
+        inputs["points"], inputs["point_labels"] = pts, labs
+    return inputs
