@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import traceback
@@ -212,9 +211,8 @@ def vit_b_training_steps(results: dict, steps: int = 8, batch: int = 8) -> None:
     import torch
 
     import medsam
-    from medsam.train.losses import SegmentationLoss  # noqa: F401  (the project's loss)
 
-    dev = torch.device("cuda")
+    dev = torch.device(DEVICE)
     model = medsam.build_model("vit_b").to(dev).train()
     for p in model.prompt_encoder.parameters():
         p.requires_grad_(False)
@@ -224,10 +222,11 @@ def vit_b_training_steps(results: dict, steps: int = 8, batch: int = 8) -> None:
     boxes = torch.tensor([[100.0, 100.0, 600.0, 700.0]] * batch, device=dev)
     target = torch.zeros(batch, 1, 1024, 1024, device=dev)
     target[:, :, 100:700, 100:600] = 1
-    torch.cuda.reset_peak_memory_stats()
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for step in range(steps):
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
             emb = model.image_encoder(x)
@@ -237,13 +236,13 @@ def vit_b_training_steps(results: dict, steps: int = 8, batch: int = 8) -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - start)
     results["vit_b_train"] = {
         "batch": batch,
         "precision": "bf16 autocast",
         "step_seconds_median": sorted(times[2:])[len(times[2:]) // 2],
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan"),
         "final_loss": float(loss),
     }
 

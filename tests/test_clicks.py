@@ -66,13 +66,16 @@ def test_add_error_clicks_maps_low_res_clicks_to_the_input_frame():
     box[:, :, 2:14, 2:14] = True
     target = torch.zeros(1, 1, S, S, dtype=torch.uint8)
     target[:, :, 8:56, 8:56] = 1
-    target[:, :, 8:56, 48:56] = 0  # the right quarter of the box is not object (low-res cols 12-13)
+    target[:, :, 8:56, 40:56] = 0  # box columns 10-13 at L = 16 are not object,
+    target[:, :, 8:16, 8:56] = 0  # nor box rows 2-3: an L-shaped false region at L = 16
     out = add_error_clicks(_toy_forward(box), {"boxes": torch.zeros(1, 4)}, target, rounds=1)
+    gt = torch.nn.functional.interpolate(target.float(), size=(L, L), mode="nearest-exact").bool()[0, 0].numpy()
+    expected = next_click(box[0, 0].numpy(), gt)  # the rule itself, at L = 16
+    assert expected is not None and expected[2] == 0
     x, y = out["points"][0, 0].tolist()
     assert out["point_labels"][0, 0] == 0
-    # the false region at L = 16 is columns 12-13, rows 2-13: deepest pixel (12, 7) or its
-    # neighbours; in the 64 px frame a pixel centre (x + 0.5) * 4 - 0.5
-    assert 48 <= x <= 56 and 8 <= y <= 56 and (x + 0.5) % 4 == 2.0
+    # mapped to the 64 px frame: pixel centre (x + 0.5) * 4 - 0.5
+    assert (x, y) == ((expected[0] + 0.5) * 4 - 0.5, (expected[1] + 0.5) * 4 - 0.5)
 
 
 def test_config_checks_click_source():

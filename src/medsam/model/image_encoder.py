@@ -10,8 +10,9 @@ Parameter names follow the official checkpoints (``patch_embed.proj``, ``pos_emb
 
 Attention runs through :func:`torch.nn.functional.scaled_dot_product_attention` with the decomposed
 relative-position bias passed as an additive mask. For global attention the queries are processed
-in chunks, so a full (heads, 4096, 4096) attention map is never held in memory at once (except by
-inference on a GPU, where one image's map is one chunk: 1 GiB of bias in fp32, measured faster).
+in chunks, so a full (heads, 4096, 4096) attention map is never held in memory at once (except
+under ``torch.inference_mode`` on a GPU, where one image's map is one chunk: 1 GiB of bias in
+fp32, measured faster).
 
 At fp32 eager CPU inference (no autograd, no autocast, not traced or compiled) each block takes
 :meth:`Block._forward_cpu_inference`: the same operations, float rounding apart, arranged for two
@@ -35,13 +36,16 @@ from .common import LayerNorm2d, MLPBlock, eager_cpu_inference
 # Upper bound on the number of float elements of one attention-bias chunk (B*heads*q*k).
 # 2**24 elements = 64 MiB in fp32: large enough for efficient GEMMs, small enough to stay in memory.
 _MAX_BIAS_ELEMENTS = 1 << 24
-# The same bound for inference on a GPU: 2**28 elements (1 GiB in fp32) hold a whole ViT-B global
-# attention of one image (12 x 4096 x 4096), which an H200 ran 1.7x faster in fp32 and 1.5x in
-# bf16 than 13 chunks of 2**24 (benchmarks/gpu_check.py, docs/performance.md); the reference
-# holds that map 2-3 times over.
+# The same bound under torch.inference_mode on a GPU (Predictor.embed; not no_grad training
+# passes): 2**28 elements (1 GiB in fp32) hold a whole ViT-B global attention of one image
+# (12 x 4096 x 4096), which an H200 ran 1.7x faster in fp32 and 1.5x in bf16 than 13 chunks of
+# 2**24 (benchmarks/gpu_check.py, docs/performance.md); the reference holds that map 2-3 times over.
 _CUDA_INFERENCE_BIAS_ELEMENTS = 1 << 28
-# Tokens per MLP block at inference: a 512 x 3072 fp32 hidden block is 6 MiB.
+# Tokens per MLP block at inference without autograd on a CPU: a 512 x 3072 fp32 hidden block is
+# 6 MiB and stays in cache. On a GPU the blocks only bound memory: 16384 tokens (four 1024 px
+# images, a 192 MiB fp32 hidden block) per launch.
 _MLP_ROWS = 512
+_GPU_MLP_ROWS = 16384
 # Largest hidden-layer block of the MLP at fp32 CPU inference (4096 tokens x 3072 = 48 MiB).
 _CPU_MLP_HIDDEN_BYTES = 64 << 20
 # Score elements (queries x keys) of one head per step of the CPU attention with relative
@@ -225,7 +229,8 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v)
         else:
             rel_h, rel_w = _rel_pos_per_row(q, (H, W), self.rel_pos_h, self.rel_pos_w)
-            limit = _CUDA_INFERENCE_BIAS_ELEMENTS if q.is_cuda and not torch.is_grad_enabled() else _MAX_BIAS_ELEMENTS
+            gpu_inference = q.is_cuda and torch.is_inference_mode_enabled()
+            limit = _CUDA_INFERENCE_BIAS_ELEMENTS if gpu_inference else _MAX_BIAS_ELEMENTS
             rows_per_chunk = max(1, limit // (B * heads * W * n))
             outs = []
             buffer = None
@@ -423,11 +428,9 @@ class Block(nn.Module):
 
     def _mlp_in_place(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.view(-1, x.shape[-1])
-        if flat.device.type != "cpu":  # row blocks only spare a CPU's caches: one launch per layer
-            flat.add_(self.mlp(self.norm2(flat)))
-            return x
-        for r0 in range(0, flat.shape[0], _MLP_ROWS):
-            rows = flat[r0 : r0 + _MLP_ROWS]
+        step = _MLP_ROWS if flat.device.type == "cpu" else _GPU_MLP_ROWS
+        for r0 in range(0, flat.shape[0], step):
+            rows = flat[r0 : r0 + step]
             rows.add_(self.mlp(self.norm2(rows)))
         return x
 

@@ -113,9 +113,8 @@ class DataSection:
         click_source: ``random`` (each click drawn from the ground truth: positive inside the
             object, negative in its box outside it) or ``errors`` (each click where the model's
             own prediction from the box and the clicks so far is most wrong, as an annotator
-            clicks: :func:`medsam.clicks.add_error_clicks`; k gradient-free passes per step,
-            the loss on the prediction with all k clicks). Cheap with ``train.mode: decoder``
-            and cached embeddings; with a trained encoder every pass reruns it.
+            clicks: :func:`medsam.clicks.add_error_clicks`; k gradient-free decoder passes per
+            step on embeddings computed once, the loss on the prediction with all k clicks).
         cache_embeddings: folder of precomputed image embeddings (only with ``train.mode:
             decoder``; built on first use, reused while encoder, corpus and zoom settings are
             unchanged; see :mod:`medsam.train.embedding_store`). Pixel augmentations (flips,
@@ -317,6 +316,8 @@ class TrainConfig:
                 raise ConfigError(f"{key} must lie in [0, 1], got {value}")
         if self.data.click_source not in ("random", "errors"):
             raise ConfigError(f"data.click_source must be 'random' or 'errors', got {self.data.click_source!r}")
+        if self.data.click_source == "errors" and (self.data.clicks == 0 or self.data.click_prob == 0):
+            raise ConfigError("data.click_source=errors places data.clicks clicks: set data.clicks >= 1 and data.click_prob > 0")
         if self.data.cache_embeddings:
             a = self.data.augment
             if self.train.mode != "decoder":

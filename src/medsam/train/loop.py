@@ -287,8 +287,16 @@ class Trainer:
             "has_mask": get("has_mask"),
         }
         if k and d.click_source == "errors":
-            with self._autocast():
-                inputs = add_error_clicks(self.step_module, inputs, get("target"), k)
+            # The gradient-free rounds go through the unwrapped step (no DDP buffer syncs) on
+            # embeddings computed once (an encoder that is trained reruns only in the final pass;
+            # in train mode that extra pass also moves BatchNorm statistics, as any forward does).
+            probe = dict(inputs)
+            if probe["embeddings"] is None:
+                with torch.no_grad():
+                    probe["embeddings"] = self.step.model.image_encoder(probe["images"])
+                probe["images"] = None
+            clicked = add_error_clicks(self.step, probe, get("target"), k)
+            inputs["points"], inputs["point_labels"] = clicked["points"], clicked["point_labels"]
         return inputs
 
     def _autocast(self):
