@@ -90,11 +90,14 @@ def cuda_inference(results: dict) -> None:
         enc = {}
         enc["ref_fp32"] = timed(lambda: ref.image_encoder(x))
 
-        def ref_bf16():
-            with torch.autocast(DEVICE, dtype=torch.bfloat16):
-                ref.image_encoder(x)
+        def under_bf16(fn):
+            def run():
+                with torch.autocast(DEVICE, dtype=torch.bfloat16):
+                    return fn(x)
 
-        enc["ref_bf16_autocast"] = timed(ref_bf16)
+            return run
+
+        enc["ref_bf16_autocast"] = timed(under_bf16(ref.image_encoder))
         enc["ref_fp32_peak_extra_mib"] = peak_extra_mib(lambda: ref.image_encoder(x))
         # Chunk sizes of the global attention at GPU inference (medsam.model.image_encoder's
         # _CUDA_INFERENCE_BIAS_ELEMENTS): 13 chunks of 2**24 bias elements, 4 of 2**26, or one.
@@ -112,14 +115,9 @@ def cuda_inference(results: dict) -> None:
                     c = model.image_encoder(x).float()
                 row["rel_err_bf16_vs_ref_fp32"] = float((a - c).norm() / a.norm())
                 row["fp32"] = timed(lambda: model.image_encoder(x))
-
-                def ours_bf16():
-                    with torch.autocast(DEVICE, dtype=torch.bfloat16):
-                        model.image_encoder(x)
-
-                row["bf16_autocast"] = timed(ours_bf16)
+                row["bf16_autocast"] = timed(under_bf16(model.image_encoder))
                 row["fp32_peak_extra_mib"] = peak_extra_mib(lambda: model.image_encoder(x))
-                row["bf16_peak_extra_mib"] = peak_extra_mib(ours_bf16)
+                row["bf16_peak_extra_mib"] = peak_extra_mib(under_bf16(model.image_encoder))
             except Exception:
                 row["error"] = traceback.format_exc()
             variants[f"bias_chunk_2^{log2}"] = row
@@ -129,12 +127,7 @@ def cuda_inference(results: dict) -> None:
         enc["default_bias_chunk"] = default
         enc["ours_fp32"] = timed(lambda: model.image_encoder(x))
         enc["ours_fp32_peak_extra_mib"] = peak_extra_mib(lambda: model.image_encoder(x))
-
-        def ours_bf16():
-            with torch.autocast(DEVICE, dtype=torch.bfloat16):
-                model.image_encoder(x)
-
-        enc["ours_bf16_autocast"] = timed(ours_bf16)
+        enc["ours_bf16_autocast"] = timed(under_bf16(model.image_encoder))
         # A whole set_image (preprocessing of a 512 x 512 uint8 image included).
         image = np.random.default_rng(0).integers(0, 255, (512, 512, 3), dtype=np.uint8)
         predictor = medsam.Predictor(model)

@@ -72,6 +72,20 @@ def _weights_file(tmp: Path) -> Path:
 
 
 # ------------------------------------------------------------------ children
+def _timed_calls(run, repeats: int, sync) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``run`` after one warm-up call (``sync`` waits for
+    the device)."""
+    run()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - t)
+    return times
+
+
 def child(case: str, weights: str, device: str, repeats: int) -> dict:
     """Run one measurement in this (fresh) process and return its numbers."""
     import numpy as np
@@ -155,14 +169,7 @@ def child(case: str, weights: str, device: str, repeats: int) -> dict:
             def run():
                 predictor.set_image(img)
         with torch.inference_mode():
-            run()
-            sync()
-            for _ in range(repeats):
-                t = time.perf_counter()
-                run()
-                sync()
-                times.append(time.perf_counter() - t)
-        return {"seconds": times}
+            return {"seconds": _timed_calls(run, repeats, sync)}
     if what == "decoder":
         n = int(rest[0])
         H, W = 512, 512
@@ -187,14 +194,7 @@ def child(case: str, weights: str, device: str, repeats: int) -> dict:
 
             def run():
                 return predictor.predict(boxes=boxes).masks
-        run()
-        sync()
-        for _ in range(repeats):
-            t = time.perf_counter()
-            run()
-            sync()
-            times.append(time.perf_counter() - t)
-        return {"seconds": times}
+        return {"seconds": _timed_calls(run, repeats, sync)}
     if what == "volume":
         from medsam.volume import Box3D, segment_volume
 
