@@ -11,8 +11,8 @@ Parameter names follow the official checkpoints (``patch_embed.proj``, ``pos_emb
 Attention runs through :func:`torch.nn.functional.scaled_dot_product_attention` with the decomposed
 relative-position bias passed as an additive mask. For global attention the queries are processed
 in chunks, so a full (heads, 4096, 4096) attention map is never held in memory at once (except
-under ``torch.inference_mode`` on a GPU, where one image's map is one chunk: 1 GiB of bias in
-fp32, measured faster).
+under ``torch.inference_mode`` on a GPU, where one image's map is one chunk: 768 MiB of bias in
+fp32 for ViT-B, measured faster).
 
 At fp32 eager CPU inference (no autograd, no autocast, not traced or compiled) each block takes
 :meth:`Block._forward_cpu_inference`: the same operations, float rounding apart, arranged for two
