@@ -149,6 +149,26 @@ def test_stops_when_predicted_iou_falls_below_threshold():
     assert res.slices == [(10, 10)] and res.stop_reasons == [("low_iou", "low_iou")]
 
 
+def test_default_iou_stop_is_for_2d_boxes_only():
+    """By default a Box2D walk stops below IoU 0.5, a Box3D walk runs through its z-range (as the
+    release's 3D inference); an explicit threshold applies to both."""
+    truth = ellipsoid((10, 24, 24), (6, 14, 12))
+    zmin, zmax = zrange(truth)
+    low = lambda s, box: 0.3 if s != 10 else 0.9  # noqa: E731
+    x0, y0, x1, y1 = bbox2d(truth.any(axis=0))
+    box3d = Box3D(int(x0), int(y0), zmin, int(x1), int(y1), zmax)
+    res = segment_volume(FakePredictor(truth, iou=low), index_volume(), [box3d], key_slices=[10])
+    assert res.slices == [(zmin, zmax)] and res.stop_reasons == [("box_end", "box_end")]
+    np.testing.assert_array_equal(res.labels, truth.astype(np.uint8))
+    res = segment_volume(FakePredictor(truth, iou=low), index_volume(), [box3d], key_slices=[10], iou_threshold=0.5)
+    assert res.slices == [(10, 10)] and res.stop_reasons == [("low_iou", "low_iou")]
+    res = segment_volume(FakePredictor(truth, iou=low), index_volume(), [Box2D(*bbox2d(truth[10]), slice=10)])
+    assert res.slices == [(10, 10)] and res.stop_reasons == [("low_iou", "low_iou")]
+    res = segment_volume(FakePredictor(truth, iou=low), index_volume(), [Box2D(*bbox2d(truth[10]), slice=10)],
+                         iou_threshold=0.2)
+    assert res.slices == [(zmin, zmax)]
+
+
 def test_never_leaves_the_z_range_of_a_3d_box():
     truth = ellipsoid((10, 24, 24), (6, 14, 12))
     x0, y0, x1, y1 = bbox2d(truth.any(axis=0))

@@ -55,10 +55,13 @@ def _add_segment(sub) -> None:
     p.add_argument("--window", default=None, help="CT window: a name (soft_tissue, lung, brain, bone, liver) or LEVEL,WIDTH")
     p.add_argument("--series", default=None, help="DICOM SeriesInstanceUID when a folder holds several")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: automatic)")
-    p.add_argument("--iou-threshold", type=float, default=0.5, help="3D: stop propagation below this predicted IoU")
+    p.add_argument("--iou-threshold", type=float, default=None,
+                   help="volumes: stop propagation below this predicted IoU (default: 0.5 for 2D boxes "
+                        "with --slice; none inside a 3D box's slice range)")
     p.add_argument("--zoom", type=float, nargs="?", const=3.0, default=None, metavar="CONTEXT",
-                   help="2D: segment small boxes on a crop CONTEXT x the box's longest side (default 3), "
-                        "one extra embedding each; see medsam.zoom")
+                   help="segment small boxes on a crop CONTEXT x the box's longest side (default 3): "
+                        "2D boxes and 3D boxes of a volume (one extra embedding per box and slice); "
+                        "see medsam.zoom")
     p.set_defaults(func=_run_segment)
 
 

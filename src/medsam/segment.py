@@ -94,23 +94,25 @@ def segment_file(
     boxes with ``key_slice``. Coordinates are pixel/voxel indices (i, j, k) as the file stores
     them, inclusive. CVPR 2024 ``.npz`` cases carry their own boxes (``boxes`` must be empty).
     One box gives a 0/1 mask, several give labels 1..N (overlaps go to the highest score).
-    ``zoom`` (a :class:`medsam.zoom.ZoomPolicy`, 2D images only) segments small boxes on a
-    magnified crop around them.
+    ``zoom`` (a :class:`medsam.zoom.ZoomPolicy`) segments small boxes on a magnified crop around
+    them: 2D boxes by :func:`medsam.zoom.predict_with_zoom`, 3D boxes of a volume on every slice
+    (:func:`medsam.volume.segment_volume`); 2D boxes on a volume (``key_slice``) are not zoomed.
     """
     input_path = Path(input_path)
     output_path = Path(output_path)
     if not input_path.exists():
         raise FileNotFoundError(f"input not found: {input_path}")
     if input_path.suffix == ".npz":
-        return _segment_npz(input_path, output_path, boxes, model, checkpoint, device, contract, log)
+        return _segment_npz(input_path, output_path, boxes, model, checkpoint, device, contract, zoom, log)
 
     image = read_image(input_path, series_uid=series_uid)
     if image.is_volume:
+        options = dict(volume_options or {})
         if zoom is not None:
-            raise ValueError("zoom applies to 2D images; volumes are segmented by propagation without it")
+            options["zoom"] = zoom
         return _segment_volume_file(
             image, output_path, boxes, key_slice, model, checkpoint, overlay_path, scores_path,
-            modality, window, device, contract, volume_options or {}, log,
+            modality, window, device, contract, options, log,
         )
     if key_slice is not None:
         raise ValueError("--slice only applies to volumes; the input is a 2D image")
@@ -240,6 +242,9 @@ def _segment_volume_file(image, output_path, boxes, key_slice, model, checkpoint
     model = model if model is not None else _load(checkpoint, device, contract, log)
     predictor = Predictor(model, contract=contract)
     result = segment_volume(predictor, pixels, prompts, **options)
+    if options.get("zoom") is not None:
+        log(f"zoom: {sum(result.zoomed)} of {len(prompts)} objects segmented on a magnified crop "
+            f"({result.crop_embeddings_computed} crop embeddings)")
     report = {
         "input": str(image.source_path), "boxes": [list(map(float, b)) for b in boxes],
         "model": _model_description(model, checkpoint), "contract": predictor.contract.name,
@@ -250,6 +255,8 @@ def _segment_volume_file(image, output_path, boxes, key_slice, model, checkpoint
             for i, (r, (up, down), sc) in enumerate(zip(result.slices, result.stop_reasons, result.scores))
         ],
         "embeddings_computed": result.embeddings_computed,
+        "zoomed": [bool(z) for z in result.zoomed],
+        "crop_embeddings_computed": result.crop_embeddings_computed,
     }
     labels = result.labels
     if len(prompts) == 1:
@@ -271,7 +278,7 @@ def _segment_volume_file(image, output_path, boxes, key_slice, model, checkpoint
     return SegmentationOutput(*written, labels=labels, scores=[], extra=report)
 
 
-def _segment_npz(input_path, output_path, boxes, model, checkpoint, device, contract, log):
+def _segment_npz(input_path, output_path, boxes, model, checkpoint, device, contract, zoom, log):
     from .io import read_npz_case, write_npz_segs
     from .volume import segment_npz_case
 
@@ -282,6 +289,6 @@ def _segment_npz(input_path, output_path, boxes, model, checkpoint, device, cont
     case = read_npz_case(input_path)
     model = model if model is not None else _load(checkpoint, device, contract, log)
     predictor = Predictor(model, contract=contract)
-    segs = segment_npz_case(predictor, case)
+    segs = segment_npz_case(predictor, case, zoom=zoom)
     write_npz_segs(output_path, segs, spacing=case.spacing)
     return SegmentationOutput(output_path, None, None, labels=segs, scores=[])

@@ -38,12 +38,15 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
 from .embedding_cache import EmbeddingCache, encoder_fingerprint, slice_key
 from .predictor import PromptError, masks_to_label_map
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .zoom import ZoomPolicy
 
 __all__ = [
     "Box2D",
@@ -106,6 +109,11 @@ class VolumeSegmentation:
         cache_hits: embeddings read from the on-disk :class:`EmbeddingCache`.
         memory_hits: embeddings reused from the in-memory LRU (a slice needed by several objects
             in different sweeps).
+        zoomed: per object, True when at least one of its slices was segmented on a magnified
+            crop (``zoom``).
+        crop_embeddings_computed: crops (one per small box and slice) run through the image
+            encoder.
+        crop_cache_hits: crop embeddings read from the on-disk :class:`EmbeddingCache`.
     """
 
     labels: np.ndarray
@@ -116,6 +124,9 @@ class VolumeSegmentation:
     embeddings_computed: int = 0
     cache_hits: int = 0
     memory_hits: int = 0
+    zoomed: list[bool] = field(default_factory=list)
+    crop_embeddings_computed: int = 0
+    crop_cache_hits: int = 0
 
 
 # ----------------------------------------------------------------------------- internals
@@ -151,12 +162,14 @@ class _Track:
     key_box: np.ndarray  # (4,) prompt on the key slice
     limit: tuple[int, int, int, int]  # in-plane clip (x0, y0, x1, y1), inclusive
     end_reason: str  # "box_end" or "volume_end"
+    iou_stop: float  # a propagated slice with a predicted IoU below this ends the walk
     up: tuple | None = None  # (box, logits) of the last kept slice going up; None = not walking
     down: tuple | None = None
     kept: dict = field(default_factory=dict)  # slice -> (y0, x0, mask crop, score crop | None)
     scores: dict = field(default_factory=dict)
     reasons: list = field(default_factory=lambda: ["", ""])
     resolved: int = 0  # slices of [lo, hi] decided (predicted or given up), for progress
+    zoomed: bool = False  # segmented on a zoom crop on at least one slice
 
 
 def _check_inplane(x0, y0, x1, y1, H, W, what) -> None:
@@ -172,7 +185,12 @@ def _prompt_box(x0: int, y0: int, x1: int, y1: int, H: int, W: int) -> np.ndarra
     return np.array([x0, y0, min(max(x1, x0 + 1), W), min(max(y1, y0 + 1), H)], dtype=np.float64)
 
 
-def _make_tracks(prompts, key_slices, S, H, W, margin) -> list[_Track]:
+# Default IoU stop of a walk with no other end than the object's (Box2D); a Box3D's walk has its
+# z-range and by default no IoU stop.
+BOX2D_IOU_THRESHOLD = 0.5
+
+
+def _make_tracks(prompts, key_slices, S, H, W, margin, iou_threshold: float | None) -> list[_Track]:
     if key_slices is not None and len(key_slices) != len(prompts):
         raise PromptError(f"key_slices has {len(key_slices)} entries for {len(prompts)} boxes")
     tracks = []
@@ -193,7 +211,7 @@ def _make_tracks(prompts, key_slices, S, H, W, margin) -> list[_Track]:
                 min(p.x1 + margin, W - 1), min(p.y1 + margin, H - 1),
             )
             tracks.append(_Track(n, key, p.z0, p.z1, _prompt_box(p.x0, p.y0, p.x1, p.y1, H, W),
-                                 limit, "box_end"))
+                                 limit, "box_end", -np.inf if iou_threshold is None else iou_threshold))
         else:
             _check_inplane(p.x0, p.y0, p.x1, p.y1, H, W, f"box {n}")
             if not 0 <= p.slice < S:
@@ -201,7 +219,8 @@ def _make_tracks(prompts, key_slices, S, H, W, margin) -> list[_Track]:
             if override is not None and int(override) != p.slice:
                 raise PromptError(f"box {n}: key_slices[{n}]={override} contradicts Box2D.slice={p.slice}")
             tracks.append(_Track(n, p.slice, 0, S - 1, _prompt_box(p.x0, p.y0, p.x1, p.y1, H, W),
-                                 (0, 0, W - 1, H - 1), "volume_end"))
+                                 (0, 0, W - 1, H - 1), "volume_end",
+                                 BOX2D_IOU_THRESHOLD if iou_threshold is None else iou_threshold))
     return tracks
 
 
@@ -267,6 +286,52 @@ class _SliceEmbedder:
             self.lru.pop(s, None)  # never needed again
 
 
+class _CropSegmenter:
+    """Segments small boxes on a magnified crop of a slice, as :func:`medsam.zoom.predict_with_zoom`
+    does in 2D: the crop's embedding (through the on-disk cache if given) in a second predictor,
+    the box shifted into the crop."""
+
+    def __init__(self, predictor, frame: np.ndarray, cache: EmbeddingCache | None, policy: "ZoomPolicy",
+                 crop_predictor=None):
+        if crop_predictor is None:
+            from .predictor import Predictor
+
+            crop_predictor = Predictor(
+                predictor.model, contract=predictor.contract.name,
+                precision=getattr(predictor, "precision", "fp32"),
+            )
+        self.predictor = crop_predictor
+        self.frame = frame
+        self.cache = cache
+        self.policy = policy
+        self.current: tuple | None = None
+        self.computed = 0
+        self.cache_hits = 0
+
+    def wants(self, box: np.ndarray) -> bool:
+        """Whether ``box`` (full-slice coordinates) is small enough to be segmented on a crop."""
+        from .zoom import should_zoom
+
+        return should_zoom(box, self.frame.shape[1:3], self.policy)
+
+    def predict(self, s: int, box: np.ndarray):
+        """Prediction of ``box`` (full-slice coordinates) on its crop of slice ``s`` and the crop
+        window ``(y0, y1, x0, x1)``; masks, scores and logits are in the crop's frame."""
+        from .embedding_cache import set_image_cached
+        from .zoom import zoom_window
+
+        window = zoom_window(box, self.frame.shape[1:3], self.policy.context, self.policy.min_side)
+        y0, y1, x0, x1 = window
+        if self.current != (s, window):
+            crop = np.ascontiguousarray(self.frame[s, y0:y1, x0:x1])
+            if set_image_cached(self.predictor, crop, self.cache):
+                self.cache_hits += 1
+            else:
+                self.computed += 1
+            self.current = (s, window)
+        return self.predictor.predict(boxes=(box - np.array([x0, y0, x0, y0], dtype=np.float64))[None]), window
+
+
 def _to_uint8_volume(volume: np.ndarray) -> np.ndarray:
     """Non-uint8 data: one min-max scaling over the whole volume (not per slice)."""
     if volume.dtype == np.uint8:
@@ -289,12 +354,14 @@ def segment_volume(
     *,
     axis: int = 0,
     key_slices: Sequence[int | None] | None = None,
-    iou_threshold: float = 0.5,
+    iou_threshold: float | None = None,
     box_margin: int = 3,
     use_mask_prompt: bool = False,
     cache: EmbeddingCache | None = None,
     progress: Callable[[int, int], None] | None = None,
     max_cached_slices: int = 32,
+    zoom: "ZoomPolicy | None" = None,
+    crop_predictor: Any = None,
 ) -> VolumeSegmentation:
     """Segment objects in a volume by propagating 2D box prompts from key slices.
 
@@ -312,7 +379,12 @@ def segment_volume(
         key_slices: optional per-object key slice (``None`` entries = default). Default for a
             Box3D: the middle slice ``(z0 + z1) // 2``; for a Box2D its ``slice``.
         iou_threshold: a propagated slice whose predicted IoU is below this ends the walk in that
-            direction (that slice's mask is discarded). The key slice is always kept.
+            direction (that slice's mask is discarded). The key slice is always kept. Default
+            (None): 0.5 for :class:`Box2D` objects, whose walk has no other end than the
+            object's; no IoU stop for :class:`Box3D` objects, whose z-range bounds the walk (as
+            the release's 3D inference, which walks to ``z0`` and ``z1``). On the held-out CT
+            case a 0.5 stop inside 3D boxes cost 0.045 DSC (``benchmarks/volume_zoom.py``,
+            docs/model-card.md); MedSAM's release never trained its IoU head.
         box_margin: pixels added on each side of the neighbouring mask's bounding box.
         use_mask_prompt: also give the neighbouring slice's low-resolution logits as
             ``mask_input``.
@@ -323,6 +395,14 @@ def segment_volume(
             has ``done == total``.
         max_cached_slices: in-memory LRU size in embeddings (64x64x256 float32 = 4 MiB each for
             the official models).
+        zoom: optional :class:`medsam.zoom.ZoomPolicy`: on every slice, a prompt box that the
+            policy calls small is segmented as :func:`medsam.zoom.predict_with_zoom` does in
+            2D, on a square crop centred on that box (``context`` x its longest side) magnified
+            to the network input: one extra embedding per such (object, slice); a slice whose
+            objects are all small is never embedded whole. Mask prompts (``use_mask_prompt``)
+            pass only between two whole-slice predictions of an object.
+        crop_predictor: the predictor that embeds the crops (default: a new one on
+            ``predictor.model`` with its contract and precision).
 
     Returns:
         :class:`VolumeSegmentation`; ``labels`` has the input's spatial shape and axis order.
@@ -331,9 +411,9 @@ def segment_volume(
     up (increasing slice index) and then down. Each next slice is prompted with the bounding box
     of the previous slice's mask expanded by ``box_margin`` and clipped to the image (for a
     Box3D also to its in-plane extent plus ``box_margin``). A direction stops when the mask is
-    empty or the predicted IoU is below ``iou_threshold`` (unlike the release, which fell back to
-    the middle box on an empty slice), and never leaves a Box3D's ``z0..z1``; a Box2D may run to
-    the volume's ends. Where objects overlap, a voxel goes to the object with the highest
+    empty or the predicted IoU is below the object's IoU threshold (unlike the release, which fell
+    back to the middle box on an empty slice), and never leaves a Box3D's ``z0..z1``; a Box2D may
+    run to the volume's ends. Where objects overlap, a voxel goes to the object with the highest
     per-pixel score (probability, or logit for the ``sam`` contract), ties to the lower label.
 
     Embeddings. All objects advance together: one sweep up over the slices in increasing order,
@@ -363,8 +443,9 @@ def segment_volume(
     if n_obj > np.iinfo(np.uint16).max:
         raise ValueError(f"too many objects ({n_obj}) for a uint16 label map")
     label_dtype = np.uint8 if n_obj <= 255 else np.uint16
-    tracks = _make_tracks(prompts, key_slices, S, H, W, margin)
+    tracks = _make_tracks(prompts, key_slices, S, H, W, margin, iou_threshold)
     embedder = _SliceEmbedder(predictor, frame, cache, max_cached_slices)
+    cropper = None if zoom is None else _CropSegmenter(predictor, frame, cache, zoom, crop_predictor)
     total = sum(t.hi - t.lo + 1 for t in tracks)
     need_scores = n_obj > 1
 
@@ -372,9 +453,17 @@ def segment_volume(
         if progress is not None:
             progress(sum(t.resolved for t in tracks), total)
 
-    def run_slice(s: int, tasks: list[tuple[_Track, str, np.ndarray, np.ndarray | None]]) -> None:
-        """Decode all tasks on slice s (embedding already active) and update the tracks."""
-        groups = [[t for t in tasks if t[3] is None], [t for t in tasks if t[3] is not None]]
+    def run_slice(s: int, tasks: list[tuple[_Track, str, np.ndarray, np.ndarray | None]], keep: bool) -> None:
+        """Decode all tasks on slice s and update the tracks: objects on the whole slice in
+        batched calls on its embedding (activated here, kept in memory if ``keep``), small boxes
+        (with ``zoom``) one by one on their crops. A task's logits are ``(logits, window)``,
+        ``window`` None for whole-slice logits."""
+        small = [cropper is not None and cropper.wants(t[2]) for t in tasks]
+        whole = [(tr, d, box, None if lg is None or lg[1] is not None else lg[0])
+                 for (tr, d, box, lg), z in zip(tasks, small) if not z]
+        if whole:
+            embedder.activate(s, keep)
+        groups = [[t for t in whole if t[3] is None], [t for t in whole if t[3] is not None]]
         for group in groups:
             if not group:
                 continue
@@ -383,9 +472,17 @@ def segment_volume(
                 kwargs["mask_input"] = np.stack([g[3] for g in group])
             pred = predictor.predict(**kwargs)
             for i, (tr, direction, _box, _) in enumerate(group):
-                _handle(tr, direction, s, pred, i)
+                _handle(tr, direction, s, pred, i, (0, 0), None)
+        for (tr, direction, box, _), z in zip(tasks, small):
+            if z:
+                pred, window = cropper.predict(s, box)
+                tr.zoomed = True
+                _handle(tr, direction, s, pred, 0, (window[0], window[2]), window)
 
-    def _handle(tr: _Track, direction: str, s: int, pred, i: int) -> None:
+    def _handle(tr: _Track, direction: str, s: int, pred, i: int, offset: tuple[int, int], window) -> None:
+        """Record prompt ``i`` of ``pred``, whose masks lie at ``offset`` (row, column) of the
+        slice (the corner of the zoom crop ``window``, or (0, 0) and None), and set the
+        object's next prompt."""
         mask = np.asarray(pred.masks[i], dtype=bool)
         score = float(np.asarray(pred.scores[i]).reshape(-1)[0])
         tr.resolved += 1
@@ -398,7 +495,7 @@ def segment_volume(
                 return
         else:
             side = 0 if direction == "up" else 1
-            reason = "empty" if empty else ("low_iou" if score < iou_threshold else "")
+            reason = "empty" if empty else ("low_iou" if score < tr.iou_stop else "")
             if reason:
                 tr.reasons[side] = reason
                 tr.resolved += (tr.hi - s) if direction == "up" else (s - tr.lo)
@@ -414,9 +511,11 @@ def segment_volume(
         if need_scores:
             maps = pred.score_maps(i)
             score_crop = np.asarray(maps[0][y0 : y1 + 1, x0 : x1 + 1], dtype=np.float32).copy()
+        oy, ox = offset
+        y0, y1, x0, x1 = y0 + oy, y1 + oy, x0 + ox, x1 + ox
         tr.kept[s] = (y0, x0, crop, score_crop)
         tr.scores[s] = score
-        logits = np.asarray(pred.low_res_logits[i], dtype=np.float32).copy() if use_mask_prompt else None
+        logits = (np.asarray(pred.low_res_logits[i], dtype=np.float32).copy(), window) if use_mask_prompt else None
         state = (_next_box((x0, y0, x1, y1), tr.limit, margin, H, W), logits)
         if direction in ("key", "up"):
             tr.up = state if s < tr.hi else None
@@ -443,8 +542,7 @@ def segment_volume(
                 continue
             # a slice is needed again in the down sweep if an object with a higher key may reach it
             keep = any(t.key > s and t.lo <= s for t in tracks)
-            embedder.activate(s, keep)
-            run_slice(s, tasks)
+            run_slice(s, tasks, keep)
             report()
         # ---- sweep down: downward walks, in decreasing slice order
         for s in range(keys[-1] - 1, -1, -1):
@@ -453,8 +551,7 @@ def segment_volume(
                 if not any(t.down is not None for t in tracks):
                     break
                 continue
-            embedder.activate(s, keep=False)
-            run_slice(s, tasks)
+            run_slice(s, tasks, keep=False)
             report()
 
     # ---- assemble the label map: overlaps go to the highest score
@@ -489,6 +586,9 @@ def segment_volume(
         embeddings_computed=embedder.computed,
         cache_hits=embedder.cache_hits,
         memory_hits=embedder.memory_hits,
+        zoomed=[t.zoomed for t in tracks],
+        crop_embeddings_computed=0 if cropper is None else cropper.computed,
+        crop_cache_hits=0 if cropper is None else cropper.cache_hits,
     )
 
 
@@ -498,6 +598,7 @@ def segment_npz_case(
     *,
     cache: EmbeddingCache | None = None,
     progress: Callable[[int, int], None] | None = None,
+    zoom: "ZoomPolicy | None" = None,
     **volume_options: Any,
 ) -> np.ndarray:
     """Segment a CVPR 2024 challenge case (:class:`medsam.io.npz.NpzCase`); returns ``segs``.
@@ -508,6 +609,10 @@ def segment_npz_case(
     * 3D case (``imgs`` (D, H, W), ``boxes`` (N, 6) ``[x0, y0, z0, x1, y1, z1]``):
       :func:`segment_volume` with one :class:`Box3D` per row (axis 0); ``volume_options``
       (``iou_threshold``, ``box_margin``, ``use_mask_prompt``, ...) are passed on.
+
+    ``zoom`` (a :class:`medsam.zoom.ZoomPolicy`) segments small boxes on a magnified crop: in a
+    2D case by :func:`medsam.zoom.predict_with_zoom`, in a 3D case as :func:`segment_volume`
+    describes.
 
     Box corners are inclusive indices. Returns uint8 labels with the spatial shape of ``imgs``,
     label ``n + 1`` for ``boxes[n]`` (0 = background). At most 255 boxes.
@@ -524,7 +629,7 @@ def segment_npz_case(
     if case.is_volume:
         prompts = [Box3D.from_array(b) for b in boxes]
         result = segment_volume(predictor, case.imgs, prompts, cache=cache, progress=progress,
-                                **volume_options)
+                                zoom=zoom, **volume_options)
         return result.labels.astype(np.uint8)
     if volume_options:
         raise TypeError(f"options {sorted(volume_options)} apply to 3D cases only")
@@ -536,8 +641,13 @@ def segment_npz_case(
         _check_inplane(x0, y0, x1, y1, H, W, "box")
         prompt.append(_prompt_box(x0, y0, x1, y1, H, W))
     set_image_cached(predictor, imgs, cache)
-    pred = predictor.predict(boxes=np.stack(prompt))
-    labels = masks_to_label_map(pred).astype(np.uint8)
+    if zoom is not None:
+        from .zoom import predict_with_zoom
+
+        zoomed = predict_with_zoom(predictor, imgs, np.stack(prompt), zoom, score_maps=True)
+        labels = zoomed.label_map().astype(np.uint8)
+    else:
+        labels = masks_to_label_map(predictor.predict(boxes=np.stack(prompt))).astype(np.uint8)
     if progress is not None:
         progress(n, n)
     return labels
