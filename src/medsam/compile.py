@@ -5,8 +5,12 @@
 
     model = compile_model(medsam.load_model("medsam_vit_b.pth"))   # compiles lazily, on first use
     predictor = medsam.Predictor(model)
-    predictor.set_image(image)      # first call: compilation (tens of seconds on a CPU), then fast
+    predictor.set_image(image)      # first call: compilation (35-140 s on a 2-core CPU)
     predictor.predict(boxes=...)
+
+On a CPU the compiled encoders measured slower than eager PyTorch (ViT-B 4.98 s vs 3.60 s,
+LiteMedSAM 0.60 s vs 0.39 s, docs/export.md): inductor compiles the plain module forward, not the
+eager CPU inference paths. Compile for a GPU or for training, not for CPU inference.
 
 The modules are compiled in place (``nn.Module.compile``): parameter names, ``state_dict``,
 ``save_model`` and the embedding-cache fingerprint are unchanged, and :func:`uncompile_model`
