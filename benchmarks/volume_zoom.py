@@ -8,8 +8,12 @@ prompted with the exact 3D bounding box of its label and segmented by
 with ``zoom`` (:class:`medsam.zoom.ZoomPolicy`). Per object: 3D DSC and NSD (2 mm, the voxel
 spacing of the series), printed with the paired differences and a 95 % bootstrap interval.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/volume_zoom.py             # default model
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/volume_zoom.py --checkpoint lite_medsam.pth --json out.json
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/volume_zoom.py --json new.json   # default model
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/volume_zoom.py --iou-threshold 0.5 --against new.json
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/volume_zoom.py --checkpoint lite_medsam.pth
+
+``--against`` prints the paired differences of each run (whole slices, zoom) from the same run
+stored in an earlier ``--json`` file (same case and objects).
 
 The series is read from the verified TotalSegmentator 2.18.0 sdist (``medsam.curate.demo_corpus``
 fetches it through pip once and checks it; offline afterwards).
@@ -27,6 +31,7 @@ import numpy as np
 def load_case():
     """(uint8 volume (Z, Y, X) in the soft-tissue window, label volume, spacing (z, y, x), names)."""
     from medsam.curate.demo_corpus import extract_totalsegmentator
+    from medsam.curate.dataset_spec import nifti_label_names
     from medsam.curate.prepare import align_label
     from medsam.io import read_image
     from medsam.segment import to_model_input
@@ -37,24 +42,12 @@ def load_case():
     # the NIfTI stores the series with its row axis reversed: put it on the image's voxel grid
     lab, _ = align_label(image, label, mode="reorient")
     lab = np.asarray(lab)
-    names = label_names()
+    names = nifti_label_names(root / "example_seg_dicom.nii.gz")  # TotalSegmentator's header table
     pixels = to_model_input(image, "CT", "soft_tissue")
     if lab.shape != pixels.shape:
         raise SystemExit(f"label shape {lab.shape} != image shape {pixels.shape}")
-    spacing = tuple(float(s) for s in reversed(image.spacing))  # (z, y, x)
+    spacing = tuple(float(s) for s in image.spacing_zyx)
     return pixels, lab, spacing, names
-
-
-def label_names() -> dict[int, str]:
-    """TotalSegmentator's class names, from the demo samples' table (the classes this case holds)."""
-    import importlib.resources
-
-    table = json.loads(importlib.resources.files("medsam.data.samples").joinpath("samples.json").read_text())
-    names: dict[int, str] = {}
-    for sample in table["samples"]:
-        if sample["corpus_case"].startswith("totalseg_ct/"):
-            names.update({int(k): v for k, v in sample["label_names"].items()})
-    return names
 
 
 def boxes_of(label: np.ndarray, min_voxels: int) -> tuple[list[int], list[list[int]]]:
@@ -95,6 +88,7 @@ def main() -> None:
                              "inside a 3D box)")
     parser.add_argument("--min-voxels", type=int, default=50, help="skip labels smaller than this")
     parser.add_argument("--json", default=None, help="also write per-object results here")
+    parser.add_argument("--against", default=None, help="a --json file of an earlier run: print paired differences")
     args = parser.parse_args()
 
     import torch
@@ -118,7 +112,7 @@ def main() -> None:
         seconds = time.perf_counter() - start
         runs[name] = {
             "seconds": seconds, "scores": score(result.labels, label, ids, spacing),
-            "zoomed": list(result.zoomed) or [False] * len(ids),
+            "zoomed": list(result.zoomed),
             "embeddings": result.embeddings_computed, "crop_embeddings": result.crop_embeddings_computed,
         }
         print(f"{name}: {seconds:.1f} s, {result.embeddings_computed} slice embeddings, "
@@ -128,7 +122,7 @@ def main() -> None:
     print(f"\n{'structure':32s} {'voxels':>7s} zoomed  DSC whole -> zoom   NSD whole -> zoom")
     for k, i in enumerate(ids):
         (dw, nw), (dz, nz) = whole["scores"][k], zoomed["scores"][k]
-        name = names.get(i, "label %d" % i)
+        name = names.get(i, f"label_{i}")
         print(f"{name:32s} {int((label == i).sum()):7d} {'yes' if zoomed['zoomed'][k] else '  -'}   "
               f"{dw:.3f} -> {dz:.3f}    {nw:.3f} -> {nz:.3f}")
     for subset, mask in (("all objects", np.ones(len(ids), bool)), ("zoomed objects", np.array(zoomed["zoomed"], bool))):
@@ -140,9 +134,22 @@ def main() -> None:
             lo, hi = bootstrap(b - a)
             print(f"{subset} (n={int(mask.sum())}) {m}: whole {a.mean():.3f}, zoom {b.mean():.3f}, "
                   f"difference {float((b - a).mean()):+.3f} [{lo:+.3f}, {hi:+.3f}]")
+    if args.against:
+        with open(args.against) as f:
+            other = json.load(f)
+        if other["ids"] != ids:
+            raise SystemExit(f"{args.against} scored other objects")
+        for name in runs:
+            for m, j in (("DSC", 0), ("NSD", 1)):
+                a = np.array([s[j] for s in other["runs"][name]["scores"]])
+                b = np.array([s[j] for s in runs[name]["scores"]])
+                lo, hi = bootstrap(b - a)
+                print(f"{name}, this run minus {args.against} (n={len(ids)}) {m}: {a.mean():.3f} -> {b.mean():.3f}, "
+                      f"difference {float((b - a).mean()):+.3f} [{lo:+.3f}, {hi:+.3f}], "
+                      f"better by > 0.01: {int((b - a > 0.01).sum())}, worse by > 0.01: {int((b - a < -0.01).sum())}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"ids": ids, "names": [names.get(i, "label %d" % i) for i in ids], "boxes": boxes,
+            json.dump({"ids": ids, "names": [names.get(i, f"label_{i}") for i in ids], "boxes": boxes,
                        "spacing": spacing, "runs": runs}, f, indent=1)
 
 

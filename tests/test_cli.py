@@ -184,3 +184,29 @@ def test_segment_npz_case(tmp_path):
     segs = np.load(out)["segs"]
     assert segs.shape == (64, 64) and segs.dtype == np.uint8 and set(np.unique(segs)) <= {0, 1, 2}
     assert read_npz_case(src).n_boxes == 2
+
+
+def test_segment_npz_iou_threshold_reaches_3d_cases_only(tmp_path, capsys):
+    from medsam.io import read_npz_case
+    from medsam.model.registry import build_model
+    from medsam.predictor import Predictor
+    from medsam.volume import segment_npz_case
+
+    vol = np.stack([smooth_image(48, 48, seed=3)] * 5)
+    src = tmp_path / "3DBox_case.npz"
+    np.savez_compressed(src, imgs=vol, boxes=np.array([[6, 6, 0, 40, 40, 4]]), spacing=[1.0, 1.0, 2.0])
+    runs = {}
+    for threshold in ("0.99", "-1e9"):
+        out = tmp_path / f"out_{threshold}.npz"
+        assert main(["segment", str(src), f"--iou-threshold={threshold}", "-o", str(out)]) == 0
+        runs[threshold] = np.load(out)["segs"]
+    assert not np.array_equal(runs["0.99"], runs["-1e9"])  # the random model's IoUs lie between
+    torch.manual_seed(0)
+    model = build_model("vit_tiny").eval()  # the test's default model (see small_default_model)
+    for threshold, segs in runs.items():
+        expected = segment_npz_case(Predictor(model), read_npz_case(src), iou_threshold=float(threshold))
+        np.testing.assert_array_equal(segs, expected)
+    two_d = tmp_path / "2DBox_case.npz"
+    np.savez_compressed(two_d, imgs=vol[0], boxes=np.array([[6, 6, 40, 40]]))
+    assert main(["segment", str(two_d), "--iou-threshold", "0.5", "-o", str(tmp_path / "o2.npz")]) == 2
+    assert "applies to 3D cases" in capsys.readouterr().err

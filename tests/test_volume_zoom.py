@@ -28,10 +28,11 @@ class LocatingPredictor(FakePredictor):
     the crop's frame (mask = box AND truth) and every crop's window is checked against the zoom
     policy's window for the box it is asked about."""
 
-    def __init__(self, truth, volume, policy=None):
+    def __init__(self, truth, volume, policy=None, pixel=0.8):
         super().__init__(truth)
         self.volume = volume
         self.policy = policy
+        self.pixel = pixel
         self.where: dict[bytes, tuple[int, int, int]] = {}
         S_, H_, W_ = volume.shape
         for s in range(S_):
@@ -64,7 +65,7 @@ class LocatingPredictor(FakePredictor):
             region[max(y0, 0) : y1 + 1, max(x0, 0) : x1 + 1] = True
             m = region & self.truth[s, oy : oy + h, ox : ox + w]
             masks.append(m)
-            maps.append(m.astype(np.float32) * 0.8)
+            maps.append(m.astype(np.float32) * self.pixel)
         n = len(boxes)
         return FakePrediction(np.array(masks), np.full(n, 0.9, np.float32), np.zeros((n, 1, 8, 8), np.float32), maps)
 
@@ -110,6 +111,21 @@ def test_small_boxes_are_segmented_on_their_crops_slice_by_slice():
     assert sorted(whole.set_image_calls) == list(range(bz0, bz1 + 1))
     assert res.embeddings_computed == bz1 - bz0 + 1
     assert all(len(boxes) == 1 for _, boxes, _ in whole.predict_log)
+
+
+@pytest.mark.parametrize("crop_pixel", [0.9, 0.7])
+def test_overlaps_between_crop_and_whole_slice_objects_go_to_the_higher_score(crop_pixel):
+    big = ellipsoid((8, 60, 60), (5, 40, 40), (S, H, W))
+    small = ellipsoid((8, 60, 96), (3, 6, 6), (S, H, W))  # straddles the big object's right edge
+    assert (big & small).any() and (small & ~big).any()
+    vol = noise_volume(2)
+    whole = LocatingPredictor(big, vol)  # its pixel score: 0.8
+    crops = LocatingPredictor(small, vol, POLICY, pixel=crop_pixel)
+    res = segment_volume(whole, vol, [box3d(big), box3d(small)], zoom=POLICY, crop_predictor=crops)
+    assert res.zoomed == [False, True]
+    expected = np.where(small & ~big, 2, 0) + np.where(big & ~small, 1, 0)
+    expected[big & small] = 2 if crop_pixel > 0.8 else 1
+    np.testing.assert_array_equal(res.labels, expected)
 
 
 def test_a_growing_2d_prompt_leaves_its_crop_for_the_whole_slice():
@@ -189,6 +205,10 @@ def test_segment_file_zooms_3d_boxes_of_a_volume(tiny_model, tmp_path):
     expected = segment_volume(Predictor(tiny_model), vol, [Box3D(*box)], iou_threshold=-np.inf, zoom=policy)
     written = np.asarray(nib.load(str(tmp_path / "m.nii.gz")).dataobj).transpose(2, 1, 0)
     np.testing.assert_array_equal(written, (expected.labels > 0).astype(np.uint8))
+    # a 2D box on a key slice is zoomed too
+    out2 = segment_file(tmp_path / "v.nii.gz", tmp_path / "m2.nii.gz", [[30, 30, 37, 38]], key_slice=2,
+                        model=tiny_model, zoom=policy)
+    assert out2.extra["zoomed"] == [True] and out2.extra["crop_embeddings_computed"] >= 1
 
 
 def test_npz_cases_take_zoom(tiny_model, tmp_path):
@@ -214,3 +234,13 @@ def test_npz_cases_take_zoom(tiny_model, tmp_path):
     direct = segment_volume(Predictor(tiny_model), vol, [Box3D(30, 30, 1, 37, 38, 4)], zoom=policy)
     assert direct.zoomed == [True]
     np.testing.assert_array_equal(segs3, direct.labels)
+    unzoomed = segment_npz_case(Predictor(tiny_model), read_npz_case(tmp_path / "3D_case.npz"))
+    assert not np.array_equal(unzoomed, segs3)  # the zoom did reach the propagation
+
+    with pytest.raises(TypeError, match="ZoomPolicy"):
+        segment_npz_case(Predictor(tiny_model), read_npz_case(tmp_path / "3D_case.npz"), zoom=3.0)
+    with pytest.raises(TypeError, match="ZoomPolicy"):
+        segment_npz_case(Predictor(tiny_model), read_npz_case(tmp_path / "2D_case.npz"), zoom=3.0)
+    p = Predictor(tiny_model)
+    with pytest.raises(ValueError, match="second predictor"):
+        segment_volume(p, vol, [Box3D(30, 30, 1, 37, 38, 4)], zoom=policy, crop_predictor=p)

@@ -31,6 +31,9 @@ def test_zoom_window_by_hand():
     assert zoom_window([290, 190, 299, 199], (200, 300), 3.0, 8) == (170, 200, 270, 300)
     # larger than the image along an axis: clipped to the image
     assert zoom_window([0, 0, 40, 9], (50, 300), 3.0, 8) == (0, 50, 0, 123)
+    # a one-pixel-wide predictor box at the last column has its far corner one past the image
+    # (x1 = W): the window still lies inside the image, square, and holds the pixel
+    assert zoom_window([127, 10, 128, 20], (128, 128), 3.0, 32) == (0, 33, 95, 128)
 
 
 @pytest.mark.parametrize("seed", range(20))

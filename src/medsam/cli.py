@@ -60,8 +60,8 @@ def _add_segment(sub) -> None:
                         "with --slice; none inside a 3D box's slice range)")
     p.add_argument("--zoom", type=float, nargs="?", const=3.0, default=None, metavar="CONTEXT",
                    help="segment small boxes on a crop CONTEXT x the box's longest side (default 3): "
-                        "2D boxes and 3D boxes of a volume (one extra embedding per box and slice); "
-                        "see medsam.zoom")
+                        "in 2D images and on every slice of a volume where the propagated box is small "
+                        "(one extra embedding per such box and slice); see medsam.zoom")
     p.set_defaults(func=_run_segment)
 
 

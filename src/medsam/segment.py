@@ -95,15 +95,17 @@ def segment_file(
     them, inclusive. CVPR 2024 ``.npz`` cases carry their own boxes (``boxes`` must be empty).
     One box gives a 0/1 mask, several give labels 1..N (overlaps go to the highest score).
     ``zoom`` (a :class:`medsam.zoom.ZoomPolicy`) segments small boxes on a magnified crop around
-    them: 2D boxes by :func:`medsam.zoom.predict_with_zoom`, 3D boxes of a volume on every slice
-    (:func:`medsam.volume.segment_volume`); 2D boxes on a volume (``key_slice``) are not zoomed.
+    them: in a 2D image by :func:`medsam.zoom.predict_with_zoom`, in a volume (3D boxes, or 2D
+    boxes on ``key_slice``) on every slice whose propagated box is small
+    (:func:`medsam.volume.segment_volume`).
     """
     input_path = Path(input_path)
     output_path = Path(output_path)
     if not input_path.exists():
         raise FileNotFoundError(f"input not found: {input_path}")
     if input_path.suffix == ".npz":
-        return _segment_npz(input_path, output_path, boxes, model, checkpoint, device, contract, zoom, log)
+        return _segment_npz(input_path, output_path, boxes, model, checkpoint, device, contract, zoom,
+                            volume_options or {}, log)
 
     image = read_image(input_path, series_uid=series_uid)
     if image.is_volume:
@@ -278,7 +280,7 @@ def _segment_volume_file(image, output_path, boxes, key_slice, model, checkpoint
     return SegmentationOutput(*written, labels=labels, scores=[], extra=report)
 
 
-def _segment_npz(input_path, output_path, boxes, model, checkpoint, device, contract, zoom, log):
+def _segment_npz(input_path, output_path, boxes, model, checkpoint, device, contract, zoom, options, log):
     from .io import read_npz_case, write_npz_segs
     from .volume import segment_npz_case
 
@@ -287,8 +289,11 @@ def _segment_npz(input_path, output_path, boxes, model, checkpoint, device, cont
     if output_path.suffix != ".npz":
         raise ValueError("the output of an npz case must be an .npz file (key 'segs')")
     case = read_npz_case(input_path)
+    options = {k: v for k, v in options.items() if v is not None}
+    if options and not case.is_volume:
+        raise ValueError(f"{', '.join(sorted(options))} applies to 3D cases; {input_path.name} is a 2D case")
     model = model if model is not None else _load(checkpoint, device, contract, log)
     predictor = Predictor(model, contract=contract)
-    segs = segment_npz_case(predictor, case, zoom=zoom)
+    segs = segment_npz_case(predictor, case, zoom=zoom, **options)
     write_npz_segs(output_path, segs, spacing=case.spacing)
     return SegmentationOutput(output_path, None, None, labels=segs, scores=[])

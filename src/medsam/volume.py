@@ -286,6 +286,13 @@ class _SliceEmbedder:
             self.lru.pop(s, None)  # never needed again
 
 
+def _check_zoom(zoom: Any) -> None:
+    from .zoom import ZoomPolicy
+
+    if not isinstance(zoom, ZoomPolicy):
+        raise TypeError(f"zoom must be a medsam.zoom.ZoomPolicy (or None), got {type(zoom).__name__}")
+
+
 class _CropSegmenter:
     """Segments small boxes on a magnified crop of a slice, as :func:`medsam.zoom.predict_with_zoom`
     does in 2D: the crop's embedding (through the on-disk cache if given) in a second predictor,
@@ -384,7 +391,8 @@ def segment_volume(
             object's; no IoU stop for :class:`Box3D` objects, whose z-range bounds the walk (as
             the release's 3D inference, which walks to ``z0`` and ``z1``). On the held-out CT
             case a 0.5 stop inside 3D boxes cost 0.045 DSC (``benchmarks/volume_zoom.py``,
-            docs/model-card.md); MedSAM's release never trained its IoU head.
+            docs/model-card.md); and the released MedSAM checkpoint's IoU head was never
+            trained.
         box_margin: pixels added on each side of the neighbouring mask's bounding box.
         use_mask_prompt: also give the neighbouring slice's low-resolution logits as
             ``mask_input``.
@@ -398,7 +406,7 @@ def segment_volume(
         zoom: optional :class:`medsam.zoom.ZoomPolicy`: on every slice, a prompt box that the
             policy calls small is segmented as :func:`medsam.zoom.predict_with_zoom` does in
             2D, on a square crop centred on that box (``context`` x its longest side) magnified
-            to the network input: one extra embedding per such (object, slice); a slice whose
+            to the network input: at most one extra embedding per such (object, slice); a slice whose
             objects are all small is never embedded whole. Mask prompts (``use_mask_prompt``)
             pass only between two whole-slice predictions of an object.
         crop_predictor: the predictor that embeds the crops (default: a new one on
@@ -445,6 +453,10 @@ def segment_volume(
     label_dtype = np.uint8 if n_obj <= 255 else np.uint16
     tracks = _make_tracks(prompts, key_slices, S, H, W, margin, iou_threshold)
     embedder = _SliceEmbedder(predictor, frame, cache, max_cached_slices)
+    if zoom is not None:
+        _check_zoom(zoom)
+        if crop_predictor is predictor:
+            raise ValueError("crop_predictor must be a second predictor, not the one that holds the slices")
     cropper = None if zoom is None else _CropSegmenter(predictor, frame, cache, zoom, crop_predictor)
     total = sum(t.hi - t.lo + 1 for t in tracks)
     need_scores = n_obj > 1
@@ -463,6 +475,8 @@ def segment_volume(
                  for (tr, d, box, lg), z in zip(tasks, small) if not z]
         if whole:
             embedder.activate(s, keep)
+        elif not keep:
+            embedder.lru.pop(s, None)  # all small: the slice's kept embedding is not needed again
         groups = [[t for t in whole if t[3] is None], [t for t in whole if t[3] is not None]]
         for group in groups:
             if not group:
@@ -644,6 +658,7 @@ def segment_npz_case(
     if zoom is not None:
         from .zoom import predict_with_zoom
 
+        _check_zoom(zoom)
         zoomed = predict_with_zoom(predictor, imgs, np.stack(prompt), zoom, score_maps=True)
         labels = zoomed.label_map().astype(np.uint8)
     else:

@@ -68,9 +68,11 @@ def zoom_window(
         s = min(side, extent)
         start = int(round((lo + hi + 1.0) / 2.0 - s / 2.0 + off))
         start = min(max(start, 0), extent - s)
-        # Rounding may cut the box's far edge by a pixel: keep it inside.
+        # Rounding may cut the box's far edge by a pixel: keep it inside (a far corner one past
+        # the last pixel, as a one-pixel-wide predictor box at the image edge has, counts as
+        # the last pixel, so the window stays inside the image).
         start = min(start, int(lo))
-        start = max(start, int(hi) + 1 - s)
+        start = max(start, min(int(hi), extent - 1) + 1 - s)
         out.extend((start, start + s))
     return out[0], out[1], out[2], out[3]
 
