@@ -83,6 +83,9 @@ def test_config_checks_click_source():
     with pytest.raises(ConfigError, match="click_source"):
         TrainConfig.from_dict({**base, "data": {"click_source": "oracle"}})
     assert TrainConfig.from_dict({**base, "data": {"clicks": 3, "click_source": "errors"}}).data.click_source == "errors"
+    with pytest.raises(ConfigError, match="click_loss"):
+        TrainConfig.from_dict({**base, "data": {"click_loss": "first"}})
+    assert TrainConfig.from_dict({**base, "data": {"click_loss": "every"}}).data.click_loss == "every"
 
 
 def test_training_with_error_clicks_gives_the_model_its_own_corrections(tmp_path, monkeypatch):
@@ -119,3 +122,57 @@ def test_training_with_error_clicks_gives_the_model_its_own_corrections(tmp_path
     assert [c[0] for c in calls] == expected and expected
     for k, shape, labels in calls:
         assert shape == (2, k, 2) and set(labels.flatten().tolist()) <= {-1, 0, 1}
+
+
+@pytest.mark.parametrize("source", ["random", "errors"])
+def test_click_loss_every_averages_the_rounds_from_box_only_to_all_clicks(tmp_path, source):
+    """data.click_loss=every: a step with k clicks back-propagates the mean of the losses of the
+    box with the first 0..k clicks; its gradients equal those of that mean computed by hand."""
+    from medsam.train import loop
+    from medsam.train.config import load_config
+    from medsam.train.data import clicks_for_step, collate
+    from medsam.train.synthetic import write_synthetic_corpus
+    from test_train_loop import MICRO
+
+    corpus = write_synthetic_corpus(tmp_path / "c", cases={"train": 2, "val": 1}, slices_per_case=2, size=96)
+    cfg = load_config(None, [
+        "model.arch=vit_tiny", MICRO, f"data.corpus={corpus}", f"output.dir={tmp_path / 'run'}",
+        "data.batch_size=2", "data.workers=0", "data.val_max_samples=2", "train.epochs=0",
+        "train.max_steps=4", "train.val_every=0", "train.save_every=0", "train.device=cpu",
+        "train.progress=false", "output.tensorboard=false", "train.mode=decoder", "train.precision=fp32",
+        "data.clicks=3", "data.click_prob=1.0", f"data.click_source={source}", "data.click_loss=every",
+    ])
+    trainer = loop.Trainer(cfg)
+    step = next(s for s in range(50) if clicks_for_step(cfg.train.seed, s, 3, 1.0) >= 2)
+    trainer.global_step = step
+    k = clicks_for_step(cfg.train.seed, step, 3, 1.0)
+    batch = collate([trainer.train_set[i] for i in range(2)])
+    params = [p for p in trainer.step_module.parameters() if p.requires_grad]
+
+    inputs, n_clicks = trainer._inputs(batch)
+    assert n_clicks == k and inputs["points"].shape[1] == k
+    rounds = trainer._rounds(inputs, n_clicks)
+    assert [None if r["points"] is None else r["points"].shape[1] for r in rounds] == [None, *range(1, k + 1)]
+    for j, r in enumerate(rounds[1:], start=1):  # nested prefixes of the same clicks
+        torch.testing.assert_close(r["points"], inputs["points"][:, :j])
+    target = batch["target"]
+    losses = []
+    for r in rounds:
+        logits, iou = trainer.step_module(**r)
+        losses.append(trainer.loss_fn(logits, iou, target).total)
+    expected = torch.autograd.grad(torch.stack(losses).mean(), params, allow_unused=True)
+
+    for p in params:
+        p.grad = None
+    out = trainer.micro_step(batch, sync=True)  # error clicks: placed again, the same (deterministic)
+    assert float(out["loss"]) == pytest.approx(float(torch.stack(losses).mean().detach()), rel=1e-5)
+    for p, g in zip(params, expected):
+        if g is None:
+            assert p.grad is None or not p.grad.any()
+        else:
+            torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+
+    # data.click_loss=last (the default): one round, the prediction with all k clicks
+    trainer.cfg.data.click_loss = "last"
+    assert len(trainer._rounds(inputs, n_clicks)) == 1
+    assert len(trainer._rounds(inputs, 0)) == 1

@@ -115,6 +115,11 @@ class DataSection:
             own prediction from the box and the clicks so far is most wrong, as an annotator
             clicks: :func:`medsam.clicks.add_error_clicks`; k gradient-free decoder passes per
             step on embeddings computed once, the loss on the prediction with all k clicks).
+        click_loss: on a step with k clicks, ``last`` takes the loss of the prediction from the
+            box and all k clicks; ``every`` averages the losses of the k + 1 predictions from the
+            box and the first 0, 1, ..., k clicks (SAM's interactive training supervises every
+            round), so box-only prompts keep being trained on click steps too (k + 1 decoder
+            passes with gradients).
         cache_embeddings: folder of precomputed image embeddings (only with ``train.mode:
             decoder``; built on first use, reused while encoder, corpus and zoom settings are
             unchanged; see :mod:`medsam.train.embedding_store`). Pixel augmentations (flips,
@@ -142,6 +147,7 @@ class DataSection:
     clicks: int = 0
     click_prob: float = 0.5
     click_source: str = "random"
+    click_loss: str = "last"
     cache_embeddings: Optional[str] = None
     val_max_samples: int = 0
     augment: AugmentSection = field(default_factory=AugmentSection)
@@ -316,6 +322,8 @@ class TrainConfig:
                 raise ConfigError(f"{key} must lie in [0, 1], got {value}")
         if self.data.click_source not in ("random", "errors"):
             raise ConfigError(f"data.click_source must be 'random' or 'errors', got {self.data.click_source!r}")
+        if self.data.click_loss not in ("last", "every"):
+            raise ConfigError(f"data.click_loss must be 'last' or 'every', got {self.data.click_loss!r}")
         if self.data.click_source == "errors" and (self.data.clicks == 0 or self.data.click_prob == 0):
             raise ConfigError("data.click_source=errors places data.clicks clicks: set data.clicks >= 1 and data.click_prob > 0")
         if self.data.cache_embeddings:

@@ -266,14 +266,18 @@ class Trainer:
         return save_checkpoint(self.state_dict(), self.run_dir / name)
 
     # -------------------------------------------------------------- training
-    def _inputs(self, batch: dict) -> dict:
+    def _inputs(self, batch: dict) -> tuple[dict, int]:
+        """The step module's inputs for ``batch`` and the number of corrective clicks appended
+        at the end of its points (0 on a step without clicks)."""
         dev = self.device
         nb = dev.type == "cuda"
         get = lambda k: batch[k].to(dev, non_blocking=nb) if k in batch else None  # noqa: E731
         points, point_labels = get("points"), get("point_labels")
         d = self.cfg.data
         k = clicks_for_step(self.cfg.train.seed, self.global_step, d.clicks, d.click_prob)
+        n_clicks = 0
         if k and "clicks" in batch:
+            n_clicks = k
             clicks, click_labels = get("clicks")[:, :k], get("click_labels")[:, :k]
             points = clicks if points is None else torch.cat([points, clicks], dim=1)
             point_labels = click_labels if point_labels is None else torch.cat([point_labels, click_labels], dim=1)
@@ -297,7 +301,23 @@ class Trainer:
                 probe["images"] = None
             clicked = add_error_clicks(self.step, probe, get("target"), k)
             inputs["points"], inputs["point_labels"] = clicked["points"], clicked["point_labels"]
-        return inputs
+            n_clicks = k
+        return inputs, n_clicks
+
+    def _rounds(self, inputs: dict, n_clicks: int) -> list[dict]:
+        """The prompt sets a step is trained on: ``inputs`` alone, or with ``data.click_loss:
+        every`` and clicks, the box with the first 0, 1, ..., ``n_clicks`` clicks."""
+        if not n_clicks or self.cfg.data.click_loss != "every":
+            return [inputs]
+        rounds = []
+        n_points = inputs["points"].shape[1]
+        for j in range(n_clicks + 1):
+            keep = n_points - n_clicks + j
+            r = dict(inputs)
+            r["points"] = inputs["points"][:, :keep] if keep else None
+            r["point_labels"] = inputs["point_labels"][:, :keep] if keep else None
+            rounds.append(r)
+        return rounds
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -307,14 +327,23 @@ class Trainer:
     def micro_step(self, batch: dict, sync: bool) -> dict[str, torch.Tensor]:
         """Forward + backward of one micro-batch; gradients are all-reduced only when ``sync``."""
         accum = self.cfg.train.accumulation
-        no_sync = self.info.distributed and not sync
-        ctx = self.step_module.no_sync() if no_sync else contextlib.nullcontext()
-        with ctx:
-            with self._autocast():
-                logits, iou = self.step_module(**self._inputs(batch))
-            out = self.loss_fn(logits, iou, batch["target"].to(self.device))
-            self.scaler.scale(out.total / accum).backward()
-        return {"loss": out.total.detach(), **out.terms}
+        rounds = self._rounds(*self._inputs(batch))
+        target = batch["target"].to(self.device)
+        total, terms = None, {}
+        for i, inputs in enumerate(rounds):
+            # gradients of several rounds are all-reduced once, with the last backward
+            no_sync = self.info.distributed and (not sync or i < len(rounds) - 1)
+            ctx = self.step_module.no_sync() if no_sync else contextlib.nullcontext()
+            with ctx:
+                with self._autocast():
+                    logits, iou = self.step_module(**inputs)
+                out = self.loss_fn(logits, iou, target)
+                self.scaler.scale(out.total / (accum * len(rounds))).backward()
+            total = out.total.detach() if total is None else total + out.total.detach()
+            for name, value in out.terms.items():
+                terms[name] = value if name not in terms else terms[name] + value
+        n = len(rounds)
+        return {"loss": total / n, **{name: value / n for name, value in terms.items()}}
 
     def optimizer_step(self) -> None:
         t = self.cfg.train
