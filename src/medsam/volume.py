@@ -163,7 +163,7 @@ class _Track:
     limit: tuple[int, int, int, int]  # in-plane clip (x0, y0, x1, y1), inclusive
     end_reason: str  # "box_end" or "volume_end"
     iou_stop: float  # a propagated slice with a predicted IoU below this ends the walk
-    up: tuple | None = None  # (box, logits) of the last kept slice going up; None = not walking
+    up: tuple | None = None  # (box, (logits, zoom window or None) or None) going up; None = not walking
     down: tuple | None = None
     kept: dict = field(default_factory=dict)  # slice -> (y0, x0, mask crop, score crop | None)
     scores: dict = field(default_factory=dict)
@@ -406,8 +406,8 @@ def segment_volume(
         zoom: optional :class:`medsam.zoom.ZoomPolicy`: on every slice, a prompt box that the
             policy calls small is segmented as :func:`medsam.zoom.predict_with_zoom` does in
             2D, on a square crop centred on that box (``context`` x its longest side) magnified
-            to the network input: at most one extra embedding per such (object, slice); a slice whose
-            objects are all small is never embedded whole. Mask prompts (``use_mask_prompt``)
+            to the network input: at most one extra embedding per such (object, slice); a
+            slice whose objects are all small is never embedded whole. Mask prompts (``use_mask_prompt``)
             pass only between two whole-slice predictions of an object.
         crop_predictor: the predictor that embeds the crops (default: a new one on
             ``predictor.model`` with its contract and precision).
@@ -465,7 +465,7 @@ def segment_volume(
         if progress is not None:
             progress(sum(t.resolved for t in tracks), total)
 
-    def run_slice(s: int, tasks: list[tuple[_Track, str, np.ndarray, np.ndarray | None]], keep: bool) -> None:
+    def run_slice(s: int, tasks: list[tuple[_Track, str, np.ndarray, tuple | None]], keep: bool) -> None:
         """Decode all tasks on slice s and update the tracks: objects on the whole slice in
         batched calls on its embedding (activated here, kept in memory if ``keep``), small boxes
         (with ``zoom``) one by one on their crops. A task's logits are ``(logits, window)``,
