@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import numpy as np
@@ -98,7 +99,7 @@ def main() -> None:
     from medsam.volume import segment_volume
     from medsam.zoom import ZoomPolicy
 
-    torch.set_num_threads(int(__import__("os").environ.get("OMP_NUM_THREADS", "2")))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     pixels, label, spacing, names = load_case()
     ids, boxes = boxes_of(label, args.min_voxels)
     model = _load(args.checkpoint, None, None, lambda m: print(m, flush=True))
