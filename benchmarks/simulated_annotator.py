@@ -8,8 +8,10 @@ one, each call with the box and all clicks so far (``--mask-prompt`` also passes
 low-resolution logits). It stops at
 DSC >= 0.9 or after 10 clicks. Manual outlining is represented by the object's boundary length in
 pixels (a proxy for the number of polygon vertices / mouse travel of a hand-drawn outline).
+With ``--scribbles`` each correction is a stroke instead of a click: along the medial axis of the
+same error region (``medsam.scribbles.next_scribble``), given as the points sampled along it.
 
-    .venv/bin/python benchmarks/simulated_annotator.py [--checkpoint CKPT] [--target 0.9]
+    .venv/bin/python benchmarks/simulated_annotator.py [--checkpoint CKPT] [--target 0.9] [--scribbles]
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from medsam.clicks import next_click
+from medsam.scribbles import next_scribble, sample_stroke
 
 
 def boundary_length(mask: np.ndarray) -> int:
@@ -42,7 +45,12 @@ def main() -> int:
                         help="also pass the previous low-res logits (MedSAM/LiteMedSAM never saw mask prompts)")
     parser.add_argument("--zoom", type=float, default=None, metavar="CONTEXT",
                         help="small objects: box and clicks on a crop CONTEXT x the box side (medsam.zoom)")
+    parser.add_argument("--scribbles", action="store_true",
+                        help="each correction is a stroke along the error region's medial axis (medsam.scribbles), not a click")
+    parser.add_argument("--spacing", type=float, default=None, help="--scribbles: pixels between sampled points")
+    parser.add_argument("--max-points", type=int, default=None, help="--scribbles: most points per stroke")
     args = parser.parse_args()
+    stroke_options = {k: v for k, v in (("spacing", args.spacing), ("max_points", args.max_points)) if v is not None}
     model = medsam.load_model(args.checkpoint, device="cpu")
     predictor = medsam.Predictor(model)
     crop_predictor = medsam.Predictor(model)
@@ -88,12 +96,20 @@ def main() -> int:
             result, pred = ask([], [], None)
             dsc, points, labels, prompts = dice_score(pred, gt), [], [], 1
             first = dsc
-            while dsc < args.target and len(points) < args.max_clicks:
-                click = next_click(pred, gt)
-                if click is None:
-                    break
-                points.append(click[:2])
-                labels.append(click[2])
+            while dsc < args.target and prompts - 1 < args.max_clicks:
+                if args.scribbles:
+                    stroke = next_scribble(pred, gt)
+                    if stroke is None:
+                        break
+                    new = sample_stroke(stroke.vertices, **stroke_options)
+                    points.extend((float(x), float(y)) for x, y in new)
+                    labels.extend([1 if stroke.positive else 0] * len(new))
+                else:
+                    click = next_click(pred, gt)
+                    if click is None:
+                        break
+                    points.append(click[:2])
+                    labels.append(click[2])
                 result, pred = ask(points, labels, result.low_res_logits[:, :1])
                 dsc, prompts = dice_score(pred, gt), prompts + 1
             rows.append((sample.name, sample.label_names.get(lab, str(lab)), int(gt.sum()), first, dsc,
@@ -106,6 +122,9 @@ def main() -> int:
     print(f"\n{len(reached)}/{len(rows)} objects reached DSC {args.target}; "
           f"median prompts {np.median(reached) if reached else float('nan'):.1f} (box = 1); "
           f"median outline length {np.median([r[6] for r in rows]):.0f} px")
+    first, last = np.array([r[3] for r in rows]), np.array([r[4] for r in rows])
+    print(f"mean DSC box {first.mean():.3f} -> end {last.mean():.3f}; box >= {args.target}: {(first >= args.target).sum()}; "
+          f"improved {(last > first + 1e-9).sum()}, worse {(last < first - 1e-9).sum()}")
     return 0
 
 

@@ -124,10 +124,11 @@ def test_training_with_error_clicks_gives_the_model_its_own_corrections(tmp_path
         assert shape == (2, k, 2) and set(labels.flatten().tolist()) <= {-1, 0, 1}
 
 
-@pytest.mark.parametrize("source", ["random", "errors"])
+@pytest.mark.parametrize("source", ["random", "errors", "scribbles"])
 def test_click_loss_every_averages_the_rounds_from_box_only_to_all_clicks(tmp_path, source):
     """data.click_loss=every: a step with k clicks back-propagates the mean of the losses of the
-    box with the first 0..k clicks; its gradients equal those of that mean computed by hand."""
+    box with the first 0..k clicks (strokes of 4 padded points for scribbles); its gradients equal
+    those of that mean computed by hand."""
     from medsam.train import loop
     from medsam.train.config import load_config
     from medsam.train.data import clicks_for_step, collate
@@ -149,12 +150,15 @@ def test_click_loss_every_averages_the_rounds_from_box_only_to_all_clicks(tmp_pa
     batch = collate([trainer.train_set[i] for i in range(2)])
     params = [p for p in trainer.step_module.parameters() if p.requires_grad]
 
+    width = 4 if source == "scribbles" else 1
     inputs, n_clicks = trainer._inputs(batch)
-    assert n_clicks == k and inputs["points"].shape[1] == k
+    assert n_clicks == k * width and inputs["points"].shape[1] == k * width
     rounds = trainer._rounds(inputs, n_clicks)
-    assert [None if r["points"] is None else r["points"].shape[1] for r in rounds] == [None, *range(1, k + 1)]
-    for j, r in enumerate(rounds[1:], start=1):  # nested prefixes of the same clicks
-        torch.testing.assert_close(r["points"], inputs["points"][:, :j])
+    assert [None if r["points"] is None else r["points"].shape[1] for r in rounds] == [
+        None, *(width * j for j in range(1, k + 1))
+    ]
+    for j, r in enumerate(rounds[1:], start=1):  # nested prefixes of the same corrections
+        torch.testing.assert_close(r["points"], inputs["points"][:, : j * width])
     target = batch["target"]
     losses = []
     for r in rounds:

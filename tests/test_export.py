@@ -22,11 +22,18 @@ import medsam  # noqa: E402
 from conftest import smooth_image  # noqa: E402
 from medsam.export import OnnxPredictor, check_contract_spec, contract_spec, export_onnx  # noqa: E402
 from medsam.preprocess import IMAGENET_MEAN, IMAGENET_STD, Contract, get_contract  # noqa: E402
+from medsam.scribbles import Scribble  # noqa: E402
 
 IMAGE = smooth_image(180, 240, seed=3)
 BOXES = np.array([[20, 30, 150, 170], [100, 50, 230, 160], [0, 0, 239, 179]], float)
 POINTS = np.array([[[60, 80], [120, 120]]] * 3, float)
 LABELS = np.array([[1, 0]] * 3)
+# three objects with 1, 2 and 4 points from their strokes: padded with label -1 to 4
+SCRIBBLES = [
+    [Scribble([[60, 80]])],
+    [Scribble([[110, 60], [130, 60]]), Scribble([[200, 150]], positive=False)],
+    [Scribble([[10, 10], [40, 10], [40, 40]])],
+]
 
 
 def _rel(a, b) -> float:
@@ -124,7 +131,8 @@ def test_encoder_and_decoder_graphs_match_pytorch(tiny):
     dict(boxes=BOXES, multimask=True),
     dict(points=POINTS[:1], point_labels=LABELS[:1]),
     dict(boxes=BOXES, points=POINTS, point_labels=LABELS),
-], ids=["box", "3boxes", "multimask", "points", "boxes+points"])
+    dict(boxes=BOXES, scribbles=SCRIBBLES),
+], ids=["box", "3boxes", "multimask", "points", "boxes+points", "boxes+scribbles (padded points)"])
 def test_onnx_predictor_matches_predictor(tiny_predictors, prompt):
     torch_p, onnx_p = tiny_predictors
     assert _rel(onnx_p.embedding.numpy(), torch_p.embedding.numpy()) < 1e-4

@@ -89,7 +89,7 @@ def test_bad_boxes_are_refused(predictor, boxes, message):
 def test_bad_points_and_counts(predictor):
     with pytest.raises(PromptError, match="point_labels"):
         predictor.predict(points=[[10, 10]])
-    with pytest.raises(PromptError, match="1 \\(foreground\\) or 0"):
+    with pytest.raises(PromptError, match="1 \\(foreground\\), 0 \\(background\\) or -1"):
         predictor.predict(points=[[10, 10]], point_labels=[3])
     with pytest.raises(PromptError, match="outside"):
         predictor.predict(points=[[500, 10]], point_labels=[1])

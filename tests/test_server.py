@@ -142,6 +142,33 @@ def test_segment_box_2d_and_volume(data, model):
         assert only_points.status_code == 200 and only_points.json()["embedding_source"] == "memory"
 
 
+def test_segment_with_scribbles(data, model):
+    """A stroke reaches the model as the points medsam.scribbles samples along it: the same mask as
+    sending those points; a stroke leaving the slice is refused; provenance keeps the stroke."""
+    from medsam.scribbles import Scribble, scribbles_to_points
+
+    with client(create_app(data, model=model)) as c:
+        box = {"x0": 10, "y0": 8, "x1": 50, "y1": 40}
+        stroke = [{"x": 15, "y": 12}, {"x": 45, "y": 12}, {"x": 45, "y": 35}]
+        r = c.post("/segment", json={"image_id": "a.png", "box": box, "points": [{"x": 20, "y": 30, "positive": False}],
+                                     "scribbles": [{"points": stroke}]})
+        assert r.status_code == 200, r.text
+        pts, labs = scribbles_to_points([Scribble([[v["x"], v["y"]] for v in stroke])])
+        same = c.post("/segment", json={"image_id": "a.png", "box": box, "points": [
+            {"x": 20, "y": 30, "positive": False}, *({"x": x, "y": y, "positive": bool(l)} for (x, y), l in zip(pts.tolist(), labs))]})
+        assert same.status_code == 200 and len(pts) == 4
+        assert r.json()["mask"] == same.json()["mask"] and r.json()["score"] == same.json()["score"]
+        only = c.post("/segment", json={"image_id": "a.png", "scribbles": [{"points": stroke[:1], "positive": True}]})
+        assert only.status_code == 200, only.text
+        for bad in ([{"points": [{"x": 5, "y": 5}, {"x": 500, "y": 5}]}], [{"points": []}]):
+            assert c.post("/segment", json={"image_id": "a.png", "scribbles": bad}).status_code == 422
+        body = {"mask": _rle(np.ones((64, 80), np.uint8)), "definitions": [{"value": 1, "name": "x", "color": "#aa3300"}],
+                "provenance": {"prompts": [{"box": box, "scribbles": [{"points": stroke, "positive": False}], "label": 1}]}}
+        assert c.put("/labels/a.png/map", json={**body, "expected_version": 0}).status_code == 200
+        side = json.loads((data / ".medsam" / "labels" / "a.png.json").read_text())
+        assert side["history"][0]["prompts"][0]["scribbles"] == [{"points": stroke, "positive": False}]
+
+
 # ----------------------------------------------------------------------------- security
 def test_path_traversal_refused(data, model):
     (data / "link.png").symlink_to(data.parent / "outside" / "secret.png")

@@ -136,3 +136,47 @@ def test_box_mask_accept_in_chromium(served):
     dice = 2 * (saved[k] & organ[k]).sum() / (saved[k].sum() + organ[k].sum())
     assert dice > 0.8, dice
     assert (data / ".medsam" / "labels" / "ct.nii.gz.json").is_file()
+
+
+def test_scribble_tool_in_chromium(served):
+    """The scribble tool: a left-drag inside the organ is sent as a stroke (its vertices in the
+    saved provenance), the mask covers the stroke's pixels."""
+    import json
+
+    url, data, organ = served
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 760})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(f"{url}/#token={TOKEN}")
+            page.click('#image-list li[data-id="ct.nii.gz"]', timeout=30_000)
+            page.wait_for_selector("#canvas[data-slice]", timeout=30_000)
+            k = int(page.get_attribute("#canvas", "data-slice"))
+            page.keyboard.press("s")
+            assert "active" in page.get_attribute('#tools .tool[data-tool="scribble"]', "class")
+            ys, xs = np.nonzero(organ[k])
+            cy = int(np.median(ys))
+            row = xs[ys == cy]
+            xa, xb = int(row.min()) + 4, int(row.max()) - 4
+            rect = page.locator("#canvas").bounding_box()
+            zoom = rect["width"] / organ.shape[2]
+            page.mouse.move(rect["x"] + (xa + 0.5) * zoom, rect["y"] + (cy + 0.5) * zoom)
+            page.mouse.down()
+            page.mouse.move(rect["x"] + (xb + 0.5) * zoom, rect["y"] + (cy + 0.5) * zoom, steps=10)
+            page.mouse.up()
+            page.wait_for_selector("#canvas[data-mask-area]", timeout=60_000)
+            assert int(page.get_attribute("#canvas", "data-mask-area")) > 0
+            page.keyboard.press("Enter")
+            page.wait_for_selector('#canvas[data-saved-version="1"]', timeout=30_000)
+            assert errors == []
+        finally:
+            browser.close()
+    side = json.loads((data / ".medsam" / "labels" / "ct.nii.gz.json").read_text())
+    prompt = side["history"][0]["prompts"][0]
+    assert prompt.get("box") is None and not prompt.get("points")
+    (stroke,) = prompt["scribbles"]
+    assert stroke["positive"] is True and len(stroke["points"]) >= 3
+    assert {v["y"] for v in stroke["points"]} == {cy}
+    assert min(v["x"] for v in stroke["points"]) == xa and max(v["x"] for v in stroke["points"]) == xb

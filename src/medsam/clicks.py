@@ -39,8 +39,9 @@ def add_error_clicks(
     inputs: dict,
     target: torch.Tensor,
     rounds: int,
+    strokes: bool = False,
 ) -> dict:
-    """``rounds`` corrective clicks from the model's own errors, for training.
+    """``rounds`` corrective clicks (or strokes) from the model's own errors, for training.
 
     Each round runs ``forward(**inputs)`` without gradients on the prompts so far, thresholds its
     (B, 1, L, L) low-resolution logits at 0, compares them with ``target`` ((B, 1, S, S), the
@@ -49,7 +50,16 @@ def add_error_clicks(
     scaled by S / L). A sample whose prediction is already perfect gets a padding point (label
     -1, SAM's "not a point"). Returns a copy of ``inputs`` whose ``points`` (B, P + rounds, 2)
     and ``point_labels`` (B, P + rounds) carry the clicks after any points it had.
+
+    With ``strokes`` each round is instead a corrective scribble
+    (:func:`medsam.scribbles.next_scribble`) given as the points
+    :func:`medsam.scribbles.sample_stroke` takes along it (spacing in network input pixels): up to
+    :data:`~medsam.scribbles.DEFAULT_MAX_POINTS` (w) points per round, padded with label -1, so
+    ``points`` grows by ``rounds * w``.
     """
+    from .scribbles import DEFAULT_MAX_POINTS, DEFAULT_SPACING, next_scribble, sample_stroke
+
+    width = DEFAULT_MAX_POINTS if strokes else 1
     inputs = dict(inputs)
     S = target.shape[-1]
     gt_full = target.bool()
@@ -60,9 +70,16 @@ def add_error_clicks(
         gt = gt_full if L == S else F.interpolate(gt_full.float(), size=(L, L), mode="nearest-exact").bool()
         pred = (logits.detach().float() > 0).cpu().numpy()[:, 0]
         truth = gt.cpu().numpy()[:, 0]
-        coords = np.zeros((len(pred), 1, 2), dtype=np.float32)
-        labels = np.full((len(pred), 1), -1, dtype=np.int64)
+        coords = np.zeros((len(pred), width, 2), dtype=np.float32)
+        labels = np.full((len(pred), width), -1, dtype=np.int64)
         for i in range(len(pred)):
+            if strokes:
+                stroke = next_scribble(pred[i], truth[i])
+                if stroke is not None:
+                    pts = sample_stroke(stroke.vertices, DEFAULT_SPACING * L / S, width)
+                    coords[i, : len(pts)] = (pts + 0.5) * S / L - 0.5
+                    labels[i, : len(pts)] = 1 if stroke.positive else 0
+                continue
             click = next_click(pred[i], truth[i])
             if click is not None:
                 x, y, label = click

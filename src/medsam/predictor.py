@@ -14,6 +14,7 @@ pixel positions as in MedSAM. All N prompts go through the decoder in one batche
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -172,16 +173,25 @@ class Predictor:
         point_labels: np.ndarray | list | None = None,
         mask_input: np.ndarray | None = None,
         multimask: bool = False,
+        scribbles: Sequence | None = None,
     ) -> Prediction:
         """Segment N objects of the current image.
 
         Args:
             boxes: (N, 4) [x0, y0, x1, y1] in input pixels (a single (4,) box is accepted).
             points: (N, P, 2) (x, y) in input pixels ((P, 2) for a single prompt).
-            point_labels: (N, P) 1 = foreground, 0 = background.
+            point_labels: (N, P) 1 = foreground, 0 = background, -1 = padding (not a point).
             mask_input: (N, 1, L, L) low-resolution logits, e.g. a previous ``low_res_logits``.
             multimask: return three candidate masks per prompt instead of one.
+            scribbles: strokes (:class:`medsam.scribbles.Scribble`): a list of them for one
+                object, or N lists (one per object); each is given as the points
+                :func:`medsam.scribbles.scribbles_to_points` samples along it, after the object's
+                ``points``.
         """
+        if scribbles is not None:
+            from .scribbles import add_scribble_points
+
+            points, point_labels = add_scribble_points(points, point_labels, scribbles, self.geometry.original_size)
         geom = self.geometry
         n, box_t, pts_t, mask_t = self._prompts_to_tensors(boxes, points, point_labels, mask_input)
         out = self.model.decode(
@@ -234,8 +244,10 @@ class Predictor:
                 raise PromptError("points contain NaN or infinite values")
             if (p[..., 0] < 0).any() or (p[..., 0] > W).any() or (p[..., 1] < 0).any() or (p[..., 1] > H).any():
                 raise PromptError(f"a point lies outside the {W}x{H} image")
-            if not np.isin(lab, (0, 1)).all():
-                raise PromptError("point labels must be 1 (foreground) or 0 (background)")
+            if not np.isin(lab, (-1, 0, 1)).all():
+                raise PromptError("point labels must be 1 (foreground), 0 (background) or -1 (padding)")
+            if boxes is None and mask_input is None and (lab == -1).all(axis=1).any():
+                raise PromptError("a prompt has only padding points (label -1) and no box or mask")
             counts.append(len(p))
             pts_t = (
                 torch.as_tensor(self.contract.transform_coords(p, geom), dtype=torch.float32, device=dev),

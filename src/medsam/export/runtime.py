@@ -177,9 +177,14 @@ class OnnxPredictor(Predictor):
         point_labels: np.ndarray | list | None = None,
         mask_input: np.ndarray | None = None,
         multimask: bool = False,
+        scribbles: Sequence | None = None,
     ) -> Prediction:
         """As :meth:`medsam.Predictor.predict`: box-only prompts run ``decoder.onnx``, any other
         combination ``decoder_points.onnx``."""
+        if scribbles is not None:
+            from ..scribbles import add_scribble_points
+
+            points, point_labels = add_scribble_points(points, point_labels, scribbles, self.geometry.original_size)
         geom = self.geometry
         n, box_t, pts_t, mask_t = self._prompts_to_tensors(boxes, points, point_labels, mask_input)
         L = self.model.prompt_encoder.mask_input_size[0]

@@ -30,7 +30,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -222,9 +222,12 @@ class SegmentationEngine:
         box: tuple[float, float, float, float] | None,
         points: list[tuple[float, float, bool]],
         previous: str | None,
+        scribbles: Sequence[tuple[Sequence[tuple[float, float]], bool]] = (),
     ) -> SegmentOutcome:
-        """One mask for the prompts on slice ``index``; raises :class:`PromptRefused`."""
+        """One mask for the prompts on slice ``index``; raises :class:`PromptRefused`.
+        ``scribbles``: strokes as (vertices [(x, y), ...], positive), given as points along them."""
         from ..predictor import PromptError
+        from ..scribbles import Scribble
 
         t0 = time.perf_counter()
         loaded.check_slice(index)
@@ -236,8 +239,8 @@ class SegmentationEngine:
             if entry[0] != loaded.image_id or entry[1] != index:
                 raise PromptRefused("the logits handle belongs to another image or slice")
             mask_input = entry[2]
-        if box is None and not points and mask_input is None:
-            raise PromptRefused("give a box, points or a previous logits handle")
+        if box is None and not points and not scribbles and mask_input is None:
+            raise PromptRefused("give a box, points, scribbles or a previous logits handle")
         kwargs: dict[str, Any] = {}
         if box is not None:
             kwargs["boxes"] = np.asarray([box], dtype=np.float64)
@@ -246,6 +249,11 @@ class SegmentationEngine:
             kwargs["point_labels"] = np.asarray([[1 if pos else 0 for _, _, pos in points]])
         if mask_input is not None:
             kwargs["mask_input"] = mask_input
+        try:
+            if scribbles:
+                kwargs["scribbles"] = [Scribble(np.asarray(v, dtype=np.float64), bool(pos)) for v, pos in scribbles]
+        except PromptError as exc:
+            raise PromptRefused(str(exc)) from None
         with self.lock:
             source = self._activate(loaded, index)
             try:

@@ -40,11 +40,26 @@ class Box(_Model):
     y1: float
 
 
+class XY(_Model):
+    """A position (x, y) in slice pixels."""
+
+    x: float
+    y: float
+
+
 class Point(_Model):
     """A click at pixel (x, y); ``positive`` = inside the object, else background."""
 
     x: float
     y: float
+    positive: bool = True
+
+
+class Stroke(_Model):
+    """A scribble: vertices in drawing order (slice pixels); ``positive`` = drawn inside the
+    object, else over background. Given to the model as points along it (medsam.scribbles)."""
+
+    points: list[XY] = Field(min_length=1, max_length=4096)
     positive: bool = True
 
 
@@ -125,12 +140,13 @@ class EmbeddingStatus(_Model):
 
 # ----------------------------------------------------------------------------- segment
 class SegmentRequest(_Model):
-    """Prompts on one slice. At least one of ``box``, ``points`` or ``previous``."""
+    """Prompts on one slice. At least one of ``box``, ``points``, ``scribbles`` or ``previous``."""
 
     image_id: str
     slice_index: int = Field(default=0, ge=0)
     box: Box | None = None
     points: list[Point] = Field(default_factory=list, max_length=256)
+    scribbles: list[Stroke] = Field(default_factory=list, max_length=64)
     previous: str | None = Field(default=None, description="logits_handle of an earlier answer on this slice")
     encoding: Literal["rle", "png", "both"] = "rle"
 
@@ -158,6 +174,7 @@ class LabelDef(_Model):
 class PromptRecord(_Model):
     box: Box | None = None
     points: list[Point] = Field(default_factory=list, max_length=256)
+    scribbles: list[Stroke] = Field(default_factory=list, max_length=64)
     score: float | None = None
     label: int | None = None
 

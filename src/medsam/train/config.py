@@ -114,7 +114,9 @@ class DataSection:
             object, negative in its box outside it) or ``errors`` (each click where the model's
             own prediction from the box and the clicks so far is most wrong, as an annotator
             clicks: :func:`medsam.clicks.add_error_clicks`; k gradient-free decoder passes per
-            step on embeddings computed once, the loss on the prediction with all k clicks).
+            step on embeddings computed once, the loss on the prediction with all k clicks) or
+            ``scribbles`` (the same with each correction a stroke along the error region's medial
+            axis, given as up to 4 points: :mod:`medsam.scribbles`).
         click_loss: on a step with k clicks, ``last`` takes the loss of the prediction from the
             box and all k clicks; ``every`` averages the losses of the k + 1 predictions from the
             box and the first 0, 1, ..., k clicks (SAM's interactive training supervises every
@@ -320,12 +322,17 @@ class TrainConfig:
         ):
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{key} must lie in [0, 1], got {value}")
-        if self.data.click_source not in ("random", "errors"):
-            raise ConfigError(f"data.click_source must be 'random' or 'errors', got {self.data.click_source!r}")
+        if self.data.click_source not in ("random", "errors", "scribbles"):
+            raise ConfigError(
+                f"data.click_source must be 'random', 'errors' or 'scribbles', got {self.data.click_source!r}"
+            )
         if self.data.click_loss not in ("last", "every"):
             raise ConfigError(f"data.click_loss must be 'last' or 'every', got {self.data.click_loss!r}")
-        if self.data.click_source == "errors" and (self.data.clicks == 0 or self.data.click_prob == 0):
-            raise ConfigError("data.click_source=errors places data.clicks clicks: set data.clicks >= 1 and data.click_prob > 0")
+        if self.data.click_source in ("errors", "scribbles") and (self.data.clicks == 0 or self.data.click_prob == 0):
+            raise ConfigError(
+                f"data.click_source={self.data.click_source} places data.clicks corrections: "
+                "set data.clicks >= 1 and data.click_prob > 0"
+            )
         if self.data.cache_embeddings:
             a = self.data.augment
             if self.train.mode != "decoder":

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader
 
 from ..clicks import add_error_clicks
 from ..preprocess import get_contract
+from ..scribbles import DEFAULT_MAX_POINTS as SCRIBBLE_POINTS
 from .checkpoint import FORMAT, VERSION, load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig, dump_config
 from .data import (
@@ -267,8 +268,9 @@ class Trainer:
 
     # -------------------------------------------------------------- training
     def _inputs(self, batch: dict) -> tuple[dict, int]:
-        """The step module's inputs for ``batch`` and the number of corrective clicks appended
-        at the end of its points (0 on a step without clicks)."""
+        """The step module's inputs for ``batch`` and the number of corrective click points
+        appended at the end of its points (0 on a step without clicks; k corrections times
+        :meth:`_round_width`)."""
         dev = self.device
         nb = dev.type == "cuda"
         get = lambda k: batch[k].to(dev, non_blocking=nb) if k in batch else None  # noqa: E731
@@ -290,7 +292,7 @@ class Trainer:
             "mask_input": get("mask_input"),
             "has_mask": get("has_mask"),
         }
-        if k and d.click_source == "errors":
+        if k and d.click_source in ("errors", "scribbles"):
             # The gradient-free rounds go through the unwrapped step (no DDP buffer syncs) on
             # embeddings computed once (an encoder that is trained reruns only in the final pass;
             # in train mode that extra pass also moves BatchNorm statistics, as any forward does).
@@ -299,20 +301,28 @@ class Trainer:
                 with torch.no_grad():
                     probe["embeddings"] = self.step.model.image_encoder(probe["images"])
                 probe["images"] = None
-            clicked = add_error_clicks(self.step, probe, get("target"), k)
+            if d.click_source == "scribbles":
+                clicked = add_error_clicks(self.step, probe, get("target"), k, strokes=True)
+            else:
+                clicked = add_error_clicks(self.step, probe, get("target"), k)
             inputs["points"], inputs["point_labels"] = clicked["points"], clicked["point_labels"]
-            n_clicks = k
+            n_clicks = k * self._round_width()
         return inputs, n_clicks
+
+    def _round_width(self) -> int:
+        """Points one correction adds: 1 per click, a stroke's padded point count for scribbles."""
+        return SCRIBBLE_POINTS if self.cfg.data.click_source == "scribbles" else 1
 
     def _rounds(self, inputs: dict, n_clicks: int) -> list[dict]:
         """The prompt sets a step is trained on: ``inputs`` alone, or with ``data.click_loss:
-        every`` and clicks, the box with the first 0, 1, ..., ``n_clicks`` clicks."""
+        every`` and clicks, the box with the first 0, 1, ..., k corrections."""
         if not n_clicks or self.cfg.data.click_loss != "every":
             return [inputs]
         rounds = []
         n_points = inputs["points"].shape[1]
-        for j in range(n_clicks + 1):
-            keep = n_points - n_clicks + j
+        width = self._round_width()
+        for j in range(n_clicks // width + 1):
+            keep = n_points - n_clicks + j * width
             r = dict(inputs)
             r["points"] = inputs["points"][:, :keep] if keep else None
             r["point_labels"] = inputs["point_labels"][:, :keep] if keep else None

@@ -24,8 +24,9 @@ def segment(body: SegmentRequest, wb: WorkbenchDep) -> SegmentResponse:
         raise HTTPException(422, str(exc)) from None
     box = None if body.box is None else (body.box.x0, body.box.y0, body.box.x1, body.box.y1)
     points = [(p.x, p.y, p.positive) for p in body.points]
+    strokes = [([(v.x, v.y) for v in s.points], s.positive) for s in body.scribbles]
     try:
-        out = wb.engine.segment(loaded, body.slice_index, box, points, body.previous)
+        out = wb.engine.segment(loaded, body.slice_index, box, points, body.previous, strokes)
     except PromptRefused as exc:
         raise HTTPException(422, str(exc)) from None
     mask = out.mask

@@ -15,7 +15,7 @@ const S = {
   saved: null,     // Uint8Array: the slice as last saved
   work: null,      // Uint8Array: the slice as shown / edited
   base: null,      // Uint8Array: work before the current model proposal (null: no proposal)
-  box: null, points: [], handle: null, prompts: [], edits: [],
+  box: null, points: [], scribbles: [], handle: null, prompts: [], edits: [],
   undo: [], drag: null, busy: false,
   trainJob: null,  // id of the training job being followed
 };
@@ -188,7 +188,7 @@ async function reloadBitmap() {
 }
 
 function resetPrompts() {
-  S.base = null; S.box = null; S.points = []; S.handle = null; S.prompts = []; S.edits = [];
+  S.base = null; S.box = null; S.points = []; S.scribbles = []; S.handle = null; S.prompts = []; S.edits = [];
 }
 
 // ------------------------------------------------------------------ labels
@@ -285,6 +285,14 @@ function draw() {
     ctx.lineWidth = 2;
     ctx.strokeRect(b.x0 * z, b.y0 * z, (b.x1 - b.x0 + 1) * z, (b.y1 - b.y0 + 1) * z);
   }
+  const strokes = S.drag && S.drag.stroke ? S.scribbles.concat([S.drag.stroke]) : S.scribbles;
+  for (const s of strokes) {
+    ctx.beginPath();
+    s.points.forEach((v, j) => (j ? ctx.lineTo : ctx.moveTo).call(ctx, (v.x + 0.5) * z, (v.y + 0.5) * z));
+    ctx.strokeStyle = s.positive ? "#66bb6a" : "#ef5350";
+    ctx.lineWidth = 3;
+    ctx.stroke();
+  }
   for (const p of S.points) {
     ctx.beginPath();
     ctx.arc((p.x + 0.5) * z, (p.y + 0.5) * z, 5, 0, 2 * Math.PI);
@@ -305,7 +313,7 @@ function toImage(ev) {
 
 function pushUndo() {
   S.undo.push({
-    work: S.work.slice(), base: S.base ? S.base.slice() : null, box: S.box, points: S.points.slice(),
+    work: S.work.slice(), base: S.base ? S.base.slice() : null, box: S.box, points: S.points.slice(), scribbles: S.scribbles.slice(),
     handle: S.handle, prompts: S.prompts.length, edits: S.edits.length,
   });
   if (S.undo.length > 50) S.undo.shift();
@@ -326,10 +334,10 @@ function paint(p, value) {
 
 // ------------------------------------------------------------------ model
 async function runSegment() {
-  if (!S.box && !S.points.length) return;
-  const body = { image_id: S.id, slice_index: S.slice, points: S.points, encoding: "rle" };
+  if (!S.box && !S.points.length && !S.scribbles.length) return;
+  const body = { image_id: S.id, slice_index: S.slice, points: S.points, scribbles: S.scribbles, encoding: "rle" };
   if (S.box) body.box = { x0: S.box.x0, y0: S.box.y0, x1: Math.max(S.box.x1, S.box.x0 + 1), y1: Math.max(S.box.y1, S.box.y0 + 1) };
-  if (S.handle && S.points.length) body.previous = S.handle;
+  if (S.handle && (S.points.length || S.scribbles.length)) body.previous = S.handle;
   setStatus("segmenting…");
   S.busy = true;
   try {
@@ -342,10 +350,10 @@ async function runSegment() {
       S.work[i] = mask[i] && b === 0 ? a : b;
     }
     S.handle = res.logits_handle;
-    S.prompts.push({ box: body.box || null, points: S.points.slice(), score: res.score, label: a });
+    S.prompts.push({ box: body.box || null, points: S.points.slice(), scribbles: S.scribbles.slice(), score: res.score, label: a });
     draw();
     setStatus(`mask: ${res.area} px, predicted IoU ${res.score.toFixed(3)} (${res.embedding_source} embedding, ${Math.round(res.elapsed_ms)} ms)` +
-      " — Enter accepts, Esc discards, + / − points refine");
+      " — Enter accepts, Esc discards, + / − points or scribbles refine");
     $("#canvas").dataset.maskArea = String(res.area);
   } catch (e) {
     setStatus(`segment failed: ${e.message}`, true);
@@ -389,6 +397,7 @@ function undo() {
   S.base = last.base;
   S.box = last.box;
   S.points = last.points;
+  S.scribbles = last.scribbles;
   S.handle = last.handle;
   S.prompts.length = Math.min(S.prompts.length, last.prompts);
   S.edits.length = Math.min(S.edits.length, last.edits);
@@ -596,9 +605,12 @@ function bind() {
       S.points.push({ x: p.x, y: p.y, positive });
       draw();
       runSegment();
+    } else if (S.tool === "scribble") {
+      // left drag: a stroke inside the object; right drag: over background to remove
+      S.drag = { stroke: { points: [p], positive: ev.button !== 2 } };
     } else {
       pushUndo();
-      if (S.base) { S.base = null; S.box = null; S.points = []; S.handle = null; }
+      if (S.base) { S.base = null; S.box = null; S.points = []; S.scribbles = []; S.handle = null; }
       const value = S.tool === "eraser" || ev.button === 2 ? 0 : S.active;
       S.drag = { paint: value, changed: paint(p, value) };
       draw();
@@ -607,7 +619,10 @@ function bind() {
   window.addEventListener("mousemove", (ev) => {
     if (!S.drag) return;
     const p = toImage(ev);
-    if (S.drag.box) {
+    if (S.drag.stroke) {
+      const pts = S.drag.stroke.points, q = pts[pts.length - 1];
+      if (q.x !== p.x || q.y !== p.y) pts.push(p);
+    } else if (S.drag.box) {
       const s = S.drag.start;
       S.drag.box = { x0: Math.min(s.x, p.x), y0: Math.min(s.y, p.y), x1: Math.max(s.x, p.x), y1: Math.max(s.y, p.y) };
     } else {
@@ -623,7 +638,12 @@ function bind() {
       if (d.box.x1 - d.box.x0 < 2 || d.box.y1 - d.box.y0 < 2) { draw(); return; }
       pushUndo();
       if (S.base) { S.work = S.base; S.base = null; }  // a new box starts a new proposal
-      S.box = d.box; S.points = []; S.handle = null;
+      S.box = d.box; S.points = []; S.scribbles = []; S.handle = null;
+      runSegment();
+    } else if (d.stroke) {
+      pushUndo();
+      S.scribbles.push(d.stroke);
+      draw();
       runSegment();
     } else {
       S.edits.push({ tool: d.paint === 0 ? "eraser" : "brush", label: d.paint, pixels: d.changed, radius: S.brush });
@@ -669,7 +689,7 @@ function bind() {
     const k = ev.key;
     if ((ev.ctrlKey || ev.metaKey) && k.toLowerCase() === "z") { ev.preventDefault(); undo(); return; }
     if (ev.ctrlKey || ev.metaKey || ev.altKey) return;
-    const tools = { b: "box", p: "pos", n: "neg", r: "brush", e: "eraser" };
+    const tools = { b: "box", p: "pos", n: "neg", s: "scribble", r: "brush", e: "eraser" };
     if (tools[k.toLowerCase()]) { setTool(tools[k.toLowerCase()]); return; }
     if (/^[1-9]$/.test(k)) { const d = S.defs[+k - 1]; if (d) setActive(d.value); return; }
     switch (k) {
