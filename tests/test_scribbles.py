@@ -81,6 +81,10 @@ def test_add_scribble_points_per_object_after_the_clicks():
         add_scribble_points(None, None, [[(1, 2)]], size)
     with pytest.raises(PromptError, match="point_labels"):
         add_scribble_points([[1, 2]], None, [a], size)
+    # no stroke at all: the points as they were
+    for empty in ([], [[]], [[], []]):
+        got = add_scribble_points([[1, 2]], [1], empty, size)
+        assert got == ([[1, 2]], [1])
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +106,18 @@ def test_predictor_takes_scribbles_as_the_points_along_them(predictor):
     want = predictor.predict(boxes=box, points=[np.concatenate([[[20, 20]], pts])], point_labels=[[0, *labs]])
     np.testing.assert_array_equal(got.low_res_logits, want.low_res_logits)
     np.testing.assert_array_equal(got.masks, want.masks)
-    # two objects, each with its stroke, no box
-    two = predictor.predict(scribbles=[[stroke], [Scribble([[30, 40]])]])
-    assert two.masks.shape == (2, 48, 64)
+    # two objects, each with its stroke, no box: 4 and 1 points, the second padded with -1
+    dot = Scribble([[30, 40]])
+    two = predictor.predict(scribbles=[[stroke], [dot]])
+    padded = np.zeros((2, 4, 2))
+    padded[0], padded[1, 0] = pts, [30, 40]
+    want = predictor.predict(points=padded, point_labels=[[1, 1, 1, 1], [1, -1, -1, -1]])
+    np.testing.assert_array_equal(two.low_res_logits, want.low_res_logits)
+    # the padding changes the second object's prompt (SAM's "not a point" tokens take part)
+    alone = predictor.predict(scribbles=[dot])
+    assert not np.array_equal(alone.low_res_logits[0], two.low_res_logits[1])
+    # no strokes: the box alone
+    np.testing.assert_array_equal(predictor.predict(boxes=box, scribbles=[]).masks, predictor.predict(boxes=box).masks)
     with pytest.raises(PromptError, match="outside"):
         predictor.predict(boxes=box, scribbles=[Scribble([[10, 10], [70, 10]])])
 
@@ -167,6 +180,32 @@ def test_add_error_clicks_with_strokes_places_points_in_the_error():
         if lab == 0:
             assert 8 <= y <= 10 and 6 <= x <= 25  # inside the false strip
     assert out["point_labels"][1].tolist() == [-1] * 8  # sample 1 is perfect: padding only
+
+
+def test_add_error_clicks_with_strokes_maps_the_low_res_stroke_to_the_input_frame():
+    """L = 16 logits against an S = 64 target: the stroke is found and sampled at L (spacing
+    12 * L / S = 3 px there) and each point mapped to the input frame as (p + 0.5) * S / L - 0.5."""
+    from medsam.clicks import add_error_clicks
+
+    L, S = 16, 64
+    box = torch.zeros(1, 1, L, L, dtype=torch.bool)
+    box[:, :, 2:14, 2:14] = True
+    target = torch.zeros(1, 1, S, S, dtype=torch.uint8)
+    target[:, :, 8:56, 8:56] = 1
+    target[:, :, 8:16, 8:56] = 0  # box rows 2-3 at L = 16 are not object: a 2 x 12 false strip
+
+    def forward(**_):
+        return torch.where(box, 5.0, -5.0), torch.zeros(1, 1)
+
+    out = add_error_clicks(forward, {"boxes": torch.zeros(1, 4)}, target, rounds=1, strokes=True)
+    gt = torch.nn.functional.interpolate(target.float(), size=(L, L), mode="nearest-exact").bool()[0, 0].numpy()
+    stroke = next_scribble(box[0, 0].numpy(), gt)
+    expected = sample_stroke(stroke.vertices, 12 * L / S, 4)
+    assert not stroke.positive and len(expected) == 4  # a strip about 11 px long at L: 4 points
+    got = out["points"][0].numpy()
+    np.testing.assert_allclose(got, (expected + 0.5) * S / L - 0.5, rtol=0, atol=1e-5)
+    assert out["point_labels"][0].tolist() == [0, 0, 0, 0]
+    assert np.all((got[:, 1] >= 8) & (got[:, 1] < 16))  # inside the strip, in the 64 px frame
 
 
 def test_training_config_accepts_scribbles():

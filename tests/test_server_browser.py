@@ -140,7 +140,7 @@ def test_box_mask_accept_in_chromium(served):
 
 def test_scribble_tool_in_chromium(served):
     """The scribble tool: a left-drag inside the organ is sent as a stroke (its vertices in the
-    saved provenance), the mask covers the stroke's pixels."""
+    saved provenance), the saved mask covers the stroke's pixels."""
     import json
 
     url, data, organ = served
@@ -180,3 +180,7 @@ def test_scribble_tool_in_chromium(served):
     assert stroke["positive"] is True and len(stroke["points"]) >= 3
     assert {v["y"] for v in stroke["points"]} == {cy}
     assert min(v["x"] for v in stroke["points"]) == xa and max(v["x"] for v in stroke["points"]) == xb
+    from medsam.io import read_image
+
+    saved = read_image(data / ".medsam" / "labels" / "ct.nii.gz").array[k] > 0
+    assert saved[cy, xa : xb + 1].mean() > 0.9  # the mask covers the stroke

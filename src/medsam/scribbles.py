@@ -3,8 +3,9 @@
 SAM's prompt encoder takes points, boxes and low-resolution mask logits; it has no scribble input,
 and the MedSAM / LiteMedSAM decoders were trained on boxes (ours also on clicks). A stroke is
 therefore given to the model as the clicks a person would have made along it: points at equal
-arc-length steps of ``spacing`` pixels, end points included, at most ``max_points`` per stroke
-(a stroke shorter than ``spacing`` becomes one point at its middle). A positive stroke (drawn
+arc-length steps, end points included, as many as steps of at least ``spacing`` pixels fit but at
+most ``max_points`` per stroke (a stroke shorter than ``spacing`` becomes one point at its
+middle). A positive stroke (drawn
 inside the object) gives positive points, a negative one (over background the mask wrongly
 covers) negative points. With the shipped default model strokes help less than clicks over many
 corrections (it was trained with up to 3 clicks, not with point sets along strokes); the
@@ -113,9 +114,10 @@ def next_scribble(pred: np.ndarray, gt: np.ndarray) -> Scribble | None:
 
     The error region is the one :func:`medsam.clicks.next_click` clicks in (the missed or false
     region holding the pixel deepest inside either, by the Euclidean distance transform); the
-    stroke follows the longest path of that connected component's skeleton (its medial axis),
-    found by two breadth-first searches from the deepest pixel's nearest skeleton pixel. A
-    component whose skeleton is one pixel gives a one-vertex stroke (a click). Positive in a
+    stroke follows a long path of that connected component's skeleton (its medial axis), found by
+    two breadth-first searches from the deepest pixel's nearest skeleton pixel (the longest path
+    when the skeleton has no loops; a ring-shaped region gives a long path around it). Compact
+    blobs (a disk, a square) skeletonise to a few pixels, so their stroke is nearly a click. Positive in a
     missed region, negative in a false one; None when the prediction is perfect.
     """
     from skimage.morphology import skeletonize
@@ -133,10 +135,8 @@ def next_scribble(pred: np.ndarray, gt: np.ndarray) -> Scribble | None:
     _, region, deepest, positive = best
     components, _ = ndimage.label(region, structure=np.ones((3, 3)))
     component = components == components[deepest]
-    skeleton = skeletonize(component)
+    skeleton = skeletonize(component)  # topology-preserving: never empty for a component
     ys, xs = np.nonzero(skeleton)
-    if len(ys) == 0:  # skeletonize keeps at least a pixel of any component; be safe anyway
-        return Scribble(np.array([[deepest[1], deepest[0]]], dtype=np.float64), positive)
     nearest = int(np.argmin((ys - deepest[0]) ** 2 + (xs - deepest[1]) ** 2))
     start = (int(ys[nearest]), int(xs[nearest]))
     far, _ = _farthest(skeleton, start)
@@ -173,24 +173,27 @@ def add_scribble_points(
     size: tuple[int, int],
     spacing: float = DEFAULT_SPACING,
     max_points: int = DEFAULT_MAX_POINTS,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray | list | None, np.ndarray | list | None]:
     """Point prompts (N, P, 2) and labels (N, P) with each object's strokes appended.
 
     ``scribbles``: one Scribble, a list of Scribbles (one object) or N lists (N objects; one
     object's points are shared by all N). ``points`` (N, P, 2) or (P, 2) and ``point_labels`` as
     :meth:`medsam.predictor.Predictor.predict` takes them, or None. Objects with fewer points are
-    padded with label -1. Vertices must lie inside the (H, W) image (``size``).
+    padded with label -1. Vertices must lie inside the (H, W) image (``size``). With no stroke at
+    all (``[]``, ``[[]]``) ``points`` and ``point_labels`` come back unchanged.
     """
     if isinstance(scribbles, Scribble):
         per_object = [[scribbles]]
     else:
         items = list(scribbles)
-        if items and all(isinstance(s, Scribble) for s in items):
+        if all(isinstance(s, Scribble) for s in items):
             per_object = [items]
-        elif all(isinstance(s, (list, tuple)) for s in items) and items:
+        elif all(isinstance(s, (list, tuple)) for s in items):
             per_object = [list(s) for s in items]
         else:
             raise PromptError("scribbles must be a Scribble, a list of them (one object) or one list per object")
+    if not any(per_object):
+        return points, point_labels
     H, W = size
     for strokes in per_object:
         for s in strokes:
@@ -222,6 +225,4 @@ def add_scribble_points(
             real = gl != -1
             c, lab = np.concatenate([gc[real], c]), np.concatenate([gl[real], lab])
         merged.append((c, lab))
-    if all(len(c) == 0 for c, _ in merged):
-        raise PromptError("the scribbles and points give no point at all")
     return merge_point_prompts(merged)

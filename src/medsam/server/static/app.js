@@ -4,6 +4,7 @@
 
 const $ = (sel) => document.querySelector(sel);
 const WINDOWS = ["auto", "minmax", "soft_tissue", "lung", "brain", "bone", "liver"];
+const MAX_STROKES = 64, MAX_STROKE_VERTICES = 4096;  // SegmentRequest.scribbles limits
 
 const S = {
   token: sessionStorage.getItem("medsam-token") || "",
@@ -291,6 +292,8 @@ function draw() {
     s.points.forEach((v, j) => (j ? ctx.lineTo : ctx.moveTo).call(ctx, (v.x + 0.5) * z, (v.y + 0.5) * z));
     ctx.strokeStyle = s.positive ? "#66bb6a" : "#ef5350";
     ctx.lineWidth = 3;
+    ctx.lineCap = "round";  // a one-vertex stroke shows as a dot
+    ctx.lineJoin = "round";
     ctx.stroke();
   }
   for (const p of S.points) {
@@ -353,9 +356,12 @@ async function runSegment() {
     S.prompts.push({ box: body.box || null, points: S.points.slice(), scribbles: S.scribbles.slice(), score: res.score, label: a });
     draw();
     setStatus(`mask: ${res.area} px, predicted IoU ${res.score.toFixed(3)} (${res.embedding_source} embedding, ${Math.round(res.elapsed_ms)} ms)` +
-      " — Enter accepts, Esc discards, + / − points or scribbles refine");
+      " — Enter accepts, Esc discards, + / − points or scribbles refine" +
+      (body.box ? "" : " (no box: MedSAM models need one; draw it first with B)"));
     $("#canvas").dataset.maskArea = String(res.area);
   } catch (e) {
+    // a refused prompt is taken back, so the next one is not refused for it again
+    if (e.status === 422 && S.undo.length) undo();
     setStatus(`segment failed: ${e.message}`, true);
   } finally {
     S.busy = false;
@@ -641,6 +647,12 @@ function bind() {
       S.box = d.box; S.points = []; S.scribbles = []; S.handle = null;
       runSegment();
     } else if (d.stroke) {
+      if (S.scribbles.length >= MAX_STROKES) { draw(); setStatus(`at most ${MAX_STROKES} strokes per object: accept or discard first`, true); return; }
+      const pts = d.stroke.points;
+      if (pts.length > MAX_STROKE_VERTICES) {  // the API's limit: keep evenly spaced vertices and the end
+        const step = Math.ceil(pts.length / (MAX_STROKE_VERTICES - 1));
+        d.stroke.points = pts.filter((_, j) => j % step === 0).concat([pts[pts.length - 1]]);
+      }
       pushUndo();
       S.scribbles.push(d.stroke);
       draw();
