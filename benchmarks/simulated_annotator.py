@@ -10,6 +10,8 @@ DSC >= 0.9 or after 10 clicks. Manual outlining is represented by the object's b
 pixels (a proxy for the number of polygon vertices / mouse travel of a hand-drawn outline).
 With ``--scribbles`` each correction is a stroke instead of a click: along the medial axis of the
 same error region (``medsam.scribbles.next_scribble``), given as the points sampled along it.
+With ``--candidates`` every call also returns the decoder's three multimask masks and the
+annotator keeps the best of the four (a person cycling through the workbench's proposals).
 
     .venv/bin/python benchmarks/simulated_annotator.py [--checkpoint CKPT] [--target 0.9] [--scribbles]
 """
@@ -49,6 +51,9 @@ def main() -> int:
                         help="each correction is a stroke along the error region's medial axis (medsam.scribbles), not a click")
     parser.add_argument("--spacing", type=float, default=None, help="--scribbles: pixels between sampled points")
     parser.add_argument("--max-points", type=int, default=None, help="--scribbles: most points per stroke")
+    parser.add_argument("--candidates", action="store_true",
+                        help="each call also returns the decoder's three multimask candidates and the annotator keeps "
+                             "the best of the four (a person picking the best-looking proposal on the page)")
     args = parser.parse_args()
     stroke_options = {k: v for k, v in (("spacing", args.spacing), ("max_points", args.max_points)) if v is not None}
     model = medsam.load_model(args.checkpoint, device="cpu")
@@ -88,10 +93,20 @@ def main() -> int:
                 result = active.predict(
                     boxes=[shifted_box], mask_input=previous if args.mask_prompt else None, **kwargs
                 )
-                full = np.zeros_like(gt)
                 h, w = result.masks[0].shape
-                full[oy : oy + h, ox : ox + w] = result.masks[0]
-                return result, full
+                masks = [result.masks[0]]
+                if args.candidates:
+                    multi = active.predict(
+                        boxes=[shifted_box], mask_input=previous if args.mask_prompt else None, multimask=True, **kwargs
+                    )
+                    masks += list(multi.masks[0])
+                best = None
+                for m in masks:
+                    full = np.zeros_like(gt)
+                    full[oy : oy + h, ox : ox + w] = m
+                    if best is None or dice_score(full, gt) > best[0]:
+                        best = (dice_score(full, gt), full)
+                return result, best[1]
 
             result, pred = ask([], [], None)
             dsc, points, labels, prompts = dice_score(pred, gt), [], [], 1

@@ -169,6 +169,59 @@ def test_segment_with_scribbles(data, model):
         assert side["history"][0]["prompts"][0]["scribbles"] == [{"points": stroke, "positive": False}]
 
 
+def test_segment_zoom_and_candidates(data, model):
+    """A small box is segmented on its crop (medsam.zoom's window): the same mask as
+    predict_with_zoom on the image; zoom=false gives the whole-slice prediction; candidates are the
+    decoder's multimask masks; a click outside the crop takes the whole slice; the crop's logits
+    handle is not used on another frame."""
+    from medsam.io import read_image
+    from medsam.predictor import Predictor
+    from medsam.zoom import ZoomPolicy, predict_with_zoom, zoom_window
+
+    image = read_image(data / "a.png").array  # uint8 (64, 80): the model input as it is
+    box = [20, 22, 27, 29]  # 8 px: a 32 px crop (min_side) of an 80 px wide image
+    oracle = Predictor(model)
+    zoomed = predict_with_zoom(oracle, image, np.asarray([box], float), ZoomPolicy())
+    assert zoomed.zoomed.tolist() == [True]
+    y0, y1, x0, x1 = zoom_window(box, image.shape[:2], 3.0, 32)
+    oracle.set_image(image)
+    plain = oracle.predict(boxes=box)
+    with client(create_app(data, model=model)) as c:
+        def ask(**extra):
+            r = c.post("/segment", json={"image_id": "a.png", "box": dict(zip(("x0", "y0", "x1", "y1"), box)), **extra})
+            assert r.status_code == 200, r.text
+            out = r.json()
+            return out, rle_decode(out["mask"]["values"], out["mask"]["counts"], (64, 80)).astype(bool)
+
+        out, mask = ask(candidates=True)
+        assert out["zoom_window"] == {"x0": x0, "y0": y0, "x1": x1 - 1, "y1": y1 - 1}
+        np.testing.assert_array_equal(mask, zoomed.masks[0])
+        assert out["score"] == pytest.approx(float(zoomed.scores[0]), abs=1e-6)
+        assert not mask[:y0].any() and not mask[y1:].any() and not mask[:, :x0].any() and not mask[:, x1:].any()
+        oracle.set_image(np.ascontiguousarray(image[y0:y1, x0:x1]))
+        multi = oracle.predict(boxes=[box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0], multimask=True)
+        assert len(out["candidates"]) == 3
+        for j, cand in enumerate(out["candidates"]):
+            got = rle_decode(cand["mask"]["values"], cand["mask"]["counts"], (64, 80)).astype(bool)
+            np.testing.assert_array_equal(got[y0:y1, x0:x1], multi.masks[0, j])
+            assert cand["score"] == pytest.approx(float(multi.scores[0, j]), abs=1e-6) and cand["area"] == got.sum()
+        # a correction inside the crop stays on it, with the crop's logits as mask prompt
+        inside, _ = ask(points=[{"x": 24, "y": 25}], previous=out["logits_handle"])
+        assert inside["zoom_window"] == out["zoom_window"] and inside["embedding_source"] == "memory"
+        # the handle alone cannot prompt the whole slice
+        r = c.post("/segment", json={"image_id": "a.png", "previous": out["logits_handle"]})
+        assert r.status_code == 422 and "crop" in r.json()["detail"]
+        # zoom off: the whole-slice prediction; a click outside the crop: the whole slice too
+        off, mask_off = ask(zoom=False)
+        assert off["zoom_window"] is None and off["candidates"] == []
+        np.testing.assert_array_equal(mask_off, plain.masks[0])
+        outside, _ = ask(points=[{"x": 70, "y": 60, "positive": False}], previous=out["logits_handle"])
+        assert outside["zoom_window"] is None
+        # a box outside the slice is refused before any crop is taken
+        bad = c.post("/segment", json={"image_id": "a.png", "box": {"x0": 70, "y0": 50, "x1": 90, "y1": 60}})
+        assert bad.status_code == 422 and "outside the image" in bad.json()["detail"]
+
+
 # ----------------------------------------------------------------------------- security
 def test_path_traversal_refused(data, model):
     (data / "link.png").symlink_to(data.parent / "outside" / "secret.png")

@@ -9,6 +9,7 @@ Set ``MEDSAM_SCREENSHOT=path.png`` to keep a screenshot of the page after the bo
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -119,6 +120,15 @@ def test_box_mask_accept_in_chromium(served):
             shot = os.environ.get("MEDSAM_SCREENSHOT")
             if shot:
                 page.screenshot(path=shot)
+            # Tab cycles through the proposal and the decoder's three alternatives, back to the first
+            assert "proposal 1/4" in page.text_content("#status")
+            areas = [area]
+            for j in (1, 2, 3, 0):
+                page.keyboard.press("Tab")
+                page.wait_for_selector(f'#canvas[data-candidate="{j}"]', timeout=5_000)
+                assert f"proposal {j + 1}/4" in page.text_content("#status")
+                areas.append(int(page.get_attribute("#canvas", "data-mask-area")))
+            assert areas[-1] == area and len(set(areas)) > 1  # the alternatives differ
             page.keyboard.press("Enter")
             page.wait_for_selector('#canvas[data-saved-version="1"]', timeout=30_000)
             assert "version 1" in page.text_content("#status")
@@ -135,13 +145,13 @@ def test_box_mask_accept_in_chromium(served):
     assert saved[np.arange(saved.shape[0]) != k].sum() == 0
     dice = 2 * (saved[k] & organ[k]).sum() / (saved[k].sum() + organ[k].sum())
     assert dice > 0.8, dice
-    assert (data / ".medsam" / "labels" / "ct.nii.gz.json").is_file()
+    side = json.loads((data / ".medsam" / "labels" / "ct.nii.gz.json").read_text())
+    assert side["history"][0]["prompts"][0]["candidate"] == 0
 
 
 def test_scribble_tool_in_chromium(served):
     """The scribble tool: a left-drag inside the organ is sent as a stroke (its vertices in the
     saved provenance), the saved mask covers the stroke's pixels."""
-    import json
 
     url, data, organ = served
     with sync_api.sync_playwright() as p:

@@ -28,7 +28,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -54,6 +54,9 @@ class SegmentOutcome:
     handle: str
     source: str  # "memory" | "disk" | "computed"
     elapsed_ms: float
+    window: tuple[int, int, int, int] | None = None  # (y0, y1, x0, x1) of a zoomed crop
+    # the decoder's three multimask proposals when asked: ((H, W) bool, predicted IoU)
+    candidates: list[tuple[np.ndarray, float]] = field(default_factory=list)
 
 
 class SegmentationEngine:
@@ -84,7 +87,8 @@ class SegmentationEngine:
         self._predictor = None
         self._current_key: str | None = None
         self._lru: OrderedDict[str, Any] = OrderedDict()
-        self._handles: OrderedDict[str, tuple[str, int, np.ndarray]] = OrderedDict()
+        # handle -> (image id, slice, low-res logits (1, 1, L, L), crop window or None)
+        self._handles: OrderedDict[str, tuple[str, int, np.ndarray, tuple | None]] = OrderedDict()
         self._model_info: dict | None = None
         self.encoder_calls = 0
         self.cache_hits = 0
@@ -160,11 +164,17 @@ class SegmentationEngine:
         contract = self.predictor.contract
         return sum(slice_key(fp, contract, loaded.model_slice(k)) in self.cache for k in range(loaded.n_slices))
 
-    def _activate(self, loaded: LoadedImage, index: int, remember: bool = True) -> str:
-        """Make the predictor hold slice ``index``'s embedding; returns where it came from.
-        Call with :attr:`lock` held."""
+    def _activate(
+        self, loaded: LoadedImage, index: int, remember: bool = True, window: tuple[int, int, int, int] | None = None
+    ) -> str:
+        """Make the predictor hold slice ``index``'s embedding (of its crop ``window`` (y0, y1, x0,
+        x1) when given: a zoomed prompt; cached like a slice, keyed by the crop's bytes); returns
+        where it came from. Call with :attr:`lock` held."""
         pred = self.predictor
         image = loaded.model_slice(index)
+        if window is not None:
+            y0, y1, x0, x1 = window
+            image = np.ascontiguousarray(image[y0:y1, x0:x1])
         key = slice_key(self.embedding_fingerprint(), pred.contract, image)
         size = tuple(image.shape[:2])
         if key == self._current_key and pred.is_image_set:
@@ -223,50 +233,88 @@ class SegmentationEngine:
         points: list[tuple[float, float, bool]],
         previous: str | None,
         scribbles: Sequence[tuple[Sequence[tuple[float, float]], bool]] = (),
+        zoom: bool = False,
+        candidates: bool = False,
     ) -> SegmentOutcome:
         """One mask for the prompts on slice ``index``; raises :class:`PromptRefused`.
-        ``scribbles``: strokes as (vertices [(x, y), ...], positive), given as points along them."""
-        from ..predictor import PromptError
+
+        ``scribbles``: strokes as (vertices [(x, y), ...], positive), given as points along them.
+        ``zoom``: a box that :func:`medsam.zoom.should_zoom` calls small (default
+        :class:`~medsam.zoom.ZoomPolicy`) is segmented on its crop, every prompt shifted into it
+        and the mask pasted back, unless a point or stroke lies outside the crop (then on the
+        whole slice); a ``previous`` handle is used as mask prompt only in the frame (crop or
+        whole slice) it came from. ``candidates``: also the decoder's three multimask proposals.
+        """
+        from ..predictor import PromptError, validate_boxes
         from ..scribbles import Scribble
+        from ..zoom import ZoomPolicy, should_zoom, zoom_window
 
         t0 = time.perf_counter()
         loaded.check_slice(index)
-        mask_input = None
+        entry = None
         if previous is not None:
             entry = self._handles.get(previous)
             if entry is None:
                 raise PromptRefused("unknown or expired logits handle; segment again without 'previous'")
             if entry[0] != loaded.image_id or entry[1] != index:
                 raise PromptRefused("the logits handle belongs to another image or slice")
-            mask_input = entry[2]
-        if box is None and not points and not scribbles and mask_input is None:
+        if box is None and not points and not scribbles and entry is None:
             raise PromptRefused("give a box, points, scribbles or a previous logits handle")
-        kwargs: dict[str, Any] = {}
-        if box is not None:
-            kwargs["boxes"] = np.asarray([box], dtype=np.float64)
-        if points:
-            kwargs["points"] = np.asarray([[(x, y) for x, y, _ in points]], dtype=np.float64)
-            kwargs["point_labels"] = np.asarray([[1 if pos else 0 for _, _, pos in points]])
-        if mask_input is not None:
-            kwargs["mask_input"] = mask_input
         try:
-            if scribbles:
-                kwargs["scribbles"] = [Scribble(np.asarray(v, dtype=np.float64), bool(pos)) for v, pos in scribbles]
+            strokes = [Scribble(np.asarray(v, dtype=np.float64), bool(pos)) for v, pos in scribbles]
         except PromptError as exc:
             raise PromptRefused(str(exc)) from None
-        with self.lock:
-            source = self._activate(loaded, index)
+        size = tuple(loaded.model_slice(index).shape[:2])
+        if box is not None:  # checked against the whole slice, before any crop
             try:
-                pred = self.predictor.predict(**kwargs)
+                validate_boxes(np.asarray([box], dtype=np.float64), size)
             except PromptError as exc:
                 raise PromptRefused(str(exc)) from None
-        mask = np.asarray(pred.masks[0], dtype=bool)
+        window = None
+        if zoom and box is not None:
+            policy = ZoomPolicy()
+            if should_zoom(box, size, policy):
+                window = zoom_window(box, size, policy.context, policy.min_side)
+                y0, y1, x0, x1 = window
+                xy = [(x, y) for x, y, _ in points] + [tuple(v) for s in strokes for v in s.vertices]
+                if any(not (x0 <= x <= x1 and y0 <= y <= y1) for x, y in xy):
+                    window = None
+        oy, ox = (window[0], window[2]) if window is not None else (0, 0)
+        kwargs: dict[str, Any] = {}
+        if box is not None:
+            kwargs["boxes"] = np.asarray([box], dtype=np.float64) - [ox, oy, ox, oy]
+        if points:
+            kwargs["points"] = np.asarray([[(x - ox, y - oy) for x, y, _ in points]], dtype=np.float64)
+            kwargs["point_labels"] = np.asarray([[1 if pos else 0 for _, _, pos in points]])
+        if strokes:
+            kwargs["scribbles"] = [Scribble(s.vertices - [ox, oy], s.positive) for s in strokes]
+        if entry is not None and entry[3] == window:
+            kwargs["mask_input"] = entry[2]
+        if not kwargs:  # only a handle, from a zoomed crop: nothing to prompt the whole slice with
+            raise PromptRefused("the logits handle belongs to a zoomed crop; send its box again")
+        with self.lock:
+            source = self._activate(loaded, index, window=window)
+            try:
+                pred = self.predictor.predict(**kwargs)
+                multi = self.predictor.predict(**kwargs, multimask=True) if candidates else None
+            except PromptError as exc:
+                raise PromptRefused(str(exc)) from None
+
+        def whole(m: np.ndarray) -> np.ndarray:
+            if window is None:
+                return np.asarray(m, dtype=bool)
+            out = np.zeros(size, dtype=bool)
+            out[window[0] : window[1], window[2] : window[3]] = m
+            return out
+
+        proposals = [] if multi is None else [(whole(m), float(sc)) for m, sc in zip(multi.masks[0], multi.scores[0])]
         handle = secrets.token_urlsafe(12)
         with self.lock:
-            self._handles[handle] = (loaded.image_id, int(index), pred.low_res_logits[0:1].copy())
+            self._handles[handle] = (loaded.image_id, int(index), pred.low_res_logits[0:1].copy(), window)
             while len(self._handles) > _MAX_HANDLES:
                 self._handles.popitem(last=False)
-        return SegmentOutcome(mask, float(pred.scores[0]), handle, source, (time.perf_counter() - t0) * 1e3)
+        elapsed = (time.perf_counter() - t0) * 1e3
+        return SegmentOutcome(whole(pred.masks[0]), float(pred.scores[0]), handle, source, elapsed, window, proposals)
 
     def propagate(self, loaded: LoadedImage, box: tuple[int, int, int, int], key_slice: int,
                   iou_threshold: float, box_margin: int, progress: Callable[[int, int], None]):

@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from .training_job import DEFAULT_LR, DEFAULT_STEPS, MAX_LR, MAX_STEPS
 
 __all__ = [
-    "Box", "Point", "RLEMask", "ImageSummary", "ImageList", "ImageMeta", "UploadResult",
-    "JobInfo", "EmbeddingRequest", "EmbeddingStatus", "SegmentRequest", "SegmentResponse",
+    "Box", "XY", "Point", "Stroke", "RLEMask", "ImageSummary", "ImageList", "ImageMeta", "UploadResult",
+    "JobInfo", "EmbeddingRequest", "EmbeddingStatus", "SegmentRequest", "Candidate", "SegmentResponse",
     "LabelDef", "PromptRecord", "EditRecord", "EditProvenance", "LabelInfo", "SliceLabels",
     "SliceLabelWrite", "LabelMapWrite", "LabelMap", "PropagateRequest", "UncertaintyRequest",
     "RankedImage", "NextResponse", "ServerInfo", "TrainRequest", "HeldoutScores", "ObjectScore",
@@ -149,6 +149,16 @@ class SegmentRequest(_Model):
     scribbles: list[Stroke] = Field(default_factory=list, max_length=64)
     previous: str | None = Field(default=None, description="logits_handle of an earlier answer on this slice")
     encoding: Literal["rle", "png", "both"] = "rle"
+    zoom: bool = Field(default=True, description="segment a small box on a magnified crop around it (medsam.zoom)")
+    candidates: bool = Field(default=False, description="also return the decoder's three multimask proposals")
+
+
+class Candidate(_Model):
+    """One of the decoder's alternative masks for the same prompts."""
+
+    score: float = Field(description="the model's predicted IoU")
+    area: int
+    mask: RLEMask
 
 
 class SegmentResponse(_Model):
@@ -162,6 +172,8 @@ class SegmentResponse(_Model):
     logits_handle: str = Field(description="pass as 'previous' to refine this mask with more clicks")
     embedding_source: Literal["memory", "disk", "computed"]
     elapsed_ms: float
+    zoom_window: Box | None = Field(default=None, description="the crop the box was segmented on (inclusive), if zoomed")
+    candidates: list[Candidate] = Field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- labels
@@ -175,6 +187,7 @@ class PromptRecord(_Model):
     box: Box | None = None
     points: list[Point] = Field(default_factory=list, max_length=256)
     scribbles: list[Stroke] = Field(default_factory=list, max_length=64)
+    candidate: int | None = Field(default=None, ge=0, le=3, description="the proposal kept: 0 the model's mask, 1-3 its alternatives")
     score: float | None = None
     label: int | None = None
 

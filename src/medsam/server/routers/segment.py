@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException
 
 from ..encoding import png_bytes, rle_encode
 from ..engine import PromptRefused
-from ..schemas import Box, RLEMask, SegmentRequest, SegmentResponse
+from ..schemas import Box, Candidate, RLEMask, SegmentRequest, SegmentResponse
 from ..state import WorkbenchDep
 
 router = APIRouter(tags=["segment"])
@@ -26,7 +26,9 @@ def segment(body: SegmentRequest, wb: WorkbenchDep) -> SegmentResponse:
     points = [(p.x, p.y, p.positive) for p in body.points]
     strokes = [([(v.x, v.y) for v in s.points], s.positive) for s in body.scribbles]
     try:
-        out = wb.engine.segment(loaded, body.slice_index, box, points, body.previous, strokes)
+        out = wb.engine.segment(
+            loaded, body.slice_index, box, points, body.previous, strokes, zoom=body.zoom, candidates=body.candidates
+        )
     except PromptRefused as exc:
         raise HTTPException(422, str(exc)) from None
     mask = out.mask
@@ -41,8 +43,17 @@ def segment(body: SegmentRequest, wb: WorkbenchDep) -> SegmentResponse:
         rle = RLEMask(shape=list(mask.shape), values=values, counts=counts)
     if body.encoding in ("png", "both"):
         png = base64.b64encode(png_bytes(mask.astype(np.uint8) * 255)).decode("ascii")
+    window = None
+    if out.window is not None:
+        y0, y1, x0, x1 = out.window
+        window = Box(x0=x0, y0=y0, x1=x1 - 1, y1=y1 - 1)
+    candidates = []
+    for m, score in out.candidates:
+        values, counts = rle_encode(m.astype(np.uint8))
+        candidates.append(Candidate(score=score, area=int(m.sum()),
+                                    mask=RLEMask(shape=list(m.shape), values=values, counts=counts)))
     return SegmentResponse(
         image_id=body.image_id, slice_index=body.slice_index, score=out.score, area=int(mask.sum()),
         bbox=bbox, mask=rle, png_base64=png, logits_handle=out.handle, embedding_source=out.source,
-        elapsed_ms=out.elapsed_ms,
+        elapsed_ms=out.elapsed_ms, zoom_window=window, candidates=candidates,
     )

@@ -16,7 +16,7 @@ const S = {
   saved: null,     // Uint8Array: the slice as last saved
   work: null,      // Uint8Array: the slice as shown / edited
   base: null,      // Uint8Array: work before the current model proposal (null: no proposal)
-  box: null, points: [], scribbles: [], handle: null, prompts: [], edits: [],
+  box: null, points: [], scribbles: [], handle: null, cands: null, candIdx: 0, segInfo: "", prompts: [], edits: [],
   undo: [], drag: null, busy: false,
   trainJob: null,  // id of the training job being followed
 };
@@ -336,29 +336,47 @@ function paint(p, value) {
 }
 
 // ------------------------------------------------------------------ model
+function showCandidate() {
+  const c = S.cands[S.candIdx];
+  const a = S.active;
+  for (let i = 0; i < c.mask.length; i++) {
+    const b = S.base[i];
+    S.work[i] = c.mask[i] && b === 0 ? a : b;
+  }
+  S.prompts[S.prompts.length - 1].candidate = S.candIdx;
+  draw();
+  const which = S.cands.length > 1 ? `proposal ${S.candIdx + 1}/${S.cands.length}, ` : "";
+  setStatus(`mask: ${which}${c.area} px, predicted IoU ${c.score.toFixed(3)} (${S.segInfo})` +
+    " — Enter accepts, Tab next proposal, Esc discards, + / − points or scribbles refine");
+  $("#canvas").dataset.maskArea = String(c.area);
+  $("#canvas").dataset.candidate = String(S.candIdx);
+}
+
+function nextCandidate() {
+  if (!S.base || !S.cands || S.cands.length < 2 || S.busy) return;
+  S.candIdx = (S.candIdx + 1) % S.cands.length;
+  showCandidate();
+}
+
 async function runSegment() {
   if (!S.box && !S.points.length && !S.scribbles.length) return;
-  const body = { image_id: S.id, slice_index: S.slice, points: S.points, scribbles: S.scribbles, encoding: "rle" };
+  const body = { image_id: S.id, slice_index: S.slice, points: S.points, scribbles: S.scribbles, encoding: "rle", candidates: true };
   if (S.box) body.box = { x0: S.box.x0, y0: S.box.y0, x1: Math.max(S.box.x1, S.box.x0 + 1), y1: Math.max(S.box.y1, S.box.y0 + 1) };
   if (S.handle && (S.points.length || S.scribbles.length)) body.previous = S.handle;
   setStatus("segmenting…");
   S.busy = true;
   try {
     const res = await (await api("/segment", { method: "POST", json: body })).json();
-    const mask = rleDecode(res.mask);
     if (!S.base) S.base = S.work.slice();
-    const a = S.active;
-    for (let i = 0; i < mask.length; i++) {
-      const b = S.base[i];
-      S.work[i] = mask[i] && b === 0 ? a : b;
-    }
+    // the proposal and the decoder's alternatives: Tab cycles through them
+    S.cands = [{ mask: rleDecode(res.mask), score: res.score, area: res.area }].concat(
+      (res.candidates || []).map((c) => ({ mask: rleDecode(c.mask), score: c.score, area: c.area })));
+    S.candIdx = 0;
     S.handle = res.logits_handle;
-    S.prompts.push({ box: body.box || null, points: S.points.slice(), scribbles: S.scribbles.slice(), score: res.score, label: a });
-    draw();
-    setStatus(`mask: ${res.area} px, predicted IoU ${res.score.toFixed(3)} (${res.embedding_source} embedding, ${Math.round(res.elapsed_ms)} ms)` +
-      " — Enter accepts, Esc discards, + / − points or scribbles refine" +
-      (body.box ? "" : " (no box: MedSAM models need one; draw it first with B)"));
-    $("#canvas").dataset.maskArea = String(res.area);
+    S.prompts.push({ box: body.box || null, points: S.points.slice(), scribbles: S.scribbles.slice(), score: res.score, label: S.active, candidate: 0 });
+    S.segInfo = `${res.embedding_source} embedding${res.zoom_window ? ", zoomed" : ""}, ${Math.round(res.elapsed_ms)} ms` +
+      (body.box ? "" : "; no box: MedSAM models need one, draw it first with B");
+    showCandidate();
   } catch (e) {
     // a refused prompt is taken back, so the next one is not refused for it again
     if (e.status === 422 && S.undo.length) undo();
@@ -713,6 +731,7 @@ function bind() {
       case "[": S.brush = Math.max(1, S.brush - 1); $("#brush-size").value = S.brush; break;
       case "]": S.brush = Math.min(64, S.brush + 1); $("#brush-size").value = S.brush; break;
       case "Enter": ev.preventDefault(); accept(); break;
+      case "Tab": ev.preventDefault(); nextCandidate(); break;
       case "Escape": discard(); $("#help").classList.add("hidden"); break;
       case "g": case "G": propagate(); break;
       case "w": case "W": {
