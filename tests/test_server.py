@@ -195,6 +195,8 @@ def test_segment_zoom_and_candidates(data, model):
 
         out, mask = ask(candidates=True)
         assert out["zoom_window"] == {"x0": x0, "y0": y0, "x1": x1 - 1, "y1": y1 - 1}
+        cache = data / ".medsam" / "cache"
+        assert not cache.exists() or not [f for f in cache.rglob("*") if f.is_file()]  # crops: memory only
         np.testing.assert_array_equal(mask, zoomed.masks[0])
         assert out["score"] == pytest.approx(float(zoomed.scores[0]), abs=1e-6)
         assert not mask[:y0].any() and not mask[y1:].any() and not mask[:, :x0].any() and not mask[:, x1:].any()
@@ -205,9 +207,17 @@ def test_segment_zoom_and_candidates(data, model):
             got = rle_decode(cand["mask"]["values"], cand["mask"]["counts"], (64, 80)).astype(bool)
             np.testing.assert_array_equal(got[y0:y1, x0:x1], multi.masks[0, j])
             assert cand["score"] == pytest.approx(float(multi.scores[0, j]), abs=1e-6) and cand["area"] == got.sum()
+            got[y0:y1, x0:x1] = False
+            assert not got.any()  # nothing outside the crop
         # a correction inside the crop stays on it, with the crop's logits as mask prompt
-        inside, _ = ask(points=[{"x": 24, "y": 25}], previous=out["logits_handle"])
+        crop_box = [box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0]
+        first = oracle.predict(boxes=crop_box)
+        want = oracle.predict(boxes=crop_box, points=[[24 - x0, 25 - y0]], point_labels=[1],
+                              mask_input=first.low_res_logits[:, :1])
+        inside, inside_mask = ask(points=[{"x": 24, "y": 25}], previous=out["logits_handle"])
         assert inside["zoom_window"] == out["zoom_window"] and inside["embedding_source"] == "memory"
+        np.testing.assert_array_equal(inside_mask[y0:y1, x0:x1], want.masks[0])
+        assert inside["score"] == pytest.approx(float(want.scores[0]), abs=1e-6)
         # the handle alone cannot prompt the whole slice
         r = c.post("/segment", json={"image_id": "a.png", "previous": out["logits_handle"]})
         assert r.status_code == 422 and "crop" in r.json()["detail"]
@@ -215,8 +225,16 @@ def test_segment_zoom_and_candidates(data, model):
         off, mask_off = ask(zoom=False)
         assert off["zoom_window"] is None and off["candidates"] == []
         np.testing.assert_array_equal(mask_off, plain.masks[0])
-        outside, _ = ask(points=[{"x": 70, "y": 60, "positive": False}], previous=out["logits_handle"])
+        outside, outside_mask = ask(points=[{"x": 70, "y": 60, "positive": False}], previous=out["logits_handle"])
         assert outside["zoom_window"] is None
+        oracle.set_image(image)  # the whole slice, without the crop's logits
+        want = oracle.predict(boxes=box, points=[[70, 60]], point_labels=[0])
+        np.testing.assert_array_equal(outside_mask, want.masks[0])
+        # the crop's ends are exclusive: a click on its first column past the end is outside it
+        edge, _ = ask(points=[{"x": x1, "y": 25}])
+        assert edge["zoom_window"] is None
+        last, _ = ask(points=[{"x": x1 - 1, "y": 25}])
+        assert last["zoom_window"] == out["zoom_window"]
         # a box outside the slice is refused before any crop is taken
         bad = c.post("/segment", json={"image_id": "a.png", "box": {"x0": 70, "y0": 50, "x1": 90, "y1": 60}})
         assert bad.status_code == 422 and "outside the image" in bad.json()["detail"]

@@ -194,3 +194,46 @@ def test_scribble_tool_in_chromium(served):
 
     saved = read_image(data / ".medsam" / "labels" / "ct.nii.gz").array[k] > 0
     assert saved[cy, xa : xb + 1].mean() > 0.9  # the mask covers the stroke
+
+
+def test_kept_proposal_is_saved_in_chromium(served):
+    """Tab to the third proposal and accept: the saved mask is that proposal (its area), and the
+    provenance records it (candidate 2, its predicted IoU)."""
+    from medsam.io import read_image
+
+    url, data, organ = served
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 760})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(f"{url}/#token={TOKEN}")
+            page.click('#image-list li[data-id="ct.nii.gz"]', timeout=30_000)
+            page.wait_for_selector("#canvas[data-slice]", timeout=30_000)
+            k = int(page.get_attribute("#canvas", "data-slice"))
+            ys, xs = np.nonzero(organ[k])
+            x0, y0, x1, y1 = xs.min() - 3, ys.min() - 3, xs.max() + 3, ys.max() + 3
+            rect = page.locator("#canvas").bounding_box()
+            zoom = rect["width"] / organ.shape[2]
+            page.mouse.move(rect["x"] + (x0 + 0.5) * zoom, rect["y"] + (y0 + 0.5) * zoom)
+            page.mouse.down()
+            page.mouse.move(rect["x"] + (x1 + 0.5) * zoom, rect["y"] + (y1 + 0.5) * zoom, steps=8)
+            page.mouse.up()
+            page.wait_for_selector('#canvas[data-candidate="0"]', timeout=60_000)
+            page.keyboard.press("Tab")
+            page.keyboard.press("Tab")
+            page.wait_for_selector('#canvas[data-candidate="2"]', timeout=5_000)
+            area = int(page.get_attribute("#canvas", "data-mask-area"))
+            status = page.text_content("#status")
+            assert "proposal 3/4" in status
+            page.keyboard.press("Enter")
+            page.wait_for_selector('#canvas[data-saved-version="1"]', timeout=30_000)
+            assert errors == []
+        finally:
+            browser.close()
+    saved = read_image(data / ".medsam" / "labels" / "ct.nii.gz").array > 0
+    assert saved[k].sum() == area and saved.sum() == area
+    prompt = json.loads((data / ".medsam" / "labels" / "ct.nii.gz.json").read_text())["history"][0]["prompts"][0]
+    assert prompt["candidate"] == 2
+    assert f"predicted IoU {prompt['score']:.3f}" in status

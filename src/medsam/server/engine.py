@@ -41,6 +41,7 @@ from .datastore import LoadedImage
 __all__ = ["SegmentationEngine", "SegmentOutcome", "PromptRefused"]
 
 _MAX_HANDLES = 128
+_CROPS_IN_MEMORY = 8  # embeddings of zoomed crops kept (memory only)
 
 
 class PromptRefused(ValueError):
@@ -87,6 +88,7 @@ class SegmentationEngine:
         self._predictor = None
         self._current_key: str | None = None
         self._lru: OrderedDict[str, Any] = OrderedDict()
+        self._crop_lru: OrderedDict[str, Any] = OrderedDict()  # zoomed crops' embeddings
         # handle -> (image id, slice, low-res logits (1, 1, L, L), crop window or None)
         self._handles: OrderedDict[str, tuple[str, int, np.ndarray, tuple | None]] = OrderedDict()
         self._model_info: dict | None = None
@@ -167,14 +169,34 @@ class SegmentationEngine:
     def _activate(
         self, loaded: LoadedImage, index: int, remember: bool = True, window: tuple[int, int, int, int] | None = None
     ) -> str:
-        """Make the predictor hold slice ``index``'s embedding (of its crop ``window`` (y0, y1, x0,
-        x1) when given: a zoomed prompt; cached like a slice, keyed by the crop's bytes); returns
-        where it came from. Call with :attr:`lock` held."""
+        """Make the predictor hold slice ``index``'s embedding, or that of its crop ``window``
+        (y0, y1, x0, x1) for a zoomed prompt; returns where it came from. Call with :attr:`lock`
+        held. Crops (one per box, rarely seen again once the object is done) are kept in a small
+        in-memory LRU of their own, never on disk and never displacing warmed slices."""
         pred = self.predictor
         image = loaded.model_slice(index)
         if window is not None:
             y0, y1, x0, x1 = window
-            image = np.ascontiguousarray(image[y0:y1, x0:x1])
+            crop = np.ascontiguousarray(image[y0:y1, x0:x1])
+            key = slice_key(self.embedding_fingerprint(), pred.contract, crop)
+            if key == self._current_key and pred.is_image_set:
+                self.memory_hits += 1
+                return "memory"
+            emb = self._crop_lru.get(key)
+            if emb is not None:
+                self._crop_lru.move_to_end(key)
+                pred.set_embedding(emb, crop.shape[:2])
+                self.memory_hits += 1
+                source = "memory"
+            else:
+                pred.set_image(crop)
+                self.encoder_calls += 1
+                self._crop_lru[key] = pred.embedding
+                while len(self._crop_lru) > _CROPS_IN_MEMORY:
+                    self._crop_lru.popitem(last=False)
+                source = "computed"
+            self._current_key = key
+            return source
         key = slice_key(self.embedding_fingerprint(), pred.contract, image)
         size = tuple(image.shape[:2])
         if key == self._current_key and pred.is_image_set:
@@ -277,7 +299,7 @@ class SegmentationEngine:
                 window = zoom_window(box, size, policy.context, policy.min_side)
                 y0, y1, x0, x1 = window
                 xy = [(x, y) for x, y, _ in points] + [tuple(v) for s in strokes for v in s.vertices]
-                if any(not (x0 <= x <= x1 and y0 <= y <= y1) for x, y in xy):
+                if any(not (x0 <= x < x1 and y0 <= y < y1) for x, y in xy):  # exclusive ends
                     window = None
         oy, ox = (window[0], window[2]) if window is not None else (0, 0)
         kwargs: dict[str, Any] = {}

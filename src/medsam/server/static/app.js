@@ -190,6 +190,7 @@ async function reloadBitmap() {
 
 function resetPrompts() {
   S.base = null; S.box = null; S.points = []; S.scribbles = []; S.handle = null; S.prompts = []; S.edits = [];
+  S.cands = null; S.candIdx = 0;
 }
 
 // ------------------------------------------------------------------ labels
@@ -318,6 +319,7 @@ function pushUndo() {
   S.undo.push({
     work: S.work.slice(), base: S.base ? S.base.slice() : null, box: S.box, points: S.points.slice(), scribbles: S.scribbles.slice(),
     handle: S.handle, prompts: S.prompts.length, edits: S.edits.length,
+    cands: S.cands, candIdx: S.candIdx, segInfo: S.segInfo,  // never changed in place: references do
   });
   if (S.undo.length > 50) S.undo.shift();
 }
@@ -338,12 +340,14 @@ function paint(p, value) {
 // ------------------------------------------------------------------ model
 function showCandidate() {
   const c = S.cands[S.candIdx];
-  const a = S.active;
+  const record = S.prompts[S.prompts.length - 1];
+  const a = record.label;  // the label the prompt was made for, whatever is active now
   for (let i = 0; i < c.mask.length; i++) {
     const b = S.base[i];
     S.work[i] = c.mask[i] && b === 0 ? a : b;
   }
-  S.prompts[S.prompts.length - 1].candidate = S.candIdx;
+  record.candidate = S.candIdx;
+  record.score = c.score;
   draw();
   const which = S.cands.length > 1 ? `proposal ${S.candIdx + 1}/${S.cands.length}, ` : "";
   setStatus(`mask: ${which}${c.area} px, predicted IoU ${c.score.toFixed(3)} (${S.segInfo})` +
@@ -353,9 +357,11 @@ function showCandidate() {
 }
 
 function nextCandidate() {
-  if (!S.base || !S.cands || S.cands.length < 2 || S.busy) return;
+  // only while a proposal with alternatives is shown; returns whether Tab was used
+  if (!S.base || !S.cands || S.cands.length < 2 || S.busy || !S.prompts.length) return false;
   S.candIdx = (S.candIdx + 1) % S.cands.length;
   showCandidate();
+  return true;
 }
 
 async function runSegment() {
@@ -423,6 +429,7 @@ function undo() {
   S.points = last.points;
   S.scribbles = last.scribbles;
   S.handle = last.handle;
+  S.cands = last.cands; S.candIdx = last.candIdx; S.segInfo = last.segInfo;
   S.prompts.length = Math.min(S.prompts.length, last.prompts);
   S.edits.length = Math.min(S.edits.length, last.edits);
   draw();
@@ -731,7 +738,7 @@ function bind() {
       case "[": S.brush = Math.max(1, S.brush - 1); $("#brush-size").value = S.brush; break;
       case "]": S.brush = Math.min(64, S.brush + 1); $("#brush-size").value = S.brush; break;
       case "Enter": ev.preventDefault(); accept(); break;
-      case "Tab": ev.preventDefault(); nextCandidate(); break;
+      case "Tab": if (!ev.shiftKey && nextCandidate()) ev.preventDefault(); break;
       case "Escape": discard(); $("#help").classList.add("hidden"); break;
       case "g": case "G": propagate(); break;
       case "w": case "W": {
