@@ -237,3 +237,40 @@ def test_kept_proposal_is_saved_in_chromium(served):
     prompt = json.loads((data / ".medsam" / "labels" / "ct.nii.gz.json").read_text())["history"][0]["prompts"][0]
     assert prompt["candidate"] == 2
     assert f"predicted IoU {prompt['score']:.3f}" in status
+
+
+def test_corrections_send_no_mask_prompt_to_medsam_models_in_chromium(served):
+    """With the embedded LiteMedSAM (contract lite) a correction click is sent with the box and
+    the clicks but without the previous logits handle (these models never saw mask prompts)."""
+    url, data, organ = served
+    bodies: list[dict] = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 760})
+            page.on("request", lambda r: bodies.append(json.loads(r.post_data)) if r.url.endswith("/segment") else None)
+            page.goto(f"{url}/#token={TOKEN}")
+            page.click('#image-list li[data-id="ct.nii.gz"]', timeout=30_000)
+            page.wait_for_selector("#canvas[data-slice]", timeout=30_000)
+            k = int(page.get_attribute("#canvas", "data-slice"))
+            ys, xs = np.nonzero(organ[k])
+            x0, y0, x1, y1 = xs.min() - 3, ys.min() - 3, xs.max() + 3, ys.max() + 3
+            rect = page.locator("#canvas").bounding_box()
+            zoom = rect["width"] / organ.shape[2]
+            page.mouse.move(rect["x"] + (x0 + 0.5) * zoom, rect["y"] + (y0 + 0.5) * zoom)
+            page.mouse.down()
+            page.mouse.move(rect["x"] + (x1 + 0.5) * zoom, rect["y"] + (y1 + 0.5) * zoom, steps=8)
+            page.mouse.up()
+            page.wait_for_selector('#canvas[data-candidate="0"]', timeout=60_000)
+            page.keyboard.press("p")
+            cx, cy = int(np.median(xs)), int(np.median(ys))
+            with page.expect_response(lambda r: r.url.endswith("/segment"), timeout=60_000) as answer:
+                page.mouse.click(rect["x"] + (cx + 0.5) * zoom, rect["y"] + (cy + 0.5) * zoom)
+            assert answer.value.status == 200
+        finally:
+            browser.close()
+    assert len(bodies) == 2, bodies
+    first, second = bodies
+    assert first["candidates"] is True and "previous" not in first
+    assert second["points"] == [{"x": cx, "y": cy, "positive": True}] and second["box"] == first["box"]
+    assert "previous" not in second

@@ -16,7 +16,7 @@ const S = {
   saved: null,     // Uint8Array: the slice as last saved
   work: null,      // Uint8Array: the slice as shown / edited
   base: null,      // Uint8Array: work before the current model proposal (null: no proposal)
-  box: null, points: [], scribbles: [], handle: null, cands: null, candIdx: 0, segInfo: "", prompts: [], edits: [],
+  box: null, points: [], scribbles: [], handle: null, cands: null, candIdx: 0, segInfo: "", maskPrompt: false, prompts: [], edits: [],
   undo: [], drag: null, busy: false,
   trainJob: null,  // id of the training job being followed
 };
@@ -85,6 +85,10 @@ async function loadInfo() {
   const info = await getJSON("/info");
   $("#token-form").classList.add("hidden");
   const m = info.model;
+  // Corrections pass the previous mask's logits back only to SAM's own weights, which were trained
+  // with mask prompts; MedSAM and LiteMedSAM were not, and they made corrections worse
+  // (docs/workbench.md, "Corrections").
+  S.maskPrompt = m.contract === "sam";
   const el = $("#model-info");
   el.textContent = `model ${m.name} (${m.contract})` + (m.untrained_default ? " — untrained: masks are meaningless" : "");
   el.classList.toggle("warn", !!m.untrained_default);
@@ -368,7 +372,7 @@ async function runSegment() {
   if (!S.box && !S.points.length && !S.scribbles.length) return;
   const body = { image_id: S.id, slice_index: S.slice, points: S.points, scribbles: S.scribbles, encoding: "rle", candidates: true };
   if (S.box) body.box = { x0: S.box.x0, y0: S.box.y0, x1: Math.max(S.box.x1, S.box.x0 + 1), y1: Math.max(S.box.y1, S.box.y0 + 1) };
-  if (S.handle && (S.points.length || S.scribbles.length)) body.previous = S.handle;
+  if (S.maskPrompt && S.handle && (S.points.length || S.scribbles.length)) body.previous = S.handle;
   setStatus("segmenting…");
   S.busy = true;
   try {
