@@ -478,6 +478,44 @@ def test_embeddings_warm_then_propagate(data, model):
         assert c.post("/propagate", json={**body, "image_id": "a.png", "slice_index": 0, "expected_version": 0}).status_code == 422
 
 
+def test_prompts_are_answered_while_a_volume_propagates(data, model, monkeypatch):
+    """Propagation runs on its own predictor without the interactive lock: a /segment request made
+    while a propagation is stopped inside segment_volume is answered, and the propagation then
+    finishes with the same result as alone."""
+    import threading
+
+    import medsam.volume
+
+    real = medsam.volume.segment_volume
+    inside, answered = threading.Event(), threading.Event()
+    released = []
+
+    def paused(*args, **kwargs):
+        inside.set()
+        released.append(answered.wait(10))  # by the test once its prompt was answered, else times out
+        return real(*args, **kwargs)
+
+    with client(create_app(data, model=model)) as c:
+        plane = np.zeros((40, 48), np.uint8)
+        plane[8:30, 10:36] = 1
+        assert c.put("/labels/vol.nii.gz/slices/2", json={"mask": _rle(plane)}, headers={"If-Match": '"0"'}).status_code == 200
+        body = {"image_id": "vol.nii.gz", "slice_index": 2, "label": 1, "expected_version": 1, "iou_threshold": 0.0}
+        alone = wait_job(c, c.post("/propagate", json=body).json())
+        assert alone["status"] == "done", alone
+        c.put("/labels/vol.nii.gz/slices/2", json={"mask": _rle(plane)}, headers={"If-Match": '"2"'})
+        monkeypatch.setattr(medsam.volume, "segment_volume", paused)
+        job = c.post("/propagate", json={**body, "expected_version": 3}).json()
+        assert inside.wait(30)
+        r = c.post("/segment", json={"image_id": "vol.nii.gz", "slice_index": 1, "box": {"x0": 5, "y0": 5, "x1": 30, "y1": 25}})
+        answered.set()
+        assert r.status_code == 200, r.text
+        job = wait_job(c, job)
+        assert job["status"] == "done", job
+        assert released == [True]  # the prompt did not wait for the propagation
+        assert job["result"]["slices"] == alone["result"]["slices"]
+        assert job["result"]["embeddings_computed"] == 0  # the first run cached every slice
+
+
 def test_next_ranks_unlabelled_by_uncertainty(data, model):
     with client(create_app(data, model=model)) as c:
         c.put("/labels/sub/b.png/slices/0", json={"mask": _rle(np.zeros((48, 48)))}, headers={"If-Match": '"0"'})

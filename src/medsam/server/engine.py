@@ -340,19 +340,26 @@ class SegmentationEngine:
 
     def propagate(self, loaded: LoadedImage, box: tuple[int, int, int, int], key_slice: int,
                   iou_threshold: float, box_margin: int, progress: Callable[[int, int], None]):
-        """:func:`medsam.volume.segment_volume` from a 2D box on ``key_slice``; returns its result."""
+        """:func:`medsam.volume.segment_volume` from a 2D box on ``key_slice``; returns its result.
+
+        It runs on a predictor of its own over the model served when it starts, without holding
+        :attr:`lock`, so interactive prompts are answered while a volume propagates (the two share
+        the cores; PyTorch inference is safe from two threads, and the CPU fast paths give a
+        concurrent call private scratch buffers). Embeddings go through the same disk cache,
+        whose writes are atomic.
+        """
+        from ..predictor import Predictor
         from ..volume import Box2D, segment_volume
 
         x0, y0, x1, y1 = (int(v) for v in box)
         with self.lock:
-            self._current_key = None  # segment_volume moves the predictor between slices
-            try:
-                result = segment_volume(
-                    self.predictor, loaded.model_input, [Box2D(x0, y0, x1, y1, slice=int(key_slice))],
-                    iou_threshold=iou_threshold, box_margin=box_margin, cache=self.cache, progress=progress,
-                )
-            finally:
-                self._current_key = None
+            served = self.predictor
+        predictor = Predictor(served.model)
+        result = segment_volume(
+            predictor, loaded.model_input, [Box2D(x0, y0, x1, y1, slice=int(key_slice))],
+            iou_threshold=iou_threshold, box_margin=box_margin, cache=self.cache, progress=progress,
+        )
+        with self.lock:
             self.encoder_calls += result.embeddings_computed
             self.cache_hits += result.cache_hits
         return result
