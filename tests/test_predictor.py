@@ -176,3 +176,19 @@ def test_fast_preparation_equals_the_reference_resize_on_real_slices(monkeypatch
     assert model.contract == "medsam" and calls == []
     medsam.Predictor(model, exact_preprocessing=True).set_image(image)
     assert calls == [1]
+
+
+def test_multimask_all_is_token_zero_then_the_three_alternatives(predictor):
+    """multimask="all": one decoder pass gives the single-mask answer and the three alternatives,
+    equal (float rounding apart) to the two separate calls."""
+    boxes = [[10, 10, 60, 50], [5, 20, 40, 60]]
+    both = predictor.predict(boxes=boxes, points=[[30, 30]], point_labels=[1], multimask="all")
+    one = predictor.predict(boxes=boxes, points=[[30, 30]], point_labels=[1])
+    three = predictor.predict(boxes=boxes, points=[[30, 30]], point_labels=[1], multimask=True)
+    assert both.masks.shape[:2] == (2, 4) and both.scores.shape == (2, 4) and both.low_res_logits.shape[1] == 4
+    np.testing.assert_allclose(both.low_res_logits[:, :1], one.low_res_logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(both.low_res_logits[:, 1:], three.low_res_logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(both.scores, np.concatenate([one.scores[:, None], three.scores], axis=1), rtol=1e-5, atol=1e-6)
+    assert (both.masks[:, 0] == one.masks).mean() > 0.999 and (both.masks[:, 1:] == three.masks).mean() > 0.999
+    with pytest.raises(ValueError, match="multimask"):
+        predictor.predict(boxes=boxes, multimask="some")

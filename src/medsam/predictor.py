@@ -33,9 +33,10 @@ class Prediction:
     """Masks for N prompts.
 
     Attributes:
-        masks: (N, H, W) bool, or (N, 3, H, W) when ``multimask`` was requested.
-        scores: (N,) predicted IoU, or (N, 3).
-        low_res_logits: (N, 1 or 3, L, L) float32 logits in the network's low-resolution frame.
+        masks: (N, H, W) bool, or (N, M, H, W) when ``multimask`` was requested (M = 3, or 4
+            for ``multimask="all"``).
+        scores: (N,) predicted IoU, or (N, M).
+        low_res_logits: (N, 1 or M, L, L) float32 logits in the network's low-resolution frame.
         geometry: sizes linking the image to the network input.
     """
 
@@ -46,7 +47,7 @@ class Prediction:
     contract: Contract = field(repr=False)
 
     def best(self) -> np.ndarray:
-        """(N, H, W) masks: the highest-scoring of the three when multimask, else the masks."""
+        """(N, H, W) masks: the highest-scoring candidate when multimask, else the masks."""
         if self.masks.ndim == 3:
             return self.masks
         idx = self.scores.argmax(axis=1)
@@ -172,7 +173,7 @@ class Predictor:
         points: np.ndarray | list | None = None,
         point_labels: np.ndarray | list | None = None,
         mask_input: np.ndarray | None = None,
-        multimask: bool = False,
+        multimask: bool | str = False,
         scribbles: Sequence | None = None,
     ) -> Prediction:
         """Segment N objects of the current image.
@@ -182,7 +183,9 @@ class Predictor:
             points: (N, P, 2) (x, y) in input pixels ((P, 2) for a single prompt).
             point_labels: (N, P) 1 = foreground, 0 = background, -1 = padding (not a point).
             mask_input: (N, 1, L, L) low-resolution logits, e.g. a previous ``low_res_logits``.
-            multimask: return three candidate masks per prompt instead of one.
+            multimask: return three candidate masks per prompt instead of one (SAM's multimask
+                tokens 1..3); ``"all"``: four, the single-mask answer (token 0) first and then the
+                three, from one decoder pass.
             scribbles: strokes (:class:`medsam.scribbles.Scribble`): a list of them for one
                 object, or N lists (one per object); each is given as the points
                 :func:`medsam.scribbles.scribbles_to_points` samples along it, after the object's
@@ -193,9 +196,12 @@ class Predictor:
 
             points, point_labels = add_scribble_points(points, point_labels, scribbles, self.geometry.original_size)
         geom = self.geometry
+        if multimask not in (True, False, "all"):
+            raise ValueError(f"multimask must be True, False or 'all', got {multimask!r}")
         n, box_t, pts_t, mask_t = self._prompts_to_tensors(boxes, points, point_labels, mask_input)
         out = self.model.decode(
-            self.embedding, boxes=box_t, points=pts_t, mask_input=mask_t, multimask_output=multimask
+            self.embedding, boxes=box_t, points=pts_t, mask_input=mask_t,
+            multimask_output=multimask is True, all_masks=multimask == "all",
         )
         logits = out.logits.float()
         masks = np.empty((n, logits.shape[1], *geom.original_size), dtype=bool)

@@ -176,11 +176,13 @@ class OnnxPredictor(Predictor):
         points: np.ndarray | list | None = None,
         point_labels: np.ndarray | list | None = None,
         mask_input: np.ndarray | None = None,
-        multimask: bool = False,
+        multimask: bool | str = False,
         scribbles: Sequence | None = None,
     ) -> Prediction:
         """As :meth:`medsam.Predictor.predict`: box-only prompts run ``decoder.onnx``, any other
         combination ``decoder_points.onnx``."""
+        if multimask == "all":
+            raise ValueError("the ONNX decoders give one mask or the three alternatives, not all four in one pass")
         if scribbles is not None:
             from ..scribbles import add_scribble_points
 

@@ -80,8 +80,11 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
+        all_masks: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        sel = slice(1, None) if multimask_output else slice(0, 1)
+        """Logits (B, M, 4E, 4E) and IoU predictions (B, M) of token 0 (M = 1), of tokens 1..3
+        (``multimask_output``, M = 3), or of all four, token 0 first (``all_masks``, M = 4)."""
+        sel = slice(None) if all_masks else slice(1, None) if multimask_output else slice(0, 1)
         if torch.is_grad_enabled():
             # Training: all hypernetwork MLPs take part (zero gradients for the unused ones, as
             # in the published training, so that weight decay still reaches them).

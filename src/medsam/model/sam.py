@@ -71,12 +71,15 @@ class MedSAMModel(nn.Module):
         points: tuple[torch.Tensor, torch.Tensor] | None = None,
         mask_input: torch.Tensor | None = None,
         multimask_output: bool = False,
+        all_masks: bool = False,
     ) -> DecoderOutput:
         """Prompts in network-input coordinates -> low-resolution logits and IoU predictions.
 
         Args:
             image_embeddings: (1 or B, 256, E, E).
             boxes: (B, 4) [x0, y0, x1, y1]; points: ((B, P, 2), (B, P)); mask_input: (B, 1, 4E, 4E).
+            multimask_output: the three alternative masks (tokens 1..3) instead of token 0's;
+            all_masks: all four in one decoder pass, token 0 first.
         """
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
         logits, iou = self.mask_decoder(
@@ -85,5 +88,6 @@ class MedSAMModel(nn.Module):
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=multimask_output,
+            all_masks=all_masks,
         )
         return DecoderOutput(logits=logits, iou=iou)

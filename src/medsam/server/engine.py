@@ -265,7 +265,8 @@ class SegmentationEngine:
         :class:`~medsam.zoom.ZoomPolicy`) is segmented on its crop, every prompt shifted into it
         and the mask pasted back, unless a point or stroke lies outside the crop (then on the
         whole slice); a ``previous`` handle is used as mask prompt only in the frame (crop or
-        whole slice) it came from. ``candidates``: also the decoder's three multimask proposals.
+        whole slice) it came from. ``candidates``: also the decoder's three multimask proposals
+        (the same decoder pass).
         """
         from ..predictor import PromptError, validate_boxes
         from ..scribbles import Scribble
@@ -317,8 +318,8 @@ class SegmentationEngine:
         with self.lock:
             source = self._activate(loaded, index, window=window)
             try:
-                pred = self.predictor.predict(**kwargs)
-                multi = self.predictor.predict(**kwargs, multimask=True) if candidates else None
+                # with candidates, token 0 and the three alternatives from one decoder pass
+                pred = self.predictor.predict(**kwargs, multimask="all" if candidates else False)
             except PromptError as exc:
                 raise PromptRefused(str(exc)) from None
 
@@ -329,14 +330,15 @@ class SegmentationEngine:
             out[window[0] : window[1], window[2] : window[3]] = m
             return out
 
-        proposals = [] if multi is None else [(whole(m), float(sc)) for m, sc in zip(multi.masks[0], multi.scores[0])]
+        main, score = (pred.masks[0, 0], pred.scores[0, 0]) if candidates else (pred.masks[0], pred.scores[0])
+        proposals = [(whole(m), float(sc)) for m, sc in zip(pred.masks[0, 1:], pred.scores[0, 1:])] if candidates else []
         handle = secrets.token_urlsafe(12)
         with self.lock:
-            self._handles[handle] = (loaded.image_id, int(index), pred.low_res_logits[0:1].copy(), window)
+            self._handles[handle] = (loaded.image_id, int(index), pred.low_res_logits[0:1, :1].copy(), window)
             while len(self._handles) > _MAX_HANDLES:
                 self._handles.popitem(last=False)
         elapsed = (time.perf_counter() - t0) * 1e3
-        return SegmentOutcome(whole(pred.masks[0]), float(pred.scores[0]), handle, source, elapsed, window, proposals)
+        return SegmentOutcome(whole(main), float(score), handle, source, elapsed, window, proposals)
 
     def propagate(self, loaded: LoadedImage, box: tuple[int, int, int, int], key_slice: int,
                   iou_threshold: float, box_margin: int, progress: Callable[[int, int], None]):
