@@ -126,7 +126,7 @@ def run(args) -> dict:
     def body(rng: random.Random, slice_index: int) -> dict:
         cx, cy, half_w, half_h = W / 2, H / 2, W / 4, H / 4
         j = lambda v: v * (1 + rng.uniform(-0.1, 0.1))  # noqa: E731
-        return {"image_id": image_id, "slice_index": slice_index, "encoding": "rle",
+        return {"image_id": image_id, "slice_index": slice_index, "encoding": "rle", "candidates": args.candidates,
                 "box": {"x0": max(0.0, j(cx - half_w)), "y0": max(0.0, j(cy - half_h)),
                         "x1": min(W - 1.0, j(cx + half_w)), "y1": min(H - 1.0, j(cy + half_h))}}
 
@@ -194,6 +194,8 @@ def main(argv=None) -> int:
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--duration", type=float, default=20.0, help="seconds of load (default 20)")
     p.add_argument("--vary-slices", action="store_true", help="random slices (embedding path included)")
+    p.add_argument("--candidates", action="store_true",
+                   help="ask for the three alternative masks too, as the workbench page does")
     p.add_argument("--json", action="store_true", help="print the result as JSON only")
     args = p.parse_args(argv)
     if not 1 <= args.clients <= MAX_CLIENTS:
