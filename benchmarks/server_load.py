@@ -13,7 +13,8 @@ Each client keeps one HTTP connection and sends ``/segment`` requests back to ba
 ``--duration`` seconds: a box around the slice centre, jittered per request, on one slice (the
 embedding is computed once, before timing, so this measures the interactive prompt path), or on
 random slices with ``--vary-slices`` (embedding path included). Prints the latency distribution
-(p50/p90/p99/max), throughput and errors. Only loopback URLs are accepted; at most 16 clients
+(p50/p90/p99/max), throughput and errors. ``--candidates`` asks for the three alternative masks
+too, as the workbench page does. Only loopback URLs are accepted; at most 16 clients
 and 300 seconds. Standard library only (plus medsam for ``--synthetic``).
 """
 
@@ -126,7 +127,8 @@ def run(args) -> dict:
     def body(rng: random.Random, slice_index: int) -> dict:
         cx, cy, half_w, half_h = W / 2, H / 2, W / 4, H / 4
         j = lambda v: v * (1 + rng.uniform(-0.1, 0.1))  # noqa: E731
-        return {"image_id": image_id, "slice_index": slice_index, "encoding": "rle", "candidates": args.candidates,
+        return {"image_id": image_id, "slice_index": slice_index, "encoding": "rle",
+                "candidates": args.candidates,
                 "box": {"x0": max(0.0, j(cx - half_w)), "y0": max(0.0, j(cy - half_h)),
                         "x1": min(W - 1.0, j(cx + half_w)), "y1": min(H - 1.0, j(cy + half_h))}}
 
@@ -170,7 +172,7 @@ def run(args) -> dict:
     lat = sorted(latencies)
     return {
         "url": args.url, "image": image_id, "slice_shape": [H, W], "clients": args.clients,
-        "duration_s": round(elapsed, 2), "vary_slices": bool(args.vary_slices),
+        "duration_s": round(elapsed, 2), "vary_slices": bool(args.vary_slices), "candidates": bool(args.candidates),
         "first_request_ms": round(warm_ms, 1), "first_request_source": first["embedding_source"],
         "requests": len(lat), "errors": len(errors), "error_kinds": sorted(set(errors)),
         "throughput_rps": round(len(lat) / elapsed, 2) if elapsed else 0.0,
@@ -224,7 +226,8 @@ def main(argv=None) -> int:
         lat = result["latency_ms"]
         print(f"server {result['url']}  image {result['image']} ({result['slice_shape'][0]}x{result['slice_shape'][1]} slices)")
         print(f"first request {result['first_request_ms']} ms ({result['first_request_source']} embedding)")
-        print(f"{result['clients']} clients, {result['duration_s']} s: {result['requests']} requests, "
+        print(f"{result['clients']} clients{' (with the 3 alternative masks)' if result['candidates'] else ''}, "
+              f"{result['duration_s']} s: {result['requests']} requests, "
               f"{result['errors']} errors, {result['throughput_rps']} req/s")
         print(f"latency ms: p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}  max {lat['max']}  mean {lat['mean']}")
         print(f"embedding sources: {result['embedding_sources']}")

@@ -192,3 +192,6 @@ def test_multimask_all_is_token_zero_then_the_three_alternatives(predictor):
     assert (both.masks[:, 0] == one.masks).mean() > 0.999 and (both.masks[:, 1:] == three.masks).mean() > 0.999
     with pytest.raises(ValueError, match="multimask"):
         predictor.predict(boxes=boxes, multimask="some")
+    # any true value other than "all" means the three alternatives, as before
+    assert predictor.predict(boxes=boxes, multimask=np.True_).masks.shape[1] == 3
+    assert predictor.predict(boxes=boxes, multimask=1).masks.shape[1] == 3

@@ -495,11 +495,13 @@ def test_prompts_are_answered_while_a_volume_propagates(data, model, monkeypatch
         released.append(answered.wait(10))  # by the test once its prompt was answered, else times out
         return real(*args, **kwargs)
 
-    with client(create_app(data, model=model)) as c:
+    app = create_app(data, model=model)
+    with client(app) as c:
         plane = np.zeros((40, 48), np.uint8)
         plane[8:30, 10:36] = 1
         assert c.put("/labels/vol.nii.gz/slices/2", json={"mask": _rle(plane)}, headers={"If-Match": '"0"'}).status_code == 200
         body = {"image_id": "vol.nii.gz", "slice_index": 2, "label": 1, "expected_version": 1, "iou_threshold": 0.0}
+        served = c.get("/info").json()["model"]["fingerprint"]
         alone = wait_job(c, c.post("/propagate", json=body).json())
         assert alone["status"] == "done", alone
         c.put("/labels/vol.nii.gz/slices/2", json={"mask": _rle(plane)}, headers={"If-Match": '"2"'})
@@ -507,11 +509,18 @@ def test_prompts_are_answered_while_a_volume_propagates(data, model, monkeypatch
         job = c.post("/propagate", json={**body, "expected_version": 3}).json()
         assert inside.wait(30)
         r = c.post("/segment", json={"image_id": "vol.nii.gz", "slice_index": 1, "box": {"x0": 5, "y0": 5, "x1": 30, "y1": 25}})
+        # another model is served from now on (as after a training job), mid-propagation
+        other = _model()
+        torch.nn.init.normal_(other.mask_decoder.iou_token.weight)
+        app.state.workbench.engine.switch_model(other, None)
         answered.set()
         assert r.status_code == 200, r.text
         job = wait_job(c, job)
         assert job["status"] == "done", job
         assert released == [True]  # the prompt did not wait for the propagation
+        now = c.get("/info").json()["model"]["fingerprint"]
+        side = json.loads((data / ".medsam" / "labels" / "vol.nii.gz.json").read_text())
+        assert now != served and side["history"][-1]["model"]["fingerprint"] == served  # the model that ran
         assert job["result"]["slices"] == alone["result"]["slices"]
         assert job["result"]["embeddings_computed"] == 0  # the first run cached every slice
 

@@ -196,12 +196,12 @@ class Predictor:
 
             points, point_labels = add_scribble_points(points, point_labels, scribbles, self.geometry.original_size)
         geom = self.geometry
-        if multimask not in (True, False, "all"):
-            raise ValueError(f"multimask must be True, False or 'all', got {multimask!r}")
+        all_masks = _multimask_mode(multimask)
+        three = bool(multimask) and not all_masks
         n, box_t, pts_t, mask_t = self._prompts_to_tensors(boxes, points, point_labels, mask_input)
         out = self.model.decode(
             self.embedding, boxes=box_t, points=pts_t, mask_input=mask_t,
-            multimask_output=multimask is True, all_masks=multimask == "all",
+            multimask_output=three, all_masks=all_masks,
         )
         logits = out.logits.float()
         masks = np.empty((n, logits.shape[1], *geom.original_size), dtype=bool)
@@ -284,6 +284,16 @@ class Predictor:
         if mask_t is not None and len(mask_t) != n:
             mask_t = mask_t.expand(n, -1, -1, -1)
         return n, box_t, pts_t, mask_t
+
+
+def _multimask_mode(multimask) -> bool:
+    """Whether ``multimask`` asks for all four masks ("all"); other strings are refused, any
+    other value counts by its truth (True, np.True_, 1: the three alternatives)."""
+    if isinstance(multimask, str):
+        if multimask != "all":
+            raise ValueError(f"multimask must be True, False or 'all', got {multimask!r}")
+        return True
+    return False
 
 
 def validate_boxes(boxes: np.ndarray, size: tuple[int, int]) -> None:

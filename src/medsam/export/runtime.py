@@ -181,7 +181,9 @@ class OnnxPredictor(Predictor):
     ) -> Prediction:
         """As :meth:`medsam.Predictor.predict`: box-only prompts run ``decoder.onnx``, any other
         combination ``decoder_points.onnx``."""
-        if multimask == "all":
+        from ..predictor import _multimask_mode
+
+        if _multimask_mode(multimask):
             raise ValueError("the ONNX decoders give one mask or the three alternatives, not all four in one pass")
         if scribbles is not None:
             from ..scribbles import add_scribble_points

@@ -1,7 +1,8 @@
 """``SegmentationEngine``: the model behind the workbench, and what the routes ask of it.
 
-One :class:`medsam.predictor.Predictor` serves every request; a lock serialises its use (one
-model, one set of weights in memory). Slice embeddings come from, in this order:
+One :class:`medsam.predictor.Predictor` serves every interactive request; a lock serialises its
+use (one model, one set of weights in memory). Propagation runs on a predictor of its own over
+the same model, without that lock, so prompts are answered meanwhile. Slice embeddings come from, in this order:
 
 1. an in-memory LRU (``embeddings_in_memory`` entries, keyed like the disk cache);
 2. the on-disk :class:`medsam.embedding_cache.EmbeddingCache` in ``DATA/.medsam/cache`` (keys
@@ -113,20 +114,22 @@ class SegmentationEngine:
         return self.predictor.model
 
     def model_info(self) -> dict:
-        """Name, checkpoint path and sha256, weight fingerprint, contract (for provenance)."""
-        if self._model_info is None:
-            model = self.model
-            ckpt = self.checkpoint
-            info = {
-                "name": getattr(getattr(model, "config", None), "name", type(model).__name__),
-                "contract": self.predictor.contract.name,
-                "checkpoint": str(ckpt) if ckpt else None,
-                "checkpoint_sha256": _sha256_file(ckpt) if ckpt and ckpt.is_file() else None,
-                "fingerprint": model_fingerprint(model),
-                "untrained_default": bool(getattr(model, "is_untrained_default", False)),
-            }
-            self._model_info = info
-        return dict(self._model_info)
+        """Name, checkpoint path and sha256, weight fingerprint, contract (for provenance) of the
+        model served now (computed once per model, under :attr:`lock`, so a model switch in
+        between cannot leave the previous model's description behind)."""
+        with self.lock:
+            if self._model_info is None:
+                model = self.model
+                ckpt = self.checkpoint
+                self._model_info = {
+                    "name": getattr(getattr(model, "config", None), "name", type(model).__name__),
+                    "contract": self.predictor.contract.name,
+                    "checkpoint": str(ckpt) if ckpt else None,
+                    "checkpoint_sha256": _sha256_file(ckpt) if ckpt and ckpt.is_file() else None,
+                    "fingerprint": model_fingerprint(model),
+                    "untrained_default": bool(getattr(model, "is_untrained_default", False)),
+                }
+            return dict(self._model_info)
 
     def fingerprint(self) -> str:
         """SHA-256 of the whole served model's weights (provenance, active-learning scores)."""
@@ -342,7 +345,9 @@ class SegmentationEngine:
 
     def propagate(self, loaded: LoadedImage, box: tuple[int, int, int, int], key_slice: int,
                   iou_threshold: float, box_margin: int, progress: Callable[[int, int], None]):
-        """:func:`medsam.volume.segment_volume` from a 2D box on ``key_slice``; returns its result.
+        """:func:`medsam.volume.segment_volume` from a 2D box on ``key_slice``; returns its result
+        and the :meth:`model_info` of the model that made it (for provenance: the served model may
+        change while the volume propagates).
 
         It runs on a predictor of its own over the model served when it starts, without holding
         :attr:`lock`, so interactive prompts are answered while a volume propagates (the two share
@@ -356,6 +361,7 @@ class SegmentationEngine:
         x0, y0, x1, y1 = (int(v) for v in box)
         with self.lock:
             served = self.predictor
+            info = self.model_info()
         predictor = Predictor(served.model)
         result = segment_volume(
             predictor, loaded.model_input, [Box2D(x0, y0, x1, y1, slice=int(key_slice))],
@@ -364,7 +370,7 @@ class SegmentationEngine:
         with self.lock:
             self.encoder_calls += result.embeddings_computed
             self.cache_hits += result.cache_hits
-        return result
+        return result, info
 
     def uncertainty(self, loaded: LoadedImage, jitters: int = 8, fraction: float = 0.1) -> dict:
         """Box-jitter disagreement on the central slice (the active-learning score).

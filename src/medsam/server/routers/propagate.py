@@ -65,7 +65,9 @@ def propagate(body: PropagateRequest, wb: WorkbenchDep) -> JobInfo:
                 raise JobFailed("cancelled", 499)
             job.progress(done, total, "propagating")
 
-        result = wb.engine.propagate(loaded, box, body.slice_index, body.iou_threshold, body.box_margin, progress)
+        result, model_info = wb.engine.propagate(
+            loaded, box, body.slice_index, body.iou_threshold, body.box_margin, progress
+        )
         predicted = result.labels
         changed = {}
 
@@ -84,7 +86,7 @@ def propagate(body: PropagateRequest, wb: WorkbenchDep) -> JobInfo:
         }
         try:
             rec = wb.labels.update(body.image_id, loaded.image, body.expected_version, change, event,
-                                   None, wb.engine.model_info())
+                                   None, model_info)
         except VersionConflict as exc:
             raise JobFailed(str(exc), 409) from None
         return {"version": rec.version, "slices": result.slices[0], "changed_voxels": changed["voxels"],
