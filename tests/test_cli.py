@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import warnings
 import sys
 
 import nibabel as nib
@@ -210,3 +211,30 @@ def test_segment_npz_iou_threshold_reaches_3d_cases_only(tmp_path, capsys):
     np.savez_compressed(two_d, imgs=vol[0], boxes=np.array([[6, 6, 40, 40]]))
     assert main(["segment", str(two_d), "--iou-threshold", "0.5", "-o", str(tmp_path / "o2.npz")]) == 2
     assert "applies to 3D cases" in capsys.readouterr().err
+
+
+def test_segment_zooms_small_2d_boxes_by_default_for_256px_models(tmp_path, png, capsys):
+    """The embedded model (256 px input): a small box is segmented on its crop unless --no-zoom;
+    --no-zoom gives the plain predictor's mask; --zoom with --no-zoom is refused."""
+    import medsam
+    from medsam.zoom import ZoomPolicy, predict_with_zoom
+
+    image = np.asarray(Image.open(png))
+    box = [20, 20, 29, 27]  # a 32 px crop of an 80 x 100 image: zoomed
+    args = ["segment", str(png), "--box", *map(str, box)]
+    assert main([*args, "-o", str(tmp_path / "auto.png")]) == 0
+    err = capsys.readouterr().err
+    assert "zoom: on for this 256 px model" in err and "zoom: 1 of 1 boxes" in err
+    assert main([*args, "--no-zoom", "-o", str(tmp_path / "plain.png")]) == 0
+    assert "zoom" not in capsys.readouterr().err
+    with warnings.catch_warnings():  # the tests' default model is the untrained one
+        warnings.simplefilter("ignore")
+        predictor = medsam.Predictor(medsam.load_model(device="cpu"))
+    predictor.set_image(image)
+    zoomed = predict_with_zoom(predictor, image, np.array([box], float), ZoomPolicy())
+    predictor.set_image(image)
+    plain = predictor.predict(boxes=box)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "auto.png")), zoomed.masks[0].astype(np.uint8))
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "plain.png")), plain.masks[0].astype(np.uint8))
+    assert main([*args, "--zoom", "--no-zoom", "-o", str(tmp_path / "x.png")]) == 2
+    assert "exclude" in capsys.readouterr().err and not (tmp_path / "x.png").exists()

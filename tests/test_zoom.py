@@ -183,3 +183,30 @@ def test_segment_file_with_zoom_writes_the_zoomed_label_map(tiny_model, tmp_path
     written = np.asarray(Image.open(out.mask_path))
     np.testing.assert_array_equal(written, expected.label_map())
     np.testing.assert_allclose(out.scores, expected.scores, rtol=1e-6)
+
+
+def test_auto_zoom_only_for_small_input_models_and_2d(tiny_model, tmp_path):
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from medsam.segment import _resolve_auto_zoom, segment_file
+
+    image = smooth_image(120, 150, seed=5)
+    Image.fromarray(image).save(tmp_path / "img.png")
+    boxes = [[20, 30, 30, 38], [10, 10, 140, 110]]
+    logs: list[str] = []
+    out = segment_file(tmp_path / "img.png", tmp_path / "mask.png", boxes, model=tiny_model, zoom="auto", log=logs.append)
+    assert tiny_model.input_size == 256
+    predictor = Predictor(tiny_model)
+    predictor.set_image(image)
+    expected = predict_with_zoom(predictor, image, np.array(boxes, float), ZoomPolicy(), score_maps=True)
+    assert expected.zoomed.tolist() == [True, False]
+    np.testing.assert_array_equal(np.asarray(Image.open(out.mask_path)), expected.label_map())
+    assert any("zoom: on for this 256 px model" in m for m in logs)
+    big = SimpleNamespace(contract=SimpleNamespace(input_size=1024))  # e.g. MedSAM ViT-B
+    assert _resolve_auto_zoom("auto", big, logs.append) is None
+    policy = ZoomPolicy(context=2.0)
+    assert _resolve_auto_zoom(policy, big, logs.append) is policy and _resolve_auto_zoom(None, predictor, logs.append) is None
+    with pytest.raises(ValueError, match="zoom"):
+        segment_file(tmp_path / "img.png", tmp_path / "m2.png", boxes, model=tiny_model, zoom="sometimes")

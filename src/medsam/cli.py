@@ -61,7 +61,10 @@ def _add_segment(sub) -> None:
     p.add_argument("--zoom", type=float, nargs="?", const=3.0, default=None, metavar="CONTEXT",
                    help="segment small boxes on a crop CONTEXT x the box's longest side (default 3): "
                         "in 2D images and on every slice of a volume where the propagated box is small "
-                        "(one extra embedding per such box and slice); see medsam.zoom")
+                        "(one extra embedding per such box and slice); see medsam.zoom. Without it: "
+                        "on (context 3) for 2D inputs with 256 px models such as the embedded one, "
+                        "off otherwise")
+    p.add_argument("--no-zoom", action="store_true", help="never zoom (not even the 256 px models' 2D default)")
     p.set_defaults(func=_run_segment)
 
 
@@ -88,6 +91,15 @@ def _zoom_policy(context: float | None):
         raise CLIError(f"--zoom: {exc}") from None
 
 
+def _zoom_choice(args):
+    """The ``zoom`` for segment_file: --no-zoom, --zoom [CONTEXT], or "auto" (neither)."""
+    if args.no_zoom and args.zoom is not None:
+        raise CLIError("--zoom and --no-zoom exclude each other")
+    if args.no_zoom:
+        return None
+    return "auto" if args.zoom is None else _zoom_policy(args.zoom)
+
+
 def _run_segment(args) -> int:
     from .segment import segment_file
 
@@ -99,7 +111,7 @@ def _run_segment(args) -> int:
         scores_path=args.scores, key_slice=args.key_slice, modality=args.modality,
         window=_parse_window(args.window), device=args.device, contract=args.contract,
         series_uid=args.series, volume_options={"iou_threshold": args.iou_threshold},
-        zoom=_zoom_policy(args.zoom), log=_log,
+        zoom=_zoom_choice(args), log=_log,
     )
     print(f"wrote {out.mask_path}")
     if out.scores_path:
