@@ -117,8 +117,8 @@ def next_scribble(pred: np.ndarray, gt: np.ndarray) -> Scribble | None:
     stroke follows a long path of that connected component's skeleton (its medial axis), found by
     two breadth-first searches from the deepest pixel's nearest skeleton pixel (the longest path
     when the skeleton has no loops; a ring-shaped region gives a long path around it). Compact
-    blobs (a disk, a square) skeletonise to a few pixels, so their stroke is nearly a click. Positive in a
-    missed region, negative in a false one; None when the prediction is perfect.
+    blobs (a disk, a square) skeletonise to a few pixels, so their stroke is nearly a click.
+    Positive in a missed region, negative in a false one; None when the prediction is perfect.
     """
     from skimage.morphology import skeletonize
 

@@ -334,7 +334,9 @@ class SegmentationEngine:
             return out
 
         main, score = (pred.masks[0, 0], pred.scores[0, 0]) if candidates else (pred.masks[0], pred.scores[0])
-        proposals = [(whole(m), float(sc)) for m, sc in zip(pred.masks[0, 1:], pred.scores[0, 1:])] if candidates else []
+        proposals = []
+        if candidates:
+            proposals = [(whole(m), float(sc)) for m, sc in zip(pred.masks[0, 1:], pred.scores[0, 1:])]
         handle = secrets.token_urlsafe(12)
         with self.lock:
             self._handles[handle] = (loaded.image_id, int(index), pred.low_res_logits[0:1, :1].copy(), window)

@@ -172,7 +172,9 @@ class SegmentResponse(_Model):
     logits_handle: str = Field(description="pass as 'previous' to refine this mask with more clicks")
     embedding_source: Literal["memory", "disk", "computed"]
     elapsed_ms: float
-    zoom_window: Box | None = Field(default=None, description="the crop the box was segmented on (inclusive), if zoomed")
+    zoom_window: Box | None = Field(
+        default=None, description="the crop the box was segmented on (inclusive), if zoomed"
+    )
     candidates: list[Candidate] = Field(default_factory=list)
 
 
@@ -187,7 +189,9 @@ class PromptRecord(_Model):
     box: Box | None = None
     points: list[Point] = Field(default_factory=list, max_length=256)
     scribbles: list[Stroke] = Field(default_factory=list, max_length=64)
-    candidate: int | None = Field(default=None, ge=0, le=3, description="the proposal kept: 0 the model's mask, 1-3 its alternatives")
+    candidate: int | None = Field(
+        default=None, ge=0, le=3, description="the proposal kept: 0 the model's mask, 1-3 its alternatives"
+    )
     score: float | None = None
     label: int | None = None
 
