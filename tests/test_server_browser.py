@@ -9,6 +9,7 @@ Set ``MEDSAM_SCREENSHOT=path.png`` to keep a screenshot of the page after the bo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -82,10 +83,9 @@ def served(tmp_path):
         thread.join(10)
 
 
-def test_box_mask_accept_in_chromium(served):
-    from medsam.io import read_image
-
-    url, data, organ = served
+@contextlib.contextmanager
+def ct_page(url: str):
+    """Headless Chromium on the workbench with the CT volume open: (page, page errors, key slice)."""
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
@@ -95,46 +95,69 @@ def test_box_mask_accept_in_chromium(served):
             page.goto(f"{url}/#token={TOKEN}")  # the fragment never reaches the server
             page.click('#image-list li[data-id="ct.nii.gz"]', timeout=30_000)
             page.wait_for_selector("#canvas[data-slice]", timeout=30_000)
-            page.select_option("#window-select", "soft_tissue")  # a CT preset for display
-            k = int(page.get_attribute("#canvas", "data-slice"))
-            assert k == organ.shape[0] // 2
-            ys, xs = np.nonzero(organ[k])
-            x0, y0, x1, y1 = xs.min() - 3, ys.min() - 3, xs.max() + 3, ys.max() + 3
-            rect = page.locator("#canvas").bounding_box()
-            zoom = rect["width"] / organ.shape[2]
-            page.mouse.move(rect["x"] + (x0 + 0.5) * zoom, rect["y"] + (y0 + 0.5) * zoom)
-            page.mouse.down()
-            page.mouse.move(rect["x"] + (x1 + 0.5) * zoom, rect["y"] + (y1 + 0.5) * zoom, steps=8)
-            page.mouse.up()
-            page.wait_for_selector("#canvas[data-mask-area]", timeout=60_000)
-            area = int(page.get_attribute("#canvas", "data-mask-area"))
-            assert area > 0.5 * organ[k].sum()
-            assert "predicted IoU" in page.text_content("#status")
-            # the mask is drawn: the organ's centre is tinted in label 1's colour (red)
-            cy, cx = int(ys.mean()), int(xs.mean())
-            r, g, b, _ = page.evaluate(
-                "([x, y]) => Array.from(document.querySelector('#canvas').getContext('2d').getImageData(x, y, 1, 1).data)",
-                [int((cx + 0.5) * zoom), int((cy + 0.5) * zoom)],
-            )
-            assert r > g + 40 and r > b + 20, (r, g, b)
-            shot = os.environ.get("MEDSAM_SCREENSHOT")
-            if shot:
-                page.screenshot(path=shot)
-            # Tab cycles through the proposal and the decoder's three alternatives, back to the first
-            assert "proposal 1/4" in page.text_content("#status")
-            areas = [area]
-            for j in (1, 2, 3, 0):
-                page.keyboard.press("Tab")
-                page.wait_for_selector(f'#canvas[data-candidate="{j}"]', timeout=5_000)
-                assert f"proposal {j + 1}/4" in page.text_content("#status")
-                areas.append(int(page.get_attribute("#canvas", "data-mask-area")))
-            assert areas[-1] == area and len(set(areas)) > 1  # the alternatives differ
-            page.keyboard.press("Enter")
-            page.wait_for_selector('#canvas[data-saved-version="1"]', timeout=30_000)
-            assert "version 1" in page.text_content("#status")
-            assert errors == []
+            yield page, errors, int(page.get_attribute("#canvas", "data-slice"))
         finally:
             browser.close()
+
+
+def on_canvas(page, organ: np.ndarray, x: float, y: float) -> tuple[float, float]:
+    """Page coordinates of slice pixel (x, y)'s centre, and the canvas zoom."""
+    rect = page.locator("#canvas").bounding_box()
+    zoom = rect["width"] / organ.shape[2]
+    return rect["x"] + (x + 0.5) * zoom, rect["y"] + (y + 0.5) * zoom
+
+
+def drag(page, organ: np.ndarray, start: tuple[int, int], end: tuple[int, int], steps: int = 8) -> None:
+    """A left-button drag from slice pixel ``start`` (x, y) to ``end``."""
+    page.mouse.move(*on_canvas(page, organ, *start))
+    page.mouse.down()
+    page.mouse.move(*on_canvas(page, organ, *end), steps=steps)
+    page.mouse.up()
+
+
+def organ_box(organ: np.ndarray, k: int, margin: int = 3) -> tuple[int, int, int, int]:
+    ys, xs = np.nonzero(organ[k])
+    return int(xs.min()) - margin, int(ys.min()) - margin, int(xs.max()) + margin, int(ys.max()) + margin
+
+
+def test_box_mask_accept_in_chromium(served):
+    from medsam.io import read_image
+
+    url, data, organ = served
+    with ct_page(url) as (page, errors, k):
+        page.select_option("#window-select", "soft_tissue")  # a CT preset for display
+        assert k == organ.shape[0] // 2
+        x0, y0, x1, y1 = organ_box(organ, k)
+        drag(page, organ, (x0, y0), (x1, y1))
+        page.wait_for_selector("#canvas[data-mask-area]", timeout=60_000)
+        area = int(page.get_attribute("#canvas", "data-mask-area"))
+        assert area > 0.5 * organ[k].sum()
+        assert "predicted IoU" in page.text_content("#status")
+        # the mask is drawn: the organ's centre is tinted in label 1's colour (red)
+        ys, xs = np.nonzero(organ[k])
+        zoom = page.locator("#canvas").bounding_box()["width"] / organ.shape[2]
+        cy, cx = int(ys.mean()), int(xs.mean())
+        r, g, b, _ = page.evaluate(
+            "([x, y]) => Array.from(document.querySelector('#canvas').getContext('2d').getImageData(x, y, 1, 1).data)",
+            [int((cx + 0.5) * zoom), int((cy + 0.5) * zoom)],
+        )
+        assert r > g + 40 and r > b + 20, (r, g, b)
+        shot = os.environ.get("MEDSAM_SCREENSHOT")
+        if shot:
+            page.screenshot(path=shot)
+        # Tab cycles through the proposal and the decoder's three alternatives, back to the first
+        assert "proposal 1/4" in page.text_content("#status")
+        areas = [area]
+        for j in (1, 2, 3, 0):
+            page.keyboard.press("Tab")
+            page.wait_for_selector(f'#canvas[data-candidate="{j}"]', timeout=5_000)
+            assert f"proposal {j + 1}/4" in page.text_content("#status")
+            areas.append(int(page.get_attribute("#canvas", "data-mask-area")))
+        assert areas[-1] == area and len(set(areas)) > 1  # the alternatives differ
+        page.keyboard.press("Enter")
+        page.wait_for_selector('#canvas[data-saved-version="1"]', timeout=30_000)
+        assert "version 1" in page.text_content("#status")
+        assert errors == []
 
     image = read_image(data / "ct.nii.gz")
     label = read_image(data / ".medsam" / "labels" / "ct.nii.gz")
@@ -152,37 +175,22 @@ def test_box_mask_accept_in_chromium(served):
 def test_scribble_tool_in_chromium(served):
     """The scribble tool: a left-drag inside the organ is sent as a stroke (its vertices in the
     saved provenance), the saved mask covers the stroke's pixels."""
+    from medsam.io import read_image
 
     url, data, organ = served
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 760})
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(f"{url}/#token={TOKEN}")
-            page.click('#image-list li[data-id="ct.nii.gz"]', timeout=30_000)
-            page.wait_for_selector("#canvas[data-slice]", timeout=30_000)
-            k = int(page.get_attribute("#canvas", "data-slice"))
-            page.keyboard.press("s")
-            assert "active" in page.get_attribute('#tools .tool[data-tool="scribble"]', "class")
-            ys, xs = np.nonzero(organ[k])
-            cy = int(np.median(ys))
-            row = xs[ys == cy]
-            xa, xb = int(row.min()) + 4, int(row.max()) - 4
-            rect = page.locator("#canvas").bounding_box()
-            zoom = rect["width"] / organ.shape[2]
-            page.mouse.move(rect["x"] + (xa + 0.5) * zoom, rect["y"] + (cy + 0.5) * zoom)
-            page.mouse.down()
-            page.mouse.move(rect["x"] + (xb + 0.5) * zoom, rect["y"] + (cy + 0.5) * zoom, steps=10)
-            page.mouse.up()
-            page.wait_for_selector("#canvas[data-mask-area]", timeout=60_000)
-            assert int(page.get_attribute("#canvas", "data-mask-area")) > 0
-            page.keyboard.press("Enter")
-            page.wait_for_selector('#canvas[data-saved-version="1"]', timeout=30_000)
-            assert errors == []
-        finally:
-            browser.close()
+    with ct_page(url) as (page, errors, k):
+        page.keyboard.press("s")
+        assert "active" in page.get_attribute('#tools .tool[data-tool="scribble"]', "class")
+        ys, xs = np.nonzero(organ[k])
+        cy = int(np.median(ys))
+        row = xs[ys == cy]
+        xa, xb = int(row.min()) + 4, int(row.max()) - 4
+        drag(page, organ, (xa, cy), (xb, cy), steps=10)
+        page.wait_for_selector("#canvas[data-mask-area]", timeout=60_000)
+        assert int(page.get_attribute("#canvas", "data-mask-area")) > 0
+        page.keyboard.press("Enter")
+        page.wait_for_selector('#canvas[data-saved-version="1"]', timeout=30_000)
+        assert errors == []
     side = json.loads((data / ".medsam" / "labels" / "ct.nii.gz.json").read_text())
     prompt = side["history"][0]["prompts"][0]
     assert prompt.get("box") is None and not prompt.get("points")
@@ -190,8 +198,6 @@ def test_scribble_tool_in_chromium(served):
     assert stroke["positive"] is True and len(stroke["points"]) >= 3
     assert {v["y"] for v in stroke["points"]} == {cy}
     assert min(v["x"] for v in stroke["points"]) == xa and max(v["x"] for v in stroke["points"]) == xb
-    from medsam.io import read_image
-
     saved = read_image(data / ".medsam" / "labels" / "ct.nii.gz").array[k] > 0
     assert saved[cy, xa : xb + 1].mean() > 0.9  # the mask covers the stroke
 
@@ -202,36 +208,19 @@ def test_kept_proposal_is_saved_in_chromium(served):
     from medsam.io import read_image
 
     url, data, organ = served
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 760})
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(f"{url}/#token={TOKEN}")
-            page.click('#image-list li[data-id="ct.nii.gz"]', timeout=30_000)
-            page.wait_for_selector("#canvas[data-slice]", timeout=30_000)
-            k = int(page.get_attribute("#canvas", "data-slice"))
-            ys, xs = np.nonzero(organ[k])
-            x0, y0, x1, y1 = xs.min() - 3, ys.min() - 3, xs.max() + 3, ys.max() + 3
-            rect = page.locator("#canvas").bounding_box()
-            zoom = rect["width"] / organ.shape[2]
-            page.mouse.move(rect["x"] + (x0 + 0.5) * zoom, rect["y"] + (y0 + 0.5) * zoom)
-            page.mouse.down()
-            page.mouse.move(rect["x"] + (x1 + 0.5) * zoom, rect["y"] + (y1 + 0.5) * zoom, steps=8)
-            page.mouse.up()
-            page.wait_for_selector('#canvas[data-candidate="0"]', timeout=60_000)
-            page.keyboard.press("Tab")
-            page.keyboard.press("Tab")
-            page.wait_for_selector('#canvas[data-candidate="2"]', timeout=5_000)
-            area = int(page.get_attribute("#canvas", "data-mask-area"))
-            status = page.text_content("#status")
-            assert "proposal 3/4" in status
-            page.keyboard.press("Enter")
-            page.wait_for_selector('#canvas[data-saved-version="1"]', timeout=30_000)
-            assert errors == []
-        finally:
-            browser.close()
+    with ct_page(url) as (page, errors, k):
+        x0, y0, x1, y1 = organ_box(organ, k)
+        drag(page, organ, (x0, y0), (x1, y1))
+        page.wait_for_selector('#canvas[data-candidate="0"]', timeout=60_000)
+        page.keyboard.press("Tab")
+        page.keyboard.press("Tab")
+        page.wait_for_selector('#canvas[data-candidate="2"]', timeout=5_000)
+        area = int(page.get_attribute("#canvas", "data-mask-area"))
+        status = page.text_content("#status")
+        assert "proposal 3/4" in status
+        page.keyboard.press("Enter")
+        page.wait_for_selector('#canvas[data-saved-version="1"]', timeout=30_000)
+        assert errors == []
     saved = read_image(data / ".medsam" / "labels" / "ct.nii.gz").array > 0
     assert saved[k].sum() == area and saved.sum() == area
     prompt = json.loads((data / ".medsam" / "labels" / "ct.nii.gz.json").read_text())["history"][0]["prompts"][0]
@@ -244,31 +233,17 @@ def test_corrections_send_no_mask_prompt_to_medsam_models_in_chromium(served):
     the clicks but without the previous logits handle (these models never saw mask prompts)."""
     url, data, organ = served
     bodies: list[dict] = []
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 760})
-            page.on("request", lambda r: bodies.append(json.loads(r.post_data)) if r.url.endswith("/segment") else None)
-            page.goto(f"{url}/#token={TOKEN}")
-            page.click('#image-list li[data-id="ct.nii.gz"]', timeout=30_000)
-            page.wait_for_selector("#canvas[data-slice]", timeout=30_000)
-            k = int(page.get_attribute("#canvas", "data-slice"))
-            ys, xs = np.nonzero(organ[k])
-            x0, y0, x1, y1 = xs.min() - 3, ys.min() - 3, xs.max() + 3, ys.max() + 3
-            rect = page.locator("#canvas").bounding_box()
-            zoom = rect["width"] / organ.shape[2]
-            page.mouse.move(rect["x"] + (x0 + 0.5) * zoom, rect["y"] + (y0 + 0.5) * zoom)
-            page.mouse.down()
-            page.mouse.move(rect["x"] + (x1 + 0.5) * zoom, rect["y"] + (y1 + 0.5) * zoom, steps=8)
-            page.mouse.up()
-            page.wait_for_selector('#canvas[data-candidate="0"]', timeout=60_000)
-            page.keyboard.press("p")
-            cx, cy = int(np.median(xs)), int(np.median(ys))
-            with page.expect_response(lambda r: r.url.endswith("/segment"), timeout=60_000) as answer:
-                page.mouse.click(rect["x"] + (cx + 0.5) * zoom, rect["y"] + (cy + 0.5) * zoom)
-            assert answer.value.status == 200
-        finally:
-            browser.close()
+    with ct_page(url) as (page, errors, k):
+        page.on("request", lambda r: bodies.append(json.loads(r.post_data)) if r.url.endswith("/segment") else None)
+        x0, y0, x1, y1 = organ_box(organ, k)
+        drag(page, organ, (x0, y0), (x1, y1))
+        page.wait_for_selector('#canvas[data-candidate="0"]', timeout=60_000)
+        page.keyboard.press("p")
+        ys, xs = np.nonzero(organ[k])
+        cx, cy = int(np.median(xs)), int(np.median(ys))
+        with page.expect_response(lambda r: r.url.endswith("/segment"), timeout=60_000) as answer:
+            page.mouse.click(*on_canvas(page, organ, cx, cy))
+        assert answer.value.status == 200 and errors == []
     assert len(bodies) == 2, bodies
     first, second = bodies
     assert first["candidates"] is True and "previous" not in first

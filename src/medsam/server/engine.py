@@ -180,39 +180,21 @@ class SegmentationEngine:
         image = loaded.model_slice(index)
         if window is not None:
             y0, y1, x0, x1 = window
-            crop = np.ascontiguousarray(image[y0:y1, x0:x1])
-            key = slice_key(self.embedding_fingerprint(), pred.contract, crop)
-            if key == self._current_key and pred.is_image_set:
-                self.memory_hits += 1
-                return "memory"
-            emb = self._crop_lru.get(key)
-            if emb is not None:
-                self._crop_lru.move_to_end(key)
-                pred.set_embedding(emb, crop.shape[:2])
-                self.memory_hits += 1
-                source = "memory"
-            else:
-                pred.set_image(crop)
-                self.encoder_calls += 1
-                self._crop_lru[key] = pred.embedding
-                while len(self._crop_lru) > _CROPS_IN_MEMORY:
-                    self._crop_lru.popitem(last=False)
-                source = "computed"
-            self._current_key = key
-            return source
+            image = np.ascontiguousarray(image[y0:y1, x0:x1])
         key = slice_key(self.embedding_fingerprint(), pred.contract, image)
         size = tuple(image.shape[:2])
         if key == self._current_key and pred.is_image_set:
             self.memory_hits += 1
             return "memory"
-        emb = self._lru.get(key)
+        lru, capacity = (self._lru, self.capacity) if window is None else (self._crop_lru, _CROPS_IN_MEMORY)
+        emb = lru.get(key)
         if emb is not None:
-            self._lru.move_to_end(key)
+            lru.move_to_end(key)
             pred.set_embedding(emb, size)
             self.memory_hits += 1
             source = "memory"
         else:
-            emb = self.cache.get(key)
+            emb = self.cache.get(key) if window is None else None
             if emb is not None:
                 pred.set_embedding(emb, size)
                 self.cache_hits += 1
@@ -220,15 +202,16 @@ class SegmentationEngine:
             else:
                 pred.set_image(image)
                 self.encoder_calls += 1
-                self.cache.put(key, pred.embedding, {
-                    "model": self.embedding_fingerprint(), "contract": pred.contract.name,
-                    "input_size": pred.contract.input_size, "shape": str(list(image.shape)),
-                })
+                if window is None:
+                    self.cache.put(key, pred.embedding, {
+                        "model": self.embedding_fingerprint(), "contract": pred.contract.name,
+                        "input_size": pred.contract.input_size, "shape": str(list(image.shape)),
+                    })
                 source = "computed"
             if remember:
-                self._lru[key] = pred.embedding
-                while len(self._lru) > self.capacity:
-                    self._lru.popitem(last=False)
+                lru[key] = pred.embedding
+                while len(lru) > capacity:
+                    lru.popitem(last=False)
         self._current_key = key
         return source
 
