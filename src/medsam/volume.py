@@ -407,8 +407,8 @@ def segment_volume(
             policy calls small is segmented as :func:`medsam.zoom.predict_with_zoom` does in
             2D, on a square crop centred on that box (``context`` x its longest side) magnified
             to the network input: at most one extra embedding per such (object, slice); a
-            slice whose objects are all small is never embedded whole. Mask prompts (``use_mask_prompt``)
-            pass only between two whole-slice predictions of an object.
+            slice whose objects are all small is never embedded whole. Mask prompts
+            (``use_mask_prompt``) pass only between two whole-slice predictions of an object.
         crop_predictor: the predictor that embeds the crops (default: a new one on
             ``predictor.model`` with its contract and precision).
 

@@ -39,21 +39,21 @@ def segment(body: SegmentRequest, wb: WorkbenchDep) -> SegmentResponse:
         bbox = Box(x0=int(cols[0]), y0=int(rows[0]), x1=int(cols[-1]), y1=int(rows[-1]))
     rle = png = None
     if body.encoding in ("rle", "both"):
-        values, counts = rle_encode(mask.astype(np.uint8))
-        rle = RLEMask(shape=list(mask.shape), values=values, counts=counts)
+        rle = _rle(mask)
     if body.encoding in ("png", "both"):
         png = base64.b64encode(png_bytes(mask.astype(np.uint8) * 255)).decode("ascii")
     window = None
     if out.window is not None:
         y0, y1, x0, x1 = out.window
         window = Box(x0=x0, y0=y0, x1=x1 - 1, y1=y1 - 1)
-    candidates = []
-    for m, score in out.candidates:
-        values, counts = rle_encode(m.astype(np.uint8))
-        candidates.append(Candidate(score=score, area=int(m.sum()),
-                                    mask=RLEMask(shape=list(m.shape), values=values, counts=counts)))
+    candidates = [Candidate(score=score, area=int(m.sum()), mask=_rle(m)) for m, score in out.candidates]
     return SegmentResponse(
         image_id=body.image_id, slice_index=body.slice_index, score=out.score, area=int(mask.sum()),
         bbox=bbox, mask=rle, png_base64=png, logits_handle=out.handle, embedding_source=out.source,
         elapsed_ms=out.elapsed_ms, zoom_window=window, candidates=candidates,
     )
+
+
+def _rle(mask: np.ndarray) -> RLEMask:
+    values, counts = rle_encode(mask.astype(np.uint8))
+    return RLEMask(shape=list(mask.shape), values=values, counts=counts)
