@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: test demo venv bench clean
+.PHONY: test fuzz demo venv bench clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,11 @@ $(STAMP): pyproject.toml
 
 test: venv
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q
+
+# A large fuzzing budget with fresh random cases (make test runs a small fixed-seed one).
+fuzz: venv
+	MEDSAM_FUZZ_EXAMPLES=$${MEDSAM_FUZZ_EXAMPLES:-400} MEDSAM_FUZZ_FRESH=1 MEDSAM_FUZZ_REPORT=fuzz-report.json \
+		OMP_NUM_THREADS=2 $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz.py
 
 demo: venv
 	$(VENV)/bin/medsam demo

@@ -13,7 +13,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 TRAIN_SECONDS=${TRAIN_SECONDS:-390}
 nvidia-smi -L > "$OUT/gpu.txt" 2>&1
 start=$(date +%s)
-timeout "$TRAIN_SECONDS" python3 -m medsam.cli_train train configs/demo_lite.yaml \
+timeout "$TRAIN_SECONDS" python3 -m medsam train configs/demo_lite.yaml \
   data.corpus=.gpu/corpus model.checkpoint=.gpu/lite_medsam.pth output.dir=/tmp/run \
   train.progress=false data.workers=14 "$@" > "$OUT/train.log" 2>&1
 echo "train exit $? after $(( $(date +%s) - start )) s" >> "$OUT/train.log"
@@ -32,7 +32,7 @@ PY
 # Quick held-out signal on the GPU (the model card's numbers are re-measured on the CPU).
 for zoom in "" "--zoom 3"; do
   name=plain; [ -n "$zoom" ] && name=zoom
-  timeout 60 python3 -m medsam.cli benchmark --corpus .gpu/corpus --split test \
+  timeout 60 python3 -m medsam benchmark --corpus .gpu/corpus --split test \
     --checkpoint "$OUT/demo_model.safetensors" --device cuda --no-plot $zoom \
     -o "/tmp/bench_$name" > "$OUT/bench_$name.log" 2>&1
   cp "/tmp/bench_$name/summary.md" "$OUT/bench_${name}_summary.md" 2>/dev/null

@@ -95,7 +95,7 @@ def start_server(folder: Path, token: str | None) -> tuple[subprocess.Popen, str
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "medsam.cli_serve", "--data", str(folder), "--port", str(port)]
+    cmd = [sys.executable, "-m", "medsam", "serve", "--data", str(folder), "--port", str(port)]
     env = dict(os.environ)
     if token:
         env["MEDSAM_TOKEN"] = token

@@ -101,7 +101,7 @@ def test_bad_input_one_clear_line_no_output(tmp_path, png, capsys, case, expecte
     args = {
         "missing_file": ["segment", str(tmp_path / "absent.png"), "--box", "1", "1", "5", "5", "-o", str(out)],
         "corrupt_image": ["segment", str(tmp_path / "slice_bad.png"), "--box", "1", "1", "5", "5", "-o", str(out)],
-        "box_outside": ["segment", str(png), "--box", "10", "10", "500", "50", "-o", str(out)],
+        "box_outside": ["segment", str(png), "--box", "400", "10", "500", "50", "-o", str(out)],
         "x1_le_x0": ["segment", str(png), "--box", "60", "10", "60", "50", "-o", str(out)],
         "wrong_checkpoint": ["segment", str(png), "--box", "1", "1", "5", "5", "--checkpoint", str(_bad_checkpoint(tmp_path)), "-o", str(out)],
         "box_arity": ["segment", str(png), "--box", "1", "1", "5", "-o", str(out)],
@@ -166,7 +166,7 @@ def test_segment_volume_key_slice_and_bad_boxes(tmp_path, capsys):
     for args, expected in [
         (["--box", "12", "10", "44", "38"], "--slice"),
         (["--box", "12", "10", "44", "38", "--slice", "40"], "outside the volume"),
-        (["--box", "12", "10", "2", "44", "38", "20"], "outside the volume"),
+        (["--box", "12", "10", "14", "44", "38", "20"], "outside the volume"),
     ]:
         assert main(["segment", str(src), *args, "-o", str(out)]) == 2
         assert expected in capsys.readouterr().err

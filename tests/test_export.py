@@ -64,7 +64,7 @@ def _assert_masks_equal_except_ties(ref: medsam.Prediction, got: medsam.Predicti
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A seeded vit_tiny model, saved, then exported by the CLI with --int8."""
-    from medsam import cli_export
+    from medsam.cli import onnx as cli_export
 
     torch.manual_seed(0)
     model = medsam.build_model("vit_tiny").eval()

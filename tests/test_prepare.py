@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medsam.cli_prepare import main as cli_main
+from medsam.cli import main as cli_main
 from medsam.curate import prepare as prep_mod
 from medsam.curate.dataset_spec import DatasetSpec, SpecError, assign_splits, load_specs
 from medsam.curate.normalize import normalize_image

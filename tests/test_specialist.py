@@ -156,27 +156,27 @@ def test_augment_is_seeded():
 
 
 def test_cli(trained, tmp_path, capsys):
-    from medsam import cli_specialist
+    from medsam.cli import main, specialist
 
     corpus, result = trained
-    assert cli_specialist.main([
+    assert main([
         "specialist-eval", "--corpus", str(corpus), "--checkpoint", str(result.checkpoint),
         "--split", "test", "--no-plot", "-o", str(tmp_path / "out"),
     ]) == 0
     assert "specialist-unet: 8 objects" in capsys.readouterr().out
-    assert cli_specialist.main([
+    assert main([
         "specialist-train", "--corpus", str(corpus), "--datasets", "synthetic_ct", "--epochs", "1",
         "--size", str(SIZE), "--channels", "8,16", "--res-units", "0", "--batch-size", "12", "--select", "last",
         "-o", str(tmp_path / "run"),
     ]) == 0
     assert (tmp_path / "run" / "unet.safetensors").is_file()
-    assert cli_specialist.main([
+    assert main([
         "specialist-train", "--corpus", str(corpus), "--datasets", "nope", "-o", str(tmp_path / "x"),
     ]) == 2
     assert "nope" in capsys.readouterr().err
     # the sub-commands register on a parser as the main CLI does
     sub = argparse.ArgumentParser().add_subparsers(dest="command")
-    cli_specialist.add_parser(sub)
+    specialist.add_parser(sub)
     assert set(sub.choices) >= {"specialist-train", "specialist-eval"}
 
 

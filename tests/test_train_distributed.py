@@ -115,7 +115,7 @@ def test_torchrun_two_ranks_equal_one_process_with_the_same_global_batch(corpus,
 
 
 def test_run_killed_with_sigkill_resumes_to_the_same_weights(corpus, tmp_path):
-    cli = [PYTHON, "-m", "medsam.cli_train", "train", str(tmp_path / "none.yaml")]
+    cli = [PYTHON, "-m", "medsam", "train", str(tmp_path / "none.yaml")]
     (tmp_path / "none.yaml").write_text("{}\n")
     extra = ["train.max_steps=14", "train.save_every=2", "data.val_split=null"]
     ref = subprocess.run(cli + micro_overrides(corpus, tmp_path / "ref", *extra), env=ENV,

@@ -226,7 +226,7 @@ def test_bf16_and_gradient_checkpointing_run(small_corpus, tmp_path):
 
 
 def test_cli_train_and_export(small_corpus, tmp_path, capsys):
-    from medsam.cli_train import main
+    from medsam.cli import main
 
     over = micro_overrides(small_corpus, tmp_path / "cli", "train.max_steps=2", "data.val_split=null")
     cfg = tmp_path / "c.yaml"
@@ -236,7 +236,8 @@ def test_cli_train_and_export(small_corpus, tmp_path, capsys):
     assert medsam.load_model(tmp_path / "m.safetensors", device="cpu").config.img_size == 64
     assert main(["train", str(cfg), "train.nope=1"]) == 2
     assert "train.nope" in capsys.readouterr().err
-    assert main(["train", str(cfg), *over]) == 1  # the folder holds a run: refuse without resume
+    assert main(["train", str(cfg), *over]) == 2  # the folder holds a run: refuse without resume
+    assert "train.resume=auto" in capsys.readouterr().err
 
 
 def test_tensorboard_scalars_when_installed(small_corpus, tmp_path):

@@ -200,7 +200,7 @@ def test_segment_file_zooms_3d_boxes_of_a_volume(tiny_model, tmp_path):
     box = [30, 30, 1, 37, 38, 4]  # x0 y0 z0 x1 y1 z1 = i j k as the file stores them
     policy = ZoomPolicy(context=3.0, min_side=16)
     out = segment_file(tmp_path / "v.nii.gz", tmp_path / "m.nii.gz", [box], model=tiny_model, zoom=policy,
-                       volume_options={"iou_threshold": -np.inf})
+                       iou_threshold=-np.inf)
     assert out.extra["zoomed"] == [True] and out.extra["crop_embeddings_computed"] >= 1
     expected = segment_volume(Predictor(tiny_model), vol, [Box3D(*box)], iou_threshold=-np.inf, zoom=policy)
     written = np.asarray(nib.load(str(tmp_path / "m.nii.gz")).dataobj).transpose(2, 1, 0)

@@ -194,10 +194,34 @@ def _fmt(spacing: Sequence[float]) -> str:
     return "(" + ", ".join(f"{s:.6g}" for s in spacing) + ")"
 
 
-def _score_pair(pred_path: Path, gt_path: Path, case: str, dataset: str, modality: str, tol: float) -> list[dict]:
+def _relabel(pred: np.ndarray, label_map: dict[int, int]) -> np.ndarray:
+    """``pred`` with each id ``k`` of ``label_map`` replaced by ``label_map[k]`` (others kept)."""
+    out = pred.copy()
+    for src, dst in label_map.items():
+        out[pred == src] = dst
+    return out
+
+
+def _disjoint_labels(pred: np.ndarray, gt: np.ndarray) -> str | None:
+    """The error text when both maps have labels and share none (a label-id mix-up), else None."""
+    p = set(np.unique(pred).tolist()) - {0}
+    g = set(np.unique(gt).tolist()) - {0}
+    if not p or not g or p & g:
+        return None
+    return (f"label ids share nothing: prediction {sorted(p)[:10]}, ground truth {sorted(g)[:10]}; "
+            "map them with --label-map PRED=GT (label_map={pred: gt})")
+
+
+def _score_pair(pred_path: Path, gt_path: Path, case: str, dataset: str, modality: str, tol: float,
+                label_map: dict[int, int] | None = None) -> list[dict]:
     try:
         gt, gt_sp = _read(gt_path, "gt")
         pred, pred_sp = _read(pred_path, "pred")
+        if label_map:
+            pred = _relabel(pred, label_map)
+        disjoint = _disjoint_labels(pred, gt)
+        if disjoint:
+            return [_row(dataset, modality, case, disjoint)]
         if pred.shape != gt.shape:
             msg = f"shape mismatch: prediction {pred.shape} vs ground truth {gt.shape}"
             return [_row(dataset, modality, case, msg)]
@@ -296,6 +320,8 @@ def evaluate(
     summary_csv: str | os.PathLike | None = None,
     dataset: str | None = None,
     modality: str | None = None,
+    label_map: dict[int, int] | None = None,
+    require_scored: bool = False,
 ) -> EvaluationResult:
     """Score predictions against ground truth and write per-case and summary CSVs.
 
@@ -310,6 +336,11 @@ def evaluate(
         tolerance_mm: NSD tolerance in mm.
         summary_csv: if given, where to write :func:`summarize` of the rows.
         dataset, modality: written in every row (``""`` if ``None``).
+        label_map: prediction label id -> ground-truth label id, applied before scoring (ids
+            not named stay). Without it, a case whose prediction and ground truth both have
+            labels but share no id is an error row (a mix-up of label ids, not a DSC of 0).
+        require_scored: raise ValueError, writing nothing, when no case could be scored
+            (the command line's behaviour); by default such a run writes its error rows.
 
     Returns:
         An :class:`EvaluationResult` with the rows and the summary.
@@ -317,8 +348,9 @@ def evaluate(
     Raises:
         FileNotFoundError: ``pred`` or ``gt`` does not exist.
         ValueError: one is a file and the other a folder, a ground-truth folder
-            with no supported file, a bad tolerance, or ``summary_csv`` equal to
-            ``out_csv``. Problems with single cases are error rows instead.
+            with no supported file, a bad tolerance, ``summary_csv`` equal to
+            ``out_csv``, or (with ``require_scored``) no case could be scored at all.
+            Problems with single cases are error rows instead.
     """
     pred, gt, out_csv = Path(pred), Path(gt), Path(out_csv)
     summary_path = Path(summary_csv) if summary_csv is not None else None
@@ -344,13 +376,17 @@ def evaluate(
             if name not in pred_files:
                 rows.append(_row(dataset, modality, case, f"missing prediction: no {name} in {pred}"))
             else:
-                rows.extend(_score_pair(pred_files[name], gt_path, case, dataset, modality, tol))
+                rows.extend(_score_pair(pred_files[name], gt_path, case, dataset, modality, tol, label_map))
         for name in pred_files:
             if name not in gt_files:
                 rows.append(_row(dataset, modality, _case_name(name), f"prediction has no ground truth {name} in {gt}"))
     else:
-        rows.extend(_score_pair(pred, gt, _case_name(gt.name), dataset, modality, tol))
+        rows.extend(_score_pair(pred, gt, _case_name(gt.name), dataset, modality, tol, label_map))
 
+    if require_scored and all(r["error"] for r in rows):
+        first = rows[0]
+        more = f" (and {len(rows) - 1} more cases)" if len(rows) > 1 else ""
+        raise ValueError(f"no case could be scored: {first['case']}: {first['error']}{more}")
     summary = summarize(rows)
     _write_csv_atomic(out_csv, CSV_COLUMNS, rows)
     if summary_path is not None:

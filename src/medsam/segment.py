@@ -8,15 +8,17 @@ the end, so a failure never leaves a half-written file.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from .io import MedicalImage, read_image, write_mask
 from .io.atomic import atomic_output
-from .predictor import Predictor, masks_to_label_map, validate_boxes
+from .io.formats import check_mask_path
+from .predictor import Predictor, clip_boxes, masks_to_label_map
 
 
 @dataclass
@@ -31,16 +33,57 @@ class SegmentationOutput:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class SegmentOptions:
+    """How :func:`segment_file` reads, prompts and writes (everything but the input, output and boxes).
+
+    Attributes:
+        model: a loaded model; default: ``checkpoint`` is loaded (the embedded model when None).
+        checkpoint, contract, device: as :func:`medsam.load_model` takes them.
+        overlay_path: also write an overlay picture (PNG) here.
+        scores_path: where the scores JSON goes (default: the output's stem + ``.scores.json``).
+        key_slice: the slice 2D boxes on a volume are drawn on (array index ``k``).
+        modality, window: model-input normalisation (:func:`to_model_input`).
+        series_uid: which DICOM series of a folder holding several.
+        iou_threshold: volumes: stop propagation below this predicted IoU
+            (:func:`medsam.volume.segment_volume`'s default when None).
+        zoom: a :class:`medsam.zoom.ZoomPolicy`, ``None`` (never), or ``"auto"``: the default
+            policy for 2D images and 2D ``.npz`` cases when the model's input is at most
+            :data:`AUTO_ZOOM_MAX_INPUT` px (LiteMedSAM's 64 x 64 embedding of a whole slice does not
+            resolve small structures), no zoom otherwise and never in volumes (docs/model-card.md
+            gives the measurements behind both choices).
+    """
+
+    model: Any = None
+    checkpoint: str | Path | None = None
+    contract: str | None = None
+    device: str | None = None
+    overlay_path: str | Path | None = None
+    scores_path: str | Path | None = None
+    key_slice: int | None = None
+    modality: str | None = None
+    window: str | tuple[float, float] | None = None
+    series_uid: str | None = None
+    iou_threshold: float | None = None
+    zoom: Any = "auto"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.zoom, str) and self.zoom != "auto":
+            raise ValueError(f"zoom must be a ZoomPolicy, None or 'auto', got {self.zoom!r}")
+
+
 def to_model_input(image: MedicalImage, modality: str | None = None, window=None) -> np.ndarray:
     """The image array as the model should see it: uint8 after modality normalisation.
 
     uint8 data (PNG/JPEG, curated images) are kept. Otherwise the modality (``modality`` argument,
     else the DICOM tag) decides: CT is windowed (soft tissue unless ``window`` is given), other
     modalities are percentile-clipped; with no modality known, the array is min-max scaled.
+    NaN and infinite voxels take the lowest finite value (with a warning); an image without any
+    finite value is refused (ValueError).
     """
     from .curate.normalize import normalize_image
 
-    array = image.array
+    array = _finite_or_refused(image.array)
     if array.dtype == np.uint8 and modality is None and window is None:
         return array
     chosen = modality or image.modality
@@ -50,6 +93,30 @@ def to_model_input(image: MedicalImage, modality: str | None = None, window=None
         else:
             return _minmax_uint8(array)
     return normalize_image(array, chosen, window=window)
+
+
+def _finite_or_refused(array: np.ndarray) -> np.ndarray:
+    if array.dtype.kind not in "fc":
+        return array
+    finite = np.isfinite(array)
+    if finite.all():
+        return array
+    if not finite.any():
+        raise ValueError("the image has no finite value (every voxel is NaN or infinite)")
+    bad = int(finite.size - np.count_nonzero(finite))
+    warnings.warn(f"{bad} of {finite.size} voxels are NaN or infinite; they are given the lowest finite value",
+                  stacklevel=3)
+    return np.where(finite, array, array[finite].min())
+
+
+def _not_constant(pixels: np.ndarray, image: MedicalImage) -> np.ndarray:
+    """``pixels``, unless the whole model input is one grey value (nothing can be segmented:
+    a blank image, or one whose every voxel was NaN; ITK's NIfTI reader gives NaN as 0)."""
+    if pixels.size and pixels.min() == pixels.max():
+        raw = np.asarray(image.array)
+        value = float(raw.flat[0]) if raw.size else 0.0
+        raise ValueError(f"the image is constant (every voxel is {value:g}): there is nothing to segment")
+    return pixels
 
 
 def _minmax_uint8(array: np.ndarray) -> np.ndarray:
@@ -69,95 +136,85 @@ def parse_boxes(values: Sequence[Sequence[float]], width: int) -> np.ndarray:
     return boxes
 
 
+def _clipped(boxes: np.ndarray, size: tuple[int, int], what: str = "box") -> np.ndarray:
+    """Boxes clipped to the image (a warning names each one that overhung its edge)."""
+    clipped, changed = clip_boxes(boxes, size)
+    for i in np.flatnonzero(changed):
+        before = ", ".join(f"{v:g}" for v in boxes[i])
+        after = ", ".join(f"{v:g}" for v in clipped[i])
+        warnings.warn(f"{what} {i + 1} [{before}] overhangs the image edge; clipped to [{after}]", stacklevel=3)
+    return clipped
+
+
 def segment_file(
     input_path: str | Path,
     output_path: str | Path,
     boxes: Sequence[Sequence[float]],
+    options: SegmentOptions | None = None,
     *,
-    model=None,
-    checkpoint: str | Path | None = None,
-    overlay_path: str | Path | None = None,
-    scores_path: str | Path | None = None,
-    key_slice: int | None = None,
-    modality: str | None = None,
-    window=None,
-    device: str | None = None,
-    contract: str | None = None,
-    series_uid: str | None = None,
-    volume_options: dict | None = None,
-    zoom=None,
     log: Callable[[str], None] = lambda message: None,
+    **overrides: Any,
 ) -> SegmentationOutput:
-    """Segment the objects given by ``boxes`` in one image file.
+    """Segment the objects given by ``boxes`` in one image file and write the mask.
 
     2D inputs take boxes [x0, y0, x1, y1]; volumes take 3D boxes [x0, y0, z0, x1, y1, z1] or 2D
-    boxes with ``key_slice``. Coordinates are pixel/voxel indices (i, j, k) as the file stores
-    them, inclusive. CVPR 2024 ``.npz`` cases carry their own boxes (``boxes`` must be empty).
-    One box gives a 0/1 mask, several give labels 1..N (overlaps go to the highest score).
-    ``zoom`` (a :class:`medsam.zoom.ZoomPolicy`) segments small boxes on a magnified crop around
-    them: in a 2D image by :func:`medsam.zoom.predict_with_zoom`, in a volume (3D boxes, or 2D
-    boxes on ``key_slice``) on every slice whose propagated box is small
-    (:func:`medsam.volume.segment_volume`). ``zoom="auto"`` (the command line's default): the
-    default :class:`~medsam.zoom.ZoomPolicy` for 2D images and 2D ``.npz`` cases when the model's
-    input is at most :data:`AUTO_ZOOM_MAX_INPUT` px (LiteMedSAM: its 64 x 64 embedding of a
-    whole slice does not resolve small structures; on the held-out CT case zoom lifted the
-    embedded model's DSC from 0.653 to 0.779, docs/model-card.md), no zoom otherwise and never
-    in volumes (there it measured +0.017 DSC, not significant, at 12x the time).
+    boxes with ``options.key_slice``. Coordinates are pixel/voxel indices (i, j, k) as the file
+    stores them, inclusive; a box that overhangs the image is clipped to it (with a warning), one
+    that is empty or wholly outside is refused. CVPR 2024 ``.npz`` cases carry their own boxes
+    (``boxes`` must be empty). One box gives a 0/1 mask, several give labels 1..N (overlaps go
+    to the highest score). ``options`` (:class:`SegmentOptions`; keyword ``overrides`` replace
+    its fields, e.g. ``segment_file(a, b, boxes, zoom=None)``) say how.
+
+    Everything that can be judged without the model (the input exists, the output's format, the
+    boxes) is checked before the model is loaded; all outputs are written at the end, atomically.
     """
+    opts = replace(options or SegmentOptions(), **overrides)
     input_path = Path(input_path)
     output_path = Path(output_path)
     if not input_path.exists():
         raise FileNotFoundError(f"input not found: {input_path}")
-    if isinstance(zoom, str) and zoom != "auto":
-        raise ValueError(f"zoom must be a ZoomPolicy, None or 'auto', got {zoom!r}")
     if input_path.suffix == ".npz":
-        return _segment_npz(input_path, output_path, boxes, model, checkpoint, device, contract, zoom,
-                            volume_options or {}, log)
-
-    image = read_image(input_path, series_uid=series_uid)
+        return _segment_npz(input_path, output_path, boxes, opts, log)
+    check_mask_path(output_path)
+    if opts.overlay_path is not None and not str(opts.overlay_path).lower().endswith(".png"):
+        raise ValueError(f"the overlay is written as PNG: give a .png name, got {opts.overlay_path}")
+    image = read_image(input_path, series_uid=opts.series_uid)
     if image.is_volume:
-        zoom = None if zoom == "auto" else zoom
-        options = dict(volume_options or {})
-        if zoom is not None:
-            options["zoom"] = zoom
-        return _segment_volume_file(
-            image, output_path, boxes, key_slice, model, checkpoint, overlay_path, scores_path,
-            modality, window, device, contract, options, log,
-        )
-    if key_slice is not None:
+        return _segment_volume_file(image, output_path, boxes, opts, log)
+    if opts.key_slice is not None:
         raise ValueError("--slice only applies to volumes; the input is a 2D image")
     if not boxes:
         raise ValueError("give at least one box: --box X0 Y0 X1 Y1")
-    box_array = parse_boxes(boxes, 4)
-    H, W = image.spatial_shape
-    validate_boxes(box_array, (H, W))
-    pixels = to_model_input(image, modality, window)
+    box_array = _clipped(parse_boxes(boxes, 4), image.spatial_shape)
+    pixels = _not_constant(to_model_input(image, opts.modality, opts.window), image)
 
-    model = model if model is not None else _load(checkpoint, device, contract, log)
-    predictor = Predictor(model, contract=contract)
-    zoom = _resolve_auto_zoom(zoom, predictor, log)
-    predictor.set_image(pixels)
+    model = _model(opts, log)
+    predictor = Predictor(model, contract=opts.contract)
+    zoom = _resolve_auto_zoom(opts.zoom, predictor, log)
     if zoom is not None:
         from .zoom import predict_with_zoom
 
+        # Embeds the whole image only if a box is too large to zoom.
         prediction = predict_with_zoom(predictor, pixels, box_array, zoom, score_maps=len(box_array) > 1)
         log(f"zoom: {int(prediction.zoomed.sum())} of {len(box_array)} boxes segmented on a magnified crop")
         labels = prediction.masks[0].astype(np.uint8) if len(box_array) == 1 else prediction.label_map()
-    elif len(box_array) == 1:
-        prediction = predictor.predict(boxes=box_array)
-        labels = prediction.masks[0].astype(np.uint8)
     else:
+        predictor.set_image(pixels)
         prediction = predictor.predict(boxes=box_array)
-        labels = masks_to_label_map(prediction)
+        labels = prediction.masks[0].astype(np.uint8) if len(box_array) == 1 else masks_to_label_map(prediction)
     scores = [float(s) for s in prediction.scores]
 
     written = _write_outputs(
-        image, labels, output_path, overlay_path, scores_path,
+        image, labels, output_path, opts.overlay_path, opts.scores_path,
         {"input": str(input_path), "boxes": box_array.tolist(), "scores": scores,
-         "model": _model_description(model, checkpoint), "contract": predictor.contract.name},
+         "model": _model_description(model, opts.checkpoint), "contract": predictor.contract.name},
         overlay_source=pixels, overlay_boxes=box_array,
     )
     return SegmentationOutput(*written, labels=labels, scores=scores)
+
+
+def _model(opts: SegmentOptions, log: Callable[[str], None]):
+    return opts.model if opts.model is not None else _load(opts.checkpoint, opts.device, opts.contract, log)
 
 
 def _model_description(model, checkpoint) -> dict:
@@ -169,17 +226,12 @@ def _model_description(model, checkpoint) -> dict:
 
 
 def _load(checkpoint, device, contract, log):
-    import warnings
-
-    from .default_model import UNTRAINED_WARNING
+    """The model of ``checkpoint`` (the embedded default when None; load_model warns if that
+    one is untrained)."""
     from .weights import load_model
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = load_model(checkpoint, contract=contract, device=device)
-    if any(UNTRAINED_WARNING in str(w.message) for w in caught):
-        log("WARNING: " + UNTRAINED_WARNING)
-    elif checkpoint is None:
+    model = load_model(checkpoint, contract=contract, device=device)
+    if checkpoint is None and not getattr(model, "is_untrained_default", False):
         log("using the embedded default model (no --checkpoint given)")
     return model
 
@@ -219,46 +271,53 @@ def _default_scores_path(output_path: Path) -> Path:
     return output_path.with_name(name + ".scores.json")
 
 
-def _segment_volume_file(image, output_path, boxes, key_slice, model, checkpoint, overlay_path,
-                         scores_path, modality, window, device, contract, options, log):
+def _segment_volume_file(image: MedicalImage, output_path: Path, boxes, opts: SegmentOptions, log):
     from .volume import Box2D, Box3D, segment_volume
 
     if not boxes:
         raise ValueError("give at least one box: --box X0 Y0 Z0 X1 Y1 Z1, or --box X0 Y0 X1 Y1 --slice K")
     if image.is_color:
         raise ValueError("colour volumes are not supported")
+    check_mask_path(output_path, volume=True)
     Z, Y, X = image.spatial_shape
     widths = {len(b) for b in boxes}
+    key_slice = opts.key_slice
     if widths == {6}:
         if key_slice is not None:
             raise ValueError("--slice goes with 2D boxes (X0 Y0 X1 Y1), not with 3D boxes")
+        b6 = parse_boxes(boxes, 6)
+        b6[:, [0, 1, 3, 4]] = _clipped(b6[:, [0, 1, 3, 4]], (Y, X))
         prompts = []
-        for b in parse_boxes(boxes, 6):
-            x0, y0, z0, x1, y1, z1 = b
-            validate_boxes(np.array([[x0, y0, x1, y1]]), (Y, X))
-            if not (0 <= z0 <= z1 < Z):
-                raise ValueError(f"box z-range [{z0:g}, {z1:g}] lies outside the volume's {Z} slices")
-            prompts.append(Box3D(*[int(round(v)) for v in b]))
+        for i, (x0, y0, z0, x1, y1, z1) in enumerate(b6):
+            lo, hi = max(z0, 0.0), min(z1, Z - 1.0)
+            if hi < lo:
+                raise ValueError(f"box {i + 1}: z-range [{z0:g}, {z1:g}] lies outside the volume's {Z} slices")
+            if (lo, hi) != (z0, z1):
+                warnings.warn(f"box {i + 1}: z-range [{z0:g}, {z1:g}] overhangs the volume; clipped to "
+                              f"[{lo:g}, {hi:g}]", stacklevel=2)
+            prompts.append(Box3D(*[int(round(v)) for v in (x0, y0, lo, x1, y1, hi)]))
     elif widths == {4}:
         if key_slice is None:
             raise ValueError("2D boxes on a volume need --slice K (or give 3D boxes X0 Y0 Z0 X1 Y1 Z1)")
         if not 0 <= key_slice < Z:
             raise ValueError(f"--slice {key_slice} lies outside the volume's {Z} slices")
-        b4 = parse_boxes(boxes, 4)
-        validate_boxes(b4, (Y, X))
+        b4 = _clipped(parse_boxes(boxes, 4), (Y, X))
         prompts = [Box2D(*[int(round(v)) for v in b], slice=key_slice) for b in b4]
     else:
         raise ValueError("boxes on a volume need 6 numbers (X0 Y0 Z0 X1 Y1 Z1) or 4 with --slice")
-    pixels = to_model_input(image, modality, window)
-    model = model if model is not None else _load(checkpoint, device, contract, log)
-    predictor = Predictor(model, contract=contract)
+    pixels = _not_constant(to_model_input(image, opts.modality, opts.window), image)
+    model = _model(opts, log)
+    predictor = Predictor(model, contract=opts.contract)
+    options: dict[str, Any] = {"iou_threshold": opts.iou_threshold}
+    if opts.zoom not in (None, "auto"):
+        options["zoom"] = opts.zoom
     result = segment_volume(predictor, pixels, prompts, **options)
     if options.get("zoom") is not None:
         log(f"zoom: {sum(result.zoomed)} of {len(prompts)} objects segmented on a magnified crop "
             f"({result.crop_embeddings_computed} crop embeddings)")
     report = {
         "input": str(image.source_path), "boxes": [list(map(float, b)) for b in boxes],
-        "model": _model_description(model, checkpoint), "contract": predictor.contract.name,
+        "model": _model_description(model, opts.checkpoint), "contract": predictor.contract.name,
         "objects": [
             {"label": i + 1 if len(prompts) > 1 else 1, "slices": None if r is None else list(r),
              "stopped": {"up": up, "down": down},
@@ -273,6 +332,7 @@ def _segment_volume_file(image, output_path, boxes, key_slice, model, checkpoint
     if len(prompts) == 1:
         labels = (labels > 0).astype(np.uint8)
     overlay_src = None
+    overlay_path = opts.overlay_path
     if overlay_path is not None:
         # Overlay of the key slice of the first object.
         k = result.key_slices[0]
@@ -282,7 +342,7 @@ def _segment_volume_file(image, output_path, boxes, key_slice, model, checkpoint
         from .preprocess import to_rgb_uint8
 
         picture = render_overlay(to_rgb_uint8(overlay_src), labels_for_overlay)
-    written = _write_outputs(image, labels, output_path, None, scores_path, report)
+    written = _write_outputs(image, labels, output_path, None, opts.scores_path, report)
     if overlay_path is not None:
         save_png(picture, overlay_path)
         written = (written[0], written[1], Path(overlay_path))
@@ -306,7 +366,7 @@ def _resolve_auto_zoom(zoom, predictor: Predictor, log: Callable[[str], None]):
     return ZoomPolicy()
 
 
-def _segment_npz(input_path, output_path, boxes, model, checkpoint, device, contract, zoom, options, log):
+def _segment_npz(input_path: Path, output_path: Path, boxes, opts: SegmentOptions, log):
     from .io import read_npz_case, write_npz_segs
     from .volume import segment_npz_case
 
@@ -315,12 +375,12 @@ def _segment_npz(input_path, output_path, boxes, model, checkpoint, device, cont
     if output_path.suffix != ".npz":
         raise ValueError("the output of an npz case must be an .npz file (key 'segs')")
     case = read_npz_case(input_path)
-    options = {k: v for k, v in options.items() if v is not None}
+    options = {} if opts.iou_threshold is None else {"iou_threshold": opts.iou_threshold}
     if options and not case.is_volume:
         raise ValueError(f"{', '.join(sorted(options))} applies to 3D cases; {input_path.name} is a 2D case")
-    model = model if model is not None else _load(checkpoint, device, contract, log)
-    predictor = Predictor(model, contract=contract)
-    zoom = None if case.is_volume and zoom == "auto" else _resolve_auto_zoom(zoom, predictor, log)
+    model = _model(opts, log)
+    predictor = Predictor(model, contract=opts.contract)
+    zoom = None if case.is_volume and opts.zoom == "auto" else _resolve_auto_zoom(opts.zoom, predictor, log)
     segs = segment_npz_case(predictor, case, zoom=zoom, **options)
     write_npz_segs(output_path, segs, spacing=case.spacing)
     return SegmentationOutput(output_path, None, None, labels=segs, scores=[])

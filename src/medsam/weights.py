@@ -63,19 +63,14 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         except Exception as exc:  # safetensors raises its own error types
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
         if SAFETENSORS_CONFIG_KEY in raw_meta:
-            metadata = json.loads(raw_meta[SAFETENSORS_CONFIG_KEY])
+            try:
+                metadata = json.loads(raw_meta[SAFETENSORS_CONFIG_KEY])
+            except ValueError:
+                raise CheckpointError(f"{path}: the {SAFETENSORS_CONFIG_KEY} metadata is not JSON") from None
+            if not isinstance(metadata, dict):
+                raise CheckpointError(f"{path}: the {SAFETENSORS_CONFIG_KEY} metadata is not a JSON object")
     else:
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:
-            text = str(exc)
-            if "Weights only load failed" in text and _is_parseable_pickle(path):
-                raise CheckpointError(
-                    f"{path}: refused to unpickle: the file contains Python objects other than "
-                    "tensors (it could run code). Only plain state dicts and training checkpoints "
-                    "of tensors are loaded."
-                ) from None
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({text.splitlines()[0]})") from None
+        obj = load_weights_only(path)
         state = _unwrap(obj, path)
     cleaned = {}
     for key, value in state.items():
@@ -83,6 +78,38 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             raise CheckpointError(f"{path}: entry {key!r} is not a tensor")
         cleaned[key[len("module."):] if key.startswith("module.") else key] = value
     return cleaned, metadata
+
+
+def load_weights_only(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> object:
+    """``torch.load(path, weights_only=True)`` with every failure turned into one
+    :class:`CheckpointError` sentence: a pickle holding Python objects other than tensors is
+    refused as such (never with torch's advice to retry with ``weights_only=False``), anything
+    else unreadable (a text file, a truncated zip) is named as not a PyTorch checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(str(path), map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types here, none of them useful
+        text = str(exc)
+        if "Weights only load failed" in text and _is_parseable_pickle(path):
+            raise CheckpointError(
+                f"{path}: refused to unpickle: the file contains Python objects other than "
+                "tensors (it could run code). Only plain state dicts and training checkpoints "
+                "of tensors are loaded."
+            ) from None
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {_first_reason(text)})"
+        ) from None
+
+
+def _first_reason(text: str) -> str:
+    """The first line of an error that is not torch's weights_only advice."""
+    for line in text.splitlines():
+        line = line.strip()
+        if line and "weights_only" not in line and "Weights only load failed" not in line:
+            return line[:200]
+    return "unreadable"
 
 
 def _is_parseable_pickle(path: Path) -> bool:
@@ -193,13 +220,19 @@ def load_model(
     if config is not None:
         cfg = CONFIGS[config] if isinstance(config, str) else config
     elif "config" in metadata:
-        cfg = ModelConfig.from_dict(metadata["config"])
+        try:
+            cfg = ModelConfig.from_dict(metadata["config"])
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{checkpoint}: the stored model configuration is not valid ({exc})") from None
     else:
         cfg = infer_config(state)
     chosen = contract or metadata.get("contract") or cfg.default_contract
-    if chosen not in CONTRACT_NAMES:
+    if not isinstance(chosen, str) or chosen not in CONTRACT_NAMES:
         raise CheckpointError(f"unknown preprocessing contract {chosen!r}; known: {CONTRACT_NAMES}")
-    model = build_model(cfg, contract=chosen)
+    try:
+        model = build_model(cfg, contract=chosen)
+    except (TypeError, ValueError, RuntimeError, ZeroDivisionError, KeyError) as exc:
+        raise CheckpointError(f"{checkpoint}: the model configuration does not build a model ({exc})") from None
     _load_strict(model, state, checkpoint)
     return model.to(pick_device(device)).eval()
 

@@ -129,8 +129,9 @@ def predict_with_zoom(
 ) -> ZoomedPrediction:
     """Segment ``boxes`` on ``image``, small boxes on a zoomed crop.
 
-    ``predictor`` must hold ``image``'s embedding (all large boxes go through one batched call on
-    it, as without zoom). Each small box costs one embedding of its crop, made by
+    ``predictor`` holds ``image``'s embedding, or none yet: then ``image`` is embedded here, and
+    only when some box is too large to zoom (all large boxes go through one batched call on that
+    embedding, as without zoom). Each small box costs one embedding of its crop, made by
     ``crop_predictor`` (a second :class:`Predictor` on the same model; one is made if not given),
     and its mask is pasted back (zero outside the crop).
     """
@@ -145,6 +146,8 @@ def predict_with_zoom(
     low = 0.0 if contract.name in ("medsam", "lite") else -np.inf
     maps = np.full((len(boxes), H, W), low, dtype=np.float32) if score_maps else None
     if (~zoomed).any():
+        if not predictor.is_image_set:
+            predictor.set_image(image)
         whole: Prediction = predictor.predict(boxes=boxes[~zoomed])
         masks[~zoomed] = whole.masks
         scores[~zoomed] = whole.scores

@@ -687,7 +687,17 @@ def _max_rss_mb() -> float:
         return 0.0
 
 
-def _worker_init(threads: int) -> None:
+def _worker_init(threads: int, main_pid: int) -> None:
+    """Set up a curation worker: it ends with the process that started it (even one killed with
+    SIGKILL), leaves Ctrl-C to the parent (which stops the pool), and unwinds on SIGTERM so that
+    temporary files are removed."""
+    import signal
+
+    from ..lifecycle import die_with_parent, install_termination_handler
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    install_termination_handler()
+    die_with_parent(main_pid)
     try:
         import SimpleITK as sitk
 
@@ -1054,7 +1064,7 @@ def _run_tasks(todo: list[_CaseTask], out: Path, workers: int, progress: bool, r
         methods = mp.get_all_start_methods()
         ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
         threads = max(1, (os.cpu_count() or 1) // n)
-        ex = ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_worker_init, initargs=(threads,))
+        ex = ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_worker_init, initargs=(threads, os.getpid()))
         try:
             futs = {ex.submit(_process_case, t): t for t in todo}
             for fut in as_completed(futs):
@@ -1067,8 +1077,10 @@ def _run_tasks(todo: list[_CaseTask], out: Path, workers: int, progress: bool, r
                     res = {"ok": False, "stage": "worker", "error": f"{type(exc).__name__}: {exc}"}
                 _record_result(res, t, out, report)
                 bar.update(1)
-        except BaseException:
-            ex.shutdown(wait=True, cancel_futures=True)
+        except BaseException:  # Ctrl-C, SIGTERM (medsam.lifecycle.Terminated), errors: stop now
+            from ..lifecycle import stop_process_pool
+
+            stop_process_pool(ex)
             raise
         ex.shutdown(wait=True)
     finally:

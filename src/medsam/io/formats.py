@@ -25,6 +25,9 @@ _SUFFIXES: dict[str, str] = {
 }
 
 ITK_FORMATS = frozenset({"nifti", "nrrd", "metaimage"})
+# Formats a label mask is written in (medsam.io.write_mask); PNG holds 2D masks only.
+MASK_FORMATS = ITK_FORMATS | {"png", "tiff"}
+MASK_SUFFIXES = ".nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd, .png (2D), .tif/.tiff"
 
 
 def format_of(path: str | Path) -> str | None:
@@ -38,3 +41,25 @@ def format_of(path: str | Path) -> str | None:
 
 def known_suffixes() -> str:
     return ", ".join(_SUFFIXES)
+
+
+def check_mask_path(path: str | Path, volume: bool | None = None) -> str:
+    """The mask format of ``path`` (from its suffix); ValueError for a suffix no mask is written as.
+
+    ``volume``: when known, a PNG output for a volume is refused too. Cheap (no file access), so
+    commands check their outputs before any model runs.
+    """
+    fmt = format_of(path)
+    name = Path(path).name
+    if fmt == "dicom":
+        raise ValueError(
+            f"{name}: masks are not written as plain DICOM images; write a .nii.gz (NIfTI keeps the "
+            "series geometry) or a DICOM-SEG object with medsam.io.write_dicom_seg"
+        )
+    if fmt in ("jpeg", "bmp"):
+        raise ValueError(f"{name}: {fmt} is not a mask format (lossy or 8-bit only); use .png")
+    if fmt not in MASK_FORMATS:
+        raise ValueError(f"{name}: unknown mask format; use one of {MASK_SUFFIXES}")
+    if fmt == "png" and volume:
+        raise ValueError(f"{name}: PNG holds 2D masks only; write a volume as .nii.gz, .nrrd or .mha")
+    return fmt

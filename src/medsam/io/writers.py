@@ -9,12 +9,10 @@ import SimpleITK as sitk
 
 from ._sitk import short_reason, to_sitk
 from .atomic import atomic_output
-from .formats import ITK_FORMATS, format_of
+from .formats import ITK_FORMATS, check_mask_path
 from .image import MedicalImage
 
 __all__ = ["write_mask"]
-
-_MASK_SUFFIXES = ".nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd, .png (2D), .tif/.tiff"
 
 
 def _label_array(mask, like: MedicalImage) -> np.ndarray:
@@ -43,6 +41,37 @@ def _label_array(mask, like: MedicalImage) -> np.ndarray:
     raise ValueError(f"mask label {top} does not fit in uint32")
 
 
+def _write_nifti_like_source(labels: np.ndarray, like: MedicalImage, path: Path) -> bool:
+    """Write ``labels`` with the header of ``like``'s NIfTI source file; False when that header is
+    not available or no longer describes ``like`` (then the caller writes through SimpleITK)."""
+    if like.source_format != "nifti" or like.source_path is None or like.is_color:
+        return False
+    try:
+        import nibabel as nib
+
+        source = nib.load(str(like.source_path))
+        header = source.header.copy()
+        shape = tuple(int(d) for d in header.get_data_shape())
+        zooms = tuple(float(z) for z in header.get_zooms())
+    except Exception:  # noqa: BLE001 - no usable source header: write through SimpleITK
+        return False
+    voxels = labels.T  # array order (z, y, x) is the file's (i, j, k) reversed
+    if int(np.prod(shape)) != labels.size or tuple(d for d in shape if d != 1) != tuple(
+        d for d in voxels.shape if d != 1
+    ):
+        return False
+    if not np.allclose(zooms[: len(like.spacing)], like.spacing, rtol=1e-5, atol=1e-6):
+        return False
+    header.set_data_dtype(labels.dtype)
+    header.set_slope_inter(1.0, 0.0)
+    header["cal_min"], header["cal_max"] = 0, 0
+    header["intent_code"] = 1002  # NIFTI_INTENT_LABEL
+    image = nib.Nifti1Image(np.ascontiguousarray(voxels.reshape(shape)), None, header=header)
+    with atomic_output(path) as tmp:
+        nib.save(image, str(tmp))
+    return True
+
+
 def write_mask(mask, like: MedicalImage, path: str | Path) -> Path:
     """Write an integer label array with ``like``'s geometry; returns the path written.
 
@@ -55,7 +84,9 @@ def write_mask(mask, like: MedicalImage, path: str | Path) -> Path:
     * ``.nii``/``.nii.gz``/``.nrrd``/``.nhdr``/``.mha``/``.mhd`` - through
       SimpleITK, with ``like``'s spacing, origin and direction (NIfTI qform and
       sform both carry the source affine); use these for volumes and for
-      DICOM sources;
+      DICOM sources. A NIfTI mask of a NIfTI source is written with the
+      source's own header instead (nibabel): same dimensions, affine, qform and
+      sform codes and units, so a 2D NIfTI keeps its slice spacing and position;
     * ``.png`` - 2D only; ``.tif``/``.tiff`` - 2D page or ``(Z, Y, X)`` stack
       (these formats carry no geometry).
 
@@ -66,13 +97,9 @@ def write_mask(mask, like: MedicalImage, path: str | Path) -> Path:
     """
     path = Path(path)
     labels = _label_array(mask, like)
-    fmt = format_of(path)
-    if fmt == "dicom":
-        raise ValueError(
-            f"{path}: masks are not written as plain DICOM images; write "
-            f"{path.with_suffix('.nii.gz').name} (NIfTI keeps the series geometry) "
-            "or use medsam.io.write_dicom_seg for a DICOM-SEG object"
-        )
+    fmt = check_mask_path(path, volume=like.is_volume)
+    if fmt == "nifti" and _write_nifti_like_source(labels, like, path):
+        return path
     if fmt in ITK_FORMATS:
         img = to_sitk(labels, like)
         with atomic_output(path) as tmp:
@@ -85,8 +112,6 @@ def write_mask(mask, like: MedicalImage, path: str | Path) -> Path:
                 raise OSError(f"{path}: cannot write mask ({short_reason(exc)})") from exc
         return path
     if fmt == "png":
-        if like.is_volume:
-            raise ValueError(f"{path}: PNG holds 2D masks only; write a volume as .nii.gz, .nrrd or .mha")
         if labels.dtype == np.uint32:
             raise ValueError(f"{path}: labels above 65535 do not fit in a PNG; use .nii.gz or .tif")
         from PIL import Image
@@ -106,6 +131,4 @@ def write_mask(mask, like: MedicalImage, path: str | Path) -> Path:
                 metadata={"axes": "ZYX" if labels.ndim == 3 else "YX"},
             )
         return path
-    if fmt in ("jpeg", "bmp"):
-        raise ValueError(f"{path}: {fmt} is not a mask format (lossy or 8-bit only); use .png")
-    raise ValueError(f"{path}: unknown mask format; use one of {_MASK_SUFFIXES}")
+    raise AssertionError(f"unhandled mask format {fmt}")  # check_mask_path admits only the above

@@ -16,8 +16,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
-from fastapi.responses import FileResponse
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from .active_learning import UncertaintyStore
@@ -28,7 +29,7 @@ from .labels import LabelStore
 from .routers import embeddings, images, jobs, labels, next as next_router, propagate, segment, train
 from .schemas import ServerInfo
 from .security import TokenAndHostMiddleware
-from .settings import DEFAULT_MAX_UPLOAD_BYTES, ServerSettings
+from .settings import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_VOXELS, DEFAULT_MAX_UPLOAD_BYTES, ServerSettings
 from .state import Workbench, WorkbenchDep
 from .training_job import TrainingManager
 
@@ -38,6 +39,21 @@ _CSP = (
     "default-src 'self'; img-src 'self' blob: data:; script-src 'self'; style-src 'self'; "
     "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
 )
+
+
+async def validation_error_response(request: Request, exc: Exception) -> JSONResponse:
+    """422 with FastAPI's ``{"detail": [{"loc", "msg", "type"}, ...]}`` shape, without echoing the
+    offending input back: it may hold values JSON cannot encode (NaN) or be megabytes long."""
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    detail = [
+        {
+            "loc": [p if isinstance(p, (int, str)) else str(p) for p in e.get("loc", ())],
+            "msg": str(e.get("msg", ""))[:500],
+            "type": str(e.get("type", "")),
+        }
+        for e in errors[:50]
+    ]
+    return JSONResponse(status_code=422, content={"detail": detail})
 
 
 def _static_dir() -> Path:
@@ -51,6 +67,8 @@ def create_app(
     *,
     checkpoint: str | Path | None = None,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    max_image_voxels: int = DEFAULT_MAX_IMAGE_VOXELS,
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     allowed_hosts: tuple[str, ...] | None = None,
     modality: str | None = None,
     model_window: str | tuple[float, float] | None = None,
@@ -67,6 +85,8 @@ def create_app(
         token: require ``Authorization: Bearer <token>`` on every API route.
         checkpoint: the checkpoint file (loaded when ``model`` is None; recorded in provenance).
         max_upload_bytes: upload size limit (default 512 MiB).
+        max_image_voxels, max_image_bytes: largest pixel data an image's header may declare
+            (uploads and reads; default 256 Mi voxels, 2 GiB).
         allowed_hosts: accepted ``Host`` names (default loopback names; ``("*",)`` = any).
         modality, model_window: model-input normalisation (see :class:`ServerSettings`).
         train_threads: CPU threads of a training job's process (default: half the cores).
@@ -83,6 +103,7 @@ def create_app(
         ckpt = bundled_checkpoint()
     settings = ServerSettings(
         data_dir=root, token=token, max_upload_bytes=int(max_upload_bytes),
+        max_image_voxels=int(max_image_voxels), max_image_bytes=int(max_image_bytes),
         allowed_hosts=tuple(allowed_hosts) if allowed_hosts else ServerSettings.__dataclass_fields__["allowed_hosts"].default,
         modality=modality, model_window=model_window, checkpoint=ckpt,
         images_in_memory=images_in_memory, embeddings_in_memory=embeddings_in_memory,
@@ -100,6 +121,7 @@ def create_app(
         model_source = model
     datastore = Datastore(settings)
     label_store = LabelStore(settings.labels_dir, root)
+    label_store.migrate()
     engine = SegmentationEngine(model_source, settings.cache_dir, ckpt, embeddings_in_memory)
     workbench = Workbench(
         settings=settings,
@@ -129,6 +151,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.workbench = workbench
+    app.add_exception_handler(RequestValidationError, validation_error_response)
     # Order matters for the path-style ids: the specific /images/{id}/embeddings first.
     for module in (embeddings, images, segment, labels, propagate, next_router, jobs, train):
         app.include_router(module.router)

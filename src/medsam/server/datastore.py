@@ -29,6 +29,7 @@ import numpy as np
 
 from ..io import MedicalImage, read_image
 from ..io.formats import format_of
+from ..io.header import ImageTooLarge, check_declared_size
 from .security import UnsafePathError, resolve_inside, safe_relative_path
 from .settings import STATE_DIR, ServerSettings
 
@@ -174,6 +175,8 @@ class Datastore:
             if hit is not None:
                 self._loaded.move_to_end(key)
                 return hit
+        if path.is_file():
+            self.check_size(path)
         image = read_image(path)
         model_input = to_model_input(image, self.settings.modality, self.settings.model_window)
         data = image.array
@@ -184,13 +187,19 @@ class Datastore:
                 self._loaded.popitem(last=False)
         return loaded
 
+    def check_size(self, path: Path) -> None:
+        """Refuse a file whose header declares more pixel data than the settings allow
+        (:class:`medsam.io.header.ImageTooLarge`), before any of it is decompressed."""
+        check_declared_size(path, self.settings.max_image_voxels, self.settings.max_image_bytes)
+
     # ------------------------------------------------------------------ uploads
     async def add_upload(self, name: str, chunks: AsyncIterator[bytes], declared_size: int | None) -> str:
         """Store an uploaded file as ``name`` (a plain file name) in the data folder; returns its id.
 
         The body is streamed into a private temporary folder under ``.medsam/uploads`` and stopped
         as soon as it exceeds ``settings.max_upload_bytes`` (413). The file must have an upload
-        suffix (415) and be readable by :func:`medsam.io.read_image` (422). It is then linked into
+        suffix (415), declare no more pixel data in its header than the settings allow (413,
+        judged before decompressing) and be readable by :func:`medsam.io.read_image` (422). It is then linked into
         place without overwriting an existing file (409), so a reader never sees a partial file.
         """
         rel = safe_relative_path(name)
@@ -223,7 +232,10 @@ class Datastore:
             try:
                 import anyio.to_thread
 
+                await anyio.to_thread.run_sync(self.check_size, tmp)
                 await anyio.to_thread.run_sync(read_image, tmp)
+            except ImageTooLarge as exc:
+                raise UploadRefused(str(exc), 413) from None
             except Exception as exc:  # any reader failure: not an image we can use
                 raise UploadRefused(f"not a readable image: {str(exc).splitlines()[0][:200]}", 422) from None
             try:

@@ -13,6 +13,7 @@ values (Hounsfield units for CT) to ``[level - width/2, level + width/2]`` and m
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 
@@ -30,19 +31,39 @@ def rle_encode(array: np.ndarray) -> tuple[list[int], list[int]]:
     return flat[starts].astype(np.int64).tolist(), counts.astype(np.int64).tolist()
 
 
-def rle_decode(values: list[int], counts: list[int], shape: tuple[int, ...], dtype=np.uint8) -> np.ndarray:
-    """Inverse of :func:`rle_encode`; raises ValueError when the runs do not fill ``shape``."""
-    v = np.asarray(values, dtype=np.int64)
-    c = np.asarray(counts, dtype=np.int64)
-    n = int(np.prod(shape))
-    if v.shape != c.shape or v.ndim != 1:
+def rle_decode(values, counts, shape, dtype=np.uint8) -> np.ndarray:
+    """Inverse of :func:`rle_encode`; raises ValueError for anything that is not a valid run list.
+
+    Checked before any array of the target size is made: ``shape`` has non-negative sizes,
+    ``values`` and ``counts`` are equally long lists of integers, every value fits ``dtype``,
+    every count is ``>= 0`` and the counts add up to exactly the number of elements of ``shape``
+    (summed without fixed-width wrap-around, so huge counts cannot pass as a small total).
+    """
+    try:
+        dims = tuple(int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise ValueError("RLE shape must be a list of integers") from None
+    if any(d < 0 for d in dims):
+        raise ValueError(f"RLE shape must have sizes >= 0, got {list(dims)}")
+    n = math.prod(dims)
+    if len(values) != len(counts):
         raise ValueError("RLE values and counts must be lists of the same length")
-    if (c < 0).any() or int(c.sum()) != n:
-        raise ValueError(f"RLE counts must be >= 0 and add up to {n} (shape {tuple(shape)}), got {int(c.sum())}")
     info = np.iinfo(dtype)
+    try:
+        v = np.asarray(values, dtype=np.int64)
+        c = np.asarray(counts, dtype=np.int64)
+    except (OverflowError, TypeError, ValueError):
+        raise ValueError(f"RLE values must lie in {info.min}..{info.max} and counts in 0..{n}") from None
+    if v.ndim != 1 or c.ndim != 1:
+        raise ValueError("RLE values and counts must be flat lists of integers")
     if v.size and (v.min() < info.min or v.max() > info.max):
         raise ValueError(f"RLE values must lie in {info.min}..{info.max}")
-    return np.repeat(v, c).astype(dtype).reshape(shape)
+    if c.size and (c.min() < 0 or c.max() > n):
+        raise ValueError(f"RLE counts must lie in 0..{n} (shape {list(dims)})")
+    # Each count is now <= n, so a float64 total cannot wrap; it bounds the exact integer sum.
+    if float(c.sum(dtype=np.float64)) > n + 0.5 or int(c.sum()) != n:
+        raise ValueError(f"RLE counts must add up to {n} (shape {list(dims)})")
+    return np.repeat(v.astype(dtype), c).reshape(dims)
 
 
 def png_bytes(array: np.ndarray) -> bytes:
@@ -66,5 +87,6 @@ def window_to_uint8(raw: np.ndarray, level: float, width: float) -> np.ndarray:
     if not (np.isfinite(level) and np.isfinite(width)) or width <= 0:
         raise ValueError(f"a window needs a finite level and a width > 0, got ({level}, {width})")
     lo = level - width / 2.0
-    out = (np.asarray(raw, dtype=np.float32) - lo) * (255.0 / width)
-    return np.clip(np.nan_to_num(out), 0, 255).astype(np.uint8)
+    with np.errstate(over="ignore", invalid="ignore"):  # extreme windows saturate to 0 / 255
+        out = (np.asarray(raw, dtype=np.float64) - lo) * (255.0 / width)
+        return np.clip(np.nan_to_num(out, nan=0.0, posinf=255.0, neginf=0.0), 0, 255).astype(np.uint8)

@@ -36,6 +36,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from ..cpu_threads import adapt as adapt_threads
 from ..embedding_cache import EmbeddingCache, encoder_fingerprint, model_fingerprint, slice_key
 from .datastore import LoadedImage
 
@@ -223,6 +224,7 @@ class SegmentationEngine:
         for n, k in enumerate(slices):
             if cancelled():
                 break
+            adapt_threads()
             with self.lock:
                 key = slice_key(self.embedding_fingerprint(), self.predictor.contract, loaded.model_slice(k))
                 if key in self.cache:
@@ -301,6 +303,7 @@ class SegmentationEngine:
             kwargs["mask_input"] = entry[2]
         if not kwargs:  # only a handle, from a zoomed crop: nothing to prompt the whole slice with
             raise PromptRefused("the logits handle belongs to a zoomed crop; send its box again")
+        adapt_threads()  # the thread count follows the load (medsam.cpu_threads)
         with self.lock:
             source = self._activate(loaded, index, window=window)
             try:

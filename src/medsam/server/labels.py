@@ -2,11 +2,11 @@
 
 Files (under ``DATA/.medsam/labels/``), for image id ``ID``:
 
-* ``ID`` + ``.nii.gz`` (kept as is when ``ID`` already ends so): the label map of a volume, of a
-  DICOM series, or of a 2D image read from a container with geometry (NIfTI, NRRD, MHA, DICOM),
-  written by :func:`medsam.io.write_mask` with exactly the image's spacing, origin and direction;
-* ``ID`` + ``.png`` (kept when ``ID`` ends in ``.png``): the label map of a plain 2D picture
-  (PNG, JPEG, BMP, TIFF), pixel values = label values;
+* ``ID`` + ``.nii.gz``: the label map of a volume, of a DICOM series, or of a 2D image read from
+  a container with geometry (NIfTI, NRRD, MHA, DICOM), written by :func:`medsam.io.write_mask`
+  with exactly the image's spacing, origin and direction (``ct.nii.gz`` -> ``ct.nii.gz.nii.gz``);
+* ``ID`` + ``.png``: the label map of a plain 2D picture (PNG, JPEG, BMP, TIFF), pixel values =
+  label values (``x.jpg`` -> ``x.jpg.png``, ``x.png`` -> ``x.png.png``);
 * the label file name + ``.json``: the provenance sidecar::
 
       {"format": 1, "image_id": ..., "version": 3, "created": ..., "updated": ...,
@@ -15,6 +15,13 @@ Files (under ``DATA/.medsam/labels/``), for image id ``ID``:
        "model": {"name": "lite", "checkpoint": ..., "checkpoint_sha256": ..., "fingerprint": ...},
        "history": [{"version": 3, "time": ..., "action": "slice", "slice": 12,
                     "prompts": [...], "edits": [...], "model": {...}}, ...]}
+
+The suffix is always appended, never merged with one the id already has, so two image ids can
+never name one label file (ids are distinct paths, and the two suffixes differ). ``layout.json``
+records this layout (version 2); :meth:`LabelStore.migrate` moves the files of a datastore written
+with the earlier layout (version 1: the suffix was left off when the id already ended in it, so
+``x.jpg`` and ``x.jpg.png`` shared ``x.jpg.png``), each file to where its sidecar's image id now
+puts it, and can be interrupted and rerun.
 
 Versions and concurrency. ``version`` starts at 0 (nothing saved) and grows by one per save.
 Every write names the version it was based on (HTTP ``If-Match``); a write based on an older
@@ -44,8 +51,17 @@ from ..overlay import PALETTE
 __all__ = ["LabelStore", "LabelRecord", "VersionConflict", "default_definitions", "now_iso"]
 
 SIDECAR_FORMAT = 1
+LAYOUT_VERSION = 2
+LAYOUT_FILE = "layout.json"
 _PLAIN_2D_FORMATS = {"png", "jpeg", "bmp", "tiff"}
 _MAX_HISTORY = 5000
+
+
+def _layout_version(marker: Path) -> int:
+    try:
+        return int(json.loads(marker.read_text()).get("layout", 1))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return 1
 
 
 class VersionConflict(RuntimeError):
@@ -102,9 +118,8 @@ class LabelStore:
         return "png" if plain else "nifti"
 
     def label_path(self, image_id: str, fmt: str) -> Path:
-        ext = ".png" if fmt == "png" else ".nii.gz"
-        name = image_id if image_id.lower().endswith(ext) else image_id + ext
-        return self.dir / name
+        """``labels/ID.nii.gz`` or ``labels/ID.png``: the suffix always appended (see the module)."""
+        return self.dir / (image_id + (".png" if fmt == "png" else ".nii.gz"))
 
     @staticmethod
     def sidecar_path(label_path: Path) -> Path:
@@ -252,6 +267,69 @@ class LabelStore:
         with self._maps_guard:
             self._maps[image_id] = (version, frozen)
         return new
+
+    # ------------------------------------------------------------------ layout
+    def migrate(self) -> int:
+        """Bring the label folder to :data:`LAYOUT_VERSION`; returns the number of files moved.
+
+        Each sidecar says which image its label file belongs to; a file whose place under the
+        current layout differs is moved there with its sidecar (sidecar written first, then the
+        label file moved, then the old sidecar removed), longest names first so that no move
+        lands on a file that has yet to move. A run cut short is completed by the next call:
+        ``layout.json`` is written last. Serialised across processes by a lock file.
+        """
+        marker = self.dir / LAYOUT_FILE
+        if _layout_version(marker) >= LAYOUT_VERSION:
+            return 0
+        self.dir.mkdir(parents=True, exist_ok=True)
+        moved = 0
+        with self._layout_lock():
+            if _layout_version(marker) >= LAYOUT_VERSION:
+                return 0
+            sidecars = sorted(
+                (p for p in self.dir.rglob("*.json") if p != marker and p.is_file()),
+                key=lambda p: (-len(p.as_posix()), p.as_posix()),
+            )
+            for old_sidecar in sidecars:
+                moved += self._move_to_layout(old_sidecar)
+            with atomic_output(marker) as tmp:
+                tmp.write_text(json.dumps({"layout": LAYOUT_VERSION}))
+        return moved
+
+    def _move_to_layout(self, old_sidecar: Path) -> int:
+        try:
+            rec = json.loads(old_sidecar.read_text())
+            image_id, label_file, fmt = rec["image_id"], rec["label_file"], rec["label_format"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0  # not a sidecar of ours: left alone
+        new_path = self.label_path(image_id, fmt)
+        new_sidecar = self.sidecar_path(new_path)
+        if new_sidecar == old_sidecar:
+            return 0
+        old_path = self.dir / label_file
+        if old_path.is_file():
+            new_path.parent.mkdir(parents=True, exist_ok=True)
+            rec["label_file"] = new_path.relative_to(self.dir).as_posix()
+            with atomic_output(new_sidecar) as tmp:
+                tmp.write_text(json.dumps(rec, indent=1))
+            os.replace(old_path, new_path)
+        elif not (new_sidecar.is_file() and new_path.is_file()):
+            return 0  # a sidecar without its label file, and nothing moved: left for a person
+        old_sidecar.unlink(missing_ok=True)
+        return 1
+
+    @contextmanager
+    def _layout_lock(self) -> Iterator[None]:
+        lock_dir = self.dir.parent / "locks"
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        with self._locks_guard, open(lock_dir / "layout.lock", "a+b") as fh:
+            try:
+                import fcntl
+
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            except ImportError:
+                pass
+            yield
 
     def label_file(self, image_id: str) -> Path | None:
         rec = self.record(image_id)

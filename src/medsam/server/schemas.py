@@ -8,9 +8,9 @@ Coordinates: ``x`` is the column and ``y`` the row of a slice, in pixels, as in
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .training_job import DEFAULT_LR, DEFAULT_STEPS, MAX_LR, MAX_STEPS
 
@@ -27,17 +27,43 @@ LabelStatus = Literal["unlabelled", "labelled"]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinities are refused in every field: JSON has no spelling for them, and a NaN
+    # coordinate or learning rate is always a client error (422), never something to compute with.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+# Largest array side and run count a mask may name: far above any image, far below int64.
+MAX_SIDE = 1 << 20
+MAX_LABEL_VALUE = 65535
 
 
 # ----------------------------------------------------------------------------- shared
 class Box(_Model):
-    """A box ``[x0, y0, x1, y1]`` in slice pixels (x = column, y = row), corners inclusive."""
+    """A box in slice pixels (x = column, y = row), corners inclusive: the object
+    ``{"x0": .., "y0": .., "x1": .., "y1": ..}`` or the list ``[x0, y0, x1, y1]``."""
 
     x0: float
     y0: float
     x1: float
     y1: float
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_list(cls, data: Any) -> Any:
+        if isinstance(data, (list, tuple)):
+            if len(data) != 4:
+                raise ValueError(f"a box list needs 4 numbers [x0, y0, x1, y1], got {len(data)}")
+            return dict(zip(("x0", "y0", "x1", "y1"), data))
+        return data
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema, handler):
+        schema = handler(core_schema)
+        as_list = {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4,
+                   "description": "[x0, y0, x1, y1]"}
+        if handler.mode == "validation":  # what a request may send; answers always use the object
+            return {"anyOf": [schema, as_list], "description": schema.get("description")}
+        return schema
 
 
 class XY(_Model):
@@ -66,9 +92,11 @@ class Stroke(_Model):
 class RLEMask(_Model):
     """A label array in C order as runs: ``values[i]`` repeated ``counts[i]`` times."""
 
-    shape: list[int] = Field(description="array shape, e.g. [H, W] for a slice, [Z, Y, X] for a volume")
-    values: list[int]
-    counts: list[int]
+    shape: list[Annotated[int, Field(ge=0, le=MAX_SIDE)]] = Field(
+        min_length=1, max_length=4, description="array shape, e.g. [H, W] for a slice, [Z, Y, X] for a volume"
+    )
+    values: list[Annotated[int, Field(ge=0, le=MAX_LABEL_VALUE)]]
+    counts: list[Annotated[int, Field(ge=0, le=1 << 62)]]
 
 
 # ----------------------------------------------------------------------------- images

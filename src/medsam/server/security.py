@@ -68,10 +68,14 @@ def resolve_inside(root: Path, relative: PurePosixPath) -> Path:
 
 
 def token_matches(header_value: str | None, token: str) -> bool:
-    """Constant-time check of an ``Authorization: Bearer <token>`` header value."""
-    expected = f"Bearer {token}".encode()
-    given = (header_value or "").encode()
-    return hmac.compare_digest(given, expected)
+    """Constant-time check of an ``Authorization: Bearer <token>`` header value.
+
+    The scheme name is case-insensitive (``bearer``, ``BEARER``; RFC 7235), the token is not.
+    """
+    scheme, _, given = (header_value or "").strip().partition(" ")
+    if scheme.lower() != "bearer":
+        given = ""
+    return hmac.compare_digest(given.strip().encode(), token.encode()) and scheme.lower() == "bearer"
 
 
 def _host_name(host_header: str) -> str:

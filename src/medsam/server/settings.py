@@ -5,9 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ServerSettings", "DEFAULT_MAX_UPLOAD_BYTES", "STATE_DIR"]
+__all__ = [
+    "ServerSettings", "DEFAULT_MAX_UPLOAD_BYTES", "DEFAULT_MAX_IMAGE_VOXELS", "DEFAULT_MAX_IMAGE_BYTES", "STATE_DIR",
+]
 
 DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024 * 1024
+DEFAULT_MAX_IMAGE_VOXELS = 256 * 1024 * 1024  # e.g. 1024 x 1024 x 256, or 512 x 512 x 1024
+DEFAULT_MAX_IMAGE_BYTES = 2 * 1024 * 1024 * 1024
 STATE_DIR = ".medsam"  # inside the data folder: labels/, cache/, uncertainty.json
 
 
@@ -18,7 +22,10 @@ class ServerSettings:
     Attributes:
         data_dir: the datastore folder (resolved, absolute). Nothing outside it is read or written.
         token: when set, every API request needs ``Authorization: Bearer <token>``.
-        max_upload_bytes: largest accepted upload (default 512 MiB).
+        max_upload_bytes: largest accepted upload (default 512 MiB), as sent (compressed).
+        max_image_voxels, max_image_bytes: largest pixel data an image file may declare in its
+            header (default 256 Mi voxels, 2 GiB), checked before anything is decompressed, for
+            uploads and for every image the server reads (:func:`medsam.io.check_declared_size`).
         allowed_hosts: accepted ``Host`` header names (DNS-rebinding protection); ``("*",)``
             accepts any. Default: the loopback names.
         modality: model-input normalisation for images without a DICOM modality
@@ -33,6 +40,8 @@ class ServerSettings:
     data_dir: Path
     token: str | None = None
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    max_image_voxels: int = DEFAULT_MAX_IMAGE_VOXELS
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "::1")
     modality: str | None = None
     model_window: str | tuple[float, float] | None = None

@@ -16,7 +16,7 @@ One job (``POST /train``) does, in this order, and changes nothing the user sees
    hash) and at least one is trained on; fewer than :data:`MIN_ACCEPTED_IMAGES` accepted images
    are refused (422). Held-out cases carry the manifest split ``test``, training cases ``train``.
 3. **Before.** The served model is scored on the held-out labels (:func:`score_heldout`).
-4. **Training**: ``medsam train`` (:mod:`medsam.cli_train`) in a child process, from the served
+4. **Training**: ``medsam train`` (:mod:`medsam.cli.train`) in a child process, from the served
    weights (written to ``base.safetensors``), ``train.mode`` ``decoder`` (default) or ``lora``,
    a few steps (default :data:`DEFAULT_STEPS`), batch ``min(4, training objects)``, no
    validation inside the run (the held-out split is scored here instead), checkpoints in
@@ -31,7 +31,7 @@ A job that fails or is cancelled at any step leaves the served model unchanged.
 
 Why a child process for the training, and a thread for the rest. The job is driven by a thread
 of the server (it only waits for the child, reads its log, and scores, which needs the served
-model object). The training itself runs as a separate ``python -m medsam.cli_train train``
+model object). The training itself runs as a separate ``python -m medsam train``
 process because (a) ``torch.set_num_threads`` is process-wide: a training thread could not be
 limited to fewer cores without also slowing the interactive model, whereas the child gets its
 own ``OMP_NUM_THREADS`` (half the cores by default) and a lower CPU priority (nice +10); (b) its
@@ -73,6 +73,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..io.atomic import atomic_output
+from ..lifecycle import PARENT_PID_ENV
 from .labels import LabelStore, now_iso
 from .security import UnsafePathError, resolve_inside, safe_relative_path
 
@@ -775,7 +776,8 @@ class TrainingManager:
         src = str(Path(medsam.__file__).resolve().parent.parent)
         env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         log_path = job_dir / "train.log"
-        cmd = [self.python, "-m", "medsam.cli_train", "train", str(config_path)]
+        cmd = [self.python, "-m", "medsam", "train", str(config_path)]
+        env[PARENT_PID_ENV] = str(os.getpid())  # the child ends with the server (medsam.lifecycle)
         job.say("medsam train " + config_path.name + f" ({self.threads} threads)")
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -800,7 +802,7 @@ class TrainingManager:
         if job.cancelled:
             raise _Cancelled()
         if rc != 0:
-            lines = [ln for ln in job.log if "medsam train:" in ln] or list(job.log)
+            lines = [ln for ln in job.log if "medsam: error:" in ln] or list(job.log)
             last = lines[-1].split("] ", 1)[-1] if lines else ""
             raise _JobError(f"training process exited with status {rc}: {last}", 500)
         if not (run_dir / "latest.pt").is_file():

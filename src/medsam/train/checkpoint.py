@@ -58,10 +58,12 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Read a training checkpoint with ``weights_only=True``; check its format."""
+    from ..weights import load_weights_only
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    state = load_weights_only(path, map_location=map_location)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a medsam training checkpoint (no format={FORMAT!r} entry)")
     if state.get("version", 0) > VERSION:

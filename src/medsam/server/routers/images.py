@@ -65,8 +65,8 @@ def slice_png(
     index: int,
     wb: WorkbenchDep,
     window: str = Query("auto", description="'auto' (what the model sees), 'minmax', or a CT preset name"),
-    level: float | None = Query(None, description="custom window level (raw units, HU for CT)"),
-    width: float | None = Query(None, gt=0, description="custom window width"),
+    level: float | None = Query(None, allow_inf_nan=False, description="custom window level (raw units, HU for CT)"),
+    width: float | None = Query(None, gt=0, allow_inf_nan=False, description="custom window width"),
 ) -> Response:
     loaded = wb.load(image_id)
     try:

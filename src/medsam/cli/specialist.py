@@ -3,19 +3,17 @@
     medsam specialist-train --corpus C --datasets totalseg_ct [--epochs N] [--size 256] -o RUN_DIR
     medsam specialist-eval --corpus C --checkpoint RUN_DIR/unet.safetensors --split test -o OUT_DIR
 
-Wire into the main CLI by listing ``"medsam.cli_specialist"`` in ``medsam.cli._COMMAND_MODULES``
-(:func:`add_parser` registers both sub-commands and sets ``func``). Expected failures raise
-``ValueError`` / ``FileNotFoundError`` (the main CLI prints one line and exits 2). Needs MONAI
-(``pip install 'medsam[specialist]'``). See :mod:`medsam.specialist`.
+Needs MONAI (``pip install 'medsam[specialist]'``). See :mod:`medsam.specialist`.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-__all__ = ["add_parser", "main", "run_train", "run_eval"]
+from .runner import log
+
+__all__ = ["add_parser", "run_train", "run_eval"]
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -91,12 +89,8 @@ def add_parser(subparsers) -> None:
     e.set_defaults(func=run_eval)
 
 
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def run_train(args) -> int:
-    from .specialist import SpecialistConfig, train_specialist
+    from ..specialist import SpecialistConfig, train_specialist
 
     if not Path(args.corpus).is_dir():
         raise FileNotFoundError(f"corpus folder not found: {args.corpus}")
@@ -109,7 +103,7 @@ def run_train(args) -> int:
         time_limit=None if args.time_limit is None else 60.0 * args.time_limit,
         select=args.select, device=args.device,
     )
-    result = train_specialist(cfg, progress=_log)
+    result = train_specialist(cfg, progress=log)
     best = f", best validation DSC {result.best_val_dsc:.4f}" if result.best_val_dsc is not None else ""
     print(f"trained {result.classes.num_classes - 1} structures, {result.epochs} epochs / {result.steps} steps "
           f"in {result.seconds:.0f} s (stopped by {result.stopped_by}){best}; "
@@ -119,13 +113,13 @@ def run_train(args) -> int:
 
 
 def run_eval(args) -> int:
-    from .specialist import evaluate_specialist
+    from ..specialist import evaluate_specialist
 
     if not Path(args.corpus).is_dir():
         raise FileNotFoundError(f"corpus folder not found: {args.corpus}")
     result = evaluate_specialist(
         args.corpus, args.checkpoint, args.output, split=args.split, datasets=args.datasets,
-        tolerance_mm=args.tolerance, device=args.device, name=args.name, plot=not args.no_plot, log=_log,
+        tolerance_mm=args.tolerance, device=args.device, name=args.name, plot=not args.no_plot, log=log,
     )
     overall = result.overall()
     print(f"{result.method}: {overall['objects']} objects, DSC {overall['dsc_mean']:.4f}, "
@@ -136,20 +130,3 @@ def run_eval(args) -> int:
     print(f"wrote {Path(args.output) / 'objects.csv'}, {Path(args.output) / 'summary.csv'}, "
           f"{Path(args.output) / 'summary.md'}")
     return 0
-
-
-def main(argv=None) -> int:
-    """``python -m medsam.cli_specialist specialist-train|specialist-eval ...`` (without the main CLI)."""
-    parser = argparse.ArgumentParser(prog="medsam", description="the specialist U-Net baseline")
-    add_parser(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
-        print(f"medsam: error: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}",
-              file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,12 +1,12 @@
 """``medsam train`` and ``medsam export``: a thin command line over :mod:`medsam.train`.
 
     medsam train configs/tiny_cpu.yaml data.corpus=/data/corpus output.dir=runs/tiny
-    torchrun --nproc_per_node 4 -m medsam.cli_train train configs/medsam_vit_b.yaml data.corpus=...
+    torchrun --nproc_per_node 4 -m medsam train configs/medsam_vit_b.yaml data.corpus=...
     medsam train RUN.yaml train.resume=auto            # continue an interrupted run
     medsam export runs/tiny/best.pt -o tiny.safetensors
 
-The main CLI adds these with :func:`add_parser` and calls :func:`run`; ``python -m medsam.cli_train``
-works on its own (this is what torchrun starts).
+A process started with ``MEDSAM_PARENT_PID`` set (the workbench's training job) ends when that
+parent process ends (:func:`medsam.lifecycle.die_with_parent`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import argparse
 import logging
 import os
 import sys
+
+from .runner import CLIError
 
 
 def add_parser(subparsers) -> None:
@@ -30,7 +32,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("config", help="YAML config (see configs/ and docs/training.md)")
     p.add_argument("overrides", nargs="*", metavar="section.field=value", help="settings to override")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.set_defaults(func=run, train_command="train")
+    p.set_defaults(func=run, train_command="train", resume_hint="resume with train.resume=auto")
 
     e = subparsers.add_parser(
         "export",
@@ -53,49 +55,29 @@ def _setup_logging() -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the sub-command chosen by :func:`add_parser`; returns the exit status."""
-    from .train.config import ConfigError, dump_config, load_config
+    from ..lifecycle import PARENT_PID_ENV, die_with_parent
+    from ..train.config import ConfigError, dump_config, load_config
 
-    command = getattr(args, "train_command", None)
-    if command == "train":
+    if os.environ.get(PARENT_PID_ENV):
+        die_with_parent()
+    if args.train_command == "train":
         try:
             cfg = load_config(args.config, args.overrides)
         except ConfigError as exc:
-            print(f"medsam train: {exc}", file=sys.stderr)
-            return 2
+            raise CLIError(str(exc)) from None
         if args.print_config:
             print(dump_config(cfg), end="")
             return 0
         _setup_logging()
-        from .train.loop import train
+        from ..train.loop import train
 
-        try:
-            result = train(cfg)
-        except (ValueError, RuntimeError, FileNotFoundError, FileExistsError) as exc:
-            print(f"medsam train: {exc}", file=sys.stderr)
-            return 1
+        result = train(cfg)
         if int(os.environ.get("RANK", "0") or 0) == 0:
             best = f", best validation DSC {result.best_dsc:.4f}" if result.best_dsc is not None else ""
             print(f"finished at step {result.global_step}{best}; checkpoints in {result.run_dir}")
         return 0
-    if command == "export":
-        from .train.export import export_checkpoint
+    from ..train.export import export_checkpoint
 
-        try:
-            out = export_checkpoint(args.checkpoint, args.output)
-        except (ValueError, FileNotFoundError) as exc:
-            print(f"medsam export: {exc}", file=sys.stderr)
-            return 1
-        print(f"wrote {out}")
-        return 0
-    raise ValueError(f"unknown command {command!r}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="medsam", description="MedSAM training and export")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    out = export_checkpoint(args.checkpoint, args.output)
+    print(f"wrote {out}")
+    return 0

@@ -1,29 +1,22 @@
 """``medsam benchmark``: score a model or a baseline on a split of a prepared corpus.
 
-Wire into the main CLI with::
-
-    from medsam import cli_benchmark
-    cli_benchmark.add_parser(subparsers)
-
     medsam benchmark --corpus CORPUS [--split test] [--checkpoint CKPT | --baseline box|otsu]
                      [--jitter PX] [--seed S] [--max-objects N] [--datasets NAME ...] -o OUT_DIR
     medsam benchmark --compare OUT_DIR [OUT_DIR ...] -o DIR      # side-by-side table of runs
 
-The sub-parser sets ``func`` to :func:`run` (exit code 0 done; expected failures raise
-``ValueError``/``FileNotFoundError``, which the main CLI prints as one line and exits 2).
 See :mod:`medsam.benchmark` for the protocol.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
+
+from .runner import log
 
 __all__ = ["add_parser", "run"]
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "benchmark",
         help="score a model (or the box/otsu baseline) on a prepared corpus split: DSC, NSD, latency",
@@ -61,20 +54,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="compare earlier benchmark outputs instead of running one")
     p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output folder")
     p.set_defaults(func=run)
-    return p
-
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr)
 
 
 def run(args) -> int:
-    from .benchmark import compare_runs, run_benchmark
+    from ..benchmark import compare_runs, run_benchmark
 
     out = Path(args.output)
     if args.compare:
         table, markdown = compare_runs(args.compare)
-        from .benchmark import _write_csv
+        from ..benchmark import _write_csv
 
         out.mkdir(parents=True, exist_ok=True)
         columns = list(table[0].keys()) if table else ["level"]
@@ -91,14 +79,14 @@ def run(args) -> int:
     if args.zoom is not None:
         if args.baseline:
             raise ValueError("--zoom applies to models, not to baselines")
-        from .zoom import ZoomPolicy
+        from ..zoom import ZoomPolicy
 
         zoom = ZoomPolicy(context=args.zoom)
     result = run_benchmark(
         args.corpus, out, split=args.split, checkpoint=args.checkpoint, baseline=args.baseline,
         contract=args.contract, device=args.device, precision=args.precision, jitter=args.jitter,
         seed=args.seed, max_objects=args.max_objects, datasets=args.datasets,
-        tolerance_mm=args.tolerance, name=args.name, plot=not args.no_plot, zoom=zoom, log=_log,
+        tolerance_mm=args.tolerance, name=args.name, plot=not args.no_plot, zoom=zoom, log=log,
     )
     overall = result.overall()
     print(f"{result.method}: {overall['objects']} objects, DSC {overall['dsc_mean']:.4f}, "

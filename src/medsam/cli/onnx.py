@@ -1,24 +1,17 @@
 """``medsam export-onnx``: write an ONNX export (encoder, decoders, contract JSON) of a checkpoint.
 
-Wire into the main CLI with::
-
-    from medsam import cli_export
-    cli_export.add_parser(subparsers)     # medsam export-onnx [--checkpoint CKPT] -o DIR [--int8]
-
-The sub-parser sets ``func`` to :func:`run` (``args.func(args)`` returns the exit code): 0 done,
-2 bad input or a failed export (one line on stderr).
+    medsam export-onnx [--checkpoint CKPT] -o DIR [--int8]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
 __all__ = ["add_parser", "run"]
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Add ``export-onnx`` to an ``argparse`` sub-parser collection; returns the new parser."""
+def add_parser(subparsers) -> None:
+    """Add ``export-onnx`` to an ``argparse`` sub-parser collection."""
     p = subparsers.add_parser(
         "export-onnx",
         help="export a checkpoint to ONNX (encoder, decoders, preprocessing contract)",
@@ -40,29 +33,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 20)")
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime-vs-PyTorch check")
     p.set_defaults(func=run)
-    return p
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``medsam export-onnx``; returns the exit code."""
     import warnings
 
-    from .export.onnx import DEFAULT_OPSET, ExportError, export_onnx
-    from .weights import CheckpointError, load_model
+    from ..export.onnx import DEFAULT_OPSET, export_onnx
+    from ..weights import load_model
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = load_model(args.checkpoint, device="cpu")
-        result = export_onnx(
-            model, args.output, opset=args.opset or DEFAULT_OPSET,
-            quantize="int8" if args.int8 else None, quantize_decoder=bool(args.int8 and args.int8_decoder),
-            points_decoder=not args.no_points_decoder, contract=args.contract, verify=not args.no_verify,
-        )
-    except (ImportError, ExportError, CheckpointError, ValueError, FileNotFoundError, PermissionError) as exc:
-        message = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"medsam export-onnx: error: {message}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = load_model(args.checkpoint, device="cpu")
+    result = export_onnx(
+        model, args.output, opset=args.opset or DEFAULT_OPSET,
+        quantize="int8" if args.int8 else None, quantize_decoder=bool(args.int8 and args.int8_decoder),
+        points_decoder=not args.no_points_decoder, contract=args.contract, verify=not args.no_verify,
+    )
     contract = result.contract
     print(f"model: {model.config.name}, contract: {contract['name']} "
           f"(resize {contract['resize']['rule']}, normalisation {contract['normalization']['type']}), "

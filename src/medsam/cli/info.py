@@ -1,0 +1,30 @@
+"""``medsam info``: a checkpoint's architecture, preprocessing contract and size."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("info", help="describe a checkpoint: architecture, contract, parameters")
+    p.add_argument("checkpoint", nargs="?", default=None, help="weights file (default: the embedded model)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import warnings
+
+    from ..weights import load_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = load_model(args.checkpoint, device="cpu")
+    n = sum(p.numel() for p in model.parameters())
+    print(f"architecture: {model.config.name} ({model.config.encoder}), input {model.input_size} px")
+    print(f"contract: {model.contract}")
+    print(f"parameters: {n / 1e6:.1f} M")
+    if getattr(model, "is_untrained_default", False):
+        print("weights: random (no trained default model bundled)")
+    return 0

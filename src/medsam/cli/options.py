@@ -1,0 +1,43 @@
+"""Argument types shared by several commands (argparse ``type=`` callables; no library imports)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+__all__ = ["ct_window", "finite_float", "positive_int"]
+
+
+def ct_window(text: str) -> str | tuple[float, float]:
+    """``--window``: a preset name (soft_tissue, lung, brain, bone, liver) or ``LEVEL,WIDTH``."""
+    if "," not in text:
+        return text
+    try:
+        level, width = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a name or LEVEL,WIDTH, got {text!r}") from None
+    if not (math.isfinite(level) and math.isfinite(width)) or width <= 0:
+        raise argparse.ArgumentTypeError(f"LEVEL,WIDTH must be finite with WIDTH > 0, got {text!r}")
+    return (level, width)
+
+
+def finite_float(text: str) -> float:
+    """A float that is not NaN or infinite."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value

@@ -1,0 +1,367 @@
+"""Fuzzing, as a standing part of the suite: every parser and decoder of outside data, and the
+whole OpenAPI of the workbench.
+
+The rule for the decoders (Hypothesis): any input either decodes to a well-formed result or is
+refused with the module's own error (a ValueError kind); nothing else escapes. The rule for the
+server (Schemathesis, in-process): no 5xx, the server still answers after each request, and a
+refused request (4xx) changes nothing on disk.
+
+``MEDSAM_FUZZ_EXAMPLES`` sets the examples per property and per API operation and mode (default
+12, seed fixed, so ``make test`` is quick and repeatable); ``make fuzz`` runs a large budget with
+fresh seeds (see docs/security.md).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, seed, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+EXAMPLES = int(os.environ.get("MEDSAM_FUZZ_EXAMPLES", "12"))
+FRESH = bool(os.environ.get("MEDSAM_FUZZ_FRESH"))  # make fuzz: new random cases every run
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=not FRESH, database=None,
+                suppress_health_check=list(HealthCheck))
+
+ints = st.integers(min_value=-(2**70), max_value=2**70)
+floats = st.floats(allow_nan=True, allow_infinity=True)
+
+
+# ----------------------------------------------------------------------------- RLE masks
+@FUZZ
+@given(values=st.lists(ints, max_size=6), counts=st.lists(ints, max_size=6),
+       shape=st.lists(st.integers(-3, 40), min_size=1, max_size=3))
+def test_rle_decode_refuses_or_decodes(values, counts, shape):
+    from medsam.server.encoding import rle_decode
+
+    try:
+        out = rle_decode(values, counts, shape)
+    except ValueError:
+        return
+    assert out.shape == tuple(shape) and out.dtype == np.uint8
+    assert out.size == sum(counts)
+
+
+@FUZZ
+@given(st.lists(st.integers(0, 255), min_size=1, max_size=200), st.integers(1, 20))
+def test_rle_round_trip(flat, width):
+    from medsam.server.encoding import rle_decode, rle_encode
+
+    arr = np.array(flat[: len(flat) // width * width] or flat[:1], dtype=np.uint8)
+    arr = arr.reshape(-1, width) if arr.size % width == 0 else arr.reshape(1, -1)
+    values, counts = rle_encode(arr)
+    assert (rle_decode(values, counts, arr.shape) == arr).all()
+
+
+# ----------------------------------------------------------------------------- prompts
+@FUZZ
+@given(st.lists(st.lists(floats, min_size=4, max_size=4), min_size=1, max_size=4),
+       st.integers(1, 300), st.integers(1, 300))
+def test_boxes_are_clipped_or_refused(boxes, h, w):
+    from medsam.predictor import PromptError, clip_boxes, validate_boxes
+
+    try:
+        clipped, _ = clip_boxes(np.array(boxes), (h, w))
+    except PromptError:
+        return
+    validate_boxes(clipped, (h, w))  # what clipping keeps is a valid prompt
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.lists(st.tuples(floats, floats), max_size=6), st.booleans()), max_size=4),
+       st.integers(1, 300), st.integers(1, 300))
+def test_scribbles_become_points_inside_the_image_or_are_refused(strokes, h, w):
+    from medsam.predictor import PromptError
+    from medsam.scribbles import Scribble, add_scribble_points
+
+    try:
+        objects = [Scribble(p, positive=pos) for p, pos in strokes]
+        pts, labels = add_scribble_points(None, None, objects, (h, w))
+    except PromptError:
+        return
+    if pts is None:  # no stroke at all
+        assert not strokes
+        return
+    pts, labels = np.asarray(pts, dtype=float), np.asarray(labels)
+    assert pts.ndim == 3 and labels.shape == pts.shape[:2] and np.isfinite(pts).all()
+    real = labels != -1
+    x, y = pts[..., 0][real], pts[..., 1][real]
+    assert (x >= 0).all() and (x <= w).all() and (y >= 0).all() and (y <= h).all()
+
+
+@FUZZ
+@given(floats, floats)
+def test_display_windows_are_uint8_or_refused(level, width):
+    from medsam.server.encoding import window_to_uint8
+
+    raw = np.linspace(-2000, 3000, 50, dtype=np.float32)
+    try:
+        out = window_to_uint8(raw, level, width)
+    except ValueError:
+        return
+    assert out.dtype == np.uint8 and out.shape == raw.shape
+
+
+@FUZZ
+@given(st.text(max_size=30))
+def test_cli_argument_types(text):
+    import argparse
+
+    from medsam.cli.evaluate import label_map
+    from medsam.cli.options import ct_window, finite_float, positive_int
+    from medsam.cli.prepare import _shard
+
+    for parse in (ct_window, finite_float, positive_int, label_map, _shard):
+        try:
+            parse(text)
+        except argparse.ArgumentTypeError:
+            pass
+
+
+# ----------------------------------------------------------------------------- config overrides
+_KEYS = st.sampled_from(["train.lr", "train.max_steps", "data.batch_size", "data.corpus", "model.name",
+                         "train.nope", "x", "train", "data.augment.zoom_prob", ""])
+_VALUES = st.one_of(st.text(max_size=12), st.sampled_from(["nan", "inf", "-1", "1e999", "[1,2", "{a: b}", "null",
+                                                            "true", "0x10", "1e-4"]))
+
+
+@FUZZ
+@given(st.lists(st.tuples(_KEYS, _VALUES), max_size=4), st.lists(st.text(max_size=10), max_size=2))
+def test_config_overrides_parse_or_refuse(pairs, junk):
+    from medsam.train.config import ConfigError, load_config
+
+    overrides = [f"{k}={v}" for k, v in pairs] + junk
+    try:
+        load_config(None, overrides)
+    except ConfigError:
+        pass
+
+
+# ----------------------------------------------------------------------------- files
+def _npz_bytes(arrays: dict) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+_ARRAYS = st.one_of(
+    st.builds(lambda s, d: np.zeros(s, dtype=d), st.lists(st.integers(0, 5), max_size=4).map(tuple),
+              st.sampled_from([np.uint8, np.int16, np.float32, np.float64, bool])),
+    st.lists(floats, max_size=8).map(lambda v: np.array(v)),
+    st.text(max_size=5).map(lambda t: np.array(t)),
+)
+
+
+@FUZZ
+@given(st.dictionaries(st.sampled_from(["imgs", "boxes", "spacing", "gts", "other"]), _ARRAYS, max_size=4),
+       st.sampled_from(["2DBox_x.npz", "3DBox_x.npz"]))
+def test_npz_cases_read_or_refuse(tmp_path_factory, arrays, name):
+    from medsam.io import ImageReadError, read_npz_case
+
+    path = tmp_path_factory.mktemp("npz") / name
+    path.write_bytes(_npz_bytes(arrays))
+    try:
+        case = read_npz_case(path)
+    except (ImageReadError, ValueError):
+        return
+    assert case.n_boxes >= 0
+
+
+@FUZZ
+@given(st.binary(max_size=200))
+def test_npz_garbage_bytes_refused(tmp_path_factory, blob):
+    from medsam.io import ImageReadError, read_npz_case
+
+    path = tmp_path_factory.mktemp("npzb") / "2DBox_g.npz"
+    path.write_bytes(blob)
+    with pytest.raises((ImageReadError, ValueError)):
+        read_npz_case(path)
+
+
+_COLUMNS = ["dataset", "case", "slice", "label", "label_name", "modality", "x0", "y0", "x1", "y1", "area",
+            "split", "path", "height", "width", "extra"]
+
+
+@FUZZ
+@given(st.lists(st.sampled_from(_COLUMNS), max_size=len(_COLUMNS), unique=True),
+       st.lists(st.lists(st.text(max_size=6), min_size=0, max_size=16), max_size=3))
+def test_corpus_manifests_read_or_refuse(tmp_path_factory, header, rows):
+    import csv
+
+    from medsam.train.data import CorpusError, read_manifest
+
+    root = tmp_path_factory.mktemp("corpus")
+    with open(root / "manifest.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+    try:
+        read_manifest(root)
+    except (CorpusError, ValueError):
+        pass
+
+
+def _safetensors_bytes(metadata: dict, tensors: dict) -> bytes:
+    header = {"__metadata__": metadata} if metadata is not None else {}
+    offset = 0
+    blobs = []
+    for name, arr in tensors.items():
+        raw = arr.astype(np.float32).tobytes()
+        header[name] = {"dtype": "F32", "shape": list(arr.shape), "data_offsets": [offset, offset + len(raw)]}
+        offset += len(raw)
+        blobs.append(raw)
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + b"".join(blobs)
+
+
+@FUZZ
+@given(st.one_of(st.none(), st.dictionaries(st.sampled_from(["medsam_config", "format", "x"]),
+                                            st.one_of(st.text(max_size=20), st.sampled_from(
+                                                ['{"config": {"name": "x"}}', '{"contract": "nope"}', "[]", "{",
+                                                 '{"config": {"encoder": "vit", "embed_dim": -1}}'])), max_size=2)),
+       st.dictionaries(st.sampled_from(["image_encoder.pos_embed", "mask_decoder.iou_token.weight", "w"]),
+                       st.builds(np.zeros, st.lists(st.integers(0, 3), max_size=3).map(tuple)), max_size=2))
+def test_checkpoint_metadata_loads_or_is_refused(tmp_path_factory, metadata, tensors):
+    from medsam.weights import CheckpointError, load_model
+
+    path = tmp_path_factory.mktemp("ckpt") / "m.safetensors"
+    path.write_bytes(_safetensors_bytes(metadata, tensors))
+    with pytest.raises(CheckpointError):
+        load_model(path, device="cpu")
+
+
+@FUZZ
+@given(st.binary(max_size=300), st.sampled_from(["m.pth", "m.pt", "m.safetensors", "m.bin"]))
+def test_checkpoint_garbage_is_refused(tmp_path_factory, blob, name):
+    from medsam.weights import CheckpointError, load_model
+
+    path = tmp_path_factory.mktemp("ckb") / name
+    if blob[:2] == b"PK":  # a zip: make it a zip checkpoint with a broken pickle inside
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            zf.writestr("archive/data.pkl", blob)
+        blob = buf.getvalue()
+    path.write_bytes(blob)
+    with pytest.raises(CheckpointError):
+        load_model(path, device="cpu")
+
+
+# ----------------------------------------------------------------------------- the workbench API
+schemathesis = pytest.importorskip("schemathesis")
+pytest.importorskip("fastapi")
+
+
+BASE = "http://testserver"  # the Host schemathesis's in-process client sends
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under the data folder but the derived caches and lock files: path -> (size, mtime)."""
+    out = {}
+    for p in root.rglob("*"):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and not rel.startswith((".medsam/cache/", ".medsam/locks/")):
+            st_ = p.stat()
+            out[rel] = (st_.st_size, st_.st_mtime_ns)
+    return out
+
+
+def _quiesce(wb, timeout: float = 60.0) -> None:
+    """Wait until no background job (embeddings, propagation, scoring, training) runs."""
+    t0 = time.time()
+    while any(j.active for j in wb.jobs.all()) or wb.training.active_job() is not None:
+        assert time.time() - t0 < timeout, "background jobs did not finish"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def fuzz_app(tmp_path_factory):
+    import SimpleITK as sitk
+    import torch
+    from PIL import Image
+
+    from conftest import smooth_image
+    from medsam.model import build_model
+    from medsam.server import create_app
+
+    root = tmp_path_factory.mktemp("fuzz") / "data"
+    root.mkdir()
+    Image.fromarray(smooth_image(48, 56, seed=1)).save(root / "a.png")
+    vol = np.stack([smooth_image(32, 40, seed=2 + s) for s in range(4)]).astype(np.int16) * 4 - 500
+    sitk.WriteImage(sitk.GetImageFromArray(vol), str(root / "vol.nii.gz"))
+    torch.manual_seed(0)
+    app = create_app(root, model=build_model("vit_tiny").eval(), max_upload_bytes=1 << 20,
+                     allowed_hosts=("testserver",))
+    wb = app.state.workbench
+    wb.training.python = "/bin/false"  # a training job's child fails at once: no CPU spent training
+    return app, root
+
+
+def _operations(app):
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    return schema, sorted((r.ok() for r in schema.get_all_operations()), key=lambda op: op.label)
+
+
+def test_every_operation_is_fuzzed_and_the_server_never_errs(fuzz_app):
+    """Schemathesis over the whole OpenAPI, positive and negative cases per operation; real image
+    ids are swapped into generated ids and bodies half of the time, so cases reach the model."""
+    from fastapi.testclient import TestClient
+    from schemathesis import GenerationMode
+
+    app, root = fuzz_app
+    wb = app.state.workbench
+    ids = ["a.png", "vol.nii.gz"]
+    counts: dict[str, int] = {}
+    failures: list[str] = []
+    client = TestClient(app, base_url=BASE)  # the probe; schemathesis runs the app's lifespan
+    schema, operations = _operations(app)
+    assert len(operations) >= 20
+    if True:
+        for op in operations:
+            for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+                strategy = op.as_strategy(generation_mode=mode)
+
+                @FUZZ
+                @seed(hash(op.label) % (2**32))
+                @given(case=strategy, use_real=st.booleans(), which=st.sampled_from(ids))
+                def run(case, use_real, which):
+                    if use_real:
+                        if isinstance(case.path_parameters, dict) and "image_id" in case.path_parameters:
+                            case.path_parameters["image_id"] = which
+                        if isinstance(case.body, dict) and "image_id" in case.body:
+                            case.body["image_id"] = which
+                    _quiesce(wb)
+                    before = _snapshot(root)
+                    response = case.call()
+                    counts[op.label] = counts.get(op.label, 0) + 1
+                    where = f"{case.method} {case.formatted_path} {str(case.body)[:200]!r}"
+                    if response.status_code >= 500:
+                        failures.append(f"{response.status_code} for {where}: {response.text[:300]}")
+                    assert client.get("/info").status_code == 200, f"server stopped answering after {where}"
+                    if 400 <= response.status_code < 500:
+                        _quiesce(wb)
+                        after = _snapshot(root)
+                        if after != before:
+                            changed = sorted(set(after.items()) ^ set(before.items()))
+                            failures.append(f"refused {response.status_code} changed {changed[:4]} for {where}")
+
+                try:
+                    run()
+                except hypothesis.errors.Unsatisfiable:
+                    # No invalid request exists for an operation without parameters or body.
+                    assert mode == GenerationMode.NEGATIVE, op.label
+    _quiesce(wb)
+    report = Path(os.environ.get("MEDSAM_FUZZ_REPORT", "")) if os.environ.get("MEDSAM_FUZZ_REPORT") else None
+    if report is not None:
+        report.write_text(json.dumps({"examples_setting": EXAMPLES, "cases": counts, "failures": failures}, indent=1))
+    assert not failures, "\n".join(failures[:20])
+    assert set(counts) == {op.label for op in operations}
