@@ -8,6 +8,14 @@ absolute times moved by up to 20 % between processes on the project's 2-core mac
     .venv/bin/python benchmarks/run.py                 # everything (about 10 minutes on 2 cores)
     .venv/bin/python benchmarks/run.py --only encoder  # one group: encoder, image, decoder, lite, volume
     .venv/bin/python benchmarks/run.py --device cuda   # on a GPU
+    .venv/bin/python benchmarks/run.py --background-load 1   # idle and loaded side by side
+
+``--background-load N`` measures every case twice, idle and while N busy processes (a pure
+Python loop each) hold cores, and adds the cases a user meets end to end: ``medsam segment`` on a
+512 px PNG (process start to file written), a 100-slice volume, and the workbench with 1 and 4
+clients. medsam runs with its default thread policy (:mod:`medsam.cpu_threads`: the free cores,
+sleeping waits), measured beside one thread (the targets compare loaded times with the idle
+one-thread time); the reference runs as a user runs it (torch's defaults: every core).
 
 Peak extra memory = peak RSS during the first (warm-up) call minus RSS just before it (CPU: timed
 calls run without the sampling thread, which would take a core from the compute threads), or
@@ -86,12 +94,28 @@ def _timed_calls(run, repeats: int, sync) -> list[float]:
     return times
 
 
+def _apply_policy(policy: str) -> None:
+    """Threads of this child, before torch is imported: ``policy`` (medsam.cpu_threads, what the
+    command line does), ``one`` (1 thread) or ``default`` (OMP_NUM_THREADS as given, else every
+    core: the reference as a user runs it)."""
+    if policy == "policy":
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY"):
+            os.environ.pop(name, None)
+        from medsam.cpu_threads import prepare
+
+        prepare()
+    elif policy == "one":
+        os.environ["OMP_NUM_THREADS"] = "1"
+
+
 def child(case: str, weights: str, device: str, repeats: int) -> dict:
     """Run one measurement in this (fresh) process and return its numbers."""
+    _apply_policy(os.environ.get("MEDSAM_BENCH_POLICY", "default"))
     import numpy as np
     import torch
 
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    if os.environ.get("MEDSAM_BENCH_POLICY", "default") == "default":
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 2))))
     dev = torch.device(device)
     impl, what, *rest = case.split(":")
     if impl == "ref":
@@ -170,6 +194,26 @@ def child(case: str, weights: str, device: str, repeats: int) -> dict:
                 predictor.set_image(img)
         with torch.inference_mode():
             return {"seconds": _timed_calls(run, repeats, sync)}
+    if what == "embedded":  # the embedded default model as a user gets it: Predictor.set_image / predict
+        from PIL import Image
+
+        from medsam.demo import bundled_samples
+
+        sample = next(s for s in bundled_samples() if s.name == "ct_slice")
+        img = np.asarray(Image.open(sample.image))
+        predictor = medsam.Predictor(medsam.load_model(device=device))
+        if rest[0] == "set_image":
+            def run():
+                predictor.set_image(img)
+        else:
+            predictor.set_image(img)
+            box = np.array([[150, 180, 300, 330]], float)
+
+            def run():
+                predictor.predict(boxes=box)
+        with torch.inference_mode():
+            return {"seconds": _timed_calls(run, repeats, sync), "precision": predictor.precision,
+                    "threads": torch.get_num_threads()}
     if what == "decoder":
         n = int(rest[0])
         H, W = 512, 512
@@ -199,7 +243,10 @@ def child(case: str, weights: str, device: str, repeats: int) -> dict:
         from medsam.volume import Box3D, segment_volume
 
         torch.manual_seed(0)
-        model = medsam.build_model("lite").to(dev).eval() if rest and rest[0] == "lite" else model
+        if rest and rest[0] == "lite":
+            model = medsam.build_model("lite").to(dev).eval()
+        elif rest and rest[0] == "default":
+            model = medsam.load_model(device=device)  # the embedded default, its default precision
         predictor = medsam.Predictor(model)
         rng = np.random.default_rng(0)
         vol = (rng.random((100, 512, 512)) * 255).astype(np.uint8)
@@ -211,9 +258,10 @@ def child(case: str, weights: str, device: str, repeats: int) -> dict:
     raise ValueError(case)
 
 
-def run_child(case: str, weights: Path, device: str, repeats: int) -> dict:
+def run_child(case: str, weights: Path, device: str, repeats: int, policy: str = "default") -> dict:
     cmd = [sys.executable, __file__, "--child", case, "--weights", str(weights), "--device", device, "--repeats", str(repeats)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    env = {**os.environ, "MEDSAM_BENCH_POLICY": policy}
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{case} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -271,13 +319,129 @@ def agreement(weights: Path, device: str) -> dict:
     return result
 
 
+# --------------------------------------------------------------- under load
+class BackgroundLoad:
+    """``n`` busy processes (a pure Python loop each, the lightest load that holds a core) for
+    the duration of a ``with`` block."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.procs: list[subprocess.Popen] = []
+
+    def __enter__(self) -> "BackgroundLoad":
+        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(self.n)]
+        time.sleep(0.5 if self.n else 0.0)  # let them take their cores
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for proc in self.procs:
+            proc.kill()
+        for proc in self.procs:
+            proc.wait()
+
+
+def _user_env() -> dict:
+    """The environment a user's shell has: no thread settings (the command line chooses)."""
+    return {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")}
+
+
+def segment_end_to_end(repeats: int) -> list[float]:
+    """Seconds of ``medsam segment`` on the bundled 512 px CT slice with one box, process start
+    to mask written (each run a fresh process, as a user runs it)."""
+    from medsam.demo import bundled_samples
+
+    sample = next(s for s in bundled_samples() if s.name == "ct_slice")
+    times = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(repeats + 1):
+            cmd = [sys.executable, "-m", "medsam", "segment", str(sample.image), "--box", "150", "180", "300", "330",
+                   "-o", str(Path(tmp) / f"m{i}.png")]
+            t = time.perf_counter()
+            subprocess.run(cmd, env=_user_env(), check=True, capture_output=True)
+            if i:  # the first run warms the file cache
+                times.append(time.perf_counter() - t)
+    return times
+
+
+def workbench(clients: int, seconds: float) -> dict:
+    """benchmarks/server_load.py against a fresh ``medsam serve`` on a synthetic CT volume."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "server_load.py"), "--serve", tmp, "--synthetic",
+               "--clients", str(clients), "--duration", str(seconds), "--json"]
+        out = subprocess.run(cmd, env=_user_env(), capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            raise RuntimeError(f"server_load failed:\n{out.stderr[-3000:]}")
+        return json.loads(out.stdout[out.stdout.index("{"):])
+
+
+def load_report(weights: Path, device: str, repeats: int, load: int, only: str | None) -> None:
+    """Every case idle and under ``load`` busy processes, side by side (see the module docstring)."""
+    cases = [
+        # (label, reference case or None, medsam case, repeats)
+        ("ViT-B embedding fp32", "ref:encoder", "ours:encoder", repeats),
+        ("ViT-B embedding bf16 (ref: fp32)", "ref:encoder", "ours:encoder:bf16", repeats),
+        ("embedded default: set_image 512 px CT", None, "ours:embedded:set_image", repeats * 3),
+        ("decode 1 box + upsample to 512x512", "ref:decoder:1", "ours:decoder:1", repeats * 5),
+        ("embedded default: predict 1 box", None, "ours:embedded:predict", repeats * 5),
+    ]
+    rows = []
+    for label, ref_case, case, n in cases:
+        if only and only not in case:
+            continue
+        row = {"what": label}
+        for state, procs in (("idle", 0), ("loaded", load)):
+            with BackgroundLoad(procs):
+                if ref_case:
+                    row[f"ref {state}"] = median(run_child(ref_case, weights, device, n, "default")["seconds"])
+                row[f"ours {state}"] = median(run_child(case, weights, device, n, "policy")["seconds"])
+                row[f"1 thread {state}"] = median(run_child(case, weights, device, n, "one")["seconds"])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    extras = []
+    if not only or only == "e2e":
+        for state, procs in (("idle", 0), ("loaded", load)):
+            with BackgroundLoad(procs):
+                extras.append((f"medsam segment 2D, 1 box, process start to mask ({state})",
+                               f"{median(segment_end_to_end(repeats)):.2f} s"))
+    if not only or only == "volume":
+        for state, procs in (("idle", 0), ("loaded", load)):
+            with BackgroundLoad(procs):
+                v = run_child("ours:volume:default", weights, device, 1, "policy")
+                extras.append((f"volume 100x512x512, 3 objects, embedded default ({state})",
+                               f"{v['slices'] / v['seconds'][0]:.2f} slices/s ({v['seconds'][0]:.1f} s)"))
+    if not only or only == "server":
+        for state, procs in (("idle", 0), ("loaded", load)):
+            with BackgroundLoad(procs):
+                for clients in (1, 4):
+                    r = workbench(clients, 10.0)
+                    lat = r["latency_ms"]
+                    extras.append((f"workbench /segment, {clients} client(s) ({state})",
+                                   f"{r['throughput_rps']} req/s, p50 {lat['p50']} ms, p95 {lat['p95']} ms, "
+                                   f"{r['errors']} errors"))
+    print()
+    print(f"background load: {load} busy process(es); medsam: default thread policy; ref: torch defaults")
+    head = f"{'what':42s} {'ref idle':>9s} {'ours idle':>9s} {'ratio':>6s} {'ref load':>9s} {'ours load':>9s} {'ratio':>6s} {'1thr idle':>9s} {'load/1thr':>9s}"
+    print(head)
+    for r in rows:
+        f = lambda k: f"{r[k]:9.3f}" if k in r else f"{'':9s}"  # noqa: E731
+        ratio = lambda a, b: f"{r[a] / r[b]:5.2f}x" if a in r and b in r else f"{'':6s}"  # noqa: E731
+        print(f"{r['what']:42s} {f('ref idle')} {f('ours idle')} {ratio('ref idle', 'ours idle')} {f('ref loaded')} "
+              f"{f('ours loaded')} {ratio('ref loaded', 'ours loaded')} {f('1 thread idle')} "
+              f"{r['ours loaded'] / r['1 thread idle']:8.2f}x")
+    for name, value in extras:
+        print(f"{name:70s} {value}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--child")
     parser.add_argument("--weights")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", default=None, help="encoder, image, decoder, lite, volume, agreement")
+    parser.add_argument("--only", default=None, help="encoder, image, decoder, lite, volume, agreement "
+                        "(with --background-load: a case name part such as encoder, embedded, decoder, e2e, volume, server)")
+    parser.add_argument("--background-load", type=int, default=0, metavar="N",
+                        help="measure idle and with N busy processes, side by side (see the module docstring)")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.weights, args.device, args.repeats)))
@@ -287,6 +451,10 @@ def main() -> int:
     tmp = Path(tempfile.gettempdir()) / "medsam-bench"
     tmp.mkdir(exist_ok=True)
     weights = _weights_file(tmp)
+    if args.background_load:
+        print(f"torch {torch.__version__}, cores {os.cpu_count()}, device {args.device}")
+        load_report(weights, args.device, args.repeats, args.background_load, args.only)
+        return 0
     groups = [args.only] if args.only else ["encoder", "image", "decoder", "lite", "volume", "agreement"]
     rows = []
     print(f"torch {torch.__version__}, threads {os.environ.get('OMP_NUM_THREADS', '2')}, device {args.device}")

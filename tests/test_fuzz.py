@@ -320,7 +320,7 @@ def test_every_operation_is_fuzzed_and_the_server_never_errs(fuzz_app):
     app, root = fuzz_app
     wb = app.state.workbench
     ids = ["a.png", "vol.nii.gz"]
-    counts: dict[str, int] = {}
+    counts: dict[str, dict[str, int]] = {}
     failures: list[str] = []
     client = TestClient(app, base_url=BASE)  # the probe; schemathesis runs the app's lifespan
     schema, operations = _operations(app)
@@ -342,7 +342,8 @@ def test_every_operation_is_fuzzed_and_the_server_never_errs(fuzz_app):
                     _quiesce(wb)
                     before = _snapshot(root)
                     response = case.call()
-                    counts[op.label] = counts.get(op.label, 0) + 1
+                    by_status = counts.setdefault(op.label, {})
+                    by_status[str(response.status_code)] = by_status.get(str(response.status_code), 0) + 1
                     where = f"{case.method} {case.formatted_path} {str(case.body)[:200]!r}"
                     if response.status_code >= 500:
                         failures.append(f"{response.status_code} for {where}: {response.text[:300]}")

@@ -79,7 +79,8 @@ def test_tiled_tinyvit_small_tiles_and_unfused_depthwise(encoder, plain_encoder,
     with torch.inference_mode():
         default = encoder(x)
     monkeypatch.setattr(_tiny_vit_inference, "TILE_BYTES", 1)
-    monkeypatch.setattr(_onednn, "_probed", {"depthwise_gelu": False, "linear_gelu": False})
+    monkeypatch.setattr(_onednn, "_probed", {(k, d): False for k in ("depthwise_gelu", "linear_gelu")
+                                             for d in (torch.float32, torch.bfloat16)})
     with torch.inference_mode():
         small = encoder(x)
     plain_encoder(True)
@@ -343,7 +344,7 @@ def test_vit_cpu_inference_matches_module_forward(monkeypatch, window, global_in
         monkeypatch.setattr(image_encoder, "_CPU_MLP_HIDDEN_BYTES", 4 * 384 * 50)
     if qkv_bias == "per-row":  # as at 1024 px, where grids are larger than the table threshold
         monkeypatch.setattr(image_encoder, "_REL_POS_TABLE_MAX_TOKENS", 0)
-        monkeypatch.setattr(_onednn, "_probed", {"linear": False})
+        monkeypatch.setattr(_onednn, "_probed", {("linear", torch.float32): False})
         qkv_bias = True
     x = torch.randn(batch, 3, img, img)
     with torch.inference_mode():
@@ -376,3 +377,63 @@ def test_vit_sdpa_attention_chunks_agree(monkeypatch, limit):
     _assert_close(chunked, whole)
     with torch.enable_grad():  # the autograd branch of the bias sum, chunked too
         _assert_close(attn(x).detach(), whole)
+
+
+# ----------------------------------------------------------------------------- bfloat16
+def test_bf16_tinyvit_tiled_path_matches_its_module_forward(encoder, plain_encoder):
+    """The bfloat16 copy runs the tiled path; it equals the same copy run module by module (both
+    in bfloat16, so within bfloat16 rounding), and stays near the float32 encoder."""
+    from medsam.model.sam import MedSAMModel
+
+    holder = MedSAMModel.__new__(MedSAMModel)
+    torch.nn.Module.__init__(holder)
+    holder.image_encoder = encoder
+    low = MedSAMModel.encoder_in(holder, torch.bfloat16)
+    assert {p.dtype for n, p in low.named_parameters() if ".bn." not in n} == {torch.bfloat16}
+    assert {p.dtype for n, p in low.named_parameters() if ".bn." in n} == {torch.float32}
+    x = torch.randn(1, 3, 96, 80)
+    with torch.inference_mode():
+        fast = low(x.to(torch.bfloat16)).float()
+        plain_encoder(True)
+        slow = low(x.to(torch.bfloat16)).float()
+        plain_encoder(False)
+        full = encoder(x)
+    assert _rel(fast, slow) < 0.02
+    assert _rel(fast, full) < 0.05
+    assert MedSAMModel.encoder_in(holder, torch.bfloat16) is low  # kept
+    with torch.no_grad():
+        next(encoder.parameters()).mul_(1.0)  # an in-place change of a weight: made again
+    assert MedSAMModel.encoder_in(holder, torch.bfloat16) is not low
+
+
+def test_predictor_precision_default_and_auto(monkeypatch):
+    import medsam.predictor as pr
+
+    torch.manual_seed(0)
+    model = medsam.build_model("vit_tiny").eval()
+    assert medsam.Predictor(model).precision == "fp32"  # a model loaded by name: float32
+    model.preferred_precision = "auto"  # what the embedded default model carries
+    monkeypatch.setattr(pr, "native_bf16", lambda device: True)
+    assert medsam.Predictor(model).precision == "bf16"
+    assert medsam.Predictor(model, precision="fp32").precision == "fp32"
+    monkeypatch.setattr(pr, "native_bf16", lambda device: False)
+    assert medsam.Predictor(model).precision == "fp32"
+    with pytest.raises(ValueError):
+        medsam.Predictor(model, precision="fp16")
+
+
+def test_embedded_default_prefers_auto_and_bf16_keys_its_embeddings_apart():
+    from medsam.embedding_cache import embedding_id
+
+    model = medsam.load_model(device="cpu")
+    assert getattr(model, "preferred_precision", None) == "auto"
+    fp32, bf16 = medsam.Predictor(model, precision="fp32"), medsam.Predictor(model, precision="bf16")
+    assert embedding_id(bf16) == embedding_id(fp32) + "+bf16"
+    image = (np.random.default_rng(0).random((64, 80)) * 255).astype(np.uint8)
+    fp32.set_image(image)
+    bf16.set_image(image)
+    assert bf16.embedding.dtype == torch.float32
+    assert _rel(bf16.embedding, fp32.embedding) < 0.15
+    box = np.array([[10, 10, 60, 50]], float)
+    agree = (fp32.predict(boxes=box).masks == bf16.predict(boxes=box).masks).mean()
+    assert agree > 0.98

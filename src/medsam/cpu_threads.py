@@ -115,26 +115,33 @@ def apply(threads: int | None = None) -> int:
 
 _adapt_lock = threading.Lock()
 _last: CpuSample | None = None
+_chosen: int | None = None
 
 
-def adapt() -> int:
+def adapt(background: bool = False) -> int:
     """For long-running processes (the workbench): re-measure the free cores over the time since
-    the last call (at most once a second, so it costs a file read) and set torch's thread count
-    to them; an explicit ``MEDSAM_THREADS`` is kept. Returns the count in force."""
-    global _last
+    the last measurement (at most once a second, so a call costs a file read) and give the
+    calling thread that many torch threads; an explicit ``MEDSAM_THREADS`` is kept. Returns the
+    count in force. (With OpenMP the count is per calling thread: a server's request threads each
+    take it on their next call.) ``background``: work nobody waits on (a volume propagating, an
+    embedding warm-up) leaves one of the free cores to interactive requests when it can."""
+    global _last, _chosen
     import torch
 
     if os.environ.get(THREADS_ENV, "").isdigit():
         return apply()
+    since = None
     with _adapt_lock:
         now = sample()
         if _last is None:
             _last = now
-            return torch.get_num_threads()
-        if now.wall - _last.wall < _ADAPT_EVERY_S:
-            return torch.get_num_threads()
-        since, _last = _last, now
-    n = free_cores(since)
+        elif now.wall - _last.wall >= _ADAPT_EVERY_S:
+            since, _last = _last, now
+    if since is not None:
+        _chosen = free_cores(since)
+    n = _chosen or torch.get_num_threads()
+    if background and n > 1:
+        n -= 1
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n

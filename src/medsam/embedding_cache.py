@@ -62,6 +62,7 @@ __all__ = [
     "EmbeddingCache",
     "model_fingerprint",
     "encoder_fingerprint",
+    "embedding_id",
     "slice_key",
     "set_image_cached",
     "CACHE_FORMAT",
@@ -136,6 +137,14 @@ def encoder_fingerprint(model: torch.nn.Module) -> str:
     h.update(model_fingerprint(encoder).encode())
     h.update(json.dumps(config_dict, sort_keys=True, default=str).encode())
     return h.hexdigest()
+
+
+def embedding_id(predictor: Any) -> str:
+    """What a predictor's embeddings are keyed by: its encoder's :func:`encoder_fingerprint`, with
+    the encoder's precision appended unless it is fp32 (so fp32 keys are those of earlier caches)."""
+    fp = encoder_fingerprint(predictor.model)
+    precision = getattr(predictor, "precision", "fp32")
+    return fp if precision == "fp32" else f"{fp}+{precision}"
 
 
 def slice_key(model_fp: str, contract: Any, slice_array: np.ndarray) -> str:
@@ -303,7 +312,7 @@ def set_image_cached(predictor: Any, image: np.ndarray, cache: EmbeddingCache | 
         predictor.set_image(image)
         return False
     image = np.asarray(image)
-    fp = encoder_fingerprint(predictor.model)
+    fp = embedding_id(predictor)
     key = slice_key(fp, predictor.contract, image)
     emb = cache.get(key)
     if emb is not None:

@@ -24,6 +24,28 @@ from .preprocess import Contract, ImageGeometry, get_contract
 from .preprocess_fast import prepare_image_fast
 
 
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` computes bfloat16 natively: a CPU with AVX512-BF16 or AMX tiles."""
+    if torch.device(device).type != "cpu":
+        return False
+    cpu = getattr(torch, "cpu", None)
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        check = getattr(cpu, probe, None)
+        try:
+            if check is not None and check():
+                return True
+        except RuntimeError:
+            continue
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``"fp32"`` or ``"bf16"`` for a requested precision (``"auto"``: bf16 where native)."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
 class PromptError(ValueError):
     """A prompt that does not fit the image (outside it, empty, wrong shape, NaN)."""
 
@@ -90,9 +112,14 @@ class Predictor:
     Args:
         model: a loaded :class:`MedSAMModel`.
         contract: override the model's preprocessing contract by name.
-        precision: ``"fp32"`` (default) or ``"bf16"``: run the image encoder under bfloat16
-            autocast (fast on CPUs with AVX512-BF16/AMX and on recent GPUs). The decoder always
-            runs in fp32; the embedding is returned as fp32.
+        precision: ``"fp32"``, ``"bf16"`` or ``"auto"``; default: the model's
+            ``preferred_precision`` (``"auto"`` for the embedded default model, ``"fp32"`` for
+            every checkpoint loaded by name). ``"bf16"`` runs the image encoder in bfloat16: a
+            TinyViT encoder on the CPU through a bfloat16 copy of its weights
+            (:meth:`MedSAMModel.encoder_in`), anything else under autocast. ``"auto"`` is
+            ``"bf16"`` on a CPU with native bfloat16 arithmetic (AVX512-BF16 or AMX), else
+            ``"fp32"``. The decoder always runs in fp32; the embedding is returned as fp32;
+            :attr:`precision` holds the resolved value.
         exact_preprocessing: prepare images with the contract's reference code
             (:meth:`Contract.prepare_image`, scikit-image's resize for ``medsam``) instead of
             :func:`medsam.preprocess_fast.prepare_image_fast`, which equals it up to a rare
@@ -105,13 +132,14 @@ class Predictor:
         self,
         model: MedSAMModel,
         contract: str | None = None,
-        precision: str = "fp32",
+        precision: str | None = None,
         exact_preprocessing: bool = False,
     ) -> None:
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        chosen = precision or getattr(model, "preferred_precision", "fp32")
+        if chosen not in ("fp32", "bf16", "auto"):
+            raise ValueError(f"precision must be 'fp32', 'bf16' or 'auto', got {precision!r}")
         self.model = model.eval()
-        self.precision = precision
+        self.precision = resolve_precision(chosen, self.model.device)
         self.exact_preprocessing = exact_preprocessing
         self.contract = get_contract(contract or model.contract, model.input_size)
         self._embedding: torch.Tensor | None = None
@@ -152,6 +180,9 @@ class Predictor:
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) preprocessed images -> (B, 256, E, E) fp32 embeddings, at this precision."""
         x = x.to(self.device)
+        if self.precision == "bf16" and self.device.type == "cpu" and self.model.config.encoder == "tiny_vit":
+            # The TinyViT's tiled CPU path in bfloat16 (autocast would take the plain forward).
+            return self.model.encoder_in(torch.bfloat16)(x.to(torch.bfloat16)).float()
         if self.precision == "bf16":
             with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
                 return self.model.embed_image(x).float()

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from .embedding_cache import EmbeddingCache, encoder_fingerprint, slice_key
+from .embedding_cache import EmbeddingCache, embedding_id, slice_key
 from .predictor import PromptError, masks_to_label_map
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -248,7 +248,7 @@ class _SliceEmbedder:
         self.computed = 0
         self.cache_hits = 0
         self.memory_hits = 0
-        self._fp = encoder_fingerprint(predictor.model) if cache is not None else None
+        self._fp = embedding_id(predictor) if cache is not None else None
 
     def activate(self, s: int, keep: bool) -> None:
         """Make the predictor hold slice ``s``; keep its embedding in memory if ``keep``."""

@@ -65,7 +65,7 @@ def _expand_gelu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, out: torch.T
     """GELU(x @ w.T + b) for 2-D x and w (out, in) (a 1x1 convolution on tokens): fused, a new
     tensor (one pass; measured faster than the product into a kept buffer and GELU in place
     despite the fresh memory); otherwise into ``out``."""
-    if x.dtype == torch.float32 and _onednn.available("linear_gelu"):
+    if _onednn.available("linear_gelu", x.dtype):
         return torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "none")
     return _gelu_(torch.addmm(b, x, w.t(), out=out))
 
@@ -73,7 +73,7 @@ def _expand_gelu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, out: torch.T
 def _depthwise_gelu(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride, padding) -> torch.Tensor:
     """GELU(depthwise conv(h)) for channels-last h, a new channels-last tensor."""
     groups = h.shape[1]
-    if h.dtype == torch.float32 and _onednn.available("depthwise_gelu"):
+    if _onednn.available("depthwise_gelu", h.dtype):
         return torch.ops.mkldnn._convolution_pointwise(
             h, w, b, list(padding), list(stride), [1, 1], groups, "gelu", [], "none"
         )
@@ -227,6 +227,7 @@ def transformer_block(blk: "TinyViTBlock", x: torch.Tensor, out: torch.Tensor, w
     fc1_w, fc1_b = mlp.fc1.weight.t(), mlp.fc1.bias
     fc2_w, fc2_b = mlp.fc2.weight.t(), mlp.fc2.bias
     tile = _rows_per_tile(W * mlp.fc1.out_features * x.element_size(), budget=MLP_TILE_BYTES)
+    fused_mlp = x.dtype == torch.bfloat16 and _onednn.available("linear_gelu", x.dtype)
     for bi in range(B):
         xb, ob = x[bi : bi + 1], out[bi]
         for a in range(0, H, tile):
@@ -237,8 +238,11 @@ def transformer_block(blk: "TinyViTBlock", x: torch.Tensor, out: torch.Tensor, w
             y = F.conv2d(xb[:, lo:hi].permute(0, 3, 1, 2), lw, lb, 1, (ph, lc.padding[1]), 1, C)
             y = y[0, :, a - lo : a - lo + t].permute(1, 2, 0).reshape(t * W, C)  # a view: channels-last
             yn = F.layer_norm(y, (C,), mlp.norm.weight, mlp.norm.bias, mlp.norm.eps)
-            h = torch.addmm(fc1_b, yn, fc1_w, out=ws.buffer("tinyvit.mlp_hidden", (t * W, fc1_w.shape[1]), x))
-            _gelu_(h)
+            if fused_mlp:  # bfloat16: GELU on its own is slow there (it computes in float32)
+                h = torch.ops.mkldnn._linear_pointwise(yn, mlp.fc1.weight, fc1_b, "gelu", [], "none")
+            else:  # float32: a product into the kept buffer and GELU in place measured faster
+                h = torch.addmm(fc1_b, yn, fc1_w, out=ws.buffer("tinyvit.mlp_hidden", (t * W, fc1_w.shape[1]), x))
+                _gelu_(h)
             o = ob[a : a + t].view(t * W, C)
             torch.add(y, fc2_b, out=o)
             o.addmm_(h, fc2_w)

@@ -64,6 +64,32 @@ class MedSAMModel(nn.Module):
         """(B, 3, S, S) preprocessed images -> (B, 256, E, E) embeddings."""
         return self.image_encoder(images)
 
+    def encoder_in(self, dtype: torch.dtype) -> nn.Module:
+        """The image encoder with its weights in ``dtype`` (e.g. ``torch.bfloat16``), made once and
+        kept (not a submodule: it is in no state dict); BatchNorm statistics stay in float32 so
+        that folding them into the convolutions loses nothing. Made again when any weight of the
+        model has changed in place since (training, ``load_state_dict``)."""
+        import copy
+
+        versions = tuple(p._version for p in self.image_encoder.parameters())
+        cache = self.__dict__.setdefault("_encoders_in", {})
+        hit = cache.get(dtype)
+        if hit is not None and hit[0] == versions:
+            return hit[1]
+        low = copy.deepcopy(self.image_encoder).eval()
+        for module in low.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                continue
+            for name, param in module.named_parameters(recurse=False):
+                param.data = param.data.to(dtype)
+            for name, buf in module.named_buffers(recurse=False):
+                if buf.is_floating_point():
+                    setattr(module, name, buf.to(dtype))
+        for param in low.parameters():
+            param.requires_grad_(False)
+        cache[dtype] = (versions, low)
+        return low
+
     def decode(
         self,
         image_embeddings: torch.Tensor,

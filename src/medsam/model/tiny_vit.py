@@ -137,12 +137,16 @@ class Conv2dBN(nn.Module):
         nn.init.zeros_(self.bn.bias)
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The eval-mode convolution's weight and bias with the BatchNorm folded in."""
+        """The eval-mode convolution's weight and bias with the BatchNorm folded in, computed in
+        float32 or wider and returned in the convolution weight's dtype (a bfloat16 copy of the encoder
+        keeps its BatchNorms in float32, see :meth:`medsam.model.sam.MedSAMModel.encoder_in`)."""
         bn = self.bn
-        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-        weight = self.c.weight * scale.view(-1, 1, 1, 1)
-        bias = bn.bias - bn.running_mean * scale
-        return weight, bias
+        dtype = self.c.weight.dtype
+        acc = torch.promote_types(torch.promote_types(dtype, bn.weight.dtype), torch.float32)
+        scale = bn.weight.to(acc) * torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+        weight = self.c.weight.to(acc) * scale.view(-1, 1, 1, 1)
+        bias = bn.bias.to(acc) - bn.running_mean.to(acc) * scale
+        return weight.to(dtype), bias.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bn = self.bn

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from ..cpu_threads import adapt as adapt_threads
-from ..embedding_cache import EmbeddingCache, encoder_fingerprint, model_fingerprint, slice_key
+from ..embedding_cache import EmbeddingCache, embedding_id, model_fingerprint, slice_key
 from .datastore import LoadedImage
 
 __all__ = ["SegmentationEngine", "SegmentOutcome", "PromptRefused"]
@@ -138,7 +138,7 @@ class SegmentationEngine:
 
     def embedding_fingerprint(self) -> str:
         """What embeddings are keyed by: the image encoder (see the module docstring)."""
-        return encoder_fingerprint(self.model)
+        return embedding_id(self.predictor)
 
     def switch_model(self, model: Any, checkpoint: Path | None) -> None:
         """Serve ``model`` (a loaded model, put in eval mode) from now on.
@@ -224,7 +224,7 @@ class SegmentationEngine:
         for n, k in enumerate(slices):
             if cancelled():
                 break
-            adapt_threads()
+            adapt_threads(background=True)
             with self.lock:
                 key = slice_key(self.embedding_fingerprint(), self.predictor.contract, loaded.model_slice(k))
                 if key in self.cache:
@@ -351,6 +351,7 @@ class SegmentationEngine:
             served = self.predictor
             info = self.model_info()
         predictor = Predictor(served.model)
+        adapt_threads(background=True)  # this job's thread leaves a core to interactive prompts
         result = segment_volume(
             predictor, loaded.model_input, [Box2D(x0, y0, x1, y1, slice=int(key_slice))],
             iou_threshold=iou_threshold, box_margin=box_margin, cache=self.cache, progress=progress,
