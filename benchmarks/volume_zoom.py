@@ -33,7 +33,7 @@ def load_case():
     """(uint8 volume (Z, Y, X) in the soft-tissue window, label volume, spacing (z, y, x), names)."""
     from medsam.curate.demo_corpus import extract_totalsegmentator
     from medsam.curate.dataset_spec import nifti_label_names
-    from medsam.curate.prepare import align_label
+    from medsam.curate.labels import align_label
     from medsam.io import read_image
     from medsam.segment import to_model_input
 

@@ -10,7 +10,8 @@ import torch
 
 from medsam.predictor import Predictor
 from medsam.train.config import ConfigError, load_config
-from medsam.train.data import PromptOptions, AugmentOptions, SegmentationDataset, load_slice, read_manifest
+from medsam.corpus import load_slice, read_manifest
+from medsam.train.data import AugmentOptions, PromptOptions, SegmentationDataset
 from medsam.train.embedding_store import build_embedding_store, whole_key, zoom_key
 from medsam.train.loop import Trainer
 from medsam.train.synthetic import write_synthetic_corpus

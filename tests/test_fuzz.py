@@ -198,7 +198,7 @@ _COLUMNS = ["dataset", "case", "slice", "label", "label_name", "modality", "x0",
 def test_corpus_manifests_read_or_refuse(tmp_path_factory, header, rows):
     import csv
 
-    from medsam.train.data import CorpusError, read_manifest
+    from medsam.corpus import CorpusError, read_manifest
 
     root = tmp_path_factory.mktemp("corpus")
     with open(root / "manifest.csv", "w", newline="") as fh:

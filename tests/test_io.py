@@ -447,9 +447,7 @@ def test_write_is_atomic_on_writer_failure(tmp_path, monkeypatch):
             Path(self.name).write_bytes(b"half")  # a partial file, then a crash
             raise RuntimeError("disk full")
 
-    import medsam.io.writers as writers
-
-    monkeypatch.setattr(writers.sitk, "ImageFileWriter", BrokenWriter)
+    monkeypatch.setattr(sitk, "ImageFileWriter", BrokenWriter)
     with pytest.raises(OSError, match="disk full"):
         write_mask(np.ones((3, 4, 5), np.uint8), img, target)
     assert target.read_bytes() == b"previous"

@@ -17,10 +17,12 @@ import pytest
 import SimpleITK as sitk
 
 from medsam.cli import main as cli_main
+from medsam import corpus as corpus_mod
 from medsam.curate import prepare as prep_mod
 from medsam.curate.dataset_spec import DatasetSpec, SpecError, assign_splits, load_specs
 from medsam.curate.normalize import normalize_image
-from medsam.curate.prepare import MANIFEST_COLUMNS, prepare
+from medsam.corpus import MANIFEST_COLUMNS
+from medsam.curate.prepare import prepare
 from medsam.io import read_image
 
 FIX = Path(__file__).parent / "data" / "curation"
@@ -338,7 +340,7 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
     img, lab = make_cases(tmp_path / "src", 3)
     spec = ct_spec(images=img, labels=lab)
     out = tmp_path / "out"
-    real_save = prep_mod._save_slice
+    real_save = corpus_mod._save_slice
     calls = {"n": 0}
 
     def flaky_save(path, *a, **k):
@@ -348,7 +350,7 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
                 raise KeyboardInterrupt  # the run is killed half-way through case01
         return real_save(path, *a, **k)
 
-    monkeypatch.setattr(prep_mod, "_save_slice", flaky_save)
+    monkeypatch.setattr(corpus_mod, "_save_slice", flaky_save)
     with pytest.raises(KeyboardInterrupt):
         run([spec], out)
     assert (out / "cases/ct/case00/case.json").is_file()
@@ -358,7 +360,7 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
     mtime = (out / "cases/ct/case00/case.json").stat().st_mtime_ns
     npz_mtime = (out / "cases/ct/case00/slices").iterdir().__next__().stat().st_mtime_ns
 
-    monkeypatch.setattr(prep_mod, "_save_slice", real_save)
+    monkeypatch.setattr(corpus_mod, "_save_slice", real_save)
     done = []
     real_process = prep_mod._process_case
 
@@ -387,20 +389,20 @@ def test_exception_mid_case_is_reported_then_resumed(tmp_path, monkeypatch):
     img, lab = make_cases(tmp_path / "src", 2)
     spec = ct_spec(images=img, labels=lab)
     out = tmp_path / "out"
-    real_save = prep_mod._save_slice
+    real_save = corpus_mod._save_slice
 
     def failing(path, *a, **k):
         if ".case01." in str(path):
             raise OSError("disk full")
         return real_save(path, *a, **k)
 
-    monkeypatch.setattr(prep_mod, "_save_slice", failing)
+    monkeypatch.setattr(corpus_mod, "_save_slice", failing)
     rep = run([spec], out)
     assert rep.n_failed == 1 and rep.errors[0].case == "case01" and rep.errors[0].stage == "write"
     assert "disk full" in rep.errors[0].error
     assert not (out / "cases/ct/case01").exists() and not list((out / "cases/ct").glob(".case01*"))
     assert {r["case"] for r in read_manifest(out)} == {"case00"}
-    monkeypatch.setattr(prep_mod, "_save_slice", real_save)
+    monkeypatch.setattr(corpus_mod, "_save_slice", real_save)
     rep = run([spec], out)
     assert rep.ok and rep.n_processed == 1
     assert {r["case"] for r in read_manifest(out)} == {"case00", "case01"}

@@ -24,7 +24,7 @@ from medsam.specialist import (  # noqa: E402
     train_specialist,
 )
 from medsam.specialist.data import Augment  # noqa: E402
-from medsam.train.data import load_slice, read_manifest  # noqa: E402
+from medsam.corpus import load_slice, read_manifest  # noqa: E402
 from medsam.train.synthetic import write_synthetic_corpus  # noqa: E402
 
 SIZE = 48

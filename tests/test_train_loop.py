@@ -13,7 +13,8 @@ from medsam.metrics import dice_score
 from medsam.model import build_model
 from medsam.predictor import Predictor
 from medsam.train.config import load_config
-from medsam.train.data import ValidationSlices, read_manifest
+from medsam.corpus import read_manifest
+from medsam.train.data import ValidationSlices
 from medsam.train.export import export_checkpoint, model_from_checkpoint
 from medsam.train.loop import Trainer
 from medsam.train.synthetic import write_synthetic_corpus
@@ -55,12 +56,13 @@ def small_corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(corpus, tmp_path_factory):
-    """vit_tiny from random weights, 40 steps of batch 4 (about 10 s on one core)."""
+    """vit_tiny from random weights, 80 steps of batch 4 (about 20 s on one core): at this scale
+    validation DSC dips to 0 (empty masks) early in some sample orders before it rises."""
     out = tmp_path_factory.mktemp("run")
     cfg = load_config(None, [
         "model.arch=vit_tiny", f"data.corpus={corpus}", f"output.dir={out}", "data.batch_size=4",
-        "data.workers=0", "train.epochs=0", "train.max_steps=40", "train.lr=1e-3", "train.device=cpu",
-        "train.save_every=20", "train.val_every=20", "train.log_every=5", "train.progress=false",
+        "data.workers=0", "train.epochs=0", "train.max_steps=80", "train.lr=1e-3", "train.device=cpu",
+        "train.save_every=40", "train.val_every=40", "train.log_every=5", "train.progress=false",
         "output.tensorboard=false",
     ])
     trainer = Trainer(cfg)
@@ -80,16 +82,16 @@ def test_training_lowers_loss_and_raises_validation_dsc(trained):
     assert end["n"] == 16 and {"CT", "MR", "all"} <= set(result.metrics)
     val = [r for r in rows if r["split"] == "val"]
     assert {r["modality"] for r in val} == {"CT", "MR", "all"}
-    assert {int(r["step"]) for r in val} == {20, 40}
+    assert {int(r["step"]) for r in val} == {40, 80}
     assert all(float(r["throughput"]) > 0 for r in rows if r["split"] == "train")
-    assert result.global_step == 40 and (out / "config.yaml").exists()
+    assert result.global_step == 80 and (out / "config.yaml").exists()
 
 
 def test_checkpoints_are_weights_only_and_best_is_chosen_by_validation_dsc(trained):
     trainer, result, _, out = trained
     latest = torch.load(out / "latest.pt", weights_only=True)
     best = torch.load(out / "best.pt", weights_only=True)
-    assert latest["global_step"] == 40 and latest["epoch"] == 40 // trainer.steps_per_epoch
+    assert latest["global_step"] == 80 and latest["epoch"] == 80 // trainer.steps_per_epoch
     val_all = {int(r["step"]): float(r["dsc"]) for r in read_metrics(out / "metrics.csv")
                if r["split"] == "val" and r["modality"] == "all"}
     best_step = max(val_all, key=val_all.get)
@@ -127,7 +129,8 @@ def test_validation_is_the_predictor_path(corpus):
     rows = read_manifest(corpus, "val")[:6]
     slices = ValidationSlices(corpus, rows, Predictor(model).contract)
     got = per_object_scores(model, slices, batch_size=2)
-    from medsam.train.data import load_slice, mask_bbox
+    from medsam.corpus import load_slice
+    from medsam.train.data import mask_bbox
 
     predictor = Predictor(model)
     expected = []

@@ -14,9 +14,8 @@ from medsam.model import build_model
 from medsam.preprocess import get_contract
 from medsam.train.checkpoint import rng_state, save_checkpoint, set_rng_state
 from medsam.train.config import ConfigError, TrainConfig, load_config
-from medsam.train.data import (
-    AugmentOptions, EpochSampler, PromptOptions, SegmentationDataset, jitter_box, read_manifest,
-)
+from medsam.corpus import read_manifest
+from medsam.train.data import AugmentOptions, EpochSampler, PromptOptions, SegmentationDataset, jitter_box
 from medsam.preprocess_fast import prepare_image_fast
 from medsam.train.lora import LoRALinear, apply_lora, has_lora, merge_lora
 from medsam.train.loop import lr_factor

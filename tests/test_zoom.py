@@ -10,9 +10,8 @@ import torch
 from medsam.predictor import Predictor
 from medsam.preprocess import get_contract
 from medsam.train.config import ConfigError, TrainConfig
-from medsam.train.data import (
-    AugmentOptions, PromptOptions, SegmentationDataset, clicks_for_step, read_manifest,
-)
+from medsam.corpus import read_manifest
+from medsam.train.data import AugmentOptions, PromptOptions, SegmentationDataset, clicks_for_step
 from medsam.train.synthetic import write_synthetic_corpus
 from medsam.zoom import ZoomPolicy, predict_with_zoom, should_zoom, zoom_window
 

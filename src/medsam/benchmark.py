@@ -50,7 +50,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import math
 import re
 import sys
 import time
@@ -309,17 +308,6 @@ def _select(rows, max_objects: int | None, seed: int):
     return [r for i, r in enumerate(rows) if i in keep], subsampled
 
 
-def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
-    with np.load(path) as data:
-        image, label = np.asarray(data["image"]), np.asarray(data["label"])
-        spacing = tuple(float(s) for s in np.asarray(data["spacing"]).reshape(-1)) if "spacing" in data else (1.0, 1.0)
-    if label.shape != image.shape[:2]:
-        raise ValueError(f"label {label.shape} and image {image.shape} differ in size")
-    if len(spacing) != 2 or not all(math.isfinite(s) and s > 0 for s in spacing):
-        raise ValueError(f"bad spacing {spacing}")
-    return image, label, spacing
-
-
 def group_by_slice(rows) -> "OrderedDict[str, list]":
     """Manifest rows grouped by slice file (in first-seen order): one image read per slice."""
     groups: "OrderedDict[str, list]" = OrderedDict()
@@ -371,7 +359,7 @@ def run_benchmark(
             extra embedding each, counted in the decode time); ``None`` = off.
     """
     from .metrics import dice_score, normalized_surface_dice
-    from .train.data import read_manifest
+    from .corpus import load_slice, read_manifest
 
     if baseline is not None and (checkpoint is not None or model is not None):
         raise ValueError("give either a checkpoint (or model) or a baseline, not both")
@@ -427,7 +415,7 @@ def run_benchmark(
     n_slices = len(groups)
     for s_index, (path, srows) in enumerate(groups.items()):
         try:
-            image, label_map, spacing = _load_npz(corpus / path)
+            image, label_map, spacing = load_slice(corpus, path)
         except Exception as exc:  # unreadable slice: report its rows, go on
             message = f"slice unreadable: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
             for r in srows:

@@ -7,13 +7,16 @@ Use ``MedicalImage.spacing_zyx`` for a spacing in array order. See
 :mod:`medsam.io.image` for the full statement.
 """
 
-from .dicom import SeriesInfo, list_dicom_series
-from .dicom_seg import write_dicom_seg
-from .errors import ImageReadError
-from .image import MedicalImage, check_same_geometry
-from .npz import NpzCase, read_npz_case, write_npz_segs
-from .readers import read_image
-from .writers import write_mask
+import importlib
+from typing import Any
+
+# Imported on first use, so that `medsam.io.formats` or a PNG read does not load SimpleITK/pydicom.
+_LAZY = {
+    "SeriesInfo": "dicom", "list_dicom_series": "dicom", "write_dicom_seg": "dicom_seg",
+    "ImageReadError": "errors", "MedicalImage": "image", "check_same_geometry": "image",
+    "NpzCase": "npz", "read_npz_case": "npz", "write_npz_segs": "npz", "read_image": "readers",
+    "write_mask": "writers",
+}
 
 __all__ = [
     "ImageReadError",
@@ -28,3 +31,9 @@ __all__ = [
     "write_mask",
     "write_npz_segs",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,15 +1,21 @@
-"""Atomic file output: write into a private temp folder beside the target, then ``os.replace``."""
+"""Atomic file output: write into a private temp folder beside the target, then ``os.replace``.
+
+:func:`atomic_output` is the mechanism; :func:`write_text`, :func:`write_json` and
+:func:`write_csv` are the package's one way of writing those files.
+"""
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-__all__ = ["atomic_output"]
+__all__ = ["atomic_output", "write_text", "write_json", "write_csv"]
 
 
 @contextmanager
@@ -39,3 +45,47 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         os.replace(target, path)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; returns the path."""
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path
+
+
+def write_json(path: str | Path, data: Any, indent: int = 1) -> Path:
+    """Write ``data`` as JSON (and a final newline) to ``path`` atomically."""
+    return write_text(path, json.dumps(data, indent=indent) + "\n")
+
+
+def write_csv(
+    path: str | Path,
+    columns: Sequence[str],
+    rows: Iterable[Sequence[Any] | Mapping[str, Any]],
+    float_format: str | None = None,
+) -> Path:
+    """Write a CSV with a header row to ``path`` atomically.
+
+    ``rows`` are sequences in column order, or mappings read by column name (a missing key or
+    ``None`` is an empty cell). Floats are written with full precision (``repr``) unless
+    ``float_format`` (e.g. ``"{:.6g}"``) is given.
+    """
+
+    def cell(value: Any) -> Any:
+        if value is None:
+            return ""
+        if float_format is not None and isinstance(value, float):
+            return float_format.format(value)
+        return value
+
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh, lineterminator="\n")
+            writer.writerow(columns)
+            for row in rows:
+                values = [row.get(c) for c in columns] if isinstance(row, Mapping) else list(row)
+                writer.writerow([cell(v) for v in values])
+    return path

@@ -22,10 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
-from ._sitk import from_sitk, short_reason
-from .dicom import is_dicom_file, read_dicom_file, read_dicom_series
 from .errors import ImageReadError
 from .formats import format_of, known_suffixes
 from .image import MedicalImage
@@ -52,15 +49,23 @@ def read_image(path: str | Path, series_uid: str | None = None) -> MedicalImage:
         Unknown format, corrupt file, 4D or non-colour vector data, ambiguous
         DICOM folder.
     """
+    # SimpleITK and pydicom are imported when a format needs them (a PNG needs neither).
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
     if path.is_dir():
+        from .dicom import read_dicom_series
+
         return read_dicom_series(path, series_uid=series_uid)
     fmt = format_of(path)
-    if fmt is None and is_dicom_file(path):
-        fmt = "dicom"
+    if fmt is None:
+        from .dicom import is_dicom_file
+
+        if is_dicom_file(path):
+            fmt = "dicom"
     if fmt == "dicom":
+        from .dicom import read_dicom_file
+
         image = read_dicom_file(path)
         if series_uid is not None and image.series_uid != series_uid:
             raise ImageReadError(
@@ -85,6 +90,10 @@ def read_image(path: str | Path, series_uid: str | None = None) -> MedicalImage:
 
 
 def _read_itk(path: Path, fmt: str) -> MedicalImage:
+    import SimpleITK as sitk
+
+    from ._sitk import from_sitk, short_reason
+
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:

@@ -5,9 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
-from ._sitk import short_reason, to_sitk
 from .atomic import atomic_output
 from .formats import ITK_FORMATS, check_mask_path
 from .image import MedicalImage
@@ -101,6 +99,10 @@ def write_mask(mask, like: MedicalImage, path: str | Path) -> Path:
     if fmt == "nifti" and _write_nifti_like_source(labels, like, path):
         return path
     if fmt in ITK_FORMATS:
+        import SimpleITK as sitk
+
+        from ._sitk import short_reason, to_sitk
+
         img = to_sitk(labels, like)
         with atomic_output(path) as tmp:
             writer = sitk.ImageFileWriter()

@@ -4,8 +4,8 @@ One job (``POST /train``) does, in this order, and changes nothing the user sees
 
 1. **Corpus.** Every image whose label map has a saved version (an accepted label) and at least
    one labelled pixel becomes one case of a corpus in ``medsam train``'s format, written with the
-   curation code itself (:func:`medsam.curate.prepare.write_case` and
-   :func:`~medsam.curate.prepare.index_corpus`): one ``.npz`` per labelled slice holding the
+   curation code itself (:func:`medsam.corpus.write_case` and
+   :func:`~medsam.corpus.index_corpus`): one ``.npz`` per labelled slice holding the
    slice *exactly as the model sees it in the workbench* (the datastore's uint8 model input) and
    its label map, one manifest row per (slice, label). The label files are read from disk again
    (not from the server's cache), inside ``.medsam/labels`` only.
@@ -222,7 +222,7 @@ def write_accepted_corpus(
     Images without a labelled pixel are skipped; the split is made over the rest. Raises
     :class:`_JobError` (422) when fewer than :data:`MIN_ACCEPTED_IMAGES` remain.
     """
-    from ..curate.prepare import index_corpus, write_case
+    from ..corpus import index_corpus, write_case
 
     usable: dict[str, tuple[Any, dict, np.ndarray, list[int]]] = {}
     skipped = []
@@ -314,7 +314,7 @@ def score_heldout(model, corpus: Path, cache=None, cancelled: Callable[[], bool]
     from ..embedding_cache import set_image_cached
     from ..metrics import dice_score, normalized_surface_dice
     from ..predictor import Predictor
-    from ..train.data import load_slice, read_manifest
+    from ..corpus import load_slice, read_manifest
 
     groups: OrderedDict[str, list] = OrderedDict()
     for row in read_manifest(corpus, HELDOUT_SPLIT):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..train.data import ManifestRow, load_slice
+from ..corpus import ManifestRow, load_slice
 
 
 @dataclass(frozen=True)

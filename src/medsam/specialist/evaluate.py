@@ -31,7 +31,7 @@ import torch
 
 from .. import benchmark as _bench
 from ..metrics import dice_score, normalized_surface_dice
-from ..train.data import load_slice, read_manifest
+from ..corpus import load_slice, read_manifest
 from .data import CaseOrientations
 from .model import Specialist, load_specialist
 

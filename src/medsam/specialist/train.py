@@ -38,7 +38,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..train.data import ManifestRow, load_slice, read_manifest
+from ..corpus import ManifestRow, load_slice, read_manifest
 from .data import (
     Augment, CaseOrientations, ClassSet, choose_classes, load_slices, prepare_image, prepare_label, slice_groups,
 )

@@ -26,7 +26,7 @@ _LAZY = {
     "model_from_checkpoint": "medsam.train.export",
     "SegmentationLoss": "medsam.train.losses",
     "SegmentationDataset": "medsam.train.data",
-    "read_manifest": "medsam.train.data",
+    "read_manifest": "medsam.corpus",
     "write_synthetic_corpus": "medsam.train.synthetic",
 }
 

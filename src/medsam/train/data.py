@@ -1,13 +1,5 @@
-"""Training samples from the curated corpus: one (2D slice, object) row of the manifest each.
-
-Corpus layout (written by the curation step)::
-
-    CORPUS/
-      corpus.json
-      manifest.csv   one row per (slice, object): dataset, case, slice, label, label_name, modality,
-                     x0, y0, x1, y1 (inclusive pixel bbox, x = column), area, split, path, height, width
-      cases/<dataset>/<case>/slices/<slice:04d>.npz   image (H, W) or (H, W, 3) uint8,
-                     label (H, W) uint8|uint16, spacing (2,) mm as (row, col)
+"""Training samples from the curated corpus (:mod:`medsam.corpus`): one (2D slice, object) row
+of the manifest each.
 
 The dataset is lazy: an item reads one slice file. Images are prepared exactly as the Predictor
 prepares them at inference (:meth:`medsam.preprocess.Contract.prepare_image`, through its faster
@@ -23,7 +15,6 @@ process, worker or run (interrupted or not) makes it.
 
 from __future__ import annotations
 
-import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,90 +26,9 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
+from ..corpus import CorpusError, ManifestRow, load_slice
 from ..preprocess import Contract, ImageGeometry
 from ..preprocess_fast import prepare_image_fast
-
-MANIFEST_COLUMNS = (
-    "dataset", "case", "slice", "label", "label_name", "modality",
-    "x0", "y0", "x1", "y1", "area", "split", "path", "height", "width",
-)
-_INT_COLUMNS = {"slice", "label", "x0", "y0", "x1", "y1", "area", "height", "width"}
-
-
-class CorpusError(ValueError):
-    """A corpus that does not have the expected layout; the message says what is wrong."""
-
-
-@dataclass(frozen=True)
-class ManifestRow:
-    """One (slice, object) row of ``manifest.csv``. The bbox is inclusive, in pixels, x = column."""
-
-    dataset: str
-    case: str
-    slice: int
-    label: int
-    label_name: str
-    modality: str
-    x0: int
-    y0: int
-    x1: int
-    y1: int
-    area: int
-    split: str
-    path: str
-    height: int
-    width: int
-
-
-def read_manifest(
-    corpus: str | Path,
-    split: str | None = None,
-    datasets: Sequence[str] = (),
-    modalities: Sequence[str] = (),
-) -> list[ManifestRow]:
-    """Rows of ``CORPUS/manifest.csv``, in file order, optionally of one split / datasets / modalities."""
-    path = Path(corpus) / "manifest.csv"
-    if not path.is_file():
-        raise CorpusError(f"no manifest.csv in corpus folder {corpus}")
-    rows = []
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise CorpusError(f"{path}: missing columns {', '.join(missing)}")
-        for i, raw in enumerate(reader, start=2):
-            try:
-                values = {
-                    c: int(float(raw[c])) if c in _INT_COLUMNS else raw[c] for c in MANIFEST_COLUMNS
-                }
-            except (TypeError, ValueError):
-                raise CorpusError(f"{path}, line {i}: a numeric column does not parse: {raw}") from None
-            row = ManifestRow(**values)
-            if split is not None and row.split != split:
-                continue
-            if datasets and row.dataset not in datasets:
-                continue
-            if modalities and row.modality not in modalities:
-                continue
-            rows.append(row)
-    return rows
-
-
-def load_slice(corpus: str | Path, row: ManifestRow) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
-    """(image (H, W[, 3]) uint8, label map (H, W), spacing (row, col) mm) of a row's slice."""
-    path = Path(corpus) / row.path
-    try:
-        with np.load(path) as data:
-            image, label = data["image"], data["label"]
-            spacing = tuple(float(s) for s in data["spacing"]) if "spacing" in data else (1.0, 1.0)
-    except FileNotFoundError:
-        raise CorpusError(f"slice file missing: {path}") from None
-    except KeyError as exc:
-        raise CorpusError(f"{path}: missing array {exc}") from None
-    if label.shape != image.shape[:2]:
-        raise CorpusError(f"{path}: label {label.shape} and image {image.shape} differ in size")
-    return image, label, spacing
-
 
 def mask_bbox(mask: np.ndarray) -> np.ndarray:
     """Inclusive [x0, y0, x1, y1] of the non-zero pixels of a (H, W) mask (float64)."""

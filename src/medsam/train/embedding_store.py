@@ -33,7 +33,8 @@ import torch
 
 from ..preprocess import Contract
 from ..zoom import ZoomPolicy, should_zoom, zoom_window
-from .data import ManifestRow, load_slice, mask_bbox
+from ..corpus import ManifestRow, load_slice
+from .data import mask_bbox
 from ..preprocess_fast import prepare_image_fast
 
 FORMAT = "medsam-embedding-store/1"

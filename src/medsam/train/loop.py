@@ -41,9 +41,10 @@ from ..preprocess import get_contract
 from ..scribbles import DEFAULT_MAX_POINTS as SCRIBBLE_POINTS
 from .checkpoint import FORMAT, VERSION, load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig, dump_config
+from ..corpus import read_manifest
 from .data import (
     AugmentOptions, EpochSampler, PromptOptions, SegmentationDataset, ValidationSlices, clicks_for_step, collate,
-    read_manifest, steps_per_epoch,
+    steps_per_epoch,
 )
 from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_object, cleanup, init_distributed
 from .losses import SegmentationLoss

@@ -1,19 +1,17 @@
 """A tiny synthetic corpus in the curated format, for tests and CPU smoke runs.
 
 Each slice is noise with two bright shapes: label 1 an ellipse, label 2 a rectangle (random sizes
-and positions, not overlapping), written as ``cases/<dataset>/<case>/slices/<slice:04d>.npz`` with a
-``manifest.csv`` row per (slice, object). Cases are split train / val / test by case.
+and positions, not overlapping), written through :mod:`medsam.corpus` like a curated case. Cases
+are split train / val / test by case.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
 
 import numpy as np
 
-from .data import MANIFEST_COLUMNS
+from ..corpus import index_corpus, write_case
 
 
 def _slice(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -49,30 +47,17 @@ def write_synthetic_corpus(
     folder = Path(folder)
     cases = cases or {"train": 6, "val": 2, "test": 1}
     rng = np.random.default_rng(seed)
-    rows = []
+    names = {"1": "ellipse", "2": "rectangle"}
+    datasets = set()
     n = 0
     for split, count in cases.items():
         for _ in range(count):
             modality = modalities[n % len(modalities)]
             dataset, case = f"synthetic_{modality.lower()}", f"case{n:03d}"
             n += 1
-            for s in range(slices_per_case):
-                image, label = _slice(rng, size)
-                rel = Path("cases") / dataset / case / "slices" / f"{s:04d}.npz"
-                (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-                np.savez_compressed(folder / rel, image=image, label=label, spacing=np.array([0.8, 0.8]))
-                for lab, name in ((1, "ellipse"), (2, "rectangle")):
-                    ys, xs = np.nonzero(label == lab)
-                    rows.append(
-                        dict(
-                            dataset=dataset, case=case, slice=s, label=lab, label_name=name,
-                            modality=modality, x0=xs.min(), y0=ys.min(), x1=xs.max(), y1=ys.max(),
-                            area=len(ys), split=split, path=rel.as_posix(), height=size, width=size,
-                        )
-                    )
-    with open(folder / "manifest.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    (folder / "corpus.json").write_text(json.dumps({"name": "synthetic", "seed": seed, "size": size}, indent=2))
+            slices = [(s, *_slice(rng, size)) for s in range(slices_per_case)]
+            write_case(folder, dataset, case, slices, (0.8, 0.8),
+                       {"modality": modality, "split": split, "label_names": names, "label_source": "synthetic"})
+            datasets.add(dataset)
+    index_corpus(folder, [{"name": d, "label_source": "synthetic", "seed": seed, "size": size} for d in sorted(datasets)])
     return folder

@@ -1,0 +1,532 @@
+"""The curated corpus: its layout, writer, index and reader, in one place.
+
+Curation (:mod:`medsam.curate.prepare`), the workbench's training job, training
+(:mod:`medsam.train`), the benchmark, the specialist and the embedding store all read and write a
+corpus through this module. Layout (``OUT``)::
+
+    corpus.json        {"format": "medsam-corpus", "version": 1, "datasets": [spec dicts],
+                        "created", "updated", "medsam_version", "label_sources", "counts"}
+    manifest.csv       one row per (slice, object), columns MANIFEST_COLUMNS: dataset, case, slice,
+                       label, label_name, modality, x0, y0, x1, y1 (inclusive pixel box, x = column),
+                       area, split, path, height, width
+    manifest.parquet   the same rows, columnar (written when pyarrow is installed); read in
+                       preference to the CSV, a split, datasets and modalities at a time
+    summary.csv        per dataset, modality and label: cases, slices, objects, voxels, cases per split
+    errors.csv         cases that could not be curated: dataset, case, stage, error, image, label
+    cases/<dataset>/<case>/case.json
+    cases/<dataset>/<case>/slices/<slice:04d>.npz   image (H, W[, 3]) uint8,
+                       label (H, W) uint8|uint16, spacing (2,) float64 mm (row, col)
+    errors/<dataset>/<case>.json   one record per broken case (errors.csv is built from them)
+
+A case folder is written under a hidden temporary name and renamed when complete, so a case
+folder that exists is finished. The manifest, summary and error list are rebuilt from every
+finished ``case.json`` (:func:`build_index`), so corpora curated in pieces merge by copying their
+``cases/`` and ``errors/`` folders into one ``OUT`` and indexing it again.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .io.atomic import write_csv, write_json
+
+__all__ = [
+    "CORPUS_FORMAT", "CORPUS_VERSION", "CASE_FORMAT", "MANIFEST_COLUMNS", "SUMMARY_COLUMNS", "ERROR_COLUMNS",
+    "SPLITS", "CorpusError", "CaseError", "ManifestRow", "Manifest", "read_manifest", "load_slice",
+    "write_case", "slice_objects", "build_index", "write_corpus_json", "index_corpus", "write_manifest",
+    "case_dir", "error_file", "read_json", "finished_case",
+]
+
+CORPUS_FORMAT = "medsam-corpus"
+CORPUS_VERSION = 1
+CASE_FORMAT = "medsam-corpus-case"
+SPLITS = ("train", "val", "test")
+
+MANIFEST_COLUMNS = (
+    "dataset", "case", "slice", "label", "label_name", "modality",
+    "x0", "y0", "x1", "y1", "area", "split", "path", "height", "width",
+)
+_INT_COLUMNS = frozenset({"slice", "label", "x0", "y0", "x1", "y1", "area", "height", "width"})
+SUMMARY_COLUMNS = (
+    "dataset", "modality", "label", "label_name", "label_source", "cases", "slices", "objects", "voxels",
+    "cases_train", "cases_val", "cases_test",
+)
+ERROR_COLUMNS = ("dataset", "case", "stage", "error", "image", "label")
+
+
+class CorpusError(ValueError):
+    """A corpus that does not have the expected layout; the message says what is wrong."""
+
+
+@dataclass
+class CaseError:
+    """A case that could not be curated (or an image/label without its partner)."""
+
+    dataset: str
+    case: str
+    stage: str
+    error: str
+    image: str = ""
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One (slice, object) row of the manifest. The box is inclusive, in pixels, x = column."""
+
+    dataset: str
+    case: str
+    slice: int
+    label: int
+    label_name: str
+    modality: str
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    area: int
+    split: str
+    path: str
+    height: int
+    width: int
+
+
+assert tuple(f.name for f in fields(ManifestRow)) == MANIFEST_COLUMNS
+
+
+# --------------------------------------------------------------------------- small helpers
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _medsam_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON file's content, or None when it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def case_dir(out: Path, dataset: str, case: str) -> Path:
+    """``OUT/cases/<dataset>/<case>``."""
+    return Path(out) / "cases" / dataset / case
+
+
+def error_file(out: Path, dataset: str, case: str) -> Path:
+    """``OUT/errors/<dataset>/<case>.json``."""
+    return Path(out) / "errors" / dataset / f"{case}.json"
+
+
+def finished_case(out: Path, dataset: str, case: str) -> dict | None:
+    """The ``case.json`` of a finished case, or None."""
+    rec = read_json(case_dir(out, dataset, case) / "case.json")
+    if rec and rec.get("status") == "done" and rec.get("format") == CASE_FORMAT:
+        return rec
+    return None
+
+
+# --------------------------------------------------------------------------- writing cases
+def _save_slice(path: Path, image: np.ndarray, label: np.ndarray, spacing: np.ndarray) -> None:
+    np.savez_compressed(path, image=image, label=label, spacing=spacing)
+
+
+def slice_objects(label: np.ndarray) -> list[list[int]]:
+    """``[label, x0, y0, x1, y1, area]`` of every label id present in a 2D label map (inclusive
+    bounding box, x = column), in id order: the objects of one corpus slice."""
+    from scipy import ndimage
+
+    objs = []
+    for lid, bb in enumerate(ndimage.find_objects(label), start=1):
+        if bb is None:
+            continue
+        area = int(np.count_nonzero(label[bb] == lid))
+        ys, xs = bb[0], bb[1]
+        objs.append([lid, xs.start, ys.start, xs.stop - 1, ys.stop - 1, area])
+    return objs
+
+
+def write_case(
+    out_dir: str | Path,
+    dataset: str,
+    case: str,
+    slices: Iterable[tuple[int, np.ndarray, np.ndarray]],
+    spacing: Sequence[float],
+    record: dict[str, Any],
+    started: float | None = None,
+) -> dict[str, Any]:
+    """Write one case of a corpus: ``cases/<dataset>/<case>/slices/<slice:04d>.npz`` and ``case.json``.
+
+    ``slices`` yields ``(slice index, image (H, W[, 3]) uint8, label (H, W) uint8|uint16)``;
+    every slice is stored with ``spacing`` (row, col, mm) and its objects
+    (:func:`slice_objects`). ``record`` holds the case's own fields (``modality``, ``split``,
+    ``label_names`` ...; :func:`build_index` reads ``modality``, ``split``, ``label_names`` and
+    ``label_source``); format, status, dataset, case, the slice list and the counts are added
+    here, and ``seconds`` when ``started`` (a ``time.perf_counter()`` value) is given. The folder
+    is written under a hidden temporary name and renamed when complete (replacing an older one).
+    Returns the written record.
+    """
+    out = Path(out_dir)
+    ds_dir = out / "cases" / dataset
+    ds_dir.mkdir(parents=True, exist_ok=True)
+    tmp = ds_dir / f".{case}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    final = ds_dir / case
+    spacing_mm = np.asarray(spacing, dtype=np.float64)
+    slices_rec = []
+    n_objects = 0
+    try:
+        (tmp / "slices").mkdir(parents=True)
+        for s, img2, lab2 in slices:
+            img2 = np.ascontiguousarray(img2)
+            lab2 = np.ascontiguousarray(lab2)
+            objs = slice_objects(lab2)
+            fname = f"slices/{int(s):04d}.npz"
+            _save_slice(tmp / fname, img2, lab2, spacing_mm)
+            slices_rec.append(
+                {"slice": int(s), "file": fname, "height": int(lab2.shape[0]), "width": int(lab2.shape[1]),
+                 "objects": objs}
+            )
+            n_objects += len(objs)
+        full = {
+            "format": CASE_FORMAT,
+            "version": CORPUS_VERSION,
+            "status": "done",
+            "dataset": dataset,
+            "case": case,
+            **record,
+            "n_slices": len(slices_rec),
+            "n_objects": n_objects,
+            "slices": slices_rec,
+            "created": _now(),
+            "medsam_version": _medsam_version(),
+        }
+        if started is not None:
+            full["seconds"] = round(time.perf_counter() - started, 3)
+        (tmp / "case.json").write_text(json.dumps(full, indent=1) + "\n", encoding="utf-8")
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return full
+
+
+# --------------------------------------------------------------------------- the index
+def _case_records(out: Path) -> list[dict]:
+    recs = []
+    root = out / "cases"
+    if not root.is_dir():
+        return recs
+    for ds_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for cdir in sorted(p for p in ds_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            rec = read_json(cdir / "case.json")
+            if rec and rec.get("status") == "done" and rec.get("format") == CASE_FORMAT:
+                recs.append(rec)
+    return recs
+
+
+def _case_errors(out: Path) -> list[CaseError]:
+    errs = []
+    root = out / "errors"
+    if not root.is_dir():
+        return errs
+    for f in sorted(root.glob("*/*.json")):
+        rec = read_json(f)
+        if rec:
+            errs.append(CaseError(**{k: str(rec.get(k, "")) for k in ERROR_COLUMNS}))
+    return errs
+
+
+def write_manifest(out: Path, rows: Sequence[Sequence[Any]]) -> None:
+    """``manifest.csv`` and, where pyarrow is installed, ``manifest.parquet`` (rows in
+    :data:`MANIFEST_COLUMNS` order). A stale Parquet file is removed when pyarrow is missing."""
+    write_csv(out / "manifest.csv", MANIFEST_COLUMNS, rows)
+    parquet = out / "manifest.parquet"
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        parquet.unlink(missing_ok=True)
+        return
+    columns = list(zip(*rows)) if rows else [[] for _ in MANIFEST_COLUMNS]
+    arrays = [
+        pa.array([int(v) for v in col], type=pa.int64()) if name in _INT_COLUMNS else pa.array([str(v) for v in col],
+                                                                                              type=pa.string())
+        for name, col in zip(MANIFEST_COLUMNS, columns)
+    ]
+    table = pa.Table.from_arrays(arrays, names=list(MANIFEST_COLUMNS))
+    tmp = out / f".manifest.parquet.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        pq.write_table(table, tmp, row_group_size=65536)
+        os.replace(tmp, parquet)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def build_index(
+    out_dir: str | Path,
+    splits: dict[str, dict[str, str]] | None = None,
+    datasets: Sequence[dict] | None = None,
+) -> dict[str, Any]:
+    """(Re)build the manifest, ``summary.csv`` and ``errors.csv`` from every finished case.
+
+    ``splits`` (``{dataset: {case: split}}``) overrides the split recorded in ``case.json`` (and
+    the record is updated); ``datasets`` are spec dicts, used for each dataset's
+    ``label_source``. Returns the counts (cases, slices, objects, splits, errors, warnings).
+    """
+    out = Path(out_dir)
+    splits = splits or {}
+    src_of = {d["name"]: d.get("label_source", "") for d in (datasets or [])}
+    rows = []
+    agg: dict[tuple, dict[str, Any]] = {}
+    ds_tot: dict[tuple, dict[str, Any]] = {}
+    split_counts = {s: 0 for s in SPLITS}
+    digests: dict[str, set] = defaultdict(set)
+    recs = _case_records(out)
+    for rec in recs:
+        ds, case = rec["dataset"], rec["case"]
+        split = splits.get(ds, {}).get(case, rec.get("split", "train"))
+        if split != rec.get("split"):
+            rec["split"] = split
+            write_json(case_dir(out, ds, case) / "case.json", rec)
+        digests[ds].add(rec.get("case_list_digest"))
+        split_counts[split] = split_counts.get(split, 0) + 1
+        modality = rec["modality"]
+        names = rec.get("label_names", {})
+        source = src_of.get(ds) or rec.get("label_source", "")
+        tot = ds_tot.setdefault((ds, modality), {"source": source, "cases": set(), "slices": 0, "objects": 0,
+                                                 "voxels": 0, "split_cases": defaultdict(set)})
+        tot["cases"].add(case)
+        tot["split_cases"][split].add(case)
+        for sl in rec["slices"]:
+            tot["slices"] += 1
+            path = f"cases/{ds}/{case}/{sl['file']}"
+            for lid, x0, y0, x1, y1, area in sl["objects"]:
+                name = names.get(str(lid), f"label_{lid}")
+                rows.append((ds, case, sl["slice"], lid, name, modality, x0, y0, x1, y1, area, split, path,
+                             sl["height"], sl["width"]))
+                a = agg.setdefault((ds, modality, lid, name), {"source": source, "cases": set(), "slices": set(),
+                                                                "objects": 0, "voxels": 0,
+                                                                "split_cases": defaultdict(set)})
+                a["cases"].add(case)
+                a["slices"].add((case, sl["slice"]))
+                a["objects"] += 1
+                a["voxels"] += area
+                a["split_cases"][split].add(case)
+                tot["objects"] += 1
+                tot["voxels"] += area
+    rows.sort(key=lambda r: (r[0], r[1], r[2], r[3]))
+    write_manifest(out, rows)
+
+    summary = []
+    for (ds, modality), t in sorted(ds_tot.items()):
+        summary.append((ds, modality, "", "(all labels)", t["source"], len(t["cases"]), t["slices"], t["objects"],
+                        t["voxels"], *(len(t["split_cases"][s]) for s in SPLITS)))
+        for (ds2, mod2, lid, name), a in sorted(agg.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[0][3])):
+            if (ds2, mod2) != (ds, modality):
+                continue
+            summary.append((ds, modality, lid, name, a["source"], len(a["cases"]), len(a["slices"]), a["objects"],
+                            a["voxels"], *(len(a["split_cases"][s]) for s in SPLITS)))
+    write_csv(out / "summary.csv", SUMMARY_COLUMNS, summary)
+
+    done = {(r["dataset"], r["case"]) for r in recs}
+    errors = []
+    for e in _case_errors(out):
+        if e.stage != "match" and (e.dataset, e.case) in done:  # failed once, finished since (e.g. merged)
+            error_file(out, e.dataset, e.case).unlink(missing_ok=True)
+        else:
+            errors.append(e)
+    write_csv(out / "errors.csv", ERROR_COLUMNS, [[getattr(e, c) for c in ERROR_COLUMNS] for e in errors])
+    warnings = [
+        f"dataset {ds!r}: its finished cases were split from {len(d)} different case lists "
+        "(shards saw different sources?); rerun prepare with the full source list"
+        for ds, d in sorted(digests.items())
+        if len(d) > 1
+    ]
+    return {
+        "cases": len(recs),
+        "slices": sum(t["slices"] for t in ds_tot.values()),
+        "objects": len(rows),
+        "splits": split_counts,
+        "errors": errors,
+        "warnings": warnings,
+    }
+
+
+def write_corpus_json(out: Path, specs: Sequence[Any], counts: dict | None = None) -> list[dict]:
+    """Create or update ``corpus.json`` with ``specs`` (dataset specs, or dicts with at least a
+    ``name``; one per dataset, newer replacing older) and ``counts``; returns the datasets."""
+    path = Path(out) / "corpus.json"
+    old = read_json(path) or {}
+    if old and old.get("format") != CORPUS_FORMAT:
+        raise ValueError(f"{path} is not a {CORPUS_FORMAT} file")
+    datasets = {d["name"]: d for d in old.get("datasets", []) if isinstance(d, dict) and "name" in d}
+    for s in specs:
+        d = dict(s) if isinstance(s, dict) else s.to_dict()
+        datasets[d["name"]] = d
+    data = {
+        "format": CORPUS_FORMAT,
+        "version": CORPUS_VERSION,
+        "datasets": [datasets[k] for k in sorted(datasets)],
+        "created": old.get("created") or _now(),
+        "updated": _now(),
+        "medsam_version": _medsam_version(),
+        "label_sources": {k: datasets[k].get("label_source", "") for k in sorted(datasets)},
+    }
+    if counts is not None:
+        data["counts"] = {k: counts[k] for k in ("cases", "slices", "objects", "splits")}
+    elif "counts" in old:
+        data["counts"] = old["counts"]
+    write_json(path, data)
+    return data["datasets"]
+
+
+def index_corpus(out_dir: str | Path, datasets: Sequence[Any] = ()) -> dict[str, Any]:
+    """Finish a corpus whose cases were written with :func:`write_case`: the index
+    (:func:`build_index`, splits as recorded in each ``case.json``) and ``corpus.json``
+    (``datasets``: specs, or dicts with at least a ``name``). Returns the counts."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    recorded = write_corpus_json(out, datasets)
+    counts = build_index(out, None, recorded)
+    write_corpus_json(out, datasets, counts)
+    return counts
+
+
+# --------------------------------------------------------------------------- reading
+class Manifest(Sequence[ManifestRow]):
+    """Rows of a manifest as a read-only sequence of :class:`ManifestRow`, made on access from
+    columns (a million rows stay a few compact arrays, not a million Python objects)."""
+
+    def __init__(self, columns: dict[str, Sequence[Any]]) -> None:
+        self._columns = columns
+        self._n = len(columns["dataset"]) if columns else 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _row(self, i: int) -> ManifestRow:
+        c = self._columns
+        return ManifestRow(**{k: (int(c[k][i]) if k in _INT_COLUMNS else str(c[k][i])) for k in MANIFEST_COLUMNS})
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self._row(i) for i in range(*index.indices(self._n))]
+        if index < 0:
+            index += self._n
+        if not 0 <= index < self._n:
+            raise IndexError(index)
+        return self._row(index)
+
+    def __iter__(self) -> Iterator[ManifestRow]:
+        return (self._row(i) for i in range(self._n))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (Manifest, list, tuple)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"Manifest({self._n} rows)"
+
+
+def _read_parquet(path: Path, split, datasets, modalities) -> dict[str, Sequence[Any]]:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=list(MANIFEST_COLUMNS))
+    mask = None
+    for name, wanted in (("split", [split] if split is not None else None), ("dataset", datasets),
+                         ("modality", modalities)):
+        if wanted:
+            cond = pc.is_in(table[name], value_set=__import__("pyarrow").array(list(wanted), type=table[name].type))
+            mask = cond if mask is None else pc.and_(mask, cond)
+    if mask is not None:
+        table = table.filter(mask)
+    return {name: table[name].to_numpy(zero_copy_only=False) for name in MANIFEST_COLUMNS}
+
+
+def _read_csv(path: Path, split, datasets, modalities) -> dict[str, Sequence[Any]]:
+    columns: dict[str, list[Any]] = {c: [] for c in MANIFEST_COLUMNS}
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise CorpusError(f"{path}: missing columns {', '.join(missing)}")
+        for i, raw in enumerate(reader, start=2):
+            if split is not None and raw["split"] != split:
+                continue
+            if datasets and raw["dataset"] not in datasets:
+                continue
+            if modalities and raw["modality"] not in modalities:
+                continue
+            try:
+                for c in MANIFEST_COLUMNS:
+                    columns[c].append(int(float(raw[c])) if c in _INT_COLUMNS else (raw[c] or ""))
+            except (TypeError, ValueError):
+                raise CorpusError(f"{path}, line {i}: a numeric column does not parse: {raw}") from None
+    return columns
+
+
+def read_manifest(
+    corpus: str | Path,
+    split: str | None = None,
+    datasets: Sequence[str] = (),
+    modalities: Sequence[str] = (),
+) -> Manifest:
+    """Rows of the corpus's manifest in file order, optionally of one split / datasets /
+    modalities: ``manifest.parquet`` when it exists, pyarrow is installed and the CSV has not been
+    changed since, else ``manifest.csv``."""
+    root = Path(corpus)
+    parquet, text = root / "manifest.parquet", root / "manifest.csv"
+    # The Parquet file is written after the CSV; a CSV edited since (by hand) wins.
+    if parquet.is_file() and (not text.is_file() or parquet.stat().st_mtime_ns >= text.stat().st_mtime_ns):
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            try:
+                return Manifest(_read_parquet(parquet, split, tuple(datasets), tuple(modalities)))
+            except (OSError, KeyError, ValueError) as exc:
+                raise CorpusError(f"{parquet}: not a readable manifest ({exc})") from None
+    if not text.is_file():
+        raise CorpusError(f"no manifest.csv in corpus folder {corpus}")
+    return Manifest(_read_csv(text, split, tuple(datasets), tuple(modalities)))
+
+
+def load_slice(corpus: str | Path, row: ManifestRow | str) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    """(image (H, W[, 3]) uint8, label map (H, W), spacing (row, col) mm) of a manifest row's slice
+    (or of a slice file path relative to the corpus)."""
+    path = Path(corpus) / (row if isinstance(row, str) else row.path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            image, label = data["image"], data["label"]
+            spacing = tuple(float(s) for s in data["spacing"]) if "spacing" in data else (1.0, 1.0)
+    except FileNotFoundError:
+        raise CorpusError(f"slice file missing: {path}") from None
+    except (KeyError, ValueError, OSError) as exc:
+        raise CorpusError(f"{path}: not a corpus slice ({exc})") from None
+    if label.shape != image.shape[:2]:
+        raise CorpusError(f"{path}: label {label.shape} and image {image.shape} differ in size")
+    if len(spacing) != 2 or not all(np.isfinite(s) and s > 0 for s in spacing):
+        raise CorpusError(f"{path}: bad spacing {spacing}")
+    return image, label, (spacing[0], spacing[1])
