@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: test fuzz demo venv bench clean
+.PHONY: test lint fuzz demo venv bench clean
 
 venv: $(STAMP)
 
@@ -22,8 +22,14 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
-test: venv
+test: venv lint
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q
+
+# ruff (lint and format) over the tree, mypy over the public API (pyproject.toml says which files).
+lint: venv
+	$(VENV)/bin/ruff check --output-format concise .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 # A large fuzzing budget with fresh random cases (make test runs a small fixed-seed one).
 fuzz: venv

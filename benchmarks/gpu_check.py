@@ -173,7 +173,9 @@ def cuda_inference(results: dict) -> None:
             bt = torch.as_tensor(boxes / np.array([W, H, W, H]) * 1024, dtype=torch.float, device=dev)[:, None]
             sp, de = ref.prompt_encoder(points=None, boxes=bt, masks=None)
             logits, _ = ref.mask_decoder(emb, ref.prompt_encoder.get_dense_pe(), sp, de, False)
-            dec[f"logits_rel_err_{n}"] = float(np.linalg.norm(ours.low_res_logits - logits.cpu().numpy()) / np.linalg.norm(logits.cpu().numpy()))
+            dec[f"logits_rel_err_{n}"] = float(
+                np.linalg.norm(ours.low_res_logits - logits.cpu().numpy()) / np.linalg.norm(logits.cpu().numpy())
+            )
         results["decoder_seconds"] = dec
 
         def ref_dec_one():
@@ -182,6 +184,7 @@ def cuda_inference(results: dict) -> None:
             logits, _ = ref.mask_decoder(emb, ref.prompt_encoder.get_dense_pe(), sp, de, False)
             prob = F.interpolate(torch.sigmoid(logits), size=(H, W), mode="bilinear", align_corners=False)
             return (prob > 0.5).cpu().numpy()
+
         # Where the time of one box goes (launch-bound on a GPU): the top operators of each side.
         from torch.profiler import ProfilerActivity, profile
 
@@ -218,13 +221,15 @@ def vit_b_training_steps(results: dict, steps: int = 8, batch: int = 8) -> None:
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
-    for step in range(steps):
+    for _step in range(steps):
         sync()
         start = time.perf_counter()
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
             emb = model.image_encoder(x)
             out = model.decode(emb, boxes=boxes)
-            logits = torch.nn.functional.interpolate(out.logits.float(), size=(1024, 1024), mode="bilinear", align_corners=False)
+            logits = torch.nn.functional.interpolate(
+                out.logits.float(), size=(1024, 1024), mode="bilinear", align_corners=False
+            )
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()

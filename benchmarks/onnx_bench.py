@@ -125,8 +125,14 @@ def bench_model(name: str, threads: int, repeats: int, workdir: Path) -> dict:
 
     torch.set_num_threads(threads)
     model, weights = load_bench_model(name)
-    res: dict = {"model": name, "weights": weights, "threads": threads, "repeats": repeats,
-                 "input_size": model.input_size, "contract": model.contract}
+    res: dict = {
+        "model": name,
+        "weights": weights,
+        "threads": threads,
+        "repeats": repeats,
+        "input_size": model.input_size,
+        "contract": model.contract,
+    }
 
     out = workdir / f"onnx_{name}"
     t = time.perf_counter()
@@ -174,8 +180,12 @@ def bench_model(name: str, threads: int, repeats: int, workdir: Path) -> dict:
     box_net = torch.as_tensor(contract.transform_boxes(boxes, geom), dtype=torch.float32)
     dec = session(export.decoder)
     L = model.prompt_encoder.mask_input_size[0]
-    feeds = {"image_embeddings": emb_torch.numpy(), "boxes": box_net.numpy(),
-             "mask_input": np.zeros((len(boxes), 1, L, L), np.float32), "has_mask_input": np.zeros(1, np.float32)}
+    feeds = {
+        "image_embeddings": emb_torch.numpy(),
+        "boxes": box_net.numpy(),
+        "mask_input": np.zeros((len(boxes), 1, L, L), np.float32),
+        "has_mask_input": np.zeros(1, np.float32),
+    }
 
     def torch_decoder():
         with torch.inference_mode():
@@ -243,8 +253,9 @@ COMPILE_CHILD = textwrap.dedent("""
 
 def bench_compile(name: str, threads: int, repeats: int, workdir: Path) -> dict:
     cache = str(workdir / f"inductor_{name}")
-    code = COMPILE_CHILD.format(bench_dir=str(Path(__file__).resolve().parent), threads=threads, name=name,
-                                cache=cache, repeats=repeats)
+    code = COMPILE_CHILD.format(
+        bench_dir=str(Path(__file__).resolve().parent), threads=threads, name=name, cache=cache, repeats=repeats
+    )
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     out = {}
@@ -258,10 +269,12 @@ def bench_compile(name: str, threads: int, repeats: int, workdir: Path) -> dict:
             out[label] = {"error": " | ".join(tail)[-600:]}
             print(f"[{name}] torch.compile {label} failed: {out[label]['error']}", flush=True)
             break
-        out[label] = {**json.loads(lines[-1][len("RESULT "):]), "process_wall_s": wall}
-        print(f"[{name}] torch.compile {label}: first call {out[label]['first_call_s']:.1f} s, "
-              f"steady {out[label]['steady_median_s']:.3f} s (eager {out[label]['eager_median_s']:.3f} s)",
-              flush=True)
+        out[label] = {**json.loads(lines[-1][len("RESULT ") :]), "process_wall_s": wall}
+        print(
+            f"[{name}] torch.compile {label}: first call {out[label]['first_call_s']:.1f} s, "
+            f"steady {out[label]['steady_median_s']:.3f} s (eager {out[label]['eager_median_s']:.3f} s)",
+            flush=True,
+        )
     return out
 
 
@@ -269,14 +282,18 @@ def report_compile(name: str, comp: dict) -> str:
     cold, warm = comp.get("cold_cache_process", {}), comp.get("warm_cache_process", {})
     if "error" in cold or not cold:
         return f"torch.compile ({name}) failed: {cold.get('error')}\n"
-    text = (f"torch.compile ({name}, mode default, encoder): eager {cold['eager_median_s']:.3f} s; first call "
-            f"{cold['first_call_s']:.1f} s with a cold cache (process {cold['process_wall_s']:.0f} s), steady "
-            f"{cold['steady_median_s']:.3f} s ({cold['eager_median_s'] / cold['steady_median_s']:.2f}x eager, "
-            f"rel. err {cold['rel_err_vs_eager']:.1e}); ")
+    text = (
+        f"torch.compile ({name}, mode default, encoder): eager {cold['eager_median_s']:.3f} s; first call "
+        f"{cold['first_call_s']:.1f} s with a cold cache (process {cold['process_wall_s']:.0f} s), steady "
+        f"{cold['steady_median_s']:.3f} s ({cold['eager_median_s'] / cold['steady_median_s']:.2f}x eager, "
+        f"rel. err {cold['rel_err_vs_eager']:.1e}); "
+    )
     if "first_call_s" in warm:
-        text += (f"second process with the warm cache: first call {warm['first_call_s']:.1f} s (process "
-                 f"{warm['process_wall_s']:.0f} s, FX graph cache hits {warm['fxgraph_cache_hit']}, misses "
-                 f"{warm['fxgraph_cache_miss']}), steady {warm['steady_median_s']:.3f} s.\n")
+        text += (
+            f"second process with the warm cache: first call {warm['first_call_s']:.1f} s (process "
+            f"{warm['process_wall_s']:.0f} s, FX graph cache hits {warm['fxgraph_cache_hit']}, misses "
+            f"{warm['fxgraph_cache_miss']}), steady {warm['steady_median_s']:.3f} s.\n"
+        )
     else:
         text += f"second process failed: {warm.get('error')}\n"
     return text
@@ -291,20 +308,26 @@ def report(results: list[dict]) -> str:
             continue
         enc = r["encoder"]
         base = enc["torch_fp32"]["median_s"]
-        lines.append(f"### {r['model']} ({r['weights']}, input {r['input_size']}, contract {r['contract']}, "
-                     f"{r['threads']} threads)\n")
+        lines.append(
+            f"### {r['model']} ({r['weights']}, input {r['input_size']}, contract {r['contract']}, "
+            f"{r['threads']} threads)\n"
+        )
         lines.append("| encoder | median s | vs PyTorch | embedding rel. err |")
         lines.append("| --- | ---: | ---: | ---: |")
         lines.append(f"| PyTorch fp32 eager | {base:.3f} | 1.00x | - |")
         for key, label in (("ort_fp32", "onnxruntime fp32"), ("ort_int8", "onnxruntime int8")):
-            lines.append(f"| {label} | {enc[key]['median_s']:.3f} | {base / enc[key]['median_s']:.2f}x | "
-                         f"{r['embedding_rel_err'][key]:.1e} |")
+            lines.append(
+                f"| {label} | {enc[key]['median_s']:.3f} | {base / enc[key]['median_s']:.2f}x | "
+                f"{r['embedding_rel_err'][key]:.1e} |"
+            )
         lines.append("")
         dec = r["decoder_4_boxes"]
-        lines.append(f"Decoder, 4 boxes: PyTorch {dec['torch_fp32']['median_s'] * 1e3:.1f} ms, "
-                     f"onnxruntime fp32 {dec['ort_fp32']['median_s'] * 1e3:.1f} ms. "
-                     f"Export: {r['export']['seconds']:.0f} s; encoder {r['export']['encoder_mb']:.0f} MB "
-                     f"fp32, {r['export']['encoder_int8_mb']:.0f} MB int8.\n")
+        lines.append(
+            f"Decoder, 4 boxes: PyTorch {dec['torch_fp32']['median_s'] * 1e3:.1f} ms, "
+            f"onnxruntime fp32 {dec['ort_fp32']['median_s'] * 1e3:.1f} ms. "
+            f"Export: {r['export']['seconds']:.0f} s; encoder {r['export']['encoder_mb']:.0f} MB "
+            f"fp32, {r['export']['encoder_int8_mb']:.0f} MB int8.\n"
+        )
         lines.append("| masks vs PyTorch fp32 | " + " | ".join(CT_BOXES) + " |")
         lines.append("| --- |" + " ---: |" * len(CT_BOXES))
         for key, m in r["masks_vs_torch_fp32"].items():
@@ -342,9 +365,11 @@ def main(argv=None) -> int:
     import torch
 
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    header = (f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
-              f"{os.cpu_count()} CPUs visible, {args.threads} threads; load average at the end {load} "
-              f"(at the start {start_load}): other processes on the CPUs inflate and skew the times\n")
+    header = (
+        f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
+        f"{os.cpu_count()} CPUs visible, {args.threads} threads; load average at the end {load} "
+        f"(at the start {start_load}): other processes on the CPUs inflate and skew the times\n"
+    )
     text = header + "\n" + report(results)
     print("\n" + text)
     if args.json:

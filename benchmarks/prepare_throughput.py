@@ -39,10 +39,28 @@ def _fixture_specs():
     fix = ROOT / "tests/data/curation"
     common = dict(label_suffix="_seg", label_names="header", label_source="pseudo")
     return [
-        DatasetSpec.from_dict(dict(name="ct", modality="CT", images=str(fix / "ct/images"),
-                                   labels=str(fix / "ct/labels"), min_component_3d=20, min_component_2d=5, **common)),
-        DatasetSpec.from_dict(dict(name="mr", modality="MR", images=str(fix / "mr/images"),
-                                   labels=str(fix / "mr/labels"), min_component_3d=10, min_component_2d=3, **common)),
+        DatasetSpec.from_dict(
+            dict(
+                name="ct",
+                modality="CT",
+                images=str(fix / "ct/images"),
+                labels=str(fix / "ct/labels"),
+                min_component_3d=20,
+                min_component_2d=5,
+                **common,
+            )
+        ),
+        DatasetSpec.from_dict(
+            dict(
+                name="mr",
+                modality="MR",
+                images=str(fix / "mr/images"),
+                labels=str(fix / "mr/labels"),
+                min_component_3d=10,
+                min_component_2d=3,
+                **common,
+            )
+        ),
     ]
 
 
@@ -94,16 +112,24 @@ def main() -> int:
     n_npz = sum(1 for _ in out.rglob("*.npz"))
 
     print(f"input: {what}")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPU(s), Python {sys.version.split()[0]}, "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPU(s), Python {sys.version.split()[0]}, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+    )
     print(f"workers: {args.workers}; datasets: {', '.join(s.name for s in specs)}")
-    print(f"cases {rep.n_processed} (failed {rep.n_failed}), slices {rep.corpus_slices}, "
-          f"objects (manifest rows) {rep.corpus_objects}, corpus {size / 1e6:.1f} MB in {n_npz} npz files")
-    print(f"wall {wall:.2f} s: {rep.n_processed / wall:.2f} cases/s, {rep.corpus_slices / wall:.1f} slices/s, "
-          f"{rep.corpus_objects / wall:.0f} objects/s")
+    print(
+        f"cases {rep.n_processed} (failed {rep.n_failed}), slices {rep.corpus_slices}, "
+        f"objects (manifest rows) {rep.corpus_objects}, corpus {size / 1e6:.1f} MB in {n_npz} npz files"
+    )
+    print(
+        f"wall {wall:.2f} s: {rep.n_processed / wall:.2f} cases/s, {rep.corpus_slices / wall:.1f} slices/s, "
+        f"{rep.corpus_objects / wall:.0f} objects/s"
+    )
     print(f"resume rerun (nothing to do, {rep2.n_skipped} skipped): {resume:.2f} s")
-    print(f"peak RSS: main process {self_rss:.0f} MB, largest curating process {rep.peak_rss_mb:.0f} MB "
-          f"(reaped children {child_rss:.0f} MB); tracemalloc peak (main process) {peak_py / 1e6:.0f} MB")
+    print(
+        f"peak RSS: main process {self_rss:.0f} MB, largest curating process {rep.peak_rss_mb:.0f} MB "
+        f"(reaped children {child_rss:.0f} MB); tracemalloc peak (main process) {peak_py / 1e6:.0f} MB"
+    )
     if tmp:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0 if rep.ok else 1

@@ -58,7 +58,7 @@ class PeakRSS:
             self.peak = max(self.peak, _rss_mib())
             self._stop.wait(0.002)
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         self._thread.start()
         return self
 
@@ -143,11 +143,13 @@ def child(case: str, weights: str, device: str, repeats: int) -> dict:
         x = torch.randn(1, 3, size, size, device=dev)
         ctx = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if precision == "bf16" else None
         with torch.inference_mode():
+
             def run():
                 if ctx:
                     with ctx():
                         return encoder(x)
                 return encoder(x)
+
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
                 base_gpu = torch.cuda.memory_allocated()
@@ -192,6 +194,7 @@ def child(case: str, weights: str, device: str, repeats: int) -> dict:
 
             def run():
                 predictor.set_image(img)
+
         with torch.inference_mode():
             return {"seconds": _timed_calls(run, repeats, sync)}
     if what == "embedded":  # the embedded default model as a user gets it: Predictor.set_image / predict
@@ -203,6 +206,7 @@ def child(case: str, weights: str, device: str, repeats: int) -> dict:
         img = np.asarray(Image.open(sample.image))
         predictor = medsam.Predictor(medsam.load_model(device=device))
         if rest[0] == "set_image":
+
             def run():
                 predictor.set_image(img)
         else:
@@ -211,14 +215,19 @@ def child(case: str, weights: str, device: str, repeats: int) -> dict:
 
             def run():
                 predictor.predict(boxes=box)
+
         with torch.inference_mode():
-            return {"seconds": _timed_calls(run, repeats, sync), "precision": predictor.precision,
-                    "threads": torch.get_num_threads()}
+            return {
+                "seconds": _timed_calls(run, repeats, sync),
+                "precision": predictor.precision,
+                "threads": torch.get_num_threads(),
+            }
     if what == "decoder":
         n = int(rest[0])
         H, W = 512, 512
         rng = np.random.default_rng(0)
-        x0 = rng.integers(0, 300, n); y0 = rng.integers(0, 300, n)
+        x0 = rng.integers(0, 300, n)
+        y0 = rng.integers(0, 300, n)
         boxes = np.stack([x0, y0, x0 + rng.integers(50, 200, n), y0 + rng.integers(50, 200, n)], 1).astype(np.float64)
         emb = torch.randn(1, 256, 64, 64, device=dev)
         if impl == "ref":
@@ -238,6 +247,7 @@ def child(case: str, weights: str, device: str, repeats: int) -> dict:
 
             def run():
                 return predictor.predict(boxes=boxes).masks
+
         return {"seconds": _timed_calls(run, repeats, sync)}
     if what == "volume":
         from medsam.volume import Box3D, segment_volume
@@ -259,7 +269,18 @@ def child(case: str, weights: str, device: str, repeats: int) -> dict:
 
 
 def run_child(case: str, weights: Path, device: str, repeats: int, policy: str = "default") -> dict:
-    cmd = [sys.executable, __file__, "--child", case, "--weights", str(weights), "--device", device, "--repeats", str(repeats)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        case,
+        "--weights",
+        str(weights),
+        "--device",
+        device,
+        "--repeats",
+        str(repeats),
+    ]
     env = {**os.environ, "MEDSAM_BENCH_POLICY": policy}
     out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if out.returncode != 0:
@@ -277,12 +298,11 @@ def agreement(weights: Path, device: str) -> dict:
     """Embedding error vs the reference and bf16-vs-fp32 mask agreement on real images."""
     import numpy as np
     import torch
-
-    import medsam
-    from reference_sam import import_reference
     from PIL import Image
 
+    import medsam
     from medsam.demo import bundled_samples
+    from reference_sam import import_reference
 
     sa = import_reference()
     ref = sa.sam_model_registry["vit_b"]()
@@ -328,7 +348,7 @@ class BackgroundLoad:
         self.n = n
         self.procs: list[subprocess.Popen] = []
 
-    def __enter__(self) -> "BackgroundLoad":
+    def __enter__(self) -> BackgroundLoad:
         self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(self.n)]
         time.sleep(0.5 if self.n else 0.0)  # let them take their cores
         return self
@@ -354,8 +374,20 @@ def segment_end_to_end(repeats: int) -> list[float]:
     times = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(repeats + 1):
-            cmd = [sys.executable, "-m", "medsam", "segment", str(sample.image), "--box", "150", "180", "300", "330",
-                   "-o", str(Path(tmp) / f"m{i}.png")]
+            cmd = [
+                sys.executable,
+                "-m",
+                "medsam",
+                "segment",
+                str(sample.image),
+                "--box",
+                "150",
+                "180",
+                "300",
+                "330",
+                "-o",
+                str(Path(tmp) / f"m{i}.png"),
+            ]
             t = time.perf_counter()
             subprocess.run(cmd, env=_user_env(), check=True, capture_output=True)
             if i:  # the first run warms the file cache
@@ -366,12 +398,22 @@ def segment_end_to_end(repeats: int) -> list[float]:
 def workbench(clients: int, seconds: float) -> dict:
     """benchmarks/server_load.py against a fresh ``medsam serve`` on a synthetic CT volume."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, str(ROOT / "benchmarks" / "server_load.py"), "--serve", tmp, "--synthetic",
-               "--clients", str(clients), "--duration", str(seconds), "--json"]
+        cmd = [
+            sys.executable,
+            str(ROOT / "benchmarks" / "server_load.py"),
+            "--serve",
+            tmp,
+            "--synthetic",
+            "--clients",
+            str(clients),
+            "--duration",
+            str(seconds),
+            "--json",
+        ]
         out = subprocess.run(cmd, env=_user_env(), capture_output=True, text=True, check=False)
         if out.returncode != 0:
             raise RuntimeError(f"server_load failed:\n{out.stderr[-3000:]}")
-        return json.loads(out.stdout[out.stdout.index("{"):])
+        return json.loads(out.stdout[out.stdout.index("{") :])
 
 
 def load_report(weights: Path, device: str, repeats: int, load: int, only: str | None) -> None:
@@ -401,33 +443,47 @@ def load_report(weights: Path, device: str, repeats: int, load: int, only: str |
     if not only or only == "e2e":
         for state, procs in (("idle", 0), ("loaded", load)):
             with BackgroundLoad(procs):
-                extras.append((f"medsam segment 2D, 1 box, process start to mask ({state})",
-                               f"{median(segment_end_to_end(repeats)):.2f} s"))
+                extras.append(
+                    (
+                        f"medsam segment 2D, 1 box, process start to mask ({state})",
+                        f"{median(segment_end_to_end(repeats)):.2f} s",
+                    )
+                )
     if not only or only == "volume":
         for state, procs in (("idle", 0), ("loaded", load)):
             with BackgroundLoad(procs):
                 v = run_child("ours:volume:default", weights, device, 1, "policy")
-                extras.append((f"volume 100x512x512, 3 objects, embedded default ({state})",
-                               f"{v['slices'] / v['seconds'][0]:.2f} slices/s ({v['seconds'][0]:.1f} s)"))
+                extras.append(
+                    (
+                        f"volume 100x512x512, 3 objects, embedded default ({state})",
+                        f"{v['slices'] / v['seconds'][0]:.2f} slices/s ({v['seconds'][0]:.1f} s)",
+                    )
+                )
     if not only or only == "server":
         for state, procs in (("idle", 0), ("loaded", load)):
             with BackgroundLoad(procs):
                 for clients in (1, 4):
                     r = workbench(clients, 10.0)
                     lat = r["latency_ms"]
-                    extras.append((f"workbench /segment, {clients} client(s) ({state})",
-                                   f"{r['throughput_rps']} req/s, p50 {lat['p50']} ms, p95 {lat['p95']} ms, "
-                                   f"{r['errors']} errors"))
+                    extras.append(
+                        (
+                            f"workbench /segment, {clients} client(s) ({state})",
+                            f"{r['throughput_rps']} req/s, p50 {lat['p50']} ms, p95 {lat['p95']} ms, "
+                            f"{r['errors']} errors",
+                        )
+                    )
     print()
     print(f"background load: {load} busy process(es); medsam: default thread policy; ref: torch defaults")
     head = f"{'what':42s} {'ref idle':>9s} {'ours idle':>9s} {'ratio':>6s} {'ref load':>9s} {'ours load':>9s} {'ratio':>6s} {'1thr idle':>9s} {'load/1thr':>9s}"
     print(head)
     for r in rows:
-        f = lambda k: f"{r[k]:9.3f}" if k in r else f"{'':9s}"  # noqa: E731
-        ratio = lambda a, b: f"{r[a] / r[b]:5.2f}x" if a in r and b in r else f"{'':6s}"  # noqa: E731
-        print(f"{r['what']:42s} {f('ref idle')} {f('ours idle')} {ratio('ref idle', 'ours idle')} {f('ref loaded')} "
-              f"{f('ours loaded')} {ratio('ref loaded', 'ours loaded')} {f('1 thread idle')} "
-              f"{r['ours loaded'] / r['1 thread idle']:8.2f}x")
+        f = lambda k: f"{r[k]:9.3f}" if k in r else f"{'':9s}"
+        ratio = lambda a, b: f"{r[a] / r[b]:5.2f}x" if a in r and b in r else f"{'':6s}"
+        print(
+            f"{r['what']:42s} {f('ref idle')} {f('ours idle')} {ratio('ref idle', 'ours idle')} {f('ref loaded')} "
+            f"{f('ours loaded')} {ratio('ref loaded', 'ours loaded')} {f('1 thread idle')} "
+            f"{r['ours loaded'] / r['1 thread idle']:8.2f}x"
+        )
     for name, value in extras:
         print(f"{name:70s} {value}")
 
@@ -438,10 +494,19 @@ def main() -> int:
     parser.add_argument("--weights")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", default=None, help="encoder, image, decoder, lite, volume, agreement "
-                        "(with --background-load: a case name part such as encoder, embedded, decoder, e2e, volume, server)")
-    parser.add_argument("--background-load", type=int, default=0, metavar="N",
-                        help="measure idle and with N busy processes, side by side (see the module docstring)")
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="encoder, image, decoder, lite, volume, agreement "
+        "(with --background-load: a case name part such as encoder, embedded, decoder, e2e, volume, server)",
+    )
+    parser.add_argument(
+        "--background-load",
+        type=int,
+        default=0,
+        metavar="N",
+        help="measure idle and with N busy processes, side by side (see the module docstring)",
+    )
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.weights, args.device, args.repeats)))
@@ -465,21 +530,61 @@ def main() -> int:
         ours_bf = run_child("ours:encoder:bf16", weights, args.device, args.repeats)
         r = median(ref["seconds"])
         rows.append(("ViT-B embedding fp32", r, median(ours["seconds"]), ref["peak_extra_mib"], ours["peak_extra_mib"]))
-        rows.append(("ViT-B embedding bf16 (ref fp32 as base)", r, median(ours_bf["seconds"]), ref["peak_extra_mib"], ours_bf["peak_extra_mib"]))
-        rows.append(("ViT-B embedding bf16 (ref bf16 autocast)", median(ref_bf["seconds"]), median(ours_bf["seconds"]), ref_bf["peak_extra_mib"], ours_bf["peak_extra_mib"]))
+        rows.append(
+            (
+                "ViT-B embedding bf16 (ref fp32 as base)",
+                r,
+                median(ours_bf["seconds"]),
+                ref["peak_extra_mib"],
+                ours_bf["peak_extra_mib"],
+            )
+        )
+        rows.append(
+            (
+                "ViT-B embedding bf16 (ref bf16 autocast)",
+                median(ref_bf["seconds"]),
+                median(ours_bf["seconds"]),
+                ref_bf["peak_extra_mib"],
+                ours_bf["peak_extra_mib"],
+            )
+        )
     if "image" in groups:
         ref = run_child("ref:image", weights, args.device, args.repeats)
         ours = run_child("ours:image", weights, args.device, args.repeats)
-        rows.append(("512x512 CT slice to embedding (preprocessing incl.)", median(ref["seconds"]), median(ours["seconds"]), None, None))
+        rows.append(
+            (
+                "512x512 CT slice to embedding (preprocessing incl.)",
+                median(ref["seconds"]),
+                median(ours["seconds"]),
+                None,
+                None,
+            )
+        )
     if "decoder" in groups:
         for n in (1, 16):
             ref = run_child(f"ref:decoder:{n}", weights, args.device, args.repeats * 3)
             ours = run_child(f"ours:decoder:{n}", weights, args.device, args.repeats * 3)
-            rows.append((f"decode {n} box(es) + upsample to 512x512", median(ref["seconds"]), median(ours["seconds"]), None, None))
+            rows.append(
+                (
+                    f"decode {n} box(es) + upsample to 512x512",
+                    median(ref["seconds"]),
+                    median(ours["seconds"]),
+                    None,
+                    None,
+                )
+            )
     if "lite" in groups:
         ref = run_child("ref:encoder", weights, args.device, args.repeats)
         lite = run_child("ours:lite", weights, args.device, args.repeats * 3)
-        rows.append(("lite (TinyViT 256) vs reference ViT-B embedding", median(ref["seconds"]), median(lite["seconds"]), ref["peak_extra_mib"], lite["peak_extra_mib"]))
+        rows.append(
+            (
+                "lite (TinyViT 256) vs reference ViT-B embedding",
+                median(ref["seconds"]),
+                median(lite["seconds"]),
+                ref["peak_extra_mib"],
+                lite["peak_extra_mib"],
+            )
+        )
     print()
     print(f"{'what':52s} {'ref s':>8s} {'medsam s':>9s} {'ratio':>7s} {'ref MiB':>8s} {'ours MiB':>9s}")
     for name, r, o, rm, om in rows:
@@ -490,8 +595,10 @@ def main() -> int:
         for kind in ("lite",) if args.device == "cpu" else ("lite", "vit_b"):
             case = "ours:volume" + (":lite" if kind == "lite" else "")
             v = run_child(case, weights, args.device, 1)
-            print(f"volume 100x512x512, 3 objects, {kind}: {v['slices'] / v['seconds'][0]:.2f} slices/s, "
-                  f"{v['embeddings']} embeddings computed ({v['seconds'][0]:.1f} s)")
+            print(
+                f"volume 100x512x512, 3 objects, {kind}: {v['slices'] / v['seconds'][0]:.2f} slices/s, "
+                f"{v['embeddings']} embeddings computed ({v['seconds'][0]:.1f} s)"
+            )
     if "agreement" in groups:
         print(json.dumps(agreement(weights, args.device), indent=2))
     return 0

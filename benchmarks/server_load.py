@@ -83,7 +83,9 @@ def write_synthetic(folder: Path) -> None:
     z, y, x = np.mgrid[0:Z, 0:H, 0:W].astype(np.float32)
     vol = np.full((Z, H, W), -1000.0, np.float32)
     vol[((y - H / 2) / (H * 0.45)) ** 2 + ((x - W / 2) / (W * 0.45)) ** 2 <= 1] = 40
-    organ = ((z - Z / 2) / (Z * 0.45)) ** 2 + ((y - H * 0.45) / (H * 0.2)) ** 2 + ((x - W * 0.42) / (W * 0.18)) ** 2 <= 1
+    organ = ((z - Z / 2) / (Z * 0.45)) ** 2 + ((y - H * 0.45) / (H * 0.2)) ** 2 + (
+        (x - W * 0.42) / (W * 0.18)
+    ) ** 2 <= 1
     vol[organ] = 160
     vol += np.random.default_rng(0).normal(0, 12, vol.shape)
     img = sitk.GetImageFromArray(np.round(vol).astype(np.int16))
@@ -126,11 +128,19 @@ def run(args) -> dict:
 
     def body(rng: random.Random, slice_index: int) -> dict:
         cx, cy, half_w, half_h = W / 2, H / 2, W / 4, H / 4
-        j = lambda v: v * (1 + rng.uniform(-0.1, 0.1))  # noqa: E731
-        return {"image_id": image_id, "slice_index": slice_index, "encoding": "rle",
-                "candidates": args.candidates,
-                "box": {"x0": max(0.0, j(cx - half_w)), "y0": max(0.0, j(cy - half_h)),
-                        "x1": min(W - 1.0, j(cx + half_w)), "y1": min(H - 1.0, j(cy + half_h))}}
+        j = lambda v: v * (1 + rng.uniform(-0.1, 0.1))
+        return {
+            "image_id": image_id,
+            "slice_index": slice_index,
+            "encoding": "rle",
+            "candidates": args.candidates,
+            "box": {
+                "x0": max(0.0, j(cx - half_w)),
+                "y0": max(0.0, j(cy - half_h)),
+                "x1": min(W - 1.0, j(cx + half_w)),
+                "y1": min(H - 1.0, j(cy + half_h)),
+            },
+        }
 
     t0 = time.perf_counter()
     first = probe.json("POST", "/segment", body(random.Random(0), key))
@@ -171,14 +181,25 @@ def run(args) -> dict:
     elapsed = time.perf_counter() - start
     lat = sorted(latencies)
     return {
-        "url": args.url, "image": image_id, "slice_shape": [H, W], "clients": args.clients,
-        "duration_s": round(elapsed, 2), "vary_slices": bool(args.vary_slices), "candidates": bool(args.candidates),
-        "first_request_ms": round(warm_ms, 1), "first_request_source": first["embedding_source"],
-        "requests": len(lat), "errors": len(errors), "error_kinds": sorted(set(errors)),
+        "url": args.url,
+        "image": image_id,
+        "slice_shape": [H, W],
+        "clients": args.clients,
+        "duration_s": round(elapsed, 2),
+        "vary_slices": bool(args.vary_slices),
+        "candidates": bool(args.candidates),
+        "first_request_ms": round(warm_ms, 1),
+        "first_request_source": first["embedding_source"],
+        "requests": len(lat),
+        "errors": len(errors),
+        "error_kinds": sorted(set(errors)),
         "throughput_rps": round(len(lat) / elapsed, 2) if elapsed else 0.0,
         "latency_ms": {
-            "p50": round(percentile(lat, 50), 1), "p90": round(percentile(lat, 90), 1),
-            "p95": round(percentile(lat, 95), 1), "p99": round(percentile(lat, 99), 1), "max": round(lat[-1], 1) if lat else None,
+            "p50": round(percentile(lat, 50), 1),
+            "p90": round(percentile(lat, 90), 1),
+            "p95": round(percentile(lat, 95), 1),
+            "p99": round(percentile(lat, 99), 1),
+            "max": round(lat[-1], 1) if lat else None,
             "mean": round(statistics.fmean(lat), 1) if lat else None,
         },
         "embedding_sources": sources,
@@ -196,8 +217,9 @@ def main(argv=None) -> int:
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--duration", type=float, default=20.0, help="seconds of load (default 20)")
     p.add_argument("--vary-slices", action="store_true", help="random slices (embedding path included)")
-    p.add_argument("--candidates", action="store_true",
-                   help="ask for the three alternative masks too, as the workbench page does")
+    p.add_argument(
+        "--candidates", action="store_true", help="ask for the three alternative masks too, as the workbench page does"
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON only")
     args = p.parse_args(argv)
     if not 1 <= args.clients <= MAX_CLIENTS:
@@ -224,13 +246,19 @@ def main(argv=None) -> int:
         print(json.dumps(result, indent=1))
     else:
         lat = result["latency_ms"]
-        print(f"server {result['url']}  image {result['image']} ({result['slice_shape'][0]}x{result['slice_shape'][1]} slices)")
+        print(
+            f"server {result['url']}  image {result['image']} ({result['slice_shape'][0]}x{result['slice_shape'][1]} slices)"
+        )
         print(f"first request {result['first_request_ms']} ms ({result['first_request_source']} embedding)")
-        print(f"{result['clients']} clients{' (with the 3 alternative masks)' if result['candidates'] else ''}, "
-              f"{result['duration_s']} s: {result['requests']} requests, "
-              f"{result['errors']} errors, {result['throughput_rps']} req/s")
-        print(f"latency ms: p50 {lat['p50']}  p90 {lat['p90']}  p95 {lat['p95']}  p99 {lat['p99']}  max {lat['max']}  "
-              f"mean {lat['mean']}")
+        print(
+            f"{result['clients']} clients{' (with the 3 alternative masks)' if result['candidates'] else ''}, "
+            f"{result['duration_s']} s: {result['requests']} requests, "
+            f"{result['errors']} errors, {result['throughput_rps']} req/s"
+        )
+        print(
+            f"latency ms: p50 {lat['p50']}  p90 {lat['p90']}  p95 {lat['p95']}  p99 {lat['p99']}  max {lat['max']}  "
+            f"mean {lat['mean']}"
+        )
         print(f"embedding sources: {result['embedding_sources']}")
     return 0 if result["errors"] == 0 else 1
 

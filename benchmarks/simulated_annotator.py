@@ -43,17 +43,31 @@ def main() -> int:
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--target", type=float, default=0.9)
     parser.add_argument("--max-clicks", type=int, default=10)
-    parser.add_argument("--mask-prompt", action="store_true",
-                        help="also pass the previous low-res logits (MedSAM/LiteMedSAM never saw mask prompts)")
-    parser.add_argument("--zoom", type=float, default=None, metavar="CONTEXT",
-                        help="small objects: box and clicks on a crop CONTEXT x the box side (medsam.zoom)")
-    parser.add_argument("--scribbles", action="store_true",
-                        help="each correction is a stroke along the error region's medial axis (medsam.scribbles), not a click")
+    parser.add_argument(
+        "--mask-prompt",
+        action="store_true",
+        help="also pass the previous low-res logits (MedSAM/LiteMedSAM never saw mask prompts)",
+    )
+    parser.add_argument(
+        "--zoom",
+        type=float,
+        default=None,
+        metavar="CONTEXT",
+        help="small objects: box and clicks on a crop CONTEXT x the box side (medsam.zoom)",
+    )
+    parser.add_argument(
+        "--scribbles",
+        action="store_true",
+        help="each correction is a stroke along the error region's medial axis (medsam.scribbles), not a click",
+    )
     parser.add_argument("--spacing", type=float, default=None, help="--scribbles: pixels between sampled points")
     parser.add_argument("--max-points", type=int, default=None, help="--scribbles: most points per stroke")
-    parser.add_argument("--candidates", action="store_true",
-                        help="each call also returns the decoder's three multimask candidates and the annotator keeps "
-                             "the best of the four (a person picking the best-looking proposal on the page)")
+    parser.add_argument(
+        "--candidates",
+        action="store_true",
+        help="each call also returns the decoder's three multimask candidates and the annotator keeps "
+        "the best of the four (a person picking the best-looking proposal on the page)",
+    )
     args = parser.parse_args()
     stroke_options = {k: v for k, v in (("spacing", args.spacing), ("max_points", args.max_points)) if v is not None}
     model = medsam.load_model(args.checkpoint, device="cpu")
@@ -127,19 +141,34 @@ def main() -> int:
                     labels.append(click[2])
                 result, pred = ask(points, labels, result.low_res_logits[:, :1])
                 dsc, prompts = dice_score(pred, gt), prompts + 1
-            rows.append((sample.name, sample.label_names.get(lab, str(lab)), int(gt.sum()), first, dsc,
-                         prompts if dsc >= args.target else None, boundary_length(gt)))
-    print(f"{'sample':10s} {'structure':28s} {'px':>6s} {'DSC box':>8s} {'DSC end':>8s} {'prompts to target':>17s} {'outline px':>10s}")
+            rows.append(
+                (
+                    sample.name,
+                    sample.label_names.get(lab, str(lab)),
+                    int(gt.sum()),
+                    first,
+                    dsc,
+                    prompts if dsc >= args.target else None,
+                    boundary_length(gt),
+                )
+            )
+    print(
+        f"{'sample':10s} {'structure':28s} {'px':>6s} {'DSC box':>8s} {'DSC end':>8s} {'prompts to target':>17s} {'outline px':>10s}"
+    )
     for name, struct, px, first, last, prompts, outline in rows:
         shown = str(prompts) if prompts is not None else f">{args.max_clicks + 1}"
         print(f"{name:10s} {struct:28s} {px:6d} {first:8.3f} {last:8.3f} {shown:>17s} {outline:10d}")
     reached = [r[5] for r in rows if r[5] is not None]
-    print(f"\n{len(reached)}/{len(rows)} objects reached DSC {args.target}; "
-          f"median prompts {np.median(reached) if reached else float('nan'):.1f} (box = 1); "
-          f"median outline length {np.median([r[6] for r in rows]):.0f} px")
+    print(
+        f"\n{len(reached)}/{len(rows)} objects reached DSC {args.target}; "
+        f"median prompts {np.median(reached) if reached else float('nan'):.1f} (box = 1); "
+        f"median outline length {np.median([r[6] for r in rows]):.0f} px"
+    )
     first, last = np.array([r[3] for r in rows]), np.array([r[4] for r in rows])
-    print(f"mean DSC box {first.mean():.3f} -> end {last.mean():.3f}; box >= {args.target}: {(first >= args.target).sum()}; "
-          f"improved {(last > first + 1e-9).sum()}, worse {(last < first - 1e-9).sum()}")
+    print(
+        f"mean DSC box {first.mean():.3f} -> end {last.mean():.3f}; box >= {args.target}: {(first >= args.target).sum()}; "
+        f"improved {(last > first + 1e-9).sum()}, worse {(last < first - 1e-9).sum()}"
+    )
     return 0
 
 

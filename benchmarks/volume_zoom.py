@@ -31,8 +31,8 @@ import numpy as np
 
 def load_case():
     """(uint8 volume (Z, Y, X) in the soft-tissue window, label volume, spacing (z, y, x), names)."""
-    from medsam.curate.demo_corpus import extract_totalsegmentator
     from medsam.curate.dataset_spec import nifti_label_names
+    from medsam.curate.demo_corpus import extract_totalsegmentator
     from medsam.curate.labels import align_label
     from medsam.io import read_image
     from medsam.segment import to_model_input
@@ -84,9 +84,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", default=None, help="model weights (default: the embedded model)")
     parser.add_argument("--context", type=float, default=3.0, help="zoom context (default 3)")
-    parser.add_argument("--iou-threshold", type=float, default=None,
-                        help="stop a walk below this predicted IoU (default: segment_volume's, no IoU stop "
-                             "inside a 3D box)")
+    parser.add_argument(
+        "--iou-threshold",
+        type=float,
+        default=None,
+        help="stop a walk below this predicted IoU (default: segment_volume's, no IoU stop inside a 3D box)",
+    )
     parser.add_argument("--min-voxels", type=int, default=50, help="skip labels smaller than this")
     parser.add_argument("--json", default=None, help="also write per-object results here")
     parser.add_argument("--against", default=None, help="a --json file of an earlier run: print paired differences")
@@ -103,7 +106,9 @@ def main() -> None:
     pixels, label, spacing, names = load_case()
     ids, boxes = boxes_of(label, args.min_voxels)
     model = _load(args.checkpoint, None, None, lambda m: print(m, flush=True))
-    print(f"volume {pixels.shape}, spacing {spacing} mm, {len(ids)} objects, model contract {model.contract}", flush=True)
+    print(
+        f"volume {pixels.shape}, spacing {spacing} mm, {len(ids)} objects, model contract {model.contract}", flush=True
+    )
 
     runs = {}
     for name, zoom in (("whole", None), ("zoom", ZoomPolicy(context=args.context))):
@@ -112,29 +117,41 @@ def main() -> None:
         result = segment_volume(predictor, pixels, boxes, zoom=zoom, iou_threshold=args.iou_threshold)
         seconds = time.perf_counter() - start
         runs[name] = {
-            "seconds": seconds, "scores": score(result.labels, label, ids, spacing),
+            "seconds": seconds,
+            "scores": score(result.labels, label, ids, spacing),
             "zoomed": list(result.zoomed),
-            "embeddings": result.embeddings_computed, "crop_embeddings": result.crop_embeddings_computed,
+            "embeddings": result.embeddings_computed,
+            "crop_embeddings": result.crop_embeddings_computed,
         }
-        print(f"{name}: {seconds:.1f} s, {result.embeddings_computed} slice embeddings, "
-              f"{result.crop_embeddings_computed} crop embeddings, {sum(runs[name]['zoomed'])} objects zoomed", flush=True)
+        print(
+            f"{name}: {seconds:.1f} s, {result.embeddings_computed} slice embeddings, "
+            f"{result.crop_embeddings_computed} crop embeddings, {sum(runs[name]['zoomed'])} objects zoomed",
+            flush=True,
+        )
 
     whole, zoomed = runs["whole"], runs["zoom"]
     print(f"\n{'structure':32s} {'voxels':>7s} zoomed  DSC whole -> zoom   NSD whole -> zoom")
     for k, i in enumerate(ids):
         (dw, nw), (dz, nz) = whole["scores"][k], zoomed["scores"][k]
         name = names.get(i, f"label_{i}")
-        print(f"{name:32s} {int((label == i).sum()):7d} {'yes' if zoomed['zoomed'][k] else '  -'}   "
-              f"{dw:.3f} -> {dz:.3f}    {nw:.3f} -> {nz:.3f}")
-    for subset, mask in (("all objects", np.ones(len(ids), bool)), ("zoomed objects", np.array(zoomed["zoomed"], bool))):
+        print(
+            f"{name:32s} {int((label == i).sum()):7d} {'yes' if zoomed['zoomed'][k] else '  -'}   "
+            f"{dw:.3f} -> {dz:.3f}    {nw:.3f} -> {nz:.3f}"
+        )
+    for subset, mask in (
+        ("all objects", np.ones(len(ids), bool)),
+        ("zoomed objects", np.array(zoomed["zoomed"], bool)),
+    ):
         if not mask.any():
             continue
         for m, j in (("DSC", 0), ("NSD", 1)):
             a = np.array([s[j] for s in whole["scores"]])[mask]
             b = np.array([s[j] for s in zoomed["scores"]])[mask]
             lo, hi = bootstrap(b - a)
-            print(f"{subset} (n={int(mask.sum())}) {m}: whole {a.mean():.3f}, zoom {b.mean():.3f}, "
-                  f"difference {float((b - a).mean()):+.3f} [{lo:+.3f}, {hi:+.3f}]")
+            print(
+                f"{subset} (n={int(mask.sum())}) {m}: whole {a.mean():.3f}, zoom {b.mean():.3f}, "
+                f"difference {float((b - a).mean()):+.3f} [{lo:+.3f}, {hi:+.3f}]"
+            )
     if args.against:
         with open(args.against) as f:
             other = json.load(f)
@@ -145,13 +162,24 @@ def main() -> None:
                 a = np.array([s[j] for s in other["runs"][name]["scores"]])
                 b = np.array([s[j] for s in runs[name]["scores"]])
                 lo, hi = bootstrap(b - a)
-                print(f"{name}, this run minus {args.against} (n={len(ids)}) {m}: {a.mean():.3f} -> {b.mean():.3f}, "
-                      f"difference {float((b - a).mean()):+.3f} [{lo:+.3f}, {hi:+.3f}], "
-                      f"better by > 0.01: {int((b - a > 0.01).sum())}, worse by > 0.01: {int((b - a < -0.01).sum())}")
+                print(
+                    f"{name}, this run minus {args.against} (n={len(ids)}) {m}: {a.mean():.3f} -> {b.mean():.3f}, "
+                    f"difference {float((b - a).mean()):+.3f} [{lo:+.3f}, {hi:+.3f}], "
+                    f"better by > 0.01: {int((b - a > 0.01).sum())}, worse by > 0.01: {int((b - a < -0.01).sum())}"
+                )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"ids": ids, "names": [names.get(i, f"label_{i}") for i in ids], "boxes": boxes,
-                       "spacing": spacing, "runs": runs}, f, indent=1)
+            json.dump(
+                {
+                    "ids": ids,
+                    "names": [names.get(i, f"label_{i}") for i in ids],
+                    "boxes": boxes,
+                    "spacing": spacing,
+                    "runs": runs,
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

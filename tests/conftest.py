@@ -7,6 +7,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+pytest_plugins = ["workbench_fixtures"]
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 

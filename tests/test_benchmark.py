@@ -58,8 +58,11 @@ def test_box_baseline_rectangle_is_exact_and_csv_matches_metrics(corpus, tmp_pat
     summary = _read(tmp_path / "box" / "summary.csv")
     overall = next(s for s in summary if s["level"] == "all")
     assert float(overall["dsc_mean"]) == pytest.approx(np.mean([float(r["dsc"]) for r in rows]), abs=1e-5)
-    rect = next(s for s in summary if s["level"] == "structure" and s["structure"] == "rectangle"
-                and s["dataset"] == "synthetic_ct")
+    rect = next(
+        s
+        for s in summary
+        if s["level"] == "structure" and s["structure"] == "rectangle" and s["dataset"] == "synthetic_ct"
+    )
     assert float(rect["dsc_mean"]) == 1.0
     assert {s["level"] for s in summary} == {"all", "modality", "dataset", "case", "group", "structure"}
     md = (tmp_path / "box" / "summary.md").read_text()
@@ -137,8 +140,9 @@ def test_model_one_embedding_per_slice_and_scores_match_predictor(corpus, tmp_pa
     again = run_benchmark(corpus, tmp_path / "m2", baseline="box", jitter=40, seed=3)
     assert [(o["px0"], o["py1"]) for o in again.objects] == [(float(r["px0"]), float(r["py1"])) for r in rows]
     other = run_benchmark(corpus, tmp_path / "m3", baseline="box", jitter=40, seed=4)
-    assert [o["px0"] for o in other.objects] != [o["px0"] for o in again.objects] or \
-        [o["py1"] for o in other.objects] != [o["py1"] for o in again.objects]
+    assert [o["px0"] for o in other.objects] != [o["px0"] for o in again.objects] or [
+        o["py1"] for o in other.objects
+    ] != [o["py1"] for o in again.objects]
 
 
 def test_bad_rows_are_reported_and_skipped(corpus, tmp_path):
@@ -163,13 +167,16 @@ def test_bad_rows_are_reported_and_skipped(corpus, tmp_path):
 def test_max_objects_datasets_and_cli(corpus, tmp_path, capsys):
     from medsam.cli import main
 
-    sub = run_benchmark(corpus, tmp_path / "sub", baseline="box", max_objects=3, seed=1,
-                        datasets=["synthetic_mr"])
+    sub = run_benchmark(corpus, tmp_path / "sub", baseline="box", max_objects=3, seed=1, datasets=["synthetic_mr"])
     assert len(sub.objects) == 3 and {o["dataset"] for o in sub.objects} == {"synthetic_mr"}
     assert sub.info["subsampled"] == {"synthetic_mr": {"rows": 4, "kept": 3}}
 
-    assert main(["benchmark", "--corpus", str(corpus), "--baseline", "box", "--no-plot", "-o", str(tmp_path / "a")]) == 0
-    assert main(["benchmark", "--corpus", str(corpus), "--baseline", "otsu", "--no-plot", "-o", str(tmp_path / "b")]) == 0
+    assert (
+        main(["benchmark", "--corpus", str(corpus), "--baseline", "box", "--no-plot", "-o", str(tmp_path / "a")]) == 0
+    )
+    assert (
+        main(["benchmark", "--corpus", str(corpus), "--baseline", "otsu", "--no-plot", "-o", str(tmp_path / "b")]) == 0
+    )
     out = capsys.readouterr().out
     assert "baseline-box: 8 objects" in out and "baseline-otsu: 8 objects" in out
     assert main(["benchmark", "--compare", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "c")]) == 0
@@ -177,9 +184,13 @@ def test_max_objects_datasets_and_cli(corpus, tmp_path, capsys):
     assert "baseline-box DSC / NSD" in md and "baseline-otsu DSC / NSD" in md
     table, _ = compare_runs([tmp_path / "a"])
     assert table[0]["level"] == "all" and table[0]["baseline-box DSC"] == pytest.approx(
-        np.mean([float(r["dsc"]) for r in _read(tmp_path / "a" / "objects.csv")]), abs=1e-5)
+        np.mean([float(r["dsc"]) for r in _read(tmp_path / "a" / "objects.csv")]), abs=1e-5
+    )
     # expected failures: one line, exit 2
-    assert main(["benchmark", "--corpus", str(corpus), "--split", "nope", "--baseline", "box", "-o", str(tmp_path / "d")]) == 2
+    assert (
+        main(["benchmark", "--corpus", str(corpus), "--split", "nope", "--baseline", "box", "-o", str(tmp_path / "d")])
+        == 2
+    )
     assert "no manifest rows in split 'nope'" in capsys.readouterr().err
     assert main(["benchmark", "--corpus", str(tmp_path / "missing"), "-o", str(tmp_path / "e")]) == 2
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import subprocess
-import warnings
 import sys
+import warnings
 
 import nibabel as nib
 import numpy as np
@@ -39,7 +39,9 @@ def _outputs(folder):
 
 def test_segment_png_one_box(tmp_path, png, capsys):
     out = tmp_path / "mask.png"
-    code = main(["segment", str(png), "--box", "10", "10", "60", "50", "-o", str(out), "--overlay", str(tmp_path / "ov.png")])
+    code = main(
+        ["segment", str(png), "--box", "10", "10", "60", "50", "-o", str(out), "--overlay", str(tmp_path / "ov.png")]
+    )
     assert code == 0
     mask = np.asarray(Image.open(out))
     assert mask.shape == (80, 100) and set(np.unique(mask)) <= {0, 1}
@@ -52,7 +54,9 @@ def test_segment_png_one_box(tmp_path, png, capsys):
 
 def test_segment_several_boxes_writes_labels(tmp_path, png):
     out = tmp_path / "labels.png"
-    assert main(["segment", str(png), "--box", "5", "5", "40", "40", "--box", "50", "30", "95", "75", "-o", str(out)]) == 0
+    assert (
+        main(["segment", str(png), "--box", "5", "5", "40", "40", "--box", "50", "30", "95", "75", "-o", str(out)]) == 0
+    )
     assert set(np.unique(np.asarray(Image.open(out)))) <= {0, 1, 2}
 
 
@@ -103,7 +107,19 @@ def test_bad_input_one_clear_line_no_output(tmp_path, png, capsys, case, expecte
         "corrupt_image": ["segment", str(tmp_path / "slice_bad.png"), "--box", "1", "1", "5", "5", "-o", str(out)],
         "box_outside": ["segment", str(png), "--box", "400", "10", "500", "50", "-o", str(out)],
         "x1_le_x0": ["segment", str(png), "--box", "60", "10", "60", "50", "-o", str(out)],
-        "wrong_checkpoint": ["segment", str(png), "--box", "1", "1", "5", "5", "--checkpoint", str(_bad_checkpoint(tmp_path)), "-o", str(out)],
+        "wrong_checkpoint": [
+            "segment",
+            str(png),
+            "--box",
+            "1",
+            "1",
+            "5",
+            "5",
+            "--checkpoint",
+            str(_bad_checkpoint(tmp_path)),
+            "-o",
+            str(out),
+        ],
         "box_arity": ["segment", str(png), "--box", "1", "1", "5", "-o", str(out)],
         "dcm_output": ["segment", str(png), "--box", "1", "1", "5", "5", "-o", str(out_dir / "mask.dcm")],
     }[case]
@@ -119,8 +135,23 @@ def test_bad_input_one_clear_line_no_output(tmp_path, png, capsys, case, expecte
 
 def test_console_script_reports_without_traceback(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "medsam.cli", "segment", str(tmp_path / "nope.png"), "--box", "1", "1", "5", "5", "-o", str(tmp_path / "m.png")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "medsam.cli",
+            "segment",
+            str(tmp_path / "nope.png"),
+            "--box",
+            "1",
+            "1",
+            "5",
+            "5",
+            "-o",
+            str(tmp_path / "m.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("medsam: error:") and "Traceback" not in proc.stderr
@@ -143,8 +174,26 @@ def _volume(tmp_path):
 def test_segment_volume_3d_box_keeps_geometry(tmp_path):
     src = _volume(tmp_path)
     out = tmp_path / "seg.nii.gz"
-    code = main(["segment", str(src), "--box", "12", "10", "2", "44", "38", "9", "--modality", "CT",
-                 "--iou-threshold=-1e9", "-o", str(out), "--overlay", str(tmp_path / "ov.png")])
+    code = main(
+        [
+            "segment",
+            str(src),
+            "--box",
+            "12",
+            "10",
+            "2",
+            "44",
+            "38",
+            "9",
+            "--modality",
+            "CT",
+            "--iou-threshold=-1e9",
+            "-o",
+            str(out),
+            "--overlay",
+            str(tmp_path / "ov.png"),
+        ]
+    )
     assert code == 0
     seg = nib.load(out)
     np.testing.assert_allclose(seg.affine, nib.load(src).affine)
@@ -160,7 +209,25 @@ def test_segment_volume_3d_box_keeps_geometry(tmp_path):
 def test_segment_volume_key_slice_and_bad_boxes(tmp_path, capsys):
     src = _volume(tmp_path)
     out = tmp_path / "seg.nii.gz"
-    assert main(["segment", str(src), "--box", "12", "10", "44", "38", "--slice", "6", "--iou-threshold=-1e9", "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                str(src),
+                "--box",
+                "12",
+                "10",
+                "44",
+                "38",
+                "--slice",
+                "6",
+                "--iou-threshold=-1e9",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert nib.load(out).shape == (56, 48, 12)
     out.unlink()
     for args, expected in [

@@ -82,7 +82,9 @@ def test_config_checks_click_source():
     base = {"model": {"arch": "vit_tiny"}, "train": {"max_steps": 1}}
     with pytest.raises(ConfigError, match="click_source"):
         TrainConfig.from_dict({**base, "data": {"click_source": "oracle"}})
-    assert TrainConfig.from_dict({**base, "data": {"clicks": 3, "click_source": "errors"}}).data.click_source == "errors"
+    assert (
+        TrainConfig.from_dict({**base, "data": {"clicks": 3, "click_source": "errors"}}).data.click_source == "errors"
+    )
     with pytest.raises(ConfigError, match="click_loss"):
         TrainConfig.from_dict({**base, "data": {"click_loss": "first"}})
     assert TrainConfig.from_dict({**base, "data": {"click_loss": "every"}}).data.click_loss == "every"
@@ -98,13 +100,31 @@ def test_training_with_error_clicks_gives_the_model_its_own_corrections(tmp_path
     from test_train_loop import MICRO
 
     corpus = write_synthetic_corpus(tmp_path / "c", cases={"train": 2, "val": 1}, slices_per_case=2, size=96)
-    cfg = load_config(None, [
-        "model.arch=vit_tiny", MICRO, f"data.corpus={corpus}", f"output.dir={tmp_path / 'run'}",
-        "data.batch_size=2", "data.workers=0", "data.val_max_samples=2", "train.epochs=0",
-        "train.max_steps=8", "train.val_every=0", "train.save_every=0", "train.lr=1e-3", "train.device=cpu",
-        "train.progress=false", "output.tensorboard=false", "train.mode=decoder", "train.precision=fp32",
-        "data.clicks=3", "data.click_prob=0.7", "data.click_source=errors",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "model.arch=vit_tiny",
+            MICRO,
+            f"data.corpus={corpus}",
+            f"output.dir={tmp_path / 'run'}",
+            "data.batch_size=2",
+            "data.workers=0",
+            "data.val_max_samples=2",
+            "train.epochs=0",
+            "train.max_steps=8",
+            "train.val_every=0",
+            "train.save_every=0",
+            "train.lr=1e-3",
+            "train.device=cpu",
+            "train.progress=false",
+            "output.tensorboard=false",
+            "train.mode=decoder",
+            "train.precision=fp32",
+            "data.clicks=3",
+            "data.click_prob=0.7",
+            "data.click_source=errors",
+        ],
+    )
     calls = []
     real = loop.add_error_clicks
 
@@ -136,13 +156,31 @@ def test_click_loss_every_averages_the_rounds_from_box_only_to_all_clicks(tmp_pa
     from test_train_loop import MICRO
 
     corpus = write_synthetic_corpus(tmp_path / "c", cases={"train": 2, "val": 1}, slices_per_case=2, size=96)
-    cfg = load_config(None, [
-        "model.arch=vit_tiny", MICRO, f"data.corpus={corpus}", f"output.dir={tmp_path / 'run'}",
-        "data.batch_size=2", "data.workers=0", "data.val_max_samples=2", "train.epochs=0",
-        "train.max_steps=4", "train.val_every=0", "train.save_every=0", "train.device=cpu",
-        "train.progress=false", "output.tensorboard=false", "train.mode=decoder", "train.precision=fp32",
-        "data.clicks=3", "data.click_prob=1.0", f"data.click_source={source}", "data.click_loss=every",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "model.arch=vit_tiny",
+            MICRO,
+            f"data.corpus={corpus}",
+            f"output.dir={tmp_path / 'run'}",
+            "data.batch_size=2",
+            "data.workers=0",
+            "data.val_max_samples=2",
+            "train.epochs=0",
+            "train.max_steps=4",
+            "train.val_every=0",
+            "train.save_every=0",
+            "train.device=cpu",
+            "train.progress=false",
+            "output.tensorboard=false",
+            "train.mode=decoder",
+            "train.precision=fp32",
+            "data.clicks=3",
+            "data.click_prob=1.0",
+            f"data.click_source={source}",
+            "data.click_loss=every",
+        ],
+    )
     trainer = loop.Trainer(cfg)
     step = next(s for s in range(50) if clicks_for_step(cfg.train.seed, s, 3, 1.0) >= 2)
     trainer.global_step = step
@@ -155,7 +193,8 @@ def test_click_loss_every_averages_the_rounds_from_box_only_to_all_clicks(tmp_pa
     assert n_clicks == k * width and inputs["points"].shape[1] == k * width
     rounds = trainer._rounds(inputs, n_clicks)
     assert [None if r["points"] is None else r["points"].shape[1] for r in rounds] == [
-        None, *(width * j for j in range(1, k + 1))
+        None,
+        *(width * j for j in range(1, k + 1)),
     ]
     for j, r in enumerate(rounds[1:], start=1):  # nested prefixes of the same corrections
         torch.testing.assert_close(r["points"], inputs["points"][:, : j * width])

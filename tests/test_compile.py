@@ -28,8 +28,17 @@ pytestmark = [
 def _is_toolchain_error(exc: BaseException) -> bool:
     """Whether a compile failure comes from the C++ toolchain (compiler, headers, OpenMP)."""
     text = "".join(f"{type(e).__name__}: {e}" for e in _chain(exc)).lower()
-    return any(k in text for k in ("cppcompileerror", "invalidcxxcompiler", "c++ compile error",
-                                   "no such file or directory", "omp.h", "command not found"))
+    return any(
+        k in text
+        for k in (
+            "cppcompileerror",
+            "invalidcxxcompiler",
+            "c++ compile error",
+            "no such file or directory",
+            "omp.h",
+            "command not found",
+        )
+    )
 
 
 def _chain(exc: BaseException):

@@ -19,15 +19,20 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS",
-                                                           cpu_threads.THREADS_ENV)}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", cpu_threads.THREADS_ENV)
+    }
     env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra)
     return env
 
 
-@pytest.mark.parametrize("others, cores, expected", [(0.0, 2, 2), (0.3, 2, 2), (1.0, 2, 1), (0.9, 2, 1),
-                                                     (1.8, 2, 1), (3.0, 8, 5), (-0.5, 4, 4)])
+@pytest.mark.parametrize(
+    "others, cores, expected",
+    [(0.0, 2, 2), (0.3, 2, 2), (1.0, 2, 1), (0.9, 2, 1), (1.8, 2, 1), (3.0, 8, 5), (-0.5, 4, 4)],
+)
 def test_free_cores_subtracts_what_other_processes_use(monkeypatch, others, cores, expected):
     own_used = 0.7  # this process's own CPU time over the window is not "others"
     start = CpuSample(wall=10.0, busy=100.0, own=5.0)
@@ -62,8 +67,13 @@ def test_the_command_line_applies_the_policy_before_torch_starts():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split()[-4:] == ["0", "1", "PASSIVE", "1"], proc.stdout
     # An explicit choice is kept.
-    proc = subprocess.run([sys.executable, "-c", _CLI_PROBE], capture_output=True, text=True,
-                          env=_env(OMP_NUM_THREADS="2", OMP_WAIT_POLICY="ACTIVE"), timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CLI_PROBE],
+        capture_output=True,
+        text=True,
+        env=_env(OMP_NUM_THREADS="2", OMP_WAIT_POLICY="ACTIVE"),
+        timeout=120,
+    )
     assert proc.stdout.split()[-4:] == ["0", "2", "ACTIVE", "2"], proc.stdout + proc.stderr[-1000:]
 
 

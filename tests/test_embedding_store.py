@@ -8,16 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+from medsam.corpus import load_slice, read_manifest
 from medsam.predictor import Predictor
 from medsam.train.config import ConfigError, load_config
-from medsam.corpus import load_slice, read_manifest
-from medsam.train.data import AugmentOptions, PromptOptions, SegmentationDataset
+from medsam.train.data import PromptOptions, SegmentationDataset, mask_bbox
 from medsam.train.embedding_store import build_embedding_store, whole_key, zoom_key
 from medsam.train.loop import Trainer
 from medsam.train.synthetic import write_synthetic_corpus
 from medsam.zoom import ZoomPolicy, zoom_window
-from medsam.train.data import mask_bbox
-
 from test_train_loop import MICRO
 
 
@@ -30,10 +28,22 @@ def corpus(tmp_path_factory):
 
 def _overrides(corpus, out, store, *extra):
     return [
-        "model.arch=vit_tiny", MICRO, f"data.corpus={corpus}", f"output.dir={out}",
-        "data.batch_size=2", "data.workers=0", "data.val_max_samples=4", "train.epochs=0",
-        "train.lr=1e-3", "train.device=cpu", "train.progress=false", "output.tensorboard=false",
-        "train.mode=decoder", f"data.cache_embeddings={store}", "train.log_every=2", *extra,
+        "model.arch=vit_tiny",
+        MICRO,
+        f"data.corpus={corpus}",
+        f"output.dir={out}",
+        "data.batch_size=2",
+        "data.workers=0",
+        "data.val_max_samples=4",
+        "train.epochs=0",
+        "train.lr=1e-3",
+        "train.device=cpu",
+        "train.progress=false",
+        "output.tensorboard=false",
+        "train.mode=decoder",
+        f"data.cache_embeddings={store}",
+        "train.log_every=2",
+        *extra,
     ]
 
 
@@ -91,14 +101,25 @@ def test_config_refuses_cache_with_full_training_or_pixel_augmentation(corpus, t
     with pytest.raises(ConfigError, match="mode: decoder"):
         load_config(None, _overrides(corpus, tmp_path, tmp_path / "s", "train.mode=full", "train.max_steps=1"))
     with pytest.raises(ConfigError, match="pixel augmentations"):
-        load_config(None, _overrides(corpus, tmp_path, tmp_path / "s", "data.augment.flip_prob=0.5", "train.max_steps=1"))
+        load_config(
+            None, _overrides(corpus, tmp_path, tmp_path / "s", "data.augment.flip_prob=0.5", "train.max_steps=1")
+        )
 
 
 def test_decoder_training_on_the_store_learns_and_leaves_the_encoder(corpus, tmp_path):
-    cfg = load_config(None, _overrides(
-        corpus, tmp_path / "run", tmp_path / "store", "train.max_steps=30", "train.val_every=30",
-        "train.save_every=30", "data.clicks=2", "data.augment.zoom_prob=0.5",
-    ))
+    cfg = load_config(
+        None,
+        _overrides(
+            corpus,
+            tmp_path / "run",
+            tmp_path / "store",
+            "train.max_steps=30",
+            "train.val_every=30",
+            "train.save_every=30",
+            "data.clicks=2",
+            "data.augment.zoom_prob=0.5",
+        ),
+    )
     trainer = Trainer(cfg)
     encoder_before = {k: v.clone() for k, v in trainer.model.image_encoder.state_dict().items()}
     decoder_before = {k: v.clone() for k, v in trainer.model.mask_decoder.state_dict().items()}
@@ -118,13 +139,27 @@ def test_decoder_training_on_the_store_learns_and_leaves_the_encoder(corpus, tmp
 def test_decoder_mode_keeps_batchnorm_statistics_of_the_frozen_encoder(corpus, tmp_path):
     """LiteMedSAM's TinyViT has BatchNorm: decoder-only training must not move its running
     statistics (the encoder runs in eval mode), through training steps and validation."""
-    cfg = load_config(None, [
-        "model.arch=lite", f"data.corpus={corpus}", f"output.dir={tmp_path / 'run'}",
-        "data.batch_size=2", "data.workers=0", "data.val_max_samples=2", "train.epochs=0",
-        "train.max_steps=3", "train.val_every=2", "train.save_every=0", "train.lr=1e-3",
-        "train.device=cpu", "train.progress=false", "output.tensorboard=false", "train.mode=decoder",
-        "train.precision=fp32",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "model.arch=lite",
+            f"data.corpus={corpus}",
+            f"output.dir={tmp_path / 'run'}",
+            "data.batch_size=2",
+            "data.workers=0",
+            "data.val_max_samples=2",
+            "train.epochs=0",
+            "train.max_steps=3",
+            "train.val_every=2",
+            "train.save_every=0",
+            "train.lr=1e-3",
+            "train.device=cpu",
+            "train.progress=false",
+            "output.tensorboard=false",
+            "train.mode=decoder",
+            "train.precision=fp32",
+        ],
+    )
     trainer = Trainer(cfg)
     before = {k: v.clone() for k, v in trainer.model.image_encoder.state_dict().items()}
     assert any("running_mean" in k for k in before)

@@ -43,7 +43,9 @@ def checkpoints(tmp_path_factory):
 # ---------------------------------------------------------------- the recipe
 def recipe_embed(ref, image):
     img_3c = np.repeat(image[:, :, None], 3, axis=-1) if image.ndim == 2 else image
-    img_1024 = resize(img_3c, (1024, 1024), order=3, preserve_range=True, mode="constant", anti_aliasing=True).astype(np.uint8)
+    img_1024 = resize(img_3c, (1024, 1024), order=3, preserve_range=True, mode="constant", anti_aliasing=True).astype(
+        np.uint8
+    )
     img_1024 = (img_1024 - img_1024.min()) / np.clip(img_1024.max() - img_1024.min(), a_min=1e-8, a_max=None)
     x = torch.tensor(img_1024).float().permute(2, 0, 1).unsqueeze(0)
     with torch.no_grad():
@@ -53,7 +55,9 @@ def recipe_embed(ref, image):
 def recipe_decode(ref, embedding, H, W, boxes=None, points=None, labels=None, mask=None, multimask=False):
     scale = np.array([W, H, W, H], dtype=np.float64)
     with torch.no_grad():
-        box_t = None if boxes is None else torch.as_tensor(np.asarray(boxes) / scale * 1024, dtype=torch.float)[:, None, :]
+        box_t = (
+            None if boxes is None else torch.as_tensor(np.asarray(boxes) / scale * 1024, dtype=torch.float)[:, None, :]
+        )
         pts = None
         if points is not None:
             p = np.asarray(points, dtype=np.float64) / np.array([W, H]) * 1024
@@ -61,8 +65,11 @@ def recipe_decode(ref, embedding, H, W, boxes=None, points=None, labels=None, ma
         m = None if mask is None else torch.as_tensor(mask)
         sparse, dense = ref.prompt_encoder(points=pts, boxes=box_t, masks=m)
         logits, iou = ref.mask_decoder(
-            image_embeddings=embedding, image_pe=ref.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask,
+            image_embeddings=embedding,
+            image_pe=ref.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
         )
         prob = F.interpolate(torch.sigmoid(logits), size=(H, W), mode="bilinear", align_corners=False)
     return logits.numpy(), iou.numpy(), prob.numpy()
@@ -76,8 +83,16 @@ IMAGES = {
 
 
 def prompt_cases(H, W):
-    boxes = np.array([[0.2 * W, 0.25 * H, 0.7 * W, 0.8 * H], [5, 7, W - 3, H - 2], [0.5 * W, 0.1 * H, 0.6 * W, 0.3 * H]]).round()
-    points = np.array([[[0.4 * W, 0.5 * H], [0.1 * W, 0.1 * H]], [[0.6 * W, 0.6 * H], [0.65 * W, 0.3 * H]], [[0.5 * W, 0.2 * H], [0.9 * W, 0.9 * H]]]).round()
+    boxes = np.array(
+        [[0.2 * W, 0.25 * H, 0.7 * W, 0.8 * H], [5, 7, W - 3, H - 2], [0.5 * W, 0.1 * H, 0.6 * W, 0.3 * H]]
+    ).round()
+    points = np.array(
+        [
+            [[0.4 * W, 0.5 * H], [0.1 * W, 0.1 * H]],
+            [[0.6 * W, 0.6 * H], [0.65 * W, 0.3 * H]],
+            [[0.5 * W, 0.2 * H], [0.9 * W, 0.9 * H]],
+        ]
+    ).round()
     labels = np.array([[1, 0], [1, 1], [1, 0]])
     rng = np.random.default_rng(0)
     mask = rng.standard_normal((3, 1, 256, 256)).astype(np.float32) * 3
@@ -93,7 +108,7 @@ def prompt_cases(H, W):
 
 @pytest.mark.parametrize("image_name", list(IMAGES))
 def test_medsam_recipe_equivalence(checkpoints, image_name):
-    ref, official, ddp = checkpoints
+    ref, official, _ddp = checkpoints
     image = IMAGES[image_name]
     H, W = image.shape[:2]
     model = medsam.load_model(official, device="cpu")
@@ -106,8 +121,13 @@ def test_medsam_recipe_equivalence(checkpoints, image_name):
     for name, case in prompt_cases(H, W).items():
         multimask = case.get("multimask", False)
         ref_logits, ref_iou, ref_prob = recipe_decode(ref, ref_embedding, H, W, **case)
-        kwargs = dict(boxes=case.get("boxes"), points=case.get("points"), point_labels=case.get("labels"),
-                      mask_input=case.get("mask"), multimask=multimask)
+        kwargs = dict(
+            boxes=case.get("boxes"),
+            points=case.get("points"),
+            point_labels=case.get("labels"),
+            mask_input=case.get("mask"),
+            multimask=multimask,
+        )
         # Full pipeline (our encoder): logits and IoU within tolerance; masks equal wherever the
         # reference probability is not within float noise of the 0.5 threshold.
         result = predictor.predict(**kwargs)

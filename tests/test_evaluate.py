@@ -5,9 +5,9 @@ from __future__ import annotations
 import csv
 import math
 
+import nibabel as nib
 import numpy as np
 import pytest
-import nibabel as nib
 import SimpleITK as sitk
 from PIL import Image
 

@@ -18,11 +18,11 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 ort = pytest.importorskip("onnxruntime")
 
-import medsam  # noqa: E402
-from conftest import smooth_image  # noqa: E402
-from medsam.export import OnnxPredictor, check_contract_spec, contract_spec, export_onnx  # noqa: E402
-from medsam.preprocess import IMAGENET_MEAN, IMAGENET_STD, Contract, get_contract  # noqa: E402
-from medsam.scribbles import Scribble  # noqa: E402
+import medsam
+from conftest import smooth_image
+from medsam.export import OnnxPredictor, check_contract_spec, contract_spec, export_onnx
+from medsam.preprocess import IMAGENET_MEAN, IMAGENET_STD, Contract, get_contract
+from medsam.scribbles import Scribble
 
 IMAGE = smooth_image(180, 240, seed=3)
 BOXES = np.array([[20, 30, 150, 170], [100, 50, 230, 160], [0, 0, 239, 179]], float)
@@ -116,23 +116,32 @@ def test_encoder_and_decoder_graphs_match_pytorch(tiny):
         boxes = torch.tensor(BOXES[:n], dtype=torch.float32)
         with torch.no_grad():
             want = model.decode(ref, boxes=boxes)
-        logits, iou = dec.run(["low_res_logits", "iou_predictions"], {
-            "image_embeddings": ref.numpy(), "boxes": boxes.numpy(),
-            "mask_input": np.zeros((n, 1, 64, 64), np.float32), "has_mask_input": np.zeros(1, np.float32),
-        })
+        logits, iou = dec.run(
+            ["low_res_logits", "iou_predictions"],
+            {
+                "image_embeddings": ref.numpy(),
+                "boxes": boxes.numpy(),
+                "mask_input": np.zeros((n, 1, 64, 64), np.float32),
+                "has_mask_input": np.zeros(1, np.float32),
+            },
+        )
         assert logits.shape == (n, 1, 64, 64) and iou.shape == (n, 1)
         assert _rel(logits, want.logits.numpy()) < 1e-4
         np.testing.assert_allclose(iou, want.iou.numpy(), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("prompt", [
-    dict(boxes=BOXES[:1]),
-    dict(boxes=BOXES),
-    dict(boxes=BOXES, multimask=True),
-    dict(points=POINTS[:1], point_labels=LABELS[:1]),
-    dict(boxes=BOXES, points=POINTS, point_labels=LABELS),
-    dict(boxes=BOXES, scribbles=SCRIBBLES),
-], ids=["box", "3boxes", "multimask", "points", "boxes+points", "boxes+scribbles (padded points)"])
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        dict(boxes=BOXES[:1]),
+        dict(boxes=BOXES),
+        dict(boxes=BOXES, multimask=True),
+        dict(points=POINTS[:1], point_labels=LABELS[:1]),
+        dict(boxes=BOXES, points=POINTS, point_labels=LABELS),
+        dict(boxes=BOXES, scribbles=SCRIBBLES),
+    ],
+    ids=["box", "3boxes", "multimask", "points", "boxes+points", "boxes+scribbles (padded points)"],
+)
 def test_onnx_predictor_matches_predictor(tiny_predictors, prompt):
     torch_p, onnx_p = tiny_predictors
     assert _rel(onnx_p.embedding.numpy(), torch_p.embedding.numpy()) < 1e-4

@@ -25,13 +25,14 @@ import numpy as np
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, seed, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import strategies as st
 
 EXAMPLES = int(os.environ.get("MEDSAM_FUZZ_EXAMPLES", "12"))
 FRESH = bool(os.environ.get("MEDSAM_FUZZ_FRESH"))  # make fuzz: new random cases every run
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=not FRESH, database=None,
-                suppress_health_check=list(HealthCheck))
+FUZZ = settings(
+    max_examples=EXAMPLES, deadline=None, derandomize=not FRESH, database=None, suppress_health_check=list(HealthCheck)
+)
 
 ints = st.integers(min_value=-(2**70), max_value=2**70)
 floats = st.floats(allow_nan=True, allow_infinity=True)
@@ -39,8 +40,11 @@ floats = st.floats(allow_nan=True, allow_infinity=True)
 
 # ----------------------------------------------------------------------------- RLE masks
 @FUZZ
-@given(values=st.lists(ints, max_size=6), counts=st.lists(ints, max_size=6),
-       shape=st.lists(st.integers(-3, 40), min_size=1, max_size=3))
+@given(
+    values=st.lists(ints, max_size=6),
+    counts=st.lists(ints, max_size=6),
+    shape=st.lists(st.integers(-3, 40), min_size=1, max_size=3),
+)
 def test_rle_decode_refuses_or_decodes(values, counts, shape):
     from medsam.server.encoding import rle_decode
 
@@ -65,8 +69,9 @@ def test_rle_round_trip(flat, width):
 
 # ----------------------------------------------------------------------------- prompts
 @FUZZ
-@given(st.lists(st.lists(floats, min_size=4, max_size=4), min_size=1, max_size=4),
-       st.integers(1, 300), st.integers(1, 300))
+@given(
+    st.lists(st.lists(floats, min_size=4, max_size=4), min_size=1, max_size=4), st.integers(1, 300), st.integers(1, 300)
+)
 def test_boxes_are_clipped_or_refused(boxes, h, w):
     from medsam.predictor import PromptError, clip_boxes, validate_boxes
 
@@ -78,8 +83,11 @@ def test_boxes_are_clipped_or_refused(boxes, h, w):
 
 
 @FUZZ
-@given(st.lists(st.tuples(st.lists(st.tuples(floats, floats), max_size=6), st.booleans()), max_size=4),
-       st.integers(1, 300), st.integers(1, 300))
+@given(
+    st.lists(st.tuples(st.lists(st.tuples(floats, floats), max_size=6), st.booleans()), max_size=4),
+    st.integers(1, 300),
+    st.integers(1, 300),
+)
 def test_scribbles_become_points_inside_the_image_or_are_refused(strokes, h, w):
     from medsam.predictor import PromptError
     from medsam.scribbles import Scribble, add_scribble_points
@@ -129,10 +137,24 @@ def test_cli_argument_types(text):
 
 
 # ----------------------------------------------------------------------------- config overrides
-_KEYS = st.sampled_from(["train.lr", "train.max_steps", "data.batch_size", "data.corpus", "model.name",
-                         "train.nope", "x", "train", "data.augment.zoom_prob", ""])
-_VALUES = st.one_of(st.text(max_size=12), st.sampled_from(["nan", "inf", "-1", "1e999", "[1,2", "{a: b}", "null",
-                                                            "true", "0x10", "1e-4"]))
+_KEYS = st.sampled_from(
+    [
+        "train.lr",
+        "train.max_steps",
+        "data.batch_size",
+        "data.corpus",
+        "model.name",
+        "train.nope",
+        "x",
+        "train",
+        "data.augment.zoom_prob",
+        "",
+    ]
+)
+_VALUES = st.one_of(
+    st.text(max_size=12),
+    st.sampled_from(["nan", "inf", "-1", "1e999", "[1,2", "{a: b}", "null", "true", "0x10", "1e-4"]),
+)
 
 
 @FUZZ
@@ -155,16 +177,21 @@ def _npz_bytes(arrays: dict) -> bytes:
 
 
 _ARRAYS = st.one_of(
-    st.builds(lambda s, d: np.zeros(s, dtype=d), st.lists(st.integers(0, 5), max_size=4).map(tuple),
-              st.sampled_from([np.uint8, np.int16, np.float32, np.float64, bool])),
+    st.builds(
+        lambda s, d: np.zeros(s, dtype=d),
+        st.lists(st.integers(0, 5), max_size=4).map(tuple),
+        st.sampled_from([np.uint8, np.int16, np.float32, np.float64, bool]),
+    ),
     st.lists(floats, max_size=8).map(lambda v: np.array(v)),
     st.text(max_size=5).map(lambda t: np.array(t)),
 )
 
 
 @FUZZ
-@given(st.dictionaries(st.sampled_from(["imgs", "boxes", "spacing", "gts", "other"]), _ARRAYS, max_size=4),
-       st.sampled_from(["2DBox_x.npz", "3DBox_x.npz"]))
+@given(
+    st.dictionaries(st.sampled_from(["imgs", "boxes", "spacing", "gts", "other"]), _ARRAYS, max_size=4),
+    st.sampled_from(["2DBox_x.npz", "3DBox_x.npz"]),
+)
 def test_npz_cases_read_or_refuse(tmp_path_factory, arrays, name):
     from medsam.io import ImageReadError, read_npz_case
 
@@ -188,13 +215,31 @@ def test_npz_garbage_bytes_refused(tmp_path_factory, blob):
         read_npz_case(path)
 
 
-_COLUMNS = ["dataset", "case", "slice", "label", "label_name", "modality", "x0", "y0", "x1", "y1", "area",
-            "split", "path", "height", "width", "extra"]
+_COLUMNS = [
+    "dataset",
+    "case",
+    "slice",
+    "label",
+    "label_name",
+    "modality",
+    "x0",
+    "y0",
+    "x1",
+    "y1",
+    "area",
+    "split",
+    "path",
+    "height",
+    "width",
+    "extra",
+]
 
 
 @FUZZ
-@given(st.lists(st.sampled_from(_COLUMNS), max_size=len(_COLUMNS), unique=True),
-       st.lists(st.lists(st.text(max_size=6), min_size=0, max_size=16), max_size=3))
+@given(
+    st.lists(st.sampled_from(_COLUMNS), max_size=len(_COLUMNS), unique=True),
+    st.lists(st.lists(st.text(max_size=6), min_size=0, max_size=16), max_size=3),
+)
 def test_corpus_manifests_read_or_refuse(tmp_path_factory, header, rows):
     import csv
 
@@ -225,12 +270,32 @@ def _safetensors_bytes(metadata: dict, tensors: dict) -> bytes:
 
 
 @FUZZ
-@given(st.one_of(st.none(), st.dictionaries(st.sampled_from(["medsam_config", "format", "x"]),
-                                            st.one_of(st.text(max_size=20), st.sampled_from(
-                                                ['{"config": {"name": "x"}}', '{"contract": "nope"}', "[]", "{",
-                                                 '{"config": {"encoder": "vit", "embed_dim": -1}}'])), max_size=2)),
-       st.dictionaries(st.sampled_from(["image_encoder.pos_embed", "mask_decoder.iou_token.weight", "w"]),
-                       st.builds(np.zeros, st.lists(st.integers(0, 3), max_size=3).map(tuple)), max_size=2))
+@given(
+    st.one_of(
+        st.none(),
+        st.dictionaries(
+            st.sampled_from(["medsam_config", "format", "x"]),
+            st.one_of(
+                st.text(max_size=20),
+                st.sampled_from(
+                    [
+                        '{"config": {"name": "x"}}',
+                        '{"contract": "nope"}',
+                        "[]",
+                        "{",
+                        '{"config": {"encoder": "vit", "embed_dim": -1}}',
+                    ]
+                ),
+            ),
+            max_size=2,
+        ),
+    ),
+    st.dictionaries(
+        st.sampled_from(["image_encoder.pos_embed", "mask_decoder.iou_token.weight", "w"]),
+        st.builds(np.zeros, st.lists(st.integers(0, 3), max_size=3).map(tuple)),
+        max_size=2,
+    ),
+)
 def test_checkpoint_metadata_loads_or_is_refused(tmp_path_factory, metadata, tensors):
     from medsam.weights import CheckpointError, load_model
 
@@ -299,8 +364,9 @@ def fuzz_app(tmp_path_factory):
     vol = np.stack([smooth_image(32, 40, seed=2 + s) for s in range(4)]).astype(np.int16) * 4 - 500
     sitk.WriteImage(sitk.GetImageFromArray(vol), str(root / "vol.nii.gz"))
     torch.manual_seed(0)
-    app = create_app(root, model=build_model("vit_tiny").eval(), max_upload_bytes=1 << 20,
-                     allowed_hosts=("testserver",))
+    app = create_app(
+        root, model=build_model("vit_tiny").eval(), max_upload_bytes=1 << 20, allowed_hosts=("testserver",)
+    )
     wb = app.state.workbench
     wb.training.python = "/bin/false"  # a training job's child fails at once: no CPU spent training
     return app, root
@@ -323,7 +389,7 @@ def test_every_operation_is_fuzzed_and_the_server_never_errs(fuzz_app):
     counts: dict[str, dict[str, int]] = {}
     failures: list[str] = []
     client = TestClient(app, base_url=BASE)  # the probe; schemathesis runs the app's lifespan
-    schema, operations = _operations(app)
+    _schema, operations = _operations(app)
     assert len(operations) >= 20
     if True:
         for op in operations:

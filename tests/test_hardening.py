@@ -21,11 +21,11 @@ from PIL import Image
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
-from conftest import smooth_image  # noqa: E402
-from medsam.cli import main  # noqa: E402
-from medsam.server import create_app  # noqa: E402
-from medsam.server.encoding import rle_decode  # noqa: E402
-from test_server import TOKEN, _rle, client, data, model  # noqa: E402,F401  (fixtures)
+from conftest import smooth_image
+from medsam.cli import main
+from medsam.server import create_app
+from medsam.server.encoding import rle_decode
+from test_server import TOKEN, _rle, client
 
 PYTHON = sys.executable
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -70,8 +70,9 @@ _SEGV_PROBE = textwrap.dedent(
 
 def test_wrapping_rle_request_gets_422_and_the_server_lives(tmp_path):
     """The request that killed the server process (SIGSEGV), run in a child process."""
-    proc = subprocess.run([PYTHON, "-c", _SEGV_PROBE, str(tmp_path)], capture_output=True, text=True,
-                          env=ENV, timeout=120)
+    proc = subprocess.run(
+        [PYTHON, "-c", _SEGV_PROBE, str(tmp_path)], capture_output=True, text=True, env=ENV, timeout=120
+    )
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
     assert proc.stdout.strip() == "[422, 422, 200]"
     assert not (tmp_path / ".medsam" / "labels" / "x.png.png").exists()
@@ -86,11 +87,17 @@ def test_values_that_used_to_answer_500(data, model):
             assert c.get(f"/images/vol.nii.gz/slices/1.png?{query}").status_code == 422, query
         r = c.post("/train", content=b'{"lr": NaN}', headers={"content-type": "application/json"})
         assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "lr"
-        r = c.post("/segment", content=b'{"image_id": "a.png", "box": [1, 2, NaN, 30]}',
-                   headers={"content-type": "application/json"})
+        r = c.post(
+            "/segment",
+            content=b'{"image_id": "a.png", "box": [1, 2, NaN, 30]}',
+            headers={"content-type": "application/json"},
+        )
         assert r.status_code == 422
-        r = c.post("/segment", content=b'{"image_id": "a.png", "box": {"x0": 1, "y0": 2, "x1": Infinity, "y1": 3}}',
-                   headers={"content-type": "application/json"})
+        r = c.post(
+            "/segment",
+            content=b'{"image_id": "a.png", "box": {"x0": 1, "y0": 2, "x1": Infinity, "y1": 3}}',
+            headers={"content-type": "application/json"},
+        )
         assert r.status_code == 422
         assert c.get("/info").status_code == 200
         assert not (data / ".medsam" / "labels" / "a.png.png").exists()
@@ -99,8 +106,9 @@ def test_values_that_used_to_answer_500(data, model):
 def test_box_as_json_list_is_accepted_and_documented(data, model):
     with client(create_app(data, model=model)) as c:
         as_list = c.post("/segment", json={"image_id": "a.png", "box": [10, 10, 50, 40], "zoom": False})
-        as_dict = c.post("/segment", json={"image_id": "a.png", "box": {"x0": 10, "y0": 10, "x1": 50, "y1": 40},
-                                            "zoom": False})
+        as_dict = c.post(
+            "/segment", json={"image_id": "a.png", "box": {"x0": 10, "y0": 10, "x1": 50, "y1": 40}, "zoom": False}
+        )
         assert as_list.status_code == as_dict.status_code == 200
         assert as_list.json()["mask"] == as_dict.json()["mask"]
         assert c.post("/segment", json={"image_id": "a.png", "box": [10, 10, 50]}).status_code == 422
@@ -140,16 +148,27 @@ def _old_layout_store(data: Path) -> Path:
 
     labels_dir = data / ".medsam" / "labels"
     store = LabelStore(labels_dir, data)
-    entries = {"a.png": ("a.png", "png", 1), "vol.nii.gz": ("vol.nii.gz", "nifti", 2),
-               "sub/b.png": ("sub/b.png", "png", 3), "c.jpg": ("c.jpg.png", "png", 4)}
+    entries = {
+        "a.png": ("a.png", "png", 1),
+        "vol.nii.gz": ("vol.nii.gz", "nifti", 2),
+        "sub/b.png": ("sub/b.png", "png", 3),
+        "c.jpg": ("c.jpg.png", "png", 4),
+    }
     Image.fromarray(smooth_image(30, 20, seed=7)).save(data / "c.jpg")
     for image_id, (file, fmt, value) in entries.items():
         image = read_image(data / image_id)
         path = labels_dir / file
         path.parent.mkdir(parents=True, exist_ok=True)
         write_mask(np.full(image.spatial_shape, value, np.uint8), image, path)
-        side = {"format": 1, "image_id": image_id, "version": 3, "label_file": file, "label_format": fmt,
-                "labels": [{"value": value, "name": f"l{value}", "color": "#112233"}], "history": [{"version": 3}]}
+        side = {
+            "format": 1,
+            "image_id": image_id,
+            "version": 3,
+            "label_file": file,
+            "label_format": fmt,
+            "labels": [{"value": value, "name": f"l{value}", "color": "#112233"}],
+            "history": [{"version": 3}],
+        }
         store.sidecar_path(path).write_text(json.dumps(side))
     return labels_dir
 
@@ -165,8 +184,17 @@ def test_migration_of_a_datastore_written_by_the_earlier_layout(data, model):
         assert info["file"] == ".medsam/labels/c.jpg.png"
     assert json.loads((labels_dir / "layout.json").read_text()) == {"layout": 2}
     names = sorted(p.relative_to(labels_dir).as_posix() for p in labels_dir.rglob("*") if p.is_file())
-    assert names == ["a.png.png", "a.png.png.json", "c.jpg.png", "c.jpg.png.json", "layout.json",
-                     "sub/b.png.png", "sub/b.png.png.json", "vol.nii.gz.nii.gz", "vol.nii.gz.nii.gz.json"]
+    assert names == [
+        "a.png.png",
+        "a.png.png.json",
+        "c.jpg.png",
+        "c.jpg.png.json",
+        "layout.json",
+        "sub/b.png.png",
+        "sub/b.png.png.json",
+        "vol.nii.gz.nii.gz",
+        "vol.nii.gz.nii.gz.json",
+    ]
 
 
 def test_migration_cut_short_is_completed_by_the_next_start(data, model):
@@ -197,16 +225,18 @@ def _nifti_bomb(path: Path, shape=(1000, 1000, 600)) -> Path:
 def test_upload_refused_by_the_size_its_header_declares(data, model, tmp_path):
     bomb = _nifti_bomb(tmp_path / "bomb.nii.gz")
     with client(create_app(data, model=model)) as c:
-        r = c.post("/images?name=bomb.nii.gz", content=bomb.read_bytes(),
-                   headers={"content-type": "application/octet-stream"})
+        r = c.post(
+            "/images?name=bomb.nii.gz", content=bomb.read_bytes(), headers={"content-type": "application/octet-stream"}
+        )
         assert r.status_code == 413 and "600,000,000 voxels" in r.json()["detail"]
         assert not (data / "bomb.nii.gz").exists()
         assert list((data / ".medsam" / "uploads").iterdir()) == []
     small = tmp_path / "small.png"
     Image.fromarray(smooth_image(40, 50, seed=1)).save(small)
     with client(create_app(data, model=model, max_image_voxels=40 * 50 - 1)) as c:
-        r = c.post("/images?name=small.png", content=small.read_bytes(),
-                   headers={"content-type": "application/octet-stream"})
+        r = c.post(
+            "/images?name=small.png", content=small.read_bytes(), headers={"content-type": "application/octet-stream"}
+        )
         assert r.status_code == 413
     # A bomb placed in the folder by hand is refused when read, before decompressing.
     os.replace(bomb, data / "placed.nii.gz")
@@ -266,8 +296,7 @@ def test_resume_from_a_malicious_checkpoint_is_one_line(tmp_path, capsys):
     cfg.write_text("{}\n")
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    code = main(["train", str(cfg), f"data.corpus={corpus}", f"output.dir={tmp_path / 'run'}",
-                 f"train.resume={evil}"])
+    code = main(["train", str(cfg), f"data.corpus={corpus}", f"output.dir={tmp_path / 'run'}", f"train.resume={evil}"])
     assert code == 2
     line = _one_error(capsys)
     assert "refused to unpickle" in line or "corpus" in line
@@ -282,8 +311,24 @@ def test_unknown_output_format_refused_before_the_model_loads(tmp_path, png, cap
     monkeypatch.setattr(medsam.weights, "load_model", no_model)
     assert main(["segment", str(png), "--box", "1", "1", "30", "30", "-o", str(tmp_path / "x.xyz")]) == 2
     assert "unknown mask format" in _one_error(capsys)
-    assert main(["segment", str(png), "--box", "1", "1", "30", "30", "-o", str(tmp_path / "x.png"),
-                 "--overlay", str(tmp_path / "o.jpg")]) == 2
+    assert (
+        main(
+            [
+                "segment",
+                str(png),
+                "--box",
+                "1",
+                "1",
+                "30",
+                "30",
+                "-o",
+                str(tmp_path / "x.png"),
+                "--overlay",
+                str(tmp_path / "o.jpg"),
+            ]
+        )
+        == 2
+    )
     assert "PNG" in _one_error(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["slice.png"]
 
@@ -312,8 +357,25 @@ def test_all_nan_volume_is_refused_and_some_nan_warned(tmp_path, capsys, small_d
     vol = np.random.default_rng(0).normal(size=(4, 24, 28)).astype(np.float32)
     vol[1, 3, 4] = np.nan
     sitk.WriteImage(sitk.GetImageFromArray(vol), str(tmp_path / "some.nrrd"))
-    assert main(["segment", str(tmp_path / "some.nrrd"), "--box", "2", "2", "0", "20", "20", "3",
-                 "--iou-threshold=-1e9", "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                str(tmp_path / "some.nrrd"),
+                "--box",
+                "2",
+                "2",
+                "0",
+                "20",
+                "20",
+                "3",
+                "--iou-threshold=-1e9",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "medsam: warning: 1 of 2688 voxels are NaN" in capsys.readouterr().err
 
 
@@ -341,11 +403,27 @@ def test_evaluate_refuses_label_ids_that_share_nothing_or_maps_them(tmp_path, ca
     Image.fromarray(gt).save(tmp_path / "gt.png")
     Image.fromarray(pred).save(tmp_path / "pred.png")
     out = tmp_path / "scores.csv"
-    assert main(["evaluate", "--pred", str(tmp_path / "pred.png"), "--gt", str(tmp_path / "gt.png"), "-o", str(out)]) == 2
+    assert (
+        main(["evaluate", "--pred", str(tmp_path / "pred.png"), "--gt", str(tmp_path / "gt.png"), "-o", str(out)]) == 2
+    )
     assert "share nothing" in _one_error(capsys)
     assert not out.exists()
-    assert main(["evaluate", "--pred", str(tmp_path / "pred.png"), "--gt", str(tmp_path / "gt.png"),
-                 "--label-map", "1=3", "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--pred",
+                str(tmp_path / "pred.png"),
+                "--gt",
+                str(tmp_path / "gt.png"),
+                "--label-map",
+                "1=3",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "DSC 0.93" in capsys.readouterr().out  # 2 * 56 / (56 + 64)
 
 
@@ -420,7 +498,9 @@ def test_curation_workers_die_with_a_killed_parent(tmp_path):
     spec.write_text(f"name: ds\nmodality: CT\nimages: {images}\nlabels: {labels}\n")
     proc = subprocess.Popen(
         [PYTHON, "-m", "medsam", "prepare", str(spec), "-o", str(tmp_path / "out"), "--workers", "2", "--no-progress"],
-        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 60
     family: set[int] = set()
@@ -438,7 +518,8 @@ def test_curation_workers_die_with_a_killed_parent(tmp_path):
 
 def test_sigterm_ends_a_run_with_one_line_and_no_output(tmp_path):
     script = tmp_path / "slow_segment.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import time, medsam.segment as s
         from medsam.cli import main
         orig = s._write_outputs
@@ -449,9 +530,10 @@ def test_sigterm_ends_a_run_with_one_line_and_no_output(tmp_path):
         s._write_outputs = slow
         import medsam.default_model as d
         d.bundled_checkpoint = lambda: None
-        raise SystemExit(main(["segment", {str(tmp_path / 'in.png')!r}, "--box", "2", "2", "30", "30",
-                               "-o", {str(tmp_path / 'out' / 'm.png')!r}]))
-        """))
+        raise SystemExit(main(["segment", {str(tmp_path / "in.png")!r}, "--box", "2", "2", "30", "30",
+                               "-o", {str(tmp_path / "out" / "m.png")!r}]))
+        """)
+    )
     Image.fromarray(smooth_image(40, 40, seed=1)).save(tmp_path / "in.png")
     proc = subprocess.Popen([PYTHON, str(script)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "writing"

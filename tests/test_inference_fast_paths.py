@@ -79,8 +79,11 @@ def test_tiled_tinyvit_small_tiles_and_unfused_depthwise(encoder, plain_encoder,
     with torch.inference_mode():
         default = encoder(x)
     monkeypatch.setattr(_tiny_vit_inference, "TILE_BYTES", 1)
-    monkeypatch.setattr(_onednn, "_probed", {(k, d): False for k in ("depthwise_gelu", "linear_gelu")
-                                             for d in (torch.float32, torch.bfloat16)})
+    monkeypatch.setattr(
+        _onednn,
+        "_probed",
+        {(k, d): False for k in ("depthwise_gelu", "linear_gelu") for d in (torch.float32, torch.bfloat16)},
+    )
     with torch.inference_mode():
         small = encoder(x)
     plain_encoder(True)
@@ -270,7 +273,7 @@ def test_decoder_threads_do_not_share_buffers(sam):
 
 def test_dense_pe_cache_follows_the_weights(sam):
     pe_mod = sam.prompt_encoder
-    fresh = lambda: pe_mod.pe_layer(pe_mod.image_embedding_size).unsqueeze(0)  # noqa: E731
+    fresh = lambda: pe_mod.pe_layer(pe_mod.image_embedding_size).unsqueeze(0)
     with torch.inference_mode():
         a = pe_mod.get_dense_pe()
         assert pe_mod.get_dense_pe() is a  # cached
@@ -334,8 +337,14 @@ def test_vit_cpu_inference_matches_module_forward(monkeypatch, window, global_in
     img = 256 if window == 14 else 224
     torch.manual_seed(0)
     enc = ImageEncoderViT(
-        img_size=img, depth=3, embed_dim=96, num_heads=3, window_size=window,
-        global_attn_indexes=(global_index,), out_chans=32, qkv_bias=qkv_bias,
+        img_size=img,
+        depth=3,
+        embed_dim=96,
+        num_heads=3,
+        window_size=window,
+        global_attn_indexes=(global_index,),
+        out_chans=32,
+        qkv_bias=qkv_bias,
     ).eval()
     for p in enc.parameters():
         torch.nn.init.normal_(p, std=0.05)

@@ -49,8 +49,9 @@ def _slice_values(k):
     return (np.arange(ROWS * COLS).reshape(ROWS, COLS) + 100 * k).astype(np.int16)
 
 
-def _write_series(folder, n, *, iop=(1, 0, 0, 0, 1, 0), origin=(-50.0, -60.0, 10.0),
-                  description="axial", study_uid=None, seed=0):
+def _write_series(
+    folder, n, *, iop=(1, 0, 0, 0, 1, 0), origin=(-50.0, -60.0, 10.0), description="axial", study_uid=None, seed=0
+):
     """Write n CT slices with shuffled file names and instance numbers; returns (uid, normal)."""
     folder.mkdir(parents=True, exist_ok=True)
     series_uid = generate_uid()
@@ -160,7 +161,7 @@ def test_multiframe_dicom_is_volume(tmp_path):
 
 def test_duplicate_slice_positions_refused(tmp_path):
     folder = tmp_path / "dup"
-    uid, _ = _write_series(folder, 3)
+    _uid, _ = _write_series(folder, 3)
     extra = pydicom.dcmread(next(folder.iterdir()))
     extra.SOPInstanceUID = generate_uid()
     extra.file_meta.MediaStorageSOPInstanceUID = extra.SOPInstanceUID

@@ -66,7 +66,7 @@ def test_invalid_cases(tmp_path, name, arrays, match):
 def test_corrupt_npz(tmp_path):
     path = tmp_path / "2D_bad.npz"
     path.write_bytes(b"PK\x03\x04 definitely not a zip")
-    with pytest.raises(ImageReadError, match="2D_bad.npz"):
+    with pytest.raises(ImageReadError, match=r"2D_bad\.npz"):
         read_npz_case(path)
 
 
@@ -88,7 +88,7 @@ def test_write_segs_round_trip(tmp_path):
 
 
 def test_write_segs_refusals_leave_nothing(tmp_path):
-    with pytest.raises(ValueError, match="0..255"):
+    with pytest.raises(ValueError, match=r"0\.\.255"):
         write_npz_segs(tmp_path / "a.npz", np.full((3, 3), 300))
     with pytest.raises(ValueError, match="integer"):
         write_npz_segs(tmp_path / "a.npz", np.zeros((3, 3), np.float32))

@@ -209,7 +209,7 @@ def test_nsd_computed_even_when_dice_is_low():
     pred[10:30, 10] = True  # a line on one edge: DSC << 0.2, but part of the surface agrees
     assert dice_score(pred, gt) < 0.2
     nsd = normalized_surface_dice(pred, gt, (1.0, 1.0), 2.0)
-    dsc, ref, _ = _oracle(pred, gt, (1.0, 1.0), (2.0,))
+    _dsc, ref, _ = _oracle(pred, gt, (1.0, 1.0), (2.0,))
     assert 0.0 < nsd == pytest.approx(ref[2.0], abs=1e-12)
 
 

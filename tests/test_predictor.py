@@ -94,7 +94,9 @@ def test_bad_points_and_counts(predictor):
     with pytest.raises(PromptError, match="outside"):
         predictor.predict(points=[[500, 10]], point_labels=[1])
     with pytest.raises(PromptError, match="do not match"):
-        predictor.predict(boxes=[[1, 1, 20, 20], [2, 2, 30, 30]], points=np.zeros((3, 1, 2)), point_labels=np.ones((3, 1)))
+        predictor.predict(
+            boxes=[[1, 1, 20, 20], [2, 2, 30, 30]], points=np.zeros((3, 1, 2)), point_labels=np.ones((3, 1))
+        )
     with pytest.raises(PromptError, match="at least one prompt"):
         predictor.predict()
 
@@ -188,7 +190,9 @@ def test_multimask_all_is_token_zero_then_the_three_alternatives(predictor):
     assert both.masks.shape[:2] == (2, 4) and both.scores.shape == (2, 4) and both.low_res_logits.shape[1] == 4
     np.testing.assert_allclose(both.low_res_logits[:, :1], one.low_res_logits, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(both.low_res_logits[:, 1:], three.low_res_logits, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(both.scores, np.concatenate([one.scores[:, None], three.scores], axis=1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        both.scores, np.concatenate([one.scores[:, None], three.scores], axis=1), rtol=1e-5, atol=1e-6
+    )
     assert (both.masks[:, 0] == one.masks).mean() > 0.999 and (both.masks[:, 1:] == three.masks).mean() > 0.999
     with pytest.raises(ValueError, match="multimask"):
         predictor.predict(boxes=boxes, multimask="some")

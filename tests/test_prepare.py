@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medsam.cli import main as cli_main
 from medsam import corpus as corpus_mod
+from medsam.cli import main as cli_main
+from medsam.corpus import MANIFEST_COLUMNS
 from medsam.curate import prepare as prep_mod
 from medsam.curate.dataset_spec import DatasetSpec, SpecError, assign_splits, load_specs
 from medsam.curate.normalize import normalize_image
-from medsam.corpus import MANIFEST_COLUMNS
 from medsam.curate.prepare import prepare
 from medsam.io import read_image
 
@@ -201,8 +201,13 @@ def test_small_components_removed_in_3d_then_2d(tmp_path):
     (d / "images").mkdir(parents=True)
     (d / "images/isl.nii.gz").symlink_to(CT_IMG)
     write_like(lab, CT_LAB, d / "labels/isl_seg.nii.gz")
-    spec = ct_spec(images=d / "images", labels=d / "labels", label_names={98: "column", 99: "island"},
-                   min_component_3d=50, min_component_2d=20)
+    spec = ct_spec(
+        images=d / "images",
+        labels=d / "labels",
+        label_names={98: "column", 99: "island"},
+        min_component_3d=50,
+        min_component_2d=20,
+    )
     rep = run([spec], tmp_path / "out")
     assert rep.ok
     rows = read_manifest(tmp_path / "out")
@@ -230,8 +235,15 @@ def test_keep_drop_and_instance_split(tmp_path):
     (d / "images").mkdir(parents=True)
     (d / "images/inst.nii.gz").symlink_to(CT_IMG)
     write_like(lab, CT_LAB, d / "labels/inst_seg.nii.gz")
-    spec = ct_spec(images=d / "images", labels=d / "labels", label_names={5: "liver", 120: "lesion"},
-                   keep_labels=[5, 120, 2], drop_labels=[2], instance_labels=[120], min_component_3d=10)
+    spec = ct_spec(
+        images=d / "images",
+        labels=d / "labels",
+        label_names={5: "liver", 120: "lesion"},
+        keep_labels=[5, 120, 2],
+        drop_labels=[2],
+        instance_labels=[120],
+        min_component_3d=10,
+    )
     run([spec], tmp_path / "out")
     rows = read_manifest(tmp_path / "out")
     assert {r["label"] for r in rows} == {"5", "121", "122"}
@@ -275,7 +287,7 @@ def test_manifest_boxes_equal_label_boxes_in_npz(tmp_path):
     assert {d["label_source"] for d in corpus["datasets"]} == {"pseudo"}
     with open(out / "summary.csv", newline="") as f:
         summ = list(csv.DictReader(f))
-    liver = [s for s in summ if s["dataset"] == "ct" and s["label"] == "5"][0]
+    liver = next(s for s in summ if s["dataset"] == "ct" and s["label"] == "5")
     ct_liver = [r for r in rows if r["dataset"] == "ct" and r["label"] == "5"]
     assert int(liver["objects"]) == len(ct_liver) and int(liver["voxels"]) == sum(int(r["area"]) for r in ct_liver)
     assert liver["label_source"] == "pseudo" and liver["cases"] == "1"
@@ -459,8 +471,10 @@ def test_label_alignment_reorient(tmp_path):
     sitk.WriteImage(flipped, str(src / "labels/example_ct_crop_seg.nii.gz"))
     strict = run([ct_spec(images=src / "images", labels=src / "labels", label_names={})], tmp_path / "strict")
     assert strict.n_failed == 1 and strict.errors[0].stage == "geometry"
-    run([ct_spec(images=src / "images", labels=src / "labels", label_names={}, label_alignment="reorient")],
-        tmp_path / "re")
+    run(
+        [ct_spec(images=src / "images", labels=src / "labels", label_names={}, label_alignment="reorient")],
+        tmp_path / "re",
+    )
     run([ct_spec(label_names={})], tmp_path / "ref")
     assert read_manifest(tmp_path / "re") == read_manifest(tmp_path / "ref")
     rec = json.loads((tmp_path / "re/cases/ct/example_ct_crop/case.json").read_text())
@@ -540,14 +554,28 @@ def test_2d_colour_image_with_png_mask(tmp_path):
     mask[5:25, 10:30] = 1
     mask[30:32, 40:42] = 2  # 4 px: below min_component_2d
     Image.fromarray(mask).save(src / "labels/frame1.png")
-    spec = DatasetSpec.from_dict({"name": "endo", "modality": "Endoscopy", "images": str(src / "images"),
-                                  "labels": str(src / "labels"), "min_component_2d": 10,
-                                  "label_names": {1: "polyp"}})
+    spec = DatasetSpec.from_dict(
+        {
+            "name": "endo",
+            "modality": "Endoscopy",
+            "images": str(src / "images"),
+            "labels": str(src / "labels"),
+            "min_component_2d": 10,
+            "label_names": {1: "polyp"},
+        }
+    )
     rep = run([spec], tmp_path / "out")
     assert rep.ok
     (row,) = read_manifest(tmp_path / "out")
     assert (row["slice"], row["label_name"], row["x0"], row["y0"], row["x1"], row["y1"], row["area"]) == (
-        "0", "polyp", "10", "5", "29", "24", "400")
+        "0",
+        "polyp",
+        "10",
+        "5",
+        "29",
+        "24",
+        "400",
+    )
     assert row["path"] == "cases/endo/frame1/slices/0000.npz"
     with np.load(tmp_path / "out" / row["path"]) as z:
         np.testing.assert_array_equal(z["image"], rgb)  # uint8 colour kept as is

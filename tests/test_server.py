@@ -18,50 +18,18 @@ import torch
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
 
-from conftest import smooth_image  # noqa: E402
-from medsam.io import read_image  # noqa: E402
-from medsam.server import create_app  # noqa: E402
-from medsam.server.encoding import rle_decode, rle_encode  # noqa: E402
+from conftest import smooth_image
+from medsam.io import read_image
+from medsam.server import create_app
+from medsam.server.encoding import rle_decode, rle_encode
 
 BASE = "http://127.0.0.1"
 TOKEN = "s3cret-token-for-tests"
 
 
-def _model():
-    from medsam.model import build_model
-
-    torch.manual_seed(0)
-    return build_model("vit_tiny").eval()
-
-
-@pytest.fixture(scope="module")
-def model():
-    return _model()
-
-
-@pytest.fixture
-def data(tmp_path):
-    """A data folder with a 2D PNG, a small CT-like NIfTI volume and a file outside it."""
-    import SimpleITK as sitk
-    from PIL import Image
-
-    root = tmp_path / "data"
-    root.mkdir()
-    Image.fromarray(smooth_image(64, 80, seed=1)).save(root / "a.png")
-    (root / "sub").mkdir()
-    Image.fromarray(smooth_image(48, 48, seed=2)).save(root / "sub" / "b.png")
-    vol = np.stack([smooth_image(40, 48, seed=3 + s) for s in range(5)]).astype(np.int16) * 4 - 500
-    img = sitk.GetImageFromArray(vol)
-    img.SetSpacing((0.8, 0.9, 2.5))
-    img.SetOrigin((10.0, -20.0, 30.0))
-    img.SetDirection((0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, -1.0))
-    sitk.WriteImage(img, str(root / "vol.nii.gz"))
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    Image.fromarray(smooth_image(32, 32, seed=9)).save(outside / "secret.png")
-    return root
+from workbench_fixtures import _model
 
 
 def client(app) -> TestClient:
@@ -111,21 +79,29 @@ def test_list_and_get_images(data, model):
 
 def test_segment_box_2d_and_volume(data, model):
     with client(create_app(data, model=model)) as c:
-        r = c.post("/segment", json={"image_id": "a.png", "box": {"x0": 10, "y0": 8, "x1": 50, "y1": 40},
-                                     "encoding": "both"})
+        r = c.post(
+            "/segment", json={"image_id": "a.png", "box": {"x0": 10, "y0": 8, "x1": 50, "y1": 40}, "encoding": "both"}
+        )
         assert r.status_code == 200, r.text
         out = r.json()
         mask = rle_decode(out["mask"]["values"], out["mask"]["counts"], tuple(out["mask"]["shape"]))
         assert mask.shape == (64, 80) and int(mask.sum()) == out["area"]
         assert out["embedding_source"] == "computed" and out["png_base64"]
         # a refinement click on the same slice reuses the embedding and the previous logits
-        r2 = c.post("/segment", json={"image_id": "a.png", "points": [{"x": 20, "y": 20, "positive": False}],
-                                      "box": {"x0": 10, "y0": 8, "x1": 50, "y1": 40},
-                                      "previous": out["logits_handle"]})
+        r2 = c.post(
+            "/segment",
+            json={
+                "image_id": "a.png",
+                "points": [{"x": 20, "y": 20, "positive": False}],
+                "box": {"x0": 10, "y0": 8, "x1": 50, "y1": 40},
+                "previous": out["logits_handle"],
+            },
+        )
         assert r2.status_code == 200 and r2.json()["embedding_source"] == "memory"
         # volume: slice 3
-        r3 = c.post("/segment", json={"image_id": "vol.nii.gz", "slice_index": 3,
-                                      "box": {"x0": 5, "y0": 5, "x1": 30, "y1": 25}})
+        r3 = c.post(
+            "/segment", json={"image_id": "vol.nii.gz", "slice_index": 3, "box": {"x0": 5, "y0": 5, "x1": 30, "y1": 25}}
+        )
         assert r3.status_code == 200 and r3.json()["mask"]["shape"] == [40, 48]
         # refused prompts
         bad = [
@@ -138,7 +114,9 @@ def test_segment_box_2d_and_volume(data, model):
         for body in bad:
             assert c.post("/segment", json=body).status_code == 422, body
         assert c.post("/segment", json={"image_id": "a.png", "box": {"x0": 1}}).status_code == 422
-        only_points = c.post("/segment", json={"image_id": "a.png", "points": [{"x": 30, "y": 20}, {"x": 5, "y": 5, "positive": False}]})
+        only_points = c.post(
+            "/segment", json={"image_id": "a.png", "points": [{"x": 30, "y": 20}, {"x": 5, "y": 5, "positive": False}]}
+        )
         assert only_points.status_code == 200 and only_points.json()["embedding_source"] == "memory"
 
 
@@ -150,20 +128,39 @@ def test_segment_with_scribbles(data, model):
     with client(create_app(data, model=model)) as c:
         box = {"x0": 10, "y0": 8, "x1": 50, "y1": 40}
         stroke = [{"x": 15, "y": 12}, {"x": 45, "y": 12}, {"x": 45, "y": 35}]
-        r = c.post("/segment", json={"image_id": "a.png", "box": box, "points": [{"x": 20, "y": 30, "positive": False}],
-                                     "scribbles": [{"points": stroke}]})
+        r = c.post(
+            "/segment",
+            json={
+                "image_id": "a.png",
+                "box": box,
+                "points": [{"x": 20, "y": 30, "positive": False}],
+                "scribbles": [{"points": stroke}],
+            },
+        )
         assert r.status_code == 200, r.text
         pts, labs = scribbles_to_points([Scribble([[v["x"], v["y"]] for v in stroke])])
-        same = c.post("/segment", json={"image_id": "a.png", "box": box, "points": [
-            {"x": 20, "y": 30, "positive": False}, *({"x": x, "y": y, "positive": bool(l)} for (x, y), l in zip(pts.tolist(), labs))]})
+        same = c.post(
+            "/segment",
+            json={
+                "image_id": "a.png",
+                "box": box,
+                "points": [
+                    {"x": 20, "y": 30, "positive": False},
+                    *({"x": x, "y": y, "positive": bool(lab)} for (x, y), lab in zip(pts.tolist(), labs)),
+                ],
+            },
+        )
         assert same.status_code == 200 and len(pts) == 4
         assert r.json()["mask"] == same.json()["mask"] and r.json()["score"] == same.json()["score"]
         only = c.post("/segment", json={"image_id": "a.png", "scribbles": [{"points": stroke[:1], "positive": True}]})
         assert only.status_code == 200, only.text
         for bad in ([{"points": [{"x": 5, "y": 5}, {"x": 500, "y": 5}]}], [{"points": []}]):
             assert c.post("/segment", json={"image_id": "a.png", "scribbles": bad}).status_code == 422
-        body = {"mask": _rle(np.ones((64, 80), np.uint8)), "definitions": [{"value": 1, "name": "x", "color": "#aa3300"}],
-                "provenance": {"prompts": [{"box": box, "scribbles": [{"points": stroke, "positive": False}], "label": 1}]}}
+        body = {
+            "mask": _rle(np.ones((64, 80), np.uint8)),
+            "definitions": [{"value": 1, "name": "x", "color": "#aa3300"}],
+            "provenance": {"prompts": [{"box": box, "scribbles": [{"points": stroke, "positive": False}], "label": 1}]},
+        }
         assert c.put("/labels/a.png/map", json={**body, "expected_version": 0}).status_code == 200
         side = json.loads((data / ".medsam" / "labels" / "a.png.png.json").read_text())
         assert side["history"][0]["prompts"][0]["scribbles"] == [{"points": stroke, "positive": False}]
@@ -187,6 +184,7 @@ def test_segment_zoom_and_candidates(data, model):
     oracle.set_image(image)
     plain = oracle.predict(boxes=box)
     with client(create_app(data, model=model)) as c:
+
         def ask(**extra):
             r = c.post("/segment", json={"image_id": "a.png", "box": dict(zip(("x0", "y0", "x1", "y1"), box)), **extra})
             assert r.status_code == 200, r.text
@@ -212,8 +210,9 @@ def test_segment_zoom_and_candidates(data, model):
         # a correction inside the crop stays on it, with the crop's logits as mask prompt
         crop_box = [box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0]
         first = oracle.predict(boxes=crop_box)
-        want = oracle.predict(boxes=crop_box, points=[[24 - x0, 25 - y0]], point_labels=[1],
-                              mask_input=first.low_res_logits[:, :1])
+        want = oracle.predict(
+            boxes=crop_box, points=[[24 - x0, 25 - y0]], point_labels=[1], mask_input=first.low_res_logits[:, :1]
+        )
         inside, inside_mask = ask(points=[{"x": 24, "y": 25}], previous=out["logits_handle"])
         assert inside["zoom_window"] == out["zoom_window"] and inside["embedding_source"] == "memory"
         np.testing.assert_array_equal(inside_mask[y0:y1, x0:x1], want.masks[0])
@@ -266,21 +265,31 @@ def test_path_traversal_refused(data, model):
                 r = c.get(url)
                 assert r.status_code in (400, 404), (url, r.status_code)
                 assert b"PNG" not in r.content
-        for image_id in ("../outside/secret.png", "/etc/passwd", str(data.parent / "outside" / "secret.png"),
-                         "link.png", "linkdir/secret.png", "sub/../../outside/secret.png", "./a.png"):
+        for image_id in (
+            "../outside/secret.png",
+            "/etc/passwd",
+            str(data.parent / "outside" / "secret.png"),
+            "link.png",
+            "linkdir/secret.png",
+            "sub/../../outside/secret.png",
+            "./a.png",
+        ):
             r = c.post("/segment", json={"image_id": image_id, "box": {"x0": 1, "y0": 1, "x1": 9, "y1": 9}})
             assert r.status_code == 400, (image_id, r.status_code)
             if image_id == "./a.png":
                 continue  # the HTTP client itself normalises /./ in URLs
-            r = c.put(f"/labels/{image_id}/slices/0", json={"mask": _rle(np.zeros((32, 32)))}, headers={"If-Match": '"0"'})
+            r = c.put(
+                f"/labels/{image_id}/slices/0", json={"mask": _rle(np.zeros((32, 32)))}, headers={"If-Match": '"0"'}
+            )
             assert r.status_code in (400, 404), (image_id, r.status_code, r.text)
         # nothing was written outside
         assert sorted(p.name for p in (data.parent / "outside").iterdir()) == ["secret.png"]
 
 
 def test_uploads_limited_in_size_and_type(data, model, tmp_path):
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     buf = io.BytesIO()
     Image.fromarray(smooth_image(32, 40, seed=5)).save(buf, format="PNG")
@@ -307,8 +316,11 @@ def test_uploads_limited_in_size_and_type(data, model, tmp_path):
         assert not (data / "big.png").exists() and not (data / "fake.png").exists()
         assert not (data.parent / "escape.png").exists()
         # JSON bodies are capped too (the limit plus 1 MiB)
-        huge = c.post("/segment", content=b"{" + b" " * (len(png) + (1 << 20) + 10) + b"}",
-                      headers={"Content-Type": "application/json"})
+        huge = c.post(
+            "/segment",
+            content=b"{" + b" " * (len(png) + (1 << 20) + 10) + b"}",
+            headers={"Content-Type": "application/json"},
+        )
         assert huge.status_code == 413
         staging = data / ".medsam" / "uploads"
         assert not staging.exists() or list(staging.iterdir()) == []
@@ -321,7 +333,10 @@ def test_token_required_when_set(data, model):
         assert c.get("/images", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert c.get("/images", headers={"Authorization": TOKEN}).status_code == 401
         assert c.get("/openapi.json").status_code == 401
-        assert c.post("/segment", json={"image_id": "a.png", "box": {"x0": 1, "y0": 1, "x1": 9, "y1": 9}}).status_code == 401
+        assert (
+            c.post("/segment", json={"image_id": "a.png", "box": {"x0": 1, "y0": 1, "x1": 9, "y1": 9}}).status_code
+            == 401
+        )
         assert c.post("/images?name=x.png", content=b"x").status_code == 401
         ok = c.get("/images", headers={"Authorization": f"Bearer {TOKEN}"})
         assert ok.status_code == 200 and ok.json()["count"] == 3
@@ -354,9 +369,14 @@ def test_label_versions_and_conflicts(data, model):
         assert info.status_code == 200 and info.json()["version"] == 0 and info.headers["etag"] == '"0"'
         plane = np.zeros((40, 48), np.uint8)
         plane[10:20, 12:30] = 2
-        body = {"mask": _rle(plane), "definitions": [{"value": 2, "name": "liver", "color": "#aa3300"}],
-                "provenance": {"prompts": [{"box": {"x0": 12, "y0": 10, "x1": 29, "y1": 19}, "score": 0.9, "label": 2}],
-                               "edits": [{"tool": "brush", "label": 2, "pixels": 14, "radius": 3}]}}
+        body = {
+            "mask": _rle(plane),
+            "definitions": [{"value": 2, "name": "liver", "color": "#aa3300"}],
+            "provenance": {
+                "prompts": [{"box": {"x0": 12, "y0": 10, "x1": 29, "y1": 19}, "score": 0.9, "label": 2}],
+                "edits": [{"tool": "brush", "label": 2, "pixels": 14, "radius": 3}],
+            },
+        }
         assert c.put("/labels/vol.nii.gz/slices/2", json=body).status_code == 428  # no version named
         r = c.put("/labels/vol.nii.gz/slices/2", json=body, headers={"If-Match": '"0"'})
         assert r.status_code == 200, r.text
@@ -370,13 +390,20 @@ def test_label_versions_and_conflicts(data, model):
         bad[0, 0] = 7
         r = c.put("/labels/vol.nii.gz/slices/2", json={**body, "mask": _rle(bad)}, headers={"If-Match": '"1"'})
         assert r.status_code == 422
-        r = c.put("/labels/vol.nii.gz/slices/2", json={"mask": {"shape": [40, 48], "values": [0], "counts": [5]}},
-                  headers={"If-Match": '"1"'})
+        r = c.put(
+            "/labels/vol.nii.gz/slices/2",
+            json={"mask": {"shape": [40, 48], "values": [0], "counts": [5]}},
+            headers={"If-Match": '"1"'},
+        )
         assert r.status_code == 422
         # the saved file: NIfTI with the image's exact geometry
         path = data / ".medsam" / "labels" / "vol.nii.gz.nii.gz"
         image, saved = read_image(data / "vol.nii.gz"), read_image(path)
-        assert saved.array.shape == (5, 40, 48) and (saved.array[2] == plane).all() and saved.array[[0, 1, 3, 4]].sum() == 0
+        assert (
+            saved.array.shape == (5, 40, 48)
+            and (saved.array[2] == plane).all()
+            and saved.array[[0, 1, 3, 4]].sum() == 0
+        )
         assert np.allclose(saved.spacing, image.spacing) and np.allclose(saved.origin, image.origin)
         assert np.allclose(saved.direction, image.direction)
         side = json.loads((path.parent / "vol.nii.gz.nii.gz.json").read_text())
@@ -400,7 +427,7 @@ def test_concurrent_writes_one_wins(data, model):
         masks = []
         for i in range(6):
             m = np.zeros((64, 80), np.uint8)
-            m[5 + i : 30 + i, 10:40 + i] = 1
+            m[5 + i : 30 + i, 10 : 40 + i] = 1
             masks.append(m)
         barrier = threading.Barrier(len(masks))
 
@@ -427,7 +454,12 @@ def test_restart_keeps_labels_and_embeddings(data):
     with client(create_app(data, model=model1)) as c:
         out = c.post("/segment", json={"image_id": "a.png", "box": box}).json()
         assert out["embedding_source"] == "computed"
-        assert c.post("/segment", json={"image_id": "vol.nii.gz", "slice_index": 1, "box": vbox}).json()["embedding_source"] == "computed"
+        assert (
+            c.post("/segment", json={"image_id": "vol.nii.gz", "slice_index": 1, "box": vbox}).json()[
+                "embedding_source"
+            ]
+            == "computed"
+        )
         r = c.put("/labels/a.png/slices/0", json={"mask": out["mask"]}, headers={"If-Match": '"0"'})
         assert r.status_code == 200
         assert c.get("/info").json()["encoder_calls"] == 2
@@ -444,10 +476,17 @@ def test_restart_keeps_labels_and_embeddings(data):
         assert got["mask"] == out["mask"]
         again = c.post("/segment", json={"image_id": "a.png", "box": box}).json()
         assert again["embedding_source"] == "disk" and again["mask"] == out["mask"]
-        assert c.post("/segment", json={"image_id": "vol.nii.gz", "slice_index": 1, "box": vbox}).json()["embedding_source"] == "disk"
+        assert (
+            c.post("/segment", json={"image_id": "vol.nii.gz", "slice_index": 1, "box": vbox}).json()[
+                "embedding_source"
+            ]
+            == "disk"
+        )
         assert calls == [] and c.get("/info").json()["encoder_calls"] == 0
         # and editing continues from the stored version
-        assert c.put("/labels/a.png/slices/0", json={"mask": out["mask"]}, headers={"If-Match": '"1"'}).status_code == 200
+        assert (
+            c.put("/labels/a.png/slices/0", json={"mask": out["mask"]}, headers={"If-Match": '"1"'}).status_code == 200
+        )
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -464,7 +503,10 @@ def test_embeddings_warm_then_propagate(data, model):
         assert c.post("/propagate", json=body).status_code == 422
         plane = np.zeros((40, 48), np.uint8)
         plane[8:30, 10:36] = 1
-        assert c.put("/labels/vol.nii.gz/slices/2", json={"mask": _rle(plane)}, headers={"If-Match": '"0"'}).status_code == 200
+        assert (
+            c.put("/labels/vol.nii.gz/slices/2", json={"mask": _rle(plane)}, headers={"If-Match": '"0"'}).status_code
+            == 200
+        )
         assert c.post("/propagate", json=body).status_code == 409  # stale version
         job = wait_job(c, c.post("/propagate", json={**body, "expected_version": 1}).json())
         assert job["status"] == "done", job
@@ -475,7 +517,12 @@ def test_embeddings_warm_then_propagate(data, model):
         assert first <= 2 <= last
         side = json.loads((data / ".medsam" / "labels" / "vol.nii.gz.nii.gz.json").read_text())
         assert side["history"][-1]["action"] == "propagate"
-        assert c.post("/propagate", json={**body, "image_id": "a.png", "slice_index": 0, "expected_version": 0}).status_code == 422
+        assert (
+            c.post(
+                "/propagate", json={**body, "image_id": "a.png", "slice_index": 0, "expected_version": 0}
+            ).status_code
+            == 422
+        )
 
 
 def test_prompts_are_answered_while_a_volume_propagates(data, model, monkeypatch):
@@ -499,7 +546,10 @@ def test_prompts_are_answered_while_a_volume_propagates(data, model, monkeypatch
     with client(app) as c:
         plane = np.zeros((40, 48), np.uint8)
         plane[8:30, 10:36] = 1
-        assert c.put("/labels/vol.nii.gz/slices/2", json={"mask": _rle(plane)}, headers={"If-Match": '"0"'}).status_code == 200
+        assert (
+            c.put("/labels/vol.nii.gz/slices/2", json={"mask": _rle(plane)}, headers={"If-Match": '"0"'}).status_code
+            == 200
+        )
         body = {"image_id": "vol.nii.gz", "slice_index": 2, "label": 1, "expected_version": 1, "iou_threshold": 0.0}
         served = c.get("/info").json()["model"]["fingerprint"]
         alone = wait_job(c, c.post("/propagate", json=body).json())
@@ -508,7 +558,9 @@ def test_prompts_are_answered_while_a_volume_propagates(data, model, monkeypatch
         monkeypatch.setattr(medsam.volume, "segment_volume", paused)
         job = c.post("/propagate", json={**body, "expected_version": 3}).json()
         assert inside.wait(30)
-        r = c.post("/segment", json={"image_id": "vol.nii.gz", "slice_index": 1, "box": {"x0": 5, "y0": 5, "x1": 30, "y1": 25}})
+        r = c.post(
+            "/segment", json={"image_id": "vol.nii.gz", "slice_index": 1, "box": {"x0": 5, "y0": 5, "x1": 30, "y1": 25}}
+        )
         # another model is served from now on (as after a training job), mid-propagation
         other = _model()
         torch.nn.init.normal_(other.mask_decoder.iou_token.weight)

@@ -30,8 +30,13 @@ if not CHROMIUM or not Path(CHROMIUM).exists():
     pytest.skip("no Chromium binary (apt-get install chromium, or set MEDSAM_CHROMIUM)", allow_module_level=True)
 
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
 ]
 TOKEN = "browser-test-token"
 
@@ -42,7 +47,9 @@ def synthetic_ct(Z: int = 7, H: int = 96, W: int = 112, seed: int = 0):
     z, y, x = np.mgrid[0:Z, 0:H, 0:W].astype(np.float32)
     vol = np.full((Z, H, W), -1000.0, np.float32)
     vol[((y - H / 2) / (H * 0.45)) ** 2 + ((x - W / 2) / (W * 0.45)) ** 2 <= 1] = 40
-    organ = ((z - Z / 2) / (Z * 0.45)) ** 2 + ((y - H * 0.45) / (H * 0.2)) ** 2 + ((x - W * 0.42) / (W * 0.18)) ** 2 <= 1
+    organ = ((z - Z / 2) / (Z * 0.45)) ** 2 + ((y - H * 0.45) / (H * 0.2)) ** 2 + (
+        (x - W * 0.42) / (W * 0.18)
+    ) ** 2 <= 1
     vol[organ] = 160
     vol += rng.normal(0, 12, vol.shape)
     return np.round(vol).astype(np.int16), organ
@@ -231,7 +238,7 @@ def test_kept_proposal_is_saved_in_chromium(served):
 def test_corrections_send_no_mask_prompt_to_medsam_models_in_chromium(served):
     """With the embedded LiteMedSAM (contract lite) a correction click is sent with the box and
     the clicks but without the previous logits handle (these models never saw mask prompts)."""
-    url, data, organ = served
+    url, _data, organ = served
     bodies: list[dict] = []
     with ct_page(url) as (page, errors, k):
         page.on("request", lambda r: bodies.append(json.loads(r.post_data)) if r.url.endswith("/segment") else None)

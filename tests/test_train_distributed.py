@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from medsam.train.synthetic import write_synthetic_corpus
-
 from test_train_loop import micro_overrides
 
 PYTHON = sys.executable
@@ -40,7 +39,9 @@ cleanup(info)
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    return write_synthetic_corpus(tmp_path_factory.mktemp("corpus"), cases={"train": 3, "val": 1}, slices_per_case=4, seed=2)
+    return write_synthetic_corpus(
+        tmp_path_factory.mktemp("corpus"), cases={"train": 3, "val": 1}, slices_per_case=4, seed=2
+    )
 
 
 def _initial_model():
@@ -69,15 +70,33 @@ def test_torchrun_two_ranks_equal_one_process_with_the_same_global_batch(corpus,
     single_dir.mkdir()
     # 2 ranks x batch 2 = global batch 4 ...
     ddp = subprocess.run(
-        [TORCHRUN, "--standalone", "--nproc_per_node", "2", str(script), str(ddp_dir),
-         *micro_overrides(corpus, ddp_dir / "run", *steps)],
-        env=ENV, capture_output=True, text=True, timeout=300,
+        [
+            TORCHRUN,
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(ddp_dir),
+            *micro_overrides(corpus, ddp_dir / "run", *steps),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     # ... = 1 process x batch 4, same seed, same data order
     single = subprocess.run(
-        [PYTHON, str(script), str(single_dir), *micro_overrides(corpus, single_dir / "run", *steps, "data.batch_size=4")],
-        env=ENV, capture_output=True, text=True, timeout=300,
+        [
+            PYTHON,
+            str(script),
+            str(single_dir),
+            *micro_overrides(corpus, single_dir / "run", *steps, "data.batch_size=4"),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert single.returncode == 0, single.stderr[-3000:]
 
@@ -107,7 +126,7 @@ def test_torchrun_two_ranks_equal_one_process_with_the_same_global_batch(corpus,
     torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-4)  # observed: ~1e-6
     torch.testing.assert_close(ia, ib, rtol=1e-4, atol=1e-4)
     # The logged training losses agree too (the mean over both ranks is logged).
-    lines = lambda p: [ln.split(",")[:5] for ln in (p / "run" / "metrics.csv").read_text().splitlines()]  # noqa: E731
+    lines = lambda p: [ln.split(",")[:5] for ln in (p / "run" / "metrics.csv").read_text().splitlines()]
     for a, b in zip(lines(ddp_dir), lines(single_dir)):
         assert a[:4] == b[:4]
         if a[4] and a[4] != "loss":
@@ -118,13 +137,15 @@ def test_run_killed_with_sigkill_resumes_to_the_same_weights(corpus, tmp_path):
     cli = [PYTHON, "-m", "medsam", "train", str(tmp_path / "none.yaml")]
     (tmp_path / "none.yaml").write_text("{}\n")
     extra = ["train.max_steps=14", "train.save_every=2", "data.val_split=null"]
-    ref = subprocess.run(cli + micro_overrides(corpus, tmp_path / "ref", *extra), env=ENV,
-                         capture_output=True, text=True, timeout=300)
+    ref = subprocess.run(
+        cli + micro_overrides(corpus, tmp_path / "ref", *extra), env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert ref.returncode == 0, ref.stderr[-3000:]
 
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen(cli + micro_overrides(corpus, run_dir, *extra), env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cli + micro_overrides(corpus, run_dir, *extra), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 240
     while not (run_dir / "latest.pt").exists():
         assert proc.poll() is None, "the run ended before its first checkpoint"
@@ -135,8 +156,13 @@ def test_run_killed_with_sigkill_resumes_to_the_same_weights(corpus, tmp_path):
     killed_at = torch.load(run_dir / "latest.pt", weights_only=True)["global_step"]
     assert killed_at < 14
 
-    resumed = subprocess.run(cli + micro_overrides(corpus, run_dir, *extra, "train.resume=auto"), env=ENV,
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        cli + micro_overrides(corpus, run_dir, *extra, "train.resume=auto"),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {run_dir / 'latest.pt'} at step {killed_at}" in resumed.stderr
     a = torch.load(tmp_path / "ref" / "latest.pt", weights_only=True)

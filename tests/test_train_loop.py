@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import medsam
+from medsam.corpus import read_manifest
 from medsam.metrics import dice_score
 from medsam.model import build_model
 from medsam.predictor import Predictor
 from medsam.train.config import load_config
-from medsam.corpus import read_manifest
 from medsam.train.data import ValidationSlices
 from medsam.train.export import export_checkpoint, model_from_checkpoint
 from medsam.train.loop import Trainer
@@ -30,10 +30,20 @@ MICRO = (
 def micro_overrides(corpus, out, *extra):
     """A 64-px, 2-block ViT: a few milliseconds a step on one core."""
     return [
-        "model.arch=vit_tiny", MICRO, f"data.corpus={corpus}", f"output.dir={out}",
-        "data.batch_size=2", "data.workers=0", "data.val_max_samples=4", "train.epochs=0",
-        "train.lr=1e-3", "train.device=cpu", "train.progress=false", "output.tensorboard=false",
-        "train.log_every=2", *extra,
+        "model.arch=vit_tiny",
+        MICRO,
+        f"data.corpus={corpus}",
+        f"output.dir={out}",
+        "data.batch_size=2",
+        "data.workers=0",
+        "data.val_max_samples=4",
+        "train.epochs=0",
+        "train.lr=1e-3",
+        "train.device=cpu",
+        "train.progress=false",
+        "output.tensorboard=false",
+        "train.log_every=2",
+        *extra,
     ]
 
 
@@ -59,12 +69,25 @@ def trained(corpus, tmp_path_factory):
     """vit_tiny from random weights, 80 steps of batch 4 (about 20 s on one core): at this scale
     validation DSC dips to 0 (empty masks) early in some sample orders before it rises."""
     out = tmp_path_factory.mktemp("run")
-    cfg = load_config(None, [
-        "model.arch=vit_tiny", f"data.corpus={corpus}", f"output.dir={out}", "data.batch_size=4",
-        "data.workers=0", "train.epochs=0", "train.max_steps=80", "train.lr=1e-3", "train.device=cpu",
-        "train.save_every=40", "train.val_every=40", "train.log_every=5", "train.progress=false",
-        "output.tensorboard=false",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "model.arch=vit_tiny",
+            f"data.corpus={corpus}",
+            f"output.dir={out}",
+            "data.batch_size=4",
+            "data.workers=0",
+            "train.epochs=0",
+            "train.max_steps=80",
+            "train.lr=1e-3",
+            "train.device=cpu",
+            "train.save_every=40",
+            "train.val_every=40",
+            "train.log_every=5",
+            "train.progress=false",
+            "output.tensorboard=false",
+        ],
+    )
     trainer = Trainer(cfg)
     start = validate(trainer.model, trainer.val_slices)["all"]
     result = trainer.fit()
@@ -72,7 +95,7 @@ def trained(corpus, tmp_path_factory):
 
 
 def test_training_lowers_loss_and_raises_validation_dsc(trained):
-    trainer, result, start, out = trained
+    _trainer, result, start, out = trained
     rows = read_metrics(out / "metrics.csv")
     train_loss = [float(r["loss"]) for r in rows if r["split"] == "train"]
     assert train_loss[-1] < 0.7 * train_loss[0]
@@ -88,12 +111,15 @@ def test_training_lowers_loss_and_raises_validation_dsc(trained):
 
 
 def test_checkpoints_are_weights_only_and_best_is_chosen_by_validation_dsc(trained):
-    trainer, result, _, out = trained
+    trainer, _result, _, out = trained
     latest = torch.load(out / "latest.pt", weights_only=True)
     best = torch.load(out / "best.pt", weights_only=True)
     assert latest["global_step"] == 80 and latest["epoch"] == 80 // trainer.steps_per_epoch
-    val_all = {int(r["step"]): float(r["dsc"]) for r in read_metrics(out / "metrics.csv")
-               if r["split"] == "val" and r["modality"] == "all"}
+    val_all = {
+        int(r["step"]): float(r["dsc"])
+        for r in read_metrics(out / "metrics.csv")
+        if r["split"] == "val" and r["modality"] == "all"
+    }
     best_step = max(val_all, key=val_all.get)
     assert best["global_step"] == best_step
     assert best["best_dsc"] == pytest.approx(max(val_all.values()), abs=1e-6)
@@ -165,8 +191,11 @@ def test_resume_after_a_crash_ends_with_the_same_weights(small_corpus, tmp_path)
     with pytest.raises(FileExistsError):  # a fresh run never overwrites a run folder
         Trainer(load_config(None, micro_overrides(small_corpus, tmp_path / "b", *extra))).fit()
     with pytest.raises(ValueError, match="global batch"):
-        Trainer(load_config(None, micro_overrides(
-            small_corpus, tmp_path / "b", *extra, "train.resume=auto", "data.batch_size=4"))).fit()
+        Trainer(
+            load_config(
+                None, micro_overrides(small_corpus, tmp_path / "b", *extra, "train.resume=auto", "data.batch_size=4")
+            )
+        ).fit()
     resumed = Trainer(load_config(None, micro_overrides(small_corpus, tmp_path / "b", *extra, "train.resume=auto")))
     resumed.fit()
     assert resumed.resumed_from == tmp_path / "b" / "latest.pt"
@@ -178,7 +207,7 @@ def test_resume_after_a_crash_ends_with_the_same_weights(small_corpus, tmp_path)
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         torch.testing.assert_close(sb["exp_avg_sq"], sa["exp_avg_sq"], rtol=1e-6, atol=1e-12)
     # the log of the resumed run reads as the uninterrupted one (rows after the checkpoint dropped)
-    strip = lambda rows: [(r["step"], r["split"], r["modality"], r["loss"], r["dsc"]) for r in rows]  # noqa: E731
+    strip = lambda rows: [(r["step"], r["split"], r["modality"], r["loss"], r["dsc"]) for r in rows]
     assert strip(read_metrics(tmp_path / "b" / "metrics.csv")) == strip(read_metrics(tmp_path / "a" / "metrics.csv"))
 
 
@@ -186,10 +215,18 @@ def test_modes_train_only_their_parameters(small_corpus, tmp_path):
     init = build_initial_model(load_config(None, ["model.arch=vit_tiny", MICRO]).model, seed=0).state_dict()
     changed = {}
     for mode in ("full", "decoder", "lora"):
-        cfg = load_config(None, micro_overrides(
-            small_corpus, tmp_path / mode, f"train.mode={mode}", "train.max_steps=2", "data.val_split=null",
-            "lora.rank=2", "lora.targets=[attn.qkv]",
-        ))
+        cfg = load_config(
+            None,
+            micro_overrides(
+                small_corpus,
+                tmp_path / mode,
+                f"train.mode={mode}",
+                "train.max_steps=2",
+                "data.val_split=null",
+                "lora.rank=2",
+                "lora.targets=[attn.qkv]",
+            ),
+        )
         trainer = Trainer(cfg)
         trainer.fit()
         state = torch.load(tmp_path / mode / "latest.pt", weights_only=True)["model"]
@@ -198,7 +235,7 @@ def test_modes_train_only_their_parameters(small_corpus, tmp_path):
             lora_keys = {k for k in state if k.endswith((".lora_A", ".lora_B"))}
             assert len(lora_keys) == 2 * 2  # 2 blocks x qkv x (A, B)
             assert any(not torch.equal(state[k], torch.zeros_like(state[k])) for k in lora_keys if k.endswith("B"))
-    enc = lambda keys: {k for k in keys if k.startswith("image_encoder.")}  # noqa: E731
+    enc = lambda keys: {k for k in keys if k.startswith("image_encoder.")}
     for mode in changed:
         assert not any(k.startswith("prompt_encoder.") for k in changed[mode]), mode
         assert any(k.startswith("mask_decoder.") for k in changed[mode]), mode
@@ -217,11 +254,22 @@ def test_modes_train_only_their_parameters(small_corpus, tmp_path):
 
 
 def test_bf16_and_gradient_checkpointing_run(small_corpus, tmp_path):
-    cfg = load_config(None, micro_overrides(
-        small_corpus, tmp_path / "r", "train.max_steps=2", "train.precision=bf16",
-        "train.grad_checkpointing=true", "data.val_split=null", "data.points=1", "data.negative_points=1",
-        "data.mask_prompt_prob=0.5", "data.augment.flip_prob=0.5", "loss.kind=dice_bce",
-    ))
+    cfg = load_config(
+        None,
+        micro_overrides(
+            small_corpus,
+            tmp_path / "r",
+            "train.max_steps=2",
+            "train.precision=bf16",
+            "train.grad_checkpointing=true",
+            "data.val_split=null",
+            "data.points=1",
+            "data.negative_points=1",
+            "data.mask_prompt_prob=0.5",
+            "data.augment.flip_prob=0.5",
+            "loss.kind=dice_bce",
+        ),
+    )
     result = Trainer(cfg).fit()
     assert result.global_step == 2
     state = torch.load(tmp_path / "r" / "latest.pt", weights_only=True)
@@ -245,9 +293,16 @@ def test_cli_train_and_export(small_corpus, tmp_path, capsys):
 
 def test_tensorboard_scalars_when_installed(small_corpus, tmp_path):
     pytest.importorskip("tensorboard")
-    cfg = load_config(None, micro_overrides(
-        small_corpus, tmp_path / "tb", "train.max_steps=2", "output.tensorboard=true", "data.val_max_samples=2",
-    ))
+    cfg = load_config(
+        None,
+        micro_overrides(
+            small_corpus,
+            tmp_path / "tb",
+            "train.max_steps=2",
+            "output.tensorboard=true",
+            "data.val_max_samples=2",
+        ),
+    )
     Trainer(cfg).fit()
     events = list((tmp_path / "tb" / "tb").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0

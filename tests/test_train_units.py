@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
@@ -10,19 +11,18 @@ import pytest
 import torch
 import yaml
 
+from conftest import smooth_image
+from medsam.corpus import read_manifest
 from medsam.model import build_model
 from medsam.preprocess import get_contract
+from medsam.preprocess_fast import prepare_image_fast
 from medsam.train.checkpoint import rng_state, save_checkpoint, set_rng_state
 from medsam.train.config import ConfigError, TrainConfig, load_config
-from medsam.corpus import read_manifest
 from medsam.train.data import AugmentOptions, EpochSampler, PromptOptions, SegmentationDataset, jitter_box
-from medsam.preprocess_fast import prepare_image_fast
-from medsam.train.lora import LoRALinear, apply_lora, has_lora, merge_lora
 from medsam.train.loop import lr_factor
+from medsam.train.lora import LoRALinear, apply_lora, has_lora, merge_lora
 from medsam.train.losses import SegmentationLoss, dice_loss, mask_iou, sigmoid_focal_loss
 from medsam.train.synthetic import write_synthetic_corpus
-
-from conftest import smooth_image
 
 CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs"
 
@@ -42,8 +42,16 @@ def test_shipped_configs_parse():
 
 
 def test_overrides_and_errors(tmp_path):
-    cfg = load_config(None, ["train.lr=3e-4", "data.augment.flip_prob=0.5", "lora.targets=[attn.qkv]",
-                             "train.resume=auto", "model.config_overrides={depth: 2}"])
+    cfg = load_config(
+        None,
+        [
+            "train.lr=3e-4",
+            "data.augment.flip_prob=0.5",
+            "lora.targets=[attn.qkv]",
+            "train.resume=auto",
+            "model.config_overrides={depth: 2}",
+        ],
+    )
     assert cfg.train.lr == 3e-4 and cfg.data.augment.flip_prob == 0.5
     assert cfg.lora.targets == ["attn.qkv"] and cfg.train.resume == "auto"
     assert cfg.model.config_overrides == {"depth": 2}
@@ -69,7 +77,7 @@ def test_lr_schedule():
     total, warm = 100, 10
     f = [lr_factor(s, warm, total) for s in range(total)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[10] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(f[10:], f[11:]))  # cosine decay is monotone
+    assert all(a >= b for a, b in itertools.pairwise(f[10:]))  # cosine decay is monotone
     assert 0 < f[-1] < 0.01
     assert lr_factor(55, warm, total) == pytest.approx(0.5)
     assert lr_factor(99, 0, 100, min_ratio=0.1) > 0.1
@@ -157,9 +165,14 @@ def test_dataset_box_contains_object_without_jitter(corpus):
 def test_dataset_is_reproducible_per_epoch_and_index(corpus):
     rows = read_manifest(corpus, "train")
     ds = SegmentationDataset(
-        corpus, rows, get_contract("medsam", 64), 16,
+        corpus,
+        rows,
+        get_contract("medsam", 64),
+        16,
         PromptOptions(jitter=200, points=2, negative_points=1, mask_prompt_prob=0.5),
-        AugmentOptions(flip_prob=0.5, gamma=(0.7, 1.4), contrast=(0.8, 1.2)), train=True, seed=3,
+        AugmentOptions(flip_prob=0.5, gamma=(0.7, 1.4), contrast=(0.8, 1.2)),
+        train=True,
+        seed=3,
     )
     a, b = ds[(2, 5)], ds[(2, 5)]
     for k in a:
@@ -175,7 +188,7 @@ def test_dataset_is_reproducible_per_epoch_and_index(corpus):
 
 
 def test_fast_prepare_equals_contract():
-    for (h, w, S, ch) in [(64, 64, 256, None), (50, 70, 64, 3), (200, 130, 64, None), (37, 90, 128, 3)]:
+    for h, w, S, ch in [(64, 64, 256, None), (50, 70, 64, 3), (200, 130, 64, None), (37, 90, 128, 3)]:
         img = smooth_image(h, w, seed=h, channels=ch)
         contract = get_contract("medsam", S)
         ref, g1 = contract.prepare_image(img)

@@ -73,8 +73,9 @@ class FakePredictor:
             scores.append(self.iou(s, b))
             maps.append(m.astype(np.float32) * self.pixel_score(b))
         n = len(boxes)
-        return FakePrediction(np.array(masks), np.array(scores, np.float32),
-                              np.full((n, 1, 8, 8), float(s), np.float32), maps)
+        return FakePrediction(
+            np.array(masks), np.array(scores, np.float32), np.full((n, 1, 8, 8), float(s), np.float32), maps
+        )
 
     def predicted_slices(self):
         return [s for s, _, _ in self.predict_log]
@@ -117,7 +118,7 @@ def test_walks_up_then_down_until_the_mask_vanishes():
     assert fake.predicted_slices() == [10, *range(11, zmax + 2), *range(9, zmin - 2, -1)]
     assert sorted(res.scores[0]) == list(range(zmin, zmax + 1))
     # each propagated box is the previous mask's bbox expanded by the margin (3)
-    s, box, _ = fake.predict_log[1]
+    _s, box, _ = fake.predict_log[1]
     x0, y0, x1, y1 = bbox2d(truth[10])
     np.testing.assert_array_equal(box[0], [x0 - 3, y0 - 3, x1 + 3, y1 + 3])
 
@@ -154,7 +155,7 @@ def test_default_iou_stop_is_for_2d_boxes_only():
     release's 3D inference); an explicit threshold applies to both."""
     truth = ellipsoid((10, 24, 24), (6, 14, 12))
     zmin, zmax = zrange(truth)
-    low = lambda s, box: 0.3 if s != 10 else 0.9  # noqa: E731
+    low = lambda s, box: 0.3 if s != 10 else 0.9
     x0, y0, x1, y1 = bbox2d(truth.any(axis=0))
     box3d = Box3D(int(x0), int(y0), zmin, int(x1), int(y1), zmax)
     res = segment_volume(FakePredictor(truth, iou=low), index_volume(), [box3d], key_slices=[10])
@@ -164,8 +165,9 @@ def test_default_iou_stop_is_for_2d_boxes_only():
     assert res.slices == [(10, 10)] and res.stop_reasons == [("low_iou", "low_iou")]
     res = segment_volume(FakePredictor(truth, iou=low), index_volume(), [Box2D(*bbox2d(truth[10]), slice=10)])
     assert res.slices == [(10, 10)] and res.stop_reasons == [("low_iou", "low_iou")]
-    res = segment_volume(FakePredictor(truth, iou=low), index_volume(), [Box2D(*bbox2d(truth[10]), slice=10)],
-                         iou_threshold=0.2)
+    res = segment_volume(
+        FakePredictor(truth, iou=low), index_volume(), [Box2D(*bbox2d(truth[10]), slice=10)], iou_threshold=0.2
+    )
     assert res.slices == [(zmin, zmax)]
 
 
@@ -197,7 +199,7 @@ def test_propagated_box_stays_within_3d_box_in_plane_extent_plus_margin():
     segment_volume(fake, index_volume(), [Box3D(20, 20, 5, 28, 28, 15)], box_margin=2)
     for _, boxes, _ in fake.predict_log:
         x0, y0, x1, y1 = boxes[0]
-        assert 18 <= x0 and 18 <= y0 and x1 <= 30 and y1 <= 30
+        assert x0 >= 18 and y0 >= 18 and x1 <= 30 and y1 <= 30
 
 
 def test_overlaps_go_to_the_highest_score_not_the_last_object():
@@ -227,8 +229,9 @@ def test_overlaps_go_to_the_highest_score_not_the_last_object():
     x0a, y0a, x1a, y1a = bbox2d(a.any(0))
     x0b, y0b, x1b, y1b = bbox2d(b.any(0))
     fake = FakePredictor(truth, pixel_score=lambda box: 0.9 if box[0] < 15 else 0.6)
-    res = segment_volume(fake, index_volume(), [Box3D(x0a, y0a, 0, x1a, y1a, S - 1),
-                                                Box3D(x0b, y0b, 0, x1b, y1b, S - 1)])
+    res = segment_volume(
+        fake, index_volume(), [Box3D(x0a, y0a, 0, x1a, y1a, S - 1), Box3D(x0b, y0b, 0, x1b, y1b, S - 1)]
+    )
     assert set(np.unique(res.labels)) == {0, 1, 2}
     assert ((res.labels > 0) == truth).all()
 
@@ -272,8 +275,12 @@ def test_each_slice_embedded_once_for_three_objects():
 def test_progress_reports_monotonically_to_total():
     objs, boxes, _ = three_objects()
     calls = []
-    segment_volume(FakePredictor(np.any(objs, axis=0)), index_volume(), boxes,
-                   progress=lambda done, total: calls.append((done, total)))
+    segment_volume(
+        FakePredictor(np.any(objs, axis=0)),
+        index_volume(),
+        boxes,
+        progress=lambda done, total: calls.append((done, total)),
+    )
     total = sum(b.z1 - b.z0 + 1 for b in boxes)
     assert calls[-1] == (total, total)
     assert all(t == total for _, t in calls)

@@ -15,7 +15,6 @@ from medsam.embedding_cache import EmbeddingCache
 from medsam.predictor import Predictor
 from medsam.volume import Box2D, Box3D, segment_volume
 from medsam.zoom import ZoomPolicy, predict_with_zoom, should_zoom, zoom_window
-
 from test_volume import FakePrediction, FakePredictor, bbox2d, ellipsoid, zrange
 
 S, H, W = 16, 128, 128
@@ -58,8 +57,9 @@ class LocatingPredictor(FakePredictor):
         masks, maps = [], []
         for b in boxes:
             if (h, w) != self.truth.shape[1:]:
-                assert (oy, oy + h, ox, ox + w) == zoom_window(b + [ox, oy, ox, oy], self.truth.shape[1:],
-                                                               self.policy.context, self.policy.min_side)
+                assert (oy, oy + h, ox, ox + w) == zoom_window(
+                    b + [ox, oy, ox, oy], self.truth.shape[1:], self.policy.context, self.policy.min_side
+                )
             x0, y0, x1, y1 = (int(v) for v in b)
             region = np.zeros((h, w), bool)
             region[max(y0, 0) : y1 + 1, max(x0, 0) : x1 + 1] = True
@@ -90,8 +90,9 @@ def test_small_boxes_are_segmented_on_their_crops_slice_by_slice():
     vol = noise_volume()
     whole = LocatingPredictor(big | small, vol)
     crops = LocatingPredictor(big | small, vol, POLICY)
-    res = segment_volume(whole, vol, [box3d(big), box3d(small)], zoom=POLICY, crop_predictor=crops,
-                         use_mask_prompt=True)
+    res = segment_volume(
+        whole, vol, [box3d(big), box3d(small)], zoom=POLICY, crop_predictor=crops, use_mask_prompt=True
+    )
     assert res.zoomed == [False, True]
     np.testing.assert_array_equal(res.labels, big.astype(np.uint8) + 2 * small.astype(np.uint8))
     # the small object: every slice of its walk on a crop (windows checked by the fake), never whole
@@ -138,8 +139,14 @@ def test_a_growing_2d_prompt_leaves_its_crop_for_the_whole_slice():
     whole = LocatingPredictor(cone, vol)
     crops = LocatingPredictor(cone, vol, POLICY)
     x0, y0, x1, y1 = bbox2d(cone[3])
-    res = segment_volume(whole, vol, [Box2D(int(x0), int(y0), int(x1), int(y1), slice=3)], zoom=POLICY,
-                         crop_predictor=crops, use_mask_prompt=True)
+    res = segment_volume(
+        whole,
+        vol,
+        [Box2D(int(x0), int(y0), int(x1), int(y1), slice=3)],
+        zoom=POLICY,
+        crop_predictor=crops,
+        use_mask_prompt=True,
+    )
     np.testing.assert_array_equal(res.labels, cone.astype(np.uint8))
     # mask prompts only from whole slice to whole slice: not on a crop, not from one (slices 2, 4)
     assert not any(crops.mask_inputs)
@@ -199,15 +206,17 @@ def test_segment_file_zooms_3d_boxes_of_a_volume(tiny_model, tmp_path):
     nib.save(nib.Nifti1Image(np.ascontiguousarray(vol.transpose(2, 1, 0)), np.eye(4)), tmp_path / "v.nii.gz")
     box = [30, 30, 1, 37, 38, 4]  # x0 y0 z0 x1 y1 z1 = i j k as the file stores them
     policy = ZoomPolicy(context=3.0, min_side=16)
-    out = segment_file(tmp_path / "v.nii.gz", tmp_path / "m.nii.gz", [box], model=tiny_model, zoom=policy,
-                       iou_threshold=-np.inf)
+    out = segment_file(
+        tmp_path / "v.nii.gz", tmp_path / "m.nii.gz", [box], model=tiny_model, zoom=policy, iou_threshold=-np.inf
+    )
     assert out.extra["zoomed"] == [True] and out.extra["crop_embeddings_computed"] >= 1
     expected = segment_volume(Predictor(tiny_model), vol, [Box3D(*box)], iou_threshold=-np.inf, zoom=policy)
     written = np.asarray(nib.load(str(tmp_path / "m.nii.gz")).dataobj).transpose(2, 1, 0)
     np.testing.assert_array_equal(written, (expected.labels > 0).astype(np.uint8))
     # a 2D box on a key slice is zoomed too
-    out2 = segment_file(tmp_path / "v.nii.gz", tmp_path / "m2.nii.gz", [[30, 30, 37, 38]], key_slice=2,
-                        model=tiny_model, zoom=policy)
+    out2 = segment_file(
+        tmp_path / "v.nii.gz", tmp_path / "m2.nii.gz", [[30, 30, 37, 38]], key_slice=2, model=tiny_model, zoom=policy
+    )
     assert out2.extra["zoomed"] == [True] and out2.extra["crop_embeddings_computed"] >= 1
 
 

@@ -60,8 +60,16 @@ def test_foreign_safetensors_infers_architecture(tmp_path, tiny_model):
 
 
 def test_architecture_inferred_from_shapes_for_unregistered_vit(tmp_path):
-    cfg = ModelConfig("mine", img_size=128, embed_dim=64, depth=3, num_heads=4, global_attn_indexes=(2,),
-                      window_size=4, embedding_size=8)
+    cfg = ModelConfig(
+        "mine",
+        img_size=128,
+        embed_dim=64,
+        depth=3,
+        num_heads=4,
+        global_attn_indexes=(2,),
+        window_size=4,
+        embedding_size=8,
+    )
     torch.manual_seed(1)
     model = build_model(cfg)
     inferred = infer_config(model.state_dict())

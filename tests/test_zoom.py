@@ -7,15 +7,14 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import smooth_image
+from medsam.corpus import read_manifest
 from medsam.predictor import Predictor
 from medsam.preprocess import get_contract
 from medsam.train.config import ConfigError, TrainConfig
-from medsam.corpus import read_manifest
 from medsam.train.data import AugmentOptions, PromptOptions, SegmentationDataset, clicks_for_step
 from medsam.train.synthetic import write_synthetic_corpus
 from medsam.zoom import ZoomPolicy, predict_with_zoom, should_zoom, zoom_window
-
-from conftest import smooth_image
 
 
 def test_zoom_window_by_hand():
@@ -107,8 +106,14 @@ def test_zoom_augmentation_keeps_the_whole_object_magnified(corpus):
     contract = get_contract("lite", 64)
     plain = SegmentationDataset(corpus, rows, contract, 64, PromptOptions(jitter=0), train=True, seed=1)
     zoomed = SegmentationDataset(
-        corpus, rows, contract, 64, PromptOptions(jitter=0),
-        AugmentOptions(zoom_prob=1.0, zoom_context=(2.0, 2.5), zoom_min_side=8), train=True, seed=1,
+        corpus,
+        rows,
+        contract,
+        64,
+        PromptOptions(jitter=0),
+        AugmentOptions(zoom_prob=1.0, zoom_context=(2.0, 2.5), zoom_min_side=8),
+        train=True,
+        seed=1,
     )
     grew = 0
     for i in range(len(rows)):
@@ -176,8 +181,9 @@ def test_segment_file_with_zoom_writes_the_zoomed_label_map(tiny_model, tmp_path
     out = segment_file(tmp_path / "img.png", tmp_path / "mask.png", boxes, model=tiny_model, zoom=policy)
     predictor = Predictor(tiny_model)
     predictor.set_image(np.asarray(Image.open(tmp_path / "img.png")))
-    expected = predict_with_zoom(predictor, np.asarray(Image.open(tmp_path / "img.png")), np.array(boxes, float),
-                                 policy, score_maps=True)
+    expected = predict_with_zoom(
+        predictor, np.asarray(Image.open(tmp_path / "img.png")), np.array(boxes, float), policy, score_maps=True
+    )
     assert expected.zoomed.tolist() == [True, False]
     written = np.asarray(Image.open(out.mask_path))
     np.testing.assert_array_equal(written, expected.label_map())
@@ -195,7 +201,9 @@ def test_auto_zoom_only_for_small_input_models_and_2d(tiny_model, tmp_path):
     Image.fromarray(image).save(tmp_path / "img.png")
     boxes = [[20, 30, 30, 38], [10, 10, 140, 110]]
     logs: list[str] = []
-    out = segment_file(tmp_path / "img.png", tmp_path / "mask.png", boxes, model=tiny_model, zoom="auto", log=logs.append)
+    out = segment_file(
+        tmp_path / "img.png", tmp_path / "mask.png", boxes, model=tiny_model, zoom="auto", log=logs.append
+    )
     assert tiny_model.input_size == 256
     predictor = Predictor(tiny_model)
     predictor.set_image(image)
@@ -206,6 +214,9 @@ def test_auto_zoom_only_for_small_input_models_and_2d(tiny_model, tmp_path):
     big = SimpleNamespace(contract=SimpleNamespace(input_size=1024))  # e.g. MedSAM ViT-B
     assert _resolve_auto_zoom("auto", big, logs.append) is None
     policy = ZoomPolicy(context=2.0)
-    assert _resolve_auto_zoom(policy, big, logs.append) is policy and _resolve_auto_zoom(None, predictor, logs.append) is None
+    assert (
+        _resolve_auto_zoom(policy, big, logs.append) is policy
+        and _resolve_auto_zoom(None, predictor, logs.append) is None
+    )
     with pytest.raises(ValueError, match="zoom"):
         segment_file(tmp_path / "img.png", tmp_path / "m2.png", boxes, model=tiny_model, zoom="sometimes")

@@ -55,9 +55,9 @@ import sys
 import time
 import zlib
 from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -76,20 +76,70 @@ __all__ = [
 BASELINES = ("box", "otsu")
 
 OBJECT_COLUMNS = (
-    "dataset", "case", "slice", "label", "label_name", "group", "modality", "split",
-    "x0", "y0", "x1", "y1", "px0", "py0", "px1", "py1", "area", "pred_area", "score",
-    "dsc", "nsd", "embed_s", "decode_s", "objects_in_slice", "height", "width",
-    "spacing_row", "spacing_col",
+    "dataset",
+    "case",
+    "slice",
+    "label",
+    "label_name",
+    "group",
+    "modality",
+    "split",
+    "x0",
+    "y0",
+    "x1",
+    "y1",
+    "px0",
+    "py0",
+    "px1",
+    "py1",
+    "area",
+    "pred_area",
+    "score",
+    "dsc",
+    "nsd",
+    "embed_s",
+    "decode_s",
+    "objects_in_slice",
+    "height",
+    "width",
+    "spacing_row",
+    "spacing_col",
 )
 SLICE_COLUMNS = (
-    "dataset", "case", "slice", "path", "modality", "height", "width", "objects",
-    "embed_s", "decode_s", "peak_rss_mb", "peak_cuda_mb",
+    "dataset",
+    "case",
+    "slice",
+    "path",
+    "modality",
+    "height",
+    "width",
+    "objects",
+    "embed_s",
+    "decode_s",
+    "peak_rss_mb",
+    "peak_cuda_mb",
 )
 ERROR_COLUMNS = ("dataset", "case", "slice", "label", "label_name", "path", "error")
 SUMMARY_COLUMNS = (
-    "level", "dataset", "case", "modality", "group", "structure", "objects", "structures",
-    "dsc_mean", "dsc_std", "dsc_median", "nsd_mean", "nsd_std", "nsd_median",
-    "dsc_structure_mean", "nsd_structure_mean", "slices", "embed_s_mean", "decode_s_mean",
+    "level",
+    "dataset",
+    "case",
+    "modality",
+    "group",
+    "structure",
+    "objects",
+    "structures",
+    "dsc_mean",
+    "dsc_std",
+    "dsc_median",
+    "nsd_mean",
+    "nsd_std",
+    "nsd_median",
+    "dsc_structure_mean",
+    "nsd_structure_mean",
+    "slices",
+    "embed_s_mean",
+    "decode_s_mean",
 )
 LEVELS = ("all", "modality", "dataset", "case", "group", "structure")
 
@@ -308,9 +358,9 @@ def _select(rows, max_objects: int | None, seed: int):
     return [r for i, r in enumerate(rows) if i in keep], subsampled
 
 
-def group_by_slice(rows) -> "OrderedDict[str, list]":
+def group_by_slice(rows) -> OrderedDict[str, list]:
     """Manifest rows grouped by slice file (in first-seen order): one image read per slice."""
-    groups: "OrderedDict[str, list]" = OrderedDict()
+    groups: OrderedDict[str, list] = OrderedDict()
     for r in rows:
         groups.setdefault(r.path, []).append(r)
     return groups
@@ -318,8 +368,15 @@ def group_by_slice(rows) -> "OrderedDict[str, list]":
 
 def error_row(r, message: str) -> dict:
     """The ``errors.csv`` row for a manifest row that could not be scored."""
-    return {"dataset": r.dataset, "case": r.case, "slice": r.slice, "label": r.label,
-            "label_name": r.label_name, "path": r.path, "error": message}
+    return {
+        "dataset": r.dataset,
+        "case": r.case,
+        "slice": r.slice,
+        "label": r.label,
+        "label_name": r.label_name,
+        "path": r.path,
+        "error": message,
+    }
 
 
 def run_benchmark(
@@ -358,8 +415,8 @@ def run_benchmark(
         zoom: a :class:`medsam.zoom.ZoomPolicy`: segment small boxes on a magnified crop (one
             extra embedding each, counted in the decode time); ``None`` = off.
     """
-    from .metrics import dice_score, normalized_surface_dice
     from .corpus import load_slice, read_manifest
+    from .metrics import dice_score, normalized_surface_dice
 
     if baseline is not None and (checkpoint is not None or model is not None):
         raise ValueError("give either a checkpoint (or model) or a baseline, not both")
@@ -417,7 +474,8 @@ def run_benchmark(
         try:
             image, label_map, spacing = load_slice(corpus, path)
         except Exception as exc:  # unreadable slice: report its rows, go on
-            message = f"slice unreadable: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            message = f"slice unreadable: {type(exc).__name__}: {reason}"
             for r in srows:
                 error(r, message)
             continue
@@ -449,31 +507,64 @@ def run_benchmark(
         peak_cuda = method.peak_cuda_mb()
         peak_rss = _peak_rss_mb()
         for r, box, gt, mask, score in zip(kept, boxes_arr, gts, masks, scores):
-            objects.append({
-                "dataset": r.dataset, "case": r.case, "slice": r.slice, "label": r.label,
-                "label_name": r.label_name, "group": structure_group(r.label_name),
-                "modality": r.modality, "split": r.split,
-                "x0": r.x0, "y0": r.y0, "x1": r.x1, "y1": r.y1,
-                "px0": box[0], "py0": box[1], "px1": box[2], "py1": box[3],
-                "area": int(gt.sum()), "pred_area": int(mask.sum()),
-                "score": None if not np.isfinite(score) else float(score),
-                "dsc": dice_score(mask, gt),
-                "nsd": normalized_surface_dice(mask, gt, spacing, tolerance_mm),
-                "embed_s": embed_s, "decode_s": decode_s, "objects_in_slice": len(kept),
-                "height": H, "width": W, "spacing_row": spacing[0], "spacing_col": spacing[1],
-            })
-        slices.append({
-            "dataset": kept[0].dataset, "case": kept[0].case, "slice": kept[0].slice, "path": path,
-            "modality": kept[0].modality, "height": H, "width": W, "objects": len(kept),
-            "embed_s": embed_s, "decode_s": decode_s, "peak_rss_mb": peak_rss, "peak_cuda_mb": peak_cuda,
-        })
+            objects.append(
+                {
+                    "dataset": r.dataset,
+                    "case": r.case,
+                    "slice": r.slice,
+                    "label": r.label,
+                    "label_name": r.label_name,
+                    "group": structure_group(r.label_name),
+                    "modality": r.modality,
+                    "split": r.split,
+                    "x0": r.x0,
+                    "y0": r.y0,
+                    "x1": r.x1,
+                    "y1": r.y1,
+                    "px0": box[0],
+                    "py0": box[1],
+                    "px1": box[2],
+                    "py1": box[3],
+                    "area": int(gt.sum()),
+                    "pred_area": int(mask.sum()),
+                    "score": None if not np.isfinite(score) else float(score),
+                    "dsc": dice_score(mask, gt),
+                    "nsd": normalized_surface_dice(mask, gt, spacing, tolerance_mm),
+                    "embed_s": embed_s,
+                    "decode_s": decode_s,
+                    "objects_in_slice": len(kept),
+                    "height": H,
+                    "width": W,
+                    "spacing_row": spacing[0],
+                    "spacing_col": spacing[1],
+                }
+            )
+        slices.append(
+            {
+                "dataset": kept[0].dataset,
+                "case": kept[0].case,
+                "slice": kept[0].slice,
+                "path": path,
+                "modality": kept[0].modality,
+                "height": H,
+                "width": W,
+                "objects": len(kept),
+                "embed_s": embed_s,
+                "decode_s": decode_s,
+                "peak_rss_mb": peak_rss,
+                "peak_cuda_mb": peak_cuda,
+            }
+        )
         if (s_index + 1) % 20 == 0 or s_index + 1 == n_slices:
-            log(f"{method_name}: {s_index + 1}/{n_slices} slices, {len(objects)} objects, "
-                f"{time.perf_counter() - start_all:.0f} s")
+            log(
+                f"{method_name}: {s_index + 1}/{n_slices} slices, {len(objects)} objects, "
+                f"{time.perf_counter() - start_all:.0f} s"
+            )
     total_s = time.perf_counter() - start_all
     if not objects:
-        raise ValueError(f"no object could be scored ({len(errors)} errors; see the first: "
-                         f"{errors[0]['error'] if errors else '-'})")
+        raise ValueError(
+            f"no object could be scored ({len(errors)} errors; see the first: {errors[0]['error'] if errors else '-'})"
+        )
 
     summary = summarize(objects, slices)
     import torch
@@ -545,17 +636,20 @@ def summarize(objects: Iterable[dict], slices: Iterable[dict] = ()) -> list[dict
         "structure": lambda o: (o["dataset"], o["modality"], o["group"], o["label_name"]),
     }
     fields = {
-        "all": (), "modality": ("modality",), "dataset": ("dataset", "modality"),
-        "case": ("dataset", "case", "modality"), "group": ("dataset", "modality", "group"),
+        "all": (),
+        "modality": ("modality",),
+        "dataset": ("dataset", "modality"),
+        "case": ("dataset", "case", "modality"),
+        "group": ("dataset", "modality", "group"),
         "structure": ("dataset", "modality", "group", "structure"),
     }
     out = []
     for level in LEVELS:
-        grouped: "OrderedDict[tuple, list[dict]]" = OrderedDict()
+        grouped: OrderedDict[tuple, list[dict]] = OrderedDict()
         for o in sorted(objects, key=lambda o: tuple(str(v) for v in keyfuncs[level](o))):
             grouped.setdefault(keyfuncs[level](o), []).append(o)
         for key, members in grouped.items():
-            row = {c: "" for c in SUMMARY_COLUMNS}
+            row = dict.fromkeys(SUMMARY_COLUMNS, "")
             row["level"] = level
             row.update(dict(zip(fields[level], key)))
             dsc = [m["dsc"] for m in members]
@@ -568,11 +662,18 @@ def summarize(objects: Iterable[dict], slices: Iterable[dict] = ()) -> list[dict
                 per_structure[(m["dataset"], m["label_name"])].append(m)
             row["structures"] = len(per_structure)
             if level in ("all", "modality", "dataset", "case", "group"):
-                row["dsc_structure_mean"] = float(np.mean([np.mean([m["dsc"] for m in g]) for g in per_structure.values()]))
-                row["nsd_structure_mean"] = float(np.mean([np.mean([m["nsd"] for m in g]) for g in per_structure.values()]))
+                row["dsc_structure_mean"] = float(
+                    np.mean([np.mean([m["dsc"] for m in g]) for g in per_structure.values()])
+                )
+                row["nsd_structure_mean"] = float(
+                    np.mean([np.mean([m["nsd"] for m in g]) for g in per_structure.values()])
+                )
             if level in ("all", "modality", "dataset", "case"):
-                match = [s for s in slices if all(
-                    s.get(f) == v for f, v in zip(fields[level], key) if f in ("dataset", "case", "modality"))]
+                match = [
+                    s
+                    for s in slices
+                    if all(s.get(f) == v for f, v in zip(fields[level], key) if f in ("dataset", "case", "modality"))
+                ]
                 if match:
                     row["slices"] = len(match)
                     row["embed_s_mean"] = float(np.mean([s["embed_s"] for s in match]))
@@ -595,11 +696,14 @@ def summary_markdown(summary: Sequence[dict], info: dict, errors: Sequence[dict]
     settings = [
         f"corpus `{info.get('corpus')}`, split `{info.get('split')}`",
         f"objects {info.get('objects')}, slices {info.get('slices')}, errors {info.get('errors')}",
-        f"box jitter {info.get('jitter')} px at 1024 (seed {info.get('seed')}), NSD tolerance {info.get('tolerance_mm')} mm",
+        f"box jitter {info.get('jitter')} px at 1024 (seed {info.get('seed')}), "
+        f"NSD tolerance {info.get('tolerance_mm')} mm",
     ]
     if info.get("subsampled"):
-        settings.append("subsampled (seeded): " + ", ".join(
-            f"{d} {v['kept']} of {v['rows']} objects" for d, v in info["subsampled"].items()))
+        settings.append(
+            "subsampled (seeded): "
+            + ", ".join(f"{d} {v['kept']} of {v['rows']} objects" for d, v in info["subsampled"].items())
+        )
     if info.get("baseline"):
         settings.append(f"baseline `{info['baseline']}`")
     else:
@@ -630,7 +734,12 @@ def summary_markdown(summary: Sequence[dict], info: dict, errors: Sequence[dict]
         lines += [f"## {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for r in rows:
             cells = [str(r[k]) for k in keys] + [
-                str(r["objects"]), _f(r["dsc_mean"]), _f(r["dsc_median"]), _f(r["nsd_mean"]), _f(r["nsd_median"])]
+                str(r["objects"]),
+                _f(r["dsc_mean"]),
+                _f(r["dsc_median"]),
+                _f(r["nsd_mean"]),
+                _f(r["nsd_median"]),
+            ]
             if level != "structure":
                 cells += [_f(r["dsc_structure_mean"]), _f(r["nsd_structure_mean"])]
             if timing:
@@ -639,7 +748,9 @@ def summary_markdown(summary: Sequence[dict], info: dict, errors: Sequence[dict]
         lines.append("")
     if errors:
         lines += ["## Rows skipped", "", "| dataset | case | slice | label | error |", "|---|---|---|---|---|"]
-        lines += [f"| {e['dataset']} | {e['case']} | {e['slice']} | {e['label_name']} | {e['error']} |" for e in errors[:50]]
+        lines += [
+            f"| {e['dataset']} | {e['case']} | {e['slice']} | {e['label_name']} | {e['error']} |" for e in errors[:50]
+        ]
         if len(errors) > 50:
             lines.append(f"| ... | | | | {len(errors) - 50} more in errors.csv |")
         lines.append("")
@@ -653,8 +764,12 @@ def _write_csv(path: Path, columns: Sequence[str], rows: Iterable[dict]) -> None
         writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
         for r in rows:
-            writer.writerow({k: ("" if r.get(k) is None else (f"{r[k]:.6g}" if isinstance(r.get(k), float) else r.get(k)))
-                             for k in columns})
+            writer.writerow(
+                {
+                    k: ("" if r.get(k) is None else (f"{r[k]:.6g}" if isinstance(r.get(k), float) else r.get(k)))
+                    for k in columns
+                }
+            )
     tmp.replace(path)
 
 
@@ -736,13 +851,15 @@ def _read_summary(run_dir: Path) -> tuple[str, list[dict]]:
     return name, rows
 
 
-def compare_runs(run_dirs: Sequence[str | Path], levels: Sequence[str] = ("all", "modality", "case", "group")) -> tuple[list[dict], str]:
+def compare_runs(
+    run_dirs: Sequence[str | Path], levels: Sequence[str] = ("all", "modality", "case", "group")
+) -> tuple[list[dict], str]:
     """Side-by-side DSC / NSD means of several benchmark outputs: (CSV rows, Markdown table).
 
     Rows are matched on (level, dataset, case, modality, group, structure).
     """
     runs = [_read_summary(Path(d)) for d in run_dirs]
-    keys: "OrderedDict[tuple, dict]" = OrderedDict()
+    keys: OrderedDict[tuple, dict] = OrderedDict()
     key_cols = ("level", "dataset", "case", "modality", "group", "structure")
     for _, rows in runs:
         for r in rows:

@@ -12,7 +12,7 @@ Coordinates are pixel indices, x to the right and y down.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -33,20 +33,40 @@ import shutil
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
 from .io.atomic import write_csv, write_json
 
 __all__ = [
-    "CORPUS_FORMAT", "CORPUS_VERSION", "CASE_FORMAT", "MANIFEST_COLUMNS", "SUMMARY_COLUMNS", "ERROR_COLUMNS",
-    "SPLITS", "CorpusError", "CaseError", "ManifestRow", "Manifest", "read_manifest", "load_slice",
-    "write_case", "slice_objects", "build_index", "write_corpus_json", "index_corpus", "write_manifest",
-    "case_dir", "error_file", "read_json", "finished_case",
+    "CASE_FORMAT",
+    "CORPUS_FORMAT",
+    "CORPUS_VERSION",
+    "ERROR_COLUMNS",
+    "MANIFEST_COLUMNS",
+    "SPLITS",
+    "SUMMARY_COLUMNS",
+    "CaseError",
+    "CorpusError",
+    "Manifest",
+    "ManifestRow",
+    "build_index",
+    "case_dir",
+    "error_file",
+    "finished_case",
+    "index_corpus",
+    "load_slice",
+    "read_json",
+    "read_manifest",
+    "slice_objects",
+    "write_case",
+    "write_corpus_json",
+    "write_manifest",
 ]
 
 CORPUS_FORMAT = "medsam-corpus"
@@ -55,13 +75,36 @@ CASE_FORMAT = "medsam-corpus-case"
 SPLITS = ("train", "val", "test")
 
 MANIFEST_COLUMNS = (
-    "dataset", "case", "slice", "label", "label_name", "modality",
-    "x0", "y0", "x1", "y1", "area", "split", "path", "height", "width",
+    "dataset",
+    "case",
+    "slice",
+    "label",
+    "label_name",
+    "modality",
+    "x0",
+    "y0",
+    "x1",
+    "y1",
+    "area",
+    "split",
+    "path",
+    "height",
+    "width",
 )
 _INT_COLUMNS = frozenset({"slice", "label", "x0", "y0", "x1", "y1", "area", "height", "width"})
 SUMMARY_COLUMNS = (
-    "dataset", "modality", "label", "label_name", "label_source", "cases", "slices", "objects", "voxels",
-    "cases_train", "cases_val", "cases_test",
+    "dataset",
+    "modality",
+    "label",
+    "label_name",
+    "label_source",
+    "cases",
+    "slices",
+    "objects",
+    "voxels",
+    "cases_train",
+    "cases_val",
+    "cases_test",
 )
 ERROR_COLUMNS = ("dataset", "case", "stage", "error", "image", "label")
 
@@ -200,8 +243,13 @@ def write_case(
             fname = f"slices/{int(s):04d}.npz"
             _save_slice(tmp / fname, img2, lab2, spacing_mm)
             slices_rec.append(
-                {"slice": int(s), "file": fname, "height": int(lab2.shape[0]), "width": int(lab2.shape[1]),
-                 "objects": objs}
+                {
+                    "slice": int(s),
+                    "file": fname,
+                    "height": int(lab2.shape[0]),
+                    "width": int(lab2.shape[1]),
+                    "objects": objs,
+                }
             )
             n_objects += len(objs)
         full = {
@@ -268,8 +316,9 @@ def write_manifest(out: Path, rows: Sequence[Sequence[Any]]) -> None:
         return
     columns = list(zip(*rows)) if rows else [[] for _ in MANIFEST_COLUMNS]
     arrays = [
-        pa.array([int(v) for v in col], type=pa.int64()) if name in _INT_COLUMNS else pa.array([str(v) for v in col],
-                                                                                              type=pa.string())
+        pa.array([int(v) for v in col], type=pa.int64())
+        if name in _INT_COLUMNS
+        else pa.array([str(v) for v in col], type=pa.string())
         for name, col in zip(MANIFEST_COLUMNS, columns)
     ]
     table = pa.Table.from_arrays(arrays, names=list(MANIFEST_COLUMNS))
@@ -298,7 +347,7 @@ def build_index(
     rows = []
     agg: dict[tuple, dict[str, Any]] = {}
     ds_tot: dict[tuple, dict[str, Any]] = {}
-    split_counts = {s: 0 for s in SPLITS}
+    split_counts = dict.fromkeys(SPLITS, 0)
     digests: dict[str, set] = defaultdict(set)
     recs = _case_records(out)
     for rec in recs:
@@ -312,8 +361,10 @@ def build_index(
         modality = rec["modality"]
         names = rec.get("label_names", {})
         source = src_of.get(ds) or rec.get("label_source", "")
-        tot = ds_tot.setdefault((ds, modality), {"source": source, "cases": set(), "slices": 0, "objects": 0,
-                                                 "voxels": 0, "split_cases": defaultdict(set)})
+        tot = ds_tot.setdefault(
+            (ds, modality),
+            {"source": source, "cases": set(), "slices": 0, "objects": 0, "voxels": 0, "split_cases": defaultdict(set)},
+        )
         tot["cases"].add(case)
         tot["split_cases"][split].add(case)
         for sl in rec["slices"]:
@@ -321,11 +372,36 @@ def build_index(
             path = f"cases/{ds}/{case}/{sl['file']}"
             for lid, x0, y0, x1, y1, area in sl["objects"]:
                 name = names.get(str(lid), f"label_{lid}")
-                rows.append((ds, case, sl["slice"], lid, name, modality, x0, y0, x1, y1, area, split, path,
-                             sl["height"], sl["width"]))
-                a = agg.setdefault((ds, modality, lid, name), {"source": source, "cases": set(), "slices": set(),
-                                                                "objects": 0, "voxels": 0,
-                                                                "split_cases": defaultdict(set)})
+                rows.append(
+                    (
+                        ds,
+                        case,
+                        sl["slice"],
+                        lid,
+                        name,
+                        modality,
+                        x0,
+                        y0,
+                        x1,
+                        y1,
+                        area,
+                        split,
+                        path,
+                        sl["height"],
+                        sl["width"],
+                    )
+                )
+                a = agg.setdefault(
+                    (ds, modality, lid, name),
+                    {
+                        "source": source,
+                        "cases": set(),
+                        "slices": set(),
+                        "objects": 0,
+                        "voxels": 0,
+                        "split_cases": defaultdict(set),
+                    },
+                )
                 a["cases"].add(case)
                 a["slices"].add((case, sl["slice"]))
                 a["objects"] += 1
@@ -338,13 +414,37 @@ def build_index(
 
     summary = []
     for (ds, modality), t in sorted(ds_tot.items()):
-        summary.append((ds, modality, "", "(all labels)", t["source"], len(t["cases"]), t["slices"], t["objects"],
-                        t["voxels"], *(len(t["split_cases"][s]) for s in SPLITS)))
+        summary.append(
+            (
+                ds,
+                modality,
+                "",
+                "(all labels)",
+                t["source"],
+                len(t["cases"]),
+                t["slices"],
+                t["objects"],
+                t["voxels"],
+                *(len(t["split_cases"][s]) for s in SPLITS),
+            )
+        )
         for (ds2, mod2, lid, name), a in sorted(agg.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[0][3])):
             if (ds2, mod2) != (ds, modality):
                 continue
-            summary.append((ds, modality, lid, name, a["source"], len(a["cases"]), len(a["slices"]), a["objects"],
-                            a["voxels"], *(len(a["split_cases"][s]) for s in SPLITS)))
+            summary.append(
+                (
+                    ds,
+                    modality,
+                    lid,
+                    name,
+                    a["source"],
+                    len(a["cases"]),
+                    len(a["slices"]),
+                    a["objects"],
+                    a["voxels"],
+                    *(len(a["split_cases"][s]) for s in SPLITS),
+                )
+            )
     write_csv(out / "summary.csv", SUMMARY_COLUMNS, summary)
 
     done = {(r["dataset"], r["case"]) for r in recs}
@@ -454,8 +554,11 @@ def _read_parquet(path: Path, split, datasets, modalities) -> dict[str, Sequence
 
     table = pq.read_table(path, columns=list(MANIFEST_COLUMNS))
     mask = None
-    for name, wanted in (("split", [split] if split is not None else None), ("dataset", datasets),
-                         ("modality", modalities)):
+    for name, wanted in (
+        ("split", [split] if split is not None else None),
+        ("dataset", datasets),
+        ("modality", modalities),
+    ):
         if wanted:
             cond = pc.is_in(table[name], value_set=__import__("pyarrow").array(list(wanted), type=table[name].type))
             mask = cond if mask is None else pc.and_(mask, cond)

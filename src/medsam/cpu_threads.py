@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-__all__ = ["prepare", "apply", "adapt", "free_cores", "usable_cores", "CpuSample", "THREADS_ENV"]
+__all__ = ["THREADS_ENV", "CpuSample", "adapt", "apply", "free_cores", "prepare", "usable_cores"]
 
 THREADS_ENV = "MEDSAM_THREADS"
 _WINDOW_S = 0.1  # a fresh measurement's window; /proc/stat counts in 10 ms ticks

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -63,12 +63,20 @@ def bundled_samples(names: Sequence[str] | None = None) -> list[Sample]:
     samples = []
     for e in entries:
         spacing = e.get("spacing_rc") or e.get("spacing_zyx")
-        samples.append(Sample(
-            name=e["name"], kind=e["kind"], image=folder / e["image"], label=folder / e["label"],
-            modality=e["modality"], spacing=tuple(float(s) for s in spacing),
-            label_names={int(k): v for k, v in e["label_names"].items()},
-            structures=tuple(e["structures"]), source=e["source"], split=e.get("corpus_split", ""),
-        ))
+        samples.append(
+            Sample(
+                name=e["name"],
+                kind=e["kind"],
+                image=folder / e["image"],
+                label=folder / e["label"],
+                modality=e["modality"],
+                spacing=tuple(float(s) for s in spacing),
+                label_names={int(k): v for k, v in e["label_names"].items()},
+                structures=tuple(e["structures"]),
+                source=e["source"],
+                split=e.get("corpus_split", ""),
+            )
+        )
     return samples
 
 
@@ -122,9 +130,12 @@ def _comparison_picture(image: np.ndarray, reference: np.ndarray, predicted: np.
 
     rgb = to_rgb_uint8(image)
     factor = max(1, int(np.ceil(256 / min(rgb.shape[:2]))))
-    big = lambda a: np.repeat(np.repeat(a, factor, axis=0), factor, axis=1)  # noqa: E731
-    scaled_boxes = None if boxes is None else [
-        [x0 * factor, y0 * factor, (x1 + 1) * factor - 1, (y1 + 1) * factor - 1] for x0, y0, x1, y1 in boxes]
+    big = lambda a: np.repeat(np.repeat(a, factor, axis=0), factor, axis=1)
+    scaled_boxes = (
+        None
+        if boxes is None
+        else [[x0 * factor, y0 * factor, (x1 + 1) * factor - 1, (y1 + 1) * factor - 1] for x0, y0, x1, y1 in boxes]
+    )
     left = render_overlay(big(rgb), big(reference), scaled_boxes)
     right = render_overlay(big(rgb), big(predicted), scaled_boxes)
     return _side_by_side([left, right])
@@ -137,11 +148,16 @@ def _score_objects(sample: Sample, reference: np.ndarray, predicted: np.ndarray,
     for n, (i, name) in enumerate(zip(ids, names), start=1):
         gt = reference == i
         pred = predicted == n
-        rows.append({
-            "label": n, "structure": name, "reference_px": int(gt.sum()), "predicted_px": int(pred.sum()),
-            "dsc": dice_score(pred, gt),
-            "nsd": normalized_surface_dice(pred, gt, sample.spacing, NSD_TOLERANCE_MM),
-        })
+        rows.append(
+            {
+                "label": n,
+                "structure": name,
+                "reference_px": int(gt.sum()),
+                "predicted_px": int(pred.sum()),
+                "dsc": dice_score(pred, gt),
+                "nsd": normalized_surface_dice(pred, gt, sample.spacing, NSD_TOLERANCE_MM),
+            }
+        )
     return rows
 
 
@@ -160,9 +176,13 @@ def _run_sample(sample: Sample, model, out: Path, log, zoom=None) -> dict:
     suffix = ".png" if sample.kind == "2d" else ".nii.gz"
     start = time.perf_counter()
     result = segment_file(
-        sample.image, out / f"{sample.name}_mask{suffix}", boxes, model=model,
+        sample.image,
+        out / f"{sample.name}_mask{suffix}",
+        boxes,
+        model=model,
         scores_path=out / f"{sample.name}_mask.scores.json",
-        zoom=zoom if sample.kind == "2d" else None, log=log,
+        zoom=zoom if sample.kind == "2d" else None,
+        log=log,
     )
     seconds = time.perf_counter() - start
     predicted = result.labels  # label n = the n-th box (one box: 0/1)
@@ -187,13 +207,24 @@ def _run_sample(sample: Sample, model, out: Path, log, zoom=None) -> dict:
         picture = _stack(rows)
         for o, b in zip(objects, boxes):
             o["box"] = b
-        note = (f"axial slices {', '.join(str(k) for k in shown)} of {Z} (top to bottom); left: reference "
-                "(pseudo-label), right: prediction propagated from the 3D boxes' middle slices")
+        note = (
+            f"axial slices {', '.join(str(k) for k in shown)} of {Z} (top to bottom); left: reference "
+            "(pseudo-label), right: prediction propagated from the 3D boxes' middle slices"
+        )
     save_png(picture, picture_path)
-    log(f"{sample.name}: {len(ids)} objects, mean DSC {np.mean([o['dsc'] for o in objects]):.3f}, "
-        f"{seconds:.1f} s -> {result.mask_path}")
-    return {"sample": sample, "objects": objects, "seconds": seconds, "mask": result.mask_path,
-            "scores": result.scores_path, "picture": picture_path, "note": note}
+    log(
+        f"{sample.name}: {len(ids)} objects, mean DSC {np.mean([o['dsc'] for o in objects]):.3f}, "
+        f"{seconds:.1f} s -> {result.mask_path}"
+    )
+    return {
+        "sample": sample,
+        "objects": objects,
+        "seconds": seconds,
+        "mask": result.mask_path,
+        "scores": result.scores_path,
+        "picture": picture_path,
+        "note": note,
+    }
 
 
 def run_demo(
@@ -233,14 +264,19 @@ def run_demo(
         lines += [f"**{UNTRAINED_WARNING}**", ""]
     lines += [
         f"Model: the embedded default (`{model.config.name}`, contract `{model.contract}`)"
-        + ("" if untrained else ": LiteMedSAM fine-tuned on the demo corpus; see docs/model-card.md") + ".",
+        + ("" if untrained else ": LiteMedSAM fine-tuned on the demo corpus; see docs/model-card.md")
+        + ".",
         f"Run: {total:.1f} s in all on {torch.get_num_threads()} CPU thread(s) of the torch "
         f"{torch.__version__} build, model loading included.",
         "",
         "Prompts are the bounding boxes of each structure in the sample's label map (3D boxes on the "
         "volume)"
-        + (f"; on the 2D samples, boxes whose {policy.context:g}x crop is at most half the image are "
-           "segmented on that magnified crop (`medsam.zoom`)" if policy else "")
+        + (
+            f"; on the 2D samples, boxes whose {policy.context:g}x crop is at most half the image are "
+            "segmented on that magnified crop (`medsam.zoom`)"
+            if policy
+            else ""
+        )
         + ". Scores compare the prediction with that label map: DSC, and NSD at "
         f"{NSD_TOLERANCE_MM:g} mm with the sample's spacing. **The label maps are TotalSegmentator "
         "pseudo-labels (the outputs of another model), not manual annotations.**",
@@ -264,7 +300,8 @@ def run_demo(
         for o in r["objects"]:
             lines.append(
                 f"| {_hex(o['label'])} | {o['structure']} | {o['box']} | {o['reference_px']} | "
-                f"{o['predicted_px']} | {o['dsc']:.3f} | {o['nsd']:.3f} |")
+                f"{o['predicted_px']} | {o['dsc']:.3f} | {o['nsd']:.3f} |"
+            )
         mean_dsc = float(np.mean([o["dsc"] for o in r["objects"]]))
         lines += [
             "",

@@ -59,13 +59,13 @@ import numpy as np
 import torch
 
 __all__ = [
-    "EmbeddingCache",
-    "model_fingerprint",
-    "encoder_fingerprint",
-    "embedding_id",
-    "slice_key",
-    "set_image_cached",
     "CACHE_FORMAT",
+    "EmbeddingCache",
+    "embedding_id",
+    "encoder_fingerprint",
+    "model_fingerprint",
+    "set_image_cached",
+    "slice_key",
 ]
 
 CACHE_FORMAT = 1
@@ -73,7 +73,7 @@ _TENSOR_NAME = "embedding"
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 
 # model -> (state signature, fingerprint); weak so that caching never keeps a model alive.
-_FINGERPRINTS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str]]" = weakref.WeakKeyDictionary()
+_FINGERPRINTS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str]] = weakref.WeakKeyDictionary()
 
 
 def _package_version() -> str:

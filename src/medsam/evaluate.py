@@ -47,9 +47,9 @@ import math
 import os
 import uuid
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -58,10 +58,27 @@ from .metrics import label_scores
 __all__ = ["CSV_COLUMNS", "SUMMARY_COLUMNS", "EvaluationResult", "evaluate", "summarize"]
 
 CSV_COLUMNS = (
-    "dataset", "modality", "case", "label", "dsc", "nsd", "hd95", "gt_voxels", "pred_voxels", "error",
+    "dataset",
+    "modality",
+    "case",
+    "label",
+    "dsc",
+    "nsd",
+    "hd95",
+    "gt_voxels",
+    "pred_voxels",
+    "error",
 )
 SUMMARY_COLUMNS = (
-    "dataset", "modality", "label", "n", "dsc_mean", "dsc_std", "nsd_mean", "nsd_std", "n_errors",
+    "dataset",
+    "modality",
+    "label",
+    "n",
+    "dsc_mean",
+    "dsc_std",
+    "nsd_mean",
+    "nsd_std",
+    "n_errors",
 )
 
 MEDICAL_EXTENSIONS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
@@ -208,12 +225,21 @@ def _disjoint_labels(pred: np.ndarray, gt: np.ndarray) -> str | None:
     g = set(np.unique(gt).tolist()) - {0}
     if not p or not g or p & g:
         return None
-    return (f"label ids share nothing: prediction {sorted(p)[:10]}, ground truth {sorted(g)[:10]}; "
-            "map them with --label-map PRED=GT (label_map={pred: gt})")
+    return (
+        f"label ids share nothing: prediction {sorted(p)[:10]}, ground truth {sorted(g)[:10]}; "
+        "map them with --label-map PRED=GT (label_map={pred: gt})"
+    )
 
 
-def _score_pair(pred_path: Path, gt_path: Path, case: str, dataset: str, modality: str, tol: float,
-                label_map: dict[int, int] | None = None) -> list[dict]:
+def _score_pair(
+    pred_path: Path,
+    gt_path: Path,
+    case: str,
+    dataset: str,
+    modality: str,
+    tol: float,
+    label_map: dict[int, int] | None = None,
+) -> list[dict]:
     try:
         gt, gt_sp = _read(gt_path, "gt")
         pred, pred_sp = _read(pred_path, "pred")
@@ -225,17 +251,22 @@ def _score_pair(pred_path: Path, gt_path: Path, case: str, dataset: str, modalit
         if pred.shape != gt.shape:
             msg = f"shape mismatch: prediction {pred.shape} vs ground truth {gt.shape}"
             return [_row(dataset, modality, case, msg)]
-        if gt_sp is not None and pred_sp is not None:
-            if len(gt_sp) != len(pred_sp) or not np.allclose(pred_sp, gt_sp, rtol=0, atol=SPACING_ATOL_MM):
-                return [_row(dataset, modality, case, f"spacing mismatch: prediction {_fmt(pred_sp)} vs "
-                             f"ground truth {_fmt(gt_sp)} mm (array axis order)")]
+        both = gt_sp is not None and pred_sp is not None
+        if both and (len(gt_sp) != len(pred_sp) or not np.allclose(pred_sp, gt_sp, rtol=0, atol=SPACING_ATOL_MM)):
+            message = (
+                f"spacing mismatch: prediction {_fmt(pred_sp)} vs ground truth {_fmt(gt_sp)} mm (array axis order)"
+            )
+            return [_row(dataset, modality, case, message)]
         spacing = gt_sp if gt_sp is not None else pred_sp if pred_sp is not None else (1.0,) * gt.ndim
         scores = label_scores(pred, gt, spacing, tolerance_mm=tol)
     except Exception as e:  # one bad case must not stop the evaluation
         return [_row(dataset, modality, case, f"{type(e).__name__}: {e}")]
     if not scores:
-        return [_row(dataset, modality, case, "no foreground label in prediction or ground truth",
-                     gt_voxels=0, pred_voxels=0)]
+        return [
+            _row(
+                dataset, modality, case, "no foreground label in prediction or ground truth", gt_voxels=0, pred_voxels=0
+            )
+        ]
     return [_row(dataset, modality, case, **s) for s in scores]
 
 
@@ -277,8 +308,17 @@ def summarize(rows: Iterable[dict]) -> list[dict]:
     def stats(dataset, modality, label, members, n_errors):
         dsc_mean, dsc_std = _mean_std([m["dsc"] for m in members])
         nsd_mean, nsd_std = _mean_std([m["nsd"] for m in members])
-        return dict(dataset=dataset, modality=modality, label=label, n=len(members), dsc_mean=dsc_mean,
-                    dsc_std=dsc_std, nsd_mean=nsd_mean, nsd_std=nsd_std, n_errors=n_errors)
+        return dict(
+            dataset=dataset,
+            modality=modality,
+            label=label,
+            n=len(members),
+            dsc_mean=dsc_mean,
+            dsc_std=dsc_std,
+            nsd_mean=nsd_mean,
+            nsd_std=nsd_std,
+            n_errors=n_errors,
+        )
 
     out = []
     for group in sorted(by_group):

@@ -22,7 +22,7 @@ import sys
 import threading
 from typing import Any
 
-__all__ = ["Terminated", "install_termination_handler", "die_with_parent", "stop_process_pool", "PARENT_PID_ENV"]
+__all__ = ["PARENT_PID_ENV", "Terminated", "die_with_parent", "install_termination_handler", "stop_process_pool"]
 
 # Set by a parent for a child that must not outlive it (see die_with_parent).
 PARENT_PID_ENV = "MEDSAM_PARENT_PID"

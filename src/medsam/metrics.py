@@ -64,16 +64,16 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from scipy import ndimage
 
 __all__ = [
     "dice_score",
-    "normalized_surface_dice",
     "hausdorff_distance_95",
     "label_scores",
+    "normalized_surface_dice",
 ]
 
 # Neighbourhood codes, as in DeepMind's package: correlating the (cropped, padded)
@@ -399,6 +399,4 @@ def label_scores(
     rows = []
     for lab in label_list:
         rows.append({"label": lab, **_binary_scores(p == lab, g == lab, sp, tol)})
-    return [
-        {k: r[k] for k in ("label", "dsc", "nsd", "hd95", "gt_voxels", "pred_voxels")} for r in rows
-    ]
+    return [{k: r[k] for k in ("label", "dsc", "nsd", "hd95", "gt_voxels", "pred_voxels")} for r in rows]

@@ -13,8 +13,8 @@ pixel positions as in MedSAM. All N prompts go through the decoder in one batche
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -231,8 +231,12 @@ class Predictor:
         three = bool(multimask) and not all_masks
         n, box_t, pts_t, mask_t = self._prompts_to_tensors(boxes, points, point_labels, mask_input)
         out = self.model.decode(
-            self.embedding, boxes=box_t, points=pts_t, mask_input=mask_t,
-            multimask_output=three, all_masks=all_masks,
+            self.embedding,
+            boxes=box_t,
+            points=pts_t,
+            mask_input=mask_t,
+            multimask_output=three,
+            all_masks=all_masks,
         )
         logits = out.logits.float()
         masks = np.empty((n, logits.shape[1], *geom.original_size), dtype=bool)
@@ -274,9 +278,7 @@ class Predictor:
             if lab.ndim == 1:
                 lab = lab[None]
             if p.ndim != 3 or p.shape[2] != 2 or lab.shape != p.shape[:2]:
-                raise PromptError(
-                    f"points must be (N, P, 2) with labels (N, P); got {p.shape} and {lab.shape}"
-                )
+                raise PromptError(f"points must be (N, P, 2) with labels (N, P); got {p.shape} and {lab.shape}")
             if not np.isfinite(p).all():
                 raise PromptError("points contain NaN or infinite values")
             if (p[..., 0] < 0).any() or (p[..., 0] > W).any() or (p[..., 1] < 0).any() or (p[..., 1] > H).any():
@@ -340,9 +342,7 @@ def validate_boxes(boxes: np.ndarray, size: tuple[int, int]) -> None:
         if x1 <= x0 or y1 <= y0:
             raise PromptError(f"box [{x0:g}, {y0:g}, {x1:g}, {y1:g}] is empty: need x1 > x0 and y1 > y0")
         if x0 < 0 or y0 < 0 or x1 > W or y1 > H:
-            raise PromptError(
-                f"box [{x0:g}, {y0:g}, {x1:g}, {y1:g}] lies outside the image (width {W}, height {H})"
-            )
+            raise PromptError(f"box [{x0:g}, {y0:g}, {x1:g}, {y1:g}] lies outside the image (width {W}, height {H})")
 
 
 def clip_boxes(boxes: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -362,7 +362,9 @@ def clip_boxes(boxes: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np
     clipped[:, [1, 3]] = np.clip(b[:, [1, 3]], 0, H)
     for original, (x0, y0, x1, y1) in zip(b, clipped):
         if x1 <= x0 or y1 <= y0:
-            where = "lies outside the image" if (original[2] > original[0] and original[3] > original[1]) else "is empty"
+            where = (
+                "lies outside the image" if (original[2] > original[0] and original[3] > original[1]) else "is empty"
+            )
             raise PromptError(
                 f"box [{', '.join(f'{v:g}' for v in original)}] {where} (width {W}, height {H}): "
                 "need x1 > x0 and y1 > y0 inside it"

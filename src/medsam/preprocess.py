@@ -122,9 +122,9 @@ class Contract:
         if self.name == "medsam":
             from skimage.transform import resize
 
-            resized = resize(
-                rgb, (S, S), order=3, preserve_range=True, mode="constant", anti_aliasing=True
-            ).astype(np.uint8)
+            resized = resize(rgb, (S, S), order=3, preserve_range=True, mode="constant", anti_aliasing=True).astype(
+                np.uint8
+            )
             return _chw_tensor(_minmax(resized.astype(np.float64))), geom
         from PIL import Image
 

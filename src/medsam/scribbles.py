@@ -22,8 +22,8 @@ Coordinates: (x, y) pixel positions of the image the prompt is for, x = column, 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from scipy import ndimage

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -104,8 +105,9 @@ def _finite_or_refused(array: np.ndarray) -> np.ndarray:
     if not finite.any():
         raise ValueError("the image has no finite value (every voxel is NaN or infinite)")
     bad = int(finite.size - np.count_nonzero(finite))
-    warnings.warn(f"{bad} of {finite.size} voxels are NaN or infinite; they are given the lowest finite value",
-                  stacklevel=3)
+    warnings.warn(
+        f"{bad} of {finite.size} voxels are NaN or infinite; they are given the lowest finite value", stacklevel=3
+    )
     return np.where(finite, array, array[finite].min())
 
 
@@ -205,10 +207,20 @@ def segment_file(
     scores = [float(s) for s in prediction.scores]
 
     written = _write_outputs(
-        image, labels, output_path, opts.overlay_path, opts.scores_path,
-        {"input": str(input_path), "boxes": box_array.tolist(), "scores": scores,
-         "model": _model_description(model, opts.checkpoint), "contract": predictor.contract.name},
-        overlay_source=pixels, overlay_boxes=box_array,
+        image,
+        labels,
+        output_path,
+        opts.overlay_path,
+        opts.scores_path,
+        {
+            "input": str(input_path),
+            "boxes": box_array.tolist(),
+            "scores": scores,
+            "model": _model_description(model, opts.checkpoint),
+            "contract": predictor.contract.name,
+        },
+        overlay_source=pixels,
+        overlay_boxes=box_array,
     )
     return SegmentationOutput(*written, labels=labels, scores=scores)
 
@@ -293,8 +305,10 @@ def _segment_volume_file(image: MedicalImage, output_path: Path, boxes, opts: Se
             if hi < lo:
                 raise ValueError(f"box {i + 1}: z-range [{z0:g}, {z1:g}] lies outside the volume's {Z} slices")
             if (lo, hi) != (z0, z1):
-                warnings.warn(f"box {i + 1}: z-range [{z0:g}, {z1:g}] overhangs the volume; clipped to "
-                              f"[{lo:g}, {hi:g}]", stacklevel=2)
+                warnings.warn(
+                    f"box {i + 1}: z-range [{z0:g}, {z1:g}] overhangs the volume; clipped to [{lo:g}, {hi:g}]",
+                    stacklevel=2,
+                )
             prompts.append(Box3D(*[int(round(v)) for v in (x0, y0, lo, x1, y1, hi)]))
     elif widths == {4}:
         if key_slice is None:
@@ -313,15 +327,22 @@ def _segment_volume_file(image: MedicalImage, output_path: Path, boxes, opts: Se
         options["zoom"] = opts.zoom
     result = segment_volume(predictor, pixels, prompts, **options)
     if options.get("zoom") is not None:
-        log(f"zoom: {sum(result.zoomed)} of {len(prompts)} objects segmented on a magnified crop "
-            f"({result.crop_embeddings_computed} crop embeddings)")
+        log(
+            f"zoom: {sum(result.zoomed)} of {len(prompts)} objects segmented on a magnified crop "
+            f"({result.crop_embeddings_computed} crop embeddings)"
+        )
     report = {
-        "input": str(image.source_path), "boxes": [list(map(float, b)) for b in boxes],
-        "model": _model_description(model, opts.checkpoint), "contract": predictor.contract.name,
+        "input": str(image.source_path),
+        "boxes": [list(map(float, b)) for b in boxes],
+        "model": _model_description(model, opts.checkpoint),
+        "contract": predictor.contract.name,
         "objects": [
-            {"label": i + 1 if len(prompts) > 1 else 1, "slices": None if r is None else list(r),
-             "stopped": {"up": up, "down": down},
-             "scores": {str(k): float(v) for k, v in sorted(sc.items())}}
+            {
+                "label": i + 1 if len(prompts) > 1 else 1,
+                "slices": None if r is None else list(r),
+                "stopped": {"up": up, "down": down},
+                "scores": {str(k): float(v) for k, v in sorted(sc.items())},
+            }
             for i, (r, (up, down), sc) in enumerate(zip(result.slices, result.stop_reasons, result.scores))
         ],
         "embeddings_computed": result.embeddings_computed,
@@ -361,8 +382,10 @@ def _resolve_auto_zoom(zoom, predictor: Predictor, log: Callable[[str], None]):
         return None
     from .zoom import ZoomPolicy
 
-    log(f"zoom: on for this {predictor.contract.input_size} px model (small boxes on a magnified crop; "
-        "--no-zoom turns it off)")
+    log(
+        f"zoom: on for this {predictor.contract.input_size} px model (small boxes on a magnified crop; "
+        "--no-zoom turns it off)"
+    )
     return ZoomPolicy()
 
 

@@ -37,8 +37,9 @@ The returned label map has the input's spatial shape and axis order.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -52,8 +53,8 @@ __all__ = [
     "Box2D",
     "Box3D",
     "VolumeSegmentation",
-    "segment_volume",
     "segment_npz_case",
+    "segment_volume",
 ]
 
 
@@ -74,7 +75,7 @@ class Box3D:
     z1: int
 
     @classmethod
-    def from_array(cls, values: Sequence[float]) -> "Box3D":
+    def from_array(cls, values: Sequence[float]) -> Box3D:
         """From ``[x0, y0, z0, x1, y1, z1]`` (the CVPR 2024 npz layout)."""
         return cls(*(_as_int(v) for v in np.asarray(values, dtype=np.float64).reshape(6)))
 
@@ -146,9 +147,7 @@ def _as_prompt(b: Any) -> Box3D | Box2D:
     arr = np.asarray(b, dtype=np.float64).reshape(-1)
     if arr.size == 6:
         return Box3D.from_array(arr)
-    raise PromptError(
-        f"a volume prompt must be a Box3D, a Box2D or [x0, y0, z0, x1, y1, z1]; got {b!r}"
-    )
+    raise PromptError(f"a volume prompt must be a Box3D, a Box2D or [x0, y0, z0, x1, y1, z1]; got {b!r}")
 
 
 @dataclass
@@ -200,27 +199,47 @@ def _make_tracks(prompts, key_slices, S, H, W, margin, iou_threshold: float | No
             _check_inplane(p.x0, p.y0, p.x1, p.y1, H, W, f"box {n}")
             if not 0 <= p.z0 <= p.z1 < S:
                 raise PromptError(
-                    f"box {n}: need 0 <= z0 <= z1 < {S} (slices along the slicing axis), "
-                    f"got z0={p.z0}, z1={p.z1}"
+                    f"box {n}: need 0 <= z0 <= z1 < {S} (slices along the slicing axis), got z0={p.z0}, z1={p.z1}"
                 )
             key = (p.z0 + p.z1) // 2 if override is None else int(override)
             if not p.z0 <= key <= p.z1:
                 raise PromptError(f"box {n}: key slice {key} lies outside its z-range {p.z0}..{p.z1}")
             limit = (
-                max(p.x0 - margin, 0), max(p.y0 - margin, 0),
-                min(p.x1 + margin, W - 1), min(p.y1 + margin, H - 1),
+                max(p.x0 - margin, 0),
+                max(p.y0 - margin, 0),
+                min(p.x1 + margin, W - 1),
+                min(p.y1 + margin, H - 1),
             )
-            tracks.append(_Track(n, key, p.z0, p.z1, _prompt_box(p.x0, p.y0, p.x1, p.y1, H, W),
-                                 limit, "box_end", -np.inf if iou_threshold is None else iou_threshold))
+            tracks.append(
+                _Track(
+                    n,
+                    key,
+                    p.z0,
+                    p.z1,
+                    _prompt_box(p.x0, p.y0, p.x1, p.y1, H, W),
+                    limit,
+                    "box_end",
+                    -np.inf if iou_threshold is None else iou_threshold,
+                )
+            )
         else:
             _check_inplane(p.x0, p.y0, p.x1, p.y1, H, W, f"box {n}")
             if not 0 <= p.slice < S:
                 raise PromptError(f"box {n}: slice {p.slice} outside 0..{S - 1}")
             if override is not None and int(override) != p.slice:
                 raise PromptError(f"box {n}: key_slices[{n}]={override} contradicts Box2D.slice={p.slice}")
-            tracks.append(_Track(n, p.slice, 0, S - 1, _prompt_box(p.x0, p.y0, p.x1, p.y1, H, W),
-                                 (0, 0, W - 1, H - 1), "volume_end",
-                                 BOX2D_IOU_THRESHOLD if iou_threshold is None else iou_threshold))
+            tracks.append(
+                _Track(
+                    n,
+                    p.slice,
+                    0,
+                    S - 1,
+                    _prompt_box(p.x0, p.y0, p.x1, p.y1, H, W),
+                    (0, 0, W - 1, H - 1),
+                    "volume_end",
+                    BOX2D_IOU_THRESHOLD if iou_threshold is None else iou_threshold,
+                )
+            )
     return tracks
 
 
@@ -272,10 +291,16 @@ class _SliceEmbedder:
                 pred.set_image(image)
                 self.computed += 1
                 if self.cache is not None:
-                    self.cache.put(key, pred.embedding, {
-                        "model": self._fp, "contract": pred.contract.name,
-                        "input_size": pred.contract.input_size, "shape": str(list(image.shape)),
-                    })
+                    self.cache.put(
+                        key,
+                        pred.embedding,
+                        {
+                            "model": self._fp,
+                            "contract": pred.contract.name,
+                            "input_size": pred.contract.input_size,
+                            "shape": str(list(image.shape)),
+                        },
+                    )
         self.current = s
         if keep and self.capacity:
             if s not in self.lru:
@@ -298,13 +323,15 @@ class _CropSegmenter:
     does in 2D: the crop's embedding (through the on-disk cache if given) in a second predictor,
     the box shifted into the crop."""
 
-    def __init__(self, predictor, frame: np.ndarray, cache: EmbeddingCache | None, policy: "ZoomPolicy",
-                 crop_predictor=None):
+    def __init__(
+        self, predictor, frame: np.ndarray, cache: EmbeddingCache | None, policy: ZoomPolicy, crop_predictor=None
+    ):
         if crop_predictor is None:
             from .predictor import Predictor
 
             crop_predictor = Predictor(
-                predictor.model, contract=predictor.contract.name,
+                predictor.model,
+                contract=predictor.contract.name,
                 precision=getattr(predictor, "precision", "fp32"),
             )
         self.predictor = crop_predictor
@@ -367,7 +394,7 @@ def segment_volume(
     cache: EmbeddingCache | None = None,
     progress: Callable[[int, int], None] | None = None,
     max_cached_slices: int = 32,
-    zoom: "ZoomPolicy | None" = None,
+    zoom: ZoomPolicy | None = None,
     crop_predictor: Any = None,
 ) -> VolumeSegmentation:
     """Segment objects in a volume by propagating 2D box prompts from key slices.
@@ -471,8 +498,11 @@ def segment_volume(
         (with ``zoom``) one by one on their crops. A task's logits are ``(logits, window)``,
         ``window`` None for whole-slice logits."""
         small = [cropper is not None and cropper.wants(t[2]) for t in tasks]
-        whole = [(tr, d, box, None if lg is None or lg[1] is not None else lg[0])
-                 for (tr, d, box, lg), z in zip(tasks, small) if not z]
+        whole = [
+            (tr, d, box, None if lg is None or lg[1] is not None else lg[0])
+            for (tr, d, box, lg), z in zip(tasks, small)
+            if not z
+        ]
         if whole:
             embedder.activate(s, keep)
         elif not keep:
@@ -612,7 +642,7 @@ def segment_npz_case(
     *,
     cache: EmbeddingCache | None = None,
     progress: Callable[[int, int], None] | None = None,
-    zoom: "ZoomPolicy | None" = None,
+    zoom: ZoomPolicy | None = None,
     **volume_options: Any,
 ) -> np.ndarray:
     """Segment a CVPR 2024 challenge case (:class:`medsam.io.npz.NpzCase`); returns ``segs``.
@@ -642,8 +672,9 @@ def segment_npz_case(
         return np.zeros(shape, dtype=np.uint8)
     if case.is_volume:
         prompts = [Box3D.from_array(b) for b in boxes]
-        result = segment_volume(predictor, case.imgs, prompts, cache=cache, progress=progress,
-                                zoom=zoom, **volume_options)
+        result = segment_volume(
+            predictor, case.imgs, prompts, cache=cache, progress=progress, zoom=zoom, **volume_options
+        )
         return result.labels.astype(np.uint8)
     if volume_options:
         raise TypeError(f"options {sorted(volume_options)} apply to 3D cases only")

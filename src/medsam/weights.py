@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
@@ -59,7 +59,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         try:
             with safe_open(str(path), framework="pt") as f:
                 raw_meta = f.metadata() or {}
-                state = {k: f.get_tensor(k) for k in f.keys()}
+                state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
         except Exception as exc:  # safetensors raises its own error types
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
         if SAFETENSORS_CONFIG_KEY in raw_meta:
@@ -76,7 +76,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{path}: entry {key!r} is not a tensor")
-        cleaned[key[len("module."):] if key.startswith("module.") else key] = value
+        cleaned[key[len("module.") :] if key.startswith("module.") else key] = value
     return cleaned, metadata
 
 
@@ -90,7 +90,7 @@ def load_weights_only(path: str | os.PathLike, map_location: str | torch.device 
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         return torch.load(str(path), map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types here, none of them useful
+    except Exception as exc:
         text = str(exc)
         if "Weights only load failed" in text and _is_parseable_pickle(path):
             raise CheckpointError(
@@ -166,17 +166,17 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> ModelConfig:
         embed_dim, patch = proj.shape[0], proj.shape[-1]
         pos = state.get("image_encoder.pos_embed")
         grid = pos.shape[1] if pos is not None else 64
-        depth = 1 + max(
-            int(k.split(".")[2]) for k in state if k.startswith("image_encoder.blocks.")
-        )
+        depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("image_encoder.blocks."))
         rel = [state[f"image_encoder.blocks.{i}.attn.rel_pos_h"] for i in range(depth)]
         head_dim = rel[0].shape[1]
         global_idx = tuple(i for i, r in enumerate(rel) if r.shape[0] == 2 * grid - 1)
         window = next(((r.shape[0] + 1) // 2 for r in rel if r.shape[0] != 2 * grid - 1), 14)
-        for name, cfg in CONFIGS.items():
-            if cfg.encoder == "vit" and (cfg.embed_dim, cfg.depth, cfg.img_size) == (
-                embed_dim, depth, grid * patch
-            ) and cfg.global_attn_indexes == global_idx:
+        for _name, cfg in CONFIGS.items():
+            if (
+                cfg.encoder == "vit"
+                and (cfg.embed_dim, cfg.depth, cfg.img_size) == (embed_dim, depth, grid * patch)
+                and cfg.global_attn_indexes == global_idx
+            ):
                 return cfg
         return ModelConfig(
             name="custom_vit",
@@ -241,9 +241,7 @@ def _load_strict(model: MedSAMModel, state: Mapping[str, torch.Tensor], path: ob
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(
-        k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape)
-    )
+    wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -256,9 +254,7 @@ def _load_strict(model: MedSAMModel, state: Mapping[str, torch.Tensor], path: ob
                 f"{len(wrong)} with the wrong shape (e.g. {k}: file {tuple(state[k].shape)}, "
                 f"model {tuple(expected[k].shape)})"
             )
-        raise CheckpointError(
-            f"{path}: checkpoint does not fit the {model.config.name} model: " + "; ".join(parts)
-        )
+        raise CheckpointError(f"{path}: checkpoint does not fit the {model.config.name} model: " + "; ".join(parts))
     model.load_state_dict(state, strict=True)
 
 

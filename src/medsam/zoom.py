@@ -12,8 +12,9 @@ Coordinates: boxes are inclusive ``[x0, y0, x1, y1]`` original pixels (x = colum
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -120,11 +121,11 @@ class ZoomedPrediction:
 
 
 def predict_with_zoom(
-    predictor: "Predictor",
+    predictor: Predictor,
     image: np.ndarray,
     boxes: np.ndarray,
     policy: ZoomPolicy,
-    crop_predictor: "Predictor | None" = None,
+    crop_predictor: Predictor | None = None,
     score_maps: bool = False,
 ) -> ZoomedPrediction:
     """Segment ``boxes`` on ``image``, small boxes on a zoomed crop.

@@ -14,15 +14,24 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from typing import Sequence
+from collections.abc import Sequence
 
 from .runner import CLIError, run_command
 
-__all__ = ["main", "build_parser", "CLIError", "run_command", "COMMAND_MODULES"]
+__all__ = ["COMMAND_MODULES", "CLIError", "build_parser", "main", "run_command"]
 
 # The command modules, in the order their commands are listed by --help.
 COMMAND_MODULES = (
-    "segment", "evaluate", "info", "demo", "prepare", "train", "benchmark", "onnx", "serve", "specialist",
+    "segment",
+    "evaluate",
+    "info",
+    "demo",
+    "prepare",
+    "train",
+    "benchmark",
+    "onnx",
+    "serve",
+    "specialist",
 )
 
 

@@ -32,26 +32,54 @@ def add_parser(subparsers) -> None:
     p.add_argument("--split", default="test", help="train, val or test (default test)")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--checkpoint", default=None, help="model weights (default: the embedded model)")
-    what.add_argument("--baseline", choices=("box", "otsu"), default=None,
-                      help="score a baseline instead of a model: fill the box, or Otsu inside it")
-    p.add_argument("--contract", choices=("medsam", "sam", "lite"), default=None,
-                   help="override the checkpoint's preprocessing contract")
+    what.add_argument(
+        "--baseline",
+        choices=("box", "otsu"),
+        default=None,
+        help="score a baseline instead of a model: fill the box, or Otsu inside it",
+    )
+    p.add_argument(
+        "--contract",
+        choices=("medsam", "sam", "lite"),
+        default=None,
+        help="override the checkpoint's preprocessing contract",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: automatic)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="image encoder precision")
-    p.add_argument("--jitter", type=float, default=0.0, metavar="PX",
-                   help="move each box side outwards by up to PX pixels at the 1024 scale (default 0)")
+    p.add_argument(
+        "--jitter",
+        type=float,
+        default=0.0,
+        metavar="PX",
+        help="move each box side outwards by up to PX pixels at the 1024 scale (default 0)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the jitter and of --max-objects (default 0)")
-    p.add_argument("--max-objects", type=int, default=None, metavar="N",
-                   help="at most N objects per dataset (a seeded random subset)")
+    p.add_argument(
+        "--max-objects",
+        type=int,
+        default=None,
+        metavar="N",
+        help="at most N objects per dataset (a seeded random subset)",
+    )
     p.add_argument("--datasets", nargs="+", default=[], metavar="NAME", help="only these datasets")
     p.add_argument("--tolerance", type=float, default=2.0, help="NSD tolerance in mm (default 2)")
-    p.add_argument("--zoom", type=float, default=None, metavar="CONTEXT",
-                   help="segment small boxes on a magnified crop CONTEXT x the box's longest side "
-                        "(one extra embedding each; see medsam.zoom); default off")
+    p.add_argument(
+        "--zoom",
+        type=float,
+        default=None,
+        metavar="CONTEXT",
+        help="segment small boxes on a magnified crop CONTEXT x the box's longest side "
+        "(one extra embedding each; see medsam.zoom); default off",
+    )
     p.add_argument("--name", default=None, help="method name in the outputs")
     p.add_argument("--no-plot", action="store_true", help="do not draw dsc_by_structure.png")
-    p.add_argument("--compare", nargs="+", default=None, metavar="OUT_DIR",
-                   help="compare earlier benchmark outputs instead of running one")
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        default=None,
+        metavar="OUT_DIR",
+        help="compare earlier benchmark outputs instead of running one",
+    )
     p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output folder")
     p.set_defaults(func=run)
 
@@ -83,14 +111,28 @@ def run(args) -> int:
 
         zoom = ZoomPolicy(context=args.zoom)
     result = run_benchmark(
-        args.corpus, out, split=args.split, checkpoint=args.checkpoint, baseline=args.baseline,
-        contract=args.contract, device=args.device, precision=args.precision, jitter=args.jitter,
-        seed=args.seed, max_objects=args.max_objects, datasets=args.datasets,
-        tolerance_mm=args.tolerance, name=args.name, plot=not args.no_plot, zoom=zoom, log=log,
+        args.corpus,
+        out,
+        split=args.split,
+        checkpoint=args.checkpoint,
+        baseline=args.baseline,
+        contract=args.contract,
+        device=args.device,
+        precision=args.precision,
+        jitter=args.jitter,
+        seed=args.seed,
+        max_objects=args.max_objects,
+        datasets=args.datasets,
+        tolerance_mm=args.tolerance,
+        name=args.name,
+        plot=not args.no_plot,
+        zoom=zoom,
+        log=log,
     )
     overall = result.overall()
-    print(f"{result.method}: {overall['objects']} objects, DSC {overall['dsc_mean']:.4f}, "
-          f"NSD {overall['nsd_mean']:.4f}")
+    print(
+        f"{result.method}: {overall['objects']} objects, DSC {overall['dsc_mean']:.4f}, NSD {overall['nsd_mean']:.4f}"
+    )
     if result.errors:
         print(f"{len(result.errors)} rows skipped (see {out / 'errors.csv'})")
     print(f"wrote {out / 'objects.csv'}, {out / 'summary.csv'}, {out / 'summary.md'}")

@@ -8,7 +8,7 @@ from pathlib import Path
 from .options import finite_float
 from .runner import CLIError, log
 
-__all__ = ["add_parser", "run", "label_map"]
+__all__ = ["add_parser", "label_map", "run"]
 
 
 def label_map(text: str) -> dict[int, int]:
@@ -33,7 +33,8 @@ def label_map(text: str) -> dict[int, int]:
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "evaluate", help="score predictions against ground truth (DSC, NSD, HD95)",
+        "evaluate",
+        help="score predictions against ground truth (DSC, NSD, HD95)",
         description="Score a prediction file (or folder) against the ground truth (matched by file "
         "name). A case whose label ids share none with the ground truth is refused (an error row) "
         "unless --label-map says which prediction id is which ground-truth id. Exit status 0: every "
@@ -44,8 +45,13 @@ def add_parser(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="per-case, per-label CSV")
     p.add_argument("--summary", default=None, help="summary CSV (default: OUTPUT stem + _summary.csv)")
     p.add_argument("--tolerance", type=finite_float, default=2.0, help="NSD tolerance in mm (default 2)")
-    p.add_argument("--label-map", type=label_map, default=None, metavar="PRED=GT,...",
-                   help="relabel the prediction before scoring, e.g. 1=3,2=5 (ids not named stay as they are)")
+    p.add_argument(
+        "--label-map",
+        type=label_map,
+        default=None,
+        metavar="PRED=GT,...",
+        help="relabel the prediction before scoring, e.g. 1=3,2=5 (ids not named stay as they are)",
+    )
     p.add_argument("--dataset", default=None)
     p.add_argument("--modality", default=None)
     p.set_defaults(func=run)
@@ -58,9 +64,17 @@ def run(args: argparse.Namespace) -> int:
     summary = args.summary or str(out.with_name(out.stem + "_summary.csv"))
     if Path(summary).resolve() == out.resolve():
         raise CLIError("--summary and -o must be different files")
-    result = evaluate(args.pred, args.gt, args.output, tolerance_mm=args.tolerance, summary_csv=summary,
-                      dataset=args.dataset, modality=args.modality, label_map=args.label_map,
-                      require_scored=True)
+    result = evaluate(
+        args.pred,
+        args.gt,
+        args.output,
+        tolerance_mm=args.tolerance,
+        summary_csv=summary,
+        dataset=args.dataset,
+        modality=args.modality,
+        label_map=args.label_map,
+        require_scored=True,
+    )
     for row in result.summary:
         if row.get("label") == "all" and row.get("dataset") == "all":
             print(f"overall: DSC {row.get('dsc_mean')}, NSD {row.get('nsd_mean')}")

@@ -1,6 +1,6 @@
 """``medsam export-onnx``: write an ONNX export (encoder, decoders, contract JSON) of a checkpoint.
 
-    medsam export-onnx [--checkpoint CKPT] -o DIR [--int8]
+medsam export-onnx [--checkpoint CKPT] -o DIR [--int8]
 """
 
 from __future__ import annotations
@@ -26,10 +26,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder")
     p.add_argument("--int8", action="store_true", help="also write encoder.int8.onnx (int8 weights)")
     p.add_argument("--int8-decoder", action="store_true", help="with --int8, quantise the decoders too")
-    p.add_argument("--no-points-decoder", action="store_true",
-                   help="leave out decoder_points.onnx (box prompts only)")
-    p.add_argument("--contract", choices=("medsam", "sam", "lite"), default=None,
-                   help="override the checkpoint's preprocessing contract")
+    p.add_argument("--no-points-decoder", action="store_true", help="leave out decoder_points.onnx (box prompts only)")
+    p.add_argument(
+        "--contract",
+        choices=("medsam", "sam", "lite"),
+        default=None,
+        help="override the checkpoint's preprocessing contract",
+    )
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 20)")
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime-vs-PyTorch check")
     p.set_defaults(func=run)
@@ -46,16 +49,30 @@ def run(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore")
         model = load_model(args.checkpoint, device="cpu")
     result = export_onnx(
-        model, args.output, opset=args.opset or DEFAULT_OPSET,
-        quantize="int8" if args.int8 else None, quantize_decoder=bool(args.int8 and args.int8_decoder),
-        points_decoder=not args.no_points_decoder, contract=args.contract, verify=not args.no_verify,
+        model,
+        args.output,
+        opset=args.opset or DEFAULT_OPSET,
+        quantize="int8" if args.int8 else None,
+        quantize_decoder=bool(args.int8 and args.int8_decoder),
+        points_decoder=not args.no_points_decoder,
+        contract=args.contract,
+        verify=not args.no_verify,
     )
     contract = result.contract
-    print(f"model: {model.config.name}, contract: {contract['name']} "
-          f"(resize {contract['resize']['rule']}, normalisation {contract['normalization']['type']}), "
-          f"opset {result.opset}")
-    for path in (result.encoder, result.decoder, result.decoder_points, result.encoder_int8,
-                 result.decoder_int8, result.decoder_points_int8, result.metadata):
+    print(
+        f"model: {model.config.name}, contract: {contract['name']} "
+        f"(resize {contract['resize']['rule']}, normalisation {contract['normalization']['type']}), "
+        f"opset {result.opset}"
+    )
+    for path in (
+        result.encoder,
+        result.decoder,
+        result.decoder_points,
+        result.encoder_int8,
+        result.decoder_int8,
+        result.decoder_points_int8,
+        result.metadata,
+    ):
         if path is not None:
             print(f"wrote {path}")
     if result.verification:

@@ -46,8 +46,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("specs", nargs="*", type=Path, metavar="SPEC.yaml", help="dataset spec file(s)")
     p.add_argument("-o", "--out", type=Path, default=None, metavar="OUT", help="corpus folder (required)")
     p.add_argument("--workers", type=positive_int, default=2, help="parallel processes (default 2)")
-    p.add_argument("--shard", type=_shard, default=None, metavar="i/n",
-                   help="curate cases i, i+n, i+2n ... (0 <= i < n)")
+    p.add_argument(
+        "--shard", type=_shard, default=None, metavar="i/n", help="curate cases i, i+n, i+2n ... (0 <= i < n)"
+    )
     p.add_argument("--merge-only", action="store_true", help="curate nothing; rebuild manifest/summary/errors")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run, resume_hint="rerun the same command to resume")
@@ -65,8 +66,12 @@ def run(args: argparse.Namespace) -> int:
     if args.merge_only and args.shard is not None:
         raise CLIError("--merge-only and --shard do not go together")
     report = prepare(
-        list(args.specs), args.out, workers=args.workers, shard=args.shard,
-        progress=not args.no_progress, merge_only=args.merge_only,
+        list(args.specs),
+        args.out,
+        workers=args.workers,
+        shard=args.shard,
+        progress=not args.no_progress,
+        merge_only=args.merge_only,
     )
     print(report.summary())
     return EXIT_OK if report.ok else EXIT_CASE_ERRORS
@@ -85,8 +90,12 @@ def _add_demo_parser(subparsers) -> None:
     p.add_argument("--cache", type=Path, default=None, help="download cache (default ~/.cache/medsam/sources)")
     p.add_argument("--workers", type=positive_int, default=2, help="parallel processes (default 2)")
     p.add_argument("--no-mricron", action="store_true", help="leave out Colin27 + AAL even when installed")
-    p.add_argument("--mricron-dir", type=Path, default=None,
-                   help="folder with ch2.nii.gz, aal.nii.gz, aal.nii.txt (default /usr/share/mricron/templates)")
+    p.add_argument(
+        "--mricron-dir",
+        type=Path,
+        default=None,
+        help="folder with ch2.nii.gz, aal.nii.gz, aal.nii.txt (default /usr/share/mricron/templates)",
+    )
     p.add_argument("--offline", action="store_true", help="use the cache only; never run pip download")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_demo, resume_hint="rerun the same command to resume")
@@ -99,8 +108,13 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.out is None:
         raise CLIError("give the corpus folder with -o OUT")
     report = build_demo_corpus(
-        args.out, cache_dir=args.cache, workers=args.workers, progress=not args.no_progress,
-        include_mricron=not args.no_mricron, mricron_dir=args.mricron_dir, offline=args.offline,
+        args.out,
+        cache_dir=args.cache,
+        workers=args.workers,
+        progress=not args.no_progress,
+        include_mricron=not args.no_mricron,
+        mricron_dir=args.mricron_dir,
+        offline=args.offline,
     )
     print(report.summary())
     print("labels of totalseg_ct / totalseg_mr are pseudo-labels (TotalSegmentator model outputs)")

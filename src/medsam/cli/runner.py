@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
-__all__ = ["CLIError", "run_command", "log", "EXIT_BAD_INPUT", "EXIT_UNEXPECTED"]
+__all__ = ["EXIT_BAD_INPUT", "EXIT_UNEXPECTED", "CLIError", "log", "run_command"]
 
 EXIT_BAD_INPUT = 2
 EXIT_UNEXPECTED = 1
@@ -48,8 +48,10 @@ def _error_line(exc: BaseException) -> str:
 
 def _format_warning(message, category, filename, lineno, file=None, line=None) -> None:
     text = str(message).strip()
-    print(f"medsam: warning: {text.splitlines()[0] if text else category.__name__}",
-          file=sys.stderr if file is None else file)
+    print(
+        f"medsam: warning: {text.splitlines()[0] if text else category.__name__}",
+        file=sys.stderr if file is None else file,
+    )
 
 
 def _signal_name(signum: int) -> str:
@@ -92,12 +94,13 @@ def run_command(func: Callable[[object], int | None], args: object) -> int:
     except ImportError as exc:
         if debug:
             raise
-        log(f"medsam: error: a package this command needs is missing ({_error_line(exc)}); "
-            "install the extra named in the command's --help")
+        log(
+            f"medsam: error: a package this command needs is missing ({_error_line(exc)}); "
+            "install the extra named in the command's --help"
+        )
         return EXIT_BAD_INPUT
-    except Exception as exc:  # noqa: BLE001 - a bug: still one line, the traceback on request
+    except Exception as exc:
         if debug:
             raise
-        log(f"medsam: error: unexpected {type(exc).__name__}: {_error_line(exc)} "
-            "(MEDSAM_DEBUG=1 shows the traceback)")
+        log(f"medsam: error: unexpected {type(exc).__name__}: {_error_line(exc)} (MEDSAM_DEBUG=1 shows the traceback)")
         return EXIT_UNEXPECTED

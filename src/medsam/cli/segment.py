@@ -21,29 +21,55 @@ def add_parser(sub) -> None:
         "A box that overhangs the image edge is clipped to it (with a warning).",
     )
     p.add_argument("input", help="PNG/JPEG/TIFF, DICOM file or series folder, NIfTI, NRRD, MHA, or .npz")
-    p.add_argument("--box", nargs="+", type=finite_float, action="append", default=[], metavar="COORD",
-                   help="a box prompt; repeat for several objects")
+    p.add_argument(
+        "--box",
+        nargs="+",
+        type=finite_float,
+        action="append",
+        default=[],
+        metavar="COORD",
+        help="a box prompt; repeat for several objects",
+    )
     p.add_argument("--slice", type=int, default=None, dest="key_slice", help="key slice for 2D boxes on a volume")
     p.add_argument("-o", "--output", required=True, help="mask file (format from the extension)")
     p.add_argument("--overlay", default=None, help="write an overlay picture (PNG)")
     p.add_argument("--scores", default=None, help="scores JSON (default: OUTPUT stem + .scores.json)")
     p.add_argument("--checkpoint", default=None, help="model weights (default: the embedded model)")
-    p.add_argument("--contract", choices=("medsam", "sam", "lite"), default=None,
-                   help="override the checkpoint's preprocessing contract")
+    p.add_argument(
+        "--contract",
+        choices=("medsam", "sam", "lite"),
+        default=None,
+        help="override the checkpoint's preprocessing contract",
+    )
     p.add_argument("--modality", default=None, help="CT, MR, PET, ... (intensity normalisation)")
-    p.add_argument("--window", type=ct_window, default=None,
-                   help="CT window: a name (soft_tissue, lung, brain, bone, liver) or LEVEL,WIDTH")
+    p.add_argument(
+        "--window",
+        type=ct_window,
+        default=None,
+        help="CT window: a name (soft_tissue, lung, brain, bone, liver) or LEVEL,WIDTH",
+    )
     p.add_argument("--series", default=None, help="DICOM SeriesInstanceUID when a folder holds several")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: automatic)")
-    p.add_argument("--iou-threshold", type=finite_float, default=None,
-                   help="volumes: stop propagation below this predicted IoU (default: 0.5 for 2D boxes "
-                        "with --slice; none inside a 3D box's slice range)")
-    p.add_argument("--zoom", type=finite_float, nargs="?", const=3.0, default=None, metavar="CONTEXT",
-                   help="segment small boxes on a crop CONTEXT x the box's longest side (default 3): "
-                        "in 2D images and on every slice of a volume where the propagated box is small "
-                        "(one extra embedding per such box and slice); see medsam.zoom. Without it: "
-                        "on (context 3) for 2D inputs with 256 px models such as the embedded one, "
-                        "off otherwise")
+    p.add_argument(
+        "--iou-threshold",
+        type=finite_float,
+        default=None,
+        help="volumes: stop propagation below this predicted IoU (default: 0.5 for 2D boxes "
+        "with --slice; none inside a 3D box's slice range)",
+    )
+    p.add_argument(
+        "--zoom",
+        type=finite_float,
+        nargs="?",
+        const=3.0,
+        default=None,
+        metavar="CONTEXT",
+        help="segment small boxes on a crop CONTEXT x the box's longest side (default 3): "
+        "in 2D images and on every slice of a volume where the propagated box is small "
+        "(one extra embedding per such box and slice); see medsam.zoom. Without it: "
+        "on (context 3) for 2D inputs with 256 px models such as the embedded one, "
+        "off otherwise",
+    )
     p.add_argument("--no-zoom", action="store_true", help="never zoom (not even the 256 px models' 2D default)")
     p.set_defaults(func=run)
 
@@ -89,9 +115,17 @@ def run(args: argparse.Namespace) -> int:
     from ..segment import SegmentOptions, segment_file
 
     options = SegmentOptions(
-        checkpoint=args.checkpoint, overlay_path=args.overlay, scores_path=args.scores, key_slice=args.key_slice,
-        modality=args.modality, window=args.window, device=args.device, contract=args.contract,
-        series_uid=args.series, iou_threshold=args.iou_threshold, zoom=zoom,
+        checkpoint=args.checkpoint,
+        overlay_path=args.overlay,
+        scores_path=args.scores,
+        key_slice=args.key_slice,
+        modality=args.modality,
+        window=args.window,
+        device=args.device,
+        contract=args.contract,
+        series_uid=args.series,
+        iou_threshold=args.iou_threshold,
+        zoom=zoom,
     )
     out = segment_file(args.input, args.output, args.box, options, log=log)
     print(f"wrote {out.mask_path}")

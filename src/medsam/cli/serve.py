@@ -20,7 +20,7 @@ import socket
 from .options import ct_window, finite_float
 from .runner import CLIError, log
 
-__all__ = ["add_parser", "run", "allowed_hosts"]
+__all__ = ["add_parser", "allowed_hosts", "run"]
 
 _LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 _WILDCARDS = ("0.0.0.0", "::")
@@ -40,20 +40,36 @@ def add_parser(subparsers) -> None:
     p.add_argument("--data", required=True, metavar="DIR", help="folder of images and volumes")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--token", default=None,
-                   help="require 'Authorization: Bearer TOKEN' (default: $MEDSAM_TOKEN if set)")
+    p.add_argument(
+        "--token", default=None, help="require 'Authorization: Bearer TOKEN' (default: $MEDSAM_TOKEN if set)"
+    )
     p.add_argument("--checkpoint", default=None, help="model weights (default: the embedded model)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: automatic)")
-    p.add_argument("--max-upload-mb", type=finite_float, default=512,
-                   help="largest accepted upload in MiB, as sent (default 512)")
-    p.add_argument("--max-image-mvox", type=finite_float, default=256,
-                   help="largest image an upload or a file of DIR may declare in its header, in millions "
-                        "of voxels (Mi); checked before decompressing (default 256)")
-    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
-                   help="extra Host header name to accept (e.g. the machine's DNS name); repeatable")
-    p.add_argument("--modality", default=None, help="model-input normalisation: CT, MR, PET, ... (default: from DICOM, else min-max)")
-    p.add_argument("--window", type=ct_window, default=None,
-                   help="CT window for the model input: a name or LEVEL,WIDTH")
+    p.add_argument(
+        "--max-upload-mb", type=finite_float, default=512, help="largest accepted upload in MiB, as sent (default 512)"
+    )
+    p.add_argument(
+        "--max-image-mvox",
+        type=finite_float,
+        default=256,
+        help="largest image an upload or a file of DIR may declare in its header, in millions "
+        "of voxels (Mi); checked before decompressing (default 256)",
+    )
+    p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="extra Host header name to accept (e.g. the machine's DNS name); repeatable",
+    )
+    p.add_argument(
+        "--modality",
+        default=None,
+        help="model-input normalisation: CT, MR, PET, ... (default: from DICOM, else min-max)",
+    )
+    p.add_argument(
+        "--window", type=ct_window, default=None, help="CT window for the model input: a name or LEVEL,WIDTH"
+    )
     p.set_defaults(func=run)
 
 
@@ -126,15 +142,22 @@ def run(args: argparse.Namespace) -> int:
 
         checkpoint = bundled_checkpoint()
     app = create_app(
-        args.data, model=model, token=token, checkpoint=checkpoint,
+        args.data,
+        model=model,
+        token=token,
+        checkpoint=checkpoint,
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
-        max_image_voxels=int(args.max_image_mvox * 1024 * 1024), allowed_hosts=hosts,
-        modality=args.modality, model_window=args.window,
+        max_image_voxels=int(args.max_image_mvox * 1024 * 1024),
+        allowed_hosts=hosts,
+        modality=args.modality,
+        model_window=args.window,
     )
     log(f"medsam workbench: http://{_shown_address(args.host, hosts)}:{args.port}/  (data: {args.data})")
     if args.host in _WILDCARDS:
-        log(f"medsam: warning: listening on every interface; requests must name the server as one of "
-            f"{', '.join(hosts)} (add names with --allow-host)")
+        log(
+            f"medsam: warning: listening on every interface; requests must name the server as one of "
+            f"{', '.join(hosts)} (add names with --allow-host)"
+        )
     if token:
         log("a bearer token is required; the page asks for it once per tab")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", server_header=False)

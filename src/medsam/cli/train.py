@@ -48,7 +48,9 @@ def _setup_logging() -> None:
     rank = int(os.environ.get("RANK", "0") or 0)
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s" if "RANK" in os.environ else "%(asctime)s %(levelname)s %(message)s",
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s"
+        if "RANK" in os.environ
+        else "%(asctime)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
 

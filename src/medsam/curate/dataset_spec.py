@@ -42,23 +42,24 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
 from .normalize import CT_WINDOWS, _canonical_modality
 
 __all__ = [
+    "SPLITS",
+    "CaseSource",
     "DatasetSpec",
     "SpecError",
-    "CaseSource",
-    "SPLITS",
-    "load_specs",
-    "nifti_label_names",
     "assign_splits",
     "case_id_of",
+    "load_specs",
+    "nifti_label_names",
 ]
 
 SPLITS = ("train", "val", "test")
@@ -175,9 +176,7 @@ class DatasetSpec:
 
         unknown = sorted(set(data) - set(_FIELDS) - {"spec_file"})
         if unknown:
-            raise SpecError(
-                f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; known: {', '.join(_FIELDS)}"
-            )
+            raise SpecError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; known: {', '.join(_FIELDS)}")
         for req in ("modality", "images", "labels"):
             if data.get(req) in (None, ""):
                 raise bad(req, "required")
@@ -416,12 +415,8 @@ class DatasetSpec:
         """
         images = self._entries("images", self.images, self.image_suffix)
         labels = self._entries("labels", self.labels, self.label_suffix)
-        cases = [
-            CaseSource(self.name, cid, images[cid], labels[cid]) for cid in sorted(set(images) & set(labels))
-        ]
-        problems = [
-            (cid, "no label matches this image", str(images[cid])) for cid in sorted(set(images) - set(labels))
-        ]
+        cases = [CaseSource(self.name, cid, images[cid], labels[cid]) for cid in sorted(set(images) & set(labels))]
+        problems = [(cid, "no label matches this image", str(images[cid])) for cid in sorted(set(images) - set(labels))]
         problems += [
             (cid, "no image matches this label", str(labels[cid])) for cid in sorted(set(labels) - set(images))
         ]
@@ -563,8 +558,7 @@ def assign_splits(
     missing = sorted(set(overrides) - set(ids))
     if missing:
         raise SpecError(
-            f"field 'split_overrides': case(s) {', '.join(map(repr, missing[:5]))} not among the "
-            f"{len(ids)} cases found"
+            f"field 'split_overrides': case(s) {', '.join(map(repr, missing[:5]))} not among the {len(ids)} cases found"
         )
     free = [c for c in ids if c not in overrides]
     n = len(free)
@@ -591,7 +585,7 @@ def nifti_label_names(path: str | Path) -> dict[int, str]:
 
     try:
         img = nib.load(str(path))
-    except Exception:  # noqa: BLE001 - not a NIfTI (or unreadable): no names
+    except Exception:
         return {}
     exts = getattr(img.header, "extensions", None) or []
     names: dict[int, str] = {}

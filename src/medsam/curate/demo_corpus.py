@@ -60,16 +60,16 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "NILEARN",
+    "TOTALSEGMENTATOR",
     "DemoSourceError",
+    "build_demo_corpus",
     "default_cache_dir",
-    "fetch_archive",
-    "extract_totalsegmentator",
     "extract_nilearn",
+    "extract_totalsegmentator",
+    "fetch_archive",
     "find_mricron",
     "stage_demo_sources",
-    "build_demo_corpus",
-    "TOTALSEGMENTATOR",
-    "NILEARN",
 ]
 
 DEMO_VERSION = "demo-v1"
@@ -187,8 +187,20 @@ def fetch_archive(src: ArchiveSource, cache_dir: str | Path | None = None, offli
         raise DemoSourceError(f"{target}: not in the cache (or corrupt) and offline mode is on")
     tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=cache))
     try:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
-               "--no-binary" if src.sdist else "--only-binary", ":all:", src.requirement, "-d", str(tmp)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-q",
+            "--no-binary" if src.sdist else "--only-binary",
+            ":all:",
+            src.requirement,
+            "-d",
+            str(tmp),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         got = tmp / src.filename
         if proc.returncode != 0 or not got.is_file():
@@ -232,7 +244,7 @@ def extract_totalsegmentator(cache_dir: str | Path | None = None, offline: bool 
         for m in tar.getmembers():
             if not m.isfile() or not m.name.startswith(TS_PREFIX):
                 continue
-            rel = m.name[len(TS_PREFIX):]
+            rel = m.name[len(TS_PREFIX) :]
             if rel in TS_MEMBERS or (rel.startswith(TS_DICOM_DIR + "/") and rel.count("/") == 1):
                 _write_member(tar.extractfile(m), root / rel)
     for rel, sha in TS_MEMBERS.items():
@@ -373,13 +385,20 @@ def stage_demo_sources(
     prov: dict[str, Any] = {
         "demo_version": DEMO_VERSION,
         "archives": {
-            s.filename: {"requirement": s.requirement, "sha256": s.sha256, "bytes": s.size, "license": s.license,
-                         "how": "pip download --no-deps " + ("--no-binary :all: " if s.sdist else "") + s.requirement}
+            s.filename: {
+                "requirement": s.requirement,
+                "sha256": s.sha256,
+                "bytes": s.size,
+                "license": s.license,
+                "how": "pip download --no-deps " + ("--no-binary :all: " if s.sdist else "") + s.requirement,
+            }
             for s in (TOTALSEGMENTATOR, NILEARN)
         },
-        "members": {**{TS_PREFIX + k: v for k, v in TS_MEMBERS.items()},
-                    TS_PREFIX + TS_DICOM_DIR + "/ (sha256 of its sha256sum listing)": TS_DICOM_DIGEST,
-                    **NILEARN_MEMBERS},
+        "members": {
+            **{TS_PREFIX + k: v for k, v in TS_MEMBERS.items()},
+            TS_PREFIX + TS_DICOM_DIR + "/ (sha256 of its sha256sum listing)": TS_DICOM_DIGEST,
+            **NILEARN_MEMBERS,
+        },
         "derived": {},
     }
     specs: list[Path] = []
@@ -398,48 +417,54 @@ def stage_demo_sources(
     ct_names = nifti_label_names(ts / "example_seg_fast_force_split.nii.gz")
     if len(ct_names) != 117:
         raise DemoSourceError(f"expected 117 TotalSegmentator class names, found {len(ct_names)}")
-    _write_yaml(d / "dataset.yaml", {
-        "name": "totalseg_ct",
-        "modality": "CT",
-        "images": "images",
-        "labels": "labels",
-        "window": "soft_tissue",
-        "label_names": ct_names,
-        "min_component_3d": 100,
-        "min_component_2d": 10,
-        "label_alignment": "reorient",
-        "split_overrides": {"example_ct": "train", "aorta_report_ct": "val", "example_ct_dicom": "test"},
-        "label_source": "pseudo",
-        "description": (
-            "TotalSegmentator 2.18.0 reference files: abdomen CT 3 mm (example_ct), thorax CT 1.5 mm "
-            "(aorta_report_ct, labels composed from per-structure masks), CT DICOM series 512x512 "
-            "(example_ct_dicom, held-out test). Labels are the TotalSegmentator model's outputs (pseudo-labels)."
-        ),
-        "source": f"PyPI {TOTALSEGMENTATOR.requirement} sdist, {TS_PREFIX}",
-        "license": "Apache-2.0",
-    })
+    _write_yaml(
+        d / "dataset.yaml",
+        {
+            "name": "totalseg_ct",
+            "modality": "CT",
+            "images": "images",
+            "labels": "labels",
+            "window": "soft_tissue",
+            "label_names": ct_names,
+            "min_component_3d": 100,
+            "min_component_2d": 10,
+            "label_alignment": "reorient",
+            "split_overrides": {"example_ct": "train", "aorta_report_ct": "val", "example_ct_dicom": "test"},
+            "label_source": "pseudo",
+            "description": (
+                "TotalSegmentator 2.18.0 reference files: abdomen CT 3 mm (example_ct), thorax CT 1.5 mm "
+                "(aorta_report_ct, labels composed from per-structure masks), CT DICOM series 512x512 "
+                "(example_ct_dicom, held-out test). Labels are the TotalSegmentator model's outputs (pseudo-labels)."
+            ),
+            "source": f"PyPI {TOTALSEGMENTATOR.requirement} sdist, {TS_PREFIX}",
+            "license": "Apache-2.0",
+        },
+    )
     specs.append(d / "dataset.yaml")
 
     # --- TotalSegmentator MR
     d = stage / "totalseg_mr"
     _copy(ts / "example_mr_sm.nii.gz", d / "images/example_mr_sm.nii.gz")
     _copy(ts / "example_seg_mr.nii.gz", d / "labels/example_mr_sm.nii.gz")
-    _write_yaml(d / "dataset.yaml", {
-        "name": "totalseg_mr",
-        "modality": "MR",
-        "images": "images",
-        "labels": "labels",
-        "label_names": nifti_label_names(ts / "example_seg_mr.nii.gz"),
-        "min_component_3d": 100,
-        "min_component_2d": 10,
-        "split_overrides": {"example_mr_sm": "train"},
-        "label_source": "pseudo",
-        "description": (
-            "TotalSegmentator 2.18.0 reference MR (abdomen, 3 mm); labels are model outputs (pseudo-labels)."
-        ),
-        "source": f"PyPI {TOTALSEGMENTATOR.requirement} sdist, {TS_PREFIX}",
-        "license": "Apache-2.0",
-    })
+    _write_yaml(
+        d / "dataset.yaml",
+        {
+            "name": "totalseg_mr",
+            "modality": "MR",
+            "images": "images",
+            "labels": "labels",
+            "label_names": nifti_label_names(ts / "example_seg_mr.nii.gz"),
+            "min_component_3d": 100,
+            "min_component_2d": 10,
+            "split_overrides": {"example_mr_sm": "train"},
+            "label_source": "pseudo",
+            "description": (
+                "TotalSegmentator 2.18.0 reference MR (abdomen, 3 mm); labels are model outputs (pseudo-labels)."
+            ),
+            "source": f"PyPI {TOTALSEGMENTATOR.requirement} sdist, {TS_PREFIX}",
+            "license": "Apache-2.0",
+        },
+    )
     specs.append(d / "dataset.yaml")
 
     # --- MNI152 tissue
@@ -447,23 +472,26 @@ def stage_demo_sources(
     prov["derived"]["mni152_tissue/labels/mni152_2009a.nii.gz"] = _mni_tissue_label(
         nl, d / "images/mni152_2009a.nii.gz", d / "labels/mni152_2009a.nii.gz"
     )
-    _write_yaml(d / "dataset.yaml", {
-        "name": "mni152_tissue",
-        "modality": "MR",
-        "images": "images",
-        "labels": "labels",
-        "label_names": {1: "grey_matter", 2: "white_matter"},
-        "split_overrides": {"mni152_2009a": "train"},
-        "label_source": "derived",
-        "description": (
-            "ICBM 2009a nonlinear symmetric MNI152 T1 template (1 mm) from the nilearn 0.14.1 wheel. "
-            f"Labels: 1 grey matter where gm >= {MNI_TISSUE_THRESHOLD}/255 (p >= 0.5) and gm >= wm, "
-            f"2 white matter where wm >= {MNI_TISSUE_THRESHOLD}/255 and wm > gm (thresholded template "
-            "probability maps, not a manual segmentation)."
-        ),
-        "source": f"PyPI {NILEARN.requirement} wheel, nilearn/datasets/data/",
-        "license": "BSD-3-Clause (nilearn); ICBM 2009a template terms of the MNI",
-    })
+    _write_yaml(
+        d / "dataset.yaml",
+        {
+            "name": "mni152_tissue",
+            "modality": "MR",
+            "images": "images",
+            "labels": "labels",
+            "label_names": {1: "grey_matter", 2: "white_matter"},
+            "split_overrides": {"mni152_2009a": "train"},
+            "label_source": "derived",
+            "description": (
+                "ICBM 2009a nonlinear symmetric MNI152 T1 template (1 mm) from the nilearn 0.14.1 wheel. "
+                f"Labels: 1 grey matter where gm >= {MNI_TISSUE_THRESHOLD}/255 (p >= 0.5) and gm >= wm, "
+                f"2 white matter where wm >= {MNI_TISSUE_THRESHOLD}/255 and wm > gm (thresholded template "
+                "probability maps, not a manual segmentation)."
+            ),
+            "source": f"PyPI {NILEARN.requirement} wheel, nilearn/datasets/data/",
+            "license": "BSD-3-Clause (nilearn); ICBM 2009a template terms of the MNI",
+        },
+    )
     specs.append(d / "dataset.yaml")
 
     # --- Colin27 + AAL (optional)
@@ -476,21 +504,24 @@ def stage_demo_sources(
             d = stage / "colin27_aal"
             _copy(folder / "ch2.nii.gz", d / "images/colin27.nii.gz")
             _copy(folder / "aal.nii.gz", d / "labels/colin27.nii.gz")
-            _write_yaml(d / "dataset.yaml", {
-                "name": "colin27_aal",
-                "modality": "MR",
-                "images": "images",
-                "labels": "labels",
-                "label_names": _aal_names(folder / "aal.nii.txt"),
-                "split_overrides": {"colin27": "test"},
-                "label_source": "atlas",
-                "description": (
-                    "Colin27 single-subject T1 (ch2, 1 mm) with the AAL atlas (116 regions) from Debian "
-                    "mricron-data; held-out test brain (a single subject, unlike the MNI152 average)."
-                ),
-                "source": f"Debian mricron-data, {folder}",
-                "license": "BSD-3-Clause (Debian copyright file of mricron-data)",
-            })
+            _write_yaml(
+                d / "dataset.yaml",
+                {
+                    "name": "colin27_aal",
+                    "modality": "MR",
+                    "images": "images",
+                    "labels": "labels",
+                    "label_names": _aal_names(folder / "aal.nii.txt"),
+                    "split_overrides": {"colin27": "test"},
+                    "label_source": "atlas",
+                    "description": (
+                        "Colin27 single-subject T1 (ch2, 1 mm) with the AAL atlas (116 regions) from Debian "
+                        "mricron-data; held-out test brain (a single subject, unlike the MNI152 average)."
+                    ),
+                    "source": f"Debian mricron-data, {folder}",
+                    "license": "BSD-3-Clause (Debian copyright file of mricron-data)",
+                },
+            )
             specs.append(d / "dataset.yaml")
             prov["mricron"] = {"folder": str(folder), "files": MRICRON_FILES}
     else:

@@ -9,7 +9,8 @@ splits a label into instances (MedSAM-1M's recipe, LiteMedSAM's limits as defaul
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -48,11 +49,7 @@ def align_label(image: MedicalImage, label: MedicalImage, mode: str = "strict") 
     m = inv @ a_img
     t = inv @ (np.asarray(image.origin) - np.asarray(label.origin))
     r = np.rint(m)
-    is_perm = (
-        np.allclose(m, r, atol=1e-3)
-        and np.all(np.abs(r).sum(axis=0) == 1)
-        and np.all(np.abs(r).sum(axis=1) == 1)
-    )
+    is_perm = np.allclose(m, r, atol=1e-3) and np.all(np.abs(r).sum(axis=0) == 1) and np.all(np.abs(r).sum(axis=1) == 1)
     if not is_perm or not np.allclose(t, np.rint(t), atol=1e-3):
         raise ValueError(f"{strict_error}; and the label grid is not a flip/permutation of the image grid")
     t = np.rint(t).astype(int)
@@ -62,9 +59,7 @@ def align_label(image: MedicalImage, label: MedicalImage, mode: str = "strict") 
     for d in range(g):
         n = size_i[d]
         if size_l[perm[d]] != n or t[perm[d]] != (0 if sign[d] > 0 else n - 1):
-            raise ValueError(
-                f"{strict_error}; and the label grid does not cover the image grid exactly"
-            )
+            raise ValueError(f"{strict_error}; and the label grid does not cover the image grid exactly")
     la = label.array.T  # (i, j[, k]) index order
     out = np.transpose(la, perm)
     for d in range(g):
@@ -81,9 +76,8 @@ def _as_label_array(lab: np.ndarray, extra_ids: int = 0) -> np.ndarray:
         lab = lab.astype(np.uint8)
     if not np.issubdtype(lab.dtype, np.number) or np.issubdtype(lab.dtype, np.complexfloating):
         raise ValueError(f"label array has dtype {lab.dtype}; need integers")
-    if np.issubdtype(lab.dtype, np.floating):
-        if not np.all(np.isfinite(lab)) or not np.all(lab == np.rint(lab)):
-            raise ValueError("label array holds non-integer values; labels must be integer ids")
+    if np.issubdtype(lab.dtype, np.floating) and (not np.all(np.isfinite(lab)) or not np.all(lab == np.rint(lab))):
+        raise ValueError("label array holds non-integer values; labels must be integer ids")
     lo = lab.min() if lab.size else 0
     hi = int(lab.max()) if lab.size else 0
     if lo < 0:
@@ -139,8 +133,8 @@ def curate_labels(
 
     counts = np.bincount(work.ravel())
     present = [int(i) for i in np.flatnonzero(counts) if i > 0]
-    keep = None if keep_labels is None else set(int(i) for i in keep_labels)
-    drop = set(int(i) for i in drop_labels)
+    keep = None if keep_labels is None else {int(i) for i in keep_labels}
+    drop = {int(i) for i in drop_labels}
     zero = [i for i in present if (keep is not None and i not in keep) or i in drop]
     if zero:
         work[np.isin(work, zero)] = 0
@@ -174,7 +168,7 @@ def curate_labels(
         top = max([int(work.max())] + list(names))
         next_id = top + 1
         struct = np.ones((3,) * work.ndim, dtype=bool)
-        for lid in sorted(set(int(i) for i in instance_labels)):
+        for lid in sorted({int(i) for i in instance_labels}):
             m = work == lid
             if not m.any():
                 continue

@@ -99,9 +99,7 @@ def _as_finite_float(array) -> np.ndarray:
     if arr.size and not np.all(np.isfinite(arr)):
         n_nan = int(np.isnan(arr).sum())
         n_inf = int(np.isinf(arr).sum())
-        raise ValueError(
-            f"input has {n_nan} NaN and {n_inf} infinite values; fix or mask them before normalising"
-        )
+        raise ValueError(f"input has {n_nan} NaN and {n_inf} infinite values; fix or mask them before normalising")
     return arr
 
 
@@ -205,9 +203,7 @@ def normalize_image(
             try:
                 level, width = (float(v) for v in window)
             except (TypeError, ValueError):
-                raise ValueError(
-                    f"window must be a name or a (level, width) pair, got {window!r}"
-                ) from None
+                raise ValueError(f"window must be a name or a (level, width) pair, got {window!r}") from None
         return window_ct(arr, level, width)
     if recipe == "color" and color:
         if arr.dtype == np.uint8:

@@ -33,9 +33,10 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -102,8 +103,7 @@ class PrepareReport:
             f"prepare{shard}: {self.n_processed} case(s) curated, {self.n_skipped} already done, "
             f"{self.n_failed} failed, in {self.seconds:.1f} s",
             f"corpus {self.out_dir}: {self.corpus_cases} cases, {self.corpus_slices} slices, "
-            f"{self.corpus_objects} objects; split "
-            + ", ".join(f"{k} {self.splits.get(k, 0)}" for k in SPLITS),
+            f"{self.corpus_objects} objects; split " + ", ".join(f"{k} {self.splits.get(k, 0)}" for k in SPLITS),
         ]
         for e in self.errors[:20]:
             lines.append(f"  error {e.dataset}/{e.case} [{e.stage}]: {e.error}")
@@ -237,10 +237,7 @@ def _curate_case(task: _CaseTask, stage: list[str]) -> dict[str, Any]:
         out,
         spec.name,
         task.case,
-        (
-            (s, norm(img_stack[s]) if not image.is_color else norm(None), lab_stack[s])
-            for s in kept
-        ),
+        ((s, norm(img_stack[s]) if not image.is_color else norm(None), lab_stack[s]) for s in kept),
         spacing,
         {
             "modality": spec.modality,
@@ -287,7 +284,7 @@ def _process_case(task: _CaseTask) -> dict[str, Any]:
     try:
         res = _curate_case(task, stage)
         return {"ok": True, "dataset": task.spec.name, "case": task.case, "max_rss_mb": _max_rss_mb(), **res}
-    except Exception as exc:  # noqa: BLE001 - a broken case must not stop the run
+    except Exception as exc:
         msg = " ".join(str(exc).split()) or type(exc).__name__
         return {
             "ok": False,
@@ -306,7 +303,7 @@ def _max_rss_mb() -> float:
 
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return round(rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024, 1)
-    except Exception:  # noqa: BLE001 - e.g. Windows
+    except Exception:
         return 0.0
 
 
@@ -325,7 +322,7 @@ def _worker_init(threads: int, main_pid: int) -> None:
         import SimpleITK as sitk
 
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, threads))
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass
 
 
@@ -439,8 +436,16 @@ def prepare(
                 )
             for c in cases:
                 tasks.append(
-                    _CaseTask(spec, c.case, str(c.image), str(c.label), str(out), split_maps[spec.name][c.case],
-                              digest, len(ids))
+                    _CaseTask(
+                        spec,
+                        c.case,
+                        str(c.image),
+                        str(c.label),
+                        str(out),
+                        split_maps[spec.name][c.case],
+                        digest,
+                        len(ids),
+                    )
                 )
         tasks.sort(key=lambda t: (t.spec.name, t.case))
         if shard is not None:
@@ -524,7 +529,9 @@ def _run_tasks(todo: list[_CaseTask], out: Path, workers: int, progress: bool, r
         methods = mp.get_all_start_methods()
         ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
         threads = max(1, (os.cpu_count() or 1) // n)
-        ex = ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_worker_init, initargs=(threads, os.getpid()))
+        ex = ProcessPoolExecutor(
+            max_workers=n, mp_context=ctx, initializer=_worker_init, initargs=(threads, os.getpid())
+        )
         try:
             futs = {ex.submit(_process_case, t): t for t in todo}
             for fut in as_completed(futs):
@@ -533,7 +540,7 @@ def _run_tasks(todo: list[_CaseTask], out: Path, workers: int, progress: bool, r
                     res = fut.result()
                 except BrokenProcessPool as exc:
                     res = {"ok": False, "stage": "worker", "error": f"worker process died ({exc}); rerun to resume"}
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     res = {"ok": False, "stage": "worker", "error": f"{type(exc).__name__}: {exc}"}
                 _record_result(res, t, out, report)
                 bar.update(1)

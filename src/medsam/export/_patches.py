@@ -25,9 +25,10 @@ So, during an export only, :func:`export_mode`:
 Both are undone when the block exits; the library's modules are not edited and their eager
 numerics are untouched. (:func:`medsam.compile.compile_model` installs the same traceable
 ``forward`` for ``torch.compile``, whose inductor backend trips over the ``out=`` buffer in the
-same way, and :func:`medsam.compile.uncompile_model` removes it.) Opset 18 has no attention operator, so the ONNX graph computes these very
-operations whichever way it is traced. Every export is checked numerically against eager PyTorch
-(:func:`medsam.export.onnx.export_onnx` with ``verify=True``), so a change of the eager attention
+same way, and :func:`medsam.compile.uncompile_model` removes it.) Opset 18 has no attention
+operator, so the ONNX graph computes these very operations whichever way it is traced. Every
+export is checked numerically against eager PyTorch (:func:`medsam.export.onnx.export_onnx` with
+``verify=True``), so a change of the eager attention
 (parameter layout, scaling) that the export path does not follow shows up as a verification error,
 not as a silently different model.
 """
@@ -38,7 +39,7 @@ import contextlib
 import math
 import threading
 import types
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F

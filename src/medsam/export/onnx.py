@@ -94,9 +94,7 @@ class ExportResult:
 
 # ----------------------------------------------------------------- wrappers
 def _decode(model: MedSAMModel, image_embeddings, sparse, dense):
-    masks, iou = model.mask_decoder.predict_masks(
-        image_embeddings, model.prompt_encoder.get_dense_pe(), sparse, dense
-    )
+    masks, iou = model.mask_decoder.predict_masks(image_embeddings, model.prompt_encoder.get_dense_pe(), sparse, dense)
     return masks[:, :1], iou[:, :1], masks[:, 1:], iou[:, 1:]
 
 
@@ -175,9 +173,16 @@ def _export_graph(module, args, path: Path, input_names, output_names, dynamic_s
         with warnings.catch_warnings(), export_mode(module), torch.no_grad():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                module, args, None, input_names=input_names, output_names=output_names,
-                opset_version=opset, dynamo=True, dynamic_shapes=dynamic_shapes,
-                optimize=True, verbose=False,
+                module,
+                args,
+                None,
+                input_names=input_names,
+                output_names=output_names,
+                opset_version=opset,
+                dynamo=True,
+                dynamic_shapes=dynamic_shapes,
+                optimize=True,
+                verbose=False,
             )
     except Exception as exc:
         raise ExportError(f"ONNX export of {path.name} failed: {type(exc).__name__}: {exc}") from exc
@@ -211,10 +216,10 @@ def quantize_int8(src: Path, dst: Path, per_channel: bool = True) -> Path:
     Convolutions stay fp32 (onnxruntime's ConvInteger is slower than its fp32 convolution on CPU).
     The ``medsam_contract`` metadata is carried over.
     """
+    import logging
+
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    import logging
 
     tmp = dst.with_name(dst.name + ".tmp")
     root = logging.getLogger()
@@ -224,8 +229,11 @@ def quantize_int8(src: Path, dst: Path, per_channel: bool = True) -> Path:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             quantize_dynamic(
-                str(src), str(tmp), op_types_to_quantize=["MatMul", "Gemm"],
-                per_channel=per_channel, weight_type=QuantType.QInt8,
+                str(src),
+                str(tmp),
+                op_types_to_quantize=["MatMul", "Gemm"],
+                per_channel=per_channel,
+                weight_type=QuantType.QInt8,
                 nodes_to_exclude=_batched_constant_matmuls(src),
             )
     finally:
@@ -254,15 +262,18 @@ def _batched_constant_matmuls(path: Path) -> list[str]:
                 if attr.name == "value":
                     dims[node.output[0]] = len(attr.t.dims)
     return [
-        node.name for node in model.graph.node
+        node.name
+        for node in model.graph.node
         if node.op_type == "MatMul" and any(dims.get(i, 2) != 2 for i in node.input[1:2])
     ]
 
 
 def _io_spec(session) -> dict[str, list]:
     def desc(values):
-        return [{"name": v.name, "shape": [d if isinstance(d, int) else str(d) for d in v.shape],
-                 "dtype": v.type} for v in values]
+        return [
+            {"name": v.name, "shape": [d if isinstance(d, int) else str(d) for d in v.shape], "dtype": v.type}
+            for v in values
+        ]
 
     return {"inputs": desc(session.get_inputs()), "outputs": desc(session.get_outputs())}
 
@@ -306,8 +317,7 @@ def export_onnx(
         import onnxscript  # noqa: F401
     except ImportError as exc:
         raise ImportError(
-            f"ONNX export needs onnx, onnxscript and onnxruntime ({exc.name} is missing): "
-            "pip install 'medsam[export]'"
+            f"ONNX export needs onnx, onnxscript and onnxruntime ({exc.name} is missing): pip install 'medsam[export]'"
         ) from None
     start = time.perf_counter()
     out = Path(out_dir).resolve()
@@ -345,25 +355,51 @@ def _export(model, out, opset, quantize, quantize_decoder, points_decoder, contr
     opsets = []
     with torch.no_grad():
         embedding = model.embed_image(image)
-    opsets.append(_export_graph(
-        EncoderGraph(model), (image,), paths["encoder"], ENCODER_INPUTS, ENCODER_OUTPUTS,
-        None, opset, spec_json,
-    ))
+    opsets.append(
+        _export_graph(
+            EncoderGraph(model),
+            (image,),
+            paths["encoder"],
+            ENCODER_INPUTS,
+            ENCODER_OUTPUTS,
+            None,
+            opset,
+            spec_json,
+        )
+    )
     box_args = (embedding, boxes, mask_input, has_mask)
-    opsets.append(_export_graph(
-        BoxDecoderGraph(model), box_args, paths["decoder"], BOX_DECODER_INPUTS, DECODER_OUTPUTS,
-        {"image_embeddings": None, "boxes": {0: N}, "mask_input": {0: N}, "has_mask_input": None},
-        opset, spec_json,
-    ))
+    opsets.append(
+        _export_graph(
+            BoxDecoderGraph(model),
+            box_args,
+            paths["decoder"],
+            BOX_DECODER_INPUTS,
+            DECODER_OUTPUTS,
+            {"image_embeddings": None, "boxes": {0: N}, "mask_input": {0: N}, "has_mask_input": None},
+            opset,
+            spec_json,
+        )
+    )
     point_args = (embedding, coords, labels, mask_input, has_mask)
     if points_decoder:
-        opsets.append(_export_graph(
-            PointDecoderGraph(model), point_args, paths["decoder_points"], POINT_DECODER_INPUTS,
-            DECODER_OUTPUTS,
-            {"image_embeddings": None, "point_coords": {0: N, 1: P}, "point_labels": {0: N, 1: P},
-             "mask_input": {0: N}, "has_mask_input": None},
-            opset, spec_json,
-        ))
+        opsets.append(
+            _export_graph(
+                PointDecoderGraph(model),
+                point_args,
+                paths["decoder_points"],
+                POINT_DECODER_INPUTS,
+                DECODER_OUTPUTS,
+                {
+                    "image_embeddings": None,
+                    "point_coords": {0: N, 1: P},
+                    "point_labels": {0: N, 1: P},
+                    "mask_input": {0: N},
+                    "has_mask_input": None,
+                },
+                opset,
+                spec_json,
+            )
+        )
     else:
         paths["decoder_points"].unlink(missing_ok=True)
     written_opset = max(opsets)
@@ -371,18 +407,20 @@ def _export(model, out, opset, quantize, quantize_decoder, points_decoder, contr
         warnings.warn(f"ONNX opset {opset} was requested; the exporter wrote opset {written_opset}", stacklevel=2)
 
     result = ExportResult(
-        out_dir=out, encoder=paths["encoder"], decoder=paths["decoder"],
-        decoder_points=paths["decoder_points"] if points_decoder else None, metadata=out / METADATA_FILE,
-        opset=written_opset, contract=spec,
+        out_dir=out,
+        encoder=paths["encoder"],
+        decoder=paths["decoder"],
+        decoder_points=paths["decoder_points"] if points_decoder else None,
+        metadata=out / METADATA_FILE,
+        opset=written_opset,
+        contract=spec,
     )
     if quantize == "int8":
         result.encoder_int8 = quantize_int8(paths["encoder"], out / "encoder.int8.onnx")
         if quantize_decoder:
             result.decoder_int8 = quantize_int8(paths["decoder"], out / "decoder.int8.onnx")
             if points_decoder:
-                result.decoder_points_int8 = quantize_int8(
-                    paths["decoder_points"], out / "decoder_points.int8.onnx"
-                )
+                result.decoder_points_int8 = quantize_int8(paths["decoder_points"], out / "decoder_points.int8.onnx")
     for stale in ("encoder", "decoder", "decoder_points"):  # int8 files of an earlier export
         if getattr(result, f"{stale}_int8") is None:
             (out / f"{stale}.int8.onnx").unlink(missing_ok=True)
@@ -390,15 +428,22 @@ def _export(model, out, opset, quantize, quantize_decoder, points_decoder, contr
     sessions = {}
     files: dict[str, Any] = {}
     for key, path in [
-        ("encoder", result.encoder), ("decoder", result.decoder), ("decoder_points", result.decoder_points),
-        ("encoder_int8", result.encoder_int8), ("decoder_int8", result.decoder_int8),
+        ("encoder", result.encoder),
+        ("decoder", result.decoder),
+        ("decoder_points", result.decoder_points),
+        ("encoder_int8", result.encoder_int8),
+        ("decoder_int8", result.decoder_int8),
         ("decoder_points_int8", result.decoder_points_int8),
     ]:
         if path is None:
             continue
         sessions[key] = _ort_session(path)
-        files[key] = {"path": path.name, "sha256": _sha256(path), "bytes": path.stat().st_size,
-                      **_io_spec(sessions[key])}
+        files[key] = {
+            "path": path.name,
+            "sha256": _sha256(path),
+            "bytes": path.stat().st_size,
+            **_io_spec(sessions[key]),
+        }
 
     if verify:
         result.verification = _verify(model, sessions, image, embedding, box_args, point_args)
@@ -429,7 +474,9 @@ def _export(model, out, opset, quantize, quantize_decoder, points_decoder, contr
             "outputs": "low_res_logits (N, 1, L, L), iou_predictions (N, 1); multimask_logits "
             "(N, 3, L, L), multimask_iou (N, 3)",
         },
-        "quantization": None if quantize is None else {
+        "quantization": None
+        if quantize is None
+        else {
             "type": "onnxruntime.quantization.quantize_dynamic",
             "weights": "int8 (QInt8), per channel",
             "op_types": ["MatMul", "Gemm"],

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,8 +67,10 @@ def pack_point_prompts(
         parts_l.append(np.full((n, 1), -1.0, np.float32))
     if not parts_c:
         return np.zeros((n, 0, 2), np.float32), np.zeros((n, 0), np.float32)
-    return (np.ascontiguousarray(np.concatenate(parts_c, axis=1)),
-            np.ascontiguousarray(np.concatenate(parts_l, axis=1)))
+    return (
+        np.ascontiguousarray(np.concatenate(parts_c, axis=1)),
+        np.ascontiguousarray(np.concatenate(parts_l, axis=1)),
+    )
 
 
 def _session(path: Path, threads: int | None, providers: Sequence[str] | None):
@@ -194,7 +197,8 @@ class OnnxPredictor(Predictor):
         L = self.model.prompt_encoder.mask_input_size[0]
         feeds: dict[str, np.ndarray] = {
             "image_embeddings": np.ascontiguousarray(self.embedding.cpu().numpy(), dtype=np.float32),
-            "mask_input": np.zeros((n, 1, L, L), np.float32) if mask_t is None
+            "mask_input": np.zeros((n, 1, L, L), np.float32)
+            if mask_t is None
             else np.ascontiguousarray(mask_t.numpy(), dtype=np.float32),
             "has_mask_input": np.array([0.0 if mask_t is None else 1.0], np.float32),
         }

@@ -12,9 +12,16 @@ from typing import Any
 
 # Imported on first use, so that `medsam.io.formats` or a PNG read does not load SimpleITK/pydicom.
 _LAZY = {
-    "SeriesInfo": "dicom", "list_dicom_series": "dicom", "write_dicom_seg": "dicom_seg",
-    "ImageReadError": "errors", "MedicalImage": "image", "check_same_geometry": "image",
-    "NpzCase": "npz", "read_npz_case": "npz", "write_npz_segs": "npz", "read_image": "readers",
+    "SeriesInfo": "dicom",
+    "list_dicom_series": "dicom",
+    "write_dicom_seg": "dicom_seg",
+    "ImageReadError": "errors",
+    "MedicalImage": "image",
+    "check_same_geometry": "image",
+    "NpzCase": "npz",
+    "read_npz_case": "npz",
+    "write_npz_segs": "npz",
+    "read_image": "readers",
     "write_mask": "writers",
 }
 

@@ -11,11 +11,12 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
-__all__ = ["atomic_output", "write_text", "write_json", "write_csv"]
+__all__ = ["atomic_output", "write_csv", "write_json", "write_text"]
 
 
 @contextmanager
@@ -81,11 +82,10 @@ def write_csv(
         return value
 
     path = Path(path)
-    with atomic_output(path) as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh, lineterminator="\n")
-            writer.writerow(columns)
-            for row in rows:
-                values = [row.get(c) for c in columns] if isinstance(row, Mapping) else list(row)
-                writer.writerow([cell(v) for v in values])
+    with atomic_output(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(columns)
+        for row in rows:
+            values = [row.get(c) for c in columns] if isinstance(row, Mapping) else list(row)
+            writer.writerow([cell(v) for v in values])
     return path

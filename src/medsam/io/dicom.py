@@ -22,7 +22,7 @@ from ._sitk import from_sitk, short_reason
 from .errors import ImageReadError
 from .image import MedicalImage
 
-__all__ = ["SeriesInfo", "list_dicom_series", "read_dicom_series", "read_dicom_file", "is_dicom_file"]
+__all__ = ["SeriesInfo", "is_dicom_file", "list_dicom_series", "read_dicom_file", "read_dicom_series"]
 
 
 @dataclass(frozen=True)
@@ -92,8 +92,7 @@ def list_dicom_series(folder: str | Path) -> list[SeriesInfo]:
 
 def _describe(infos: list[SeriesInfo]) -> str:
     return "; ".join(
-        f"{i.series_uid} ({i.modality or '?'}, {i.description or 'no description'!r}, "
-        f"{i.n_slices} slices)"
+        f"{i.series_uid} ({i.modality or '?'}, {i.description or 'no description'!r}, {i.n_slices} slices)"
         for i in infos
     )
 
@@ -150,16 +149,13 @@ def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Medi
     if series_uid is None:
         if len(infos) > 1:
             raise ImageReadError(
-                f"{folder}: contains {len(infos)} DICOM series, pass series_uid= to choose one: "
-                + _describe(infos)
+                f"{folder}: contains {len(infos)} DICOM series, pass series_uid= to choose one: " + _describe(infos)
             )
         info = infos[0]
     else:
         matches = [i for i in infos if i.series_uid == series_uid]
         if not matches:
-            raise ImageReadError(
-                f"{folder}: no series with SeriesInstanceUID {series_uid}; found: " + _describe(infos)
-            )
+            raise ImageReadError(f"{folder}: no series with SeriesInstanceUID {series_uid}; found: " + _describe(infos))
         info = matches[0]
     if len(info.files) == 1:
         image = read_dicom_file(info.files[0])

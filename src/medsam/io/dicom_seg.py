@@ -34,7 +34,7 @@ def _medsam_version() -> str:
         from importlib.metadata import version
 
         return version("medsam")
-    except Exception:  # noqa: BLE001 - not installed as a distribution
+    except Exception:
         try:
             from medsam import __version__
 
@@ -94,9 +94,7 @@ def write_dicom_seg(
             if keyword not in ds:
                 setattr(ds, keyword, "")
     if len(sources) != frames.shape[0] and not (len(sources) == 1 and frames.shape[0] > 1):
-        raise ValueError(
-            f"mask has {frames.shape[0]} slices but the image references {len(sources)} files"
-        )
+        raise ValueError(f"mask has {frames.shape[0]} slices but the image references {len(sources)} files")
     names = dict(segment_labels or {})
     algorithm = hd.AlgorithmIdentificationSequence(
         name="MedSAM", family=codes.DCM.ArtificialIntelligence, version=_medsam_version()

@@ -23,7 +23,7 @@ from pathlib import Path
 from .errors import ImageReadError
 from .formats import format_of
 
-__all__ = ["DeclaredSize", "ImageTooLarge", "declared_size", "check_declared_size"]
+__all__ = ["DeclaredSize", "ImageTooLarge", "check_declared_size", "declared_size"]
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def declared_size(path: str | Path) -> DeclaredSize:
         return _dicom(path)
     except ImageReadError:
         raise
-    except Exception as exc:  # noqa: BLE001 - any header problem is a read error
+    except Exception as exc:
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise ImageReadError(f"{path}: cannot read the image header ({reason})") from None
 

@@ -101,12 +101,8 @@ class MedicalImage:
     def __post_init__(self) -> None:
         self.array = np.asarray(self.array)
         self.is_color = bool(self.is_color)
-        if self.is_color:
-            if self.array.ndim != 3 or self.array.shape[-1] not in (3, 4):
-                raise ValueError(
-                    "a colour image must be (H, W, 3) or (H, W, 4), "
-                    f"got array shape {self.array.shape}"
-                )
+        if self.is_color and (self.array.ndim != 3 or self.array.shape[-1] not in (3, 4)):
+            raise ValueError(f"a colour image must be (H, W, 3) or (H, W, 4), got array shape {self.array.shape}")
         nd = self.ndim_spatial
         if nd not in (2, 3):
             raise ValueError(
@@ -117,10 +113,7 @@ class MedicalImage:
         self.origin = _as_float_tuple(self.origin, "origin")
         g = len(self.spacing)
         if g not in (2, 3) or g < nd:
-            raise ValueError(
-                f"spacing has {g} values but the array has {nd} spatial axes "
-                f"(shape {self.array.shape})"
-            )
+            raise ValueError(f"spacing has {g} values but the array has {nd} spatial axes (shape {self.array.shape})")
         if len(self.origin) != g:
             raise ValueError(f"origin has {len(self.origin)} values, spacing has {g}")
         if any(s <= 0 for s in self.spacing):
@@ -215,10 +208,7 @@ class MedicalImage:
         array = np.asarray(array)
         spatial = array.shape[:-1] if is_color else array.shape
         if tuple(spatial) != self.spatial_shape:
-            raise ValueError(
-                f"array spatial shape {tuple(spatial)} does not match the image's "
-                f"{self.spatial_shape}"
-            )
+            raise ValueError(f"array spatial shape {tuple(spatial)} does not match the image's {self.spatial_shape}")
         return replace(self, array=array, is_color=is_color)
 
     def __repr__(self) -> str:  # compact, without dumping the array
@@ -248,9 +238,6 @@ def check_same_geometry(a: MedicalImage, b: MedicalImage, atol: float = 1e-4) ->
         if not np.allclose(a.origin, b.origin, rtol=0, atol=atol):
             problems.append(f"origin {a.origin} vs {b.origin}")
         if not np.allclose(a.direction, b.direction, rtol=0, atol=atol):
-            problems.append(
-                f"direction {np.round(a.direction, 6).tolist()} vs "
-                f"{np.round(b.direction, 6).tolist()}"
-            )
+            problems.append(f"direction {np.round(a.direction, 6).tolist()} vs {np.round(b.direction, 6).tolist()}")
     if problems:
         raise ValueError("images do not share the same geometry: " + "; ".join(problems))

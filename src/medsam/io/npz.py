@@ -118,8 +118,11 @@ def read_npz_case(path: str | Path) -> NpzCase:
             boxes = boxes.reshape(1, width)
         if boxes.ndim != 2 or boxes.shape[1] != width:
             layout = "[x0, y0, z0, x1, y1, z1]" if is_volume else "[x0, y0, x1, y1]"
-            raise _bad(path, f"boxes must be (N, {width}) {layout} for a "
-                             f"{'3D' if is_volume else '2D'} case, got shape {boxes.shape}")
+            raise _bad(
+                path,
+                f"boxes must be (N, {width}) {layout} for a "
+                f"{'3D' if is_volume else '2D'} case, got shape {boxes.shape}",
+            )
         if not np.issubdtype(boxes.dtype, np.number) or not np.all(np.isfinite(boxes)):
             raise _bad(path, "boxes must be finite numbers")
         half = width // 2

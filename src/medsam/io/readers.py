@@ -68,9 +68,7 @@ def read_image(path: str | Path, series_uid: str | None = None) -> MedicalImage:
 
         image = read_dicom_file(path)
         if series_uid is not None and image.series_uid != series_uid:
-            raise ImageReadError(
-                f"{path}: file belongs to series {image.series_uid}, not {series_uid}"
-            )
+            raise ImageReadError(f"{path}: file belongs to series {image.series_uid}, not {series_uid}")
         return image
     if series_uid is not None:
         raise ValueError(f"{path}: series_uid is only meaningful for DICOM input")
@@ -81,9 +79,7 @@ def read_image(path: str | Path, series_uid: str | None = None) -> MedicalImage:
     if fmt == "tiff":
         return _read_tiff(path)
     if fmt == "npz":
-        raise ImageReadError(
-            f"{path}: .npz challenge files hold images and prompts; use medsam.io.read_npz_case"
-        )
+        raise ImageReadError(f"{path}: .npz challenge files hold images and prompts; use medsam.io.read_npz_case")
     raise ImageReadError(
         f"{path}: unknown image format; supported: {known_suffixes()}, DICOM files and DICOM series folders"
     )
@@ -116,10 +112,11 @@ def _check_nifti_complete(path: Path) -> None:
 
     try:
         header = nib.load(str(path)).header
-        expected = int(header.get_data_offset()) + int(
-            np.prod(header.get_data_shape(), dtype=np.int64)
-        ) * header.get_data_dtype().itemsize
-    except Exception as exc:  # noqa: BLE001 - any header problem is a read error
+        expected = (
+            int(header.get_data_offset())
+            + int(np.prod(header.get_data_shape(), dtype=np.int64)) * header.get_data_dtype().itemsize
+        )
+    except Exception as exc:
         raise ImageReadError(f"{path}: cannot parse the NIfTI header ({exc})") from exc
     if path.name.lower().endswith(".gz"):
         got = 0
@@ -132,9 +129,7 @@ def _check_nifti_complete(path: Path) -> None:
     else:
         got = path.stat().st_size
     if got < expected:
-        raise ImageReadError(
-            f"{path}: truncated NIfTI file, {got} bytes of data where the header needs {expected}"
-        )
+        raise ImageReadError(f"{path}: truncated NIfTI file, {got} bytes of data where the header needs {expected}")
 
 
 def _unit_geometry(ndim_spatial: int, spacing=None) -> dict:
@@ -217,8 +212,11 @@ def _read_tiff(path: Path) -> MedicalImage:
             arr = series.asarray()
             axes = series.axes
             photometric = tf.pages[0].photometric
-            is_rgb = "S" in axes and arr.shape[-1] in (3, 4) and photometric is not None and (
-                photometric.name in ("RGB", "YCBCR")
+            is_rgb = (
+                "S" in axes
+                and arr.shape[-1] in (3, 4)
+                and photometric is not None
+                and (photometric.name in ("RGB", "YCBCR"))
             )
             if photometric is not None and photometric.name == "PALETTE":
                 raise ImageReadError(f"{path}: palette TIFFs are not supported; convert to RGB")

@@ -19,8 +19,7 @@ def _label_array(mask, like: MedicalImage) -> np.ndarray:
         mask = mask.astype(np.uint8)
     if not np.issubdtype(mask.dtype, np.integer):
         raise ValueError(
-            f"mask must be an integer (or bool) label array, got dtype {mask.dtype}; "
-            "threshold or round it first"
+            f"mask must be an integer (or bool) label array, got dtype {mask.dtype}; threshold or round it first"
         )
     if tuple(mask.shape) != like.spatial_shape:
         raise ValueError(
@@ -51,7 +50,7 @@ def _write_nifti_like_source(labels: np.ndarray, like: MedicalImage, path: Path)
         header = source.header.copy()
         shape = tuple(int(d) for d in header.get_data_shape())
         zooms = tuple(float(z) for z in header.get_zooms())
-    except Exception:  # noqa: BLE001 - no usable source header: write through SimpleITK
+    except Exception:
         return False
     voxels = labels.T  # array order (z, y, x) is the file's (i, j, k) reversed
     if int(np.prod(shape)) != labels.size or tuple(d for d in shape if d != 1) != tuple(

@@ -3,4 +3,4 @@
 from .registry import CONFIGS, ModelConfig, build_model
 from .sam import DecoderOutput, MedSAMModel
 
-__all__ = ["CONFIGS", "ModelConfig", "build_model", "DecoderOutput", "MedSAMModel"]
+__all__ = ["CONFIGS", "DecoderOutput", "MedSAMModel", "ModelConfig", "build_model"]

@@ -47,7 +47,7 @@ UPSCALE_TOKENS = 1024
 _gelu_ = torch.ops.aten.gelu_
 
 
-def _self_attention(layer: "TwoWayAttentionBlock", queries: torch.Tensor, query_pe: torch.Tensor) -> torch.Tensor:
+def _self_attention(layer: TwoWayAttentionBlock, queries: torch.Tensor, query_pe: torch.Tensor) -> torch.Tensor:
     """The prompt-token part at the start of a two-way block (self-attention, norm1)."""
     if layer.skip_first_layer_pe:
         queries = layer.self_attn(queries, queries, queries)
@@ -85,7 +85,7 @@ def _layer_norm_into(x: torch.Tensor, norm, out: torch.Tensor) -> None:
 
 
 def _update_keys(
-    layer: "TwoWayAttentionBlock",
+    layer: TwoWayAttentionBlock,
     keys: torch.Tensor,
     k: torch.Tensor,
     key_pe: torch.Tensor,
@@ -131,7 +131,7 @@ def _update_keys(
 
 
 def transformer(
-    tf: "TwoWayTransformer",
+    tf: TwoWayTransformer,
     keys: torch.Tensor,
     k: torch.Tensor,
     key_pe: torch.Tensor,
@@ -187,7 +187,7 @@ def transformer(
 
 
 def upscale_and_project(
-    decoder: "MaskDecoder",
+    decoder: MaskDecoder,
     tokens: torch.Tensor,
     hyper_in: torch.Tensor,
     h: int,
@@ -197,7 +197,7 @@ def upscale_and_project(
     """:meth:`MaskDecoder._upscale_and_project` per block of token rows: tokens (B, h*w, C),
     hyper_in (B, M, C/8) -> (B, M, 4h, 4w) logits (into ``out`` when given)."""
     conv1, norm, act1, conv2, act2 = decoder.output_upscaling
-    B, n, C = tokens.shape
+    B, _n, C = tokens.shape
     M = hyper_in.shape[1]
     c1, c2 = conv1.out_channels, conv2.out_channels
     w1 = conv1.weight.permute(0, 2, 3, 1).reshape(C, 4 * c1)  # (C_in, (dy, dx, o))
@@ -212,7 +212,9 @@ def upscale_and_project(
             r = min(rows, h - r0)
             x = torch.addmm(b1, tokens[bi, r0 * w : (r0 + r) * w], w1).view(-1, c1)
             x = _gelu_(F.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps), approximate=act1.approximate)
-            x = _gelu_(torch.addmm(b2, x, w2), approximate=act2.approximate)  # rows (token, dy, dx), columns (ey, ex, o2)
+            x = _gelu_(
+                torch.addmm(b2, x, w2), approximate=act2.approximate
+            )  # rows (token, dy, dx), columns (ey, ex, o2)
             m = torch.mm(x.view(-1, c2), hyper)  # rows (y, x, dy, dx, ey, ex)
             # token (y, x), first block (dy, dx), second block (ey, ex) -> pixel (4y+2dy+ey, 4x+2dx+ex)
             m = m.view(r, w, 2, 2, 2, 2, M).permute(6, 0, 2, 4, 1, 3, 5)

@@ -61,6 +61,7 @@ ATTN_TOKENS = 2048
 
 _gelu_ = torch.ops.aten.gelu_
 
+
 def _expand_gelu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """GELU(x @ w.T + b) for 2-D x and w (out, in) (a 1x1 convolution on tokens): fused, a new
     tensor (one pass; measured faster than the product into a kept buffer and GELU in place
@@ -80,7 +81,7 @@ def _depthwise_gelu(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride, p
     return _gelu_(F.conv2d(h, w, b, stride, padding, 1, groups))
 
 
-def applicable(model: "TinyViT", x: torch.Tensor) -> bool:
+def applicable(model: TinyViT, x: torch.Tensor) -> bool:
     """Whether :func:`encode` / :func:`stages` may replace the module-by-module forward for ``x``."""
     if not x.is_floating_point() or not eager_cpu_inference(x):
         return False
@@ -92,7 +93,7 @@ def applicable(model: "TinyViT", x: torch.Tensor) -> bool:
     )
 
 
-def _matrix(conv: "Conv2dBN") -> tuple[torch.Tensor, torch.Tensor]:
+def _matrix(conv: Conv2dBN) -> tuple[torch.Tensor, torch.Tensor]:
     """A 1x1 Conv2dBN as (C_in, C_out) matrix and bias."""
     w, b = conv.folded()
     return w.reshape(w.shape[0], -1).t(), b
@@ -104,9 +105,9 @@ def _rows_per_tile(row_bytes: int, stride: int = 1, budget: int | None = None) -
 
 def conv_block(
     x: torch.Tensor,
-    conv1: "Conv2dBN",
-    conv2: "Conv2dBN",
-    conv3: "Conv2dBN",
+    conv1: Conv2dBN,
+    conv2: Conv2dBN,
+    conv3: Conv2dBN,
     residual: bool,
     act_out: bool,
     ws: Scratch,
@@ -145,7 +146,9 @@ def conv_block(
             # of its output computed against a slab edge inside the image are dropped (j0, t).
             lo = max(a * s - q * s, 0)
             hi = min((a + t - 1) * s - p + k, H)
-            h = _expand_gelu(xb[lo:hi].view(-1, cin), w1_oi, b1, ws.buffer("tinyvit.hidden", ((hi - lo) * W, hidden), x))
+            h = _expand_gelu(
+                xb[lo:hi].view(-1, cin), w1_oi, b1, ws.buffer("tinyvit.hidden", ((hi - lo) * W, hidden), x)
+            )
             d = _depthwise_gelu(h.view(1, hi - lo, W, hidden).permute(0, 3, 1, 2), w2, b2, (s, sw), (p, pw))
             j0 = (a * s - lo) // s
             d = d[0, :, j0 : j0 + t].permute(1, 2, 0).reshape(t * wo, hidden)  # a view: channels-last
@@ -179,7 +182,7 @@ def patch_embed(x: torch.Tensor, seq, out: torch.Tensor | None = None) -> torch.
     return out
 
 
-def transformer_block(blk: "TinyViTBlock", x: torch.Tensor, out: torch.Tensor, ws: Scratch) -> torch.Tensor:
+def transformer_block(blk: TinyViTBlock, x: torch.Tensor, out: torch.Tensor, ws: Scratch) -> torch.Tensor:
     """One TinyViT block: x (B, H, W, C) contiguous (updated in place by the attention) ->
     ``out`` (same shape, must not overlap x)."""
     B, H, W, C = x.shape
@@ -249,7 +252,7 @@ def transformer_block(blk: "TinyViTBlock", x: torch.Tensor, out: torch.Tensor, w
     return out
 
 
-def forward_stages(model: "TinyViT", x: torch.Tensor, ws: Scratch) -> torch.Tensor:
+def forward_stages(model: TinyViT, x: torch.Tensor, ws: Scratch) -> torch.Tensor:
     """:meth:`TinyViT.forward_stages` in tiles: (B, C, H, W) -> tokens (B, H/4, W/4, C_last).
 
     The stages' activations alternate between two scratch buffers; so does the result, which the
@@ -276,13 +279,13 @@ def forward_stages(model: "TinyViT", x: torch.Tensor, ws: Scratch) -> torch.Tens
     return t
 
 
-def stages(model: "TinyViT", x: torch.Tensor) -> torch.Tensor:
+def stages(model: TinyViT, x: torch.Tensor) -> torch.Tensor:
     """:meth:`TinyViT.forward_stages` for :func:`applicable` inputs (a new tensor)."""
     with scratch() as ws:
         return forward_stages(model, x, ws).clone()
 
 
-def encode(model: "TinyViT", x: torch.Tensor) -> torch.Tensor:
+def encode(model: TinyViT, x: torch.Tensor) -> torch.Tensor:
     """:meth:`TinyViT.forward` for :func:`applicable` inputs (a new tensor)."""
     with scratch() as ws:
         return neck(model.neck, forward_stages(model, x, ws), ws)

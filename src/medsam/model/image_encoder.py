@@ -23,11 +23,11 @@ docs/performance.md for the measurements that chose each step.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from . import _onednn
 from ._workspace import Scratch, scratch
@@ -116,7 +116,9 @@ def attention_with_rel_pos_cpu(
                 m = (r1 - r0) * W
                 scores = buffer[:m]
                 torch.add(
-                    rel_h[b, h, r0:r1].unsqueeze(-1), rel_w[b, h, r0:r1].unsqueeze(-2), out=scores.view(r1 - r0, W, H, W)
+                    rel_h[b, h, r0:r1].unsqueeze(-1),
+                    rel_w[b, h, r0:r1].unsqueeze(-2),
+                    out=scores.view(r1 - r0, W, H, W),
                 )
                 scores.addmm_(q[b, h, r0 * W : r1 * W], kt, alpha=scale)
                 torch.ops.aten._softmax.out(scores, -1, False, out=scores)
@@ -173,7 +175,7 @@ def _rel_pos_per_row(
     """Per-axis bias terms for queries q (B, heads, n, hd) on an (H, W) grid: rel_h
     (B, heads, y, x, ky) = <q_yx, Rh[y, ky]> and rel_w (B, heads, y, x, kx) = <q_yx, Rw[x, kx]>
     (permuted views), as two batched products (batch = y, resp. x)."""
-    B, heads, n, hd = q.shape
+    B, heads, _n, hd = q.shape
     H, W = grid
     rh = relative_position_table(H, H, rel_pos_h)  # (H, H, hd)
     rw = relative_position_table(W, W, rel_pos_w)  # (W, W, hd)
@@ -291,13 +293,9 @@ class Attention(nn.Module):
         ph, pw = products
         Lh, Lw = 2 * H - 1, 2 * W - 1
         # element (b, h, y, x, ky) of rel_h = ph[h, b * n + y * W + x, (H - 1) - y + ky]
-        rel_h = ph.as_strided(
-            (B, heads, H, W, H), (n * Lh, B * n * Lh, W * Lh - 1, Lh, 1), ph.storage_offset() + H - 1
-        )
+        rel_h = ph.as_strided((B, heads, H, W, H), (n * Lh, B * n * Lh, W * Lh - 1, Lh, 1), ph.storage_offset() + H - 1)
         # element (b, h, y, x, kx) of rel_w = pw[h, b * n + y * W + x, (W - 1) - x + kx]
-        rel_w = pw.as_strided(
-            (B, heads, H, W, W), (n * Lw, B * n * Lw, W * Lw, Lw - 1, 1), pw.storage_offset() + W - 1
-        )
+        rel_w = pw.as_strided((B, heads, H, W, W), (n * Lw, B * n * Lw, W * Lw, Lw - 1, 1), pw.storage_offset() + W - 1)
         return rel_h, rel_w
 
 
@@ -442,8 +440,11 @@ class Block(nn.Module):
         mlp = self.mlp
         lin1, lin2 = mlp.lin1, mlp.lin2
         if not (
-            type(lin1) is nn.Linear and type(lin2) is nn.Linear and type(mlp.act) is nn.GELU
-            and lin1.bias is not None and lin2.bias is not None
+            type(lin1) is nn.Linear
+            and type(lin2) is nn.Linear
+            and type(mlp.act) is nn.GELU
+            and lin1.bias is not None
+            and lin2.bias is not None
         ):
             return self._mlp_in_place(x)
         flat = x.view(-1, x.shape[-1])

@@ -7,9 +7,11 @@ and predicted IoU (B, M), M = 1 (token 0) or 3 (tokens 1..3, ``multimask_output=
 
 from __future__ import annotations
 
+import itertools
+
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from . import _decoder_inference as fast
 from ._workspace import scratch
@@ -32,7 +34,7 @@ class MLP(nn.Module):
     def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
         super().__init__()
         dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(dims))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
@@ -66,12 +68,9 @@ class MaskDecoder(nn.Module):
             nn.GELU(),
         )
         self.output_hypernetworks_mlps = nn.ModuleList(
-            MLP(transformer_dim, transformer_dim, transformer_dim // 8, 3)
-            for _ in range(self.num_mask_tokens)
+            MLP(transformer_dim, transformer_dim, transformer_dim // 8, 3) for _ in range(self.num_mask_tokens)
         )
-        self.iou_prediction_head = MLP(
-            transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth
-        )
+        self.iou_prediction_head = MLP(transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth)
 
     def forward(
         self,
@@ -117,13 +116,10 @@ class MaskDecoder(nn.Module):
         b = sparse_prompt_embeddings.shape[0]
         if image_embeddings.shape[0] not in (1, b):
             raise ValueError(
-                f"{image_embeddings.shape[0]} image embeddings for {b} prompts: "
-                "give one embedding, or one per prompt"
+                f"{image_embeddings.shape[0]} image embeddings for {b} prompts: give one embedding, or one per prompt"
             )
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
-        tokens = torch.cat(
-            [output_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings], dim=1
-        )
+        tokens = torch.cat([output_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings], dim=1)
         # Without a mask prompt the dense embedding is one vector broadcast over the prompts;
         # then the image tokens are shared (batch 1) until the first image->token update.
         dense = dense_prompt_embeddings
@@ -156,13 +152,9 @@ class MaskDecoder(nn.Module):
         """(B, M, C/8) hypernetwork outputs of the wanted mask tokens (transformer output hs)."""
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
         wanted = range(self.num_mask_tokens)[mask_tokens]
-        return torch.stack(
-            [self.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in wanted], dim=1
-        )
+        return torch.stack([self.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in wanted], dim=1)
 
-    def _upscale_and_project(
-        self, tokens: torch.Tensor, hyper_in: torch.Tensor, h: int, w: int
-    ) -> torch.Tensor:
+    def _upscale_and_project(self, tokens: torch.Tensor, hyper_in: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """``output_upscaling`` followed by the hypernetwork dot product, as matrix products.
 
         A 2x2 stride-2 transposed convolution maps each input pixel to its own 2x2 output block,

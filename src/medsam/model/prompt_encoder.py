@@ -25,9 +25,7 @@ class PositionEmbeddingRandom(nn.Module):
     def __init__(self, num_pos_feats: int = 128, scale: float | None = None) -> None:
         super().__init__()
         scale = 1.0 if scale is None or scale <= 0.0 else scale
-        self.register_buffer(
-            "positional_encoding_gaussian_matrix", scale * torch.randn((2, num_pos_feats))
-        )
+        self.register_buffer("positional_encoding_gaussian_matrix", scale * torch.randn((2, num_pos_feats)))
 
     def _encode(self, coords: torch.Tensor) -> torch.Tensor:
         """coords in [0, 1], shape (..., 2) as (x, y) -> (..., D)."""
@@ -125,9 +123,9 @@ class PromptEncoder(nn.Module):
         masks: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Args:
-            points: ((B, N, 2) coordinates (x, y), (B, N) labels 1 = foreground, 0 = background).
-            boxes: (B, 4) or (B, 1, 4) boxes [x0, y0, x1, y1].
-            masks: (B, 1, 4E, 4E) low-resolution mask logits.
+        points: ((B, N, 2) coordinates (x, y), (B, N) labels 1 = foreground, 0 = background).
+        boxes: (B, 4) or (B, 1, 4) boxes [x0, y0, x1, y1].
+        masks: (B, 1, 4E, 4E) low-resolution mask logits.
         """
         if points is not None:
             bs = points[0].shape[0]

@@ -43,7 +43,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelConfig":
+    def from_dict(cls, data: dict) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -55,22 +55,45 @@ class ModelConfig:
 CONFIGS: dict[str, ModelConfig] = {
     "vit_b": ModelConfig("vit_b"),
     "vit_l": ModelConfig(
-        "vit_l", embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23),
+        "vit_l",
+        embed_dim=1024,
+        depth=24,
+        num_heads=16,
+        global_attn_indexes=(5, 11, 17, 23),
         default_contract="sam",
     ),
     "vit_h": ModelConfig(
-        "vit_h", embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31),
+        "vit_h",
+        embed_dim=1280,
+        depth=32,
+        num_heads=16,
+        global_attn_indexes=(7, 15, 23, 31),
         default_contract="sam",
     ),
     # LiteMedSAM: TinyViT at 256 px giving a 64 x 64 embedding.
     "lite": ModelConfig(
-        "lite", encoder="tiny_vit", img_size=256, patch_size=4, embed_dim=320, depth=0,
-        num_heads=0, global_attn_indexes=(), window_size=0, default_contract="lite",
+        "lite",
+        encoder="tiny_vit",
+        img_size=256,
+        patch_size=4,
+        embed_dim=320,
+        depth=0,
+        num_heads=0,
+        global_attn_indexes=(),
+        window_size=0,
+        default_contract="lite",
     ),
     # A small ViT for fast tests and CPU experiments: 256 px input, 16 x 16 embedding.
     "vit_tiny": ModelConfig(
-        "vit_tiny", img_size=256, embed_dim=96, depth=4, num_heads=3, global_attn_indexes=(1, 3),
-        window_size=7, embedding_size=16, default_contract="medsam",
+        "vit_tiny",
+        img_size=256,
+        embed_dim=96,
+        depth=4,
+        num_heads=3,
+        global_attn_indexes=(1, 3),
+        window_size=7,
+        embedding_size=16,
+        default_contract="medsam",
     ),
 }
 

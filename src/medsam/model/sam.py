@@ -41,7 +41,7 @@ class MedSAMModel(nn.Module):
         image_encoder: nn.Module,
         prompt_encoder: PromptEncoder,
         mask_decoder: MaskDecoder,
-        config: "ModelConfig",
+        config: ModelConfig,
         contract: str,
     ) -> None:
         super().__init__()
@@ -80,7 +80,7 @@ class MedSAMModel(nn.Module):
         for module in low.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 continue
-            for name, param in module.named_parameters(recurse=False):
+            for param in module.parameters(recurse=False):
                 param.data = param.data.to(dtype)
             for name, buf in module.named_buffers(recurse=False):
                 if buf.is_floating_point():

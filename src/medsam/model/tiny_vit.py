@@ -75,7 +75,7 @@ within 1e-5 in float32 (see tests/test_tiny_vit.py).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +84,7 @@ from torch import nn
 from medsam.model import _tiny_vit_inference as tiled
 from medsam.model.common import LayerNorm2d
 
-__all__ = ["TinyViT", "Conv2dBN", "MBConv", "PatchMerging", "Attention", "TinyViTBlock", "attention_bias_index"]
+__all__ = ["Attention", "Conv2dBN", "MBConv", "PatchMerging", "TinyViT", "TinyViTBlock", "attention_bias_index"]
 
 
 def _drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:

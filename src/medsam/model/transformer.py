@@ -7,8 +7,8 @@ Shapes: image embedding (B, C, h, w), its positional encoding (B or 1, C, h, w),
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from .common import MLPBlock
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["create_app", "ServerSettings"]
+__all__ = ["ServerSettings", "create_app"]
 
 
 def __getattr__(name: str) -> Any:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..io.atomic import atomic_output
 
-__all__ = ["UncertaintyStore", "rank_images", "METHOD"]
+__all__ = ["METHOD", "UncertaintyStore", "rank_images"]
 
 METHOD = (
     "box-jitter disagreement: 1 - mean IoU between the masks of a central box (middle half of the "
@@ -55,9 +55,14 @@ def rank_images(ids: list[str], status: dict[str, str], scores: dict[str, dict])
 
     def row(i: str) -> dict:
         s = scores.get(i, {})
-        return {"image_id": i, "status": status[i], "uncertainty": s.get("uncertainty"),
-                "agreement": s.get("agreement"), "predicted_iou": s.get("predicted_iou"),
-                "slice_index": s.get("slice_index")}
+        return {
+            "image_id": i,
+            "status": status[i],
+            "uncertainty": s.get("uncertainty"),
+            "agreement": s.get("agreement"),
+            "predicted_iou": s.get("predicted_iou"),
+            "slice_index": s.get("slice_index"),
+        }
 
     rows = [row(i) for i in ids]
 

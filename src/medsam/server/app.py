@@ -26,7 +26,8 @@ from .datastore import UPLOAD_SUFFIXES, Datastore
 from .engine import SegmentationEngine
 from .jobs import JobManager
 from .labels import LabelStore
-from .routers import embeddings, images, jobs, labels, next as next_router, propagate, segment, train
+from .routers import embeddings, images, jobs, labels, propagate, segment, train
+from .routers import next as next_router
 from .schemas import ServerInfo
 from .security import TokenAndHostMiddleware
 from .settings import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_VOXELS, DEFAULT_MAX_UPLOAD_BYTES, ServerSettings
@@ -102,11 +103,19 @@ def create_app(
 
         ckpt = bundled_checkpoint()
     settings = ServerSettings(
-        data_dir=root, token=token, max_upload_bytes=int(max_upload_bytes),
-        max_image_voxels=int(max_image_voxels), max_image_bytes=int(max_image_bytes),
-        allowed_hosts=tuple(allowed_hosts) if allowed_hosts else ServerSettings.__dataclass_fields__["allowed_hosts"].default,
-        modality=modality, model_window=model_window, checkpoint=ckpt,
-        images_in_memory=images_in_memory, embeddings_in_memory=embeddings_in_memory,
+        data_dir=root,
+        token=token,
+        max_upload_bytes=int(max_upload_bytes),
+        max_image_voxels=int(max_image_voxels),
+        max_image_bytes=int(max_image_bytes),
+        allowed_hosts=tuple(allowed_hosts)
+        if allowed_hosts
+        else ServerSettings.__dataclass_fields__["allowed_hosts"].default,
+        modality=modality,
+        model_window=model_window,
+        checkpoint=ckpt,
+        images_in_memory=images_in_memory,
+        embeddings_in_memory=embeddings_in_memory,
     )
     if model is None:
         chosen = checkpoint
@@ -160,9 +169,14 @@ def create_app(
     def info(wb: WorkbenchDep) -> ServerInfo:
         stats = wb.engine.stats()
         return ServerInfo(
-            name="medsam-workbench", version=__version__, model=wb.engine.model_info(),
-            token_required=wb.settings.token is not None, max_upload_bytes=wb.settings.max_upload_bytes,
-            upload_suffixes=list(UPLOAD_SUFFIXES), encoder_calls=stats["encoder_calls"], cache_hits=stats["cache_hits"],
+            name="medsam-workbench",
+            version=__version__,
+            model=wb.engine.model_info(),
+            token_required=wb.settings.token is not None,
+            max_upload_bytes=wb.settings.max_upload_bytes,
+            upload_suffixes=list(UPLOAD_SUFFIXES),
+            encoder_calls=stats["encoder_calls"],
+            cache_hits=stats["cache_hits"],
         )
 
     static = _static_dir()
@@ -182,6 +196,10 @@ def create_app(
         return response
 
     # Outermost: Host allow-list and token, before anything else runs.
-    app.add_middleware(TokenAndHostMiddleware, token=token, allowed_hosts=settings.allowed_hosts,
-                       max_body_bytes=settings.max_upload_bytes + (1 << 20))  # uploads meet their own limit first
+    app.add_middleware(
+        TokenAndHostMiddleware,
+        token=token,
+        allowed_hosts=settings.allowed_hosts,
+        max_body_bytes=settings.max_upload_bytes + (1 << 20),
+    )  # uploads meet their own limit first
     return app

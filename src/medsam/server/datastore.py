@@ -21,9 +21,9 @@ import shutil
 import tempfile
 import threading
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import AsyncIterator
 
 import numpy as np
 
@@ -33,7 +33,7 @@ from ..io.header import ImageTooLarge, check_declared_size
 from .security import UnsafePathError, resolve_inside, safe_relative_path
 from .settings import STATE_DIR, ServerSettings
 
-__all__ = ["Datastore", "LoadedImage", "ImageNotFound", "UploadRefused", "UPLOAD_SUFFIXES"]
+__all__ = ["UPLOAD_SUFFIXES", "Datastore", "ImageNotFound", "LoadedImage", "UploadRefused"]
 
 _DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 _IMAGE_FORMATS = {"nifti", "nrrd", "metaimage", "dicom", "png", "jpeg", "bmp", "tiff"}

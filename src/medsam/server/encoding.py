@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-__all__ = ["rle_encode", "rle_decode", "png_bytes", "window_to_uint8", "window_presets"]
+__all__ = ["png_bytes", "rle_decode", "rle_encode", "window_presets", "window_to_uint8"]
 
 
 def rle_encode(array: np.ndarray) -> tuple[list[int], list[int]]:

@@ -29,9 +29,10 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,7 +41,7 @@ from ..cpu_threads import adapt as adapt_threads
 from ..embedding_cache import EmbeddingCache, embedding_id, model_fingerprint, slice_key
 from .datastore import LoadedImage
 
-__all__ = ["SegmentationEngine", "SegmentOutcome", "PromptRefused"]
+__all__ = ["PromptRefused", "SegmentOutcome", "SegmentationEngine"]
 
 _MAX_HANDLES = 128
 _CROPS_IN_MEMORY = 8  # embeddings of zoomed crops kept (memory only)
@@ -204,10 +205,16 @@ class SegmentationEngine:
                 pred.set_image(image)
                 self.encoder_calls += 1
                 if window is None:
-                    self.cache.put(key, pred.embedding, {
-                        "model": self.embedding_fingerprint(), "contract": pred.contract.name,
-                        "input_size": pred.contract.input_size, "shape": str(list(image.shape)),
-                    })
+                    self.cache.put(
+                        key,
+                        pred.embedding,
+                        {
+                            "model": self.embedding_fingerprint(),
+                            "contract": pred.contract.name,
+                            "input_size": pred.contract.input_size,
+                            "shape": str(list(image.shape)),
+                        },
+                    )
                 source = "computed"
             if remember:
                 lru[key] = pred.embedding
@@ -216,8 +223,13 @@ class SegmentationEngine:
         self._current_key = key
         return source
 
-    def warm(self, loaded: LoadedImage, slices: list[int], progress: Callable[[int, int], None],
-             cancelled: Callable[[], bool]) -> dict:
+    def warm(
+        self,
+        loaded: LoadedImage,
+        slices: list[int],
+        progress: Callable[[int, int], None],
+        cancelled: Callable[[], bool],
+    ) -> dict:
         """Embed ``slices`` into the disk cache (the lock is released between slices, so
         interactive requests interleave). Returns counts by source."""
         counts = {"computed": 0, "disk": 0, "memory": 0}
@@ -331,8 +343,15 @@ class SegmentationEngine:
         elapsed = (time.perf_counter() - t0) * 1e3
         return SegmentOutcome(whole(main), float(score), handle, source, elapsed, window, proposals)
 
-    def propagate(self, loaded: LoadedImage, box: tuple[int, int, int, int], key_slice: int,
-                  iou_threshold: float, box_margin: int, progress: Callable[[int, int], None]):
+    def propagate(
+        self,
+        loaded: LoadedImage,
+        box: tuple[int, int, int, int],
+        key_slice: int,
+        iou_threshold: float,
+        box_margin: int,
+        progress: Callable[[int, int], None],
+    ):
         """:func:`medsam.volume.segment_volume` from a 2D box on ``key_slice``; returns its result
         and the :meth:`model_info` of the model that made it (for provenance: the served model may
         change while the volume propagates).
@@ -353,8 +372,13 @@ class SegmentationEngine:
         predictor = Predictor(served.model)
         adapt_threads(background=True)  # this job's thread leaves a core to interactive prompts
         result = segment_volume(
-            predictor, loaded.model_input, [Box2D(x0, y0, x1, y1, slice=int(key_slice))],
-            iou_threshold=iou_threshold, box_margin=box_margin, cache=self.cache, progress=progress,
+            predictor,
+            loaded.model_input,
+            [Box2D(x0, y0, x1, y1, slice=int(key_slice))],
+            iou_threshold=iou_threshold,
+            box_margin=box_margin,
+            cache=self.cache,
+            progress=progress,
         )
         with self.lock:
             self.encoder_calls += result.embeddings_computed

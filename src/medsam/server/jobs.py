@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
 
 from .labels import now_iso
 
-__all__ = ["Job", "JobManager", "JobFailed"]
+__all__ = ["Job", "JobFailed", "JobManager"]
 
 _KEEP_FINISHED = 200
 
@@ -52,9 +52,17 @@ class Job:
 
     def info(self) -> dict:
         return {
-            "id": self.id, "kind": self.kind, "image_id": self.image_id, "status": self.status,
-            "done": self.done, "total": self.total, "message": self.message, "error": self.error,
-            "error_status": self.error_status, "result": self.result, "created": self.created,
+            "id": self.id,
+            "kind": self.kind,
+            "image_id": self.image_id,
+            "status": self.status,
+            "done": self.done,
+            "total": self.total,
+            "message": self.message,
+            "error": self.error,
+            "error_status": self.error_status,
+            "result": self.result,
+            "created": self.created,
             "finished": self.finished,
         }
 

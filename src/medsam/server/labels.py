@@ -37,10 +37,10 @@ import hashlib
 import json
 import os
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -48,7 +48,7 @@ from ..io import MedicalImage, read_image, write_mask
 from ..io.atomic import atomic_output
 from ..overlay import PALETTE
 
-__all__ = ["LabelStore", "LabelRecord", "VersionConflict", "default_definitions", "now_iso"]
+__all__ = ["LabelRecord", "LabelStore", "VersionConflict", "default_definitions", "now_iso"]
 
 SIDECAR_FORMAT = 1
 LAYOUT_VERSION = 2

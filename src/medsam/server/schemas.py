@@ -15,12 +15,42 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from .training_job import DEFAULT_LR, DEFAULT_STEPS, MAX_LR, MAX_STEPS
 
 __all__ = [
-    "Box", "XY", "Point", "Stroke", "RLEMask", "ImageSummary", "ImageList", "ImageMeta", "UploadResult",
-    "JobInfo", "EmbeddingRequest", "EmbeddingStatus", "SegmentRequest", "Candidate", "SegmentResponse",
-    "LabelDef", "PromptRecord", "EditRecord", "EditProvenance", "LabelInfo", "SliceLabels",
-    "SliceLabelWrite", "LabelMapWrite", "LabelMap", "PropagateRequest", "UncertaintyRequest",
-    "RankedImage", "NextResponse", "ServerInfo", "TrainRequest", "HeldoutScores", "ObjectScore",
-    "TrainJobStatus", "ModelEntry", "ModelList", "SelectModelRequest",
+    "XY",
+    "Box",
+    "Candidate",
+    "EditProvenance",
+    "EditRecord",
+    "EmbeddingRequest",
+    "EmbeddingStatus",
+    "HeldoutScores",
+    "ImageList",
+    "ImageMeta",
+    "ImageSummary",
+    "JobInfo",
+    "LabelDef",
+    "LabelInfo",
+    "LabelMap",
+    "LabelMapWrite",
+    "ModelEntry",
+    "ModelList",
+    "NextResponse",
+    "ObjectScore",
+    "Point",
+    "PromptRecord",
+    "PropagateRequest",
+    "RLEMask",
+    "RankedImage",
+    "SegmentRequest",
+    "SegmentResponse",
+    "SelectModelRequest",
+    "ServerInfo",
+    "SliceLabelWrite",
+    "SliceLabels",
+    "Stroke",
+    "TrainJobStatus",
+    "TrainRequest",
+    "UncertaintyRequest",
+    "UploadResult",
 ]
 
 LabelStatus = Literal["unlabelled", "labelled"]
@@ -59,8 +89,13 @@ class Box(_Model):
     @classmethod
     def __get_pydantic_json_schema__(cls, core_schema, handler):
         schema = handler(core_schema)
-        as_list = {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4,
-                   "description": "[x0, y0, x1, y1]"}
+        as_list = {
+            "type": "array",
+            "items": {"type": "number"},
+            "minItems": 4,
+            "maxItems": 4,
+            "description": "[x0, y0, x1, y1]",
+        }
         if handler.mode == "validation":  # what a request may send; answers always use the object
             return {"anyOf": [schema, as_list], "description": schema.get("description")}
         return schema
@@ -354,7 +389,9 @@ class TrainRequest(_Model):
     """
 
     mode: TrainMode = Field(default="decoder", description="'decoder' (default) or 'lora'")
-    steps: int = Field(default=DEFAULT_STEPS, ge=1, le=MAX_STEPS, description="optimiser steps (batches of up to 4 objects)")
+    steps: int = Field(
+        default=DEFAULT_STEPS, ge=1, le=MAX_STEPS, description="optimiser steps (batches of up to 4 objects)"
+    )
     lr: float = Field(default=DEFAULT_LR, gt=0.0, le=MAX_LR, description="AdamW learning rate, cosine decay to 0")
 
 
@@ -383,7 +420,9 @@ class TrainJobStatus(_Model):
 
     id: str
     state: Literal["queued", "running", "done", "failed", "cancelled"]
-    phase: str = Field(description="queued, corpus, scoring before, training, exporting, scoring after, switching, finished")
+    phase: str = Field(
+        description="queued, corpus, scoring before, training, exporting, scoring after, switching, finished"
+    )
     mode: TrainMode
     steps: int
     lr: float

@@ -20,12 +20,12 @@ import hmac
 from pathlib import Path, PurePosixPath
 
 __all__ = [
-    "UnsafePathError",
-    "safe_relative_path",
-    "resolve_inside",
-    "token_matches",
-    "TokenAndHostMiddleware",
     "PUBLIC_PATHS",
+    "TokenAndHostMiddleware",
+    "UnsafePathError",
+    "resolve_inside",
+    "safe_relative_path",
+    "token_matches",
 ]
 
 # The page shell carries no data; everything else needs the token when one is set.
@@ -90,7 +90,9 @@ class TokenAndHostMiddleware:
     paths (401), and a cap on request bodies (413 from ``Content-Length``; a body streamed past
     the cap is cut off, which aborts the request)."""
 
-    def __init__(self, app, token: str | None, allowed_hosts: tuple[str, ...], max_body_bytes: int | None = None) -> None:
+    def __init__(
+        self, app, token: str | None, allowed_hosts: tuple[str, ...], max_body_bytes: int | None = None
+    ) -> None:
         self.app = app
         self.token = token
         self.allowed = {h.lower() for h in allowed_hosts}

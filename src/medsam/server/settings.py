@@ -6,7 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
-    "ServerSettings", "DEFAULT_MAX_UPLOAD_BYTES", "DEFAULT_MAX_IMAGE_VOXELS", "DEFAULT_MAX_IMAGE_BYTES", "STATE_DIR",
+    "DEFAULT_MAX_IMAGE_BYTES",
+    "DEFAULT_MAX_IMAGE_VOXELS",
+    "DEFAULT_MAX_UPLOAD_BYTES",
+    "STATE_DIR",
+    "ServerSettings",
 ]
 
 DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024 * 1024

@@ -66,9 +66,10 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -78,20 +79,20 @@ from .labels import LabelStore, now_iso
 from .security import UnsafePathError, resolve_inside, safe_relative_path
 
 __all__ = [
+    "DEFAULT_STEPS",
+    "HOLDOUT_FRACTION",
+    "MAX_STEPS",
+    "MIN_ACCEPTED_IMAGES",
+    "STARTUP_MODEL_ID",
+    "TrainingJob",
     "TrainingManager",
     "TrainingRefused",
-    "TrainingJob",
     "holdout_fraction_of",
-    "split_images",
-    "write_accepted_corpus",
-    "score_heldout",
-    "summarize_scores",
     "restore_encoder",
-    "HOLDOUT_FRACTION",
-    "MIN_ACCEPTED_IMAGES",
-    "DEFAULT_STEPS",
-    "MAX_STEPS",
-    "STARTUP_MODEL_ID",
+    "score_heldout",
+    "split_images",
+    "summarize_scores",
+    "write_accepted_corpus",
 ]
 
 HOLDOUT_FRACTION = 0.2
@@ -107,12 +108,28 @@ DATASET = "workbench"
 TRAIN_SPLIT, HELDOUT_SPLIT = "train", "test"
 _JOB_ID_RE = re.compile(r"^[0-9a-f]{12}$")
 _LOG_LINES = 200
-_ENV_DROP = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-             "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+_ENV_DROP = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "TORCHELASTIC_RUN_ID",
+)
 # Overall progress: where each phase starts and ends (the page shows one bar).
-_PHASES = {"queued": (0.0, 0.0), "corpus": (0.0, 0.05), "scoring before": (0.05, 0.15),
-           "training": (0.15, 0.85), "exporting": (0.85, 0.88), "scoring after": (0.88, 0.98),
-           "switching": (0.98, 1.0), "finished": (1.0, 1.0)}
+_PHASES = {
+    "queued": (0.0, 0.0),
+    "corpus": (0.0, 0.05),
+    "scoring before": (0.05, 0.15),
+    "training": (0.15, 0.85),
+    "exporting": (0.85, 0.88),
+    "scoring after": (0.88, 0.98),
+    "switching": (0.98, 1.0),
+    "finished": (1.0, 1.0),
+}
 
 
 class TrainingRefused(Exception):
@@ -214,7 +231,11 @@ def read_accepted_label(labels: LabelStore, image_id: str, like) -> tuple[dict, 
 
 
 def write_accepted_corpus(
-    datastore, labels: LabelStore, image_ids: list[str], folder: Path, modality: str | None = None,
+    datastore,
+    labels: LabelStore,
+    image_ids: list[str],
+    folder: Path,
+    modality: str | None = None,
     cancelled: Callable[[], bool] = lambda: False,
 ) -> CorpusInfo:
     """Write the accepted labels of ``image_ids`` as a corpus in ``folder`` (module docstring).
@@ -243,7 +264,9 @@ def write_accepted_corpus(
     if len(usable) < MIN_ACCEPTED_IMAGES:
         raise _JobError(
             f"need accepted labels on at least {MIN_ACCEPTED_IMAGES} images (one to train on, one held out "
-            f"to score), found {len(usable)} with a labelled pixel", 422)
+            f"to score), found {len(usable)} with a labelled pixel",
+            422,
+        )
     train, held = split_images(list(usable))
     heldout = set(held)
     folder.mkdir(parents=True, exist_ok=True)
@@ -259,18 +282,30 @@ def write_accepted_corpus(
         present = sorted(int(v) for v in np.unique(planes[kept]) if v)
         case = _case_name(image_id)
         written = write_case(
-            folder, DATASET, case,
+            folder,
+            DATASET,
+            case,
             ((k, loaded.model_slice(k), planes[k]) for k in kept),
             list(image.spacing_zyx)[-2:],
             {
                 "modality": image.modality or modality or "unknown",
                 "label_source": "manual (workbench)",
-                "source": {"image_id": image_id, "label_file": rec.get("label_file"),
-                           "label_version": rec.version, "label_sha256": rec.get("label_sha256")},
-                "geometry": {"shape": list(image.spatial_shape), "is_color": image.is_color,
-                             "spacing_zyx": list(image.spacing_zyx), "source_format": image.source_format},
-                "normalization": {"recipe": "workbench model input (medsam.segment.to_model_input)",
-                                  "modality": modality},
+                "source": {
+                    "image_id": image_id,
+                    "label_file": rec.get("label_file"),
+                    "label_version": rec.version,
+                    "label_sha256": rec.get("label_sha256"),
+                },
+                "geometry": {
+                    "shape": list(image.spatial_shape),
+                    "is_color": image.is_color,
+                    "spacing_zyx": list(image.spacing_zyx),
+                    "source_format": image.source_format,
+                },
+                "normalization": {
+                    "recipe": "workbench model input (medsam.segment.to_model_input)",
+                    "modality": modality,
+                },
                 "label_names": {str(v): names.get(v, f"label {v}") for v in present},
                 "split": split,
             },
@@ -278,14 +313,28 @@ def write_accepted_corpus(
         counts[split] += int(written["n_objects"])
         slice_counts[split] += int(written["n_slices"])
         case_to_image[case] = image_id
-    index_corpus(folder, [{
-        "name": DATASET, "modality": "mixed", "images": str(datastore.root), "labels": str(labels.dir),
-        "label_source": "manual (workbench)", "split": {"train": 1 - HOLDOUT_FRACTION, "val": 0.0,
-                                                        "test": HOLDOUT_FRACTION},
-        "description": "accepted labels of the MedSAM workbench; split by a hash of the image id",
-    }])
+    index_corpus(
+        folder,
+        [
+            {
+                "name": DATASET,
+                "modality": "mixed",
+                "images": str(datastore.root),
+                "labels": str(labels.dir),
+                "label_source": "manual (workbench)",
+                "split": {"train": 1 - HOLDOUT_FRACTION, "val": 0.0, "test": HOLDOUT_FRACTION},
+                "description": "accepted labels of the MedSAM workbench; split by a hash of the image id",
+            }
+        ],
+    )
     return CorpusInfo(
-        folder, train, held, counts[TRAIN_SPLIT], counts[HELDOUT_SPLIT], case_to_image, skipped,
+        folder,
+        train,
+        held,
+        counts[TRAIN_SPLIT],
+        counts[HELDOUT_SPLIT],
+        case_to_image,
+        skipped,
         slice_counts[TRAIN_SPLIT],
     )
 
@@ -304,17 +353,23 @@ def _box_of(mask: np.ndarray) -> list[float]:
     return [x0, y0, x1, y1]
 
 
-def score_heldout(model, corpus: Path, cache=None, cancelled: Callable[[], bool] = lambda: False,
-                  max_slices: int = MAX_SCORED_SLICES, progress: Callable[[int, int], None] | None = None) -> list[dict]:
+def score_heldout(
+    model,
+    corpus: Path,
+    cache=None,
+    cancelled: Callable[[], bool] = lambda: False,
+    max_slices: int = MAX_SCORED_SLICES,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[dict]:
     """DSC and NSD of ``model`` on every object of the corpus's held-out split (module docstring).
 
     Returns one dict per object: ``case``, ``slice``, ``label``, ``label_name``, ``dsc``, ``nsd``.
     ``cache``: an :class:`~medsam.embedding_cache.EmbeddingCache` for the slice embeddings.
     """
+    from ..corpus import load_slice, read_manifest
     from ..embedding_cache import set_image_cached
     from ..metrics import dice_score, normalized_surface_dice
     from ..predictor import Predictor
-    from ..corpus import load_slice, read_manifest
 
     groups: OrderedDict[str, list] = OrderedDict()
     for row in read_manifest(corpus, HELDOUT_SPLIT):
@@ -334,11 +389,16 @@ def score_heldout(model, corpus: Path, cache=None, cancelled: Callable[[], bool]
         set_image_cached(predictor, image, cache)
         pred = predictor.predict(boxes=np.asarray([_box_of(g) for g in gts], dtype=np.float64))
         for r, mask, gt in zip(rows, pred.masks, gts):
-            out.append({
-                "case": r.case, "slice": int(r.slice), "label": int(r.label), "label_name": r.label_name,
-                "dsc": float(dice_score(mask, gt)),
-                "nsd": float(normalized_surface_dice(mask, gt, spacing, NSD_TOLERANCE_MM)),
-            })
+            out.append(
+                {
+                    "case": r.case,
+                    "slice": int(r.slice),
+                    "label": int(r.label),
+                    "label_name": r.label_name,
+                    "dsc": float(dice_score(mask, gt)),
+                    "nsd": float(normalized_surface_dice(mask, gt, spacing, NSD_TOLERANCE_MM)),
+                }
+            )
         if progress is not None:
             progress(n + 1, len(paths))
     predictor.reset_image()
@@ -435,14 +495,31 @@ class TrainingJob:
     def info(self, tail: int = 40) -> dict:
         end = self._t1 if self._t1 is not None else time.monotonic()
         return {
-            "id": self.id, "state": self.state, "phase": self.phase, "mode": self.mode, "steps": self.steps,
-            "lr": self.lr, "step": self.step, "progress": self.progress(), "loss": self.loss,
-            "log_tail": list(self.log)[-tail:], "train_images": list(self.train_images),
-            "heldout_images": list(self.heldout_images), "train_objects": self.train_objects,
-            "heldout_objects": self.heldout_objects, "before": self.before, "after": self.after,
-            "objects": list(self.objects), "model_before": self.model_before, "model_after": self.model_after,
-            "switched": self.switched, "error": self.error, "error_status": self.error_status,
-            "created": self.created, "finished": self.finished, "elapsed_s": round(end - self._t0, 3),
+            "id": self.id,
+            "state": self.state,
+            "phase": self.phase,
+            "mode": self.mode,
+            "steps": self.steps,
+            "lr": self.lr,
+            "step": self.step,
+            "progress": self.progress(),
+            "loss": self.loss,
+            "log_tail": list(self.log)[-tail:],
+            "train_images": list(self.train_images),
+            "heldout_images": list(self.heldout_images),
+            "train_objects": self.train_objects,
+            "heldout_objects": self.heldout_objects,
+            "before": self.before,
+            "after": self.after,
+            "objects": list(self.objects),
+            "model_before": self.model_before,
+            "model_after": self.model_after,
+            "switched": self.switched,
+            "error": self.error,
+            "error_status": self.error_status,
+            "created": self.created,
+            "finished": self.finished,
+            "elapsed_s": round(end - self._t0, 3),
         }
 
 
@@ -456,8 +533,9 @@ class TrainingManager:
         python: interpreter that runs ``medsam train`` (default: this one).
     """
 
-    def __init__(self, settings, datastore, labels: LabelStore, engine, threads: int | None = None,
-                 python: str | None = None) -> None:
+    def __init__(
+        self, settings, datastore, labels: LabelStore, engine, threads: int | None = None, python: str | None = None
+    ) -> None:
         self.settings = settings
         self.datastore = datastore
         self.labels = labels
@@ -490,7 +568,9 @@ class TrainingManager:
             raise TrainingRefused(
                 f"too few accepted labels: need labels on at least {MIN_ACCEPTED_IMAGES} images "
                 f"(one to train on, one held out to score the models), found {len(accepted)}; "
-                "accept masks on more images first", 422)
+                "accept masks on more images first",
+                422,
+            )
         with self._lock:
             running = next((j for j in self._jobs.values() if j.active), None)
             if running is not None:
@@ -502,8 +582,9 @@ class TrainingManager:
                 self._jobs.popitem(last=False)
             for old_id in [i for i, t in self._threads.items() if not t.is_alive()]:
                 del self._threads[old_id]
-            thread = threading.Thread(target=self._run, args=(job, accepted), name=f"medsam-train-{job.id}",
-                                      daemon=True)
+            thread = threading.Thread(
+                target=self._run, args=(job, accepted), name=f"medsam-train-{job.id}", daemon=True
+            )
             self._threads[job.id] = thread
         job.say(f"queued: {mode}, {steps} steps, lr {lr:g}; {len(accepted)} accepted images")
         thread.start()
@@ -547,25 +628,46 @@ class TrainingManager:
         else:
             fp = model_fingerprint(self._startup_model)
         ckpt = self._startup_checkpoint
-        out = [{
-            "id": STARTUP_MODEL_ID, "source": "startup", "name": "model given at start-up",
-            "checkpoint": str(ckpt) if ckpt else None, "fingerprint": fp, "created": None, "parent": None,
-            "mode": None, "steps": None, "lr": None, "before": None, "after": None, "heldout_images": [],
-        }]
+        out = [
+            {
+                "id": STARTUP_MODEL_ID,
+                "source": "startup",
+                "name": "model given at start-up",
+                "checkpoint": str(ckpt) if ckpt else None,
+                "fingerprint": fp,
+                "created": None,
+                "parent": None,
+                "mode": None,
+                "steps": None,
+                "lr": None,
+                "before": None,
+                "after": None,
+                "heldout_images": [],
+            }
+        ]
         for rec in self._trained_records():
             mode = rec.get("mode") if rec.get("mode") in ("decoder", "lora") else None
             steps = rec.get("steps") if isinstance(rec.get("steps"), int) else None
             lr = rec.get("lr") if isinstance(rec.get("lr"), (int, float)) else None
             parent = rec.get("parent") if isinstance(rec.get("parent"), dict) else {}
             held = rec.get("heldout_images")
-            out.append({
-                "id": rec["id"], "source": "training", "name": f"{mode or '?'} fine-tune, {steps} steps",
-                "checkpoint": rec["checkpoint_rel"], "fingerprint": _str_or_none(rec.get("fingerprint")),
-                "created": _str_or_none(rec.get("finished")), "parent": _str_or_none(parent.get("id")),
-                "mode": mode, "steps": steps, "lr": lr,
-                "before": _scores_or_none(rec.get("before")), "after": _scores_or_none(rec.get("after")),
-                "heldout_images": [str(i) for i in held] if isinstance(held, list) else [],
-            })
+            out.append(
+                {
+                    "id": rec["id"],
+                    "source": "training",
+                    "name": f"{mode or '?'} fine-tune, {steps} steps",
+                    "checkpoint": rec["checkpoint_rel"],
+                    "fingerprint": _str_or_none(rec.get("fingerprint")),
+                    "created": _str_or_none(rec.get("finished")),
+                    "parent": _str_or_none(parent.get("id")),
+                    "mode": mode,
+                    "steps": steps,
+                    "lr": lr,
+                    "before": _scores_or_none(rec.get("before")),
+                    "after": _scores_or_none(rec.get("after")),
+                    "heldout_images": [str(i) for i in held] if isinstance(held, list) else [],
+                }
+            )
         for m in out:
             m["served"] = m["id"] == self.served
         return out
@@ -583,7 +685,9 @@ class TrainingManager:
                 continue
             if not isinstance(rec, dict) or rec.get("id") != d.name or not (d / "model.safetensors").is_file():
                 continue
-            rec["checkpoint_rel"] = os.path.relpath(d / "model.safetensors", self.settings.data_dir).replace(os.sep, "/")
+            rec["checkpoint_rel"] = os.path.relpath(d / "model.safetensors", self.settings.data_dir).replace(
+                os.sep, "/"
+            )
             recs.append(rec)
         return sorted(recs, key=lambda r: (r.get("finished") or "", r["id"]))
 
@@ -604,7 +708,9 @@ class TrainingManager:
             try:
                 model = load_model(path, device=self.engine.model.device)
             except Exception as exc:  # a damaged file: say so, serve what was served
-                raise TrainingRefused(f"cannot load model {model_id!r}: {str(exc).splitlines()[0][:300]}", 500) from None
+                raise TrainingRefused(
+                    f"cannot load model {model_id!r}: {str(exc).splitlines()[0][:300]}", 500
+                ) from None
         with self._lock:  # no job may start (or switch) in between
             if any(j.active for j in self._jobs.values()):
                 raise refused
@@ -658,18 +764,21 @@ class TrainingManager:
         from ..weights import load_model, save_model
 
         job_dir.mkdir(parents=True, exist_ok=True)
-        cancelled = lambda: job.cancelled  # noqa: E731
+        cancelled = lambda: job.cancelled
         base_id = job.model_before
         base_model = self.engine.model
 
         job.set_phase("corpus")
-        corpus = write_accepted_corpus(self.datastore, self.labels, accepted, job_dir / "corpus",
-                                       self.settings.modality, cancelled)
+        corpus = write_accepted_corpus(
+            self.datastore, self.labels, accepted, job_dir / "corpus", self.settings.modality, cancelled
+        )
         job.train_images, job.heldout_images = corpus.train_images, corpus.heldout_images
         job.train_objects, job.heldout_objects = corpus.train_objects, corpus.heldout_objects
-        job.say(f"corpus: {len(corpus.train_images)} training images ({corpus.train_objects} objects), "
-                f"{len(corpus.heldout_images)} held out ({corpus.heldout_objects} objects)"
-                + (f"; skipped without labelled pixels: {', '.join(corpus.skipped)}" if corpus.skipped else ""))
+        job.say(
+            f"corpus: {len(corpus.train_images)} training images ({corpus.train_objects} objects), "
+            f"{len(corpus.heldout_images)} held out ({corpus.heldout_objects} objects)"
+            + (f"; skipped without labelled pixels: {', '.join(corpus.skipped)}" if corpus.skipped else "")
+        )
         if corpus.train_objects == 0 or corpus.heldout_objects == 0:
             raise _JobError("no object to train on or to score", 422)
 
@@ -677,12 +786,15 @@ class TrainingManager:
             job.phase_done = p
 
         job.set_phase("scoring before")
-        before_rows = score_heldout(base_model, corpus.folder, self.engine.cache, cancelled,
-                                    progress=lambda d, t: scored(d / t))
+        before_rows = score_heldout(
+            base_model, corpus.folder, self.engine.cache, cancelled, progress=lambda d, t: scored(d / t)
+        )
         job.before = summarize_scores(before_rows)
         job.objects = [self._object_row(r, corpus, before=r) for r in before_rows]
-        job.say(f"before ({base_id}): DSC {job.before['dsc']:.4f}, NSD {job.before['nsd']:.4f} "
-                f"on {job.before['n_objects']} held-out objects")
+        job.say(
+            f"before ({base_id}): DSC {job.before['dsc']:.4f}, NSD {job.before['nsd']:.4f} "
+            f"on {job.before['n_objects']} held-out objects"
+        )
         self._check(job)
 
         job.set_phase("training")
@@ -700,14 +812,19 @@ class TrainingManager:
             restored = restore_encoder(base_model, new_model)
             if restored:
                 extra = json.loads(model_path.with_suffix(".json").read_text())
-                save_model(new_model, model_path, extra={k: v for k, v in extra.items() if k not in ("config", "contract")})
-                job.say(f"decoder-only: restored {len(restored)} image-encoder tensors the run had changed "
-                        f"(BatchNorm statistics, e.g. {restored[0]}): the encoder stays the base model's")
+                save_model(
+                    new_model, model_path, extra={k: v for k, v in extra.items() if k not in ("config", "contract")}
+                )
+                job.say(
+                    f"decoder-only: restored {len(restored)} image-encoder tensors the run had changed "
+                    f"(BatchNorm statistics, e.g. {restored[0]}): the encoder stays the base model's"
+                )
         self._check(job)
 
         job.set_phase("scoring after")
-        after_rows = score_heldout(new_model, corpus.folder, self.engine.cache, cancelled,
-                                   progress=lambda d, t: scored(d / t))
+        after_rows = score_heldout(
+            new_model, corpus.folder, self.engine.cache, cancelled, progress=lambda d, t: scored(d / t)
+        )
         job.after = summarize_scores(after_rows)
         job.objects = [self._object_row(a, corpus, before=b, after=a) for b, a in zip(before_rows, after_rows)]
         job.say(f"after: DSC {job.after['dsc']:.4f}, NSD {job.after['nsd']:.4f}")
@@ -715,15 +832,28 @@ class TrainingManager:
 
         job.set_phase("switching")
         record = {
-            "format": 1, "id": job.id, "created": job.created, "finished": now_iso(), "mode": job.mode,
-            "steps": job.steps, "lr": job.lr, "checkpoint": "model.safetensors",
+            "format": 1,
+            "id": job.id,
+            "created": job.created,
+            "finished": now_iso(),
+            "mode": job.mode,
+            "steps": job.steps,
+            "lr": job.lr,
+            "checkpoint": "model.safetensors",
             "fingerprint": model_fingerprint(new_model),
-            "parent": {"id": base_id, "fingerprint": model_fingerprint(base_model),
-                       "checkpoint": str(self.engine.checkpoint) if self.engine.checkpoint else None},
+            "parent": {
+                "id": base_id,
+                "fingerprint": model_fingerprint(base_model),
+                "checkpoint": str(self.engine.checkpoint) if self.engine.checkpoint else None,
+            },
             "split": {"method": "sha256('medsam-holdout/' + image id) < fraction", "fraction": HOLDOUT_FRACTION},
-            "train_images": job.train_images, "heldout_images": job.heldout_images,
-            "train_objects": job.train_objects, "heldout_objects": job.heldout_objects,
-            "before": job.before, "after": job.after, "objects": job.objects,
+            "train_images": job.train_images,
+            "heldout_images": job.heldout_images,
+            "train_objects": job.train_objects,
+            "heldout_objects": job.heldout_objects,
+            "before": job.before,
+            "after": job.after,
+            "objects": job.objects,
         }
         with atomic_output(job_dir / "training.json") as tmp:
             tmp.write_text(json.dumps(record, indent=1))
@@ -739,30 +869,50 @@ class TrainingManager:
     @staticmethod
     def _object_row(r: dict, corpus: CorpusInfo, before: dict | None = None, after: dict | None = None) -> dict:
         return {
-            "image_id": corpus.case_to_image.get(r["case"], r["case"]), "slice_index": r["slice"],
-            "label": r["label"], "label_name": r["label_name"],
-            "dsc_before": before["dsc"] if before else None, "nsd_before": before["nsd"] if before else None,
-            "dsc_after": after["dsc"] if after else None, "nsd_after": after["nsd"] if after else None,
+            "image_id": corpus.case_to_image.get(r["case"], r["case"]),
+            "slice_index": r["slice"],
+            "label": r["label"],
+            "label_name": r["label_name"],
+            "dsc_before": before["dsc"] if before else None,
+            "nsd_before": before["nsd"] if before else None,
+            "dsc_after": after["dsc"] if after else None,
+            "nsd_after": after["nsd"] if after else None,
         }
 
     def _write_config(self, job: TrainingJob, corpus: CorpusInfo, base: Path, run_dir: Path, base_model) -> Path:
         from ..train.config import TrainConfig, dump_config
 
         batch = max(1, min(4, corpus.train_objects))
-        data = {"corpus": str(corpus.folder), "train_split": TRAIN_SPLIT, "val_split": None,
-                "batch_size": batch, "workers": 0, "clicks": 3}
+        data = {
+            "corpus": str(corpus.folder),
+            "train_split": TRAIN_SPLIT,
+            "val_split": None,
+            "batch_size": batch,
+            "workers": 0,
+            "clicks": 3,
+        }
         if job.mode == "decoder" and corpus.train_slices <= job.steps * batch:
             # Fewer slices than samples to draw: embed each once (medsam.train.embedding_store)
             # instead of once per sample.
             data["cache_embeddings"] = str(run_dir.parent / "embeddings")
-        cfg = TrainConfig.from_dict({
-            "model": {"arch": None, "checkpoint": str(base), "contract": None},
-            "data": data,
-            "train": {"mode": job.mode, "epochs": 0, "max_steps": job.steps, "lr": job.lr, "seed": 0,
-                      "device": "cuda" if base_model.device.type == "cuda" else "cpu",
-                      "log_every": 1, "save_every": 0, "progress": False},
-            "output": {"dir": str(run_dir), "tensorboard": False},
-        })
+        cfg = TrainConfig.from_dict(
+            {
+                "model": {"arch": None, "checkpoint": str(base), "contract": None},
+                "data": data,
+                "train": {
+                    "mode": job.mode,
+                    "epochs": 0,
+                    "max_steps": job.steps,
+                    "lr": job.lr,
+                    "seed": 0,
+                    "device": "cuda" if base_model.device.type == "cuda" else "cpu",
+                    "log_every": 1,
+                    "save_every": 0,
+                    "progress": False,
+                },
+                "output": {"dir": str(run_dir), "tensorboard": False},
+            }
+        )
         path = run_dir.parent / "config.yaml"
         path.write_text(dump_config(cfg))
         return path
@@ -780,8 +930,9 @@ class TrainingManager:
         env[PARENT_PID_ENV] = str(os.getpid())  # the child ends with the server (medsam.lifecycle)
         job.say("medsam train " + config_path.name + f" ({self.threads} threads)")
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=str(job_dir), env=env)
+            proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=str(job_dir), env=env
+            )
         self._procs[job.id] = proc
         try:
             if hasattr(os, "setpriority"):

@@ -17,9 +17,9 @@ training cannot be learnt; such test objects score 0 at evaluation).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -61,7 +61,7 @@ class ClassSet:
         return {"labels": list(self.labels), "names": list(self.names)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ClassSet":
+    def from_dict(cls, d: dict) -> ClassSet:
         return cls(tuple(int(v) for v in d["labels"]), tuple(str(v) for v in d["names"]))
 
 
@@ -385,9 +385,11 @@ class Augment:
         ).to(images.dtype)
         grid = F.affine_grid(theta, list(images.shape), align_corners=False)
         out_images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        out_targets = F.grid_sample(
-            targets.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False
-        ).round().long()
+        out_targets = (
+            F.grid_sample(targets.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+            .round()
+            .long()
+        )
         g = log_uniform(*self.gamma)
         out_images = out_images.clamp(0, 1) ** g.view(n, 1, 1, 1).to(images.dtype)
         return out_images, out_targets

@@ -22,16 +22,16 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from .. import benchmark as _bench
-from ..metrics import dice_score, normalized_surface_dice
 from ..corpus import load_slice, read_manifest
+from ..metrics import dice_score, normalized_surface_dice
 from .data import CaseOrientations
 from .model import Specialist, load_specialist
 
@@ -139,31 +139,65 @@ def evaluate_specialist(
         for r in kept:
             gt = label_map == r.label
             mask = pred_map == r.label
-            objects.append({
-                "dataset": r.dataset, "case": r.case, "slice": r.slice, "label": r.label,
-                "label_name": r.label_name, "group": _bench.structure_group(r.label_name),
-                "modality": r.modality, "split": r.split,
-                "x0": r.x0, "y0": r.y0, "x1": r.x1, "y1": r.y1,
-                "px0": None, "py0": None, "px1": None, "py1": None,
-                "area": int(gt.sum()), "pred_area": int(mask.sum()), "score": None,
-                "dsc": dice_score(mask, gt),
-                "nsd": normalized_surface_dice(mask, gt, spacing, tolerance_mm),
-                "embed_s": embed_s, "decode_s": decode_s, "objects_in_slice": len(kept),
-                "height": H, "width": W, "spacing_row": spacing[0], "spacing_col": spacing[1],
-                "in_classes": int(r.label in classes),
-            })
-        slices.append({
-            "dataset": kept[0].dataset, "case": kept[0].case, "slice": kept[0].slice, "path": path,
-            "modality": kept[0].modality, "height": H, "width": W, "objects": len(kept),
-            "embed_s": embed_s, "decode_s": decode_s, "peak_rss_mb": _bench._peak_rss_mb(), "peak_cuda_mb": None,
-        })
+            objects.append(
+                {
+                    "dataset": r.dataset,
+                    "case": r.case,
+                    "slice": r.slice,
+                    "label": r.label,
+                    "label_name": r.label_name,
+                    "group": _bench.structure_group(r.label_name),
+                    "modality": r.modality,
+                    "split": r.split,
+                    "x0": r.x0,
+                    "y0": r.y0,
+                    "x1": r.x1,
+                    "y1": r.y1,
+                    "px0": None,
+                    "py0": None,
+                    "px1": None,
+                    "py1": None,
+                    "area": int(gt.sum()),
+                    "pred_area": int(mask.sum()),
+                    "score": None,
+                    "dsc": dice_score(mask, gt),
+                    "nsd": normalized_surface_dice(mask, gt, spacing, tolerance_mm),
+                    "embed_s": embed_s,
+                    "decode_s": decode_s,
+                    "objects_in_slice": len(kept),
+                    "height": H,
+                    "width": W,
+                    "spacing_row": spacing[0],
+                    "spacing_col": spacing[1],
+                    "in_classes": int(r.label in classes),
+                }
+            )
+        slices.append(
+            {
+                "dataset": kept[0].dataset,
+                "case": kept[0].case,
+                "slice": kept[0].slice,
+                "path": path,
+                "modality": kept[0].modality,
+                "height": H,
+                "width": W,
+                "objects": len(kept),
+                "embed_s": embed_s,
+                "decode_s": decode_s,
+                "peak_rss_mb": _bench._peak_rss_mb(),
+                "peak_cuda_mb": None,
+            }
+        )
         if (s_index + 1) % 20 == 0 or s_index + 1 == len(groups):
-            log(f"{method_name}: {s_index + 1}/{len(groups)} slices, {len(objects)} objects, "
-                f"{time.perf_counter() - start_all:.0f} s")
+            log(
+                f"{method_name}: {s_index + 1}/{len(groups)} slices, {len(objects)} objects, "
+                f"{time.perf_counter() - start_all:.0f} s"
+            )
     total_s = time.perf_counter() - start_all
     if not objects:
-        raise ValueError(f"no object could be scored ({len(errors)} errors; first: "
-                         f"{errors[0]['error'] if errors else '-'})")
+        raise ValueError(
+            f"no object could be scored ({len(errors)} errors; first: {errors[0]['error'] if errors else '-'})"
+        )
 
     summary = _bench.summarize(objects, slices)
     unseen = sorted({(o["label"], o["label_name"]) for o in objects if not o["in_classes"]})
@@ -210,7 +244,7 @@ def evaluate_specialist(
 def _summary_markdown(summary: Sequence[dict], info: dict, errors: Sequence[dict]) -> str:
     """The benchmark's tables under a header that describes the specialist."""
     tables = _bench.summary_markdown(summary, info, errors)
-    body = tables[tables.index("## "):] if "## " in tables else ""
+    body = tables[tables.index("## ") :] if "## " in tables else ""
     lines = [
         f"# Specialist: {info['method']}",
         "",
@@ -219,7 +253,8 @@ def _summary_markdown(summary: Sequence[dict], info: dict, errors: Sequence[dict
         f"NSD tolerance {info['tolerance_mm']} mm",
         f"- {info['kind']}: MONAI UNet, {info['classes']} structures, input {info['input_size']} px"
         + (f" at {info['pixel_mm']} mm/pixel" if info["pixel_mm"] else " (slices resized to it)")
-        + (", canonical orientation" if info["reorient"] else "") + ", "
+        + (", canonical orientation" if info["reorient"] else "")
+        + ", "
         f"checkpoint `{info['checkpoint']}`, {info['device']}, torch {info['torch']} with "
         f"{info['torch_threads']} threads",
         f"- objects whose label is not a class of the network (scored 0): {info['objects_not_in_classes']}"

@@ -20,9 +20,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ PREPROCESSING = {
 def require_monai():
     """Import MONAI, or fail with the install hint."""
     try:
-        import monai  # noqa: F401
+        import monai
     except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environment
         raise ModuleNotFoundError(
             "the specialist baseline needs MONAI: pip install 'medsam[specialist]' (or pip install monai)",
@@ -113,8 +113,11 @@ class Specialist:
             "reorient": bool(self.reorient),
             "classes": self.classes.to_dict(),
             "preprocessing": PREPROCESSING,
-            **{k: v for k, v in self.info.items()
-               if k not in {"format", "version", "network", "classes", "input_size", "pixel_mm", "reorient"}},
+            **{
+                k: v
+                for k, v in self.info.items()
+                if k not in {"format", "version", "network", "classes", "input_size", "pixel_mm", "reorient"}
+            },
         }
 
     def prepare(self, image: np.ndarray, spacing=None, orientation: Orientation | None = None) -> torch.Tensor:
@@ -236,10 +239,18 @@ def load_specialist(path: str | os.PathLike, device: str | torch.device = "cpu")
     network = {k: v for k, v in desc["network"].items() if k != "out_channels"}
     net = build_unet(network, classes.num_classes)
     net.load_state_dict(load_file(str(path)), strict=True)
-    info = {k: v for k, v in desc.items()
-            if k not in {"network", "classes", "input_size", "preprocessing", "pixel_mm", "reorient"}}
+    info = {
+        k: v
+        for k, v in desc.items()
+        if k not in {"network", "classes", "input_size", "preprocessing", "pixel_mm", "reorient"}
+    }
     pixel_mm = desc.get("pixel_mm")
     return Specialist(
-        net.to(device).eval(), classes, int(desc["input_size"]), network, info,
-        pixel_mm=None if pixel_mm is None else float(pixel_mm), reorient=bool(desc.get("reorient", False)),
+        net.to(device).eval(),
+        classes,
+        int(desc["input_size"]),
+        network,
+        info,
+        pixel_mm=None if pixel_mm is None else float(pixel_mm),
+        reorient=bool(desc.get("reorient", False)),
     )

@@ -31,16 +31,23 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from ..corpus import ManifestRow, load_slice, read_manifest
 from .data import (
-    Augment, CaseOrientations, ClassSet, choose_classes, load_slices, prepare_image, prepare_label, slice_groups,
+    Augment,
+    CaseOrientations,
+    ClassSet,
+    choose_classes,
+    load_slices,
+    prepare_image,
+    prepare_label,
+    slice_groups,
 )
 from .model import Specialist, build_unet, default_network, require_monai, save_specialist
 
@@ -127,8 +134,13 @@ class _Validation:
     """Validation slices at the network size and the class index of each scorable object."""
 
     def __init__(
-        self, corpus: str, rows: Sequence[ManifestRow], classes: ClassSet, size: int,
-        pixel_mm: float | None, orientations: CaseOrientations,
+        self,
+        corpus: str,
+        rows: Sequence[ManifestRow],
+        classes: ClassSet,
+        size: int,
+        pixel_mm: float | None,
+        orientations: CaseOrientations,
     ) -> None:
         self.images = []
         self.targets = []
@@ -252,8 +264,12 @@ def train_specialist(cfg: SpecialistConfig, progress: Callable[[str], None] | No
                     break
             val_dsc = val.dsc(net, device)
             entry = {
-                "epoch": epoch + 1, "steps": step, "loss": float(np.mean(epoch_losses)),
-                "val_dsc": val_dsc, "lr": sched.get_last_lr()[0], "seconds": round(time.monotonic() - t0, 1),
+                "epoch": epoch + 1,
+                "steps": step,
+                "loss": float(np.mean(epoch_losses)),
+                "val_dsc": val_dsc,
+                "lr": sched.get_last_lr()[0],
+                "seconds": round(time.monotonic() - t0, 1),
             }
             epoch_log.append(entry)
             writer.writerow(entry)
@@ -273,7 +289,15 @@ def train_specialist(cfg: SpecialistConfig, progress: Callable[[str], None] | No
     seconds = time.monotonic() - t0
     say(f"done: {step} steps in {seconds:.0f} s; unet.safetensors = epoch {best_epoch}")
     return TrainResult(
-        run_dir=run_dir, checkpoint=run_dir / "unet.safetensors", classes=classes, epochs=len(epoch_log),
-        steps=step, seconds=seconds, losses=losses, epoch_log=epoch_log, best_val_dsc=best,
-        selected_epoch=best_epoch, stopped_by=stopped,
+        run_dir=run_dir,
+        checkpoint=run_dir / "unet.safetensors",
+        classes=classes,
+        epochs=len(epoch_log),
+        steps=step,
+        seconds=seconds,
+        losses=losses,
+        epoch_log=epoch_log,
+        best_val_dsc=best,
+        selected_epoch=best_epoch,
+        stopped_by=stopped,
     )

@@ -23,7 +23,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -49,9 +49,9 @@ class ModelSection:
             (e.g. ``{depth: 2, img_size: 128}``), for small experimental models; random init only.
     """
 
-    arch: Optional[str] = "vit_b"
-    checkpoint: Optional[str] = None
-    contract: Optional[str] = None
+    arch: str | None = "vit_b"
+    checkpoint: str | None = None
+    contract: str | None = None
     config_overrides: dict = field(default_factory=dict)
 
 
@@ -74,8 +74,8 @@ class AugmentSection:
     """
 
     flip_prob: float = 0.0
-    gamma: Optional[list] = None
-    contrast: Optional[list] = None
+    gamma: list | None = None
+    contrast: list | None = None
     zoom_prob: float = 0.0
     zoom_context: list = field(default_factory=lambda: [2.0, 4.0])
     zoom_min_side: int = 32
@@ -131,9 +131,9 @@ class DataSection:
         augment: see :class:`AugmentSection`.
     """
 
-    corpus: Optional[str] = None
+    corpus: str | None = None
     train_split: str = "train"
-    val_split: Optional[str] = "val"
+    val_split: str | None = "val"
     datasets: list = field(default_factory=list)
     modalities: list = field(default_factory=list)
     batch_size: int = 8
@@ -150,7 +150,7 @@ class DataSection:
     click_prob: float = 0.5
     click_source: str = "random"
     click_loss: str = "last"
-    cache_embeddings: Optional[str] = None
+    cache_embeddings: str | None = None
     val_max_samples: int = 0
     augment: AugmentSection = field(default_factory=AugmentSection)
 
@@ -203,7 +203,7 @@ class TrainSection:
     save_every: int = 0
     val_every: int = 0
     log_every: int = 10
-    resume: Optional[str] = None
+    resume: str | None = None
     progress: bool = True
 
 
@@ -253,9 +253,9 @@ class LoraSection:
 @dataclass
 class OutputSection:
     """Attributes:
-        dir: run folder: ``latest.pt``, ``best.pt``, ``metrics.csv``, ``config.yaml``, TensorBoard
-            events (``tb/``, when tensorboard is installed).
-        tensorboard: write TensorBoard scalars when the package is importable.
+    dir: run folder: ``latest.pt``, ``best.pt``, ``metrics.csv``, ``config.yaml``, TensorBoard
+        events (``tb/``, when tensorboard is installed).
+    tensorboard: write TensorBoard scalars when the package is importable.
     """
 
     dir: str = "runs/medsam"
@@ -276,7 +276,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict | None) -> "TrainConfig":
+    def from_dict(cls, data: dict | None) -> TrainConfig:
         cfg = _build(cls, data or {}, "")
         cfg.validate()
         return cfg
@@ -336,7 +336,9 @@ class TrainConfig:
         if self.data.cache_embeddings:
             a = self.data.augment
             if self.train.mode != "decoder":
-                raise ConfigError("data.cache_embeddings needs train.mode: decoder (a trained encoder changes its embeddings)")
+                raise ConfigError(
+                    "data.cache_embeddings needs train.mode: decoder (a trained encoder changes its embeddings)"
+                )
             if a.flip_prob > 0 or a.gamma is not None or a.contrast is not None:
                 raise ConfigError(
                     "data.cache_embeddings cannot cache pixel augmentations: set data.augment.flip_prob=0, "

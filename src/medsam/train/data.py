@@ -16,9 +16,9 @@ process, worker or run (interrupted or not) makes it.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from torch.utils.data.distributed import DistributedSampler
 from ..corpus import CorpusError, ManifestRow, load_slice
 from ..preprocess import Contract, ImageGeometry
 from ..preprocess_fast import prepare_image_fast
+
 
 def mask_bbox(mask: np.ndarray) -> np.ndarray:
     """Inclusive [x0, y0, x1, y1] of the non-zero pixels of a (H, W) mask (float64)."""
@@ -91,7 +92,7 @@ def augment_intensity(
     x = image.astype(np.float64) / 255.0
     if gamma is not None:
         g = float(np.exp(rng.uniform(np.log(gamma[0]), np.log(gamma[1]))))
-        x = x ** g
+        x = x**g
     if contrast is not None:
         c = float(rng.uniform(contrast[0], contrast[1]))
         x = x.mean() + c * (x - x.mean())
@@ -195,8 +196,12 @@ class SegmentationDataset(Dataset):
             from .embedding_store import object_window, whole_key, zoom_key
 
             key = whole_key(row)
-            if self.train and self.augment.zoom_prob > 0 and zoom_key(row) in self.store \
-                    and rng.random() < self.augment.zoom_prob:
+            if (
+                self.train
+                and self.augment.zoom_prob > 0
+                and zoom_key(row) in self.store
+                and rng.random() < self.augment.zoom_prob
+            ):
                 y0, y1, x0, x1 = object_window(mask, self.store_zoom)
                 mask, key = mask[y0:y1, x0:x1], zoom_key(row)
             geom = self.contract.geometry(mask.shape)
@@ -215,8 +220,12 @@ class SegmentationDataset(Dataset):
             box = self.contract.transform_boxes(mask_bbox(mask)[None], geom)[0]
             if self.train:
                 box = jitter_box(
-                    box, rng, (float(w), float(h)), p.jitter_mode,
-                    max_shift=p.jitter * S / 1024.0, fraction=p.jitter_fraction,
+                    box,
+                    rng,
+                    (float(w), float(h)),
+                    p.jitter_mode,
+                    max_shift=p.jitter * S / 1024.0,
+                    fraction=p.jitter_fraction,
                 )
             sample["box"] = torch.as_tensor(box, dtype=torch.float32)
         if p.points or p.negative_points:
@@ -230,8 +239,10 @@ class SegmentationDataset(Dataset):
         if p.mask_prompt_prob > 0:
             use = bool(rng.random() < p.mask_prompt_prob)
             sample["has_mask"] = torch.tensor(use)
-            sample["mask_input"] = self._mask_prompt(mask, geom, rng) if use else torch.zeros(
-                1, self.mask_input_size, self.mask_input_size
+            sample["mask_input"] = (
+                self._mask_prompt(mask, geom, rng)
+                if use
+                else torch.zeros(1, self.mask_input_size, self.mask_input_size)
             )
         return sample
 
@@ -420,9 +431,7 @@ class ValidationSlices(Dataset):
         boxes[:, 2] = np.where(boxes[:, 2] > boxes[:, 0], boxes[:, 2], np.minimum(boxes[:, 0] + 1, W))
         boxes[:, 3] = np.where(boxes[:, 3] > boxes[:, 1], boxes[:, 3], np.minimum(boxes[:, 1] + 1, H))
         x, geom = prepare_image_fast(self.contract, image)
-        return SliceObjects(
-            x[0], geom.original_size, boxes, masks, spacing, rows[0].modality, [r.label for r in rows]
-        )
+        return SliceObjects(x[0], geom.original_size, boxes, masks, spacing, rows[0].modality, [r.label for r in rows])
 
 
 def steps_per_epoch(samples_per_rank: int, batch_size: int, accumulation: int) -> int:

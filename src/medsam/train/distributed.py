@@ -27,7 +27,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = torch.device("cpu")  # noqa: RUF009 - immutable, so one shared default is fine
 
     @property
     def is_main(self) -> bool:
@@ -71,9 +71,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
         extra = {}
         if use_cuda and "device_id" in inspect.signature(dist.init_process_group).parameters:
             extra["device_id"] = dev  # binds NCCL to this GPU at once (torch >= 2.3)
-        dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo", timeout=PROCESS_GROUP_TIMEOUT, **extra
-        )
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=PROCESS_GROUP_TIMEOUT, **extra)
     return DistInfo(rank, world, local, dev)
 
 

@@ -25,17 +25,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from ..preprocess import Contract
-from ..zoom import ZoomPolicy, should_zoom, zoom_window
 from ..corpus import ManifestRow, load_slice
-from .data import mask_bbox
+from ..preprocess import Contract
 from ..preprocess_fast import prepare_image_fast
+from ..zoom import ZoomPolicy, should_zoom, zoom_window
+from .data import mask_bbox
 
 FORMAT = "medsam-embedding-store/1"
 
@@ -84,7 +84,9 @@ class EmbeddingStore:
         return {**self.__dict__, "_array": None}
 
 
-def _views(corpus: Path, rows: Sequence[ManifestRow], policy: ZoomPolicy | None) -> list[tuple[str, ManifestRow, tuple | None]]:
+def _views(
+    corpus: Path, rows: Sequence[ManifestRow], policy: ZoomPolicy | None
+) -> list[tuple[str, ManifestRow, tuple | None]]:
     views: list[tuple[str, ManifestRow, tuple | None]] = []
     seen: set[str] = set()
     for row in rows:
@@ -103,8 +105,11 @@ def _views(corpus: Path, rows: Sequence[ManifestRow], policy: ZoomPolicy | None)
 def _fingerprint(corpus: Path, views, encoder_fp: str, contract: Contract, policy: ZoomPolicy | None) -> str:
     h = hashlib.sha256()
     head = {
-        "format": FORMAT, "encoder": encoder_fp, "contract": contract.name,
-        "input_size": contract.input_size, "zoom": None if policy is None else vars(policy).copy(),
+        "format": FORMAT,
+        "encoder": encoder_fp,
+        "contract": contract.name,
+        "input_size": contract.input_size,
+        "zoom": None if policy is None else vars(policy).copy(),
     }
     h.update(json.dumps(head, sort_keys=True).encode())
     for key, row, window in views:
@@ -163,7 +168,12 @@ def build_embedding_store(
     array.flush()
     del array
     os.replace(tmp, folder / "embeddings.f16")
-    meta = {"format": FORMAT, "fingerprint": fp, "shape": list(shape), "index": {k: i for i, (k, _, _) in enumerate(views)}}
+    meta = {
+        "format": FORMAT,
+        "fingerprint": fp,
+        "shape": list(shape),
+        "index": {k: i for i, (k, _, _) in enumerate(views)},
+    }
     part = folder / "index.json.partial"
     part.write_text(json.dumps(meta))
     os.replace(part, folder / "index.json")

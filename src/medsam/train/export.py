@@ -21,8 +21,10 @@ def model_from_checkpoint(path: str | Path, merge: bool = True) -> tuple[MedSAMM
     if has_lora(weights):
         lora = state.get("lora") or {}
         apply_lora(
-            model.image_encoder, list(lora.get("targets", ["attn.qkv", "attn.proj"])),
-            int(lora.get("rank", 8)), float(lora.get("alpha", 16.0)),
+            model.image_encoder,
+            list(lora.get("targets", ["attn.qkv", "attn.proj"])),
+            int(lora.get("rank", 8)),
+            float(lora.get("alpha", 16.0)),
         )
     model.load_state_dict(weights, strict=True)
     if merge:

@@ -37,13 +37,19 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from ..clicks import add_error_clicks
+from ..corpus import read_manifest
 from ..preprocess import get_contract
 from ..scribbles import DEFAULT_MAX_POINTS as SCRIBBLE_POINTS
 from .checkpoint import FORMAT, VERSION, load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig, dump_config
-from ..corpus import read_manifest
 from .data import (
-    AugmentOptions, EpochSampler, PromptOptions, SegmentationDataset, ValidationSlices, clicks_for_step, collate,
+    AugmentOptions,
+    EpochSampler,
+    PromptOptions,
+    SegmentationDataset,
+    ValidationSlices,
+    clicks_for_step,
+    collate,
     steps_per_epoch,
 )
 from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_object, cleanup, init_distributed
@@ -130,16 +136,31 @@ class Trainer:
                 store_zoom = ZoomPolicy(context=(lo + hi) / 2.0, min_side=d.augment.zoom_min_side)
             if self.info.is_main:
                 build_embedding_store(
-                    self.model, d.corpus, rows, self.contract, d.cache_embeddings, store_zoom,
+                    self.model,
+                    d.corpus,
+                    rows,
+                    self.contract,
+                    d.cache_embeddings,
+                    store_zoom,
                     log=log.info,
                 )
             barrier(self.info)
             store = EmbeddingStore(d.cache_embeddings)
         self.train_set = SegmentationDataset(
-            d.corpus, rows, self.contract, model.prompt_encoder.mask_input_size[0],
+            d.corpus,
+            rows,
+            self.contract,
+            model.prompt_encoder.mask_input_size[0],
             prompts=PromptOptions(
-                d.box, d.jitter, d.jitter_mode, d.jitter_fraction, d.points, d.negative_points,
-                d.mask_prompt_prob, d.mask_prompt_logit, d.clicks if d.click_source == "random" else 0,
+                d.box,
+                d.jitter,
+                d.jitter_mode,
+                d.jitter_fraction,
+                d.points,
+                d.negative_points,
+                d.mask_prompt_prob,
+                d.mask_prompt_logit,
+                d.clicks if d.click_source == "random" else 0,
             ),
             augment=AugmentOptions(
                 d.augment.flip_prob,
@@ -178,9 +199,7 @@ class Trainer:
         self.params = params
         self.optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
         warmup, total, floor = t.warmup_steps, self.total_steps, t.min_lr_ratio
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, warmup, total, floor)
-        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, warmup, total, floor))
         self.scaler = _grad_scaler(self.device.type, enabled=t.precision == "fp16")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
         self.loss_fn = SegmentationLoss.from_config(cfg.loss)
@@ -239,7 +258,11 @@ class Trainer:
         self.best_dsc = state.get("best_dsc")
         self.last_metrics = state.get("metrics")
         if state["world_size"] != self.info.world_size:
-            log.info("resuming a %d-process run on %d processes (same global batch)", state["world_size"], self.info.world_size)
+            log.info(
+                "resuming a %d-process run on %d processes (same global batch)",
+                state["world_size"],
+                self.info.world_size,
+            )
 
     def maybe_resume(self) -> None:
         """Decide on rank 0 whether and from where to resume, then load the checkpoint on every rank."""
@@ -260,7 +283,13 @@ class Trainer:
             self.load_state_dict(state)
             self.resumed_from = Path(path)
             if self.info.is_main:
-                log.info("resumed from %s at step %d (epoch %d, step %d of it)", path, self.global_step, self.epoch, self.step_in_epoch)
+                log.info(
+                    "resumed from %s at step %d (epoch %d, step %d of it)",
+                    path,
+                    self.global_step,
+                    self.epoch,
+                    self.step_in_epoch,
+                )
 
     def save(self, name: str) -> Path | None:
         if not self.info.is_main:
@@ -274,7 +303,7 @@ class Trainer:
         :meth:`_round_width`)."""
         dev = self.device
         nb = dev.type == "cuda"
-        get = lambda k: batch[k].to(dev, non_blocking=nb) if k in batch else None  # noqa: E731
+        get = lambda k: batch[k].to(dev, non_blocking=nb) if k in batch else None
         points, point_labels = get("points"), get("point_labels")
         d = self.cfg.data
         k = clicks_for_step(self.cfg.train.seed, self.global_step, d.clicks, d.click_prob)
@@ -373,9 +402,7 @@ class Trainer:
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
-            runlog = RunLog(
-                self.run_dir, self.global_step if self.resumed_from else None, cfg.output.tensorboard
-            )
+            runlog = RunLog(self.run_dir, self.global_step if self.resumed_from else None, cfg.output.tensorboard)
         bar = None
         if self.info.is_main and t.progress:
             from tqdm.auto import tqdm
@@ -383,8 +410,13 @@ class Trainer:
             bar = tqdm(total=self.total_steps, initial=self.global_step, desc="train", unit="step", dynamic_ncols=True)
 
         loader = DataLoader(
-            self.train_set, batch_size=d.batch_size, sampler=self.sampler, num_workers=d.workers,
-            collate_fn=collate, drop_last=True, pin_memory=self.device.type == "cuda",
+            self.train_set,
+            batch_size=d.batch_size,
+            sampler=self.sampler,
+            num_workers=d.workers,
+            collate_fn=collate,
+            drop_last=True,
+            pin_memory=self.device.type == "cuda",
         )
         per_step = d.batch_size * t.accumulation
         sums: dict[str, torch.Tensor] = {}
@@ -425,8 +457,12 @@ class Trainer:
                         if runlog is not None:
                             values = dict(zip(keys, means.tolist()))
                             runlog.write(
-                                self.global_step, self.global_step / self.steps_per_epoch, "train",
-                                loss=values["loss"], lr=lr, throughput=throughput,
+                                self.global_step,
+                                self.global_step / self.steps_per_epoch,
+                                "train",
+                                loss=values["loss"],
+                                lr=lr,
+                                throughput=throughput,
                             )
                             for k, v in values.items():
                                 if k != "loss":
@@ -464,8 +500,11 @@ class Trainer:
         if self.info.is_main:
             if want_val and self.val_slices is not None:
                 metrics = validate(
-                    self.model, self.val_slices, batch_size=self.cfg.data.batch_size,
-                    workers=self.cfg.data.workers, autocast_dtype=self.amp_dtype,
+                    self.model,
+                    self.val_slices,
+                    batch_size=self.cfg.data.batch_size,
+                    workers=self.cfg.data.workers,
+                    autocast_dtype=self.amp_dtype,
                 )
                 self.step.train()  # validate() restores model.train(): keep a frozen encoder in eval
                 self.last_metrics = metrics

@@ -18,16 +18,23 @@ import math
 import re
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class LoRALinear(nn.Linear):
     """``nn.Linear`` plus a low-rank update. Build with :meth:`from_linear`."""
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool = True, rank: int = 8,
-        alpha: float = 16.0, dropout: float = 0.0, device=None, dtype=None,
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        rank: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        device=None,
+        dtype=None,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.rank = rank
@@ -38,12 +45,18 @@ class LoRALinear(nn.Linear):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> "LoRALinear":
+    def from_linear(cls, linear: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> LoRALinear:
         """Wrap ``linear``, sharing its weight and bias tensors."""
         w = linear.weight
         layer = cls(
-            linear.in_features, linear.out_features, bias=linear.bias is not None,
-            rank=rank, alpha=alpha, dropout=dropout, device=w.device, dtype=w.dtype,
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            rank=rank,
+            alpha=alpha,
+            dropout=dropout,
+            device=w.device,
+            dtype=w.dtype,
         )
         layer.weight = linear.weight
         layer.bias = linear.bias
@@ -58,7 +71,9 @@ class LoRALinear(nn.Linear):
         """A plain ``nn.Linear`` with ``W + scaling B A`` (computed in float64, then cast)."""
         w = self.weight.detach()
         delta = (self.lora_B.detach().double() @ self.lora_A.detach().double()) * self.scaling
-        plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
+        plain = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype
+        )
         with torch.no_grad():
             plain.weight.copy_((w.double() + delta).to(w.dtype))
             if self.bias is not None:
@@ -79,9 +94,9 @@ def lora_target_names(encoder: nn.Module, targets: list[str]) -> list[str]:
     """
     names = []
     for name, module in encoder.named_modules():
-        if isinstance(module, nn.Linear) and not isinstance(module, LoRALinear):
-            if any(re.search(r"(^|\.)" + re.escape(t) + r"$", name) for t in targets):
-                names.append(name)
+        is_plain_linear = isinstance(module, nn.Linear) and not isinstance(module, LoRALinear)
+        if is_plain_linear and any(re.search(r"(^|\.)" + re.escape(t) + r"$", name) for t in targets):
+            names.append(name)
     return names
 
 

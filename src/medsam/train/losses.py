@@ -27,7 +27,9 @@ def upsample_logits(low_res_logits: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(low_res_logits.float(), size=(size, size), mode="bilinear", align_corners=False)
 
 
-def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+def sigmoid_focal_loss(
+    logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0
+) -> torch.Tensor:
     """(B, ...) logits and 0/1 targets -> (B,) mean over pixels of the focal loss (SAM's form).
 
     ``FL = -alpha_t (1 - p_t)^gamma log(p_t)`` with ``alpha_t = alpha`` on foreground and
@@ -43,9 +45,7 @@ def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float
     return loss.mean(1)
 
 
-def dice_loss(
-    logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0, squared: bool = False
-) -> torch.Tensor:
+def dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0, squared: bool = False) -> torch.Tensor:
     """(B, ...) logits and 0/1 targets -> (B,) soft Dice loss on sigmoid probabilities.
 
     ``1 - (2 sum(p t) + smooth) / (sum p + sum t + smooth)``; with ``squared`` the denominator is
@@ -111,10 +111,15 @@ class SegmentationLoss:
         self.focal_gamma = focal_gamma
 
     @classmethod
-    def from_config(cls, section) -> "SegmentationLoss":
+    def from_config(cls, section) -> SegmentationLoss:
         return cls(
-            section.kind, section.focal_weight, section.dice_weight, section.bce_weight,
-            section.iou_weight, section.focal_alpha, section.focal_gamma,
+            section.kind,
+            section.focal_weight,
+            section.dice_weight,
+            section.bce_weight,
+            section.iou_weight,
+            section.focal_alpha,
+            section.focal_gamma,
         )
 
     def __call__(self, low_res_logits: torch.Tensor, iou_pred: torch.Tensor, targets: torch.Tensor) -> LossOutput:

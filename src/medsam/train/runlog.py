@@ -69,7 +69,9 @@ class RunLog:
         if self.writer is not None:
             for key in ("loss", "dsc", "nsd", "lr", "throughput"):
                 if values.get(key) is not None:
-                    self.writer.add_scalar(f"{split}/{key}" + ("" if modality == "all" else f"/{modality}"), values[key], step)
+                    self.writer.add_scalar(
+                        f"{split}/{key}" + ("" if modality == "all" else f"/{modality}"), values[key], step
+                    )
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         if self.writer is not None:

@@ -56,8 +56,16 @@ def write_synthetic_corpus(
             dataset, case = f"synthetic_{modality.lower()}", f"case{n:03d}"
             n += 1
             slices = [(s, *_slice(rng, size)) for s in range(slices_per_case)]
-            write_case(folder, dataset, case, slices, (0.8, 0.8),
-                       {"modality": modality, "split": split, "label_names": names, "label_source": "synthetic"})
+            write_case(
+                folder,
+                dataset,
+                case,
+                slices,
+                (0.8, 0.8),
+                {"modality": modality, "split": split, "label_names": names, "label_source": "synthetic"},
+            )
             datasets.add(dataset)
-    index_corpus(folder, [{"name": d, "label_source": "synthetic", "seed": seed, "size": size} for d in sorted(datasets)])
+    index_corpus(
+        folder, [{"name": d, "label_source": "synthetic", "seed": seed, "size": size} for d in sorted(datasets)]
+    )
     return folder

@@ -120,7 +120,7 @@ class SegmentationStep(nn.Module):
         self.frozen_encoder = frozen_encoder
         self.train(model.training)
 
-    def train(self, mode: bool = True) -> "SegmentationStep":
+    def train(self, mode: bool = True) -> SegmentationStep:
         """A frozen encoder stays in eval mode: its BatchNorm statistics (LiteMedSAM's TinyViT)
         and dropout must not change while only the decoder trains."""
         super().train(mode)
@@ -129,7 +129,13 @@ class SegmentationStep(nn.Module):
         return self
 
     def forward(
-        self, images=None, boxes=None, points=None, point_labels=None, mask_input=None, has_mask=None,
+        self,
+        images=None,
+        boxes=None,
+        points=None,
+        point_labels=None,
+        mask_input=None,
+        has_mask=None,
         embeddings=None,
     ):
         m = self.model

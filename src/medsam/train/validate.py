@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -40,11 +40,7 @@ def per_object_scores(
     predictor = Predictor(model)  # sets eval mode; contract = the model's
     device = model.device
     loader = DataLoader(slices, batch_size=batch_size, num_workers=workers, collate_fn=_collate_slices)
-    amp = (
-        torch.autocast(device.type, dtype=autocast_dtype)
-        if autocast_dtype is not None
-        else contextlib.nullcontext()
-    )
+    amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
     rows = []
     with torch.inference_mode():
         for items in loader:

@@ -19,7 +19,9 @@ def embedding_status(image_id: str, wb: WorkbenchDep) -> EmbeddingStatus:
     loaded = wb.load(image_id)
     job = wb.jobs.latest("embeddings", image_id)
     return EmbeddingStatus(
-        image_id=image_id, n_slices=loaded.n_slices, cached_slices=wb.engine.cached_slices(loaded),
+        image_id=image_id,
+        n_slices=loaded.n_slices,
+        cached_slices=wb.engine.cached_slices(loaded),
         job=JobInfo(**job.info()) if job else None,
     )
 

@@ -89,8 +89,9 @@ def slice_png(
         picture = window_to_uint8(loaded.raw_slice(index), *presets[window])
     if picture.ndim == 3 and picture.shape[-1] == 4:
         picture = picture[..., :3]
-    return Response(png_bytes(np.asarray(picture, dtype=np.uint8)), media_type="image/png",
-                    headers={"Cache-Control": "no-store"})
+    return Response(
+        png_bytes(np.asarray(picture, dtype=np.uint8)), media_type="image/png", headers={"Cache-Control": "no-store"}
+    )
 
 
 @router.get("/{image_id:path}", response_model=ImageMeta, summary="Shape, geometry and axis conventions")
@@ -101,10 +102,22 @@ def image_meta(image_id: str, wb: WorkbenchDep) -> ImageMeta:
     axes = "ZYX" if img.is_volume else ("YXC" if img.is_color else "YX")
     slice_shape = list(img.spatial_shape[-2:])
     return ImageMeta(
-        id=image_id, status=status, label_version=version, shape=list(img.array.shape), axes=axes,
-        is_volume=img.is_volume, is_color=img.is_color, n_slices=loaded.n_slices, slice_shape=slice_shape,
-        spacing_xyz=list(img.spacing_xyz), spacing_zyx=list(img.spacing_zyx), origin=list(img.origin),
-        direction=np.asarray(img.direction).tolist(), dtype=str(img.array.dtype),
-        value_range=list(loaded.value_range), modality=img.modality, source_format=img.source_format,
+        id=image_id,
+        status=status,
+        label_version=version,
+        shape=list(img.array.shape),
+        axes=axes,
+        is_volume=img.is_volume,
+        is_color=img.is_color,
+        n_slices=loaded.n_slices,
+        slice_shape=slice_shape,
+        spacing_xyz=list(img.spacing_xyz),
+        spacing_zyx=list(img.spacing_zyx),
+        origin=list(img.origin),
+        direction=np.asarray(img.direction).tolist(),
+        dtype=str(img.array.dtype),
+        value_range=list(loaded.value_range),
+        modality=img.modality,
+        source_format=img.source_format,
         window_presets={k: list(v) for k, v in window_presets().items()},
     )

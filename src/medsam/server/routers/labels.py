@@ -52,10 +52,15 @@ def label_info(wb: Workbench, image_id: str) -> LabelInfo:
     path = wb.labels.label_file(image_id) if rec.version else None
     fmt = wb.labels.label_format(loaded.image)
     return LabelInfo(
-        image_id=image_id, version=rec.version, exists=rec.version > 0,
+        image_id=image_id,
+        version=rec.version,
+        exists=rec.version > 0,
         labels=rec.get("labels") or default_definitions(),
-        file=wb.labels.rel_to_data(path) if path else None, format=fmt, updated=rec.get("updated"),
-        history_length=len(rec.get("history", [])), model=rec.get("model"),
+        file=wb.labels.rel_to_data(path) if path else None,
+        format=fmt,
+        updated=rec.get("updated"),
+        history_length=len(rec.get("history", [])),
+        model=rec.get("model"),
     )
 
 
@@ -104,8 +109,12 @@ def get_slice(image_id: str, index: int, wb: WorkbenchDep, response: Response) -
     plane = labels[index] if loaded.image.is_volume else labels
     values, counts = rle_encode(plane)
     response.headers["ETag"] = _etag(version)
-    return SliceLabels(image_id=image_id, slice_index=index, version=version,
-                       mask=RLEMask(shape=list(plane.shape), values=values, counts=counts))
+    return SliceLabels(
+        image_id=image_id,
+        slice_index=index,
+        version=version,
+        mask=RLEMask(shape=list(plane.shape), values=values, counts=counts),
+    )
 
 
 @router.put("/{image_id:path}/slices/{index}", response_model=LabelInfo, summary="Save the labels of one slice")
@@ -129,9 +138,11 @@ def put_slice(
 
     event = {"action": "slice", "slice": index, **body.provenance.model_dump(exclude_none=True)}
     return _saved(
-        wb, image_id,
+        wb,
+        image_id,
         lambda defs, model: wb.labels.update(image_id, loaded.image, version, change, event, defs, model),
-        body, response,
+        body,
+        response,
     )
 
 
@@ -141,8 +152,9 @@ def get_map(image_id: str, wb: WorkbenchDep, response: Response) -> LabelMap:
     version, labels = wb.labels.read(image_id, loaded.image)
     values, counts = rle_encode(labels)
     response.headers["ETag"] = _etag(version)
-    return LabelMap(image_id=image_id, version=version,
-                    mask=RLEMask(shape=list(labels.shape), values=values, counts=counts))
+    return LabelMap(
+        image_id=image_id, version=version, mask=RLEMask(shape=list(labels.shape), values=values, counts=counts)
+    )
 
 
 @router.put("/{image_id:path}/map", response_model=LabelInfo, summary="Replace the whole label map")
@@ -158,9 +170,11 @@ def put_map(
     labels = _decode(body.mask, tuple(loaded.image.spatial_shape), "image's spatial shape", body.definitions)
     event = {"action": "map", **body.provenance.model_dump(exclude_none=True)}
     return _saved(
-        wb, image_id,
+        wb,
+        image_id,
         lambda defs, model: wb.labels.save(image_id, loaded.image, labels, version, event, defs, model),
-        body, response,
+        body,
+        response,
     )
 
 

@@ -16,8 +16,9 @@ router = APIRouter(prefix="/next", tags=["next"])
 
 
 @router.get("", response_model=NextResponse, summary="Images ranked for annotation, most uncertain first")
-def next_images(wb: WorkbenchDep, limit: int = Query(20, ge=1, le=1000),
-                include_labelled: bool = False) -> NextResponse:
+def next_images(
+    wb: WorkbenchDep, limit: int = Query(20, ge=1, le=1000), include_labelled: bool = False
+) -> NextResponse:
     ids = wb.datastore.list_ids()
     status = {i: wb.labels.status(i)[0] for i in ids}
     if not include_labelled:
@@ -25,8 +26,9 @@ def next_images(wb: WorkbenchDep, limit: int = Query(20, ge=1, le=1000),
     scores = wb.uncertainty.scores(wb.engine.fingerprint())
     ranked = rank_images(ids, status, scores)
     scored = sum(r["uncertainty"] is not None for r in ranked)
-    return NextResponse(method=METHOD, images=[RankedImage(**r) for r in ranked[:limit]],
-                        scored=scored, unscored=len(ranked) - scored)
+    return NextResponse(
+        method=METHOD, images=[RankedImage(**r) for r in ranked[:limit]], scored=scored, unscored=len(ranked) - scored
+    )
 
 
 @router.post("/score", response_model=JobInfo, status_code=202, summary="Score images' uncertainty (background job)")

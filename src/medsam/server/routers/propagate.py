@@ -50,8 +50,11 @@ def propagate(body: PropagateRequest, wb: WorkbenchDep) -> JobInfo:
         raise HTTPException(422, str(exc)) from None
     version, labels = wb.labels.read(body.image_id, loaded.image)
     if version != body.expected_version:
-        raise HTTPException(409, f"label was changed meanwhile: current version {version}, yours {body.expected_version}",
-                            headers={"ETag": f'"{version}"'})
+        raise HTTPException(
+            409,
+            f"label was changed meanwhile: current version {version}, yours {body.expected_version}",
+            headers={"ETag": f'"{version}"'},
+        )
     key_mask = labels[body.slice_index] == body.label
     if not key_mask.any():
         raise HTTPException(422, f"label {body.label} is empty on slice {body.slice_index}: accept a mask there first")
@@ -78,18 +81,28 @@ def propagate(body: PropagateRequest, wb: WorkbenchDep) -> JobInfo:
             return out
 
         event = {
-            "action": "propagate", "slice": body.slice_index, "label": body.label,
+            "action": "propagate",
+            "slice": body.slice_index,
+            "label": body.label,
             "prompts": [{"box": dict(zip(("x0", "y0", "x1", "y1"), box)), "label": body.label}],
-            "propagation": {"iou_threshold": body.iou_threshold, "box_margin": body.box_margin,
-                            "replace": body.replace, "slices": result.slices[0],
-                            "stop_reasons": list(result.stop_reasons[0])},
+            "propagation": {
+                "iou_threshold": body.iou_threshold,
+                "box_margin": body.box_margin,
+                "replace": body.replace,
+                "slices": result.slices[0],
+                "stop_reasons": list(result.stop_reasons[0]),
+            },
         }
         try:
-            rec = wb.labels.update(body.image_id, loaded.image, body.expected_version, change, event,
-                                   None, model_info)
+            rec = wb.labels.update(body.image_id, loaded.image, body.expected_version, change, event, None, model_info)
         except VersionConflict as exc:
             raise JobFailed(str(exc), 409) from None
-        return {"version": rec.version, "slices": result.slices[0], "changed_voxels": changed["voxels"],
-                "stop_reasons": list(result.stop_reasons[0]), "embeddings_computed": result.embeddings_computed}
+        return {
+            "version": rec.version,
+            "slices": result.slices[0],
+            "changed_voxels": changed["voxels"],
+            "stop_reasons": list(result.stop_reasons[0]),
+            "embeddings_computed": result.embeddings_computed,
+        }
 
     return JobInfo(**wb.jobs.submit("propagate", body.image_id, work).info())

@@ -48,9 +48,18 @@ def segment(body: SegmentRequest, wb: WorkbenchDep) -> SegmentResponse:
         window = Box(x0=x0, y0=y0, x1=x1 - 1, y1=y1 - 1)
     candidates = [Candidate(score=score, area=int(m.sum()), mask=_rle(m)) for m, score in out.candidates]
     return SegmentResponse(
-        image_id=body.image_id, slice_index=body.slice_index, score=out.score, area=int(mask.sum()),
-        bbox=bbox, mask=rle, png_base64=png, logits_handle=out.handle, embedding_source=out.source,
-        elapsed_ms=out.elapsed_ms, zoom_window=window, candidates=candidates,
+        image_id=body.image_id,
+        slice_index=body.slice_index,
+        score=out.score,
+        area=int(mask.sum()),
+        bbox=bbox,
+        mask=rle,
+        png_base64=png,
+        logits_handle=out.handle,
+        embedding_source=out.source,
+        elapsed_ms=out.elapsed_ms,
+        zoom_window=window,
+        candidates=candidates,
     )
 
 
