@@ -306,3 +306,22 @@ def test_tensorboard_scalars_when_installed(small_corpus, tmp_path):
     Trainer(cfg).fit()
     events = list((tmp_path / "tb" / "tb").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_worker_writes_a_structured_result(small_corpus, tmp_path):
+    """medsam.train.worker: the outcome in a JSON file, the error as the loop raised it."""
+    import json
+
+    from medsam.train.worker import run
+
+    cfg = tmp_path / "c.yaml"
+    over = micro_overrides(small_corpus, tmp_path / "w", "train.max_steps=2", "data.val_split=null")
+    from medsam.train.config import dump_config, load_config
+
+    cfg.write_text(dump_config(load_config(None, over)))
+    assert run(cfg, tmp_path / "ok.json") == 0
+    ok = json.loads((tmp_path / "ok.json").read_text())
+    assert ok["ok"] is True and ok["global_step"] == 2 and (tmp_path / "w" / "latest.pt").is_file()
+    assert run(cfg, tmp_path / "again.json") == 1  # the folder holds a run now: refused, said why
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["ok"] is False and again["kind"] == "FileExistsError" and "train.resume=auto" in again["error"]

@@ -5,34 +5,19 @@
     run_benchmark("demo-corpus", "bench/lite", checkpoint="lite_medsam.pth")
     run_benchmark("demo-corpus", "bench/otsu", baseline="otsu")
 
-The corpus is the format of ``medsam prepare`` (docs/curation.md): ``manifest.csv`` has one row per
-(2D slice, object) with the object's inclusive bounding box ``x0, y0, x1, y1``; the slice ``.npz``
-holds ``image``, ``label`` and ``spacing`` (row, col) mm.
-
-Protocol
---------
-* Prompts: the manifest's ground-truth box, optionally jittered: each side moves outwards by an
-  integer drawn uniformly from ``0..round(J * max(H, W) / 1024)`` pixels (``J`` = ``jitter``, in
-  pixels of a 1024-pixel longest side, as MedSAM's 20-pixel training jitter), clipped to the image.
-  The draw is seeded per object by ``(seed, dataset, case, slice, label)``, so every method sees
-  the same boxes, whatever the subset.
-* Models: each slice is embedded once (:meth:`Predictor.set_image`, the checkpoint's own
-  preprocessing contract) and all its objects are decoded in one batched
-  :meth:`Predictor.predict` call. One warm-up embedding is run first and not timed.
-* Baselines, scored by the same loop (their "embedding" time is 0):
-  ``box`` fills the prompt box; ``otsu`` thresholds the box's pixels with
-  :func:`skimage.filters.threshold_otsu` (grey = mean of colour channels), takes the side (bright
-  ``> t`` or dark ``<= t``) that holds the majority of the pixels in the box's central third
-  (bright on a tie), and keeps that side's 8-connected component with the most pixels in the
-  central third (a constant box is filled).
-* Scores per object, at the slice's original resolution: DSC and NSD at ``tolerance_mm`` (2 mm)
-  with the slice spacing (:mod:`medsam.metrics`).
-* Time per slice: ``embed_s`` (preprocessing + encoder) and ``decode_s`` (prompt encoding, decoder,
-  upsampling and thresholding of all the slice's objects); metrics are not timed. Memory: the
-  process's peak resident set size after the slice (``ru_maxrss``, a high-water mark) and, on
-  CUDA, the peak allocated by torch during the slice.
-* Rows that cannot be scored (slice file missing or unreadable, label absent from its slice, box
-  outside the image) go to ``errors.csv`` and are skipped; the run goes on.
+The corpus is the format of ``medsam prepare`` (:mod:`medsam.corpus`). The protocol (prompts from
+the manifest's boxes, optionally jittered and seeded per object; one embedding per slice and all
+its objects in one batched call after one untimed warm-up; DSC and NSD per object; error rows for
+objects that cannot be scored; the statistics) is the evaluation engine's,
+:mod:`medsam.scoring`, which the specialist and the workbench's training job use too. Baselines,
+scored by the same loop (their "embedding" time is 0): ``box`` fills the prompt box; ``otsu``
+thresholds the box's pixels with :func:`skimage.filters.threshold_otsu` (grey = mean of colour
+channels), takes the side (bright ``> t`` or dark ``<= t``) that holds the majority of the pixels
+in the box's central third (bright on a tie), and keeps that side's 8-connected component with
+the most pixels in the central third (a constant box is filled). Time per slice: ``embed_s``
+(preprocessing + encoder) and ``decode_s`` (prompt encoding, decoder, upsampling and thresholding
+of all the slice's objects); memory: the process's peak resident set size after the slice and,
+on CUDA, the peak allocated by torch during the slice.
 
 Outputs in ``out_dir``: ``objects.csv`` (one row per object), ``slices.csv`` (one row per slice:
 latency and memory), ``errors.csv``, ``summary.csv`` / ``summary.md`` (means per modality,
@@ -50,11 +35,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import re
-import sys
 import time
-import zlib
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,107 +57,20 @@ __all__ = [
 
 BASELINES = ("box", "otsu")
 
-OBJECT_COLUMNS = (
-    "dataset",
-    "case",
-    "slice",
-    "label",
-    "label_name",
-    "group",
-    "modality",
-    "split",
-    "x0",
-    "y0",
-    "x1",
-    "y1",
-    "px0",
-    "py0",
-    "px1",
-    "py1",
-    "area",
-    "pred_area",
-    "score",
-    "dsc",
-    "nsd",
-    "embed_s",
-    "decode_s",
-    "objects_in_slice",
-    "height",
-    "width",
-    "spacing_row",
-    "spacing_col",
+from .io.atomic import write_csv  # noqa: E402
+from .scoring import (  # noqa: E402  (the engine's columns and helpers, re-exported)
+    ERROR_COLUMNS,
+    OBJECT_COLUMNS,
+    SLICE_COLUMNS,
+    SUMMARY_COLUMNS,
+    PredictorMethod,
+    jitter_box,
+    peak_rss_mb,
+    score_objects,
+    select_objects,
+    structure_group,
+    summarize,
 )
-SLICE_COLUMNS = (
-    "dataset",
-    "case",
-    "slice",
-    "path",
-    "modality",
-    "height",
-    "width",
-    "objects",
-    "embed_s",
-    "decode_s",
-    "peak_rss_mb",
-    "peak_cuda_mb",
-)
-ERROR_COLUMNS = ("dataset", "case", "slice", "label", "label_name", "path", "error")
-SUMMARY_COLUMNS = (
-    "level",
-    "dataset",
-    "case",
-    "modality",
-    "group",
-    "structure",
-    "objects",
-    "structures",
-    "dsc_mean",
-    "dsc_std",
-    "dsc_median",
-    "nsd_mean",
-    "nsd_std",
-    "nsd_median",
-    "dsc_structure_mean",
-    "nsd_structure_mean",
-    "slices",
-    "embed_s_mean",
-    "decode_s_mean",
-)
-LEVELS = ("all", "modality", "dataset", "case", "group", "structure")
-
-
-# --------------------------------------------------------------------------- helpers
-_SIDE_TOKENS = {"left", "right", "l", "r"}
-_NUMBER_TOKEN = re.compile(r"^[A-Z]?\d+$")
-
-
-def structure_group(name: str) -> str:
-    """The structure group of a label name (see the module docstring); the name if nothing is left."""
-    tokens = [t for t in re.split(r"[_\s]+", name) if t]
-    kept = [t for t in tokens if t.lower() not in _SIDE_TOKENS and not _NUMBER_TOKEN.match(t)]
-    return "_".join(kept) if kept else name
-
-
-def _object_seed(seed: int, dataset: str, case: str, slice_index: int, label: int) -> np.random.Generator:
-    key = zlib.crc32(f"{dataset}/{case}/{slice_index}/{label}".encode())
-    return np.random.default_rng([int(seed), key])
-
-
-def jitter_box(box: Sequence[float], jitter: float, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-    """Move each side of an inclusive [x0, y0, x1, y1] box outwards by randint(0, J') pixels.
-
-    ``J' = round(jitter * max(H, W) / 1024)``; the result is clipped to the (H, W) image.
-    """
-    H, W = size
-    x0, y0, x1, y1 = (float(v) for v in box)
-    limit = int(round(float(jitter) * max(H, W) / 1024.0))
-    if limit <= 0:
-        return np.array([x0, y0, x1, y1], dtype=np.float64)
-    d = rng.integers(0, limit + 1, size=4)
-    return np.array(
-        [max(0.0, x0 - d[0]), max(0.0, y0 - d[1]), min(W - 1.0, x1 + d[2]), min(H - 1.0, y1 + d[3])],
-        dtype=np.float64,
-    )
 
 
 def _box_slices(box: Sequence[float], size: tuple[int, int]) -> tuple[slice, slice]:
@@ -235,77 +130,22 @@ def otsu_baseline(image: np.ndarray, box: Sequence[float]) -> np.ndarray:
     return mask
 
 
-def _peak_rss_mb() -> float | None:
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1024.0 / (1024.0 if sys.platform == "darwin" else 1.0)
-
-
 # --------------------------------------------------------------------------- methods
-class _ModelMethod:
-    """A model through the Predictor: embed once per slice, all boxes in one call."""
+class BaselineMethod:
+    """A baseline as a :class:`medsam.scoring.SliceMethod`: no embedding, one mask per box."""
 
-    def __init__(self, model, contract: str | None = None, precision: str = "fp32", zoom=None) -> None:
-        import torch
+    prompted = True
+    warm_up = False
 
-        from .predictor import Predictor
-
-        self.torch = torch
-        self.predictor = Predictor(model, contract=contract, precision=precision)
-        self.zoom = zoom  # a medsam.zoom.ZoomPolicy: small boxes on a magnified crop
-        self.crop_predictor = Predictor(model, contract=contract, precision=precision) if zoom else None
-        self.device = self.predictor.device
-        self.scores: np.ndarray | None = None
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            self.torch.cuda.synchronize(self.device)
-
-    def embed(self, image: np.ndarray) -> float:
-        self._sync()
-        start = time.perf_counter()
-        self.predictor.set_image(image)
-        self._sync()
-        return time.perf_counter() - start
-
-    def segment(self, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-        self._sync()
-        start = time.perf_counter()
-        if self.zoom is not None:
-            from .zoom import predict_with_zoom
-
-            zp = predict_with_zoom(self.predictor, image, boxes, self.zoom, self.crop_predictor)
-            masks, scores = zp.masks, zp.scores
-        else:
-            prediction = self.predictor.predict(boxes=boxes)
-            masks, scores = prediction.masks, prediction.scores
-        self._sync()
-        seconds = time.perf_counter() - start
-        return masks, np.asarray(scores, dtype=np.float64), seconds
-
-    def reset_peak(self) -> None:
-        if self.device.type == "cuda":
-            self.torch.cuda.reset_peak_memory_stats(self.device)
-
-    def peak_cuda_mb(self) -> float | None:
-        if self.device.type == "cuda":
-            return self.torch.cuda.max_memory_allocated(self.device) / 2**20
-        return None
-
-
-class _BaselineMethod:
     def __init__(self, kind: str) -> None:
         if kind not in BASELINES:
             raise ValueError(f"unknown baseline {kind!r}; known: {', '.join(BASELINES)}")
         self.fn = box_baseline if kind == "box" else otsu_baseline
 
-    def embed(self, image: np.ndarray) -> float:
+    def embed(self, image: np.ndarray, spacing=(1.0, 1.0), rows=()) -> float:
         return 0.0
 
-    def segment(self, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    def segment(self, image: np.ndarray, boxes: np.ndarray, rows=()) -> tuple[np.ndarray, np.ndarray, float]:
         start = time.perf_counter()
         masks = np.stack([self.fn(image, b) for b in boxes])
         seconds = time.perf_counter() - start
@@ -316,6 +156,9 @@ class _BaselineMethod:
 
     def peak_cuda_mb(self) -> float | None:
         return None
+
+    def object_fields(self, row) -> dict:
+        return {}
 
 
 # --------------------------------------------------------------------------- result
@@ -335,48 +178,6 @@ class BenchmarkResult:
     def overall(self) -> dict:
         """The ``level == "all"`` summary row."""
         return next(r for r in self.summary if r["level"] == "all")
-
-
-def _select(rows, max_objects: int | None, seed: int):
-    """At most ``max_objects`` rows per dataset: a seeded random subset, in manifest order."""
-    if not max_objects:
-        return rows, {}
-    by_dataset: dict[str, list[int]] = defaultdict(list)
-    for i, r in enumerate(rows):
-        by_dataset[r.dataset].append(i)
-    keep = set()
-    subsampled = {}
-    rng = np.random.default_rng(seed)
-    for dataset in sorted(by_dataset):
-        idx = by_dataset[dataset]
-        if len(idx) > max_objects:
-            chosen = rng.choice(len(idx), size=max_objects, replace=False)
-            keep.update(idx[int(c)] for c in chosen)
-            subsampled[dataset] = {"rows": len(idx), "kept": int(max_objects)}
-        else:
-            keep.update(idx)
-    return [r for i, r in enumerate(rows) if i in keep], subsampled
-
-
-def group_by_slice(rows) -> OrderedDict[str, list]:
-    """Manifest rows grouped by slice file (in first-seen order): one image read per slice."""
-    groups: OrderedDict[str, list] = OrderedDict()
-    for r in rows:
-        groups.setdefault(r.path, []).append(r)
-    return groups
-
-
-def error_row(r, message: str) -> dict:
-    """The ``errors.csv`` row for a manifest row that could not be scored."""
-    return {
-        "dataset": r.dataset,
-        "case": r.case,
-        "slice": r.slice,
-        "label": r.label,
-        "label_name": r.label_name,
-        "path": r.path,
-        "error": message,
-    }
 
 
 def run_benchmark(
@@ -415,8 +216,7 @@ def run_benchmark(
         zoom: a :class:`medsam.zoom.ZoomPolicy`: segment small boxes on a magnified crop (one
             extra embedding each, counted in the decode time); ``None`` = off.
     """
-    from .corpus import load_slice, read_manifest
-    from .metrics import dice_score, normalized_surface_dice
+    from .corpus import read_manifest
 
     if baseline is not None and (checkpoint is not None or model is not None):
         raise ValueError("give either a checkpoint (or model) or a baseline, not both")
@@ -434,11 +234,11 @@ def run_benchmark(
             + (f" for datasets {', '.join(datasets)}" if datasets else "")
             + f" of {corpus} (splits present: {', '.join(known) or 'none'})"
         )
-    rows, subsampled = _select(rows, max_objects, seed)
+    rows, subsampled = select_objects(rows, max_objects, seed)
 
     model_info: dict = {}
     if baseline is not None:
-        method = _BaselineMethod(baseline)
+        method = BaselineMethod(baseline)
         method_name = name or f"baseline-{baseline}"
         model_info = {"baseline": baseline}
     else:
@@ -446,7 +246,7 @@ def run_benchmark(
             from .segment import _load
 
             model = _load(checkpoint, device, contract, log)
-        method = _ModelMethod(model, contract=contract, precision=precision, zoom=zoom)
+        method = PredictorMethod(model, contract=contract, precision=precision, zoom=zoom)
         method_name = name or ("default" if checkpoint is None else Path(str(checkpoint)).name.split(".")[0])
         model_info = {
             "checkpoint": None if checkpoint is None else str(checkpoint),
@@ -459,108 +259,10 @@ def run_benchmark(
         }
     out.mkdir(parents=True, exist_ok=True)
 
-    groups = group_by_slice(rows)
-    objects: list[dict] = []
-    slices: list[dict] = []
-    errors: list[dict] = []
-
-    def error(r, message: str) -> None:
-        errors.append(error_row(r, message))
-
-    warmed = baseline is not None
-    start_all = time.perf_counter()
-    n_slices = len(groups)
-    for s_index, (path, srows) in enumerate(groups.items()):
-        try:
-            image, label_map, spacing = load_slice(corpus, path)
-        except Exception as exc:  # unreadable slice: report its rows, go on
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            message = f"slice unreadable: {type(exc).__name__}: {reason}"
-            for r in srows:
-                error(r, message)
-            continue
-        H, W = label_map.shape
-        boxes, gts, kept = [], [], []
-        for r in srows:
-            gt = label_map == r.label
-            if not gt.any():
-                error(r, f"label {r.label} is not on its slice")
-                continue
-            if not (0 <= r.x0 <= r.x1 < W and 0 <= r.y0 <= r.y1 < H) or r.x1 == r.x0 or r.y1 == r.y0:
-                error(r, f"box [{r.x0}, {r.y0}, {r.x1}, {r.y1}] is empty or outside the {W}x{H} image")
-                continue
-            box = np.array([r.x0, r.y0, r.x1, r.y1], dtype=np.float64)
-            if jitter > 0:
-                box = jitter_box(box, jitter, (H, W), _object_seed(seed, r.dataset, r.case, r.slice, r.label))
-            boxes.append(box)
-            gts.append(gt)
-            kept.append(r)
-        if not kept:
-            continue
-        boxes_arr = np.stack(boxes)
-        if not warmed:
-            method.embed(image)  # one untimed warm-up (allocations, kernels)
-            warmed = True
-        method.reset_peak()
-        embed_s = method.embed(image)
-        masks, scores, decode_s = method.segment(image, boxes_arr)
-        peak_cuda = method.peak_cuda_mb()
-        peak_rss = _peak_rss_mb()
-        for r, box, gt, mask, score in zip(kept, boxes_arr, gts, masks, scores):
-            objects.append(
-                {
-                    "dataset": r.dataset,
-                    "case": r.case,
-                    "slice": r.slice,
-                    "label": r.label,
-                    "label_name": r.label_name,
-                    "group": structure_group(r.label_name),
-                    "modality": r.modality,
-                    "split": r.split,
-                    "x0": r.x0,
-                    "y0": r.y0,
-                    "x1": r.x1,
-                    "y1": r.y1,
-                    "px0": box[0],
-                    "py0": box[1],
-                    "px1": box[2],
-                    "py1": box[3],
-                    "area": int(gt.sum()),
-                    "pred_area": int(mask.sum()),
-                    "score": None if not np.isfinite(score) else float(score),
-                    "dsc": dice_score(mask, gt),
-                    "nsd": normalized_surface_dice(mask, gt, spacing, tolerance_mm),
-                    "embed_s": embed_s,
-                    "decode_s": decode_s,
-                    "objects_in_slice": len(kept),
-                    "height": H,
-                    "width": W,
-                    "spacing_row": spacing[0],
-                    "spacing_col": spacing[1],
-                }
-            )
-        slices.append(
-            {
-                "dataset": kept[0].dataset,
-                "case": kept[0].case,
-                "slice": kept[0].slice,
-                "path": path,
-                "modality": kept[0].modality,
-                "height": H,
-                "width": W,
-                "objects": len(kept),
-                "embed_s": embed_s,
-                "decode_s": decode_s,
-                "peak_rss_mb": peak_rss,
-                "peak_cuda_mb": peak_cuda,
-            }
-        )
-        if (s_index + 1) % 20 == 0 or s_index + 1 == n_slices:
-            log(
-                f"{method_name}: {s_index + 1}/{n_slices} slices, {len(objects)} objects, "
-                f"{time.perf_counter() - start_all:.0f} s"
-            )
-    total_s = time.perf_counter() - start_all
+    scored = score_objects(
+        corpus, rows, method, jitter=jitter, seed=seed, tolerance_mm=tolerance_mm, log=log, name=method_name
+    )
+    objects, slices, errors, total_s = scored.objects, scored.slices, scored.errors, scored.seconds
     if not objects:
         raise ValueError(
             f"no object could be scored ({len(errors)} errors; see the first: {errors[0]['error'] if errors else '-'})"
@@ -583,17 +285,17 @@ def run_benchmark(
         "slices": len(slices),
         "errors": len(errors),
         "seconds": round(total_s, 3),
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "medsam": _version(),
         "warmup": "one untimed embedding before the first timed slice" if baseline is None else None,
         **model_info,
     }
-    _write_csv(out / "objects.csv", OBJECT_COLUMNS, objects)
-    _write_csv(out / "slices.csv", SLICE_COLUMNS, slices)
-    _write_csv(out / "errors.csv", ERROR_COLUMNS, errors)
-    _write_csv(out / "summary.csv", SUMMARY_COLUMNS, summary)
+    write_table(out / "objects.csv", OBJECT_COLUMNS, objects)
+    write_table(out / "slices.csv", SLICE_COLUMNS, slices)
+    write_table(out / "errors.csv", ERROR_COLUMNS, errors)
+    write_table(out / "summary.csv", SUMMARY_COLUMNS, summary)
     plot_path, plot_note = (None, "plot not requested")
     if plot:
         plot_path, plot_note = plot_dsc_by_structure(summary, out / "dsc_by_structure.png", title=method_name)
@@ -613,75 +315,6 @@ def _version() -> str:
 
 
 # --------------------------------------------------------------------------- summary
-def _stats(values: list[float]) -> tuple[float, float, float]:
-    a = np.asarray(values, dtype=np.float64)
-    return float(a.mean()), float(a.std()), float(np.median(a))
-
-
-def summarize(objects: Iterable[dict], slices: Iterable[dict] = ()) -> list[dict]:
-    """Summary rows per level (``all``, ``modality``, ``dataset``, ``case``, ``group``, ``structure``).
-
-    ``dsc_mean``/``nsd_mean`` are means over objects; ``dsc_structure_mean``/``nsd_structure_mean``
-    (aggregate levels) are means over the structures (dataset, label name) of their per-structure
-    means, the field's per-label-then-per-task average. Latencies are means over slices.
-    """
-    objects = list(objects)
-    slices = list(slices)
-    keyfuncs = {
-        "all": lambda o: (),
-        "modality": lambda o: (o["modality"],),
-        "dataset": lambda o: (o["dataset"], o["modality"]),
-        "case": lambda o: (o["dataset"], o["case"], o["modality"]),
-        "group": lambda o: (o["dataset"], o["modality"], o["group"]),
-        "structure": lambda o: (o["dataset"], o["modality"], o["group"], o["label_name"]),
-    }
-    fields = {
-        "all": (),
-        "modality": ("modality",),
-        "dataset": ("dataset", "modality"),
-        "case": ("dataset", "case", "modality"),
-        "group": ("dataset", "modality", "group"),
-        "structure": ("dataset", "modality", "group", "structure"),
-    }
-    out = []
-    for level in LEVELS:
-        grouped: OrderedDict[tuple, list[dict]] = OrderedDict()
-        for o in sorted(objects, key=lambda o: tuple(str(v) for v in keyfuncs[level](o))):
-            grouped.setdefault(keyfuncs[level](o), []).append(o)
-        for key, members in grouped.items():
-            row = dict.fromkeys(SUMMARY_COLUMNS, "")
-            row["level"] = level
-            row.update(dict(zip(fields[level], key)))
-            dsc = [m["dsc"] for m in members]
-            nsd = [m["nsd"] for m in members]
-            row["objects"] = len(members)
-            row["dsc_mean"], row["dsc_std"], row["dsc_median"] = _stats(dsc)
-            row["nsd_mean"], row["nsd_std"], row["nsd_median"] = _stats(nsd)
-            per_structure: dict[tuple, list[dict]] = defaultdict(list)
-            for m in members:
-                per_structure[(m["dataset"], m["label_name"])].append(m)
-            row["structures"] = len(per_structure)
-            if level in ("all", "modality", "dataset", "case", "group"):
-                row["dsc_structure_mean"] = float(
-                    np.mean([np.mean([m["dsc"] for m in g]) for g in per_structure.values()])
-                )
-                row["nsd_structure_mean"] = float(
-                    np.mean([np.mean([m["nsd"] for m in g]) for g in per_structure.values()])
-                )
-            if level in ("all", "modality", "dataset", "case"):
-                match = [
-                    s
-                    for s in slices
-                    if all(s.get(f) == v for f, v in zip(fields[level], key) if f in ("dataset", "case", "modality"))
-                ]
-                if match:
-                    row["slices"] = len(match)
-                    row["embed_s_mean"] = float(np.mean([s["embed_s"] for s in match]))
-                    row["decode_s_mean"] = float(np.mean([s["decode_s"] for s in match]))
-            out.append(row)
-    return out
-
-
 def _f(v, digits: int = 3) -> str:
     if v is None or v == "":
         return "-"
@@ -758,19 +391,9 @@ def summary_markdown(summary: Sequence[dict], info: dict, errors: Sequence[dict]
     return "\n".join(lines)
 
 
-def _write_csv(path: Path, columns: Sequence[str], rows: Iterable[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        for r in rows:
-            writer.writerow(
-                {
-                    k: ("" if r.get(k) is None else (f"{r[k]:.6g}" if isinstance(r.get(k), float) else r.get(k)))
-                    for k in columns
-                }
-            )
-    tmp.replace(path)
+def write_table(path: Path, columns: Sequence[str], rows: Iterable[dict]) -> None:
+    """A benchmark CSV: floats to 6 significant digits, empty cells for None (atomic)."""
+    write_csv(path, columns, rows, float_format="{:.6g}")
 
 
 # --------------------------------------------------------------------------- plot

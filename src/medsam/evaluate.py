@@ -271,10 +271,13 @@ def _score_pair(
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and population standard deviation (:func:`medsam.scoring.describe`), None when empty."""
     if not values:
         return None, None
-    a = np.asarray(values, dtype=float)
-    return float(a.mean()), float(a.std())
+    from .scoring import describe
+
+    mean, std, _ = describe(values)
+    return mean, std
 
 
 def _label_key(label):

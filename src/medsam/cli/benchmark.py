@@ -90,11 +90,11 @@ def run(args) -> int:
     out = Path(args.output)
     if args.compare:
         table, markdown = compare_runs(args.compare)
-        from ..benchmark import _write_csv
+        from ..benchmark import write_table
 
         out.mkdir(parents=True, exist_ok=True)
         columns = list(table[0].keys()) if table else ["level"]
-        _write_csv(out / "compare.csv", columns, table)
+        write_table(out / "compare.csv", columns, table)
         (out / "compare.md").write_text(markdown)
         print(markdown, end="")
         print(f"wrote {out / 'compare.md'} and {out / 'compare.csv'}")

@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from ..io.formats import image_suffix
 from .normalize import CT_WINDOWS, _canonical_modality
 
 __all__ = [
@@ -63,25 +64,6 @@ __all__ = [
 ]
 
 SPLITS = ("train", "val", "test")
-
-# image suffixes recognised when listing a folder (longest first); .npz challenge files are not images
-_IMAGE_SUFFIXES = (
-    ".nii.gz",
-    ".nii",
-    ".nrrd",
-    ".nhdr",
-    ".mha",
-    ".mhd",
-    ".dcm",
-    ".dicom",
-    ".ima",
-    ".png",
-    ".jpg",
-    ".jpeg",
-    ".bmp",
-    ".tif",
-    ".tiff",
-)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _GLOB_CHARS = set("*?[")
@@ -465,13 +447,10 @@ def case_id_of(path: str | Path, suffix: str = "") -> str | None:
     if p.is_dir():
         stem = name
     else:
-        low = name.lower()
-        for ext in _IMAGE_SUFFIXES:
-            if low.endswith(ext):
-                stem = name[: -len(ext)]
-                break
-        else:
+        ext = image_suffix(name)  # the readers' formats (medsam.io.formats)
+        if ext is None:
             return None
+        stem = name[: -len(ext)]
     if suffix:
         if not stem.endswith(suffix):
             return None

@@ -30,6 +30,17 @@ MASK_FORMATS = ITK_FORMATS | {"png", "tiff"}
 MASK_SUFFIXES = ".nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd, .png (2D), .tif/.tiff"
 
 
+def image_suffix(path: str | Path) -> str | None:
+    """The image-format suffix ``path``'s name ends with, as written there (``.nii.gz`` before
+    ``.nii``), or None; ``.npz`` challenge cases are not images."""
+    name = Path(path).name
+    low = name.lower()
+    for suffix in sorted(_SUFFIXES, key=len, reverse=True):
+        if low.endswith(suffix) and _SUFFIXES[suffix] != "npz":
+            return name[len(name) - len(suffix) :]
+    return None
+
+
 def format_of(path: str | Path) -> str | None:
     """Format name for ``path`` from its suffix, or ``None`` if unknown."""
     name = Path(path).name.lower()

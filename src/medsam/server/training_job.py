@@ -2,21 +2,14 @@
 
 One job (``POST /train``) does, in this order, and changes nothing the user sees until the end:
 
-1. **Corpus.** Every image whose label map has a saved version (an accepted label) and at least
-   one labelled pixel becomes one case of a corpus in ``medsam train``'s format, written with the
-   curation code itself (:func:`medsam.corpus.write_case` and
-   :func:`~medsam.corpus.index_corpus`): one ``.npz`` per labelled slice holding the
-   slice *exactly as the model sees it in the workbench* (the datastore's uint8 model input) and
-   its label map, one manifest row per (slice, label). The label files are read from disk again
-   (not from the server's cache), inside ``.medsam/labels`` only.
-2. **Split** by image, deterministic and stable: an image is held out when the first 8 bytes of
-   ``sha256("medsam-holdout/" + image id)``, read as a fraction of 2**64, fall below
-   :data:`HOLDOUT_FRACTION`. Adding images never moves an existing one, and no slice of a
-   held-out volume is trained on. At least one image is held out (the one with the smallest
-   hash) and at least one is trained on; fewer than :data:`MIN_ACCEPTED_IMAGES` accepted images
-   are refused (422). Held-out cases carry the manifest split ``test``, training cases ``train``.
+1. **Corpus.** The accepted labels become a corpus (:mod:`medsam.server.accepted_corpus`: one
+   case per image with a labelled pixel, the slices exactly as the model sees them).
+2. **Split** by image, by a hash of the image id (:func:`~medsam.server.accepted_corpus.split_images`):
+   held-out images are scored, never trained on; fewer than :data:`MIN_ACCEPTED_IMAGES` accepted
+   images are refused (422).
 3. **Before.** The served model is scored on the held-out labels (:func:`score_heldout`).
-4. **Training**: ``medsam train`` (:mod:`medsam.cli.train`) in a child process, from the served
+4. **Training**: the library's training loop in a child process
+   (:mod:`medsam.server.training_process`, :mod:`medsam.train.worker`), from the served
    weights (written to ``base.safetensors``), ``train.mode`` ``decoder`` (default) or ``lora``,
    a few steps (default :data:`DEFAULT_STEPS`), batch ``min(4, training objects)``, no
    validation inside the run (the held-out split is scored here instead), checkpoints in
@@ -29,37 +22,27 @@ One job (``POST /train``) does, in this order, and changes nothing the user sees
 
 A job that fails or is cancelled at any step leaves the served model unchanged.
 
-Why a child process for the training, and a thread for the rest. The job is driven by a thread
-of the server (it only waits for the child, reads its log, and scores, which needs the served
-model object). The training itself runs as a separate ``python -m medsam train``
-process because (a) ``torch.set_num_threads`` is process-wide: a training thread could not be
-limited to fewer cores without also slowing the interactive model, whereas the child gets its
-own ``OMP_NUM_THREADS`` (half the cores by default) and a lower CPU priority (nice +10); (b) its
-Python loop does not compete for the server's GIL; (c) a crash or out-of-memory in training
-kills the child, not the server, and cancelling is terminating it; (d) it is literally
-``medsam train`` on the written corpus, the command a user would run. The cost is a few
-seconds of start-up and the base weights on disk (deleted when the job ends).
+The job is driven by a thread of the server (it waits for the child, follows its progress, and
+scores, which needs the served model object); why the training itself is a child process is said
+in :mod:`medsam.server.training_process`.
 
 Embeddings: the embedding cache is keyed by the image encoder's fingerprint
 (:func:`medsam.embedding_cache.encoder_fingerprint`), so a decoder-only model shares every
 cached embedding with its base (the "after" scoring and the first prompts after the switch cost
 no encoder call), and a LoRA model, whose encoder changed, never sees one of them.
 
-Scores (:func:`score_heldout`): per object (one label on one held-out slice), the box prompt is
-the label's bounding box on that slice (inclusive corners; a one-pixel-wide box is closed on the
-far side), the mask comes from :class:`medsam.predictor.Predictor` on the slice, and DSC and NSD
-(2 mm, the slice's pixel spacing) from :mod:`medsam.metrics`; the summary is the mean over
-objects. At most :data:`MAX_SCORED_SLICES` held-out slices are scored (evenly spaced), the same
-ones for both models.
+Scores (:func:`score_heldout`): per object (one label on one held-out slice), by the evaluation
+engine that ``medsam benchmark`` uses (:mod:`medsam.scoring`): the box prompt is the label's
+bounding box on that slice, the mask comes from :class:`medsam.predictor.Predictor` on the
+slice, DSC and NSD at 2 mm with the slice's pixel spacing; the summary is the mean over objects.
+At most :data:`MAX_SCORED_SLICES` held-out slices are scored (evenly spaced), the same ones for
+both models.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import json
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -69,14 +52,22 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from ..io.atomic import atomic_output
-from ..lifecycle import PARENT_PID_ENV
+from .accepted_corpus import (
+    HELDOUT_SPLIT,
+    HOLDOUT_FRACTION,
+    MIN_ACCEPTED_IMAGES,
+    CorpusInfo,
+    JobCancelled,
+    JobError,
+    holdout_fraction_of,
+    split_images,
+    write_accepted_corpus,
+)
 from .labels import LabelStore, now_iso
-from .security import UnsafePathError, resolve_inside, safe_relative_path
+from .trained_models import JOB_ID_RE, STARTUP_MODEL_ID, model_entries, trained_records
+from .training_process import run_training_process, training_config
 
 __all__ = [
     "DEFAULT_STEPS",
@@ -95,30 +86,13 @@ __all__ = [
     "write_accepted_corpus",
 ]
 
-HOLDOUT_FRACTION = 0.2
-MIN_ACCEPTED_IMAGES = 2
 DEFAULT_STEPS = 20
 MAX_STEPS = 2000
 DEFAULT_LR = 1e-4
 MAX_LR = 1e-2
 MAX_SCORED_SLICES = 64
 NSD_TOLERANCE_MM = 2.0
-STARTUP_MODEL_ID = "startup"
-DATASET = "workbench"
-TRAIN_SPLIT, HELDOUT_SPLIT = "train", "test"
-_JOB_ID_RE = re.compile(r"^[0-9a-f]{12}$")
 _LOG_LINES = 200
-_ENV_DROP = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "GROUP_RANK",
-    "ROLE_RANK",
-    "TORCHELASTIC_RUN_ID",
-)
 # Overall progress: where each phase starts and ends (the page shows one bar).
 _PHASES = {
     "queued": (0.0, 0.0),
@@ -140,219 +114,7 @@ class TrainingRefused(Exception):
         self.status = status
 
 
-class _JobError(Exception):
-    """Fails the running job with an HTTP-like status."""
-
-    def __init__(self, message: str, status: int = 500) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class _Cancelled(Exception):
-    pass
-
-
-# ----------------------------------------------------------------------------- split
-def holdout_fraction_of(image_id: str) -> float:
-    """The image's place in [0, 1): first 8 bytes of ``sha256("medsam-holdout/" + id)`` / 2**64."""
-    digest = hashlib.sha256(("medsam-holdout/" + image_id).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / float(1 << 64)
-
-
-def split_images(image_ids: list[str], fraction: float = HOLDOUT_FRACTION) -> tuple[list[str], list[str]]:
-    """``(train, held_out)`` image ids: held out when :func:`holdout_fraction_of` < ``fraction``.
-
-    With two or more images, at least one lands on each side: if none is held out, the image
-    with the smallest value is; if all are, the one with the largest value is trained on.
-    """
-    ids = sorted(set(image_ids))
-    if len(ids) < 2:
-        raise ValueError("need at least two images to split")
-    value = {i: holdout_fraction_of(i) for i in ids}
-    held = [i for i in ids if value[i] < fraction]
-    if not held:
-        held = [min(ids, key=value.__getitem__)]
-    if len(held) == len(ids):
-        held.remove(max(ids, key=value.__getitem__))
-    train = [i for i in ids if i not in held]
-    return train, sorted(held)
-
-
-# ----------------------------------------------------------------------------- corpus
-@dataclass
-class CorpusInfo:
-    folder: Path
-    train_images: list[str]
-    heldout_images: list[str]
-    train_objects: int
-    heldout_objects: int
-    case_to_image: dict[str, str]
-    skipped: list[str] = field(default_factory=list)  # accepted, but no labelled pixel
-    train_slices: int = 0
-
-
-def _case_name(image_id: str) -> str:
-    """A folder-safe, unique case name for an image id."""
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", image_id)[:80]
-    if not safe[:1].isalnum():
-        safe = "i" + safe
-    return f"{safe}-{hashlib.sha256(image_id.encode('utf-8')).hexdigest()[:8]}"
-
-
-def read_accepted_label(labels: LabelStore, image_id: str, like) -> tuple[dict, np.ndarray]:
-    """``(sidecar record, label map)`` of an accepted image, read from its file on disk.
-
-    The file named by the sidecar must lie inside the labels folder. Raises :class:`_JobError`
-    (422) for an unreadable or mismatched file.
-    """
-    from ..io import read_image
-
-    try:
-        rec = labels.record(image_id)
-    except RuntimeError as exc:
-        raise _JobError(str(exc), 422) from None
-    name = rec.get("label_file")
-    if not rec.version or not name:
-        raise _JobError(f"{image_id!r} has no saved label", 422)
-    try:
-        path = resolve_inside(labels.dir.resolve(), safe_relative_path(str(name)))
-    except UnsafePathError as exc:
-        raise _JobError(f"label file of {image_id!r} refused: {exc}", 422) from None
-    try:
-        array = np.asarray(read_image(path).array)
-    except Exception as exc:  # any reader failure: a damaged file
-        first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-        raise _JobError(f"cannot read the label file of {image_id!r}: {first}", 422) from None
-    if array.shape != tuple(like.spatial_shape):
-        raise _JobError(f"label file of {image_id!r} has shape {array.shape}, the image {like.spatial_shape}", 422)
-    if array.size and (array.min() < 0 or array.max() > 255):
-        raise _JobError(f"label file of {image_id!r} holds values outside 0..255", 422)
-    return rec, array.astype(np.uint8, copy=False)
-
-
-def write_accepted_corpus(
-    datastore,
-    labels: LabelStore,
-    image_ids: list[str],
-    folder: Path,
-    modality: str | None = None,
-    cancelled: Callable[[], bool] = lambda: False,
-) -> CorpusInfo:
-    """Write the accepted labels of ``image_ids`` as a corpus in ``folder`` (module docstring).
-
-    Images without a labelled pixel are skipped; the split is made over the rest. Raises
-    :class:`_JobError` (422) when fewer than :data:`MIN_ACCEPTED_IMAGES` remain.
-    """
-    from ..corpus import index_corpus, write_case
-
-    usable: dict[str, tuple[Any, dict, np.ndarray, list[int]]] = {}
-    skipped = []
-    for image_id in image_ids:
-        if cancelled():
-            raise _Cancelled()
-        try:
-            loaded = datastore.load(image_id)
-        except Exception as exc:  # vanished or unreadable image
-            raise _JobError(f"cannot read image {image_id!r}: {str(exc).splitlines()[0][:300]}", 422) from None
-        rec, label = read_accepted_label(labels, image_id, loaded.image)
-        planes = label if loaded.image.is_volume else label[None]
-        kept = [int(k) for k in np.flatnonzero(planes.reshape(planes.shape[0], -1).any(axis=1))]
-        if kept:
-            usable[image_id] = (loaded, rec, planes, kept)
-        else:
-            skipped.append(image_id)
-    if len(usable) < MIN_ACCEPTED_IMAGES:
-        raise _JobError(
-            f"need accepted labels on at least {MIN_ACCEPTED_IMAGES} images (one to train on, one held out "
-            f"to score), found {len(usable)} with a labelled pixel",
-            422,
-        )
-    train, held = split_images(list(usable))
-    heldout = set(held)
-    folder.mkdir(parents=True, exist_ok=True)
-    case_to_image = {}
-    counts = {TRAIN_SPLIT: 0, HELDOUT_SPLIT: 0}
-    slice_counts = {TRAIN_SPLIT: 0, HELDOUT_SPLIT: 0}
-    for image_id, (loaded, rec, planes, kept) in usable.items():
-        if cancelled():
-            raise _Cancelled()
-        image = loaded.image
-        split = HELDOUT_SPLIT if image_id in heldout else TRAIN_SPLIT
-        names = {int(d["value"]): str(d["name"]) for d in rec.get("labels") or [] if "value" in d and "name" in d}
-        present = sorted(int(v) for v in np.unique(planes[kept]) if v)
-        case = _case_name(image_id)
-        written = write_case(
-            folder,
-            DATASET,
-            case,
-            ((k, loaded.model_slice(k), planes[k]) for k in kept),
-            list(image.spacing_zyx)[-2:],
-            {
-                "modality": image.modality or modality or "unknown",
-                "label_source": "manual (workbench)",
-                "source": {
-                    "image_id": image_id,
-                    "label_file": rec.get("label_file"),
-                    "label_version": rec.version,
-                    "label_sha256": rec.get("label_sha256"),
-                },
-                "geometry": {
-                    "shape": list(image.spatial_shape),
-                    "is_color": image.is_color,
-                    "spacing_zyx": list(image.spacing_zyx),
-                    "source_format": image.source_format,
-                },
-                "normalization": {
-                    "recipe": "workbench model input (medsam.segment.to_model_input)",
-                    "modality": modality,
-                },
-                "label_names": {str(v): names.get(v, f"label {v}") for v in present},
-                "split": split,
-            },
-        )
-        counts[split] += int(written["n_objects"])
-        slice_counts[split] += int(written["n_slices"])
-        case_to_image[case] = image_id
-    index_corpus(
-        folder,
-        [
-            {
-                "name": DATASET,
-                "modality": "mixed",
-                "images": str(datastore.root),
-                "labels": str(labels.dir),
-                "label_source": "manual (workbench)",
-                "split": {"train": 1 - HOLDOUT_FRACTION, "val": 0.0, "test": HOLDOUT_FRACTION},
-                "description": "accepted labels of the MedSAM workbench; split by a hash of the image id",
-            }
-        ],
-    )
-    return CorpusInfo(
-        folder,
-        train,
-        held,
-        counts[TRAIN_SPLIT],
-        counts[HELDOUT_SPLIT],
-        case_to_image,
-        skipped,
-        slice_counts[TRAIN_SPLIT],
-    )
-
-
 # ----------------------------------------------------------------------------- scores
-def _box_of(mask: np.ndarray) -> list[float]:
-    """Inclusive [x0, y0, x1, y1] of a mask; a one-pixel-wide side is closed on the far side."""
-    H, W = mask.shape
-    ys = np.flatnonzero(mask.any(axis=1))
-    xs = np.flatnonzero(mask.any(axis=0))
-    x0, y0, x1, y1 = float(xs[0]), float(ys[0]), float(xs[-1]), float(ys[-1])
-    if x1 <= x0:
-        x1 = min(x0 + 1, W)
-    if y1 <= y0:
-        y1 = min(y0 + 1, H)
-    return [x0, y0, x1, y1]
-
-
 def score_heldout(
     model,
     corpus: Path,
@@ -361,48 +123,33 @@ def score_heldout(
     max_slices: int = MAX_SCORED_SLICES,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[dict]:
-    """DSC and NSD of ``model`` on every object of the corpus's held-out split (module docstring).
+    """DSC and NSD of ``model`` on every object of the corpus's held-out split, by the evaluation
+    engine (:func:`medsam.scoring.score_objects`: the benchmark's prompts, metrics and loop; at
+    most ``max_slices`` slices, evenly spaced).
 
     Returns one dict per object: ``case``, ``slice``, ``label``, ``label_name``, ``dsc``, ``nsd``.
     ``cache``: an :class:`~medsam.embedding_cache.EmbeddingCache` for the slice embeddings.
     """
-    from ..corpus import load_slice, read_manifest
-    from ..embedding_cache import set_image_cached
-    from ..metrics import dice_score, normalized_surface_dice
-    from ..predictor import Predictor
+    from ..corpus import read_manifest
+    from ..scoring import PredictorMethod, score_objects
 
-    groups: OrderedDict[str, list] = OrderedDict()
-    for row in read_manifest(corpus, HELDOUT_SPLIT):
-        groups.setdefault(row.path, []).append(row)
-    paths = list(groups)
-    if len(paths) > max_slices:
-        picks = sorted(set(np.linspace(0, len(paths) - 1, max_slices).round().astype(int).tolist()))
-        paths = [paths[i] for i in picks]
-    predictor = Predictor(model)
-    out = []
-    for n, path in enumerate(paths):
-        if cancelled():
-            raise _Cancelled()
-        rows = groups[path]
-        image, label, spacing = load_slice(corpus, rows[0])
-        gts = [label == r.label for r in rows]
-        set_image_cached(predictor, image, cache)
-        pred = predictor.predict(boxes=np.asarray([_box_of(g) for g in gts], dtype=np.float64))
-        for r, mask, gt in zip(rows, pred.masks, gts):
-            out.append(
-                {
-                    "case": r.case,
-                    "slice": int(r.slice),
-                    "label": int(r.label),
-                    "label_name": r.label_name,
-                    "dsc": float(dice_score(mask, gt)),
-                    "nsd": float(normalized_surface_dice(mask, gt, spacing, NSD_TOLERANCE_MM)),
-                }
-            )
-        if progress is not None:
-            progress(n + 1, len(paths))
-    predictor.reset_image()
-    return out
+    method = PredictorMethod(model, cache=cache)
+    try:
+        scored = score_objects(
+            corpus,
+            read_manifest(corpus, HELDOUT_SPLIT),
+            method,
+            tolerance_mm=NSD_TOLERANCE_MM,
+            max_slices=max_slices,
+            cancelled=cancelled,
+            progress=progress,
+        )
+    except InterruptedError:
+        raise JobCancelled() from None
+    finally:
+        method.finish()
+    keys = ("case", "slice", "label", "label_name", "dsc", "nsd")
+    return [{k: o[k] for k in keys} for o in scored.objects]
 
 
 def restore_encoder(base, new) -> list[str]:
@@ -423,28 +170,12 @@ def restore_encoder(base, new) -> list[str]:
 
 
 def summarize_scores(rows: list[dict]) -> dict:
-    """Mean DSC and NSD over objects."""
-    return {
-        "dsc": float(np.mean([r["dsc"] for r in rows])) if rows else 0.0,
-        "nsd": float(np.mean([r["nsd"] for r in rows])) if rows else 0.0,
-        "n_objects": len(rows),
-        "nsd_tolerance_mm": NSD_TOLERANCE_MM,
-    }
+    """Mean DSC and NSD over objects (:func:`medsam.scoring.mean_scores`) and the NSD tolerance."""
+    from ..scoring import mean_scores
+
+    return {**mean_scores(rows), "nsd_tolerance_mm": NSD_TOLERANCE_MM}
 
 
-def _str_or_none(value) -> str | None:
-    return value if isinstance(value, str) else None
-
-
-def _scores_or_none(value) -> dict | None:
-    """A ``summarize_scores`` dict read back from ``training.json``, or None if it is not one."""
-    keys = ("dsc", "nsd", "n_objects", "nsd_tolerance_mm")
-    if isinstance(value, dict) and all(isinstance(value.get(k), (int, float)) for k in keys):
-        return {k: value[k] for k in keys}
-    return None
-
-
-# ----------------------------------------------------------------------------- the job
 @dataclass
 class TrainingJob:
     """One training job; :meth:`info` is its status (``TrainJobStatus`` in the API)."""
@@ -620,76 +351,16 @@ class TrainingManager:
 
     # ------------------------------------------------------------------ models
     def models(self) -> list[dict]:
-        """The startup model and every finished training's model, oldest first."""
+        """The startup model and every finished training's model, oldest first
+        (:func:`medsam.server.trained_models.model_entries`)."""
         from ..embedding_cache import model_fingerprint
 
-        if self.served == STARTUP_MODEL_ID:
-            fp = self.engine.fingerprint()
-        else:
-            fp = model_fingerprint(self._startup_model)
+        fp = self.engine.fingerprint() if self.served == STARTUP_MODEL_ID else model_fingerprint(self._startup_model)
         ckpt = self._startup_checkpoint
-        out = [
-            {
-                "id": STARTUP_MODEL_ID,
-                "source": "startup",
-                "name": "model given at start-up",
-                "checkpoint": str(ckpt) if ckpt else None,
-                "fingerprint": fp,
-                "created": None,
-                "parent": None,
-                "mode": None,
-                "steps": None,
-                "lr": None,
-                "before": None,
-                "after": None,
-                "heldout_images": [],
-            }
-        ]
-        for rec in self._trained_records():
-            mode = rec.get("mode") if rec.get("mode") in ("decoder", "lora") else None
-            steps = rec.get("steps") if isinstance(rec.get("steps"), int) else None
-            lr = rec.get("lr") if isinstance(rec.get("lr"), (int, float)) else None
-            parent = rec.get("parent") if isinstance(rec.get("parent"), dict) else {}
-            held = rec.get("heldout_images")
-            out.append(
-                {
-                    "id": rec["id"],
-                    "source": "training",
-                    "name": f"{mode or '?'} fine-tune, {steps} steps",
-                    "checkpoint": rec["checkpoint_rel"],
-                    "fingerprint": _str_or_none(rec.get("fingerprint")),
-                    "created": _str_or_none(rec.get("finished")),
-                    "parent": _str_or_none(parent.get("id")),
-                    "mode": mode,
-                    "steps": steps,
-                    "lr": lr,
-                    "before": _scores_or_none(rec.get("before")),
-                    "after": _scores_or_none(rec.get("after")),
-                    "heldout_images": [str(i) for i in held] if isinstance(held, list) else [],
-                }
-            )
-        for m in out:
-            m["served"] = m["id"] == self.served
-        return out
+        return model_entries(str(ckpt) if ckpt else None, fp, self._trained_records(), self.served)
 
     def _trained_records(self) -> list[dict]:
-        if not self.models_dir.is_dir():
-            return []
-        recs = []
-        for d in sorted(self.models_dir.iterdir()):
-            if not (_JOB_ID_RE.match(d.name) and d.is_dir() and not d.is_symlink()):
-                continue
-            try:
-                rec = json.loads((d / "training.json").read_text())
-            except (OSError, ValueError):
-                continue
-            if not isinstance(rec, dict) or rec.get("id") != d.name or not (d / "model.safetensors").is_file():
-                continue
-            rec["checkpoint_rel"] = os.path.relpath(d / "model.safetensors", self.settings.data_dir).replace(
-                os.sep, "/"
-            )
-            recs.append(rec)
-        return sorted(recs, key=lambda r: (r.get("finished") or "", r["id"]))
+        return trained_records(self.models_dir, self.settings.data_dir)
 
     def select(self, model_id: str) -> None:
         """Serve the model ``model_id`` (404 unknown, 409 while a job runs)."""
@@ -700,7 +371,7 @@ class TrainingManager:
             return
         model, path = None, self._startup_checkpoint
         if model_id != STARTUP_MODEL_ID:
-            if not _JOB_ID_RE.match(model_id) or not any(r["id"] == model_id for r in self._trained_records()):
+            if not JOB_ID_RE.match(model_id) or not any(r["id"] == model_id for r in self._trained_records()):
                 raise TrainingRefused(f"no model {model_id!r}", 404)
             from ..weights import load_model
 
@@ -734,10 +405,10 @@ class TrainingManager:
         try:
             self._work(job, accepted, job_dir)
             job.state = "done"
-        except _Cancelled:
+        except JobCancelled:
             job.state = "cancelled"
             job.say("cancelled; the served model is unchanged")
-        except _JobError as exc:
+        except JobError as exc:
             job.state, job.error, job.error_status = "failed", str(exc), exc.status
             job.say(f"failed: {exc}")
         except Exception as exc:  # a failed job must never take the server down
@@ -757,7 +428,7 @@ class TrainingManager:
 
     def _check(self, job: TrainingJob) -> None:
         if job.cancelled:
-            raise _Cancelled()
+            raise JobCancelled()
 
     def _work(self, job: TrainingJob, accepted: list[str], job_dir: Path) -> None:
         from ..embedding_cache import model_fingerprint
@@ -780,7 +451,7 @@ class TrainingManager:
             + (f"; skipped without labelled pixels: {', '.join(corpus.skipped)}" if corpus.skipped else "")
         )
         if corpus.train_objects == 0 or corpus.heldout_objects == 0:
-            raise _JobError("no object to train on or to score", 422)
+            raise JobError("no object to train on or to score", 422)
 
         def scored(p: float) -> None:
             job.phase_done = p
@@ -800,8 +471,27 @@ class TrainingManager:
         job.set_phase("training")
         base_path = save_model(base_model, job_dir / "base.safetensors")
         run_dir = job_dir / "run"
-        config_path = self._write_config(job, corpus, base_path, run_dir, base_model)
-        self._train(job, config_path, job_dir, run_dir)
+        config_path = training_config(job.mode, job.steps, job.lr, corpus, base_path, run_dir, base_model.device)
+
+        def on_metrics(step: int, loss: float | None) -> None:
+            job.step, job.loss = step, loss
+            job.phase_done = step / max(1, job.steps)
+
+        def on_start(proc) -> None:
+            self._procs[job.id] = proc
+            job.say(f"training process {proc.pid}: medsam.train.worker {config_path.name} ({self.threads} threads)")
+
+        run_training_process(
+            config_path,
+            job_dir,
+            run_dir,
+            threads=self.threads,
+            python=self.python,
+            on_start=on_start,
+            cancelled=lambda: job.cancelled,
+            on_log=lambda line: job.log.append(f"[train] {line}"),
+            on_metrics=on_metrics,
+        )
 
         job.set_phase("exporting")
         from ..train.export import export_checkpoint
@@ -859,7 +549,7 @@ class TrainingManager:
             tmp.write_text(json.dumps(record, indent=1))
         with self._lock:
             if job.cancelled:
-                raise _Cancelled()
+                raise JobCancelled()
             self._serve(job.id, new_model, model_path)
         job.model_after = job.id
         job.switched = True
@@ -878,113 +568,3 @@ class TrainingManager:
             "dsc_after": after["dsc"] if after else None,
             "nsd_after": after["nsd"] if after else None,
         }
-
-    def _write_config(self, job: TrainingJob, corpus: CorpusInfo, base: Path, run_dir: Path, base_model) -> Path:
-        from ..train.config import TrainConfig, dump_config
-
-        batch = max(1, min(4, corpus.train_objects))
-        data = {
-            "corpus": str(corpus.folder),
-            "train_split": TRAIN_SPLIT,
-            "val_split": None,
-            "batch_size": batch,
-            "workers": 0,
-            "clicks": 3,
-        }
-        if job.mode == "decoder" and corpus.train_slices <= job.steps * batch:
-            # Fewer slices than samples to draw: embed each once (medsam.train.embedding_store)
-            # instead of once per sample.
-            data["cache_embeddings"] = str(run_dir.parent / "embeddings")
-        cfg = TrainConfig.from_dict(
-            {
-                "model": {"arch": None, "checkpoint": str(base), "contract": None},
-                "data": data,
-                "train": {
-                    "mode": job.mode,
-                    "epochs": 0,
-                    "max_steps": job.steps,
-                    "lr": job.lr,
-                    "seed": 0,
-                    "device": "cuda" if base_model.device.type == "cuda" else "cpu",
-                    "log_every": 1,
-                    "save_every": 0,
-                    "progress": False,
-                },
-                "output": {"dir": str(run_dir), "tensorboard": False},
-            }
-        )
-        path = run_dir.parent / "config.yaml"
-        path.write_text(dump_config(cfg))
-        return path
-
-    def _train(self, job: TrainingJob, config_path: Path, job_dir: Path, run_dir: Path) -> None:
-        """Run ``medsam train`` in a child process; follow its log and metrics until it exits."""
-        import medsam
-
-        env = {k: v for k, v in os.environ.items() if k not in _ENV_DROP}
-        env.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads), PYTHONUNBUFFERED="1")
-        src = str(Path(medsam.__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        log_path = job_dir / "train.log"
-        cmd = [self.python, "-m", "medsam", "train", str(config_path)]
-        env[PARENT_PID_ENV] = str(os.getpid())  # the child ends with the server (medsam.lifecycle)
-        job.say("medsam train " + config_path.name + f" ({self.threads} threads)")
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=str(job_dir), env=env
-            )
-        self._procs[job.id] = proc
-        try:
-            if hasattr(os, "setpriority"):
-                os.setpriority(os.PRIO_PROCESS, proc.pid, os.getpriority(os.PRIO_PROCESS, 0) + 10)
-        except OSError:
-            pass
-        if job.cancelled:  # cancelled while starting
-            proc.terminate()
-        offset = 0
-        metrics = run_dir / "metrics.csv"
-        while True:
-            rc = proc.poll()
-            offset = self._follow_log(job, log_path, offset)
-            self._read_metrics(job, metrics)
-            if rc is not None:
-                break
-            time.sleep(0.2)
-        if job.cancelled:
-            raise _Cancelled()
-        if rc != 0:
-            lines = [ln for ln in job.log if "medsam: error:" in ln] or list(job.log)
-            last = lines[-1].split("] ", 1)[-1] if lines else ""
-            raise _JobError(f"training process exited with status {rc}: {last}", 500)
-        if not (run_dir / "latest.pt").is_file():
-            raise _JobError("training finished without writing a checkpoint", 500)
-
-    @staticmethod
-    def _follow_log(job: TrainingJob, path: Path, offset: int) -> int:
-        try:
-            with open(path, "rb") as fh:
-                fh.seek(offset)
-                data = fh.read()
-        except OSError:
-            return offset
-        end = data.rfind(b"\n") + 1
-        for line in data[:end].decode("utf-8", "replace").splitlines():
-            if line.strip():
-                job.log.append(f"[train] {line.rstrip()}")
-        return offset + end
-
-    @staticmethod
-    def _read_metrics(job: TrainingJob, path: Path) -> None:
-        try:
-            with open(path, newline="") as fh:
-                rows = [r for r in csv.DictReader(fh) if r.get("split") == "train"]
-        except (OSError, csv.Error):
-            return
-        if rows:
-            last = rows[-1]
-            try:
-                job.step = int(last["step"])
-                job.loss = float(last["loss"]) if last.get("loss") else None
-            except (KeyError, ValueError):
-                return
-            job.phase_done = job.step / max(1, job.steps)

@@ -3,7 +3,8 @@
 For each slice of the split (of the specialist's datasets unless others are named) the network
 predicts one label map (:meth:`Specialist.predict`: the slice prepared as in training, the logits
 framed back to the stored slice's grid and orientation, arg-max, channel -> label id); each
-manifest row (object) is then scored as in :func:`medsam.benchmark.run_benchmark`:
+manifest row (object) is then scored by the evaluation engine (:func:`medsam.scoring.score_objects`,
+as ``medsam benchmark`` scores a model):
 ``pred = label_map == row.label`` against ``gt = slice label == row.label``, DSC and NSD at
 ``tolerance_mm`` (2 mm) with the slice spacing.
 No prompts: the box columns ``px0..py1`` and ``score`` are empty. A test object whose label is
@@ -29,17 +30,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import __version__
 from .. import benchmark as _bench
-from ..corpus import load_slice, read_manifest
-from ..metrics import dice_score, normalized_surface_dice
+from ..corpus import read_manifest
+from ..io.atomic import write_text
+from ..scoring import ERROR_COLUMNS, SLICE_COLUMNS, SUMMARY_COLUMNS, score_objects
+from ..scoring import OBJECT_COLUMNS as _OBJECT_COLUMNS
+from ..scoring import summarize as summarize_objects
 from .data import CaseOrientations
 from .model import Specialist, load_specialist
 
-OBJECT_COLUMNS = tuple(_bench.OBJECT_COLUMNS) + ("in_classes",)
-SLICE_COLUMNS = tuple(_bench.SLICE_COLUMNS)
-ERROR_COLUMNS = tuple(_bench.ERROR_COLUMNS)
-SUMMARY_COLUMNS = tuple(_bench.SUMMARY_COLUMNS)
-summarize_objects = _bench.summarize
+OBJECT_COLUMNS = (*_OBJECT_COLUMNS, "in_classes")
 
 
 @dataclass
@@ -56,17 +57,45 @@ class SpecialistEvaluation:
         return next(r for r in self.summary if r["level"] == "all")
 
 
-@torch.no_grad()
-def _predict_timed(
-    model: Specialist, image: np.ndarray, spacing, orientation, device
-) -> tuple[np.ndarray, float, float]:
-    t0 = time.perf_counter()
-    x = model.prepare(image, spacing, orientation)[None].to(device)
-    logits = model.net(x).float()
-    t1 = time.perf_counter()
-    label_map = model.labels_from_logits(logits[0], image.shape[:2], spacing, orientation)
-    t2 = time.perf_counter()
-    return label_map, t1 - t0, t2 - t1
+class SpecialistMethod:
+    """The specialist as a :class:`medsam.scoring.SliceMethod`: no prompts; ``embed`` runs the
+    network on the slice (preprocessing + network), ``segment`` frames the logits back to the
+    slice and takes each object's label from the arg-max (resize + arg-max)."""
+
+    prompted = False
+    warm_up = True
+
+    def __init__(self, model: Specialist, orientations: CaseOrientations, device) -> None:
+        self.model = model
+        self.orientations = orientations
+        self.device = device
+        self.classes = set(model.classes.labels[1:])
+        self._logits = None
+        self._frame = None
+
+    def embed(self, image: np.ndarray, spacing, rows) -> float:
+        t0 = time.perf_counter()
+        orientation = self.orientations(rows[0])
+        x = self.model.prepare(image, spacing, orientation)[None].to(self.device)
+        self._logits = self.model.net(x).float()
+        self._frame = (image.shape[:2], spacing, orientation)
+        return time.perf_counter() - t0
+
+    def segment(self, image: np.ndarray, boxes, rows) -> tuple[np.ndarray, np.ndarray, float]:
+        t0 = time.perf_counter()
+        size, spacing, orientation = self._frame
+        label_map = self.model.labels_from_logits(self._logits[0], size, spacing, orientation)
+        masks = np.stack([label_map == r.label for r in rows])
+        return masks, np.full(len(rows), np.nan), time.perf_counter() - t0
+
+    def reset_peak(self) -> None:
+        pass
+
+    def peak_cuda_mb(self) -> float | None:
+        return None
+
+    def object_fields(self, row) -> dict:
+        return {"in_classes": int(row.label in self.classes)}
 
 
 def evaluate_specialist(
@@ -103,103 +132,16 @@ def evaluate_specialist(
             f"no manifest rows in split {split!r} for datasets {', '.join(datasets) or '(all)'} of {corpus}"
         )
     method_name = name or "specialist-unet"
-    orientations = CaseOrientations(corpus, enabled=model.reorient)
-    classes = set(model.classes.labels[1:])
-    groups = _bench.group_by_slice(rows)
-    objects: list[dict] = []
-    slices: list[dict] = []
-    errors: list[dict] = []
-
-    def error(r, message: str) -> None:
-        errors.append(_bench.error_row(r, message))
-
-    warmed = False
-    start_all = time.perf_counter()
-    for s_index, (path, srows) in enumerate(groups.items()):
-        try:
-            image, label_map, spacing = load_slice(corpus, srows[0])
-        except Exception as exc:  # unreadable slice: report its rows, go on
-            text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            for r in srows:
-                error(r, f"slice unreadable: {type(exc).__name__}: {text}")
-            continue
-        H, W = label_map.shape
-        kept = []
-        for r in srows:
-            if not (label_map == r.label).any():
-                error(r, f"label {r.label} is not on its slice")
-            else:
-                kept.append(r)
-        if not kept:
-            continue
-        if not warmed:
-            _predict_timed(model, image, spacing, orientations(kept[0]), device)  # one untimed warm-up
-            warmed = True
-        pred_map, embed_s, decode_s = _predict_timed(model, image, spacing, orientations(kept[0]), device)
-        for r in kept:
-            gt = label_map == r.label
-            mask = pred_map == r.label
-            objects.append(
-                {
-                    "dataset": r.dataset,
-                    "case": r.case,
-                    "slice": r.slice,
-                    "label": r.label,
-                    "label_name": r.label_name,
-                    "group": _bench.structure_group(r.label_name),
-                    "modality": r.modality,
-                    "split": r.split,
-                    "x0": r.x0,
-                    "y0": r.y0,
-                    "x1": r.x1,
-                    "y1": r.y1,
-                    "px0": None,
-                    "py0": None,
-                    "px1": None,
-                    "py1": None,
-                    "area": int(gt.sum()),
-                    "pred_area": int(mask.sum()),
-                    "score": None,
-                    "dsc": dice_score(mask, gt),
-                    "nsd": normalized_surface_dice(mask, gt, spacing, tolerance_mm),
-                    "embed_s": embed_s,
-                    "decode_s": decode_s,
-                    "objects_in_slice": len(kept),
-                    "height": H,
-                    "width": W,
-                    "spacing_row": spacing[0],
-                    "spacing_col": spacing[1],
-                    "in_classes": int(r.label in classes),
-                }
-            )
-        slices.append(
-            {
-                "dataset": kept[0].dataset,
-                "case": kept[0].case,
-                "slice": kept[0].slice,
-                "path": path,
-                "modality": kept[0].modality,
-                "height": H,
-                "width": W,
-                "objects": len(kept),
-                "embed_s": embed_s,
-                "decode_s": decode_s,
-                "peak_rss_mb": _bench._peak_rss_mb(),
-                "peak_cuda_mb": None,
-            }
-        )
-        if (s_index + 1) % 20 == 0 or s_index + 1 == len(groups):
-            log(
-                f"{method_name}: {s_index + 1}/{len(groups)} slices, {len(objects)} objects, "
-                f"{time.perf_counter() - start_all:.0f} s"
-            )
-    total_s = time.perf_counter() - start_all
+    method = SpecialistMethod(model, CaseOrientations(corpus, enabled=model.reorient), device)
+    with torch.no_grad():
+        scored = score_objects(corpus, rows, method, tolerance_mm=tolerance_mm, log=log, name=method_name)
+    objects, slices, errors, total_s = scored.objects, scored.slices, scored.errors, scored.seconds
     if not objects:
         raise ValueError(
             f"no object could be scored ({len(errors)} errors; first: {errors[0]['error'] if errors else '-'})"
         )
 
-    summary = _bench.summarize(objects, slices)
+    summary = summarize_objects(objects, slices)
     unseen = sorted({(o["label"], o["label_name"]) for o in objects if not o["in_classes"]})
     info = {
         "method": method_name,
@@ -225,19 +167,19 @@ def evaluate_specialist(
         "device": str(device),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "medsam": _bench._version(),
+        "medsam": __version__,
     }
     out.mkdir(parents=True, exist_ok=True)
-    _bench._write_csv(out / "objects.csv", OBJECT_COLUMNS, objects)
-    _bench._write_csv(out / "slices.csv", SLICE_COLUMNS, slices)
-    _bench._write_csv(out / "errors.csv", ERROR_COLUMNS, errors)
-    _bench._write_csv(out / "summary.csv", SUMMARY_COLUMNS, summary)
+    _bench.write_table(out / "objects.csv", OBJECT_COLUMNS, objects)
+    _bench.write_table(out / "slices.csv", SLICE_COLUMNS, slices)
+    _bench.write_table(out / "errors.csv", ERROR_COLUMNS, errors)
+    _bench.write_table(out / "summary.csv", SUMMARY_COLUMNS, summary)
     plot_note = "plot not requested"
     if plot:
         _, plot_note = _bench.plot_dsc_by_structure(summary, out / "dsc_by_structure.png", title=method_name)
     info["plot"] = plot_note
-    (out / "summary.md").write_text(_summary_markdown(summary, info, errors))
-    (out / "run.json").write_text(json.dumps(info, indent=2))
+    write_text(out / "summary.md", _summary_markdown(summary, info, errors))
+    write_text(out / "run.json", json.dumps(info, indent=2))
     return SpecialistEvaluation(out, method_name, objects, slices, errors, summary, info)
 
 
