@@ -55,10 +55,13 @@ from .volume_prompts import (
     _as_int,
     _as_prompt,
     _check_inplane,
+    _Kept,
+    _Logits,
     _make_tracks,
     _next_box,
     _prompt_box,
     _Track,
+    _Window,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -71,6 +74,9 @@ __all__ = [
     "segment_npz_case",
     "segment_volume",
 ]
+
+# One object's work on a slice: (track, "key" / "up" / "down", (4,) box, mask prompt or None).
+_Task = tuple[_Track, str, np.ndarray, _Logits | None]
 
 
 @dataclass
@@ -115,7 +121,7 @@ class VolumeSegmentation:
 class _SliceEmbedder:
     """Puts a slice's embedding into the predictor: in-memory LRU, then disk cache, then encoder."""
 
-    def __init__(self, predictor, frame: np.ndarray, cache: EmbeddingCache | None, capacity: int):
+    def __init__(self, predictor: Any, frame: np.ndarray, cache: EmbeddingCache | None, capacity: int) -> None:
         self.predictor = predictor
         self.frame = frame
         self.cache = cache
@@ -140,6 +146,7 @@ class _SliceEmbedder:
             image = np.ascontiguousarray(self.frame[s])
             emb = None
             if self.cache is not None:
+                assert self._fp is not None  # set whenever there is a cache
                 key = slice_key(self._fp, pred.contract, image)
                 emb = self.cache.get(key)
             if emb is not None:
@@ -149,6 +156,7 @@ class _SliceEmbedder:
                 pred.set_image(image)
                 self.computed += 1
                 if self.cache is not None:
+                    assert self._fp is not None
                     self.cache.put(
                         key,
                         pred.embedding,
@@ -182,8 +190,13 @@ class _CropSegmenter:
     the box shifted into the crop."""
 
     def __init__(
-        self, predictor, frame: np.ndarray, cache: EmbeddingCache | None, policy: ZoomPolicy, crop_predictor=None
-    ):
+        self,
+        predictor: Any,
+        frame: np.ndarray,
+        cache: EmbeddingCache | None,
+        policy: ZoomPolicy,
+        crop_predictor: Any = None,
+    ) -> None:
         if crop_predictor is None:
             from .predictor import Predictor
 
@@ -196,7 +209,7 @@ class _CropSegmenter:
         self.frame = frame
         self.cache = cache
         self.policy = policy
-        self.current: tuple | None = None
+        self.current: tuple[int, _Window] | None = None
         self.computed = 0
         self.cache_hits = 0
 
@@ -206,7 +219,7 @@ class _CropSegmenter:
 
         return should_zoom(box, self.frame.shape[1:3], self.policy)
 
-    def predict(self, s: int, box: np.ndarray):
+    def predict(self, s: int, box: np.ndarray) -> tuple[Any, _Window]:
         """Prediction of ``box`` (full-slice coordinates) on its crop of slice ``s`` and the crop
         window ``(y0, y1, x0, x1)``; masks, scores and logits are in the crop's frame."""
         from .embedding_cache import set_image_cached
@@ -350,7 +363,7 @@ def segment_volume(
         if progress is not None:
             progress(sum(t.resolved for t in tracks), total)
 
-    def run_slice(s: int, tasks: list[tuple[_Track, str, np.ndarray, tuple | None]], keep: bool) -> None:
+    def run_slice(s: int, tasks: Sequence[_Task], keep: bool) -> None:
         """Decode all tasks on slice s and update the tracks: objects on the whole slice in
         batched calls on its embedding (activated here, kept in memory if ``keep``), small boxes
         (with ``zoom``) one by one on their crops. A task's logits are ``(logits, window)``,
@@ -371,17 +384,20 @@ def segment_volume(
                 continue
             kwargs: dict[str, Any] = {"boxes": np.stack([g[2] for g in group])}
             if group[0][3] is not None:
-                kwargs["mask_input"] = np.stack([g[3] for g in group])
+                kwargs["mask_input"] = np.stack([g[3] for g in group if g[3] is not None])  # all of them
             pred = predictor.predict(**kwargs)
             for i, (tr, direction, _box, _) in enumerate(group):
                 _handle(tr, direction, s, pred, i, (0, 0), None)
         for (tr, direction, box, _), z in zip(tasks, small):
             if z:
+                assert cropper is not None  # only with zoom is a box small
                 pred, window = cropper.predict(s, box)
                 tr.zoomed = True
                 _handle(tr, direction, s, pred, 0, (window[0], window[2]), window)
 
-    def _handle(tr: _Track, direction: str, s: int, pred, i: int, offset: tuple[int, int], window) -> None:
+    def _handle(
+        tr: _Track, direction: str, s: int, pred: Any, i: int, offset: tuple[int, int], window: _Window | None
+    ) -> None:
         """Record prompt ``i`` of ``pred``, whose masks lie at ``offset`` (row, column) of the
         slice (the corner of the zoom crop ``window``, or (0, 0) and None), and set the
         object's next prompt."""
@@ -436,7 +452,7 @@ def segment_volume(
         for t in tracks:
             by_key.setdefault(t.key, []).append(t)
         for s in range(keys[0], S):
-            tasks = [(t, "key", t.key_box, None) for t in by_key.get(s, [])]
+            tasks: list[_Task] = [(t, "key", t.key_box, None) for t in by_key.get(s, [])]
             tasks += [(t, "up", t.up[0], t.up[1]) for t in tracks if t.up is not None and t.key < s]
             if not tasks:
                 if s > keys[-1]:
@@ -458,7 +474,7 @@ def segment_volume(
 
     # ---- assemble the label map: overlaps go to the highest score
     labels = np.zeros((S, H, W), dtype=label_dtype)
-    per_slice: dict[int, list[tuple[int, tuple]]] = {}
+    per_slice: dict[int, list[tuple[int, _Kept]]] = {}
     for t in tracks:
         for s, entry in t.kept.items():
             per_slice.setdefault(s, []).append((t.index + 1, entry))
@@ -471,6 +487,7 @@ def segment_volume(
             continue
         best = np.full((H, W), -np.inf, dtype=np.float32)
         for lab, (y0, x0, crop, sc) in sorted(entries, key=lambda e: e[0]):
+            assert sc is not None  # several objects: their score crops were kept (need_scores)
             sl = (slice(y0, y0 + crop.shape[0]), slice(x0, x0 + crop.shape[1]))
             take = crop & (sc > best[sl])
             out[sl][take] = lab

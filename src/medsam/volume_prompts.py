@@ -22,6 +22,16 @@ from .predictor import PromptError
 
 __all__ = ["BOX2D_IOU_THRESHOLD", "Box2D", "Box3D"]
 
+# A zoom window ``(y0, y1, x0, x1)`` (:func:`medsam.zoom.zoom_window`), exclusive ends.
+_Window = tuple[int, int, int, int]
+# A mask prompt carried to the next slice: ((1, L, L) float32 low-res logits, the zoom window
+# they were predicted on, or None for whole-slice logits).
+_Logits = tuple[np.ndarray, _Window | None]
+# The next step of a walk: ((4,) predictor box, mask prompt or None).
+_Step = tuple[np.ndarray, _Logits | None]
+# A kept slice of an object: (y0, x0, (h, w) bool mask crop, (h, w) float32 score crop or None).
+_Kept = tuple[int, int, np.ndarray, np.ndarray | None]
+
 
 @dataclass(frozen=True)
 class Box3D:
@@ -40,7 +50,7 @@ class Box3D:
     z1: int
 
     @classmethod
-    def from_array(cls, values: Sequence[float]) -> Box3D:
+    def from_array(cls, values: Sequence[float] | np.ndarray) -> Box3D:
         """From ``[x0, y0, z0, x1, y1, z1]`` (the CVPR 2024 npz layout)."""
         return cls(*(_as_int(v) for v in np.asarray(values, dtype=np.float64).reshape(6)))
 
@@ -88,16 +98,16 @@ class _Track:
     limit: tuple[int, int, int, int]  # in-plane clip (x0, y0, x1, y1), inclusive
     end_reason: str  # "box_end" or "volume_end"
     iou_stop: float  # a propagated slice with a predicted IoU below this ends the walk
-    up: tuple | None = None  # (box, (logits, zoom window or None) or None) going up; None = not walking
-    down: tuple | None = None
-    kept: dict = field(default_factory=dict)  # slice -> (y0, x0, mask crop, score crop | None)
-    scores: dict = field(default_factory=dict)
-    reasons: list = field(default_factory=lambda: ["", ""])
+    up: _Step | None = None  # (box, (logits, zoom window or None) or None) going up; None = not walking
+    down: _Step | None = None
+    kept: dict[int, _Kept] = field(default_factory=dict)  # slice -> (y0, x0, mask crop, score crop | None)
+    scores: dict[int, float] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=lambda: ["", ""])
     resolved: int = 0  # slices of [lo, hi] decided (predicted or given up), for progress
     zoomed: bool = False  # segmented on a zoom crop on at least one slice
 
 
-def _check_inplane(x0, y0, x1, y1, H, W, what) -> None:
+def _check_inplane(x0: int, y0: int, x1: int, y1: int, H: int, W: int, what: str) -> None:
     if not (0 <= x0 <= x1 < W and 0 <= y0 <= y1 < H):
         raise PromptError(
             f"{what} [x0={x0}, y0={y0}, x1={x1}, y1={y1}] must satisfy 0 <= x0 <= x1 < {W} and "
@@ -115,10 +125,18 @@ def _prompt_box(x0: int, y0: int, x1: int, y1: int, H: int, W: int) -> np.ndarra
 BOX2D_IOU_THRESHOLD = 0.5
 
 
-def _make_tracks(prompts, key_slices, S, H, W, margin, iou_threshold: float | None) -> list[_Track]:
+def _make_tracks(
+    prompts: Sequence[Box3D | Box2D],
+    key_slices: Sequence[int | None] | None,
+    S: int,
+    H: int,
+    W: int,
+    margin: int,
+    iou_threshold: float | None,
+) -> list[_Track]:
     if key_slices is not None and len(key_slices) != len(prompts):
         raise PromptError(f"key_slices has {len(key_slices)} entries for {len(prompts)} boxes")
-    tracks = []
+    tracks: list[_Track] = []
     for n, p in enumerate(prompts):
         override = None if key_slices is None else key_slices[n]
         if isinstance(p, Box3D):
@@ -169,7 +187,9 @@ def _make_tracks(prompts, key_slices, S, H, W, margin, iou_threshold: float | No
     return tracks
 
 
-def _next_box(bbox: tuple[int, int, int, int], limit, margin: int, H: int, W: int) -> np.ndarray:
+def _next_box(
+    bbox: tuple[int, int, int, int], limit: tuple[int, int, int, int], margin: int, H: int, W: int
+) -> np.ndarray:
     """Bounding box (x0, y0, x1, y1) of a mask, expanded by ``margin``, clipped to ``limit``."""
     x0, y0, x1, y1 = bbox
     lx0, ly0, lx1, ly1 = limit
