@@ -33,11 +33,11 @@ import shutil
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
@@ -160,10 +160,11 @@ def _medsam_version() -> str:
     return __version__
 
 
-def read_json(path: Path) -> dict | None:
+def read_json(path: Path) -> dict[str, Any] | None:
     """A JSON file's content, or None when it is missing or unreadable."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        content: dict[str, Any] = json.loads(Path(path).read_text(encoding="utf-8"))
+        return content
     except (OSError, ValueError):
         return None
 
@@ -178,7 +179,7 @@ def error_file(out: Path, dataset: str, case: str) -> Path:
     return Path(out) / "errors" / dataset / f"{case}.json"
 
 
-def finished_case(out: Path, dataset: str, case: str) -> dict | None:
+def finished_case(out: Path, dataset: str, case: str) -> dict[str, Any] | None:
     """The ``case.json`` of a finished case, or None."""
     rec = read_json(case_dir(out, dataset, case) / "case.json")
     if rec and rec.get("status") == "done" and rec.get("format") == CASE_FORMAT:
@@ -278,8 +279,8 @@ def write_case(
 
 
 # --------------------------------------------------------------------------- the index
-def _case_records(out: Path) -> list[dict]:
-    recs = []
+def _case_records(out: Path) -> list[dict[str, Any]]:
+    recs: list[dict[str, Any]] = []
     root = out / "cases"
     if not root.is_dir():
         return recs
@@ -292,7 +293,7 @@ def _case_records(out: Path) -> list[dict]:
 
 
 def _case_errors(out: Path) -> list[CaseError]:
-    errs = []
+    errs: list[CaseError] = []
     root = out / "errors"
     if not root.is_dir():
         return errs
@@ -314,7 +315,7 @@ def write_manifest(out: Path, rows: Sequence[Sequence[Any]]) -> None:
     except ImportError:
         parquet.unlink(missing_ok=True)
         return
-    columns = list(zip(*rows)) if rows else [[] for _ in MANIFEST_COLUMNS]
+    columns: list[Sequence[Any]] = list(zip(*rows)) if rows else [[] for _ in MANIFEST_COLUMNS]
     arrays = [
         pa.array([int(v) for v in col], type=pa.int64())
         if name in _INT_COLUMNS
@@ -333,7 +334,7 @@ def write_manifest(out: Path, rows: Sequence[Sequence[Any]]) -> None:
 def build_index(
     out_dir: str | Path,
     splits: dict[str, dict[str, str]] | None = None,
-    datasets: Sequence[dict] | None = None,
+    datasets: Sequence[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """(Re)build the manifest, ``summary.csv`` and ``errors.csv`` from every finished case.
 
@@ -344,11 +345,11 @@ def build_index(
     out = Path(out_dir)
     splits = splits or {}
     src_of = {d["name"]: d.get("label_source", "") for d in (datasets or [])}
-    rows = []
-    agg: dict[tuple, dict[str, Any]] = {}
-    ds_tot: dict[tuple, dict[str, Any]] = {}
+    rows: list[tuple[Any, ...]] = []
+    agg: dict[tuple[str, str, int, str], dict[str, Any]] = {}  # (dataset, modality, label, name) -> totals
+    ds_tot: dict[tuple[str, str], dict[str, Any]] = {}  # (dataset, modality) -> totals
     split_counts = dict.fromkeys(SPLITS, 0)
-    digests: dict[str, set] = defaultdict(set)
+    digests: dict[str, set[str | None]] = defaultdict(set)
     recs = _case_records(out)
     for rec in recs:
         ds, case = rec["dataset"], rec["case"]
@@ -471,7 +472,7 @@ def build_index(
     }
 
 
-def write_corpus_json(out: Path, specs: Sequence[Any], counts: dict | None = None) -> list[dict]:
+def write_corpus_json(out: Path, specs: Sequence[Any], counts: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Create or update ``corpus.json`` with ``specs`` (dataset specs, or dicts with at least a
     ``name``; one per dataset, newer replacing older) and ``counts``; returns the datasets."""
     path = Path(out) / "corpus.json"
@@ -482,7 +483,7 @@ def write_corpus_json(out: Path, specs: Sequence[Any], counts: dict | None = Non
     for s in specs:
         d = dict(s) if isinstance(s, dict) else s.to_dict()
         datasets[d["name"]] = d
-    data = {
+    data: dict[str, Any] = {
         "format": CORPUS_FORMAT,
         "version": CORPUS_VERSION,
         "datasets": [datasets[k] for k in sorted(datasets)],
@@ -496,7 +497,8 @@ def write_corpus_json(out: Path, specs: Sequence[Any], counts: dict | None = Non
     elif "counts" in old:
         data["counts"] = old["counts"]
     write_json(path, data)
-    return data["datasets"]
+    written: list[dict[str, Any]] = data["datasets"]
+    return written
 
 
 def index_corpus(out_dir: str | Path, datasets: Sequence[Any] = ()) -> dict[str, Any]:
@@ -516,7 +518,7 @@ class Manifest(Sequence[ManifestRow]):
     """Rows of a manifest as a read-only sequence of :class:`ManifestRow`, made on access from
     columns (a million rows stay a few compact arrays, not a million Python objects)."""
 
-    def __init__(self, columns: dict[str, Sequence[Any]]) -> None:
+    def __init__(self, columns: Mapping[str, Sequence[Any]]) -> None:
         self._columns = columns
         self._n = len(columns["dataset"]) if columns else 0
 
@@ -525,9 +527,16 @@ class Manifest(Sequence[ManifestRow]):
 
     def _row(self, i: int) -> ManifestRow:
         c = self._columns
-        return ManifestRow(**{k: (int(c[k][i]) if k in _INT_COLUMNS else str(c[k][i])) for k in MANIFEST_COLUMNS})
+        values: dict[str, Any] = {k: (int(c[k][i]) if k in _INT_COLUMNS else str(c[k][i])) for k in MANIFEST_COLUMNS}
+        return ManifestRow(**values)
 
-    def __getitem__(self, index):  # type: ignore[override]
+    @overload
+    def __getitem__(self, index: int) -> ManifestRow: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[ManifestRow]: ...
+
+    def __getitem__(self, index: int | slice) -> ManifestRow | list[ManifestRow]:
         if isinstance(index, slice):
             return [self._row(i) for i in range(*index.indices(self._n))]
         if index < 0:
@@ -548,7 +557,9 @@ class Manifest(Sequence[ManifestRow]):
         return f"Manifest({self._n} rows)"
 
 
-def _read_parquet(path: Path, split, datasets, modalities) -> dict[str, Sequence[Any]]:
+def _read_parquet(
+    path: Path, split: str | None, datasets: Sequence[str], modalities: Sequence[str]
+) -> Mapping[str, Sequence[Any]]:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -567,7 +578,9 @@ def _read_parquet(path: Path, split, datasets, modalities) -> dict[str, Sequence
     return {name: table[name].to_numpy(zero_copy_only=False) for name in MANIFEST_COLUMNS}
 
 
-def _read_csv(path: Path, split, datasets, modalities) -> dict[str, Sequence[Any]]:
+def _read_csv(
+    path: Path, split: str | None, datasets: Sequence[str], modalities: Sequence[str]
+) -> Mapping[str, Sequence[Any]]:
     columns: dict[str, list[Any]] = {c: [] for c in MANIFEST_COLUMNS}
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)

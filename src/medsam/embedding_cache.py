@@ -72,8 +72,11 @@ CACHE_FORMAT = 1
 _TENSOR_NAME = "embedding"
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 
+# (name, data pointer, version counter, device type) per tensor of a state dict.
+_StateSignature = tuple[tuple[str, int, int, str], ...]
+
 # model -> (state signature, fingerprint); weak so that caching never keeps a model alive.
-_FINGERPRINTS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str]] = weakref.WeakKeyDictionary()
+_FINGERPRINTS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[_StateSignature, str]] = weakref.WeakKeyDictionary()
 
 
 def _package_version() -> str:
@@ -82,7 +85,7 @@ def _package_version() -> str:
     return __version__
 
 
-def _state_signature(state: dict[str, torch.Tensor]) -> tuple:
+def _state_signature(state: dict[str, torch.Tensor]) -> _StateSignature:
     """Cheap identity of a state dict's current contents: (name, storage, version) per tensor."""
     sig = []
     for name, t in state.items():
@@ -131,7 +134,7 @@ def encoder_fingerprint(model: torch.nn.Module) -> str:
     encoder = getattr(model, "image_encoder", None)
     if not isinstance(encoder, torch.nn.Module):
         return model_fingerprint(model)
-    config = getattr(model, "config", None)
+    config: Any = getattr(model, "config", None)
     config_dict = config.to_dict() if hasattr(config, "to_dict") else repr(config)
     h = hashlib.sha256(b"medsam-encoder-fingerprint\n")
     h.update(model_fingerprint(encoder).encode())
@@ -191,7 +194,7 @@ class EmbeddingCache:
             are also counted as misses.
     """
 
-    def __init__(self, folder: str | os.PathLike) -> None:
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.folder = Path(folder).expanduser()
         self.hits = 0
         self.misses = 0

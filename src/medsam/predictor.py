@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,7 +74,8 @@ class Prediction:
         if self.masks.ndim == 3:
             return self.masks
         idx = self.scores.argmax(axis=1)
-        return self.masks[np.arange(len(idx)), idx]
+        best: np.ndarray = self.masks[np.arange(len(idx)), idx]
+        return best
 
     def score_maps(self, index: int) -> np.ndarray:
         """Full-resolution per-pixel scores of prompt ``index``: (M, H, W) float32.
@@ -182,7 +184,8 @@ class Predictor:
         x = x.to(self.device)
         if self.precision == "bf16" and self.device.type == "cpu" and self.model.config.encoder == "tiny_vit":
             # The TinyViT's tiled CPU path in bfloat16 (autocast would take the plain forward).
-            return self.model.encoder_in(torch.bfloat16)(x.to(torch.bfloat16)).float()
+            embedding: torch.Tensor = self.model.encoder_in(torch.bfloat16)(x.to(torch.bfloat16))
+            return embedding.float()
         if self.precision == "bf16":
             with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
                 return self.model.embed_image(x).float()
@@ -191,7 +194,8 @@ class Predictor:
     def set_embedding(self, embedding: torch.Tensor, original_size: tuple[int, int]) -> None:
         """Use a precomputed (1, 256, E, E) embedding (e.g. from a cache) for an (H, W) image."""
         self._embedding = embedding.to(self.device)
-        self._geometry = self.contract.geometry(tuple(original_size))
+        height, width = original_size
+        self._geometry = self.contract.geometry((height, width))
 
     def reset_image(self) -> None:
         self._embedding = None
@@ -200,12 +204,12 @@ class Predictor:
     @torch.inference_mode()
     def predict(
         self,
-        boxes: np.ndarray | list | None = None,
-        points: np.ndarray | list | None = None,
-        point_labels: np.ndarray | list | None = None,
+        boxes: np.ndarray | list[Any] | None = None,
+        points: np.ndarray | list[Any] | None = None,
+        point_labels: np.ndarray | list[Any] | None = None,
         mask_input: np.ndarray | None = None,
         multimask: bool | str = False,
-        scribbles: Sequence | None = None,
+        scribbles: Sequence[Any] | None = None,
     ) -> Prediction:
         """Segment N objects of the current image.
 
@@ -253,11 +257,22 @@ class Predictor:
         return Prediction(masks, iou, logits.cpu().numpy(), geom, self.contract)
 
     # ---------------------------------------------------------------- checks
-    def _prompts_to_tensors(self, boxes, points, point_labels, mask_input):
+    def _prompts_to_tensors(
+        self,
+        boxes: np.ndarray | list[Any] | None,
+        points: np.ndarray | list[Any] | None,
+        point_labels: np.ndarray | list[Any] | None,
+        mask_input: np.ndarray | None,
+    ) -> tuple[int, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
+        """Checked prompts as tensors on the model's device, each expanded to the N objects:
+        (N, boxes (N, 4), (points (N, P, 2), labels (N, P)), mask_input (N, 1, L, L)), in the
+        network input frame; ``None`` where that kind of prompt was not given."""
         geom = self.geometry
         H, W = geom.original_size
-        counts = []
-        box_t = pts_t = mask_t = None
+        counts: list[int] = []
+        box_t: torch.Tensor | None = None
+        pts_t: tuple[torch.Tensor, torch.Tensor] | None = None
+        mask_t: torch.Tensor | None = None
         dev = self.device
         if boxes is not None:
             b = np.asarray(boxes, dtype=np.float64)
@@ -319,7 +334,7 @@ class Predictor:
         return n, box_t, pts_t, mask_t
 
 
-def _multimask_mode(multimask) -> bool:
+def _multimask_mode(multimask: object) -> bool:
     """Whether ``multimask`` asks for all four masks ("all"); other strings are refused, any
     other value counts by its truth (True, np.True_, 1: the three alternatives)."""
     if isinstance(multimask, str):

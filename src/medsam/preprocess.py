@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
@@ -88,7 +89,8 @@ def longest_side_size(height: int, width: int, target: int) -> tuple[int, int]:
 
 
 def _minmax(x: np.ndarray) -> np.ndarray:
-    return (x - x.min()) / np.clip(x.max() - x.min(), 1e-8, None)
+    out: np.ndarray = (x - x.min()) / np.clip(x.max() - x.min(), 1e-8, None)
+    return out
 
 
 def _chw_tensor(x: np.ndarray) -> torch.Tensor:
@@ -130,14 +132,14 @@ class Contract:
 
         pil = Image.fromarray(rgb)
         if self.name == "sam":
-            resized = np.asarray(pil.resize((w, h), Image.BILINEAR))
+            resized = np.asarray(pil.resize((w, h), Image.Resampling.BILINEAR))
             x = _chw_tensor(resized)
             mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
             std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
             x = (x - mean) / std
         else:  # lite
             shrinking = h < rgb.shape[0] or w < rgb.shape[1]
-            resized = np.asarray(pil.resize((w, h), Image.BOX if shrinking else Image.BILINEAR))
+            resized = np.asarray(pil.resize((w, h), Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR))
             x = _chw_tensor(_minmax(resized.astype(np.float64)))
         return F.pad(x, (0, S - w, 0, S - h)), geom
 
@@ -151,7 +153,7 @@ class Contract:
     def transform_coords(self, coords: np.ndarray, geom: ImageGeometry) -> np.ndarray:
         """(..., 2) pixel coordinates (x, y) of the original image -> network input frame."""
         sx, sy = self.coordinate_scale(geom)
-        out = np.asarray(coords, dtype=np.float64).copy()
+        out: npt.NDArray[np.float64] = np.asarray(coords, dtype=np.float64).copy()
         out[..., 0] *= sx
         out[..., 1] *= sy
         return out

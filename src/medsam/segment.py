@@ -12,14 +12,18 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from .io import MedicalImage, read_image, write_mask
 from .io.atomic import atomic_output
 from .io.formats import check_mask_path
-from .predictor import Predictor, clip_boxes, masks_to_label_map
+from .predictor import Prediction, Predictor, clip_boxes, masks_to_label_map
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .model.sam import MedSAMModel
+    from .zoom import ZoomedPrediction, ZoomPolicy
 
 
 @dataclass
@@ -31,7 +35,7 @@ class SegmentationOutput:
     overlay_path: Path | None
     labels: np.ndarray
     scores: list[float]
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,7 @@ class SegmentOptions:
             gives the measurements behind both choices).
     """
 
-    model: Any = None
+    model: MedSAMModel | None = None
     checkpoint: str | Path | None = None
     contract: str | None = None
     device: str | None = None
@@ -66,14 +70,16 @@ class SegmentOptions:
     window: str | tuple[float, float] | None = None
     series_uid: str | None = None
     iou_threshold: float | None = None
-    zoom: Any = "auto"
+    zoom: ZoomPolicy | Literal["auto"] | None = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.zoom, str) and self.zoom != "auto":
             raise ValueError(f"zoom must be a ZoomPolicy, None or 'auto', got {self.zoom!r}")
 
 
-def to_model_input(image: MedicalImage, modality: str | None = None, window=None) -> np.ndarray:
+def to_model_input(
+    image: MedicalImage, modality: str | None = None, window: str | tuple[float, float] | None = None
+) -> np.ndarray:
     """The image array as the model should see it: uint8 after modality normalisation.
 
     uint8 data (PNG/JPEG, curated images) are kept. Otherwise the modality (``modality`` argument,
@@ -193,6 +199,7 @@ def segment_file(
     model = _model(opts, log)
     predictor = Predictor(model, contract=opts.contract)
     zoom = _resolve_auto_zoom(opts.zoom, predictor, log)
+    prediction: ZoomedPrediction | Prediction
     if zoom is not None:
         from .zoom import predict_with_zoom
 
@@ -225,11 +232,11 @@ def segment_file(
     return SegmentationOutput(*written, labels=labels, scores=scores)
 
 
-def _model(opts: SegmentOptions, log: Callable[[str], None]):
+def _model(opts: SegmentOptions, log: Callable[[str], None]) -> MedSAMModel:
     return opts.model if opts.model is not None else _load(opts.checkpoint, opts.device, opts.contract, log)
 
 
-def _model_description(model, checkpoint) -> dict:
+def _model_description(model: MedSAMModel, checkpoint: str | Path | None) -> dict[str, Any]:
     return {
         "checkpoint": None if checkpoint is None else str(checkpoint),
         "architecture": model.config.name,
@@ -237,7 +244,9 @@ def _model_description(model, checkpoint) -> dict:
     }
 
 
-def _load(checkpoint, device, contract, log):
+def _load(
+    checkpoint: str | Path | None, device: str | None, contract: str | None, log: Callable[[str], None]
+) -> MedSAMModel:
     """The model of ``checkpoint`` (the embedded default when None; load_model warns if that
     one is untrained)."""
     from .weights import load_model
@@ -252,24 +261,26 @@ def _write_outputs(
     image: MedicalImage,
     labels: np.ndarray,
     output_path: Path,
-    overlay_path,
-    scores_path,
-    report: dict,
+    overlay_path: str | Path | None,
+    scores_path: str | Path | None,
+    report: dict[str, Any],
     overlay_source: np.ndarray | None = None,
     overlay_boxes: np.ndarray | None = None,
-):
+) -> tuple[Path, Path, Path | None]:
     """Write the mask (input geometry), the scores JSON and the optional overlay PNG."""
     from .overlay import render_overlay, save_png
     from .preprocess import to_rgb_uint8
 
     picture = None
     if overlay_path is not None:
+        assert overlay_source is not None  # given with every overlay_path
         picture = render_overlay(to_rgb_uint8(overlay_source), labels, overlay_boxes)
     scores_path = Path(scores_path) if scores_path else _default_scores_path(output_path)
     write_mask(labels, image, output_path)
     with atomic_output(scores_path) as tmp:
         tmp.write_text(json.dumps(report, indent=2))
     if picture is not None:
+        assert overlay_path is not None  # a picture is made for an overlay_path only
         save_png(picture, overlay_path)
     return output_path, scores_path, (Path(overlay_path) if overlay_path else None)
 
@@ -283,7 +294,13 @@ def _default_scores_path(output_path: Path) -> Path:
     return output_path.with_name(name + ".scores.json")
 
 
-def _segment_volume_file(image: MedicalImage, output_path: Path, boxes, opts: SegmentOptions, log):
+def _segment_volume_file(
+    image: MedicalImage,
+    output_path: Path,
+    boxes: Sequence[Sequence[float]],
+    opts: SegmentOptions,
+    log: Callable[[str], None],
+) -> SegmentationOutput:
     from .volume import Box2D, Box3D, segment_volume
 
     if not boxes:
@@ -294,6 +311,7 @@ def _segment_volume_file(image: MedicalImage, output_path: Path, boxes, opts: Se
     Z, Y, X = image.spatial_shape
     widths = {len(b) for b in boxes}
     key_slice = opts.key_slice
+    prompts: list[Box3D | Box2D]
     if widths == {6}:
         if key_slice is not None:
             raise ValueError("--slice goes with 2D boxes (X0 Y0 X1 Y1), not with 3D boxes")
@@ -316,7 +334,10 @@ def _segment_volume_file(image: MedicalImage, output_path: Path, boxes, opts: Se
         if not 0 <= key_slice < Z:
             raise ValueError(f"--slice {key_slice} lies outside the volume's {Z} slices")
         b4 = _clipped(parse_boxes(boxes, 4), (Y, X))
-        prompts = [Box2D(*[int(round(v)) for v in b], slice=key_slice) for b in b4]
+        prompts = [
+            Box2D(int(round(x0)), int(round(y0)), int(round(x1)), int(round(y1)), slice=key_slice)
+            for x0, y0, x1, y1 in b4
+        ]
     else:
         raise ValueError("boxes on a volume need 6 numbers (X0 Y0 Z0 X1 Y1 Z1) or 4 with --slice")
     pixels = _not_constant(to_model_input(image, opts.modality, opts.window), image)
@@ -374,7 +395,9 @@ def _segment_volume_file(image: MedicalImage, output_path: Path, boxes, opts: Se
 AUTO_ZOOM_MAX_INPUT = 256
 
 
-def _resolve_auto_zoom(zoom, predictor: Predictor, log: Callable[[str], None]):
+def _resolve_auto_zoom(
+    zoom: ZoomPolicy | Literal["auto"] | None, predictor: Predictor, log: Callable[[str], None]
+) -> ZoomPolicy | None:
     """``zoom`` itself, or for "auto" the default ZoomPolicy when the model's input is small."""
     if zoom != "auto":
         return zoom
@@ -389,7 +412,13 @@ def _resolve_auto_zoom(zoom, predictor: Predictor, log: Callable[[str], None]):
     return ZoomPolicy()
 
 
-def _segment_npz(input_path: Path, output_path: Path, boxes, opts: SegmentOptions, log):
+def _segment_npz(
+    input_path: Path,
+    output_path: Path,
+    boxes: Sequence[Sequence[float]],
+    opts: SegmentOptions,
+    log: Callable[[str], None],
+) -> SegmentationOutput:
     from .io import read_npz_case, write_npz_segs
     from .volume import segment_npz_case
 
@@ -398,7 +427,7 @@ def _segment_npz(input_path: Path, output_path: Path, boxes, opts: SegmentOption
     if output_path.suffix != ".npz":
         raise ValueError("the output of an npz case must be an .npz file (key 'segs')")
     case = read_npz_case(input_path)
-    options = {} if opts.iou_threshold is None else {"iou_threshold": opts.iou_threshold}
+    options: dict[str, Any] = {} if opts.iou_threshold is None else {"iou_threshold": opts.iou_threshold}
     if options and not case.is_volume:
         raise ValueError(f"{', '.join(sorted(options))} applies to 3D cases; {input_path.name} is a 2D case")
     model = _model(opts, log)

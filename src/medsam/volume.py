@@ -44,7 +44,25 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .embedding_cache import EmbeddingCache, embedding_id, slice_key
-from .predictor import PromptError, masks_to_label_map
+from .predictor import masks_to_label_map
+
+# The prompts and the per-object walk state live in medsam.volume_prompts; Box2D, Box3D and
+# BOX2D_IOU_THRESHOLD stay public here.
+from .volume_prompts import BOX2D_IOU_THRESHOLD as BOX2D_IOU_THRESHOLD
+from .volume_prompts import (
+    Box2D,
+    Box3D,
+    _as_int,
+    _as_prompt,
+    _check_inplane,
+    _Kept,
+    _Logits,
+    _make_tracks,
+    _next_box,
+    _prompt_box,
+    _Track,
+    _Window,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .zoom import ZoomPolicy
@@ -57,39 +75,8 @@ __all__ = [
     "segment_volume",
 ]
 
-
-@dataclass(frozen=True)
-class Box3D:
-    """A 3D box, inclusive voxel indices in the slicing frame (``x`` columns, ``y`` rows, ``z``
-    slices; with ``axis=0``: x = i, y = j, z = k of a ``(Z, Y, X)`` array ``v[k, j, i]``).
-
-    The object is segmented on slices ``z0..z1`` at most; the key slice is ``(z0 + z1) // 2``
-    unless overridden, and is prompted with ``[x0, y0, x1, y1]``.
-    """
-
-    x0: int
-    y0: int
-    z0: int
-    x1: int
-    y1: int
-    z1: int
-
-    @classmethod
-    def from_array(cls, values: Sequence[float]) -> Box3D:
-        """From ``[x0, y0, z0, x1, y1, z1]`` (the CVPR 2024 npz layout)."""
-        return cls(*(_as_int(v) for v in np.asarray(values, dtype=np.float64).reshape(6)))
-
-
-@dataclass(frozen=True)
-class Box2D:
-    """A 2D box ``[x0, y0, x1, y1]`` (inclusive pixels, x = columns, y = rows) on key slice
-    ``slice`` (index along the slicing axis). Propagation may run to both ends of the volume."""
-
-    x0: int
-    y0: int
-    x1: int
-    y1: int
-    slice: int
+# One object's work on a slice: (track, "key" / "up" / "down", (4,) box, mask prompt or None).
+_Task = tuple[_Track, str, np.ndarray, _Logits | None]
 
 
 @dataclass
@@ -131,133 +118,10 @@ class VolumeSegmentation:
 
 
 # ----------------------------------------------------------------------------- internals
-def _as_int(v: Any) -> int:
-    f = float(v)
-    if not np.isfinite(f):
-        raise PromptError(f"box coordinate is not finite: {v!r}")
-    r = int(round(f))
-    if abs(f - r) > 1e-6:
-        raise PromptError(f"box coordinates must be integer voxel indices, got {v!r}")
-    return r
-
-
-def _as_prompt(b: Any) -> Box3D | Box2D:
-    if isinstance(b, (Box3D, Box2D)):
-        return b
-    arr = np.asarray(b, dtype=np.float64).reshape(-1)
-    if arr.size == 6:
-        return Box3D.from_array(arr)
-    raise PromptError(f"a volume prompt must be a Box3D, a Box2D or [x0, y0, z0, x1, y1, z1]; got {b!r}")
-
-
-@dataclass
-class _Track:
-    """Propagation state of one object."""
-
-    index: int
-    key: int
-    lo: int  # allowed slice range, inclusive
-    hi: int
-    key_box: np.ndarray  # (4,) prompt on the key slice
-    limit: tuple[int, int, int, int]  # in-plane clip (x0, y0, x1, y1), inclusive
-    end_reason: str  # "box_end" or "volume_end"
-    iou_stop: float  # a propagated slice with a predicted IoU below this ends the walk
-    up: tuple | None = None  # (box, (logits, zoom window or None) or None) going up; None = not walking
-    down: tuple | None = None
-    kept: dict = field(default_factory=dict)  # slice -> (y0, x0, mask crop, score crop | None)
-    scores: dict = field(default_factory=dict)
-    reasons: list = field(default_factory=lambda: ["", ""])
-    resolved: int = 0  # slices of [lo, hi] decided (predicted or given up), for progress
-    zoomed: bool = False  # segmented on a zoom crop on at least one slice
-
-
-def _check_inplane(x0, y0, x1, y1, H, W, what) -> None:
-    if not (0 <= x0 <= x1 < W and 0 <= y0 <= y1 < H):
-        raise PromptError(
-            f"{what} [x0={x0}, y0={y0}, x1={x1}, y1={y1}] must satisfy 0 <= x0 <= x1 < {W} and "
-            f"0 <= y0 <= y1 < {H} (inclusive indices in the slicing frame)"
-        )
-
-
-def _prompt_box(x0: int, y0: int, x1: int, y1: int, H: int, W: int) -> np.ndarray:
-    """Inclusive corners -> predictor box; a one-pixel-wide box gets a far corner one further."""
-    return np.array([x0, y0, min(max(x1, x0 + 1), W), min(max(y1, y0 + 1), H)], dtype=np.float64)
-
-
-# Default IoU stop of a walk with no other end than the object's (Box2D); a Box3D's walk has its
-# z-range and by default no IoU stop.
-BOX2D_IOU_THRESHOLD = 0.5
-
-
-def _make_tracks(prompts, key_slices, S, H, W, margin, iou_threshold: float | None) -> list[_Track]:
-    if key_slices is not None and len(key_slices) != len(prompts):
-        raise PromptError(f"key_slices has {len(key_slices)} entries for {len(prompts)} boxes")
-    tracks = []
-    for n, p in enumerate(prompts):
-        override = None if key_slices is None else key_slices[n]
-        if isinstance(p, Box3D):
-            _check_inplane(p.x0, p.y0, p.x1, p.y1, H, W, f"box {n}")
-            if not 0 <= p.z0 <= p.z1 < S:
-                raise PromptError(
-                    f"box {n}: need 0 <= z0 <= z1 < {S} (slices along the slicing axis), got z0={p.z0}, z1={p.z1}"
-                )
-            key = (p.z0 + p.z1) // 2 if override is None else int(override)
-            if not p.z0 <= key <= p.z1:
-                raise PromptError(f"box {n}: key slice {key} lies outside its z-range {p.z0}..{p.z1}")
-            limit = (
-                max(p.x0 - margin, 0),
-                max(p.y0 - margin, 0),
-                min(p.x1 + margin, W - 1),
-                min(p.y1 + margin, H - 1),
-            )
-            tracks.append(
-                _Track(
-                    n,
-                    key,
-                    p.z0,
-                    p.z1,
-                    _prompt_box(p.x0, p.y0, p.x1, p.y1, H, W),
-                    limit,
-                    "box_end",
-                    -np.inf if iou_threshold is None else iou_threshold,
-                )
-            )
-        else:
-            _check_inplane(p.x0, p.y0, p.x1, p.y1, H, W, f"box {n}")
-            if not 0 <= p.slice < S:
-                raise PromptError(f"box {n}: slice {p.slice} outside 0..{S - 1}")
-            if override is not None and int(override) != p.slice:
-                raise PromptError(f"box {n}: key_slices[{n}]={override} contradicts Box2D.slice={p.slice}")
-            tracks.append(
-                _Track(
-                    n,
-                    p.slice,
-                    0,
-                    S - 1,
-                    _prompt_box(p.x0, p.y0, p.x1, p.y1, H, W),
-                    (0, 0, W - 1, H - 1),
-                    "volume_end",
-                    BOX2D_IOU_THRESHOLD if iou_threshold is None else iou_threshold,
-                )
-            )
-    return tracks
-
-
-def _next_box(bbox: tuple[int, int, int, int], limit, margin: int, H: int, W: int) -> np.ndarray:
-    """Bounding box (x0, y0, x1, y1) of a mask, expanded by ``margin``, clipped to ``limit``."""
-    x0, y0, x1, y1 = bbox
-    lx0, ly0, lx1, ly1 = limit
-    x0 = min(max(x0 - margin, lx0), lx1)
-    y0 = min(max(y0 - margin, ly0), ly1)
-    x1 = min(max(x1 + margin, lx0), lx1)
-    y1 = min(max(y1 + margin, ly0), ly1)
-    return _prompt_box(x0, y0, x1, y1, H, W)
-
-
 class _SliceEmbedder:
     """Puts a slice's embedding into the predictor: in-memory LRU, then disk cache, then encoder."""
 
-    def __init__(self, predictor, frame: np.ndarray, cache: EmbeddingCache | None, capacity: int):
+    def __init__(self, predictor: Any, frame: np.ndarray, cache: EmbeddingCache | None, capacity: int) -> None:
         self.predictor = predictor
         self.frame = frame
         self.cache = cache
@@ -282,6 +146,7 @@ class _SliceEmbedder:
             image = np.ascontiguousarray(self.frame[s])
             emb = None
             if self.cache is not None:
+                assert self._fp is not None  # set whenever there is a cache
                 key = slice_key(self._fp, pred.contract, image)
                 emb = self.cache.get(key)
             if emb is not None:
@@ -291,6 +156,7 @@ class _SliceEmbedder:
                 pred.set_image(image)
                 self.computed += 1
                 if self.cache is not None:
+                    assert self._fp is not None
                     self.cache.put(
                         key,
                         pred.embedding,
@@ -324,8 +190,13 @@ class _CropSegmenter:
     the box shifted into the crop."""
 
     def __init__(
-        self, predictor, frame: np.ndarray, cache: EmbeddingCache | None, policy: ZoomPolicy, crop_predictor=None
-    ):
+        self,
+        predictor: Any,
+        frame: np.ndarray,
+        cache: EmbeddingCache | None,
+        policy: ZoomPolicy,
+        crop_predictor: Any = None,
+    ) -> None:
         if crop_predictor is None:
             from .predictor import Predictor
 
@@ -338,7 +209,7 @@ class _CropSegmenter:
         self.frame = frame
         self.cache = cache
         self.policy = policy
-        self.current: tuple | None = None
+        self.current: tuple[int, _Window] | None = None
         self.computed = 0
         self.cache_hits = 0
 
@@ -348,7 +219,7 @@ class _CropSegmenter:
 
         return should_zoom(box, self.frame.shape[1:3], self.policy)
 
-    def predict(self, s: int, box: np.ndarray):
+    def predict(self, s: int, box: np.ndarray) -> tuple[Any, _Window]:
         """Prediction of ``box`` (full-slice coordinates) on its crop of slice ``s`` and the crop
         window ``(y0, y1, x0, x1)``; masks, scores and logits are in the crop's frame."""
         from .embedding_cache import set_image_cached
@@ -492,7 +363,7 @@ def segment_volume(
         if progress is not None:
             progress(sum(t.resolved for t in tracks), total)
 
-    def run_slice(s: int, tasks: list[tuple[_Track, str, np.ndarray, tuple | None]], keep: bool) -> None:
+    def run_slice(s: int, tasks: Sequence[_Task], keep: bool) -> None:
         """Decode all tasks on slice s and update the tracks: objects on the whole slice in
         batched calls on its embedding (activated here, kept in memory if ``keep``), small boxes
         (with ``zoom``) one by one on their crops. A task's logits are ``(logits, window)``,
@@ -513,17 +384,20 @@ def segment_volume(
                 continue
             kwargs: dict[str, Any] = {"boxes": np.stack([g[2] for g in group])}
             if group[0][3] is not None:
-                kwargs["mask_input"] = np.stack([g[3] for g in group])
+                kwargs["mask_input"] = np.stack([g[3] for g in group if g[3] is not None])  # all of them
             pred = predictor.predict(**kwargs)
             for i, (tr, direction, _box, _) in enumerate(group):
                 _handle(tr, direction, s, pred, i, (0, 0), None)
         for (tr, direction, box, _), z in zip(tasks, small):
             if z:
+                assert cropper is not None  # only with zoom is a box small
                 pred, window = cropper.predict(s, box)
                 tr.zoomed = True
                 _handle(tr, direction, s, pred, 0, (window[0], window[2]), window)
 
-    def _handle(tr: _Track, direction: str, s: int, pred, i: int, offset: tuple[int, int], window) -> None:
+    def _handle(
+        tr: _Track, direction: str, s: int, pred: Any, i: int, offset: tuple[int, int], window: _Window | None
+    ) -> None:
         """Record prompt ``i`` of ``pred``, whose masks lie at ``offset`` (row, column) of the
         slice (the corner of the zoom crop ``window``, or (0, 0) and None), and set the
         object's next prompt."""
@@ -578,7 +452,7 @@ def segment_volume(
         for t in tracks:
             by_key.setdefault(t.key, []).append(t)
         for s in range(keys[0], S):
-            tasks = [(t, "key", t.key_box, None) for t in by_key.get(s, [])]
+            tasks: list[_Task] = [(t, "key", t.key_box, None) for t in by_key.get(s, [])]
             tasks += [(t, "up", t.up[0], t.up[1]) for t in tracks if t.up is not None and t.key < s]
             if not tasks:
                 if s > keys[-1]:
@@ -600,7 +474,7 @@ def segment_volume(
 
     # ---- assemble the label map: overlaps go to the highest score
     labels = np.zeros((S, H, W), dtype=label_dtype)
-    per_slice: dict[int, list[tuple[int, tuple]]] = {}
+    per_slice: dict[int, list[tuple[int, _Kept]]] = {}
     for t in tracks:
         for s, entry in t.kept.items():
             per_slice.setdefault(s, []).append((t.index + 1, entry))
@@ -613,6 +487,7 @@ def segment_volume(
             continue
         best = np.full((H, W), -np.inf, dtype=np.float32)
         for lab, (y0, x0, crop, sc) in sorted(entries, key=lambda e: e[0]):
+            assert sc is not None  # several objects: their score crops were kept (need_scores)
             sl = (slice(y0, y0 + crop.shape[0]), slice(x0, x0 + crop.shape[1]))
             take = crop & (sc > best[sl])
             out[sl][take] = lab

@@ -19,6 +19,7 @@ import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,7 +44,7 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{"
 
 
-def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+def read_state_dict(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read the raw tensors of a checkpoint file and any metadata stored with it.
 
     Returns (state_dict with ``module.`` prefixes removed, metadata dict).
@@ -52,7 +53,8 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    metadata: dict = {}
+    metadata: dict[str, Any] = {}
+    state: Mapping[str, torch.Tensor]
     if _is_safetensors(path):
         from safetensors import safe_open
 
@@ -80,7 +82,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     return cleaned, metadata
 
 
-def load_weights_only(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> object:
+def load_weights_only(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> object:
     """``torch.load(path, weights_only=True)`` with every failure turned into one
     :class:`CheckpointError` sentence: a pickle holding Python objects other than tensors is
     refused as such (never with torch's advice to retry with ``weights_only=False``), anything
@@ -195,7 +197,7 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> ModelConfig:
 
 
 def load_model(
-    checkpoint: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
     contract: str | None = None,
     device: str | torch.device | None = None,
     config: ModelConfig | str | None = None,
@@ -215,7 +217,8 @@ def load_model(
     if checkpoint is None:
         from .default_model import load_default_model
 
-        return load_default_model(contract=contract, device=pick_device(device))
+        default: MedSAMModel = load_default_model(contract=contract, device=pick_device(device))
+        return default
     state, metadata = read_state_dict(checkpoint)
     if config is not None:
         cfg = CONFIGS[config] if isinstance(config, str) else config
@@ -258,7 +261,7 @@ def _load_strict(model: MedSAMModel, state: Mapping[str, torch.Tensor], path: ob
     model.load_state_dict(state, strict=True)
 
 
-def save_model(model: MedSAMModel, path: str | os.PathLike, extra: dict | None = None) -> Path:
+def save_model(model: MedSAMModel, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
     """Write ``model`` as safetensors (config and contract in its metadata) plus a JSON sidecar.
 
     ``path`` is the ``.safetensors`` file; the sidecar is the same name with ``.json``. Both are
@@ -284,7 +287,7 @@ def save_model(model: MedSAMModel, path: str | os.PathLike, extra: dict | None =
     return path
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=2)

@@ -48,7 +48,7 @@ class ZoomPolicy:
 
 
 def zoom_window(
-    box: Sequence[float],
+    box: Sequence[float] | np.ndarray,
     size: tuple[int, int],
     context: float,
     min_side: int,
@@ -64,7 +64,7 @@ def zoom_window(
     H, W = size
     x0, y0, x1, y1 = (float(v) for v in box)
     side = int(round(max(context * (max(x1 - x0, y1 - y0) + 1.0), float(min_side))))
-    out = []
+    out: list[int] = []
     for lo, hi, extent, off in ((y0, y1, H, offset[0]), (x0, x1, W, offset[1])):
         s = min(side, extent)
         start = int(round((lo + hi + 1.0) / 2.0 - s / 2.0 + off))
@@ -78,7 +78,7 @@ def zoom_window(
     return out[0], out[1], out[2], out[3]
 
 
-def should_zoom(box: Sequence[float], size: tuple[int, int], policy: ZoomPolicy) -> bool:
+def should_zoom(box: Sequence[float] | np.ndarray, size: tuple[int, int], policy: ZoomPolicy) -> bool:
     """True when the crop for ``box`` is small enough against the image to be worth a second embedding."""
     y0, y1, x0, x1 = zoom_window(box, size, policy.context, policy.min_side)
     return max(y1 - y0, x1 - x0) <= policy.max_crop_fraction * max(size)
@@ -140,7 +140,7 @@ def predict_with_zoom(
 
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     H, W = image.shape[:2]
-    zoomed = np.array([should_zoom(b, (H, W), policy) for b in boxes], dtype=bool)
+    zoomed = np.array([should_zoom(b, (H, W), policy) for b in boxes], dtype=np.bool_)
     masks = np.zeros((len(boxes), H, W), dtype=bool)
     scores = np.zeros(len(boxes), dtype=np.float64)
     contract = predictor.contract

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 from collections.abc import Sequence
+from typing import NoReturn
 
 from .runner import CLIError, run_command
 
@@ -38,7 +39,7 @@ COMMAND_MODULES = (
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with the command's error shape: ``medsam: error: ...`` and exit status 2."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         from .runner import EXIT_BAD_INPUT, log
 
         log(f"medsam: error: {message} (see: {self.prog} --help)")

@@ -9,14 +9,19 @@ See :mod:`medsam.benchmark` for the protocol.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .runner import log
+
+if TYPE_CHECKING:
+    from .options import Subparsers
 
 __all__ = ["add_parser", "run"]
 
 
-def add_parser(subparsers) -> None:
+def add_parser(subparsers: Subparsers) -> None:
     p = subparsers.add_parser(
         "benchmark",
         help="score a model (or the box/otsu baseline) on a prepared corpus split: DSC, NSD, latency",
@@ -84,7 +89,7 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from ..benchmark import compare_runs, run_benchmark
 
     out = Path(args.output)

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .options import finite_float
 from .runner import CLIError, log
+
+if TYPE_CHECKING:
+    from .options import Subparsers
 
 __all__ = ["add_parser", "label_map", "run"]
 
@@ -31,7 +35,7 @@ def label_map(text: str) -> dict[int, int]:
     return mapping
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: Subparsers) -> None:
     p = sub.add_parser(
         "evaluate",
         help="score predictions against ground truth (DSC, NSD, HD95)",

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .options import Subparsers
 
 __all__ = ["add_parser", "run"]
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: Subparsers) -> None:
     p = sub.add_parser("info", help="describe a checkpoint: architecture, contract, parameters")
     p.add_argument("checkpoint", nargs="?", default=None, help="weights file (default: the embedded model)")
     p.set_defaults(func=run)

@@ -6,11 +6,15 @@ medsam export-onnx [--checkpoint CKPT] -o DIR [--int8]
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .options import Subparsers
 
 __all__ = ["add_parser", "run"]
 
 
-def add_parser(subparsers) -> None:
+def add_parser(subparsers: Subparsers) -> None:
     """Add ``export-onnx`` to an ``argparse`` sub-parser collection."""
     p = subparsers.add_parser(
         "export-onnx",

@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    # What ``add_parser`` receives: the ``add_subparsers()`` action of the ``medsam`` parser
+    # (generic in typeshed only, so the alias exists for the type checker alone).
+    Subparsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
 
 __all__ = ["ct_window", "finite_float", "positive_int"]
 

@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .options import positive_int
 from .runner import CLIError
+
+if TYPE_CHECKING:
+    from .options import Subparsers
+
 
 __all__ = ["add_parser", "run", "run_demo"]
 
@@ -31,7 +36,7 @@ def _shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def add_parser(subparsers) -> None:
+def add_parser(subparsers: Subparsers) -> None:
     """Add ``prepare`` and ``prepare-demo`` to an ``argparse`` sub-parser collection."""
     p = subparsers.add_parser(
         "prepare",
@@ -77,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_CASE_ERRORS
 
 
-def _add_demo_parser(subparsers) -> None:
+def _add_demo_parser(subparsers: Subparsers) -> None:
     p = subparsers.add_parser(
         "prepare-demo",
         help="build a small demo corpus from real public images (TotalSegmentator, MNI152, Colin27)",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from typing import TextIO
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_UNEXPECTED", "CLIError", "log", "run_command"]
 
@@ -46,7 +47,14 @@ def _error_line(exc: BaseException) -> str:
     return message
 
 
-def _format_warning(message, category, filename, lineno, file=None, line=None) -> None:
+def _format_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
     text = str(message).strip()
     print(
         f"medsam: warning: {text.splitlines()[0] if text else category.__name__}",

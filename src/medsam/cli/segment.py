@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 from .options import ct_window, finite_float
 from .runner import CLIError, log
 
+if TYPE_CHECKING:
+    from ..zoom import ZoomPolicy
+    from .options import Subparsers
+
+
 __all__ = ["add_parser", "run"]
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: Subparsers) -> None:
     p = sub.add_parser(
         "segment",
         help="segment objects in an image or volume from box prompts",
@@ -74,7 +80,7 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _zoom_choice(args: argparse.Namespace):
+def _zoom_choice(args: argparse.Namespace) -> ZoomPolicy | Literal["auto"] | None:
     """The ``zoom`` for segment_file: --no-zoom, --zoom [CONTEXT], or "auto" (neither)."""
     if args.no_zoom and args.zoom is not None:
         raise CLIError("--zoom and --no-zoom exclude each other")

@@ -16,9 +16,13 @@ import argparse
 import ipaddress
 import os
 import socket
+from typing import TYPE_CHECKING
 
 from .options import ct_window, finite_float
 from .runner import CLIError, log
+
+if TYPE_CHECKING:
+    from .options import Subparsers
 
 __all__ = ["add_parser", "allowed_hosts", "run"]
 
@@ -26,7 +30,7 @@ _LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 _WILDCARDS = ("0.0.0.0", "::")
 
 
-def add_parser(subparsers) -> None:
+def add_parser(subparsers: Subparsers) -> None:
     """Add ``serve`` to an ``argparse`` sub-parser collection."""
     p = subparsers.add_parser(
         "serve",

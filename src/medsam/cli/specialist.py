@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .runner import log
+
+if TYPE_CHECKING:
+    from .options import Subparsers
 
 __all__ = ["add_parser", "run_eval", "run_train"]
 
@@ -26,7 +30,7 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
-def add_parser(subparsers) -> None:
+def add_parser(subparsers: Subparsers) -> None:
     """Register ``specialist-train`` and ``specialist-eval`` on an argparse ``subparsers`` object."""
     t = subparsers.add_parser(
         "specialist-train",
@@ -121,7 +125,7 @@ def add_parser(subparsers) -> None:
     e.set_defaults(func=run_eval)
 
 
-def run_train(args) -> int:
+def run_train(args: argparse.Namespace) -> int:
     from ..specialist import SpecialistConfig, train_specialist
 
     if not Path(args.corpus).is_dir():
@@ -157,7 +161,7 @@ def run_train(args) -> int:
     return 0
 
 
-def run_eval(args) -> int:
+def run_eval(args: argparse.Namespace) -> int:
     from ..specialist import evaluate_specialist
 
     if not Path(args.corpus).is_dir():

@@ -15,11 +15,15 @@ import argparse
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from .runner import CLIError
 
+if TYPE_CHECKING:
+    from .options import Subparsers
 
-def add_parser(subparsers) -> None:
+
+def add_parser(subparsers: Subparsers) -> None:
     """Register the ``train`` and ``export`` sub-commands on an argparse ``subparsers`` object."""
     p = subparsers.add_parser(
         "train",

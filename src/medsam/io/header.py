@@ -17,6 +17,7 @@ How each format is read (never the pixel data):
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def check_declared_size(path: str | Path, max_voxels: int | None, max_bytes: int
     return size
 
 
-def _make(shape, bytes_per_voxel: int) -> DeclaredSize:
+def _make(shape: Iterable[int], bytes_per_voxel: int) -> DeclaredSize:
     dims = tuple(int(d) for d in shape)
     voxels = 1
     for d in dims:

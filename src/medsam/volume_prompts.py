@@ -1,0 +1,200 @@
+"""Volume prompts and the walk each one starts (used by :mod:`medsam.volume`).
+
+This module owns the boxes a user gives for a volume, :class:`Box3D` and :class:`Box2D`, their
+checks against the slicing frame, and what each becomes for propagation: a :class:`_Track` with
+its key slice, the slice range it may walk, its in-plane limit, its IoU stop and its end reason,
+and the rule for the next slice's box (:func:`_next_box`). The walk itself (sweeps, embeddings,
+decoding, the label map) is :func:`medsam.volume.segment_volume`; the axis and coordinate
+conventions are those of the :mod:`medsam.volume` docstring (``x`` columns, ``y`` rows, ``z``
+the slicing axis; corners are inclusive voxel indices). ``Box3D``, ``Box2D`` and
+``BOX2D_IOU_THRESHOLD`` are public as ``medsam.volume.*``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .predictor import PromptError
+
+__all__ = ["BOX2D_IOU_THRESHOLD", "Box2D", "Box3D"]
+
+# A zoom window ``(y0, y1, x0, x1)`` (:func:`medsam.zoom.zoom_window`), exclusive ends.
+_Window = tuple[int, int, int, int]
+# A mask prompt carried to the next slice: ((1, L, L) float32 low-res logits, the zoom window
+# they were predicted on, or None for whole-slice logits).
+_Logits = tuple[np.ndarray, _Window | None]
+# The next step of a walk: ((4,) predictor box, mask prompt or None).
+_Step = tuple[np.ndarray, _Logits | None]
+# A kept slice of an object: (y0, x0, (h, w) bool mask crop, (h, w) float32 score crop or None).
+_Kept = tuple[int, int, np.ndarray, np.ndarray | None]
+
+
+@dataclass(frozen=True)
+class Box3D:
+    """A 3D box, inclusive voxel indices in the slicing frame (``x`` columns, ``y`` rows, ``z``
+    slices; with ``axis=0``: x = i, y = j, z = k of a ``(Z, Y, X)`` array ``v[k, j, i]``).
+
+    The object is segmented on slices ``z0..z1`` at most; the key slice is ``(z0 + z1) // 2``
+    unless overridden, and is prompted with ``[x0, y0, x1, y1]``.
+    """
+
+    x0: int
+    y0: int
+    z0: int
+    x1: int
+    y1: int
+    z1: int
+
+    @classmethod
+    def from_array(cls, values: Sequence[float] | np.ndarray) -> Box3D:
+        """From ``[x0, y0, z0, x1, y1, z1]`` (the CVPR 2024 npz layout)."""
+        return cls(*(_as_int(v) for v in np.asarray(values, dtype=np.float64).reshape(6)))
+
+
+@dataclass(frozen=True)
+class Box2D:
+    """A 2D box ``[x0, y0, x1, y1]`` (inclusive pixels, x = columns, y = rows) on key slice
+    ``slice`` (index along the slicing axis). Propagation may run to both ends of the volume."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    slice: int
+
+
+def _as_int(v: Any) -> int:
+    f = float(v)
+    if not np.isfinite(f):
+        raise PromptError(f"box coordinate is not finite: {v!r}")
+    r = int(round(f))
+    if abs(f - r) > 1e-6:
+        raise PromptError(f"box coordinates must be integer voxel indices, got {v!r}")
+    return r
+
+
+def _as_prompt(b: Any) -> Box3D | Box2D:
+    if isinstance(b, (Box3D, Box2D)):
+        return b
+    arr = np.asarray(b, dtype=np.float64).reshape(-1)
+    if arr.size == 6:
+        return Box3D.from_array(arr)
+    raise PromptError(f"a volume prompt must be a Box3D, a Box2D or [x0, y0, z0, x1, y1, z1]; got {b!r}")
+
+
+@dataclass
+class _Track:
+    """Propagation state of one object."""
+
+    index: int
+    key: int
+    lo: int  # allowed slice range, inclusive
+    hi: int
+    key_box: np.ndarray  # (4,) prompt on the key slice
+    limit: tuple[int, int, int, int]  # in-plane clip (x0, y0, x1, y1), inclusive
+    end_reason: str  # "box_end" or "volume_end"
+    iou_stop: float  # a propagated slice with a predicted IoU below this ends the walk
+    up: _Step | None = None  # (box, (logits, zoom window or None) or None) going up; None = not walking
+    down: _Step | None = None
+    kept: dict[int, _Kept] = field(default_factory=dict)  # slice -> (y0, x0, mask crop, score crop | None)
+    scores: dict[int, float] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=lambda: ["", ""])
+    resolved: int = 0  # slices of [lo, hi] decided (predicted or given up), for progress
+    zoomed: bool = False  # segmented on a zoom crop on at least one slice
+
+
+def _check_inplane(x0: int, y0: int, x1: int, y1: int, H: int, W: int, what: str) -> None:
+    if not (0 <= x0 <= x1 < W and 0 <= y0 <= y1 < H):
+        raise PromptError(
+            f"{what} [x0={x0}, y0={y0}, x1={x1}, y1={y1}] must satisfy 0 <= x0 <= x1 < {W} and "
+            f"0 <= y0 <= y1 < {H} (inclusive indices in the slicing frame)"
+        )
+
+
+def _prompt_box(x0: int, y0: int, x1: int, y1: int, H: int, W: int) -> np.ndarray:
+    """Inclusive corners -> predictor box; a one-pixel-wide box gets a far corner one further."""
+    return np.array([x0, y0, min(max(x1, x0 + 1), W), min(max(y1, y0 + 1), H)], dtype=np.float64)
+
+
+# Default IoU stop of a walk with no other end than the object's (Box2D); a Box3D's walk has its
+# z-range and by default no IoU stop.
+BOX2D_IOU_THRESHOLD = 0.5
+
+
+def _make_tracks(
+    prompts: Sequence[Box3D | Box2D],
+    key_slices: Sequence[int | None] | None,
+    S: int,
+    H: int,
+    W: int,
+    margin: int,
+    iou_threshold: float | None,
+) -> list[_Track]:
+    if key_slices is not None and len(key_slices) != len(prompts):
+        raise PromptError(f"key_slices has {len(key_slices)} entries for {len(prompts)} boxes")
+    tracks: list[_Track] = []
+    for n, p in enumerate(prompts):
+        override = None if key_slices is None else key_slices[n]
+        if isinstance(p, Box3D):
+            _check_inplane(p.x0, p.y0, p.x1, p.y1, H, W, f"box {n}")
+            if not 0 <= p.z0 <= p.z1 < S:
+                raise PromptError(
+                    f"box {n}: need 0 <= z0 <= z1 < {S} (slices along the slicing axis), got z0={p.z0}, z1={p.z1}"
+                )
+            key = (p.z0 + p.z1) // 2 if override is None else int(override)
+            if not p.z0 <= key <= p.z1:
+                raise PromptError(f"box {n}: key slice {key} lies outside its z-range {p.z0}..{p.z1}")
+            limit = (
+                max(p.x0 - margin, 0),
+                max(p.y0 - margin, 0),
+                min(p.x1 + margin, W - 1),
+                min(p.y1 + margin, H - 1),
+            )
+            tracks.append(
+                _Track(
+                    n,
+                    key,
+                    p.z0,
+                    p.z1,
+                    _prompt_box(p.x0, p.y0, p.x1, p.y1, H, W),
+                    limit,
+                    "box_end",
+                    -np.inf if iou_threshold is None else iou_threshold,
+                )
+            )
+        else:
+            _check_inplane(p.x0, p.y0, p.x1, p.y1, H, W, f"box {n}")
+            if not 0 <= p.slice < S:
+                raise PromptError(f"box {n}: slice {p.slice} outside 0..{S - 1}")
+            if override is not None and int(override) != p.slice:
+                raise PromptError(f"box {n}: key_slices[{n}]={override} contradicts Box2D.slice={p.slice}")
+            tracks.append(
+                _Track(
+                    n,
+                    p.slice,
+                    0,
+                    S - 1,
+                    _prompt_box(p.x0, p.y0, p.x1, p.y1, H, W),
+                    (0, 0, W - 1, H - 1),
+                    "volume_end",
+                    BOX2D_IOU_THRESHOLD if iou_threshold is None else iou_threshold,
+                )
+            )
+    return tracks
+
+
+def _next_box(
+    bbox: tuple[int, int, int, int], limit: tuple[int, int, int, int], margin: int, H: int, W: int
+) -> np.ndarray:
+    """Bounding box (x0, y0, x1, y1) of a mask, expanded by ``margin``, clipped to ``limit``."""
+    x0, y0, x1, y1 = bbox
+    lx0, ly0, lx1, ly1 = limit
+    x0 = min(max(x0 - margin, lx0), lx1)
+    y0 = min(max(y0 - margin, ly0), ly1)
+    x1 = min(max(x1 + margin, lx0), lx1)
+    y1 = min(max(y1 + margin, ly0), ly1)
+    return _prompt_box(x0, y0, x1, y1, H, W)
