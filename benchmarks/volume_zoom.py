@@ -98,14 +98,14 @@ def main() -> None:
     import torch
 
     from medsam.predictor import Predictor
-    from medsam.segment import _load
+    from medsam.segment import load_reporting
     from medsam.volume import segment_volume
     from medsam.zoom import ZoomPolicy
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     pixels, label, spacing, names = load_case()
     ids, boxes = boxes_of(label, args.min_voxels)
-    model = _load(args.checkpoint, None, None, lambda m: print(m, flush=True))
+    model = load_reporting(args.checkpoint, None, None, lambda m: print(m, flush=True))
     print(
         f"volume {pixels.shape}, spacing {spacing} mm, {len(ids)} objects, model contract {model.contract}", flush=True
     )

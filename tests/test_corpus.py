@@ -19,7 +19,9 @@ def test_parquet_and_csv_manifests_hold_the_same_rows(synthetic, monkeypatch):
     assert (synthetic / "manifest.parquet").is_file() and (synthetic / "manifest.csv").is_file()
     from_parquet = corpus.read_manifest(synthetic)
     assert isinstance(from_parquet, corpus.Manifest) and len(from_parquet) == 9 * 2 * 2
-    monkeypatch.setattr(corpus, "_read_parquet", lambda *a: (_ for _ in ()).throw(AssertionError("parquet")))
+    from medsam.corpus import read
+
+    monkeypatch.setattr(read, "_read_parquet", lambda *a: (_ for _ in ()).throw(AssertionError("parquet")))
     (synthetic / "manifest.parquet").rename(synthetic / "manifest.parquet.off")
     try:
         from_csv = corpus.read_manifest(synthetic)
@@ -63,3 +65,14 @@ def test_broken_corpora_are_refused_with_corpus_error(tmp_path, synthetic):
     np.savez(bad, image=np.zeros((4, 4), np.uint8), label=np.zeros((4, 4), np.uint8), spacing=[0.0, 1.0])
     with pytest.raises(corpus.CorpusError, match="spacing"):
         corpus.load_slice(tmp_path, "cases/bad.npz")
+
+
+def test_json_records_that_are_not_objects_are_unreadable(tmp_path):
+    (tmp_path / "a.json").write_text("[1, 2]")
+    (tmp_path / "b.json").write_text('{"format": "medsam-corpus-case"}')
+    assert corpus.read_json(tmp_path / "a.json") is None
+    assert corpus.read_json(tmp_path / "b.json") == {"format": "medsam-corpus-case"}
+    case = tmp_path / "cases" / "d" / "c"
+    case.mkdir(parents=True)
+    (case / "case.json").write_text('"done"')
+    assert corpus.finished_case(tmp_path, "d", "c") is None

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medsam import corpus as corpus_mod
+from medsam.corpus import write as corpus_mod
 from medsam.cli import main as cli_main
 from medsam.corpus import MANIFEST_COLUMNS
 from medsam.curate import prepare as prep_mod

@@ -218,5 +218,6 @@ def test_auto_zoom_only_for_small_input_models_and_2d(tiny_model, tmp_path):
         _resolve_auto_zoom(policy, big, logs.append) is policy
         and _resolve_auto_zoom(None, predictor, logs.append) is None
     )
-    with pytest.raises(ValueError, match="zoom"):
-        segment_file(tmp_path / "img.png", tmp_path / "m2.png", boxes, model=tiny_model, zoom="sometimes")
+    for bad in ("sometimes", 3.0):
+        with pytest.raises(ValueError, match="zoom"):
+            segment_file(tmp_path / "img.png", tmp_path / "m2.png", boxes, model=tiny_model, zoom=bad)

@@ -243,9 +243,9 @@ def run_benchmark(
         model_info = {"baseline": baseline}
     else:
         if model is None:
-            from .segment import _load
+            from .segment import load_reporting
 
-            model = _load(checkpoint, device, contract, log)
+            model = load_reporting(checkpoint, device, contract, log)
         method = PredictorMethod(model, contract=contract, precision=precision, zoom=zoom)
         method_name = name or ("default" if checkpoint is None else Path(str(checkpoint)).name.split(".")[0])
         model_info = {

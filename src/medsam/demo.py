@@ -240,14 +240,14 @@ def run_demo(
     default policy), as the model card's headline results do.
     """
     from .default_model import UNTRAINED_WARNING
-    from .segment import _load
+    from .segment import load_reporting
 
     total_start = time.perf_counter()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     chosen = bundled_samples(samples)
     if model is None:
-        model = _load(None, None, None, log)
+        model = load_reporting(None, None, None, log)
     untrained = bool(getattr(model, "is_untrained_default", False))
     policy = None
     if zoom:

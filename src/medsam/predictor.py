@@ -231,7 +231,7 @@ class Predictor:
 
             points, point_labels = add_scribble_points(points, point_labels, scribbles, self.geometry.original_size)
         geom = self.geometry
-        all_masks = _multimask_mode(multimask)
+        all_masks = multimask_mode(multimask)
         three = bool(multimask) and not all_masks
         n, box_t, pts_t, mask_t = self._prompts_to_tensors(boxes, points, point_labels, mask_input)
         out = self.model.decode(
@@ -334,7 +334,7 @@ class Predictor:
         return n, box_t, pts_t, mask_t
 
 
-def _multimask_mode(multimask: object) -> bool:
+def multimask_mode(multimask: object) -> bool:
     """Whether ``multimask`` asks for all four masks ("all"); other strings are refused, any
     other value counts by its truth (True, np.True_, 1: the three alternatives)."""
     if isinstance(multimask, str):

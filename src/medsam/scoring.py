@@ -244,7 +244,9 @@ def _object_rng(seed: int, dataset: str, case: str, slice_index: int, label: int
     return np.random.default_rng([int(seed), key])
 
 
-def jitter_box(box: Sequence[float], jitter: float, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+def jitter_box(
+    box: Sequence[float] | np.ndarray, jitter: float, size: tuple[int, int], rng: np.random.Generator
+) -> np.ndarray:
     """Move each side of an inclusive [x0, y0, x1, y1] box outwards by randint(0, J') pixels,
     ``J' = round(jitter * max(H, W) / 1024)``; clipped to the (H, W) image."""
     H, W = size
@@ -380,7 +382,8 @@ def score_objects(
             out.errors.extend(error_row(r, f"slice unreadable: {type(exc).__name__}: {reason}") for r in srows)
             continue
         H, W = label_map.shape
-        boxes, gts, kept = [], [], []
+        boxes: list[np.ndarray] = []
+        gts, kept = [], []
         for r in srows:
             gt = label_map == r.label
             box = object_box(r, (H, W), jitter, seed) if method.prompted else None
@@ -389,7 +392,8 @@ def score_objects(
             elif isinstance(box, str):
                 out.errors.append(error_row(r, box))
             else:
-                boxes.append(box)
+                if box is not None:
+                    boxes.append(box)
                 gts.append(gt)
                 kept.append(r)
         if not kept:

@@ -73,7 +73,9 @@ class SegmentOptions:
     zoom: ZoomPolicy | Literal["auto"] | None = "auto"
 
     def __post_init__(self) -> None:
-        if isinstance(self.zoom, str) and self.zoom != "auto":
+        from .zoom import ZoomPolicy
+
+        if not (self.zoom is None or self.zoom == "auto" or isinstance(self.zoom, ZoomPolicy)):
             raise ValueError(f"zoom must be a ZoomPolicy, None or 'auto', got {self.zoom!r}")
 
 
@@ -233,7 +235,7 @@ def segment_file(
 
 
 def _model(opts: SegmentOptions, log: Callable[[str], None]) -> MedSAMModel:
-    return opts.model if opts.model is not None else _load(opts.checkpoint, opts.device, opts.contract, log)
+    return opts.model if opts.model is not None else load_reporting(opts.checkpoint, opts.device, opts.contract, log)
 
 
 def _model_description(model: MedSAMModel, checkpoint: str | Path | None) -> dict[str, Any]:
@@ -244,7 +246,7 @@ def _model_description(model: MedSAMModel, checkpoint: str | Path | None) -> dic
     }
 
 
-def _load(
+def load_reporting(
     checkpoint: str | Path | None, device: str | None, contract: str | None, log: Callable[[str], None]
 ) -> MedSAMModel:
     """The model of ``checkpoint`` (the embedded default when None; load_model warns if that

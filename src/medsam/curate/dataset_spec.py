@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from ..io.formats import image_suffix
-from .normalize import CT_WINDOWS, _canonical_modality
+from .normalize import CT_WINDOWS, canonical_modality
 
 __all__ = [
     "SPLITS",
@@ -163,7 +163,7 @@ class DatasetSpec:
             if data.get(req) in (None, ""):
                 raise bad(req, "required")
         try:
-            modality = _canonical_modality(str(data["modality"]))
+            modality = canonical_modality(str(data["modality"]))
         except ValueError as exc:
             raise bad("modality", str(exc)) from None
 

@@ -45,7 +45,7 @@ CT_WINDOWS: dict[str, tuple[float, float]] = {
 }
 
 # canonical modality name -> recipe
-_RECIPES: dict[str, str] = {
+RECIPES: dict[str, str] = {
     "CT": "window",
     "MR": "percentile",
     "PET": "percentile",
@@ -59,10 +59,10 @@ _RECIPES: dict[str, str] = {
     "Dermoscopy": "color",
     "Microscopy": "color",
 }
-KNOWN_MODALITIES: tuple[str, ...] = tuple(_RECIPES)
+KNOWN_MODALITIES: tuple[str, ...] = tuple(RECIPES)
 
 # accepted spellings (lower case) -> canonical name; includes DICOM Modality codes
-_ALIASES: dict[str, str] = {m.lower(): m for m in _RECIPES}
+_ALIASES: dict[str, str] = {m.lower(): m for m in RECIPES}
 _ALIASES.update(
     {
         "mri": "MR",
@@ -80,7 +80,7 @@ _ALIASES.update(
 )
 
 
-def _canonical_modality(modality: str) -> str:
+def canonical_modality(modality: str) -> str:
     if not isinstance(modality, str) or modality.strip().lower() not in _ALIASES:
         raise ValueError(
             f"unknown modality {modality!r}; known: {', '.join(KNOWN_MODALITIES)} "
@@ -103,7 +103,7 @@ def _as_finite_float(array) -> np.ndarray:
     return arr
 
 
-def _scale_to_uint8(clipped: np.ndarray, lo: float, hi: float) -> np.ndarray:
+def scale_to_uint8(clipped: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """Map ``[lo, hi]`` linearly to ``[0, 255]`` and truncate to uint8."""
     if hi <= lo:
         return np.where(clipped >= hi, 255, 0).astype(np.uint8)
@@ -117,7 +117,7 @@ def window_ct(array, level: float, width: float) -> np.ndarray:
         raise ValueError(f"CT window needs a finite level and a width > 0, got ({level}, {width})")
     arr = _as_finite_float(array)
     lo, hi = level - width / 2.0, level + width / 2.0
-    return _scale_to_uint8(np.clip(arr, lo, hi), lo, hi)
+    return scale_to_uint8(np.clip(arr, lo, hi), lo, hi)
 
 
 def normalize_percentile(array, lower: float = 0.5, upper: float = 99.5) -> np.ndarray:
@@ -134,7 +134,7 @@ def normalize_percentile(array, lower: float = 0.5, upper: float = 99.5) -> np.n
     if fg.size == 0:
         return np.zeros(arr.shape, dtype=np.uint8)
     lo, hi = np.percentile(fg, [lower, upper])
-    out = _scale_to_uint8(np.clip(arr, lo, hi), float(lo), float(hi))
+    out = scale_to_uint8(np.clip(arr, lo, hi), float(lo), float(hi))
     out[arr == 0] = 0
     return out
 
@@ -144,7 +144,7 @@ def _minmax_per_channel(arr: np.ndarray) -> np.ndarray:
     for c in range(arr.shape[-1]):
         ch = arr[..., c]
         lo, hi = float(ch.min()), float(ch.max())
-        out[..., c] = 0 if hi <= lo else _scale_to_uint8(ch, lo, hi)
+        out[..., c] = 0 if hi <= lo else scale_to_uint8(ch, lo, hi)
     return out
 
 
@@ -179,8 +179,8 @@ def normalize_image(
     every other modality -> :func:`normalize_percentile` (over all channels
     jointly for a colour input, so hues are kept).
     """
-    name = _canonical_modality(modality)
-    recipe = _RECIPES[name]
+    name = canonical_modality(modality)
+    recipe = RECIPES[name]
     if window is not None and recipe != "window":
         raise ValueError(f"window= only applies to CT, not to {name}")
     arr = np.asarray(array)

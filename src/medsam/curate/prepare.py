@@ -62,7 +62,7 @@ from .dataset_spec import (
     nifti_label_names,
 )
 from .labels import align_label, curate_labels
-from .normalize import _RECIPES, _scale_to_uint8, normalize_image, window_ct
+from .normalize import RECIPES, normalize_image, scale_to_uint8, window_ct
 
 __all__ = ["PrepareReport", "prepare"]
 
@@ -120,7 +120,7 @@ class _Normalizer:
     def __init__(self, image: MedicalImage, spec: DatasetSpec):
         self.color = image.is_color
         self.modality = spec.modality
-        recipe = _RECIPES[spec.modality]
+        recipe = RECIPES[spec.modality]
         arr = image.array
         if self.color:
             self.info = {"recipe": "color", "modality": spec.modality}
@@ -165,7 +165,7 @@ class _Normalizer:
         if self.lo is None:
             return np.zeros(sl.shape, dtype=np.uint8)
         f = sl.astype(np.float64)
-        out = _scale_to_uint8(np.clip(f, self.lo, self.hi), self.lo, self.hi)
+        out = scale_to_uint8(np.clip(f, self.lo, self.hi), self.lo, self.hi)
         out[f == 0] = 0
         return out
 

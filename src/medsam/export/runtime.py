@@ -184,9 +184,9 @@ class OnnxPredictor(Predictor):
     ) -> Prediction:
         """As :meth:`medsam.Predictor.predict`: box-only prompts run ``decoder.onnx``, any other
         combination ``decoder_points.onnx``."""
-        from ..predictor import _multimask_mode
+        from ..predictor import multimask_mode
 
-        if _multimask_mode(multimask):
+        if multimask_mode(multimask):
             raise ValueError("the ONNX decoders give one mask or the three alternatives, not all four in one pass")
         if scribbles is not None:
             from ..scribbles import add_scribble_points

@@ -10,7 +10,7 @@ import pydicom
 
 from .atomic import atomic_output
 from .image import MedicalImage
-from .writers import _label_array
+from .writers import label_array
 
 __all__ = ["write_dicom_seg"]
 
@@ -75,7 +75,7 @@ def write_dicom_seg(
             "write_dicom_seg needs an image read from DICOM (its source files are referenced); "
             f"this one is {like.source_format or 'in-memory'}: write NIfTI with write_mask instead"
         )
-    labels = _label_array(mask, like)
+    labels = label_array(mask, like)
     frames = labels[None] if labels.ndim == 2 else labels
     present = [int(v) for v in np.unique(labels) if v > 0]
     if not present:

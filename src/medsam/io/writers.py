@@ -13,7 +13,7 @@ from .image import MedicalImage
 __all__ = ["write_mask"]
 
 
-def _label_array(mask, like: MedicalImage) -> np.ndarray:
+def label_array(mask, like: MedicalImage) -> np.ndarray:
     mask = np.asarray(mask)
     if mask.dtype == bool:
         mask = mask.astype(np.uint8)
@@ -93,7 +93,7 @@ def write_mask(mask, like: MedicalImage, path: str | Path) -> Path:
     ``path`` stays as it was).
     """
     path = Path(path)
-    labels = _label_array(mask, like)
+    labels = label_array(mask, like)
     fmt = check_mask_path(path, volume=like.is_volume)
     if fmt == "nifti" and _write_nifti_like_source(labels, like, path):
         return path

@@ -1,190 +1,47 @@
-"""The curated corpus: its layout, writer, index and reader, in one place.
-
-Curation (:mod:`medsam.curate.prepare`), the workbench's training job, training
-(:mod:`medsam.train`), the benchmark, the specialist and the embedding store all read and write a
-corpus through this module. Layout (``OUT``)::
-
-    corpus.json        {"format": "medsam-corpus", "version": 1, "datasets": [spec dicts],
-                        "created", "updated", "medsam_version", "label_sources", "counts"}
-    manifest.csv       one row per (slice, object), columns MANIFEST_COLUMNS: dataset, case, slice,
-                       label, label_name, modality, x0, y0, x1, y1 (inclusive pixel box, x = column),
-                       area, split, path, height, width
-    manifest.parquet   the same rows, columnar (written when pyarrow is installed); read in
-                       preference to the CSV, a split, datasets and modalities at a time
-    summary.csv        per dataset, modality and label: cases, slices, objects, voxels, cases per split
-    errors.csv         cases that could not be curated: dataset, case, stage, error, image, label
-    cases/<dataset>/<case>/case.json
-    cases/<dataset>/<case>/slices/<slice:04d>.npz   image (H, W[, 3]) uint8,
-                       label (H, W) uint8|uint16, spacing (2,) float64 mm (row, col)
-    errors/<dataset>/<case>.json   one record per broken case (errors.csv is built from them)
-
-A case folder is written under a hidden temporary name and renamed when complete, so a case
-folder that exists is finished. The manifest, summary and error list are rebuilt from every
-finished ``case.json`` (:func:`build_index`), so corpora curated in pieces merge by copying their
-``cases/`` and ``errors/`` folders into one ``OUT`` and indexing it again.
+"""Writing a corpus: cases (``case.json`` and slice ``.npz``), the manifest, summary, errors and
+``corpus.json``. See :mod:`medsam.corpus` for the layout.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, overload
+from typing import Any
 
 import numpy as np
 
-from .io.atomic import write_csv, write_json
-
-__all__ = [
-    "CASE_FORMAT",
-    "CORPUS_FORMAT",
-    "CORPUS_VERSION",
-    "ERROR_COLUMNS",
-    "MANIFEST_COLUMNS",
-    "SPLITS",
-    "SUMMARY_COLUMNS",
-    "CaseError",
-    "CorpusError",
-    "Manifest",
-    "ManifestRow",
-    "build_index",
-    "case_dir",
-    "error_file",
-    "finished_case",
-    "index_corpus",
-    "load_slice",
-    "read_json",
-    "read_manifest",
-    "slice_objects",
-    "write_case",
-    "write_corpus_json",
-    "write_manifest",
-]
-
-CORPUS_FORMAT = "medsam-corpus"
-CORPUS_VERSION = 1
-CASE_FORMAT = "medsam-corpus-case"
-SPLITS = ("train", "val", "test")
-
-MANIFEST_COLUMNS = (
-    "dataset",
-    "case",
-    "slice",
-    "label",
-    "label_name",
-    "modality",
-    "x0",
-    "y0",
-    "x1",
-    "y1",
-    "area",
-    "split",
-    "path",
-    "height",
-    "width",
+from ..io.atomic import write_csv, write_json
+from .schema import (
+    CASE_FORMAT,
+    CORPUS_FORMAT,
+    CORPUS_VERSION,
+    ERROR_COLUMNS,
+    INT_COLUMNS,
+    MANIFEST_COLUMNS,
+    SPLITS,
+    SUMMARY_COLUMNS,
+    CaseError,
+    case_dir,
+    error_file,
+    read_json,
 )
-_INT_COLUMNS = frozenset({"slice", "label", "x0", "y0", "x1", "y1", "area", "height", "width"})
-SUMMARY_COLUMNS = (
-    "dataset",
-    "modality",
-    "label",
-    "label_name",
-    "label_source",
-    "cases",
-    "slices",
-    "objects",
-    "voxels",
-    "cases_train",
-    "cases_val",
-    "cases_test",
-)
-ERROR_COLUMNS = ("dataset", "case", "stage", "error", "image", "label")
 
 
-class CorpusError(ValueError):
-    """A corpus that does not have the expected layout; the message says what is wrong."""
-
-
-@dataclass
-class CaseError:
-    """A case that could not be curated (or an image/label without its partner)."""
-
-    dataset: str
-    case: str
-    stage: str
-    error: str
-    image: str = ""
-    label: str = ""
-
-
-@dataclass(frozen=True)
-class ManifestRow:
-    """One (slice, object) row of the manifest. The box is inclusive, in pixels, x = column."""
-
-    dataset: str
-    case: str
-    slice: int
-    label: int
-    label_name: str
-    modality: str
-    x0: int
-    y0: int
-    x1: int
-    y1: int
-    area: int
-    split: str
-    path: str
-    height: int
-    width: int
-
-
-assert tuple(f.name for f in fields(ManifestRow)) == MANIFEST_COLUMNS
-
-
-# --------------------------------------------------------------------------- small helpers
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _medsam_version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON file's content, or None when it is missing or unreadable."""
-    try:
-        content: dict[str, Any] = json.loads(Path(path).read_text(encoding="utf-8"))
-        return content
-    except (OSError, ValueError):
-        return None
-
-
-def case_dir(out: Path, dataset: str, case: str) -> Path:
-    """``OUT/cases/<dataset>/<case>``."""
-    return Path(out) / "cases" / dataset / case
-
-
-def error_file(out: Path, dataset: str, case: str) -> Path:
-    """``OUT/errors/<dataset>/<case>.json``."""
-    return Path(out) / "errors" / dataset / f"{case}.json"
-
-
-def finished_case(out: Path, dataset: str, case: str) -> dict[str, Any] | None:
-    """The ``case.json`` of a finished case, or None."""
-    rec = read_json(case_dir(out, dataset, case) / "case.json")
-    if rec and rec.get("status") == "done" and rec.get("format") == CASE_FORMAT:
-        return rec
-    return None
 
 
 # --------------------------------------------------------------------------- writing cases
@@ -318,7 +175,7 @@ def write_manifest(out: Path, rows: Sequence[Sequence[Any]]) -> None:
     columns: list[Sequence[Any]] = list(zip(*rows)) if rows else [[] for _ in MANIFEST_COLUMNS]
     arrays = [
         pa.array([int(v) for v in col], type=pa.int64())
-        if name in _INT_COLUMNS
+        if name in INT_COLUMNS
         else pa.array([str(v) for v in col], type=pa.string())
         for name, col in zip(MANIFEST_COLUMNS, columns)
     ]
@@ -511,138 +368,3 @@ def index_corpus(out_dir: str | Path, datasets: Sequence[Any] = ()) -> dict[str,
     counts = build_index(out, None, recorded)
     write_corpus_json(out, datasets, counts)
     return counts
-
-
-# --------------------------------------------------------------------------- reading
-class Manifest(Sequence[ManifestRow]):
-    """Rows of a manifest as a read-only sequence of :class:`ManifestRow`, made on access from
-    columns (a million rows stay a few compact arrays, not a million Python objects)."""
-
-    def __init__(self, columns: Mapping[str, Sequence[Any]]) -> None:
-        self._columns = columns
-        self._n = len(columns["dataset"]) if columns else 0
-
-    def __len__(self) -> int:
-        return self._n
-
-    def _row(self, i: int) -> ManifestRow:
-        c = self._columns
-        values: dict[str, Any] = {k: (int(c[k][i]) if k in _INT_COLUMNS else str(c[k][i])) for k in MANIFEST_COLUMNS}
-        return ManifestRow(**values)
-
-    @overload
-    def __getitem__(self, index: int) -> ManifestRow: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[ManifestRow]: ...
-
-    def __getitem__(self, index: int | slice) -> ManifestRow | list[ManifestRow]:
-        if isinstance(index, slice):
-            return [self._row(i) for i in range(*index.indices(self._n))]
-        if index < 0:
-            index += self._n
-        if not 0 <= index < self._n:
-            raise IndexError(index)
-        return self._row(index)
-
-    def __iter__(self) -> Iterator[ManifestRow]:
-        return (self._row(i) for i in range(self._n))
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, (Manifest, list, tuple)):
-            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
-        return NotImplemented
-
-    def __repr__(self) -> str:
-        return f"Manifest({self._n} rows)"
-
-
-def _read_parquet(
-    path: Path, split: str | None, datasets: Sequence[str], modalities: Sequence[str]
-) -> Mapping[str, Sequence[Any]]:
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path, columns=list(MANIFEST_COLUMNS))
-    mask = None
-    for name, wanted in (
-        ("split", [split] if split is not None else None),
-        ("dataset", datasets),
-        ("modality", modalities),
-    ):
-        if wanted:
-            cond = pc.is_in(table[name], value_set=__import__("pyarrow").array(list(wanted), type=table[name].type))
-            mask = cond if mask is None else pc.and_(mask, cond)
-    if mask is not None:
-        table = table.filter(mask)
-    return {name: table[name].to_numpy(zero_copy_only=False) for name in MANIFEST_COLUMNS}
-
-
-def _read_csv(
-    path: Path, split: str | None, datasets: Sequence[str], modalities: Sequence[str]
-) -> Mapping[str, Sequence[Any]]:
-    columns: dict[str, list[Any]] = {c: [] for c in MANIFEST_COLUMNS}
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise CorpusError(f"{path}: missing columns {', '.join(missing)}")
-        for i, raw in enumerate(reader, start=2):
-            if split is not None and raw["split"] != split:
-                continue
-            if datasets and raw["dataset"] not in datasets:
-                continue
-            if modalities and raw["modality"] not in modalities:
-                continue
-            try:
-                for c in MANIFEST_COLUMNS:
-                    columns[c].append(int(float(raw[c])) if c in _INT_COLUMNS else (raw[c] or ""))
-            except (TypeError, ValueError):
-                raise CorpusError(f"{path}, line {i}: a numeric column does not parse: {raw}") from None
-    return columns
-
-
-def read_manifest(
-    corpus: str | Path,
-    split: str | None = None,
-    datasets: Sequence[str] = (),
-    modalities: Sequence[str] = (),
-) -> Manifest:
-    """Rows of the corpus's manifest in file order, optionally of one split / datasets /
-    modalities: ``manifest.parquet`` when it exists, pyarrow is installed and the CSV has not been
-    changed since, else ``manifest.csv``."""
-    root = Path(corpus)
-    parquet, text = root / "manifest.parquet", root / "manifest.csv"
-    # The Parquet file is written after the CSV; a CSV edited since (by hand) wins.
-    if parquet.is_file() and (not text.is_file() or parquet.stat().st_mtime_ns >= text.stat().st_mtime_ns):
-        try:
-            import pyarrow  # noqa: F401
-        except ImportError:
-            pass
-        else:
-            try:
-                return Manifest(_read_parquet(parquet, split, tuple(datasets), tuple(modalities)))
-            except (OSError, KeyError, ValueError) as exc:
-                raise CorpusError(f"{parquet}: not a readable manifest ({exc})") from None
-    if not text.is_file():
-        raise CorpusError(f"no manifest.csv in corpus folder {corpus}")
-    return Manifest(_read_csv(text, split, tuple(datasets), tuple(modalities)))
-
-
-def load_slice(corpus: str | Path, row: ManifestRow | str) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
-    """(image (H, W[, 3]) uint8, label map (H, W), spacing (row, col) mm) of a manifest row's slice
-    (or of a slice file path relative to the corpus)."""
-    path = Path(corpus) / (row if isinstance(row, str) else row.path)
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            image, label = data["image"], data["label"]
-            spacing = tuple(float(s) for s in data["spacing"]) if "spacing" in data else (1.0, 1.0)
-    except FileNotFoundError:
-        raise CorpusError(f"slice file missing: {path}") from None
-    except (KeyError, ValueError, OSError) as exc:
-        raise CorpusError(f"{path}: not a corpus slice ({exc})") from None
-    if label.shape != image.shape[:2]:
-        raise CorpusError(f"{path}: label {label.shape} and image {image.shape} differ in size")
-    if len(spacing) != 2 or not all(np.isfinite(s) and s > 0 for s in spacing):
-        raise CorpusError(f"{path}: bad spacing {spacing}")
-    return image, label, (spacing[0], spacing[1])
