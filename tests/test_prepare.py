@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medsam.corpus import write as corpus_mod
 from medsam.cli import main as cli_main
 from medsam.corpus import MANIFEST_COLUMNS
+from medsam.corpus import write as corpus_mod
 from medsam.curate import prepare as prep_mod
 from medsam.curate.dataset_spec import DatasetSpec, SpecError, assign_splits, load_specs
 from medsam.curate.normalize import normalize_image
