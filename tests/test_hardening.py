@@ -543,3 +543,12 @@ def test_sigterm_ends_a_run_with_one_line_and_no_output(tmp_path):
     lines = [ln for ln in err.splitlines() if ln.startswith("medsam:") and not ln.startswith("medsam: warning")]
     assert lines == ["medsam: stopped by SIGTERM"] and "Traceback" not in err, err
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_an_id_with_an_over_long_file_name_is_refused_not_500(data, model):
+    """Found by `make fuzz`: a segment over 255 bytes made the file system raise (500)."""
+    long_name = "0" * 30 + "\u0080" * 120 + ".png"  # 274 bytes in UTF-8, under the 1024-character limit
+    with client(create_app(data, model=model)) as c:
+        for path in (f"/images/{long_name}", f"/images/{long_name}/embeddings", f"/labels/{long_name}"):
+            assert c.get(path).status_code == 400, path
+        assert c.get("/images/a.png").status_code == 200

@@ -114,11 +114,14 @@ class Datastore:
     def path_of(self, image_id: str) -> Path:
         """The resolved path of ``image_id``; raises UnsafePathError or ImageNotFound."""
         rel = safe_relative_path(image_id)
-        path = resolve_inside(self.root, rel)
-        if path == self.root or path.relative_to(self.root).parts[0] == STATE_DIR:
-            raise UnsafePathError("not an image id")
-        if not self._is_image(path):
-            raise ImageNotFound(f"no image {image_id!r}")
+        try:
+            path = resolve_inside(self.root, rel)
+            if path == self.root or path.relative_to(self.root).parts[0] == STATE_DIR:
+                raise UnsafePathError("not an image id")
+            if not self._is_image(path):
+                raise ImageNotFound(f"no image {image_id!r}")
+        except OSError:  # a name the file system refuses (too long, a link loop): no such image
+            raise ImageNotFound(f"no image {image_id!r}") from None
         return path
 
     def _is_image(self, path: Path) -> bool:

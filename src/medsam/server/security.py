@@ -33,6 +33,9 @@ PUBLIC_PATHS = ("/", "/favicon.ico")
 PUBLIC_PREFIXES = ("/static/",)
 
 
+_NAME_MAX = 255  # bytes in one file name on the file systems a datastore lives on
+
+
 class UnsafePathError(ValueError):
     """An id or file name that could reach outside the data folder (or into its state)."""
 
@@ -41,7 +44,8 @@ def safe_relative_path(text: str) -> PurePosixPath:
     """Check an id / relative file name and return it as a ``PurePosixPath``.
 
     Refused: empty, absolute (``/x``, ``C:x``), ``\\``, NUL, control characters, ``.`` or
-    ``..`` segments, empty segments (``a//b``), hidden segments (``.x``) and over-long names.
+    ``..`` segments, empty segments (``a//b``), hidden segments (``.x``), segments over 255
+    bytes (a file name no file system here stores) and over-long names.
     """
     if not isinstance(text, str) or not text or len(text) > 1024:
         raise UnsafePathError("empty or over-long path")
@@ -51,6 +55,8 @@ def safe_relative_path(text: str) -> PurePosixPath:
         raise UnsafePathError("absolute paths are not accepted")
     parts = text.split("/")
     for part in parts:
+        if len(part.encode("utf-8", "surrogatepass")) > _NAME_MAX:
+            raise UnsafePathError(f"a path segment is longer than {_NAME_MAX} bytes")
         if part in ("", ".", ".."):
             raise UnsafePathError("'.', '..' and empty path segments are not accepted")
         if part.startswith("."):
