@@ -16,7 +16,7 @@ from medsam.train.embedding_store import build_embedding_store, whole_key, zoom_
 from medsam.train.loop import Trainer
 from medsam.train.synthetic import write_synthetic_corpus
 from medsam.zoom import ZoomPolicy, zoom_window
-from test_train_loop import MICRO
+from test_train_loop import micro_overrides
 
 
 @pytest.fixture(scope="module")
@@ -27,24 +27,7 @@ def corpus(tmp_path_factory):
 
 
 def _overrides(corpus, out, store, *extra):
-    return [
-        "model.arch=vit_tiny",
-        MICRO,
-        f"data.corpus={corpus}",
-        f"output.dir={out}",
-        "data.batch_size=2",
-        "data.workers=0",
-        "data.val_max_samples=4",
-        "train.epochs=0",
-        "train.lr=1e-3",
-        "train.device=cpu",
-        "train.progress=false",
-        "output.tensorboard=false",
-        "train.mode=decoder",
-        f"data.cache_embeddings={store}",
-        "train.log_every=2",
-        *extra,
-    ]
+    return micro_overrides(corpus, out, "train.mode=decoder", f"data.cache_embeddings={store}", *extra)
 
 
 def test_store_holds_the_encoder_outputs_of_slices_and_zoom_crops(corpus, tmp_path, tiny_model):

@@ -28,6 +28,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
+from medsam.corpus.schema import MANIFEST_COLUMNS
+
 EXAMPLES = int(os.environ.get("MEDSAM_FUZZ_EXAMPLES", "12"))
 FRESH = bool(os.environ.get("MEDSAM_FUZZ_FRESH"))  # make fuzz: new random cases every run
 FUZZ = settings(
@@ -215,24 +217,7 @@ def test_npz_garbage_bytes_refused(tmp_path_factory, blob):
         read_npz_case(path)
 
 
-_COLUMNS = [
-    "dataset",
-    "case",
-    "slice",
-    "label",
-    "label_name",
-    "modality",
-    "x0",
-    "y0",
-    "x1",
-    "y1",
-    "area",
-    "split",
-    "path",
-    "height",
-    "width",
-    "extra",
-]
+_COLUMNS = [*MANIFEST_COLUMNS, "extra"]
 
 
 @FUZZ
