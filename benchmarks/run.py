@@ -94,12 +94,15 @@ def _timed_calls(run, repeats: int, sync) -> list[float]:
     return times
 
 
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")
+
+
 def _apply_policy(policy: str) -> None:
     """Threads of this child, before torch is imported: ``policy`` (medsam.cpu_threads, what the
     command line does), ``one`` (1 thread) or ``default`` (OMP_NUM_THREADS as given, else every
     core: the reference as a user runs it)."""
     if policy == "policy":
-        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY"):
+        for name in THREAD_VARIABLES:
             os.environ.pop(name, None)
         from medsam.cpu_threads import prepare
 
@@ -110,11 +113,12 @@ def _apply_policy(policy: str) -> None:
 
 def child(case: str, weights: str, device: str, repeats: int) -> dict:
     """Run one measurement in this (fresh) process and return its numbers."""
-    _apply_policy(os.environ.get("MEDSAM_BENCH_POLICY", "default"))
+    policy = os.environ.get("MEDSAM_BENCH_POLICY", "default")
+    _apply_policy(policy)
     import numpy as np
     import torch
 
-    if os.environ.get("MEDSAM_BENCH_POLICY", "default") == "default":
+    if policy == "default":
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 2))))
     dev = torch.device(device)
     impl, what, *rest = case.split(":")
@@ -360,9 +364,16 @@ class BackgroundLoad:
             proc.wait()
 
 
+def idle_and_loaded(load: int):
+    """Yields "idle", then "loaded" while ``load`` busy processes run."""
+    for state, procs in (("idle", 0), ("loaded", load)):
+        with BackgroundLoad(procs):
+            yield state
+
+
 def _user_env() -> dict:
     """The environment a user's shell has: no thread settings (the command line chooses)."""
-    return {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")}
+    return {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
 
 
 def segment_end_to_end(repeats: int) -> list[float]:
@@ -431,47 +442,43 @@ def load_report(weights: Path, device: str, repeats: int, load: int, only: str |
         if only and only not in case:
             continue
         row = {"what": label}
-        for state, procs in (("idle", 0), ("loaded", load)):
-            with BackgroundLoad(procs):
-                if ref_case:
-                    row[f"ref {state}"] = median(run_child(ref_case, weights, device, n, "default")["seconds"])
-                row[f"ours {state}"] = median(run_child(case, weights, device, n, "policy")["seconds"])
-                row[f"1 thread {state}"] = median(run_child(case, weights, device, n, "one")["seconds"])
+        for state in idle_and_loaded(load):
+            if ref_case:
+                row[f"ref {state}"] = median(run_child(ref_case, weights, device, n, "default")["seconds"])
+            row[f"ours {state}"] = median(run_child(case, weights, device, n, "policy")["seconds"])
+            row[f"1 thread {state}"] = median(run_child(case, weights, device, n, "one")["seconds"])
         rows.append(row)
         print(json.dumps(row), flush=True)
     extras = []
     if not only or only == "e2e":
-        for state, procs in (("idle", 0), ("loaded", load)):
-            with BackgroundLoad(procs):
-                extras.append(
-                    (
-                        f"medsam segment 2D, 1 box, process start to mask ({state})",
-                        f"{median(segment_end_to_end(repeats)):.2f} s",
-                    )
+        for state in idle_and_loaded(load):
+            seconds = segment_end_to_end(repeats)
+            extras.append(
+                (
+                    f"medsam segment 2D, 1 box, process start to mask ({state})",
+                    f"median {median(seconds):.2f} s ({min(seconds):.2f}-{max(seconds):.2f} s)",
                 )
+            )
     if not only or only == "volume":
-        for state, procs in (("idle", 0), ("loaded", load)):
-            with BackgroundLoad(procs):
-                v = run_child("ours:volume:default", weights, device, 1, "policy")
+        for state in idle_and_loaded(load):
+            v = run_child("ours:volume:default", weights, device, 1, "policy")
+            extras.append(
+                (
+                    f"volume 100x512x512, 3 objects, embedded default ({state})",
+                    f"{v['slices'] / v['seconds'][0]:.2f} slices/s ({v['seconds'][0]:.1f} s)",
+                )
+            )
+    if not only or only == "server":
+        for state in idle_and_loaded(load):
+            for clients in (1, 4):
+                r = workbench(clients, 10.0)
+                lat = r["latency_ms"]
                 extras.append(
                     (
-                        f"volume 100x512x512, 3 objects, embedded default ({state})",
-                        f"{v['slices'] / v['seconds'][0]:.2f} slices/s ({v['seconds'][0]:.1f} s)",
+                        f"workbench /segment, {clients} client(s) ({state})",
+                        f"{r['throughput_rps']} req/s, p50 {lat['p50']} ms, p95 {lat['p95']} ms, {r['errors']} errors",
                     )
                 )
-    if not only or only == "server":
-        for state, procs in (("idle", 0), ("loaded", load)):
-            with BackgroundLoad(procs):
-                for clients in (1, 4):
-                    r = workbench(clients, 10.0)
-                    lat = r["latency_ms"]
-                    extras.append(
-                        (
-                            f"workbench /segment, {clients} client(s) ({state})",
-                            f"{r['throughput_rps']} req/s, p50 {lat['p50']} ms, p95 {lat['p95']} ms, "
-                            f"{r['errors']} errors",
-                        )
-                    )
     print()
     print(f"background load: {load} busy process(es); medsam: default thread policy; ref: torch defaults")
     head = f"{'what':42s} {'ref idle':>9s} {'ours idle':>9s} {'ratio':>6s} {'ref load':>9s} {'ours load':>9s} {'ratio':>6s} {'1thr idle':>9s} {'load/1thr':>9s}"

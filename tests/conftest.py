@@ -49,9 +49,14 @@ def smooth_image(h: int, w: int, seed: int = 0, channels: int | None = None) -> 
     return img
 
 
-@pytest.fixture
-def tiny_model():
+def seeded_tiny_model():
+    """The small ``vit_tiny`` configuration with seed-0 random weights, in eval mode."""
     from medsam.model import build_model
 
     torch.manual_seed(0)
     return build_model("vit_tiny").eval()
+
+
+@pytest.fixture
+def tiny_model():
+    return seeded_tiny_model()

@@ -90,6 +90,17 @@ def test_config_checks_click_source():
     assert TrainConfig.from_dict({**base, "data": {"click_loss": "every"}}).data.click_loss == "every"
 
 
+# A short decoder-only run with three clicks per step (with test_train_loop.micro_overrides).
+_CLICK_RUN = (
+    "data.val_max_samples=2",
+    "train.val_every=0",
+    "train.save_every=0",
+    "train.mode=decoder",
+    "train.precision=fp32",
+    "data.clicks=3",
+)
+
+
 def test_training_with_error_clicks_gives_the_model_its_own_corrections(tmp_path, monkeypatch):
     """data.click_source=errors: on steps with k clicks the loop asks add_error_clicks for k rounds
     on the batch's own target (the dataset draws no random clicks), and the run trains."""
@@ -97,33 +108,19 @@ def test_training_with_error_clicks_gives_the_model_its_own_corrections(tmp_path
     from medsam.train.config import load_config
     from medsam.train.data import clicks_for_step
     from medsam.train.synthetic import write_synthetic_corpus
-    from test_train_loop import MICRO
+    from test_train_loop import micro_overrides
 
     corpus = write_synthetic_corpus(tmp_path / "c", cases={"train": 2, "val": 1}, slices_per_case=2, size=96)
     cfg = load_config(
         None,
-        [
-            "model.arch=vit_tiny",
-            MICRO,
-            f"data.corpus={corpus}",
-            f"output.dir={tmp_path / 'run'}",
-            "data.batch_size=2",
-            "data.workers=0",
-            "data.val_max_samples=2",
-            "train.epochs=0",
+        micro_overrides(
+            corpus,
+            tmp_path / "run",
+            *_CLICK_RUN,
             "train.max_steps=8",
-            "train.val_every=0",
-            "train.save_every=0",
-            "train.lr=1e-3",
-            "train.device=cpu",
-            "train.progress=false",
-            "output.tensorboard=false",
-            "train.mode=decoder",
-            "train.precision=fp32",
-            "data.clicks=3",
             "data.click_prob=0.7",
             "data.click_source=errors",
-        ],
+        ),
     )
     calls = []
     real = loop.add_error_clicks
@@ -153,33 +150,21 @@ def test_click_loss_every_averages_the_rounds_from_box_only_to_all_clicks(tmp_pa
     from medsam.train.config import load_config
     from medsam.train.data import clicks_for_step, collate
     from medsam.train.synthetic import write_synthetic_corpus
-    from test_train_loop import MICRO
+    from test_train_loop import micro_overrides
 
     corpus = write_synthetic_corpus(tmp_path / "c", cases={"train": 2, "val": 1}, slices_per_case=2, size=96)
     cfg = load_config(
         None,
-        [
-            "model.arch=vit_tiny",
-            MICRO,
-            f"data.corpus={corpus}",
-            f"output.dir={tmp_path / 'run'}",
-            "data.batch_size=2",
-            "data.workers=0",
-            "data.val_max_samples=2",
-            "train.epochs=0",
+        micro_overrides(
+            corpus,
+            tmp_path / "run",
+            *_CLICK_RUN,
+            "train.lr=1e-4",
             "train.max_steps=4",
-            "train.val_every=0",
-            "train.save_every=0",
-            "train.device=cpu",
-            "train.progress=false",
-            "output.tensorboard=false",
-            "train.mode=decoder",
-            "train.precision=fp32",
-            "data.clicks=3",
             "data.click_prob=1.0",
             f"data.click_source={source}",
             "data.click_loss=every",
-        ],
+        ),
     )
     trainer = loop.Trainer(cfg)
     step = next(s for s in range(50) if clicks_for_step(cfg.train.seed, s, 3, 1.0) >= 2)

@@ -1,5 +1,6 @@
-"""Regression tests for the defects a hostile or careless user found: each fails on the code
-before the fix (the workbench, the CLI and the process hygiene of long runs)."""
+"""What a hostile or careless user meets: malformed requests answered with 4xx by a workbench
+that keeps running, one-line errors from the command line, and long runs that end cleanly with
+their children (docs/security.md lists each promise and its test here)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from conftest import smooth_image
 from medsam.cli import main
 from medsam.server import create_app
 from medsam.server.encoding import rle_decode
-from test_server import TOKEN, _rle, client
+from workbench_fixtures import TOKEN, client, rle_mask
 
 PYTHON = sys.executable
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -69,7 +70,8 @@ _SEGV_PROBE = textwrap.dedent(
 
 
 def test_wrapping_rle_request_gets_422_and_the_server_lives(tmp_path):
-    """The request that killed the server process (SIGSEGV), run in a child process."""
+    """RLE counts that wrap int64 get 422 and the process lives (run in a child: an unchecked
+    decode would write out of bounds and kill it)."""
     proc = subprocess.run(
         [PYTHON, "-c", _SEGV_PROBE, str(tmp_path)], capture_output=True, text=True, env=ENV, timeout=120
     )
@@ -79,7 +81,7 @@ def test_wrapping_rle_request_gets_422_and_the_server_lives(tmp_path):
 
 
 # ----------------------------------------------------------------------------- 4xx, not 500
-def test_values_that_used_to_answer_500(data, model):
+def test_out_of_range_and_non_finite_values_get_422(data, model):
     with client(create_app(data, model=model)) as c:
         huge = {"mask": {"shape": [64, 80], "values": [2**70], "counts": [64 * 80]}}
         assert c.put("/labels/a.png/map", json=huge, headers={"If-Match": '"0"'}).status_code == 422
@@ -131,7 +133,7 @@ def test_ids_that_shared_a_label_file_get_their_own(data, model):
     Image.fromarray(smooth_image(64, 80, seed=5)).save(data / "a.png.png")  # beside a.png
     with client(create_app(data, model=model)) as c:
         for image_id, value in (("a.png", 1), ("a.png.png", 2)):
-            body = {"mask": _rle(np.full((64, 80), value, np.uint8))}
+            body = {"mask": rle_mask(np.full((64, 80), value, np.uint8))}
             r = c.put(f"/labels/{image_id}/map", json=body, headers={"If-Match": '"0"'})
             assert r.status_code == 200, r.text
         for image_id, value in (("a.png", 1), ("a.png.png", 2)):
@@ -173,7 +175,7 @@ def _old_layout_store(data: Path) -> Path:
     return labels_dir
 
 
-def test_migration_of_a_datastore_written_by_the_earlier_layout(data, model):
+def test_migration_of_a_datastore_in_layout_1(data, model):
     labels_dir = _old_layout_store(data)
     assert not (labels_dir / "layout.json").exists()
     with client(create_app(data, model=model)) as c:
@@ -546,7 +548,7 @@ def test_sigterm_ends_a_run_with_one_line_and_no_output(tmp_path):
 
 
 def test_an_id_with_an_over_long_file_name_is_refused_not_500(data, model):
-    """Found by `make fuzz`: a segment over 255 bytes made the file system raise (500)."""
+    """A path segment over 255 bytes (the file system's limit for a name) is refused with 400."""
     long_name = "0" * 30 + "\u0080" * 120 + ".png"  # 274 bytes in UTF-8, under the 1024-character limit
     with client(create_app(data, model=model)) as c:
         for path in (f"/images/{long_name}", f"/images/{long_name}/embeddings", f"/labels/{long_name}"):

@@ -20,20 +20,11 @@ pytest.importorskip("httpx")
 
 from fastapi.testclient import TestClient
 
-from conftest import smooth_image
+from conftest import seeded_tiny_model, smooth_image
 from medsam.io import read_image
 from medsam.server import create_app
-from medsam.server.encoding import rle_decode, rle_encode
-
-BASE = "http://127.0.0.1"
-TOKEN = "s3cret-token-for-tests"
-
-
-from workbench_fixtures import _model
-
-
-def client(app) -> TestClient:
-    return TestClient(app, base_url=BASE)
+from medsam.server.encoding import rle_decode
+from workbench_fixtures import BASE, TOKEN, client, rle_mask
 
 
 def wait_job(c: TestClient, job: dict, timeout: float = 60.0) -> dict:
@@ -43,11 +34,6 @@ def wait_job(c: TestClient, job: dict, timeout: float = 60.0) -> dict:
         time.sleep(0.05)
         job = c.get(f"/jobs/{job['id']}").json()
     return job
-
-
-def _rle(mask: np.ndarray) -> dict:
-    values, counts = rle_encode(mask.astype(np.uint8))
-    return {"shape": list(mask.shape), "values": values, "counts": counts}
 
 
 # ----------------------------------------------------------------------------- images
@@ -157,7 +143,7 @@ def test_segment_with_scribbles(data, model):
         for bad in ([{"points": [{"x": 5, "y": 5}, {"x": 500, "y": 5}]}], [{"points": []}]):
             assert c.post("/segment", json={"image_id": "a.png", "scribbles": bad}).status_code == 422
         body = {
-            "mask": _rle(np.ones((64, 80), np.uint8)),
+            "mask": rle_mask(np.ones((64, 80), np.uint8)),
             "definitions": [{"value": 1, "name": "x", "color": "#aa3300"}],
             "provenance": {"prompts": [{"box": box, "scribbles": [{"points": stroke, "positive": False}], "label": 1}]},
         }
@@ -279,7 +265,7 @@ def test_path_traversal_refused(data, model):
             if image_id == "./a.png":
                 continue  # the HTTP client itself normalises /./ in URLs
             r = c.put(
-                f"/labels/{image_id}/slices/0", json={"mask": _rle(np.zeros((32, 32)))}, headers={"If-Match": '"0"'}
+                f"/labels/{image_id}/slices/0", json={"mask": rle_mask(np.zeros((32, 32)))}, headers={"If-Match": '"0"'}
             )
             assert r.status_code in (400, 404), (image_id, r.status_code, r.text)
         # nothing was written outside
@@ -370,7 +356,7 @@ def test_label_versions_and_conflicts(data, model):
         plane = np.zeros((40, 48), np.uint8)
         plane[10:20, 12:30] = 2
         body = {
-            "mask": _rle(plane),
+            "mask": rle_mask(plane),
             "definitions": [{"value": 2, "name": "liver", "color": "#aa3300"}],
             "provenance": {
                 "prompts": [{"box": {"x0": 12, "y0": 10, "x1": 29, "y1": 19}, "score": 0.9, "label": 2}],
@@ -388,7 +374,7 @@ def test_label_versions_and_conflicts(data, model):
         # values without a definition are refused
         bad = plane.copy()
         bad[0, 0] = 7
-        r = c.put("/labels/vol.nii.gz/slices/2", json={**body, "mask": _rle(bad)}, headers={"If-Match": '"1"'})
+        r = c.put("/labels/vol.nii.gz/slices/2", json={**body, "mask": rle_mask(bad)}, headers={"If-Match": '"1"'})
         assert r.status_code == 422
         r = c.put(
             "/labels/vol.nii.gz/slices/2",
@@ -416,7 +402,7 @@ def test_label_versions_and_conflicts(data, model):
         assert full["mask"]["shape"] == [5, 40, 48] and full["version"] == 1
         assert [i["status"] for i in c.get("/images").json()["images"]] == ["unlabelled", "unlabelled", "labelled"]
         # a 2D picture gets a PNG label
-        r = c.put("/labels/sub/b.png/map", json={"mask": _rle(np.eye(48, dtype=np.uint8)), "expected_version": 0})
+        r = c.put("/labels/sub/b.png/map", json={"mask": rle_mask(np.eye(48, dtype=np.uint8)), "expected_version": 0})
         assert r.status_code == 200 and r.json()["file"] == ".medsam/labels/sub/b.png.png"
         assert (read_image(data / ".medsam" / "labels" / "sub" / "b.png.png").array == np.eye(48)).all()
 
@@ -433,7 +419,7 @@ def test_concurrent_writes_one_wins(data, model):
 
         def write(m):
             barrier.wait()
-            return c.put("/labels/a.png/slices/0", json={"mask": _rle(m)}, headers={"If-Match": '"0"'})
+            return c.put("/labels/a.png/slices/0", json={"mask": rle_mask(m)}, headers={"If-Match": '"0"'})
 
         with ThreadPoolExecutor(len(masks)) as pool:
             results = list(pool.map(write, masks))
@@ -448,7 +434,7 @@ def test_concurrent_writes_one_wins(data, model):
 
 
 def test_restart_keeps_labels_and_embeddings(data):
-    model1 = _model()
+    model1 = seeded_tiny_model()
     box = {"x0": 10, "y0": 8, "x1": 50, "y1": 40}
     vbox = {"x0": 5, "y0": 5, "x1": 30, "y1": 25}
     with client(create_app(data, model=model1)) as c:
@@ -465,7 +451,7 @@ def test_restart_keeps_labels_and_embeddings(data):
         assert c.get("/info").json()["encoder_calls"] == 2
 
     # "restart": a new process would load the same weights into a new model object
-    model2 = _model()
+    model2 = seeded_tiny_model()
     calls = []
     original = model2.embed_image
     model2.embed_image = lambda x: (calls.append(1), original(x))[1]
@@ -503,10 +489,8 @@ def test_embeddings_warm_then_propagate(data, model):
         assert c.post("/propagate", json=body).status_code == 422
         plane = np.zeros((40, 48), np.uint8)
         plane[8:30, 10:36] = 1
-        assert (
-            c.put("/labels/vol.nii.gz/slices/2", json={"mask": _rle(plane)}, headers={"If-Match": '"0"'}).status_code
-            == 200
-        )
+        r = c.put("/labels/vol.nii.gz/slices/2", json={"mask": rle_mask(plane)}, headers={"If-Match": '"0"'})
+        assert r.status_code == 200
         assert c.post("/propagate", json=body).status_code == 409  # stale version
         job = wait_job(c, c.post("/propagate", json={**body, "expected_version": 1}).json())
         assert job["status"] == "done", job
@@ -546,15 +530,13 @@ def test_prompts_are_answered_while_a_volume_propagates(data, model, monkeypatch
     with client(app) as c:
         plane = np.zeros((40, 48), np.uint8)
         plane[8:30, 10:36] = 1
-        assert (
-            c.put("/labels/vol.nii.gz/slices/2", json={"mask": _rle(plane)}, headers={"If-Match": '"0"'}).status_code
-            == 200
-        )
+        r = c.put("/labels/vol.nii.gz/slices/2", json={"mask": rle_mask(plane)}, headers={"If-Match": '"0"'})
+        assert r.status_code == 200
         body = {"image_id": "vol.nii.gz", "slice_index": 2, "label": 1, "expected_version": 1, "iou_threshold": 0.0}
         served = c.get("/info").json()["model"]["fingerprint"]
         alone = wait_job(c, c.post("/propagate", json=body).json())
         assert alone["status"] == "done", alone
-        c.put("/labels/vol.nii.gz/slices/2", json={"mask": _rle(plane)}, headers={"If-Match": '"2"'})
+        c.put("/labels/vol.nii.gz/slices/2", json={"mask": rle_mask(plane)}, headers={"If-Match": '"2"'})
         monkeypatch.setattr(medsam.volume, "segment_volume", paused)
         job = c.post("/propagate", json={**body, "expected_version": 3}).json()
         assert inside.wait(30)
@@ -562,7 +544,7 @@ def test_prompts_are_answered_while_a_volume_propagates(data, model, monkeypatch
             "/segment", json={"image_id": "vol.nii.gz", "slice_index": 1, "box": {"x0": 5, "y0": 5, "x1": 30, "y1": 25}}
         )
         # another model is served from now on (as after a training job), mid-propagation
-        other = _model()
+        other = seeded_tiny_model()
         torch.nn.init.normal_(other.mask_decoder.iou_token.weight)
         app.state.workbench.engine.switch_model(other, None)
         answered.set()
@@ -579,7 +561,7 @@ def test_prompts_are_answered_while_a_volume_propagates(data, model, monkeypatch
 
 def test_next_ranks_unlabelled_by_uncertainty(data, model):
     with client(create_app(data, model=model)) as c:
-        c.put("/labels/sub/b.png/slices/0", json={"mask": _rle(np.zeros((48, 48)))}, headers={"If-Match": '"0"'})
+        c.put("/labels/sub/b.png/slices/0", json={"mask": rle_mask(np.zeros((48, 48)))}, headers={"If-Match": '"0"'})
         before = c.get("/next").json()
         assert before["scored"] == 0 and before["unscored"] == 2
         job = wait_job(c, c.post("/next/score", json={"jitters": 4}).json())

@@ -21,26 +21,20 @@ pytest.importorskip("httpx")
 
 from fastapi.testclient import TestClient
 
+from conftest import seeded_tiny_model
 from medsam.embedding_cache import encoder_fingerprint
 from medsam.server import create_app
-from medsam.server.encoding import rle_decode, rle_encode
-from medsam.server.training_job import holdout_fraction_of, restore_encoder, split_images
+from medsam.server.accepted_corpus import holdout_fraction_of, split_images
+from medsam.server.encoding import rle_decode
+from medsam.server.training_job import restore_encoder
+from workbench_fixtures import TOKEN, client, rle_mask
 
-BASE = "http://127.0.0.1"
-TOKEN = "s3cret-token-for-tests"
 N_PNG = 6
-
-
-def _model():
-    from medsam.model import build_model
-
-    torch.manual_seed(0)
-    return build_model("vit_tiny").eval()
 
 
 @pytest.fixture
 def model():
-    return _model()  # a fresh one per test: a training job switches the served model
+    return seeded_tiny_model()  # a fresh one per test: a training job switches the served model
 
 
 def _shapes(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
@@ -81,17 +75,8 @@ def data(tmp_path):
     return root, truth
 
 
-def client(app, **kw) -> TestClient:
-    return TestClient(app, base_url=BASE, **kw)
-
-
-def _rle(mask: np.ndarray) -> dict:
-    values, counts = rle_encode(mask.astype(np.uint8))
-    return {"shape": list(mask.shape), "values": values, "counts": counts}
-
-
 def accept(c: TestClient, image_id: str, labels: np.ndarray) -> None:
-    r = c.put(f"/labels/{image_id}/map", json={"mask": _rle(labels)}, headers={"If-Match": '"0"'})
+    r = c.put(f"/labels/{image_id}/map", json={"mask": rle_mask(labels)}, headers={"If-Match": '"0"'})
     assert r.status_code == 200, r.text
 
 
@@ -169,7 +154,7 @@ def test_training_job_scores_switches_and_switches_back(data, model):
     from medsam.predictor import Predictor
     from medsam.weights import load_model
 
-    old_predictor = Predictor(_model())  # the same weights as the served model, independently built
+    old_predictor = Predictor(seeded_tiny_model())  # the same weights as the served model, independently built
     with client(create_app(root, model=model, train_threads=1)) as c:
         for image_id, labels in truth.items():
             accept(c, image_id, labels)
@@ -250,7 +235,7 @@ def test_training_job_scores_switches_and_switches_back(data, model):
         np.testing.assert_array_equal(mask1.astype(bool), m_new)
         # a label saved now records the new model in its provenance
         assert c.get(f"/labels/{probe}").json()["model"]["fingerprint"] == info0["fingerprint"]
-        r = c.put(f"/labels/{probe}/map", json={"mask": _rle(truth[probe])}, headers={"If-Match": '"1"'})
+        r = c.put(f"/labels/{probe}/map", json={"mask": rle_mask(truth[probe])}, headers={"If-Match": '"1"'})
         assert r.status_code == 200 and r.json()["model"]["fingerprint"] == info1["fingerprint"]
 
         # switch back: the startup model again, bit for bit
@@ -273,7 +258,7 @@ def test_training_job_scores_switches_and_switches_back(data, model):
             assert name in schema["components"]["schemas"], name
 
     # a restarted server serves its startup model and still lists the trained one
-    with client(create_app(root, model=_model())) as c:
+    with client(create_app(root, model=seeded_tiny_model())) as c:
         listed = c.get("/train/models").json()
         assert listed["served"] == "startup" and job["id"] in [m["id"] for m in listed["models"]]
 

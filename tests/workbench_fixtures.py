@@ -1,26 +1,38 @@
-"""Fixtures of the workbench tests, shared by the modules that test the server (a pytest plugin
-loaded by conftest.py): ``model`` (the seeded vit_tiny, once per module) and ``data`` (a data folder
-with a PNG, a PNG in a subfolder, a small CT-like NIfTI volume, and a file outside it)."""
+"""Fixtures and helpers of the workbench tests, shared by the modules that test the server (a
+pytest plugin loaded by conftest.py): ``model`` (the seeded vit_tiny, once per module), ``data`` (a
+data folder with a PNG, a PNG in a subfolder, a small CT-like NIfTI volume, and a file outside
+it), :func:`client` (an in-process client on the loopback name the server accepts) and
+:func:`rle_mask` (a mask as the API's RLE body)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
-from conftest import smooth_image
+from conftest import seeded_tiny_model, smooth_image
+
+BASE = "http://127.0.0.1"
+TOKEN = "s3cret-token-for-tests"
 
 
-def _model():
-    from medsam.model import build_model
+def client(app, **kwargs):
+    """A ``fastapi.testclient.TestClient`` on ``app`` at :data:`BASE`."""
+    from fastapi.testclient import TestClient
 
-    torch.manual_seed(0)
-    return build_model("vit_tiny").eval()
+    return TestClient(app, base_url=BASE, **kwargs)
+
+
+def rle_mask(mask: np.ndarray) -> dict:
+    """``mask`` as the API's RLE mask body (shape, values, counts)."""
+    from medsam.server.encoding import rle_encode
+
+    values, counts = rle_encode(mask.astype(np.uint8))
+    return {"shape": list(mask.shape), "values": values, "counts": counts}
 
 
 @pytest.fixture(scope="module")
 def model():
-    return _model()
+    return seeded_tiny_model()
 
 
 @pytest.fixture

@@ -43,6 +43,22 @@ from pathlib import Path
 
 import numpy as np
 
+from . import __version__
+from .io.atomic import write_csv, write_text
+from .scoring import (  # the engine's columns and helpers, re-exported
+    ERROR_COLUMNS,
+    OBJECT_COLUMNS,
+    SLICE_COLUMNS,
+    SUMMARY_COLUMNS,
+    PredictorMethod,
+    jitter_box,
+    peak_rss_mb,
+    score_objects,
+    select_objects,
+    structure_group,
+    summarize,
+)
+
 __all__ = [
     "BASELINES",
     "BenchmarkResult",
@@ -56,21 +72,6 @@ __all__ = [
 ]
 
 BASELINES = ("box", "otsu")
-
-from .io.atomic import write_csv  # noqa: E402
-from .scoring import (  # noqa: E402  (the engine's columns and helpers, re-exported)
-    ERROR_COLUMNS,
-    OBJECT_COLUMNS,
-    SLICE_COLUMNS,
-    SUMMARY_COLUMNS,
-    PredictorMethod,
-    jitter_box,
-    peak_rss_mb,
-    score_objects,
-    select_objects,
-    structure_group,
-    summarize,
-)
 
 
 def _box_slices(box: Sequence[float], size: tuple[int, int]) -> tuple[slice, slice]:
@@ -288,7 +289,7 @@ def run_benchmark(
         "peak_rss_mb": peak_rss_mb(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "medsam": _version(),
+        "medsam": __version__,
         "warmup": "one untimed embedding before the first timed slice" if baseline is None else None,
         **model_info,
     }
@@ -300,18 +301,9 @@ def run_benchmark(
     if plot:
         plot_path, plot_note = plot_dsc_by_structure(summary, out / "dsc_by_structure.png", title=method_name)
     info["plot"] = plot_note
-    (out / "summary.md").write_text(summary_markdown(summary, info, errors))
-    (out / "run.json").write_text(json.dumps(info, indent=2))
+    write_text(out / "summary.md", summary_markdown(summary, info, errors))
+    write_text(out / "run.json", json.dumps(info, indent=2))
     return BenchmarkResult(out, method_name, objects, slices, errors, summary, plot_path, info)
-
-
-def _version() -> str:
-    try:
-        from . import __version__
-
-        return __version__
-    except Exception:
-        return "unknown"
 
 
 # --------------------------------------------------------------------------- summary

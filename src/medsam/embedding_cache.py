@@ -144,7 +144,7 @@ def encoder_fingerprint(model: torch.nn.Module) -> str:
 
 def embedding_id(predictor: Any) -> str:
     """What a predictor's embeddings are keyed by: its encoder's :func:`encoder_fingerprint`, with
-    the encoder's precision appended unless it is fp32 (so fp32 keys are those of earlier caches)."""
+    the encoder's precision appended unless it is fp32 (an fp32 key is the bare fingerprint)."""
     fp = encoder_fingerprint(predictor.model)
     precision = getattr(predictor, "precision", "fp32")
     return fp if precision == "fp32" else f"{fp}+{precision}"
@@ -303,19 +303,22 @@ class EmbeddingCache:
             pass
 
 
-def set_image_cached(predictor: Any, image: np.ndarray, cache: EmbeddingCache | None) -> bool:
+def set_image_cached(
+    predictor: Any, image: np.ndarray, cache: EmbeddingCache | None, model_id: str | None = None
+) -> bool:
     """``predictor.set_image(image)`` through ``cache``; returns True on a cache hit.
 
     On a hit the stored embedding is handed to ``predictor.set_embedding(embedding, (H, W))``;
     on a miss the embedding is computed by ``set_image`` and stored. ``cache=None`` just calls
     ``set_image``. ``predictor`` needs ``model``, ``contract``, ``set_image``, ``set_embedding``
-    and ``embedding`` (as :class:`medsam.predictor.Predictor` has).
+    and ``embedding`` (as :class:`medsam.predictor.Predictor` has). ``model_id``: the
+    predictor's :func:`embedding_id`, when the caller already has it (a loop over slices).
     """
     if cache is None:
         predictor.set_image(image)
         return False
     image = np.asarray(image)
-    fp = embedding_id(predictor)
+    fp = model_id or embedding_id(predictor)
     key = slice_key(fp, predictor.contract, image)
     emb = cache.get(key)
     if emb is not None:

@@ -42,10 +42,8 @@ Outputs (written atomically: a temporary file in the same folder, then
 
 from __future__ import annotations
 
-import csv
 import math
 import os
-import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -53,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .io.atomic import write_csv
 from .metrics import label_scores
 
 __all__ = ["CSV_COLUMNS", "SUMMARY_COLUMNS", "EvaluationResult", "evaluate", "summarize"]
@@ -219,10 +218,13 @@ def _relabel(pred: np.ndarray, label_map: dict[int, int]) -> np.ndarray:
     return out
 
 
-def _disjoint_labels(pred: np.ndarray, gt: np.ndarray) -> str | None:
-    """The error text when both maps have labels and share none (a label-id mix-up), else None."""
-    p = set(np.unique(pred).tolist()) - {0}
-    g = set(np.unique(gt).tolist()) - {0}
+def _foreground_ids(labels: np.ndarray) -> set:
+    return set(np.unique(labels).tolist()) - {0}
+
+
+def _disjoint_labels(p: set, g: set) -> str | None:
+    """The error text when both label sets are non-empty and share nothing (a label-id mix-up),
+    else None."""
     if not p or not g or p & g:
         return None
     return (
@@ -245,7 +247,8 @@ def _score_pair(
         pred, pred_sp = _read(pred_path, "pred")
         if label_map:
             pred = _relabel(pred, label_map)
-        disjoint = _disjoint_labels(pred, gt)
+        pred_ids, gt_ids = _foreground_ids(pred), _foreground_ids(gt)
+        disjoint = _disjoint_labels(pred_ids, gt_ids)
         if disjoint:
             return [_row(dataset, modality, case, disjoint)]
         if pred.shape != gt.shape:
@@ -258,7 +261,7 @@ def _score_pair(
             )
             return [_row(dataset, modality, case, message)]
         spacing = gt_sp if gt_sp is not None else pred_sp if pred_sp is not None else (1.0,) * gt.ndim
-        scores = label_scores(pred, gt, spacing, tolerance_mm=tol)
+        scores = label_scores(pred, gt, spacing, tolerance_mm=tol, labels=sorted(pred_ids | gt_ids))
     except Exception as e:  # one bad case must not stop the evaluation
         return [_row(dataset, modality, case, f"{type(e).__name__}: {e}")]
     if not scores:
@@ -333,23 +336,6 @@ def summarize(rows: Iterable[dict]) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- writing
-
-
-def _write_csv_atomic(path: Path, columns: Sequence[str], rows: Iterable[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "x", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
-            writer.writeheader()
-            for r in rows:
-                writer.writerow({c: r.get(c) for c in columns})  # None -> "", floats via repr
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------- entry point
@@ -431,7 +417,7 @@ def evaluate(
         more = f" (and {len(rows) - 1} more cases)" if len(rows) > 1 else ""
         raise ValueError(f"no case could be scored: {first['case']}: {first['error']}{more}")
     summary = summarize(rows)
-    _write_csv_atomic(out_csv, CSV_COLUMNS, rows)
+    write_csv(out_csv, CSV_COLUMNS, rows)
     if summary_path is not None:
-        _write_csv_atomic(summary_path, SUMMARY_COLUMNS, summary)
+        write_csv(summary_path, SUMMARY_COLUMNS, summary)
     return EvaluationResult(rows=rows, summary=summary, out_csv=out_csv, summary_csv=summary_path)

@@ -5,7 +5,7 @@ workbench's before/after scoring of a training job all call :func:`score_objects
 the prompt construction, the metrics and the statistics:
 
 * **Objects** are manifest rows (:class:`medsam.corpus.ManifestRow`), read a slice at a time
-  (:func:`group_by_slice`): one image read and one embedding per slice for all its objects.
+  (:func:`medsam.corpus.group_by_slice`): one image read and one embedding per slice for all its objects.
 * **Prompts** (:func:`object_box`): the manifest's ground-truth box, inclusive pixels; a side of
   zero width is closed on its far side (``x1 = x0 + 1``, the predictor's far edge, so a one-pixel
   object is scored, not dropped); optionally jittered outwards by ``randint(0, J')`` per side
@@ -39,6 +39,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .corpus import group_by_slice
+
 __all__ = [
     "ERROR_COLUMNS",
     "LEVELS",
@@ -49,7 +51,6 @@ __all__ = [
     "ScoredObjects",
     "SliceMethod",
     "error_row",
-    "group_by_slice",
     "jitter_box",
     "mean_scores",
     "object_box",
@@ -295,14 +296,6 @@ def select_objects(rows: Sequence[Any], max_objects: int | None, seed: int) -> t
         else:
             keep.update(idx)
     return [r for i, r in enumerate(rows) if i in keep], subsampled
-
-
-def group_by_slice(rows: Iterable[Any]) -> OrderedDict[str, list[Any]]:
-    """Manifest rows grouped by slice file (in first-seen order): one image read per slice."""
-    groups: OrderedDict[str, list[Any]] = OrderedDict()
-    for r in rows:
-        groups.setdefault(r.path, []).append(r)
-    return groups
 
 
 def error_row(r: Any, message: str) -> dict[str, Any]:

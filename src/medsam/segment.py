@@ -7,7 +7,6 @@ the end, so a failure never leaves a half-written file.
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -17,8 +16,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from .io import MedicalImage, read_image, write_mask
-from .io.atomic import atomic_output
-from .io.formats import check_mask_path
+from .io.atomic import write_json
+from .io.formats import check_mask_path, check_segment_paths, format_of
 from .predictor import Prediction, Predictor, clip_boxes, masks_to_label_map
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -181,13 +180,9 @@ def segment_file(
     opts = replace(options or SegmentOptions(), **overrides)
     input_path = Path(input_path)
     output_path = Path(output_path)
-    if not input_path.exists():
-        raise FileNotFoundError(f"input not found: {input_path}")
-    if input_path.suffix == ".npz":
+    check_segment_paths(input_path, output_path, opts.overlay_path)
+    if format_of(input_path) == "npz":
         return _segment_npz(input_path, output_path, boxes, opts, log)
-    check_mask_path(output_path)
-    if opts.overlay_path is not None and not str(opts.overlay_path).lower().endswith(".png"):
-        raise ValueError(f"the overlay is written as PNG: give a .png name, got {opts.overlay_path}")
     image = read_image(input_path, series_uid=opts.series_uid)
     if image.is_volume:
         return _segment_volume_file(image, output_path, boxes, opts, log)
@@ -279,8 +274,7 @@ def _write_outputs(
         picture = render_overlay(to_rgb_uint8(overlay_source), labels, overlay_boxes)
     scores_path = Path(scores_path) if scores_path else _default_scores_path(output_path)
     write_mask(labels, image, output_path)
-    with atomic_output(scores_path) as tmp:
-        tmp.write_text(json.dumps(report, indent=2))
+    write_json(scores_path, report, indent=2)
     if picture is not None:
         assert overlay_path is not None  # a picture is made for an overlay_path only
         save_png(picture, overlay_path)
@@ -426,8 +420,6 @@ def _segment_npz(
 
     if boxes:
         raise ValueError("an npz case carries its own boxes; do not pass --box")
-    if output_path.suffix != ".npz":
-        raise ValueError("the output of an npz case must be an .npz file (key 'segs')")
     case = read_npz_case(input_path)
     options: dict[str, Any] = {} if opts.iou_threshold is None else {"iou_threshold": opts.iou_threshold}
     if options and not case.is_volume:

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .embedding_cache import EmbeddingCache, embedding_id, slice_key
+from .embedding_cache import EmbeddingCache, embedding_id, set_image_cached
 from .predictor import masks_to_label_map
 
 # The prompts and the per-object walk state live in medsam.volume_prompts; Box2D, Box3D and
@@ -142,31 +142,10 @@ class _SliceEmbedder:
             pred.set_embedding(self.lru[s], self.frame.shape[1:3])
             self.lru.move_to_end(s)
             self.memory_hits += 1
+        elif set_image_cached(pred, np.ascontiguousarray(self.frame[s]), self.cache, self._fp):
+            self.cache_hits += 1
         else:
-            image = np.ascontiguousarray(self.frame[s])
-            emb = None
-            if self.cache is not None:
-                assert self._fp is not None  # set whenever there is a cache
-                key = slice_key(self._fp, pred.contract, image)
-                emb = self.cache.get(key)
-            if emb is not None:
-                pred.set_embedding(emb, image.shape[:2])
-                self.cache_hits += 1
-            else:
-                pred.set_image(image)
-                self.computed += 1
-                if self.cache is not None:
-                    assert self._fp is not None
-                    self.cache.put(
-                        key,
-                        pred.embedding,
-                        {
-                            "model": self._fp,
-                            "contract": pred.contract.name,
-                            "input_size": pred.contract.input_size,
-                            "shape": str(list(image.shape)),
-                        },
-                    )
+            self.computed += 1
         self.current = s
         if keep and self.capacity:
             if s not in self.lru:
@@ -222,7 +201,6 @@ class _CropSegmenter:
     def predict(self, s: int, box: np.ndarray) -> tuple[Any, _Window]:
         """Prediction of ``box`` (full-slice coordinates) on its crop of slice ``s`` and the crop
         window ``(y0, y1, x0, x1)``; masks, scores and logits are in the crop's frame."""
-        from .embedding_cache import set_image_cached
         from .zoom import zoom_window
 
         window = zoom_window(box, self.frame.shape[1:3], self.policy.context, self.policy.min_side)
@@ -536,7 +514,6 @@ def segment_npz_case(
     Box corners are inclusive indices. Returns uint8 labels with the spatial shape of ``imgs``,
     label ``n + 1`` for ``boxes[n]`` (0 = background). At most 255 boxes.
     """
-    from .embedding_cache import set_image_cached
 
     boxes = np.asarray(case.boxes)
     n = int(boxes.shape[0]) if boxes.ndim == 2 else 0

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .io.atomic import atomic_output, write_json
 from .model.registry import CONFIGS, ModelConfig, build_model
 from .model.sam import MedSAMModel
 from .preprocess import CONTRACT_NAMES
@@ -275,20 +275,7 @@ def save_model(model: MedSAMModel, path: str | os.PathLike[str], extra: dict[str
     path.parent.mkdir(parents=True, exist_ok=True)
     info = {"config": model.config.to_dict(), "contract": model.contract, **(extra or {})}
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        tmp_name = tmp.name
-    try:
-        save_file(tensors, tmp_name, metadata={SAFETENSORS_CONFIG_KEY: json.dumps(info)})
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-    _write_json_atomic(path.with_suffix(".json"), info)
+    with atomic_output(path) as tmp:
+        save_file(tensors, str(tmp), metadata={SAFETENSORS_CONFIG_KEY: json.dumps(info)})
+    write_json(path.with_suffix(".json"), info, indent=2)
     return path
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)

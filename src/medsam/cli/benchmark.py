@@ -96,11 +96,11 @@ def run(args: argparse.Namespace) -> int:
     if args.compare:
         table, markdown = compare_runs(args.compare)
         from ..benchmark import write_table
+        from ..io.atomic import write_text
 
-        out.mkdir(parents=True, exist_ok=True)
         columns = list(table[0].keys()) if table else ["level"]
         write_table(out / "compare.csv", columns, table)
-        (out / "compare.md").write_text(markdown)
+        write_text(out / "compare.md", markdown)
         print(markdown, end="")
         print(f"wrote {out / 'compare.md'} and {out / 'compare.csv'}")
         return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from .options import ct_window, finite_float
@@ -101,18 +100,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     for b in args.box:
         if len(b) not in (4, 6):
             raise CLIError(f"--box takes 4 numbers (2D) or 6 (3D), got {len(b)}")
-    source = Path(args.input)
-    if not source.exists():
-        raise FileNotFoundError(f"input not found: {source}")
-    if args.overlay is not None and not str(args.overlay).lower().endswith(".png"):
-        raise CLIError(f"--overlay is written as PNG: give a .png name, got {args.overlay}")
-    if source.suffix.lower() == ".npz":
-        if Path(args.output).suffix.lower() != ".npz":
-            raise CLIError("the output of an npz case must be an .npz file (key 'segs')")
-    else:
-        from ..io.formats import check_mask_path
+    from ..io.formats import check_segment_paths
 
-        check_mask_path(args.output)
+    check_segment_paths(args.input, args.output, args.overlay)
 
 
 def run(args: argparse.Namespace) -> int:

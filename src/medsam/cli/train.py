@@ -1,12 +1,9 @@
 """``medsam train`` and ``medsam export``: a thin command line over :mod:`medsam.train`.
 
-    medsam train configs/tiny_cpu.yaml data.corpus=/data/corpus output.dir=runs/tiny
-    torchrun --nproc_per_node 4 -m medsam train configs/medsam_vit_b.yaml data.corpus=...
-    medsam train RUN.yaml train.resume=auto            # continue an interrupted run
-    medsam export runs/tiny/best.pt -o tiny.safetensors
-
-A process started with ``MEDSAM_PARENT_PID`` set (the workbench's training job) ends when that
-parent process ends (:func:`medsam.lifecycle.die_with_parent`).
+medsam train configs/tiny_cpu.yaml data.corpus=/data/corpus output.dir=runs/tiny
+torchrun --nproc_per_node 4 -m medsam train configs/medsam_vit_b.yaml data.corpus=...
+medsam train RUN.yaml train.resume=auto            # continue an interrupted run
+medsam export runs/tiny/best.pt -o tiny.safetensors
 """
 
 from __future__ import annotations
@@ -61,11 +58,8 @@ def _setup_logging() -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the sub-command chosen by :func:`add_parser`; returns the exit status."""
-    from ..lifecycle import PARENT_PID_ENV, die_with_parent
     from ..train.config import ConfigError, dump_config, load_config
 
-    if os.environ.get(PARENT_PID_ENV):
-        die_with_parent()
     if args.train_command == "train":
         try:
             cfg = load_config(args.config, args.overrides)

@@ -5,7 +5,7 @@ sequence of rows, and the slice files. See :mod:`medsam.corpus` for the layout.
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, overload
 
@@ -147,3 +147,12 @@ def load_slice(corpus: str | Path, row: ManifestRow | str) -> tuple[np.ndarray, 
     if len(spacing) != 2 or not all(np.isfinite(s) and s > 0 for s in spacing):
         raise CorpusError(f"{path}: bad spacing {spacing}")
     return image, label, (spacing[0], spacing[1])
+
+
+def group_by_slice(rows: Iterable[ManifestRow]) -> dict[str, list[ManifestRow]]:
+    """Manifest rows grouped by slice file (``row.path``), in first-seen order: one image read
+    (and one embedding) per slice for all its objects."""
+    groups: dict[str, list[ManifestRow]] = {}
+    for r in rows:
+        groups.setdefault(r.path, []).append(r)
+    return groups

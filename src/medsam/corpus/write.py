@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..io.atomic import write_csv, write_json
+from ..io.atomic import atomic_output, write_csv, write_json
 from .schema import (
     CASE_FORMAT,
     CORPUS_FORMAT,
@@ -30,6 +30,7 @@ from .schema import (
     CaseError,
     case_dir,
     error_file,
+    finished_case,
     read_json,
 )
 
@@ -143,8 +144,8 @@ def _case_records(out: Path) -> list[dict[str, Any]]:
         return recs
     for ds_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for cdir in sorted(p for p in ds_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            rec = read_json(cdir / "case.json")
-            if rec and rec.get("status") == "done" and rec.get("format") == CASE_FORMAT:
+            rec = finished_case(out, ds_dir.name, cdir.name)
+            if rec:
                 recs.append(rec)
     return recs
 
@@ -180,12 +181,8 @@ def write_manifest(out: Path, rows: Sequence[Sequence[Any]]) -> None:
         for name, col in zip(MANIFEST_COLUMNS, columns)
     ]
     table = pa.Table.from_arrays(arrays, names=list(MANIFEST_COLUMNS))
-    tmp = out / f".manifest.parquet.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
+    with atomic_output(parquet) as tmp:
         pq.write_table(table, tmp, row_group_size=65536)
-        os.replace(tmp, parquet)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def build_index(

@@ -74,3 +74,21 @@ def check_mask_path(path: str | Path, volume: bool | None = None) -> str:
     if fmt == "png" and volume:
         raise ValueError(f"{name}: PNG holds 2D masks only; write a volume as .nii.gz, .nrrd or .mha")
     return fmt
+
+
+def check_segment_paths(
+    input_path: str | Path, output_path: str | Path, overlay_path: str | Path | None = None
+) -> None:
+    """The paths of one segmentation, judged without reading a file: the input exists, the output
+    is written in a mask format (an ``.npz`` case's output is ``.npz``), an overlay is a PNG.
+    Raises FileNotFoundError or ValueError."""
+    source = Path(input_path)
+    if not source.exists():
+        raise FileNotFoundError(f"input not found: {source}")
+    if overlay_path is not None and not str(overlay_path).lower().endswith(".png"):
+        raise ValueError(f"the overlay is written as PNG: give a .png name, got {overlay_path}")
+    if format_of(source) == "npz":
+        if format_of(output_path) != "npz":
+            raise ValueError("the output of an npz case must be an .npz file (key 'segs')")
+    else:
+        check_mask_path(output_path)

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from .jobs import JobFailed
 from .labels import LabelStore
 from .security import UnsafePathError, resolve_inside, safe_relative_path
 
@@ -31,11 +32,11 @@ __all__ = [
     "DATASET",
     "HELDOUT_SPLIT",
     "HOLDOUT_FRACTION",
+    "HOLDOUT_RULE",
     "MIN_ACCEPTED_IMAGES",
     "TRAIN_SPLIT",
     "CorpusInfo",
     "JobCancelled",
-    "JobError",
     "holdout_fraction_of",
     "read_accepted_label",
     "split_images",
@@ -48,19 +49,14 @@ DATASET = "workbench"
 TRAIN_SPLIT, HELDOUT_SPLIT = "train", "test"
 
 
-class JobError(Exception):
-    """Fails the running training job with an HTTP-like status."""
-
-    def __init__(self, message: str, status: int = 500) -> None:
-        super().__init__(message)
-        self.status = status
-
-
 class JobCancelled(Exception):
     """The running training job was cancelled."""
 
 
 # ----------------------------------------------------------------------------- split
+HOLDOUT_RULE = "sha256('medsam-holdout/' + image id) < fraction"  # as recorded in training.json
+
+
 def holdout_fraction_of(image_id: str) -> float:
     """The image's place in [0, 1): first 8 bytes of ``sha256("medsam-holdout/" + id)`` / 2**64."""
     digest = hashlib.sha256(("medsam-holdout/" + image_id).encode("utf-8")).digest()
@@ -110,7 +106,7 @@ def _case_name(image_id: str) -> str:
 def read_accepted_label(labels: LabelStore, image_id: str, like) -> tuple[dict, np.ndarray]:
     """``(sidecar record, label map)`` of an accepted image, read from its file on disk.
 
-    The file named by the sidecar must lie inside the labels folder. Raises :class:`JobError`
+    The file named by the sidecar must lie inside the labels folder. Raises :class:`JobFailed`
     (422) for an unreadable or mismatched file.
     """
     from ..io import read_image
@@ -118,23 +114,23 @@ def read_accepted_label(labels: LabelStore, image_id: str, like) -> tuple[dict, 
     try:
         rec = labels.record(image_id)
     except RuntimeError as exc:
-        raise JobError(str(exc), 422) from None
+        raise JobFailed(str(exc), 422) from None
     name = rec.get("label_file")
     if not rec.version or not name:
-        raise JobError(f"{image_id!r} has no saved label", 422)
+        raise JobFailed(f"{image_id!r} has no saved label", 422)
     try:
         path = resolve_inside(labels.dir.resolve(), safe_relative_path(str(name)))
     except UnsafePathError as exc:
-        raise JobError(f"label file of {image_id!r} refused: {exc}", 422) from None
+        raise JobFailed(f"label file of {image_id!r} refused: {exc}", 422) from None
     try:
         array = np.asarray(read_image(path).array)
     except Exception as exc:  # any reader failure: a damaged file
         first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-        raise JobError(f"cannot read the label file of {image_id!r}: {first}", 422) from None
+        raise JobFailed(f"cannot read the label file of {image_id!r}: {first}", 422) from None
     if array.shape != tuple(like.spatial_shape):
-        raise JobError(f"label file of {image_id!r} has shape {array.shape}, the image {like.spatial_shape}", 422)
+        raise JobFailed(f"label file of {image_id!r} has shape {array.shape}, the image {like.spatial_shape}", 422)
     if array.size and (array.min() < 0 or array.max() > 255):
-        raise JobError(f"label file of {image_id!r} holds values outside 0..255", 422)
+        raise JobFailed(f"label file of {image_id!r} holds values outside 0..255", 422)
     return rec, array.astype(np.uint8, copy=False)
 
 
@@ -149,7 +145,7 @@ def write_accepted_corpus(
     """Write the accepted labels of ``image_ids`` as a corpus in ``folder`` (module docstring).
 
     Images without a labelled pixel are skipped; the split is made over the rest. Raises
-    :class:`JobError` (422) when fewer than :data:`MIN_ACCEPTED_IMAGES` remain.
+    :class:`JobFailed` (422) when fewer than :data:`MIN_ACCEPTED_IMAGES` remain.
     """
     from ..corpus import index_corpus, write_case
 
@@ -161,7 +157,7 @@ def write_accepted_corpus(
         try:
             loaded = datastore.load(image_id)
         except Exception as exc:  # vanished or unreadable image
-            raise JobError(f"cannot read image {image_id!r}: {str(exc).splitlines()[0][:300]}", 422) from None
+            raise JobFailed(f"cannot read image {image_id!r}: {str(exc).splitlines()[0][:300]}", 422) from None
         rec, label = read_accepted_label(labels, image_id, loaded.image)
         planes = label if loaded.image.is_volume else label[None]
         kept = [int(k) for k in np.flatnonzero(planes.reshape(planes.shape[0], -1).any(axis=1))]
@@ -170,7 +166,7 @@ def write_accepted_corpus(
         else:
             skipped.append(image_id)
     if len(usable) < MIN_ACCEPTED_IMAGES:
-        raise JobError(
+        raise JobFailed(
             f"need accepted labels on at least {MIN_ACCEPTED_IMAGES} images (one to train on, one held out "
             f"to score), found {len(usable)} with a labelled pixel",
             422,

@@ -15,8 +15,8 @@ Propagation uses :func:`medsam.volume.segment_volume` with the same disk cache a
 slice arrays (the datastore's uint8 model input), so warmed slices are reused there too.
 
 The served model can be replaced (:meth:`SegmentationEngine.switch_model`, used when a training
-job finishes or a model is selected). Embeddings are keyed by the *encoder*'s fingerprint
-(:func:`medsam.embedding_cache.encoder_fingerprint`), so after a decoder-only fine-tune every
+job finishes or a model is selected). Embeddings are keyed by the *encoder*'s fingerprint and precision
+(:func:`medsam.embedding_cache.embedding_id`), so after a decoder-only fine-tune every
 cached embedding (memory and disk) stays valid, and after a change of the encoder none of them is
 ever looked up again. :meth:`SegmentationEngine.fingerprint` (the whole model) still identifies
 the model for provenance and active-learning scores.

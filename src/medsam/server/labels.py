@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io import MedicalImage, read_image, write_mask
-from ..io.atomic import atomic_output
+from ..io.atomic import write_json
 from ..overlay import PALETTE
 
 __all__ = ["LabelRecord", "LabelStore", "VersionConflict", "default_definitions", "now_iso"]
@@ -178,18 +178,22 @@ class LabelStore:
         """Serialise writers of one image (threads, and processes where ``flock`` exists)."""
         with self._locks_guard:
             lock = self._locks.setdefault(image_id, threading.Lock())
-        with lock:
-            lock_dir = self.dir.parent / "locks"
-            lock_dir.mkdir(parents=True, exist_ok=True)
-            name = hashlib.sha256(image_id.encode()).hexdigest()[:32] + ".lock"
-            with open(lock_dir / name, "a+b") as fh:
-                try:
-                    import fcntl
+        with lock, self._file_lock(hashlib.sha256(image_id.encode()).hexdigest()[:32] + ".lock"):
+            yield
 
-                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-                except ImportError:  # Windows: the thread lock alone
-                    pass
-                yield
+    @contextmanager
+    def _file_lock(self, name: str) -> Iterator[None]:
+        """An exclusive ``flock`` on ``locks/<name>`` beside the labels (none on Windows)."""
+        lock_dir = self.dir.parent / "locks"
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        with open(lock_dir / name, "a+b") as fh:
+            try:
+                import fcntl
+
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            except ImportError:  # Windows: the thread lock alone
+                pass
+            yield
 
     def save(
         self,
@@ -260,8 +264,7 @@ class LabelStore:
             history=history[-_MAX_HISTORY:],
         )
         sidecar = self.sidecar_path(path)
-        with atomic_output(sidecar) as tmp:
-            tmp.write_text(json.dumps(new, indent=1))
+        write_json(sidecar, new)
         frozen = np.array(labels, copy=True)
         frozen.setflags(write=False)
         with self._maps_guard:
@@ -292,8 +295,7 @@ class LabelStore:
             )
             for old_sidecar in sidecars:
                 moved += self._move_to_layout(old_sidecar)
-            with atomic_output(marker) as tmp:
-                tmp.write_text(json.dumps({"layout": LAYOUT_VERSION}))
+            write_json(marker, {"layout": LAYOUT_VERSION})
         return moved
 
     def _move_to_layout(self, old_sidecar: Path) -> int:
@@ -310,8 +312,7 @@ class LabelStore:
         if old_path.is_file():
             new_path.parent.mkdir(parents=True, exist_ok=True)
             rec["label_file"] = new_path.relative_to(self.dir).as_posix()
-            with atomic_output(new_sidecar) as tmp:
-                tmp.write_text(json.dumps(rec, indent=1))
+            write_json(new_sidecar, rec)
             os.replace(old_path, new_path)
         elif not (new_sidecar.is_file() and new_path.is_file()):
             return 0  # a sidecar without its label file, and nothing moved: left for a person
@@ -320,15 +321,7 @@ class LabelStore:
 
     @contextmanager
     def _layout_lock(self) -> Iterator[None]:
-        lock_dir = self.dir.parent / "locks"
-        lock_dir.mkdir(parents=True, exist_ok=True)
-        with self._locks_guard, open(lock_dir / "layout.lock", "a+b") as fh:
-            try:
-                import fcntl
-
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            except ImportError:
-                pass
+        with self._locks_guard, self._file_lock("layout.lock"):
             yield
 
     def label_file(self, image_id: str) -> Path | None:

@@ -29,7 +29,8 @@ class ServerSettings:
         max_upload_bytes: largest accepted upload (default 512 MiB), as sent (compressed).
         max_image_voxels, max_image_bytes: largest pixel data an image file may declare in its
             header (default 256 Mi voxels, 2 GiB), checked before anything is decompressed, for
-            uploads and for every image the server reads (:func:`medsam.io.check_declared_size`).
+            uploads and for every image file the server reads (:func:`medsam.io.header.check_declared_size`;
+            a DICOM series folder is read without this check).
         allowed_hosts: accepted ``Host`` header names (DNS-rebinding protection); ``("*",)``
             accepts any. Default: the loopback names.
         modality: model-input normalisation for images without a DICOM modality

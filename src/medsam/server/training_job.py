@@ -26,8 +26,8 @@ The job is driven by a thread of the server (it waits for the child, follows its
 scores, which needs the served model object); why the training itself is a child process is said
 in :mod:`medsam.server.training_process`.
 
-Embeddings: the embedding cache is keyed by the image encoder's fingerprint
-(:func:`medsam.embedding_cache.encoder_fingerprint`), so a decoder-only model shares every
+Embeddings: the embedding cache is keyed by the image encoder's fingerprint and precision
+(:func:`medsam.embedding_cache.embedding_id`), so a decoder-only model shares every
 cached embedding with its base (the "after" scoring and the first prompts after the switch cost
 no encoder call), and a LoRA model, whose encoder changed, never sees one of them.
 
@@ -53,37 +53,32 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..io.atomic import atomic_output
+from ..io.atomic import write_json
 from .accepted_corpus import (
     HELDOUT_SPLIT,
     HOLDOUT_FRACTION,
+    HOLDOUT_RULE,
     MIN_ACCEPTED_IMAGES,
     CorpusInfo,
     JobCancelled,
-    JobError,
-    holdout_fraction_of,
-    split_images,
     write_accepted_corpus,
 )
+from .jobs import JobFailed
 from .labels import LabelStore, now_iso
 from .trained_models import JOB_ID_RE, STARTUP_MODEL_ID, model_entries, trained_records
 from .training_process import run_training_process, training_config
 
 __all__ = [
     "DEFAULT_STEPS",
-    "HOLDOUT_FRACTION",
     "MAX_STEPS",
     "MIN_ACCEPTED_IMAGES",
     "STARTUP_MODEL_ID",
     "TrainingJob",
     "TrainingManager",
     "TrainingRefused",
-    "holdout_fraction_of",
     "restore_encoder",
     "score_heldout",
-    "split_images",
     "summarize_scores",
-    "write_accepted_corpus",
 ]
 
 DEFAULT_STEPS = 20
@@ -408,7 +403,7 @@ class TrainingManager:
         except JobCancelled:
             job.state = "cancelled"
             job.say("cancelled; the served model is unchanged")
-        except JobError as exc:
+        except JobFailed as exc:
             job.state, job.error, job.error_status = "failed", str(exc), exc.status
             job.say(f"failed: {exc}")
         except Exception as exc:  # a failed job must never take the server down
@@ -451,7 +446,7 @@ class TrainingManager:
             + (f"; skipped without labelled pixels: {', '.join(corpus.skipped)}" if corpus.skipped else "")
         )
         if corpus.train_objects == 0 or corpus.heldout_objects == 0:
-            raise JobError("no object to train on or to score", 422)
+            raise JobFailed("no object to train on or to score", 422)
 
         def scored(p: float) -> None:
             job.phase_done = p
@@ -488,7 +483,7 @@ class TrainingManager:
             threads=self.threads,
             python=self.python,
             on_start=on_start,
-            cancelled=lambda: job.cancelled,
+            cancelled=cancelled,
             on_log=lambda line: job.log.append(f"[train] {line}"),
             on_metrics=on_metrics,
         )
@@ -536,7 +531,7 @@ class TrainingManager:
                 "fingerprint": model_fingerprint(base_model),
                 "checkpoint": str(self.engine.checkpoint) if self.engine.checkpoint else None,
             },
-            "split": {"method": "sha256('medsam-holdout/' + image id) < fraction", "fraction": HOLDOUT_FRACTION},
+            "split": {"method": HOLDOUT_RULE, "fraction": HOLDOUT_FRACTION},
             "train_images": job.train_images,
             "heldout_images": job.heldout_images,
             "train_objects": job.train_objects,
@@ -545,8 +540,7 @@ class TrainingManager:
             "after": job.after,
             "objects": job.objects,
         }
-        with atomic_output(job_dir / "training.json") as tmp:
-            tmp.write_text(json.dumps(record, indent=1))
+        write_json(job_dir / "training.json", record)
         with self._lock:
             if job.cancelled:
                 raise JobCancelled()

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from ..lifecycle import PARENT_PID_ENV
-from .accepted_corpus import TRAIN_SPLIT, CorpusInfo, JobCancelled, JobError
+from .accepted_corpus import TRAIN_SPLIT, CorpusInfo, JobCancelled
+from .jobs import JobFailed
 
 __all__ = ["run_training_process", "training_config"]
 
@@ -97,7 +98,7 @@ def run_training_process(
     on_metrics: Callable[[int, float | None], None],
 ) -> None:
     """Run the training child until it ends; raises :class:`JobCancelled` when ``cancelled()``
-    turned true (the caller terminates the process), :class:`JobError` when the run failed."""
+    turned true (the caller terminates the process), :class:`JobFailed` when the run failed."""
     import medsam
 
     env = {k: v for k, v in os.environ.items() if k not in _ENV_DROP}
@@ -133,9 +134,9 @@ def run_training_process(
     result = _read_result(result_path)
     if rc != 0 or not result.get("ok"):
         reason = result.get("error") or f"no result written (exit status {rc})"
-        raise JobError(f"training failed: {reason}", 500)
+        raise JobFailed(f"training failed: {reason}", 500)
     if not (run_dir / "latest.pt").is_file():
-        raise JobError("training finished without writing a checkpoint", 500)
+        raise JobFailed("training finished without writing a checkpoint", 500)
 
 
 def _read_result(path: Path) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..corpus import ManifestRow, load_slice
+from ..corpus import ManifestRow, group_by_slice, load_slice
 
 
 @dataclass(frozen=True)
@@ -319,14 +319,6 @@ def logits_to_slice(
     return o.inverse_torch(logits)
 
 
-def slice_groups(rows: Sequence[ManifestRow]) -> list[list[ManifestRow]]:
-    """Rows grouped by slice file, in order of first appearance."""
-    groups: dict[str, list[ManifestRow]] = {}
-    for r in rows:
-        groups.setdefault(r.path, []).append(r)
-    return list(groups.values())
-
-
 def load_slices(
     corpus: str | Path,
     rows: Sequence[ManifestRow],
@@ -337,7 +329,7 @@ def load_slices(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """All slices of ``rows`` in memory: images (N, 1, S, S) float32, targets (N, 1, S, S) int64."""
     images, targets = [], []
-    for group in slice_groups(rows):
+    for group in group_by_slice(rows).values():
         image, label, spacing = load_slice(corpus, group[0])
         o = orientations(group[0]) if orientations is not None else None
         images.append(prepare_image(image, size, spacing, pixel_mm, o))

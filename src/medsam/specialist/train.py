@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..corpus import ManifestRow, load_slice, read_manifest
+from ..corpus import ManifestRow, group_by_slice, load_slice, read_manifest
 from .data import (
     Augment,
     CaseOrientations,
@@ -47,7 +47,6 @@ from .data import (
     load_slices,
     prepare_image,
     prepare_label,
-    slice_groups,
 )
 from .model import Specialist, build_unet, default_network, require_monai, save_specialist
 
@@ -147,7 +146,7 @@ class _Validation:
         self.objects: list[list[int]] = []
         index = {lab: k for k, lab in enumerate(classes.labels)}
         self.skipped = 0
-        for group in slice_groups(rows):
+        for group in group_by_slice(rows).values():
             ks = [index[r.label] for r in group if r.label in index]
             self.skipped += len(group) - len(ks)
             if not ks:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
-from ..corpus import CorpusError, ManifestRow, load_slice
+from ..corpus import CorpusError, ManifestRow, group_by_slice, load_slice
 from ..preprocess import Contract, ImageGeometry
 from ..preprocess_fast import prepare_image_fast
 
@@ -412,10 +412,7 @@ class ValidationSlices(Dataset):
     def __init__(self, corpus: str | Path, rows: Sequence[ManifestRow], contract: Contract) -> None:
         self.corpus = Path(corpus)
         self.contract = contract
-        groups: dict[str, list[ManifestRow]] = {}
-        for row in rows:
-            groups.setdefault(row.path, []).append(row)
-        self.groups = list(groups.values())
+        self.groups = list(group_by_slice(rows).values())
 
     def __len__(self) -> int:
         return len(self.groups)
