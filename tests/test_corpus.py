@@ -17,14 +17,20 @@ def synthetic(tmp_path_factory):
 def test_parquet_and_csv_manifests_hold_the_same_rows(synthetic, monkeypatch):
     pytest.importorskip("pyarrow")
     assert (synthetic / "manifest.parquet").is_file() and (synthetic / "manifest.csv").is_file()
-    from_parquet = corpus.read_manifest(synthetic)
-    assert isinstance(from_parquet, corpus.Manifest) and len(from_parquet) == 9 * 2 * 2
     from medsam.corpus import read
 
-    monkeypatch.setattr(read, "_read_parquet", lambda *a: (_ for _ in ()).throw(AssertionError("parquet")))
+    def refused(*args, **kwargs):
+        raise AssertionError("this format must not be read here")
+
+    with monkeypatch.context() as patch:  # the Parquet file is what gets read when it is there
+        patch.setattr(read, "_read_csv", refused)
+        from_parquet = corpus.read_manifest(synthetic)
+    assert isinstance(from_parquet, corpus.Manifest) and len(from_parquet) == 9 * 2 * 2
     (synthetic / "manifest.parquet").rename(synthetic / "manifest.parquet.off")
     try:
-        from_csv = corpus.read_manifest(synthetic)
+        with monkeypatch.context() as patch:
+            patch.setattr(read, "_read_parquet", refused)
+            from_csv = corpus.read_manifest(synthetic)
     finally:
         (synthetic / "manifest.parquet.off").rename(synthetic / "manifest.parquet")
     assert list(from_parquet) == list(from_csv)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import struct
 import time
@@ -25,10 +26,10 @@ import numpy as np
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from medsam.corpus.schema import MANIFEST_COLUMNS
+from medsam.corpus.schema import INT_COLUMNS, MANIFEST_COLUMNS
 
 EXAMPLES = int(os.environ.get("MEDSAM_FUZZ_EXAMPLES", "12"))
 FRESH = bool(os.environ.get("MEDSAM_FUZZ_FRESH"))  # make fuzz: new random cases every run
@@ -86,6 +87,21 @@ def test_boxes_are_clipped_or_refused(boxes, h, w):
 
 @FUZZ
 @given(
+    st.lists(st.lists(floats, min_size=4, max_size=4), min_size=1, max_size=4), st.integers(1, 300), st.integers(1, 300)
+)
+def test_volume_boxes_are_clipped_to_pixel_indices_or_refused(boxes, h, w):
+    from medsam.predictor import PromptError, clip_boxes
+
+    try:
+        clipped, _ = clip_boxes(np.array(boxes), (h, w), inclusive=True)
+    except PromptError:
+        return
+    x0, y0, x1, y1 = clipped.T  # what a volume's walk accepts (volume_prompts: inclusive indices)
+    assert ((x0 >= 0) & (x0 <= x1) & (x1 <= w - 1) & (y0 >= 0) & (y0 <= y1) & (y1 <= h - 1)).all()
+
+
+@FUZZ
+@given(
     st.lists(st.tuples(st.lists(st.tuples(floats, floats), max_size=6), st.booleans()), max_size=4),
     st.integers(1, 300),
     st.integers(1, 300),
@@ -131,11 +147,19 @@ def test_cli_argument_types(text):
     from medsam.cli.options import ct_window, finite_float, positive_int
     from medsam.cli.prepare import _shard
 
-    for parse in (ct_window, finite_float, positive_int, label_map, _shard):
+    valid = {  # what an accepted value must satisfy
+        ct_window: lambda v: isinstance(v, str) or (math.isfinite(v[0]) and math.isfinite(v[1]) and v[1] > 0),
+        finite_float: math.isfinite,
+        positive_int: lambda v: v >= 1,
+        label_map: lambda v: bool(v) and all(a >= 0 and b >= 0 for a, b in v.items()),
+        _shard: lambda v: 0 <= v[0] < v[1],
+    }
+    for parse, ok in valid.items():
         try:
-            parse(text)
+            value = parse(text)
         except argparse.ArgumentTypeError:
-            pass
+            continue
+        assert ok(value), (parse.__name__, text, value)
 
 
 # ----------------------------------------------------------------------------- config overrides
@@ -161,14 +185,17 @@ _VALUES = st.one_of(
 
 @FUZZ
 @given(st.lists(st.tuples(_KEYS, _VALUES), max_size=4), st.lists(st.text(max_size=10), max_size=2))
-def test_config_overrides_parse_or_refuse(pairs, junk):
-    from medsam.train.config import ConfigError, load_config
+def test_config_overrides_parse_or_refuse(tmp_path_factory, pairs, junk):
+    from medsam.train.config import ConfigError, dump_config, load_config
 
     overrides = [f"{k}={v}" for k, v in pairs] + junk
     try:
-        load_config(None, overrides)
+        cfg = load_config(None, overrides)
     except ConfigError:
-        pass
+        return
+    path = tmp_path_factory.mktemp("cfg") / "c.yaml"  # an accepted config reads back the same
+    path.write_text(dump_config(cfg))
+    assert load_config(path).to_dict() == cfg.to_dict()
 
 
 # ----------------------------------------------------------------------------- files
@@ -236,9 +263,12 @@ def test_corpus_manifests_read_or_refuse(tmp_path_factory, header, rows):
         writer.writerow(header)
         writer.writerows(rows)
     try:
-        read_manifest(root)
+        rows = read_manifest(root)
     except (CorpusError, ValueError):
-        pass
+        return
+    for row in rows:  # every accepted row is typed as the schema says
+        assert all(isinstance(getattr(row, c), int) for c in INT_COLUMNS), row
+        assert all(isinstance(getattr(row, c), str) for c in MANIFEST_COLUMNS if c not in INT_COLUMNS), row
 
 
 def _safetensors_bytes(metadata: dict, tensors: dict) -> bytes:
@@ -381,7 +411,6 @@ def test_every_operation_is_fuzzed_and_the_server_never_errs(fuzz_app):
             strategy = op.as_strategy(generation_mode=mode)
 
             @FUZZ
-            @seed(hash(op.label) % (2**32))
             @given(case=strategy, use_real=st.booleans(), which=st.sampled_from(ids))
             def run(case, use_real, which):
                 if use_real:

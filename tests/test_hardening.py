@@ -114,9 +114,13 @@ def test_box_as_json_list_is_accepted_and_documented(data, model):
         assert as_list.status_code == as_dict.status_code == 200
         assert as_list.json()["mask"] == as_dict.json()["mask"]
         assert c.post("/segment", json={"image_id": "a.png", "box": [10, 10, 50]}).status_code == 422
-        schema = c.get("/openapi.json").json()
-        box = json.dumps(schema["components"]["schemas"])
-        assert '"maxItems": 4' in box and '"x0"' in box
+        schemas = c.get("/openapi.json").json()["components"]["schemas"]
+        (ref,) = [f["$ref"] for f in schemas["SegmentRequest"]["properties"]["box"]["anyOf"] if "$ref" in f]
+        forms = schemas[ref.rsplit("/", 1)[1]]["anyOf"]
+        (as_array,) = [f for f in forms if f.get("type") == "array"]
+        (as_object,) = [f for f in forms if f.get("type") == "object"]
+        assert as_array["minItems"] == as_array["maxItems"] == 4
+        assert set(as_object["properties"]) == {"x0", "y0", "x1", "y1"}
 
 
 def test_bearer_scheme_is_case_insensitive(data, model):
@@ -294,14 +298,16 @@ def test_refused_checkpoints_give_one_line_and_status_2(tmp_path, capsys):
 
 def test_resume_from_a_malicious_checkpoint_is_one_line(tmp_path, capsys):
     evil = _malicious_pickle(tmp_path / "evil.pt")
+    from medsam.train.synthetic import write_synthetic_corpus
+    from test_train_loop import micro_overrides
+
+    corpus = write_synthetic_corpus(tmp_path / "corpus", cases={"train": 1, "val": 1}, slices_per_case=2, size=64)
     cfg = tmp_path / "c.yaml"
     cfg.write_text("{}\n")
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    code = main(["train", str(cfg), f"data.corpus={corpus}", f"output.dir={tmp_path / 'run'}", f"train.resume={evil}"])
+    overrides = micro_overrides(corpus, tmp_path / "run", "train.max_steps=1", f"train.resume={evil}")
+    code = main(["train", str(cfg), *overrides])
     assert code == 2
-    line = _one_error(capsys)
-    assert "refused to unpickle" in line or "corpus" in line
+    assert "refused to unpickle" in _one_error(capsys)
 
 
 def test_unknown_output_format_refused_before_the_model_loads(tmp_path, png, capsys, monkeypatch):
@@ -342,6 +348,33 @@ def test_overhanging_box_is_clipped_with_a_warning(tmp_path, png, capsys, small_
     assert "medsam: warning: box 1 [-5, 10, 130, 50] overhangs the image edge; clipped to [0, 10, 100, 50]" in err
     assert json.loads((tmp_path / "m.scores.json").read_text())["boxes"] == [[0, 10, 100, 50]]
     assert main(["segment", str(png), "--box", "150", "10", "160", "50", "-o", str(tmp_path / "n.png")]) == 2
+    assert "outside the image" in _one_error(capsys)
+
+
+def test_overhanging_volume_box_is_clipped_to_the_last_pixel(tmp_path, capsys, small_default_model):
+    vol = np.random.default_rng(0).normal(size=(4, 24, 28)).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol.T, np.eye(4)), tmp_path / "v.nii.gz")
+    out = tmp_path / "seg.nii.gz"
+    args = [
+        "segment",
+        str(tmp_path / "v.nii.gz"),
+        "--box",
+        "-3",
+        "2",
+        "1",
+        "40",
+        "20",
+        "9",
+        "--no-zoom",
+        "-o",
+        str(out),
+    ]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "box 1 [-3, 2, 40, 20] overhangs the image edge; clipped to [0, 2, 27, 20]" in err
+    assert "z-range [1, 9] overhangs the volume; clipped to [1, 3]" in err
+    assert nib.load(out).shape == (28, 24, 4)
+    assert main([*args[:3], "30", "2", "0", "40", "20", "3", *args[9:]]) == 2
     assert "outside the image" in _one_error(capsys)
 
 

@@ -66,6 +66,8 @@ def test_overrides_and_errors(tmp_path):
         (["nosection.x=1"], "nosection"),
         (["train.lr"], "section.field=value"),
         (["data.batch_size=0"], "data.batch_size"),
+        (["train.lr=nan"], "train.lr must be a finite number"),
+        (["loss.dice_weight=.inf"], "loss.dice_weight must be a finite number"),
     ]:
         with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
             load_config(None, bad)

@@ -79,12 +79,17 @@ def free_cores(since: CpuSample | None = None) -> int:
     return max(1, min(cores, cores - int(round(max(0.0, others)))))
 
 
-def _explicit_threads() -> int | None:
-    for name in (THREADS_ENV, "OMP_NUM_THREADS"):
+def _env_threads(*names: str) -> int | None:
+    """The first positive thread count set in the environment variables ``names``."""
+    for name in names:
         text = os.environ.get(name, "").strip()
         if text.isdigit() and int(text) > 0:
             return int(text)
     return None
+
+
+def _explicit_threads() -> int | None:
+    return _env_threads(THREADS_ENV, "OMP_NUM_THREADS")
 
 
 def prepare() -> int:
@@ -106,8 +111,7 @@ def apply(threads: int | None = None) -> int:
     measured now); returns the count."""
     import torch
 
-    n = threads or (int(os.environ[THREADS_ENV]) if os.environ.get(THREADS_ENV, "").isdigit() else None)
-    n = max(1, n or free_cores())
+    n = max(1, threads or _env_threads(THREADS_ENV) or free_cores())
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n
@@ -128,7 +132,7 @@ def adapt(background: bool = False) -> int:
     global _last, _chosen
     import torch
 
-    if os.environ.get(THREADS_ENV, "").isdigit():
+    if _env_threads(THREADS_ENV) is not None:
         return apply()
     since = None
     with _adapt_lock:

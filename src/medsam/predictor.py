@@ -360,28 +360,32 @@ def validate_boxes(boxes: np.ndarray, size: tuple[int, int]) -> None:
             raise PromptError(f"box [{x0:g}, {y0:g}, {x1:g}, {y1:g}] lies outside the image (width {W}, height {H})")
 
 
-def clip_boxes(boxes: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def clip_boxes(boxes: np.ndarray, size: tuple[int, int], inclusive: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Clip (N, 4) boxes [x0, y0, x1, y1] to an (H, W) image, as a drawn box that crosses the
     image edge is meant: returns ``(clipped boxes, (N,) bool: which ones changed)``.
 
     Corners are clipped to ``[0, W]`` x ``[0, H]`` (the far edge allowed, as in
-    :func:`validate_boxes`). Raises :class:`PromptError` for NaN or infinite values and for a box
-    that is empty, or lies wholly outside the image, after clipping.
+    :func:`validate_boxes`), or with ``inclusive`` to the pixel indices ``[0, W - 1]`` x
+    ``[0, H - 1]`` (a volume's boxes, :mod:`medsam.volume`, where ``x1 == x0`` is one pixel).
+    Raises :class:`PromptError` for NaN or infinite values and for a box that is empty, or lies
+    wholly outside the image.
     """
     H, W = size
+    far_x, far_y = (W - 1, H - 1) if inclusive else (W, H)
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     if not np.isfinite(b).all():
         raise PromptError("boxes contain NaN or infinite values")
     clipped = b.copy()
-    clipped[:, [0, 2]] = np.clip(b[:, [0, 2]], 0, W)
-    clipped[:, [1, 3]] = np.clip(b[:, [1, 3]], 0, H)
+    clipped[:, [0, 2]] = np.clip(b[:, [0, 2]], 0, far_x)
+    clipped[:, [1, 3]] = np.clip(b[:, [1, 3]], 0, far_y)
     for original, (x0, y0, x1, y1) in zip(b, clipped):
-        if x1 <= x0 or y1 <= y0:
-            where = (
-                "lies outside the image" if (original[2] > original[0] and original[3] > original[1]) else "is empty"
-            )
+        ox0, oy0, ox1, oy1 = original
+        outside = ox0 > far_x or oy0 > far_y or ox1 < 0 or oy1 < 0
+        empty = (x1 < x0 or y1 < y0) if inclusive else (x1 <= x0 or y1 <= y0)
+        if outside or empty:
+            where = "lies outside the image" if (ox1 > ox0 and oy1 > oy0) else "is empty"
+            need = "x1 >= x0 and y1 >= y0" if inclusive else "x1 > x0 and y1 > y0"
             raise PromptError(
-                f"box [{', '.join(f'{v:g}' for v in original)}] {where} (width {W}, height {H}): "
-                "need x1 > x0 and y1 > y0 inside it"
+                f"box [{', '.join(f'{v:g}' for v in original)}] {where} (width {W}, height {H}): need {need} inside it"
             )
     return clipped, (clipped != b).any(axis=1)

@@ -145,13 +145,14 @@ def parse_boxes(values: Sequence[Sequence[float]], width: int) -> np.ndarray:
     return boxes
 
 
-def _clipped(boxes: np.ndarray, size: tuple[int, int], what: str = "box") -> np.ndarray:
-    """Boxes clipped to the image (a warning names each one that overhung its edge)."""
-    clipped, changed = clip_boxes(boxes, size)
+def _clipped(boxes: np.ndarray, size: tuple[int, int], inclusive: bool = False) -> np.ndarray:
+    """Boxes clipped to the image (a warning names each one that overhung its edge); ``inclusive``
+    as in :func:`medsam.predictor.clip_boxes`."""
+    clipped, changed = clip_boxes(boxes, size, inclusive)
     for i in np.flatnonzero(changed):
         before = ", ".join(f"{v:g}" for v in boxes[i])
         after = ", ".join(f"{v:g}" for v in clipped[i])
-        warnings.warn(f"{what} {i + 1} [{before}] overhangs the image edge; clipped to [{after}]", stacklevel=3)
+        warnings.warn(f"box {i + 1} [{before}] overhangs the image edge; clipped to [{after}]", stacklevel=3)
     return clipped
 
 
@@ -312,7 +313,7 @@ def _segment_volume_file(
         if key_slice is not None:
             raise ValueError("--slice goes with 2D boxes (X0 Y0 X1 Y1), not with 3D boxes")
         b6 = parse_boxes(boxes, 6)
-        b6[:, [0, 1, 3, 4]] = _clipped(b6[:, [0, 1, 3, 4]], (Y, X))
+        b6[:, [0, 1, 3, 4]] = _clipped(b6[:, [0, 1, 3, 4]], (Y, X), inclusive=True)
         prompts = []
         for i, (x0, y0, z0, x1, y1, z1) in enumerate(b6):
             lo, hi = max(z0, 0.0), min(z1, Z - 1.0)
@@ -329,7 +330,7 @@ def _segment_volume_file(
             raise ValueError("2D boxes on a volume need --slice K (or give 3D boxes X0 Y0 Z0 X1 Y1 Z1)")
         if not 0 <= key_slice < Z:
             raise ValueError(f"--slice {key_slice} lies outside the volume's {Z} slices")
-        b4 = _clipped(parse_boxes(boxes, 4), (Y, X))
+        b4 = _clipped(parse_boxes(boxes, 4), (Y, X), inclusive=True)
         prompts = [
             Box2D(int(round(x0)), int(round(y0)), int(round(x1)), int(round(y1)), slice=key_slice)
             for x0, y0, x1, y1 in b4

@@ -537,14 +537,16 @@ def segment_npz_case(
         x0, y0, x1, y1 = (_as_int(v) for v in np.asarray(row, dtype=np.float64))
         _check_inplane(x0, y0, x1, y1, H, W, "box")
         prompt.append(_prompt_box(x0, y0, x1, y1, H, W))
-    set_image_cached(predictor, imgs, cache)
     if zoom is not None:
-        from .zoom import predict_with_zoom
+        from .zoom import predict_with_zoom, should_zoom
 
         _check_zoom(zoom)
+        if not all(should_zoom(b, (H, W), zoom) for b in prompt):  # some box needs the whole image
+            set_image_cached(predictor, imgs, cache)
         zoomed = predict_with_zoom(predictor, imgs, np.stack(prompt), zoom, score_maps=True)
         labels = zoomed.label_map().astype(np.uint8)
     else:
+        set_image_cached(predictor, imgs, cache)
         labels = masks_to_label_map(predictor.predict(boxes=np.stack(prompt))).astype(np.uint8)
     if progress is not None:
         progress(n, n)

@@ -1,7 +1,8 @@
 """How every ``medsam`` command runs: one error shape, signals, warnings, the threading policy.
 
 The threading policy (:mod:`medsam.cpu_threads`) is set before a command imports torch: idle
-OpenMP threads sleep, and torch uses as many threads as there are free cores.
+OpenMP threads sleep, and torch uses as many threads as there are free cores. A process that
+imported torch before calling :func:`medsam.cli.main` keeps its own thread settings.
 
 Expected failures (bad arguments or input, unreadable files, refused checkpoints) print one line
 ``medsam: error: ...`` on stderr and exit with status 2: no traceback, and no output file (outputs
@@ -80,7 +81,8 @@ def run_command(func: Callable[[object], int | None], args: object) -> int:
     from ..lifecycle import Terminated, install_termination_handler
 
     install_termination_handler()
-    prepare()  # before any command imports torch: sleeping OpenMP waits, threads = free cores
+    if "torch" not in sys.modules:  # a host process that already imported torch keeps its threads
+        prepare()  # before any command imports torch: sleeping OpenMP waits, threads = free cores
     debug = bool(os.environ.get("MEDSAM_DEBUG"))
     if not debug:
         warnings.showwarning = _format_warning
