@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from medsam.corpus import load_slice, read_manifest
+from medsam.corpus import load_slice, mask_bbox, read_manifest
 from medsam.predictor import Predictor
 from medsam.train.config import ConfigError, load_config
-from medsam.train.data import PromptOptions, SegmentationDataset, mask_bbox
+from medsam.train.data import PromptOptions, SegmentationDataset
 from medsam.train.embedding_store import build_embedding_store, whole_key, zoom_key
 from medsam.train.loop import Trainer
 from medsam.train.synthetic import write_synthetic_corpus

@@ -1,10 +1,9 @@
 """The CPU inference paths (tiled TinyViT, blocked mask decoder, cached positional encoding) give
 the results of the module-by-module forward.
 
-Both paths run on the same modules; the module-by-module one is selected by switching the fast
-path's gate off. The oracle comparisons with the official LiteMedSAM code and the reference
-segment-anything (tests/test_tiny_vit.py, tests/test_equivalence_vit_b.py) run through the fast
-paths too, since they call the models under ``torch.inference_mode``.
+Both paths run on the same modules; the module-by-module one is selected by switching the CPU
+kernels off (``medsam.model.dispatch.cpu_kernels(False)``). tests/test_model_paths.py compares
+each path with the independent oracles at full size.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import pytest
 import torch
 
 import medsam
-from medsam.model import _decoder_inference, _onednn, _tiny_vit_inference, _workspace, mask_decoder
+from medsam.model import _decoder_inference, _onednn, _tiny_vit_inference, _workspace, dispatch, mask_decoder
 from medsam.model.tiny_vit import TinyViT
 from test_tiny_vit import random_state
 
@@ -35,16 +34,16 @@ def _assert_close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5, msg: str 
 
 
 @pytest.fixture
-def plain_encoder(monkeypatch):
-    """Call inside a test to run the TinyViT module by module."""
+def plain_encoder():
+    """Call inside a test to run the models module by module (the CPU kernels switched off until
+    the test ends)."""
+    previous = dispatch.cpu_kernels_enabled()
 
     def switch(on: bool) -> None:
-        if on:
-            monkeypatch.setattr(_tiny_vit_inference, "applicable", lambda model, x: False)
-        else:
-            monkeypatch.undo()
+        dispatch.set_cpu_kernels(not on)
 
-    return switch
+    yield switch
+    dispatch.set_cpu_kernels(previous)
 
 
 @pytest.fixture(scope="module")
@@ -130,14 +129,9 @@ def sam():
     return medsam.build_model("vit_tiny").eval()
 
 
-def _decode(model, fast: bool, monkeypatch, **kw):
-    if not fast:
-        monkeypatch.setattr(mask_decoder, "_eager_cpu_inference", lambda x: False)
-    try:
-        with torch.inference_mode():
-            out = model.decode(kw.pop("emb"), **kw)
-    finally:
-        monkeypatch.undo()
+def _decode(model, fast: bool, **kw):
+    with dispatch.cpu_kernels(fast), torch.inference_mode():
+        out = model.decode(kw.pop("emb"), **kw)
     return out.logits, out.iou
 
 
@@ -173,9 +167,9 @@ def test_blocked_decoder_matches_module_forward(sam, monkeypatch, block, group, 
     E = sam.prompt_encoder.image_embedding_size[0]
     for name, case in _prompt_cases(E, sam.input_size).items():
         patch()
-        fast = _decode(sam, True, monkeypatch, **dict(case))
+        fast = _decode(sam, True, **dict(case))
         patch()
-        plain = _decode(sam, False, monkeypatch, **dict(case))
+        plain = _decode(sam, False, **dict(case))
         _assert_close(fast[0], plain[0], msg=name)
         torch.testing.assert_close(fast[1], plain[1], rtol=1e-4, atol=1e-6, msg=name)
 
@@ -292,7 +286,7 @@ def test_dense_pe_cache_follows_the_weights(sam):
         pe_mod.load_state_dict(state)
 
 
-def test_predictor_fast_paths_equal_plain(monkeypatch):
+def test_predictor_fast_paths_equal_plain():
     """End to end on LiteMedSAM (random weights): embedding, logits and masks."""
     from conftest import smooth_image
 
@@ -304,10 +298,9 @@ def test_predictor_fast_paths_equal_plain(monkeypatch):
     p.set_image(image)
     fast = p.predict(boxes=boxes)
     fast_emb = p.embedding.clone()
-    monkeypatch.setattr(_tiny_vit_inference, "applicable", lambda model, x: False)
-    monkeypatch.setattr(mask_decoder, "_eager_cpu_inference", lambda x: False)
-    p.set_image(image)
-    plain = p.predict(boxes=boxes)
+    with dispatch.cpu_kernels(False):
+        p.set_image(image)
+        plain = p.predict(boxes=boxes)
     assert _rel(fast_emb, p.embedding) < 1e-5
     np.testing.assert_allclose(fast.low_res_logits, plain.low_res_logits, rtol=1e-4, atol=1e-4)
     assert (fast.masks != plain.masks).mean() < 1e-4
@@ -358,8 +351,7 @@ def test_vit_cpu_inference_matches_module_forward(monkeypatch, window, global_in
     x = torch.randn(batch, 3, img, img)
     with torch.inference_mode():
         fast = enc(x)
-        with monkeypatch.context() as m:
-            m.setattr(image_encoder, "eager_cpu_inference", lambda t: False)
+        with dispatch.cpu_kernels(False):
             plain = enc(x)
     _assert_close(fast, plain)
     with torch.enable_grad():  # autograd: the module-by-module path, same numbers

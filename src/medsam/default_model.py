@@ -1,18 +1,19 @@
 """The embedded default model used when no checkpoint is named.
 
-The package ships trained weights at ``medsam/data/default_model.safetensors`` once the demo-model
-work has produced them. Until then (or in a source tree without them) the default is a small
-LiteMedSAM-shaped model with seeded random weights, and every use of it warns that its masks are
-meaningless.
+The package ships trained weights at ``medsam/data/default_model.safetensors``
+(:func:`bundled_checkpoint`; :func:`medsam.load_model` with no path loads them). A source tree
+without them falls back to a small model with seeded random weights (:func:`untrained_default`),
+and every use of it warns that its masks are meaningless.
 """
 
 from __future__ import annotations
 
-import warnings
 from importlib import resources
 from pathlib import Path
 
 import torch
+
+from .model.sam import MedSAMModel
 
 UNTRAINED_WARNING = (
     "No trained default weights are bundled: using a randomly initialised model. "
@@ -27,19 +28,12 @@ def bundled_checkpoint() -> Path | None:
     return path if path.is_file() else None
 
 
-def load_default_model(contract: str | None = None, device: torch.device | None = None):
-    """Load the bundled weights, or (with a warning) a seeded random small model."""
+def untrained_default(contract: str | None = None, device: torch.device | str | None = None) -> MedSAMModel:
+    """The stand-in when no weights are bundled: the small ``vit_tiny`` model with seed-0 random
+    weights (the global random state is left as it was), marked ``is_untrained_default``. The
+    caller warns (:data:`UNTRAINED_WARNING`)."""
     from .model.registry import build_model
-    from .weights import load_model
 
-    path = bundled_checkpoint()
-    if path is not None:
-        model = load_model(path, contract=contract, device=device)
-        # Meant for laptops: a Predictor runs its encoder in bfloat16 where the CPU has it
-        # (masks agree with float32 on >= 99 % of pixels: docs/performance.md).
-        model.preferred_precision = "auto"
-        return model
-    warnings.warn(UNTRAINED_WARNING, stacklevel=3)
     generator_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(0)

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from .model.sam import MedSAMModel
+from .errors import PromptError
+from .model.sam import DecoderOutput, MedSAMModel
 from .preprocess import Contract, ImageGeometry, get_contract
 from .preprocess_fast import prepare_image_fast
 
@@ -45,10 +46,6 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     if precision == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     return precision
-
-
-class PromptError(ValueError):
-    """A prompt that does not fit the image (outside it, empty, wrong shape, NaN)."""
 
 
 @dataclass
@@ -108,11 +105,46 @@ def masks_to_label_map(prediction: Prediction) -> np.ndarray:
     return labels
 
 
+class PromptableModel(Protocol):
+    """What :class:`Predictor` needs of a model: :class:`medsam.model.MedSAMModel` in PyTorch, or
+    :class:`medsam.export.runtime.OnnxModel` for an ONNX export run by onnxruntime.
+
+    ``embed_image``: (B, 3, S, S) preprocessed images -> (B, 256, E, E) embeddings; ``decode``:
+    prompts in network-input coordinates -> :class:`~medsam.model.sam.DecoderOutput`, as
+    :meth:`MedSAMModel.decode`.
+    """
+
+    contract: str
+
+    @property
+    def input_size(self) -> int: ...
+
+    @property
+    def mask_input_size(self) -> int: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def eval(self) -> Any: ...
+
+    def embed_image(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(
+        self,
+        image_embeddings: torch.Tensor,
+        boxes: torch.Tensor | None = None,
+        points: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool = False,
+        all_masks: bool = False,
+    ) -> DecoderOutput: ...
+
+
 class Predictor:
     """Holds one image embedding and answers prompts on it.
 
     Args:
-        model: a loaded :class:`MedSAMModel`.
+        model: a loaded :class:`MedSAMModel` (or any :class:`PromptableModel`).
         contract: override the model's preprocessing contract by name.
         precision: ``"fp32"``, ``"bf16"`` or ``"auto"``; default: the model's
             ``preferred_precision`` (``"auto"`` for the embedded default model, ``"fp32"`` for
@@ -132,7 +164,7 @@ class Predictor:
 
     def __init__(
         self,
-        model: MedSAMModel,
+        model: PromptableModel,
         contract: str | None = None,
         precision: str | None = None,
         exact_preprocessing: bool = False,
@@ -140,7 +172,8 @@ class Predictor:
         chosen = precision or getattr(model, "preferred_precision", "fp32")
         if chosen not in ("fp32", "bf16", "auto"):
             raise ValueError(f"precision must be 'fp32', 'bf16' or 'auto', got {precision!r}")
-        self.model = model.eval()
+        model.eval()
+        self.model = model
         self.precision = resolve_precision(chosen, self.model.device)
         self.exact_preprocessing = exact_preprocessing
         self.contract = get_contract(contract or model.contract, model.input_size)
@@ -182,9 +215,15 @@ class Predictor:
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) preprocessed images -> (B, 256, E, E) fp32 embeddings, at this precision."""
         x = x.to(self.device)
-        if self.precision == "bf16" and self.device.type == "cpu" and self.model.config.encoder == "tiny_vit":
+        model = self.model
+        if (
+            self.precision == "bf16"
+            and self.device.type == "cpu"
+            and isinstance(model, MedSAMModel)
+            and model.config.encoder == "tiny_vit"
+        ):
             # The TinyViT's tiled CPU path in bfloat16 (autocast would take the plain forward).
-            embedding: torch.Tensor = self.model.encoder_in(torch.bfloat16)(x.to(torch.bfloat16))
+            embedding: torch.Tensor = model.encoder_in(torch.bfloat16)(x.to(torch.bfloat16))
             return embedding.float()
         if self.precision == "bf16":
             with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
@@ -309,7 +348,7 @@ class Predictor:
             )
         if mask_input is not None:
             m = np.asarray(mask_input, dtype=np.float32)
-            L = self.model.prompt_encoder.mask_input_size[0]
+            L = self.model.mask_input_size
             if m.ndim == 2:  # (L, L): one prompt
                 m = m[None, None]
             elif m.ndim == 3:  # (N, L, L)

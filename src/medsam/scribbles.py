@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .predictor import PromptError
+from .errors import PromptError
 
 # Arc length between two sampled points, in image pixels, and the most points one stroke gives.
 DEFAULT_SPACING = 12.0

@@ -52,16 +52,16 @@ from .volume_prompts import BOX2D_IOU_THRESHOLD as BOX2D_IOU_THRESHOLD
 from .volume_prompts import (
     Box2D,
     Box3D,
-    _as_int,
-    _as_prompt,
-    _check_inplane,
-    _Kept,
-    _Logits,
-    _make_tracks,
-    _next_box,
-    _prompt_box,
-    _Track,
-    _Window,
+    KeptCrop,
+    MaskPrompt,
+    Track,
+    ZoomWindow,
+    as_int,
+    as_prompt,
+    check_inplane,
+    make_tracks,
+    next_box,
+    prompt_box,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -76,7 +76,7 @@ __all__ = [
 ]
 
 # One object's work on a slice: (track, "key" / "up" / "down", (4,) box, mask prompt or None).
-_Task = tuple[_Track, str, np.ndarray, _Logits | None]
+_Task = tuple[Track, str, np.ndarray, MaskPrompt | None]
 
 
 @dataclass
@@ -188,7 +188,7 @@ class _CropSegmenter:
         self.frame = frame
         self.cache = cache
         self.policy = policy
-        self.current: tuple[int, _Window] | None = None
+        self.current: tuple[int, ZoomWindow] | None = None
         self.computed = 0
         self.cache_hits = 0
 
@@ -198,7 +198,7 @@ class _CropSegmenter:
 
         return should_zoom(box, self.frame.shape[1:3], self.policy)
 
-    def predict(self, s: int, box: np.ndarray) -> tuple[Any, _Window]:
+    def predict(self, s: int, box: np.ndarray) -> tuple[Any, ZoomWindow]:
         """Prediction of ``box`` (full-slice coordinates) on its crop of slice ``s`` and the crop
         window ``(y0, y1, x0, x1)``; masks, scores and logits are in the crop's frame."""
         from .zoom import zoom_window
@@ -322,12 +322,12 @@ def segment_volume(
     if margin < 0:
         raise ValueError(f"box_margin must be >= 0, got {box_margin}")
 
-    prompts = [_as_prompt(b) for b in boxes]
+    prompts = [as_prompt(b) for b in boxes]
     n_obj = len(prompts)
     if n_obj > np.iinfo(np.uint16).max:
         raise ValueError(f"too many objects ({n_obj}) for a uint16 label map")
     label_dtype = np.uint8 if n_obj <= 255 else np.uint16
-    tracks = _make_tracks(prompts, key_slices, S, H, W, margin, iou_threshold)
+    tracks = make_tracks(prompts, key_slices, S, H, W, margin, iou_threshold)
     embedder = _SliceEmbedder(predictor, frame, cache, max_cached_slices)
     if zoom is not None:
         _check_zoom(zoom)
@@ -374,7 +374,7 @@ def segment_volume(
                 _handle(tr, direction, s, pred, 0, (window[0], window[2]), window)
 
     def _handle(
-        tr: _Track, direction: str, s: int, pred: Any, i: int, offset: tuple[int, int], window: _Window | None
+        tr: Track, direction: str, s: int, pred: Any, i: int, offset: tuple[int, int], window: ZoomWindow | None
     ) -> None:
         """Record prompt ``i`` of ``pred``, whose masks lie at ``offset`` (row, column) of the
         slice (the corner of the zoom crop ``window``, or (0, 0) and None), and set the
@@ -412,7 +412,7 @@ def segment_volume(
         tr.kept[s] = (y0, x0, crop, score_crop)
         tr.scores[s] = score
         logits = (np.asarray(pred.low_res_logits[i], dtype=np.float32).copy(), window) if use_mask_prompt else None
-        state = (_next_box((x0, y0, x1, y1), tr.limit, margin, H, W), logits)
+        state = (next_box((x0, y0, x1, y1), tr.limit, margin, H, W), logits)
         if direction in ("key", "up"):
             tr.up = state if s < tr.hi else None
             if s >= tr.hi:
@@ -426,7 +426,7 @@ def segment_volume(
     if tracks:
         keys = sorted({t.key for t in tracks})
         # ---- sweep up: key slices and upward walks, in increasing slice order
-        by_key: dict[int, list[_Track]] = {}
+        by_key: dict[int, list[Track]] = {}
         for t in tracks:
             by_key.setdefault(t.key, []).append(t)
         for s in range(keys[0], S):
@@ -452,7 +452,7 @@ def segment_volume(
 
     # ---- assemble the label map: overlaps go to the highest score
     labels = np.zeros((S, H, W), dtype=label_dtype)
-    per_slice: dict[int, list[tuple[int, _Kept]]] = {}
+    per_slice: dict[int, list[tuple[int, KeptCrop]]] = {}
     for t in tracks:
         for s, entry in t.kept.items():
             per_slice.setdefault(s, []).append((t.index + 1, entry))
@@ -534,9 +534,9 @@ def segment_npz_case(
     H, W = shape
     prompt = []
     for row in boxes:
-        x0, y0, x1, y1 = (_as_int(v) for v in np.asarray(row, dtype=np.float64))
-        _check_inplane(x0, y0, x1, y1, H, W, "box")
-        prompt.append(_prompt_box(x0, y0, x1, y1, H, W))
+        x0, y0, x1, y1 = (as_int(v) for v in np.asarray(row, dtype=np.float64))
+        check_inplane(x0, y0, x1, y1, H, W, "box")
+        prompt.append(prompt_box(x0, y0, x1, y1, H, W))
     if zoom is not None:
         from .zoom import predict_with_zoom, should_zoom
 

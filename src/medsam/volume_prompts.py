@@ -1,9 +1,9 @@
 """Volume prompts and the walk each one starts (used by :mod:`medsam.volume`).
 
 This module owns the boxes a user gives for a volume, :class:`Box3D` and :class:`Box2D`, their
-checks against the slicing frame, and what each becomes for propagation: a :class:`_Track` with
+checks against the slicing frame, and what each becomes for propagation: a :class:`Track` with
 its key slice, the slice range it may walk, its in-plane limit, its IoU stop and its end reason,
-and the rule for the next slice's box (:func:`_next_box`). The walk itself (sweeps, embeddings,
+and the rule for the next slice's box (:func:`next_box`). The walk itself (sweeps, embeddings,
 decoding, the label map) is :func:`medsam.volume.segment_volume`; the axis and coordinate
 conventions are those of the :mod:`medsam.volume` docstring (``x`` columns, ``y`` rows, ``z``
 the slicing axis; corners are inclusive voxel indices). ``Box3D``, ``Box2D`` and
@@ -18,19 +18,19 @@ from typing import Any
 
 import numpy as np
 
-from .predictor import PromptError
+from .errors import PromptError
 
 __all__ = ["BOX2D_IOU_THRESHOLD", "Box2D", "Box3D"]
 
 # A zoom window ``(y0, y1, x0, x1)`` (:func:`medsam.zoom.zoom_window`), exclusive ends.
-_Window = tuple[int, int, int, int]
+ZoomWindow = tuple[int, int, int, int]
 # A mask prompt carried to the next slice: ((1, L, L) float32 low-res logits, the zoom window
 # they were predicted on, or None for whole-slice logits).
-_Logits = tuple[np.ndarray, _Window | None]
+MaskPrompt = tuple[np.ndarray, ZoomWindow | None]
 # The next step of a walk: ((4,) predictor box, mask prompt or None).
-_Step = tuple[np.ndarray, _Logits | None]
+Step = tuple[np.ndarray, MaskPrompt | None]
 # A kept slice of an object: (y0, x0, (h, w) bool mask crop, (h, w) float32 score crop or None).
-_Kept = tuple[int, int, np.ndarray, np.ndarray | None]
+KeptCrop = tuple[int, int, np.ndarray, np.ndarray | None]
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class Box3D:
     @classmethod
     def from_array(cls, values: Sequence[float] | np.ndarray) -> Box3D:
         """From ``[x0, y0, z0, x1, y1, z1]`` (the CVPR 2024 npz layout)."""
-        return cls(*(_as_int(v) for v in np.asarray(values, dtype=np.float64).reshape(6)))
+        return cls(*(as_int(v) for v in np.asarray(values, dtype=np.float64).reshape(6)))
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class Box2D:
     slice: int
 
 
-def _as_int(v: Any) -> int:
+def as_int(v: Any) -> int:
     f = float(v)
     if not np.isfinite(f):
         raise PromptError(f"box coordinate is not finite: {v!r}")
@@ -77,7 +77,7 @@ def _as_int(v: Any) -> int:
     return r
 
 
-def _as_prompt(b: Any) -> Box3D | Box2D:
+def as_prompt(b: Any) -> Box3D | Box2D:
     if isinstance(b, (Box3D, Box2D)):
         return b
     arr = np.asarray(b, dtype=np.float64).reshape(-1)
@@ -87,7 +87,7 @@ def _as_prompt(b: Any) -> Box3D | Box2D:
 
 
 @dataclass
-class _Track:
+class Track:
     """Propagation state of one object."""
 
     index: int
@@ -98,16 +98,16 @@ class _Track:
     limit: tuple[int, int, int, int]  # in-plane clip (x0, y0, x1, y1), inclusive
     end_reason: str  # "box_end" or "volume_end"
     iou_stop: float  # a propagated slice with a predicted IoU below this ends the walk
-    up: _Step | None = None  # (box, (logits, zoom window or None) or None) going up; None = not walking
-    down: _Step | None = None
-    kept: dict[int, _Kept] = field(default_factory=dict)  # slice -> (y0, x0, mask crop, score crop | None)
+    up: Step | None = None  # (box, (logits, zoom window or None) or None) going up; None = not walking
+    down: Step | None = None
+    kept: dict[int, KeptCrop] = field(default_factory=dict)  # slice -> (y0, x0, mask crop, score crop | None)
     scores: dict[int, float] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=lambda: ["", ""])
     resolved: int = 0  # slices of [lo, hi] decided (predicted or given up), for progress
     zoomed: bool = False  # segmented on a zoom crop on at least one slice
 
 
-def _check_inplane(x0: int, y0: int, x1: int, y1: int, H: int, W: int, what: str) -> None:
+def check_inplane(x0: int, y0: int, x1: int, y1: int, H: int, W: int, what: str) -> None:
     if not (0 <= x0 <= x1 < W and 0 <= y0 <= y1 < H):
         raise PromptError(
             f"{what} [x0={x0}, y0={y0}, x1={x1}, y1={y1}] must satisfy 0 <= x0 <= x1 < {W} and "
@@ -115,7 +115,7 @@ def _check_inplane(x0: int, y0: int, x1: int, y1: int, H: int, W: int, what: str
         )
 
 
-def _prompt_box(x0: int, y0: int, x1: int, y1: int, H: int, W: int) -> np.ndarray:
+def prompt_box(x0: int, y0: int, x1: int, y1: int, H: int, W: int) -> np.ndarray:
     """Inclusive corners -> predictor box; a one-pixel-wide box gets a far corner one further."""
     return np.array([x0, y0, min(max(x1, x0 + 1), W), min(max(y1, y0 + 1), H)], dtype=np.float64)
 
@@ -125,7 +125,7 @@ def _prompt_box(x0: int, y0: int, x1: int, y1: int, H: int, W: int) -> np.ndarra
 BOX2D_IOU_THRESHOLD = 0.5
 
 
-def _make_tracks(
+def make_tracks(
     prompts: Sequence[Box3D | Box2D],
     key_slices: Sequence[int | None] | None,
     S: int,
@@ -133,14 +133,14 @@ def _make_tracks(
     W: int,
     margin: int,
     iou_threshold: float | None,
-) -> list[_Track]:
+) -> list[Track]:
     if key_slices is not None and len(key_slices) != len(prompts):
         raise PromptError(f"key_slices has {len(key_slices)} entries for {len(prompts)} boxes")
-    tracks: list[_Track] = []
+    tracks: list[Track] = []
     for n, p in enumerate(prompts):
         override = None if key_slices is None else key_slices[n]
         if isinstance(p, Box3D):
-            _check_inplane(p.x0, p.y0, p.x1, p.y1, H, W, f"box {n}")
+            check_inplane(p.x0, p.y0, p.x1, p.y1, H, W, f"box {n}")
             if not 0 <= p.z0 <= p.z1 < S:
                 raise PromptError(
                     f"box {n}: need 0 <= z0 <= z1 < {S} (slices along the slicing axis), got z0={p.z0}, z1={p.z1}"
@@ -155,30 +155,30 @@ def _make_tracks(
                 min(p.y1 + margin, H - 1),
             )
             tracks.append(
-                _Track(
+                Track(
                     n,
                     key,
                     p.z0,
                     p.z1,
-                    _prompt_box(p.x0, p.y0, p.x1, p.y1, H, W),
+                    prompt_box(p.x0, p.y0, p.x1, p.y1, H, W),
                     limit,
                     "box_end",
                     -np.inf if iou_threshold is None else iou_threshold,
                 )
             )
         else:
-            _check_inplane(p.x0, p.y0, p.x1, p.y1, H, W, f"box {n}")
+            check_inplane(p.x0, p.y0, p.x1, p.y1, H, W, f"box {n}")
             if not 0 <= p.slice < S:
                 raise PromptError(f"box {n}: slice {p.slice} outside 0..{S - 1}")
             if override is not None and int(override) != p.slice:
                 raise PromptError(f"box {n}: key_slices[{n}]={override} contradicts Box2D.slice={p.slice}")
             tracks.append(
-                _Track(
+                Track(
                     n,
                     p.slice,
                     0,
                     S - 1,
-                    _prompt_box(p.x0, p.y0, p.x1, p.y1, H, W),
+                    prompt_box(p.x0, p.y0, p.x1, p.y1, H, W),
                     (0, 0, W - 1, H - 1),
                     "volume_end",
                     BOX2D_IOU_THRESHOLD if iou_threshold is None else iou_threshold,
@@ -187,7 +187,7 @@ def _make_tracks(
     return tracks
 
 
-def _next_box(
+def next_box(
     bbox: tuple[int, int, int, int], limit: tuple[int, int, int, int], margin: int, H: int, W: int
 ) -> np.ndarray:
     """Bounding box (x0, y0, x1, y1) of a mask, expanded by ``margin``, clipped to ``limit``."""
@@ -197,4 +197,4 @@ def _next_box(
     y0 = min(max(y0 - margin, ly0), ly1)
     x1 = min(max(x1 + margin, lx0), lx1)
     y1 = min(max(y1 + margin, ly0), ly1)
-    return _prompt_box(x0, y0, x1, y1, H, W)
+    return prompt_box(x0, y0, x1, y1, H, W)

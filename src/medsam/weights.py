@@ -196,6 +196,23 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> ModelConfig:
     raise CheckpointError("checkpoint has no recognisable image encoder (neither ViT nor TinyViT)")
 
 
+def _load_default(contract: str | None, device: torch.device) -> MedSAMModel:
+    """The bundled weights, or (with a warning) the seeded random stand-in."""
+    import warnings
+
+    from .default_model import UNTRAINED_WARNING, bundled_checkpoint, untrained_default
+
+    path = bundled_checkpoint()
+    if path is None:
+        warnings.warn(UNTRAINED_WARNING, stacklevel=3)
+        return untrained_default(contract, device)
+    model = load_model(path, contract=contract, device=device)
+    # Meant for laptops: a Predictor runs its encoder in bfloat16 where the CPU has it
+    # (masks agree with float32 on >= 99 % of pixels: docs/performance.md).
+    model.preferred_precision = "auto"
+    return model
+
+
 def load_model(
     checkpoint: str | os.PathLike[str] | None = None,
     contract: str | None = None,
@@ -215,10 +232,7 @@ def load_model(
     from .device import pick_device
 
     if checkpoint is None:
-        from .default_model import load_default_model
-
-        default: MedSAMModel = load_default_model(contract=contract, device=pick_device(device))
-        return default
+        return _load_default(contract, pick_device(device))
     state, metadata = read_state_dict(checkpoint)
     if config is not None:
         cfg = CONFIGS[config] if isinstance(config, str) else config

@@ -26,7 +26,7 @@ finished ``case.json`` (:func:`build_index`), so corpora curated in pieces merge
 
 from __future__ import annotations
 
-from .read import Manifest, group_by_slice, load_slice, read_manifest
+from .read import Manifest, group_by_slice, load_slice, mask_bbox, read_manifest
 from .schema import (
     CASE_FORMAT,
     CORPUS_FORMAT,
@@ -64,6 +64,7 @@ __all__ = [
     "group_by_slice",
     "index_corpus",
     "load_slice",
+    "mask_bbox",
     "read_json",
     "read_manifest",
     "slice_objects",

@@ -156,3 +156,13 @@ def group_by_slice(rows: Iterable[ManifestRow]) -> dict[str, list[ManifestRow]]:
     for r in rows:
         groups.setdefault(r.path, []).append(r)
     return groups
+
+
+def mask_bbox(mask: np.ndarray) -> np.ndarray:
+    """Inclusive [x0, y0, x1, y1] (x = column) of the non-zero pixels of a (H, W) mask, float64:
+    an object's box as the manifest records it. CorpusError when the mask is empty."""
+    ys = np.flatnonzero(mask.any(axis=1))
+    xs = np.flatnonzero(mask.any(axis=0))
+    if len(ys) == 0:
+        raise CorpusError("the object's mask is empty on its slice")
+    return np.array([xs[0], ys[0], xs[-1], ys[-1]], dtype=np.float64)

@@ -52,7 +52,6 @@ from torch import nn
 
 from ..model.sam import MedSAMModel
 from ..preprocess import get_contract
-from ._patches import export_mode
 from .contract import contract_spec
 
 FORMAT_NAME = "medsam-onnx"
@@ -131,8 +130,8 @@ class BoxDecoderGraph(nn.Module):
 class PointDecoderGraph(nn.Module):
     """SAM-style labelled points (boxes as corners 2/3, padding -1) -> logits and IoU.
 
-    Reproduces :class:`medsam.model.prompt_encoder.PromptEncoder` token for token when the prompts
-    are packed as :func:`medsam.export.runtime.pack_point_prompts` does.
+    The tokens are :meth:`medsam.model.prompt_encoder.PromptEncoder.embed_labelled_points` of the
+    prompts packed as :func:`medsam.export.runtime.pack_point_prompts` does.
     """
 
     def __init__(self, model: MedSAMModel) -> None:
@@ -141,11 +140,7 @@ class PointDecoderGraph(nn.Module):
 
     def forward(self, image_embeddings, point_coords, point_labels, mask_input, has_mask_input):
         pe = self.model.prompt_encoder
-        emb = pe.pe_layer.forward_with_coords(point_coords + 0.5, pe.input_image_size)
-        labels = point_labels.unsqueeze(-1)
-        emb = torch.where(labels == -1, pe.not_a_point_embed.weight, emb)
-        for k in range(4):
-            emb = emb + torch.where(labels == k, pe.point_embeddings[k].weight, 0.0)
+        emb = pe.embed_labelled_points(point_coords, point_labels)
         n = point_coords.shape[0]
         no_mask_dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, *pe.image_embedding_size)
         dense = _dense(self.model, mask_input, has_mask_input, no_mask_dense)
@@ -170,7 +165,7 @@ def _export_graph(module, args, path: Path, input_names, output_names, dynamic_s
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), export_mode(module), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 module,

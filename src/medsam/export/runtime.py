@@ -6,10 +6,11 @@
     predictor.set_image(image)                          # preprocessing: the export's contract
     result = predictor.predict(boxes=[[x0, y0, x1, y1]])  # a medsam.Prediction
 
-Preprocessing, prompt checks and mask post-processing are the package's own
-(:class:`medsam.preprocess.Contract`, :class:`medsam.predictor.Predictor`); only the two networks
-run in onnxruntime. The contract is read from ``medsam_onnx.json`` and must be exactly one of the
-package's contracts (:func:`medsam.export.contract.check_contract_spec`).
+:class:`OnnxModel` runs the graphs; preprocessing, prompt checks and mask post-processing
+are :class:`medsam.predictor.Predictor`'s own (``OnnxPredictor`` is a ``Predictor`` over an
+``OnnxModel``), so volumes and zoom take it like any model. The contract is read from
+``medsam_onnx.json`` and must be exactly one of the package's contracts
+(:func:`medsam.export.contract.check_contract_spec`).
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..predictor import Prediction, Predictor
+from ..model.sam import DecoderOutput
+from ..predictor import Predictor
 from .contract import check_contract_spec
 from .onnx import DECODER_OUTPUTS, FORMAT_NAME, METADATA_FILE
 
@@ -83,44 +84,40 @@ def _session(path: Path, threads: int | None, providers: Sequence[str] | None):
     return ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
 
 
-class OnnxPredictor(Predictor):
-    """:class:`medsam.Predictor` whose networks run in onnxruntime.
+class OnnxModel:
+    """An ONNX export run by onnxruntime, behind the interface :class:`medsam.Predictor` uses
+    (:class:`medsam.predictor.PromptableModel`): ``embed_image`` runs ``encoder.onnx``, ``decode``
+    runs ``decoder.onnx`` for box-only prompts and ``decoder_points.onnx`` for any other
+    combination.
 
     Args:
         export_dir: folder written by :func:`medsam.export.export_onnx`.
-        precision: ``"fp32"`` or ``"int8"`` (the int8 encoder, and the int8 decoders when they
-            were exported; needs an export made with ``quantize="int8"``).
+        int8: run the int8 encoder (and the int8 decoders when they were exported); needs an
+            export made with ``quantize="int8"``.
         threads: onnxruntime intra-op threads (default: onnxruntime's choice, all cores).
         providers: onnxruntime execution providers (default CPU).
-        exact_preprocessing: as for :class:`~medsam.Predictor`.
-
-    ``set_image``, ``set_embedding``, ``predict``, ``embedding``, ``geometry`` behave as in
-    :class:`~medsam.Predictor` and ``predict`` returns a :class:`~medsam.Prediction`. ``model`` is
-    not a torch module here but a small description of the exported model (``input_size``,
-    ``contract``, ``name``).
     """
 
     def __init__(
         self,
         export_dir: str | os.PathLike,
-        precision: str = "fp32",
+        int8: bool = False,
         threads: int | None = None,
         providers: Sequence[str] | None = None,
-        exact_preprocessing: bool = False,
     ) -> None:
-        if precision not in ("fp32", "int8"):
-            raise ValueError(f"precision must be 'fp32' or 'int8', got {precision!r}")
         self.export_dir = Path(export_dir)
         self.metadata = load_export_metadata(self.export_dir)
-        self.contract = check_contract_spec(self.metadata["contract"])
-        self.precision = precision
-        self.exact_preprocessing = exact_preprocessing  # as Predictor's
+        spec = self.metadata["contract"]
+        self.contract = check_contract_spec(spec).name
+        self.name = self.metadata["model"]["name"]
+        self._input_size = int(spec["input_size"])
+        self._mask_input_size = int(spec["low_res_mask_size"])
         files = self.metadata["files"]
 
         def pick(key: str, required: bool) -> Path | None:
-            if precision == "int8" and f"{key}_int8" in files:
+            if int8 and f"{key}_int8" in files:
                 key = f"{key}_int8"
-            elif precision == "int8" and key == "encoder":
+            elif int8 and key == "encoder":
                 raise ValueError(f"{self.export_dir} has no int8 encoder: export with quantize='int8'")
             if key not in files:
                 if required:
@@ -140,24 +137,25 @@ class OnnxPredictor(Predictor):
         self._providers = providers
         self._encoder = _session(self.files["encoder"], threads, providers)
         self._decoders: dict[str, Any] = {}
-        spec = self.metadata["contract"]
-        L = int(spec["low_res_mask_size"])
-        self.model = SimpleNamespace(  # what Predictor's prompt checks read from ``model``
-            name=self.metadata["model"]["name"],
-            input_size=self.contract.input_size,
-            contract=self.contract.name,
-            prompt_encoder=SimpleNamespace(mask_input_size=(L, L)),
-        )
-        self._embedding: torch.Tensor | None = None
-        self._geometry = None
+
+    @property
+    def input_size(self) -> int:
+        return self._input_size
+
+    @property
+    def mask_input_size(self) -> int:
+        return self._mask_input_size
 
     @property
     def device(self) -> torch.device:
         return torch.device("cpu")
 
+    def eval(self) -> OnnxModel:
+        return self
+
     def _decoder(self, key: str):
         if self.files[key] is None:
-            from ..predictor import PromptError
+            from ..errors import PromptError
 
             raise PromptError(
                 f"{self.export_dir} was exported without decoder_points.onnx: it answers box prompts "
@@ -167,60 +165,81 @@ class OnnxPredictor(Predictor):
             self._decoders[key] = _session(self.files[key], self._threads, self._providers)
         return self._decoders[key]
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
+    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) preprocessed images -> (B, 256, E, E) float32 embeddings (one run each)."""
-        x = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+        x = np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32)
         outs = [self._encoder.run(None, {"image": x[i : i + 1]})[0] for i in range(len(x))]
         return torch.from_numpy(np.concatenate(outs, axis=0))
 
-    def predict(
+    def decode(
         self,
-        boxes: np.ndarray | list | None = None,
-        points: np.ndarray | list | None = None,
-        point_labels: np.ndarray | list | None = None,
-        mask_input: np.ndarray | None = None,
-        multimask: bool | str = False,
-        scribbles: Sequence | None = None,
-    ) -> Prediction:
-        """As :meth:`medsam.Predictor.predict`: box-only prompts run ``decoder.onnx``, any other
-        combination ``decoder_points.onnx``."""
-        from ..predictor import multimask_mode
-
-        if multimask_mode(multimask):
+        image_embeddings: torch.Tensor,
+        boxes: torch.Tensor | None = None,
+        points: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool = False,
+        all_masks: bool = False,
+    ) -> DecoderOutput:
+        """As :meth:`medsam.model.MedSAMModel.decode` (one embedding for all prompts), except that
+        the graphs give one mask or the three alternatives, not all four (``all_masks``)."""
+        if all_masks:
             raise ValueError("the ONNX decoders give one mask or the three alternatives, not all four in one pass")
-        if scribbles is not None:
-            from ..scribbles import add_scribble_points
-
-            points, point_labels = add_scribble_points(points, point_labels, scribbles, self.geometry.original_size)
-        geom = self.geometry
-        n, box_t, pts_t, mask_t = self._prompts_to_tensors(boxes, points, point_labels, mask_input)
-        L = self.model.prompt_encoder.mask_input_size[0]
+        counts = [len(t) for t in (boxes, mask_input) if t is not None] + ([len(points[0])] if points else [])
+        n = counts[0] if counts else 0
+        L = self._mask_input_size
         feeds: dict[str, np.ndarray] = {
-            "image_embeddings": np.ascontiguousarray(self.embedding.cpu().numpy(), dtype=np.float32),
+            "image_embeddings": np.ascontiguousarray(image_embeddings.cpu().numpy(), dtype=np.float32),
             "mask_input": np.zeros((n, 1, L, L), np.float32)
-            if mask_t is None
-            else np.ascontiguousarray(mask_t.numpy(), dtype=np.float32),
-            "has_mask_input": np.array([0.0 if mask_t is None else 1.0], np.float32),
+            if mask_input is None
+            else np.ascontiguousarray(mask_input.cpu().numpy(), dtype=np.float32),
+            "has_mask_input": np.array([0.0 if mask_input is None else 1.0], np.float32),
         }
-        if pts_t is None and box_t is not None:
+        if points is None and boxes is not None:
             key = "decoder"
-            feeds["boxes"] = np.ascontiguousarray(box_t.numpy(), dtype=np.float32)
+            feeds["boxes"] = np.ascontiguousarray(boxes.cpu().numpy(), dtype=np.float32)
         else:
             key = "decoder_points"
             feeds["point_coords"], feeds["point_labels"] = pack_point_prompts(
                 n,
-                None if box_t is None else box_t.numpy(),
-                None if pts_t is None else pts_t[0].numpy(),
-                None if pts_t is None else pts_t[1].numpy(),
+                None if boxes is None else boxes.cpu().numpy(),
+                None if points is None else points[0].cpu().numpy(),
+                None if points is None else points[1].cpu().numpy(),
             )
-        wanted = DECODER_OUTPUTS[2:] if multimask else DECODER_OUTPUTS[:2]
-        logits_np, iou = self._decoder(key).run(wanted, feeds)
-        logits = torch.from_numpy(logits_np)
-        masks = np.empty((n, logits.shape[1], *geom.original_size), dtype=bool)
-        chunk = max(1, int(64e6 // (logits.shape[1] * geom.original_size[0] * geom.original_size[1] * 4)))
-        for i in range(0, n, chunk):
-            scores = self.contract.mask_scores(logits[i : i + chunk], geom)
-            masks[i : i + chunk] = (scores > self.contract.threshold).numpy()
-        if not multimask:
-            masks, iou = masks[:, 0], iou[:, 0]
-        return Prediction(masks, iou, logits_np, geom, self.contract)
+        wanted = DECODER_OUTPUTS[2:] if multimask_output else DECODER_OUTPUTS[:2]
+        logits, iou = self._decoder(key).run(wanted, feeds)
+        return DecoderOutput(logits=torch.from_numpy(logits), iou=torch.from_numpy(iou))
+
+
+class OnnxPredictor(Predictor):
+    """:class:`medsam.Predictor` over an :class:`OnnxModel`.
+
+    Args:
+        export_dir: folder written by :func:`medsam.export.export_onnx`.
+        precision: ``"fp32"`` or ``"int8"`` (the int8 encoder, and the int8 decoders when they
+            were exported; needs an export made with ``quantize="int8"``).
+        threads: onnxruntime intra-op threads (default: onnxruntime's choice, all cores).
+        providers: onnxruntime execution providers (default CPU).
+        exact_preprocessing: as for :class:`~medsam.Predictor`.
+
+    ``set_image``, ``set_embedding``, ``predict``, ``embedding``, ``geometry`` are
+    :class:`~medsam.Predictor`'s; ``model`` is the :class:`OnnxModel`. ``multimask="all"`` is
+    refused (the graphs give one mask or the three alternatives).
+    """
+
+    def __init__(
+        self,
+        export_dir: str | os.PathLike,
+        precision: str = "fp32",
+        threads: int | None = None,
+        providers: Sequence[str] | None = None,
+        exact_preprocessing: bool = False,
+    ) -> None:
+        if precision not in ("fp32", "int8"):
+            raise ValueError(f"precision must be 'fp32' or 'int8', got {precision!r}")
+        model = OnnxModel(export_dir, int8=precision == "int8", threads=threads, providers=providers)
+        super().__init__(model, precision="fp32", exact_preprocessing=exact_preprocessing)
+        self.model: OnnxModel = model
+        self.precision = precision
+        self.export_dir = model.export_dir
+        self.metadata = model.metadata
+        self.files = model.files

@@ -28,7 +28,7 @@ Same parameters, same operations (exact erf GELU, BatchNorm folded as in eval mo
 the residual stream; results differ from the module-by-module forward only by float rounding
 (matrix products instead of 1x1 convolutions, bias added before instead of after a product).
 
-Used only for eval-mode inference on CPU tensors (:func:`medsam.model.common.eager_cpu_inference`:
+Used only for eval-mode inference on CPU tensors (:func:`medsam.model.dispatch.use_cpu_kernels`:
 no autograd, no autocast, not while ``torch.compile``, ``torch.export`` or the JIT trace the
 model, which see the plain forward). The conv blocks' expansions and depthwise convolutions run
 with their GELU fused, through PyTorch's oneDNN operations ``torch.ops.mkldnn._linear_pointwise``
@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from . import _onednn
 from ._workspace import Scratch, scratch
-from .common import eager_cpu_inference
+from .dispatch import use_cpu_kernels
 
 if TYPE_CHECKING:
     from .tiny_vit import Conv2dBN, TinyViT, TinyViTBlock
@@ -83,7 +83,7 @@ def _depthwise_gelu(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride, p
 
 def applicable(model: TinyViT, x: torch.Tensor) -> bool:
     """Whether :func:`encode` / :func:`stages` may replace the module-by-module forward for ``x``."""
-    if not x.is_floating_point() or not eager_cpu_inference(x):
+    if not x.is_floating_point() or not use_cpu_kernels(x):
         return False
     # Every BatchNorm must be folded with running statistics (a submodule left in training mode
     # or without tracked statistics takes the module-by-module forward).

@@ -36,27 +36,3 @@ class MLPBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lin2(self.act(self.lin1(x)))
-
-
-def eager_cpu_inference(x: torch.Tensor) -> bool:
-    """Whether ``x`` is being run through a model by plain eager CPU inference: autograd off, no CPU
-    autocast, a real CPU tensor (not a tracer's fake or functional one), and neither the JIT
-    tracer, ``torch.compile`` nor ``torch.export`` at work. The models' CPU fast paths (which use
-    in-place updates, ``out=`` buffers and kept scratch memory) run only then; everything else sees
-    the plain module-by-module forward."""
-    if torch.is_grad_enabled() or type(x) is not torch.Tensor or x.device.type != "cpu":
-        return False
-    try:
-        if torch.is_autocast_enabled("cpu"):
-            return False
-    except TypeError:  # torch < 2.4
-        if torch.is_autocast_cpu_enabled():
-            return False
-    if torch.jit.is_tracing():
-        return False
-    compiler = getattr(torch, "compiler", None)
-    for name in ("is_compiling", "is_exporting"):
-        check = getattr(compiler, name, None)
-        if check is not None and check():
-            return False
-    return True

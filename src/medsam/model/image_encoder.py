@@ -8,13 +8,14 @@ Parameter names follow the official checkpoints (``patch_embed.proj``, ``pos_emb
 ``blocks.N.{norm1,attn.qkv,attn.proj,attn.rel_pos_h,attn.rel_pos_w,norm2,mlp.lin1,mlp.lin2}``,
 ``neck.0-3``) so that official state dicts load with strict checking.
 
-Attention runs through :func:`torch.nn.functional.scaled_dot_product_attention` with the decomposed
-relative-position bias passed as an additive mask. For global attention the queries are processed
+Attention runs through :func:`medsam.model.dispatch.scaled_dot_product_attention` (PyTorch's fused
+kernel; written-out operations under ``torch.export``) with the decomposed relative-position bias
+passed as an additive mask. For global attention the queries are processed
 in chunks, so a full (heads, 4096, 4096) attention map is never held in memory at once (except
 under ``torch.inference_mode`` on a GPU, where one image's map is one chunk: 768 MiB of bias in
 fp32 for ViT-B, measured faster).
 
-At fp32 eager CPU inference (no autograd, no autocast, not traced or compiled) each block takes
+At fp32 eager CPU inference (the gate :func:`medsam.model.dispatch.use_cpu_kernels`) each block takes
 :meth:`Block._forward_cpu_inference`: the same operations, float rounding apart, arranged for two
 cores (the qkv projection of real tokens only into a kept buffer, the window padding filled with
 the projection's bias, attention per head and block of query rows in a kept score buffer). See
@@ -31,7 +32,8 @@ from torch import nn
 
 from . import _onednn
 from ._workspace import Scratch, scratch
-from .common import LayerNorm2d, MLPBlock, eager_cpu_inference
+from .common import LayerNorm2d, MLPBlock
+from .dispatch import scaled_dot_product_attention, tracing, use_cpu_kernels
 
 # Upper bound on the number of float elements of one attention-bias chunk (B*heads*q*k).
 # 2**24 elements = 64 MiB in fp32: large enough for efficient GEMMs, small enough to stay in memory.
@@ -228,10 +230,11 @@ class Attention(nn.Module):
         if ws is not None and self.use_rel_pos:
             return self.attend_cpu(q, k, v, None, (H, W), ws).view(B, H, W, C)
         if not self.use_rel_pos:
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = scaled_dot_product_attention(q, k, v)
         else:
             rel_h, rel_w = _rel_pos_per_row(q, (H, W), self.rel_pos_h, self.rel_pos_w)
-            gpu_inference = q.is_cuda and torch.is_inference_mode_enabled()
+            traced = tracing()
+            gpu_inference = q.is_cuda and not traced and torch.is_inference_mode_enabled()
             limit = _CUDA_INFERENCE_BIAS_ELEMENTS if gpu_inference else _MAX_BIAS_ELEMENTS
             rows_per_chunk = max(1, limit // (B * heads * W * n))
             outs = []
@@ -239,17 +242,19 @@ class Attention(nn.Module):
             for r0 in range(0, H, rows_per_chunk):
                 r1 = min(H, r0 + rows_per_chunk)
                 # The (rows, W, H, W) bias goes straight into a contiguous buffer reused across
-                # chunks, so SDPA gets it as an additive mask without a further copy.
+                # chunks, so SDPA gets it as an additive mask without a further copy. Autograd
+                # (out= has none) and graph tracers (which cannot follow a view of an out=
+                # buffer) get the plain broadcast sum.
                 a, b = rel_h[:, :, r0:r1].unsqueeze(-1), rel_w[:, :, r0:r1].unsqueeze(-2)
-                if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
-                    bias = (a + b).reshape(B, heads, (r1 - r0) * W, n)  # out= has no autograd
+                if traced or (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
+                    bias = (a + b).reshape(B, heads, (r1 - r0) * W, n)
                 else:
                     shape = (B, heads, r1 - r0, W, H, W)
                     if buffer is None or buffer.shape != shape:
                         buffer = torch.empty(shape, dtype=a.dtype, device=a.device)
                     bias = torch.add(a, b, out=buffer).view(B, heads, (r1 - r0) * W, n)
                 qc = q[:, :, r0 * W : r1 * W]
-                outs.append(F.scaled_dot_product_attention(qc, k, v, attn_mask=bias))
+                outs.append(scaled_dot_product_attention(qc, k, v, attn_mask=bias))
             out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         return out.transpose(1, 2).reshape(B, H, W, C)
 
@@ -400,7 +405,7 @@ class Block(nn.Module):
         self.window_size = window_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.attn.use_rel_pos and eager_cpu_inference(x):
+        if x.dtype == torch.float32 and self.attn.use_rel_pos and use_cpu_kernels(x):
             return self._forward_cpu_inference(x)
         shortcut = x
         x = self.norm1(x)

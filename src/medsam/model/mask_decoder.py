@@ -15,17 +15,12 @@ from torch import nn
 
 from . import _decoder_inference as fast
 from ._workspace import scratch
-from .common import LayerNorm2d, eager_cpu_inference
+from .common import LayerNorm2d
+from .dispatch import use_cpu_kernels
 from .transformer import TwoWayTransformer
 
 # Prompts decoded together at CPU inference (see MaskDecoder.predict_masks).
 _PROMPTS_PER_GROUP = 4
-
-
-def _eager_cpu_inference(x: torch.Tensor) -> bool:
-    """:func:`~medsam.model.common.eager_cpu_inference` (here so that tests can switch the fast
-    path off)."""
-    return eager_cpu_inference(x)
 
 
 class MLP(nn.Module):
@@ -126,7 +121,7 @@ class MaskDecoder(nn.Module):
         if dense.shape[0] > 1 and dense.stride(0) == 0:
             dense = dense[:1]
         _, _, h, w = image_embeddings.shape
-        if b and _eager_cpu_inference(sparse_prompt_embeddings):
+        if b and use_cpu_kernels(sparse_prompt_embeddings):
             n_masks = len(range(self.num_mask_tokens)[mask_tokens])
             masks = image_embeddings.new_empty(b, n_masks, 4 * h, 4 * w)
             iou = []

@@ -16,7 +16,8 @@ import math
 import torch
 from torch import nn
 
-from .common import LayerNorm2d, eager_cpu_inference
+from .common import LayerNorm2d
+from .dispatch import eager_cpu_inference
 
 
 class PositionEmbeddingRandom(nn.Module):
@@ -83,7 +84,7 @@ class PromptEncoder(nn.Module):
     def get_dense_pe(self) -> torch.Tensor:
         """Positional encoding of the image-embedding grid, (1, D, E, E).
 
-        At eager CPU inference (see :func:`medsam.model.common.eager_cpu_inference`) the tensor
+        At eager CPU inference (see :func:`medsam.model.dispatch.eager_cpu_inference`) the tensor
         is computed once and then reused until the Gaussian matrix changes (loaded weights,
         another device or dtype): treat it as read-only.
         """
@@ -98,23 +99,28 @@ class PromptEncoder(nn.Module):
         self.__dict__["_dense_pe_cache"] = (gauss, gauss._version, size, pe)
         return pe
 
-    def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
-        points = points + 0.5  # pixel centres
-        if pad:
-            points = torch.cat([points, points.new_zeros(points.shape[0], 1, 2)], dim=1)
-            labels = torch.cat([labels, -labels.new_ones(labels.shape[0], 1)], dim=1)
-        emb = self.pe_layer.forward_with_coords(points, self.input_image_size)
+    def embed_labelled_points(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """SAM's point tokens: (B, N, 2) pixel coordinates (x, y) of the network input with (B, N)
+        labels 1 = foreground, 0 = background, 2 / 3 = a box's top-left / bottom-right corner,
+        -1 = padding (not a point) -> (B, N, D). The one encoding of every sparse prompt (boxes
+        are their two corners; the ONNX point decoder takes prompts packed this way)."""
+        emb = self.pe_layer.forward_with_coords(coords + 0.5, self.input_image_size)  # pixel centres
         labels = labels.unsqueeze(-1)
         emb = torch.where(labels == -1, self.not_a_point_embed.weight, emb)
-        emb = emb + torch.where(labels == 0, self.point_embeddings[0].weight, 0.0)
-        emb = emb + torch.where(labels == 1, self.point_embeddings[1].weight, 0.0)
+        for k, table in enumerate(self.point_embeddings):
+            emb = emb + torch.where(labels == k, table.weight, 0.0)
         return emb
 
+    def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
+        if pad:  # no box: one padding point, as SAM
+            points = torch.cat([points, points.new_zeros(points.shape[0], 1, 2)], dim=1)
+            labels = torch.cat([labels, -labels.new_ones(labels.shape[0], 1)], dim=1)
+        return self.embed_labelled_points(points, labels)
+
     def _embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
-        corners = (boxes + 0.5).reshape(-1, 2, 2)
-        emb = self.pe_layer.forward_with_coords(corners, self.input_image_size)
-        corner_weights = torch.cat([self.point_embeddings[2].weight, self.point_embeddings[3].weight])
-        return emb + corner_weights
+        corners = boxes.reshape(-1, 2, 2)
+        labels = torch.tensor([2, 3], device=boxes.device).expand(corners.shape[0], 2)
+        return self.embed_labelled_points(corners, labels)
 
     def forward(
         self,

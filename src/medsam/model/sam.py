@@ -34,7 +34,13 @@ class MedSAMModel(nn.Module):
     Attributes:
         config: the :class:`medsam.model.registry.ModelConfig` the model was built from.
         contract: name of the preprocessing contract (``"medsam"``, ``"sam"`` or ``"lite"``).
+        preferred_precision: the :class:`medsam.Predictor` precision when none is asked for
+            (``"auto"`` for the embedded default model).
+        is_untrained_default: the seeded random stand-in for missing bundled weights.
     """
+
+    preferred_precision: str = "fp32"
+    is_untrained_default: bool = False
 
     def __init__(
         self,
@@ -59,6 +65,11 @@ class MedSAMModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    @property
+    def mask_input_size(self) -> int:
+        """Side L of the (B, 1, L, L) mask prompt (4E: 256 for the official models)."""
+        return int(self.prompt_encoder.mask_input_size[0])
 
     def embed_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) preprocessed images -> (B, 256, E, E) embeddings."""

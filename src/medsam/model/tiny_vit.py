@@ -83,6 +83,7 @@ from torch import nn
 
 from medsam.model import _tiny_vit_inference as tiled
 from medsam.model.common import LayerNorm2d
+from medsam.model.dispatch import scaled_dot_product_attention
 
 __all__ = ["Attention", "Conv2dBN", "MBConv", "PatchMerging", "TinyViT", "TinyViTBlock", "attention_bias_index"]
 
@@ -274,7 +275,7 @@ class Attention(nn.Module):
         # A 4-D (1, heads, N, N) mask lets PyTorch pick its fused CPU kernel; a 3-D
         # mask of the same values falls back to the (several times slower) math path.
         bias = self.attention_bias().to(q.dtype).unsqueeze(0)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 

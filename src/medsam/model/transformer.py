@@ -7,10 +7,10 @@ Shapes: image embedding (B, C, h, w), its positional encoding (B or 1, C, h, w),
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .common import MLPBlock
+from .dispatch import scaled_dot_product_attention
 
 
 class Attention(nn.Module):
@@ -35,7 +35,7 @@ class Attention(nn.Module):
         q = self._heads(self.q_proj(q))
         k = self._heads(self.k_proj(k))
         v = self._heads(self.v_proj(v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = scaled_dot_product_attention(q, k, v)
         b, h, n, c = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, h * c))
 

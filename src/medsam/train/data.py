@@ -26,18 +26,9 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
-from ..corpus import CorpusError, ManifestRow, group_by_slice, load_slice
+from ..corpus import ManifestRow, group_by_slice, load_slice, mask_bbox
 from ..preprocess import Contract, ImageGeometry
 from ..preprocess_fast import prepare_image_fast
-
-
-def mask_bbox(mask: np.ndarray) -> np.ndarray:
-    """Inclusive [x0, y0, x1, y1] of the non-zero pixels of a (H, W) mask (float64)."""
-    ys = np.flatnonzero(mask.any(axis=1))
-    xs = np.flatnonzero(mask.any(axis=0))
-    if len(ys) == 0:
-        raise CorpusError("the object's mask is empty on its slice")
-    return np.array([xs[0], ys[0], xs[-1], ys[-1]], dtype=np.float64)
 
 
 def jitter_box(

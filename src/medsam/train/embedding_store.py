@@ -31,11 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..corpus import ManifestRow, load_slice
+from ..corpus import ManifestRow, load_slice, mask_bbox
 from ..preprocess import Contract
 from ..preprocess_fast import prepare_image_fast
 from ..zoom import ZoomPolicy, should_zoom, zoom_window
-from .data import mask_bbox
 
 FORMAT = "medsam-embedding-store/1"
 
