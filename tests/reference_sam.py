@@ -35,9 +35,14 @@ def _install_torchvision_stub() -> None:
     def _unavailable(*args, **kwargs):
         raise RuntimeError("torchvision stub: not available in tests")
 
+    class _Unavailable:  # sam2's image transforms: imported, never built in the tests
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("torchvision stub: not available in tests")
+
     functional.to_pil_image = to_pil_image
     functional.resize = resize
     transforms.functional = functional
+    transforms.Normalize = transforms.Resize = transforms.ToTensor = _Unavailable
     boxes.batched_nms = _unavailable
     boxes.box_area = _unavailable
     ops.boxes = boxes

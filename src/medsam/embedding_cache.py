@@ -129,7 +129,8 @@ def encoder_fingerprint(model: torch.nn.Module) -> str:
     SHA-256 of the encoder's :func:`model_fingerprint` and the model's architecture config
     (hyper-parameters such as the number of heads are not in the weights). Prompt encoder and
     mask decoder do not enter it, so a decoder-only fine-tune keeps the embeddings of its base
-    model. Any other module: its :func:`model_fingerprint`.
+    model; a model's ``embedding_extras()`` (tensors outside the encoder that its embedding is
+    computed with) do. Any other module: its :func:`model_fingerprint`.
     """
     encoder = getattr(model, "image_encoder", None)
     if not isinstance(encoder, torch.nn.Module):
@@ -139,6 +140,14 @@ def encoder_fingerprint(model: torch.nn.Module) -> str:
     h = hashlib.sha256(b"medsam-encoder-fingerprint\n")
     h.update(model_fingerprint(encoder).encode())
     h.update(json.dumps(config_dict, sort_keys=True, default=str).encode())
+    # Tensors outside the encoder that the embedding is computed with (SAM2: the high-resolution
+    # projections and no_mem_embed); small, hashed each time.
+    extras = getattr(model, "embedding_extras", None)
+    if callable(extras):
+        for name, tensor in sorted(extras().items()):
+            flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+            h.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}\n".encode())
+            h.update(flat.view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 

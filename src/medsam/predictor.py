@@ -109,9 +109,9 @@ class PromptableModel(Protocol):
     """What :class:`Predictor` needs of a model: :class:`medsam.model.MedSAMModel` in PyTorch, or
     :class:`medsam.export.runtime.OnnxModel` for an ONNX export run by onnxruntime.
 
-    ``embed_image``: (B, 3, S, S) preprocessed images -> (B, 256, E, E) embeddings; ``decode``:
-    prompts in network-input coordinates -> :class:`~medsam.model.sam.DecoderOutput`, as
-    :meth:`MedSAMModel.decode`.
+    ``embed_image``: (B, 3, S, S) preprocessed images -> (B, C, E, E) embeddings (C = 256, or the
+    1024 channels of SAM2's packed features); ``decode``: prompts in network-input coordinates ->
+    :class:`~medsam.model.sam.DecoderOutput`, as :meth:`MedSAMModel.decode`.
     """
 
     contract: str
@@ -190,7 +190,7 @@ class Predictor:
 
     @property
     def embedding(self) -> torch.Tensor:
-        """(1, 256, E, E) embedding of the current image."""
+        """(1, C, E, E) embedding of the current image."""
         if self._embedding is None:
             raise RuntimeError("call set_image() first")
         return self._embedding
@@ -213,7 +213,7 @@ class Predictor:
 
     @torch.inference_mode()
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) preprocessed images -> (B, 256, E, E) fp32 embeddings, at this precision."""
+        """(B, 3, S, S) preprocessed images -> (B, C, E, E) fp32 embeddings, at this precision."""
         x = x.to(self.device)
         model = self.model
         if (
@@ -231,7 +231,7 @@ class Predictor:
         return self.model.embed_image(x)
 
     def set_embedding(self, embedding: torch.Tensor, original_size: tuple[int, int]) -> None:
-        """Use a precomputed (1, 256, E, E) embedding (e.g. from a cache) for an (H, W) image."""
+        """Use a precomputed (1, C, E, E) embedding (e.g. from a cache) for an (H, W) image."""
         self._embedding = embedding.to(self.device)
         height, width = original_size
         self._geometry = self.contract.geometry((height, width))

@@ -1,7 +1,8 @@
 """Preprocessing contracts: how an image and its prompts enter a model, and how masks come out.
 
 A contract is part of a checkpoint's identity: MedSAM's weights expect a square resize and min-max
-scaling, SAM's expect a longest-side resize, padding and ImageNet statistics. Each loaded model
+scaling, SAM's expect a longest-side resize, padding and ImageNet statistics, SAM2's a square
+resize and ImageNet statistics. Each loaded model
 carries the name of its contract (``MedSAMModel.contract``); :func:`get_contract` returns it.
 
 Coordinates everywhere are pixels, x to the right and y down; boxes are [x0, y0, x1, y1].
@@ -18,6 +19,12 @@ sam        3 channels uint8, bilinear resize of the    x * w'/W, y * h'/H   bili
 lite       3 channels uint8, area resize of the        x, y * S/max(H, W)   crop to (h', w'), bilinear
            longest side to S, min-max to [0, 1],                            to (H, W), sigmoid > 0.5
            zero pad bottom/right
+sam2       3 channels uint8 / 255, bilinear            x * S/W, y * S/H     bilinear to (H, W),
+           anti-aliased resize to S x S (torchvision's                      logits > 0
+           tensor Resize), ImageNet mean/std on 0-1
+medsam2    3 channels uint8, bicubic resize to S x S   x * S/W, y * S/H     bilinear to (H, W),
+           (Pillow, as MedSAM2's inference), / 255,                         logits > 0
+           ImageNet mean/std on 0-1
 =========  ==========================================  ===================  ==========================
 
 (S = the model's input size, (H, W) the original image, (h', w') the resized image before padding.)
@@ -36,7 +43,12 @@ import torch.nn.functional as F
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
-CONTRACT_NAMES = ("medsam", "sam", "lite")
+# The same statistics on 0-1 intensities, as SAM2 writes them.
+IMAGENET_MEAN_UNIT = (0.485, 0.456, 0.406)
+IMAGENET_STD_UNIT = (0.229, 0.224, 0.225)
+CONTRACT_NAMES = ("medsam", "sam", "lite", "sam2", "medsam2")
+# Contracts whose network input is the whole image warped to S x S (no padding).
+_SQUARE = ("medsam", "sam2", "medsam2")
 
 
 @dataclass(frozen=True)
@@ -112,7 +124,7 @@ class Contract:
     def geometry(self, original_size: tuple[int, int]) -> ImageGeometry:
         H, W = original_size
         S = self.input_size
-        resized = (S, S) if self.name == "medsam" else longest_side_size(H, W, S)
+        resized = (S, S) if self.name in _SQUARE else longest_side_size(H, W, S)
         return ImageGeometry((H, W), resized, S)
 
     def prepare_image(self, image: np.ndarray) -> tuple[torch.Tensor, ImageGeometry]:
@@ -128,6 +140,8 @@ class Contract:
                 np.uint8
             )
             return _chw_tensor(_minmax(resized.astype(np.float64))), geom
+        if self.name in ("sam2", "medsam2"):
+            return self._prepare_sam2(rgb), geom
         from PIL import Image
 
         pil = Image.fromarray(rgb)
@@ -142,6 +156,20 @@ class Contract:
             resized = np.asarray(pil.resize((w, h), Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR))
             x = _chw_tensor(_minmax(resized.astype(np.float64)))
         return F.pad(x, (0, S - w, 0, S - h)), geom
+
+    def _prepare_sam2(self, rgb: np.ndarray) -> torch.Tensor:
+        S = self.input_size
+        if self.name == "medsam2":
+            from PIL import Image
+
+            resized = np.asarray(Image.fromarray(rgb).resize((S, S), Image.Resampling.BICUBIC))
+            x = _chw_tensor(resized.astype(np.float32) / 255.0)
+        else:
+            x = _chw_tensor(rgb.astype(np.float32) / 255.0)
+            x = F.interpolate(x, size=(S, S), mode="bilinear", align_corners=False, antialias=True)
+        mean = torch.tensor(IMAGENET_MEAN_UNIT).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD_UNIT).view(1, 3, 1, 1)
+        return (x - mean) / std
 
     # ---------------------------------------------------------------- prompts
     def coordinate_scale(self, geom: ImageGeometry) -> tuple[float, float]:
@@ -167,13 +195,15 @@ class Contract:
     def mask_scores(self, low_res_logits: torch.Tensor, geom: ImageGeometry) -> torch.Tensor:
         """(N, M, L, L) logits -> (N, M, H, W) per-pixel scores at the original resolution.
 
-        The scores are probabilities for ``medsam``/``lite`` and logits for ``sam``, so that
+        The scores are probabilities for ``medsam``/``lite`` and logits for the others, so that
         ``scores > self.threshold`` is exactly the recipe's mask.
         """
         H, W = geom.original_size
         x = low_res_logits.float()
         if self.name == "medsam":
             return F.interpolate(torch.sigmoid(x), size=(H, W), mode="bilinear", align_corners=False)
+        if self.name in ("sam2", "medsam2"):
+            return F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False)
         h, w = geom.resized_size
         if self.name == "sam":
             S = self.input_size
@@ -188,9 +218,9 @@ class Contract:
     @property
     def threshold(self) -> float:
         """Threshold applied to :meth:`mask_scores` (0.5 on probabilities, 0 on SAM logits)."""
-        return 0.0 if self.name == "sam" else 0.5
+        return 0.0 if self.name in ("sam", "sam2", "medsam2") else 0.5
 
 
 def get_contract(name: str, input_size: int) -> Contract:
-    """The contract ``name`` (``medsam``, ``sam`` or ``lite``) for a model of input side S."""
+    """The contract ``name`` (one of :data:`CONTRACT_NAMES`) for a model of input side S."""
     return Contract(name, input_size)

@@ -22,6 +22,7 @@ from .predictor import Prediction, Predictor, clip_boxes, masks_to_label_map
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model.sam import MedSAMModel
+    from .model.sam2 import SAM2Model
     from .zoom import ZoomedPrediction, ZoomPolicy
 
 
@@ -43,7 +44,7 @@ class SegmentOptions:
 
     Attributes:
         model: a loaded model; default: ``checkpoint`` is loaded (the embedded model when None).
-        checkpoint, contract, device: as :func:`medsam.load_model` takes them.
+        checkpoint, arch, contract, device: as :func:`medsam.load_model` takes them.
         overlay_path: also write an overlay picture (PNG) here.
         scores_path: where the scores JSON goes (default: the output's stem + ``.scores.json``).
         key_slice: the slice 2D boxes on a volume are drawn on (array index ``k``).
@@ -58,8 +59,9 @@ class SegmentOptions:
             gives the measurements behind both choices).
     """
 
-    model: MedSAMModel | None = None
+    model: MedSAMModel | SAM2Model | None = None
     checkpoint: str | Path | None = None
+    arch: str | None = None
     contract: str | None = None
     device: str | None = None
     overlay_path: str | Path | None = None
@@ -230,11 +232,13 @@ def segment_file(
     return SegmentationOutput(*written, labels=labels, scores=scores)
 
 
-def _model(opts: SegmentOptions, log: Callable[[str], None]) -> MedSAMModel:
-    return opts.model if opts.model is not None else load_reporting(opts.checkpoint, opts.device, opts.contract, log)
+def _model(opts: SegmentOptions, log: Callable[[str], None]) -> MedSAMModel | SAM2Model:
+    if opts.model is not None:
+        return opts.model
+    return load_reporting(opts.checkpoint, opts.device, opts.contract, log, arch=opts.arch)
 
 
-def _model_description(model: MedSAMModel, checkpoint: str | Path | None) -> dict[str, Any]:
+def _model_description(model: MedSAMModel | SAM2Model, checkpoint: str | Path | None) -> dict[str, Any]:
     return {
         "checkpoint": None if checkpoint is None else str(checkpoint),
         "architecture": model.config.name,
@@ -243,13 +247,17 @@ def _model_description(model: MedSAMModel, checkpoint: str | Path | None) -> dic
 
 
 def load_reporting(
-    checkpoint: str | Path | None, device: str | None, contract: str | None, log: Callable[[str], None]
-) -> MedSAMModel:
+    checkpoint: str | Path | None,
+    device: str | None,
+    contract: str | None,
+    log: Callable[[str], None],
+    arch: str | None = None,
+) -> MedSAMModel | SAM2Model:
     """The model of ``checkpoint`` (the embedded default when None; load_model warns if that
     one is untrained)."""
     from .weights import load_model
 
-    model = load_model(checkpoint, contract=contract, device=device)
+    model = load_model(checkpoint, contract=contract, device=device, arch=arch)
     if checkpoint is None and not getattr(model, "is_untrained_default", False):
         log("using the embedded default model (no --checkpoint given)")
     return model

@@ -6,7 +6,9 @@ Accepted inputs (``load_model``):
   ``"state_dict"``), with or without the ``module.`` prefix that DDP adds;
 - LiteMedSAM's ``lite_medsam.pth`` (TinyViT encoder);
 - safetensors files written by :func:`save_model` (config and contract in the metadata) or by
-  anyone else (architecture inferred from the tensor shapes).
+  anyone else (architecture inferred from the tensor shapes);
+- the SAM2 family: official SAM2 / SAM2.1 checkpoints (``{"model": state_dict}``) and MedSAM2's
+  (:func:`infer_sam2_config`).
 
 Pickled files are opened with ``torch.load(weights_only=True)`` only: a pickle that tries to build
 arbitrary objects is refused, never executed.
@@ -25,6 +27,7 @@ import torch
 from .io.atomic import atomic_output, write_json
 from .model.registry import CONFIGS, ModelConfig, build_model
 from .model.sam import MedSAMModel
+from .model.sam2 import SAM2_CONFIGS, SAM2Config, SAM2Model
 from .preprocess import CONTRACT_NAMES
 
 PREFIXES = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
@@ -196,6 +199,43 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> ModelConfig:
     raise CheckpointError("checkpoint has no recognisable image encoder (neither ViT nor TinyViT)")
 
 
+SAM2_KEY = "image_encoder.trunk.patch_embed.proj.weight"
+
+
+def infer_sam2_config(state: Mapping[str, torch.Tensor], path: str | os.PathLike[str] | None = None) -> SAM2Config:
+    """The SAM2-family configuration of a state dict.
+
+    The trunk (width from ``patch_embed``, depth from the block count) picks one of the released
+    Hiera sizes; ``no_obj_embed_spatial`` tells SAM2.1 from SAM2. The input size is not in the
+    shapes: a file named ``MedSAM2*.pt`` (MedSAM2's released checkpoints) is MedSAM2's 512 px
+    tiny model, anything else 1024 px; ``load_model(arch=...)`` decides otherwise.
+    """
+    embed_dim = int(state[SAM2_KEY].shape[0])
+    depth = 1 + max(int(k.split(".")[3]) for k in state if k.startswith("image_encoder.trunk.blocks."))
+    version = "2.1" if "no_obj_embed_spatial" in state else "2"
+    name = Path(path).name if path is not None else ""
+    if name.lower().startswith("medsam2") and version == "2.1":
+        candidate = SAM2_CONFIGS["medsam2"]
+        if (candidate.embed_dim, sum(candidate.stages)) == (embed_dim, depth):
+            return candidate
+    prefix = "sam2.1_hiera_" if version == "2.1" else "sam2_hiera_"
+    for cfg_name, cfg in SAM2_CONFIGS.items():
+        if cfg_name.startswith(prefix) and (cfg.embed_dim, sum(cfg.stages)) == (embed_dim, depth):
+            return cfg
+    raise CheckpointError(
+        f"a SAM2-family checkpoint with a Hiera trunk of width {embed_dim} and {depth} blocks matches no "
+        f"released configuration ({', '.join(sorted(SAM2_CONFIGS))}); name one with arch="
+    )
+
+
+def _config_by_name(name: str) -> ModelConfig | SAM2Config:
+    if name in CONFIGS:
+        return CONFIGS[name]
+    if name in SAM2_CONFIGS:
+        return SAM2_CONFIGS[name]
+    raise CheckpointError(f"unknown architecture {name!r}; known: {', '.join(sorted([*CONFIGS, *SAM2_CONFIGS]))}")
+
+
 def _load_default(contract: str | None, device: torch.device) -> MedSAMModel:
     """The bundled weights, or (with a warning) the seeded random stand-in."""
     import warnings
@@ -207,6 +247,8 @@ def _load_default(contract: str | None, device: torch.device) -> MedSAMModel:
         warnings.warn(UNTRAINED_WARNING, stacklevel=3)
         return untrained_default(contract, device)
     model = load_model(path, contract=contract, device=device)
+    if not isinstance(model, MedSAMModel):
+        raise CheckpointError(f"{path}: the bundled default is not a SAM/MedSAM/LiteMedSAM model")
     # Meant for laptops: a Predictor runs its encoder in bfloat16 where the CPU has it
     # (masks agree with float32 on >= 99 % of pixels: docs/performance.md).
     model.preferred_precision = "auto"
@@ -217,44 +259,58 @@ def load_model(
     checkpoint: str | os.PathLike[str] | None = None,
     contract: str | None = None,
     device: str | torch.device | None = None,
-    config: ModelConfig | str | None = None,
-) -> MedSAMModel:
-    """Load a model from any supported checkpoint, in eval mode.
+    config: ModelConfig | SAM2Config | str | None = None,
+    *,
+    arch: str | None = None,
+) -> MedSAMModel | SAM2Model:
+    """Load a model from any supported checkpoint, in eval mode: a :class:`MedSAMModel` (SAM,
+    MedSAM, LiteMedSAM) or a :class:`medsam.model.sam2.SAM2Model` (SAM2, SAM2.1, MedSAM2).
 
     Args:
         checkpoint: path; ``None`` loads the embedded default model shipped with the package.
-        contract: override the preprocessing contract (``medsam``, ``sam``, ``lite``). Default:
-            the one stored with the checkpoint, else the architecture's default (MedSAM's for
-            ViT-B, SAM's for ViT-L/H, LiteMedSAM's for TinyViT).
+        contract: override the preprocessing contract (one of ``CONTRACT_NAMES``). Default: the
+            one stored with the checkpoint, else the architecture's default (MedSAM's for ViT-B,
+            SAM's for ViT-L/H, LiteMedSAM's for TinyViT, SAM2's, MedSAM2's).
         device: where to put the model; default picks CUDA, then MPS, then CPU.
-        config: force an architecture instead of inferring it from the tensor shapes.
+        config: force an architecture (a config or a registered name) instead of inferring it.
+        arch: a registered architecture name (``vit_b`` ... ``lite``, ``sam2.1_hiera_tiny`` ...,
+            ``medsam2``); the same as ``config=NAME``.
     """
     from .device import pick_device
 
     if checkpoint is None:
         return _load_default(contract, pick_device(device))
     state, metadata = read_state_dict(checkpoint)
-    if config is not None:
-        cfg = CONFIGS[config] if isinstance(config, str) else config
+    chosen_config = config if config is not None else arch
+    cfg: ModelConfig | SAM2Config
+    if chosen_config is not None:
+        cfg = _config_by_name(chosen_config) if isinstance(chosen_config, str) else chosen_config
     elif "config" in metadata:
+        stored = metadata["config"]
         try:
-            cfg = ModelConfig.from_dict(metadata["config"])
+            if isinstance(stored, dict) and stored.get("family") == "sam2":
+                cfg = SAM2Config.from_dict(stored)
+            else:
+                cfg = ModelConfig.from_dict(stored)
         except (TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"{checkpoint}: the stored model configuration is not valid ({exc})") from None
+    elif SAM2_KEY in state:
+        cfg = infer_sam2_config(state, checkpoint)
     else:
         cfg = infer_config(state)
     chosen = contract or metadata.get("contract") or cfg.default_contract
     if not isinstance(chosen, str) or chosen not in CONTRACT_NAMES:
         raise CheckpointError(f"unknown preprocessing contract {chosen!r}; known: {CONTRACT_NAMES}")
+    model: MedSAMModel | SAM2Model
     try:
-        model = build_model(cfg, contract=chosen)
+        model = SAM2Model(cfg, chosen) if isinstance(cfg, SAM2Config) else build_model(cfg, contract=chosen)
     except (TypeError, ValueError, RuntimeError, ZeroDivisionError, KeyError) as exc:
         raise CheckpointError(f"{checkpoint}: the model configuration does not build a model ({exc})") from None
     _load_strict(model, state, checkpoint)
     return model.to(pick_device(device)).eval()
 
 
-def _load_strict(model: MedSAMModel, state: Mapping[str, torch.Tensor], path: object) -> None:
+def _load_strict(model: MedSAMModel | SAM2Model, state: Mapping[str, torch.Tensor], path: object) -> None:
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -275,7 +331,9 @@ def _load_strict(model: MedSAMModel, state: Mapping[str, torch.Tensor], path: ob
     model.load_state_dict(state, strict=True)
 
 
-def save_model(model: MedSAMModel, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
+def save_model(
+    model: MedSAMModel | SAM2Model, path: str | os.PathLike[str], extra: dict[str, Any] | None = None
+) -> Path:
     """Write ``model`` as safetensors (config and contract in its metadata) plus a JSON sidecar.
 
     ``path`` is the ``.safetensors`` file; the sidecar is the same name with ``.json``. Both are

@@ -45,7 +45,7 @@ def add_parser(subparsers: Subparsers) -> None:
     )
     p.add_argument(
         "--contract",
-        choices=("medsam", "sam", "lite"),
+        choices=("medsam", "sam", "lite", "sam2", "medsam2"),
         default=None,
         help="override the checkpoint's preprocessing contract",
     )

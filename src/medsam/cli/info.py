@@ -14,6 +14,7 @@ __all__ = ["add_parser", "run"]
 def add_parser(sub: Subparsers) -> None:
     p = sub.add_parser("info", help="describe a checkpoint: architecture, contract, parameters")
     p.add_argument("checkpoint", nargs="?", default=None, help="weights file (default: the embedded model)")
+    p.add_argument("--arch", default=None, help="the architecture when the tensors do not tell (e.g. medsam2)")
     p.set_defaults(func=run)
 
 
@@ -24,9 +25,10 @@ def run(args: argparse.Namespace) -> int:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = load_model(args.checkpoint, device="cpu")
+        model = load_model(args.checkpoint, device="cpu", arch=args.arch)
     n = sum(p.numel() for p in model.parameters())
-    print(f"architecture: {model.config.name} ({model.config.encoder}), input {model.input_size} px")
+    family = "SAM2 family" if model.config.encoder == "hiera" else "SAM / MedSAM family"
+    print(f"architecture: {model.config.name} ({model.config.encoder} encoder, {family}), input {model.input_size} px")
     print(f"contract: {model.contract}")
     print(f"parameters: {n / 1e6:.1f} M")
     if getattr(model, "is_untrained_default", False):

@@ -47,11 +47,14 @@ def run(args: argparse.Namespace) -> int:
     import warnings
 
     from ..export.onnx import DEFAULT_OPSET, export_onnx
-    from ..weights import load_model
+    from ..model.sam import MedSAMModel
+    from ..weights import CheckpointError, load_model
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = load_model(args.checkpoint, device="cpu")
+    if not isinstance(model, MedSAMModel):
+        raise CheckpointError(f"{model.config.name}: ONNX export takes SAM, MedSAM and LiteMedSAM models")
     result = export_onnx(
         model,
         args.output,

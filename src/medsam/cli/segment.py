@@ -41,8 +41,13 @@ def add_parser(sub: Subparsers) -> None:
     p.add_argument("--scores", default=None, help="scores JSON (default: OUTPUT stem + .scores.json)")
     p.add_argument("--checkpoint", default=None, help="model weights (default: the embedded model)")
     p.add_argument(
+        "--arch",
+        default=None,
+        help="the checkpoint's architecture when its tensors do not tell (e.g. medsam2, sam2.1_hiera_tiny)",
+    )
+    p.add_argument(
         "--contract",
-        choices=("medsam", "sam", "lite"),
+        choices=("medsam", "sam", "lite", "sam2", "medsam2"),
         default=None,
         help="override the checkpoint's preprocessing contract",
     )
@@ -112,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
 
     options = SegmentOptions(
         checkpoint=args.checkpoint,
+        arch=args.arch,
         overlay_path=args.overlay,
         scores_path=args.scores,
         key_slice=args.key_slice,

@@ -7,36 +7,18 @@ and predicted IoU (B, M), M = 1 (token 0) or 3 (tokens 1..3, ``multimask_output=
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import _decoder_inference as fast
 from ._workspace import scratch
-from .common import LayerNorm2d
+from .common import MLP, LayerNorm2d
 from .dispatch import use_cpu_kernels
 from .transformer import TwoWayTransformer
 
 # Prompts decoded together at CPU inference (see MaskDecoder.predict_masks).
 _PROMPTS_PER_GROUP = 4
-
-
-class MLP(nn.Module):
-    """``num_layers`` linear layers (``layers.N``) with ReLU between them."""
-
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
-        super().__init__()
-        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(dims))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = F.relu(x)
-        return x
 
 
 class MaskDecoder(nn.Module):
@@ -143,13 +125,24 @@ class MaskDecoder(nn.Module):
         masks = self._upscale_and_project(keys, hyper_in, h, w)
         return masks, self.iou_prediction_head(hs[:, 0, :])
 
+    # Position of the IoU token among the output tokens (SAM2's object-score token comes first).
+    _iou_token_index = 0
+
     def _hyper_in(self, hs: torch.Tensor, mask_tokens: slice) -> torch.Tensor:
         """(B, M, C/8) hypernetwork outputs of the wanted mask tokens (transformer output hs)."""
-        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
+        first = self._iou_token_index + 1
+        mask_tokens_out = hs[:, first : first + self.num_mask_tokens, :]
         wanted = range(self.num_mask_tokens)[mask_tokens]
         return torch.stack([self.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in wanted], dim=1)
 
-    def _upscale_and_project(self, tokens: torch.Tensor, hyper_in: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    def _upscale_and_project(
+        self,
+        tokens: torch.Tensor,
+        hyper_in: torch.Tensor,
+        h: int,
+        w: int,
+        high_res: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """``output_upscaling`` followed by the hypernetwork dot product, as matrix products.
 
         A 2x2 stride-2 transposed convolution maps each input pixel to its own 2x2 output block,
@@ -157,7 +150,9 @@ class MaskDecoder(nn.Module):
         pixel and the mask is a per-pixel dot product, so everything stays in token layout and
         only the final (B, M, 4h, 4w) masks are rearranged into images.
 
-        tokens (B, h*w, C), hyper_in (B, M, C/8) -> (B, M, 4h, 4w) logits.
+        tokens (B, h*w, C), hyper_in (B, M, C/8) -> (B, M, 4h, 4w) logits. SAM2 adds
+        ``high_res = (feat_s0 (1 or B, C/8, 4h, 4w), feat_s1 (1 or B, C/4, 2h, 2w))`` to the two
+        transposed convolutions' outputs (before the layer norm, resp. the last GELU).
         """
         conv1, norm, act1, conv2, act2 = self.output_upscaling
         B, n, C = tokens.shape
@@ -165,9 +160,20 @@ class MaskDecoder(nn.Module):
         c2 = conv2.out_channels
         w1 = conv1.weight.permute(0, 2, 3, 1).reshape(C, 4 * c1)  # (C_in, (dy, dx, o))
         x = torch.addmm(conv1.bias.repeat(4), tokens.reshape(B * n, C), w1).reshape(B * n * 4, c1)
+        if high_res is not None:
+            # feature pixel (2y + dy, 2x + dx) -> row (token (y, x), dy, dx), as x is ordered
+            s1 = high_res[1]
+            s1 = s1.reshape(s1.shape[0], c1, h, 2, w, 2).permute(0, 2, 4, 3, 5, 1).reshape(-1, n * 4, c1)
+            x = (x.reshape(B, n * 4, c1) + s1).reshape(B * n * 4, c1)
         x = act1(F.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps))
         w2 = conv2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)
-        x = act2(torch.addmm(conv2.bias.repeat(4), x, w2))  # (B*n*4, (ey, ex, o2))
+        x = torch.addmm(conv2.bias.repeat(4), x, w2)  # (B*n*4, (ey, ex, o2))
+        if high_res is not None:
+            # pixel (4y + 2dy + ey, 4x + 2dx + ex) -> row (token (y, x), dy, dx, ey, ex)
+            s0 = high_res[0]
+            s0 = s0.reshape(s0.shape[0], c2, h, 2, 2, w, 2, 2).permute(0, 2, 5, 3, 6, 4, 7, 1)
+            x = (x.reshape(B, n * 16, c2) + s0.reshape(-1, n * 16, c2)).reshape(B * n * 4, 4 * c2)
+        x = act2(x)
         M = hyper_in.shape[1]
         masks = torch.bmm(x.reshape(B, n * 16, c2), hyper_in.transpose(1, 2))  # (B, n*16, M)
         # token (y, x), first block (dy, dx), second block (ey, ex) -> pixel (4y+2dy+ey, 4x+2dx+ex)

@@ -22,10 +22,12 @@ if TYPE_CHECKING:  # the registry imports this module
 
 @dataclass(frozen=True)
 class DecoderOutput:
-    """Raw decoder output. ``logits``: (B, M, 4E, 4E); ``iou``: (B, M)."""
+    """Raw decoder output. ``logits``: (B, M, 4E, 4E); ``iou``: (B, M); SAM2-family models also
+    give ``object_score_logits`` (B, 1): positive where the object is present."""
 
     logits: torch.Tensor
     iou: torch.Tensor
+    object_score_logits: torch.Tensor | None = None
 
 
 class MedSAMModel(nn.Module):

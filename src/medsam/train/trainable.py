@@ -39,6 +39,11 @@ def build_initial_model(section, seed: int) -> MedSAMModel:
         if section.config_overrides:
             raise ValueError("model.config_overrides applies to random initialisation only, not to a checkpoint")
         model = load_model(section.checkpoint, contract=section.contract, device="cpu")
+        if not isinstance(model, MedSAMModel):
+            raise ValueError(
+                f"{section.checkpoint} holds a {model.config.name} model (SAM2 family): training takes SAM, "
+                "MedSAM and LiteMedSAM models"
+            )
         if section.arch and model.config.name != section.arch:
             raise ValueError(
                 f"model.arch is {section.arch!r} but {section.checkpoint} holds a {model.config.name} model; "

@@ -1,0 +1,67 @@
+"""The reference ``sam2==1.1.0`` (Meta's package, built with ``SAM2_BUILD_CUDA=0``) as a test oracle.
+
+Its image transforms import torchvision, which does not import beside the local CPU torch: the
+same inert stand-in as for segment-anything is registered first, and the oracle is driven below
+its transforms (features from ``forward_image``, prompts through ``SAM2ImagePredictor.predict``
+with the image already set).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from reference_sam import _install_torchvision_stub
+
+
+def build_reference_sam2(config: str = "configs/sam2.1/sam2.1_hiera_t.yaml", seed: int = 0):
+    """The reference model of ``config`` with seeded random weights (the parameters that SAM2
+    initialises to zeros or ones are perturbed too), in eval mode on the CPU."""
+    _install_torchvision_stub()
+    from sam2.build_sam import build_sam2
+
+    torch.manual_seed(seed)
+    model = build_sam2(config, device="cpu")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() <= 1 or "pos_embed" in name or "token" in name or "no_" in name or "tpos" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def reference_image_predictor(model, x: torch.Tensor, original_size: tuple[int, int]):
+    """``SAM2ImagePredictor`` of ``model`` with the (1, 3, S, S) preprocessed image ``x`` set, as its
+    ``set_image`` does after its transforms (features, ``no_mem_embed``, per-level reshape)."""
+    _install_torchvision_stub()
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+    from sam2.utils.transforms import SAM2Transforms
+
+    predictor = SAM2ImagePredictor.__new__(SAM2ImagePredictor)
+    predictor.model = model
+    transforms = SAM2Transforms.__new__(SAM2Transforms)
+    torch.nn.Module.__init__(transforms)
+    transforms.resolution = model.image_size
+    transforms.mask_threshold = 0.0
+    transforms.max_hole_area = 0.0
+    transforms.max_sprinkle_area = 0.0
+    predictor._transforms = transforms
+    predictor.mask_threshold = 0.0
+    E = model.image_size // 16
+    predictor._bb_feat_sizes = [(4 * E, 4 * E), (2 * E, 2 * E), (E, E)]
+    with torch.no_grad():
+        backbone = model.forward_image(x)
+        _, feats, _, _ = model._prepare_backbone_features(backbone)
+        feats[-1] = feats[-1] + model.no_mem_embed
+        maps = [
+            f.permute(1, 2, 0).view(1, -1, *size)
+            for f, size in zip(feats[::-1], predictor._bb_feat_sizes[::-1], strict=True)
+        ][::-1]
+    predictor._features = {"image_embed": maps[-1], "high_res_feats": maps[:-1]}
+    predictor._orig_hw = [tuple(original_size)]
+    predictor._is_image_set = True
+    predictor._is_batch = False
+    return predictor
+
+
+def as_numpy(t) -> np.ndarray:
+    return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
