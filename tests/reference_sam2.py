@@ -22,11 +22,17 @@ def build_reference_sam2(config: str = "configs/sam2.1/sam2.1_hiera_t.yaml", see
 
     torch.manual_seed(seed)
     model = build_sam2(config, device="cpu")
+    perturb(model)
+    return model.eval()
+
+
+def perturb(model) -> None:
+    """Seeded noise on the parameters SAM2 initialises to constants (norms, biases, tokens,
+    position and memory embeddings), so that every one of them matters in a comparison."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() <= 1 or "pos_embed" in name or "token" in name or "no_" in name or "tpos" in name:
                 p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
 
 
 def reference_image_predictor(model, x: torch.Tensor, original_size: tuple[int, int]):

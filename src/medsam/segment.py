@@ -351,7 +351,14 @@ def _segment_volume_file(
     options: dict[str, Any] = {"iou_threshold": opts.iou_threshold}
     if opts.zoom not in (None, "auto"):
         options["zoom"] = opts.zoom
-    result = segment_volume(predictor, pixels, prompts, **options)
+    from .model.sam2 import SAM2Model
+
+    if isinstance(model, SAM2Model):  # memory tracking, as MedSAM2's 3D inference
+        from .tracking import track_volume
+
+        result = track_volume(model, pixels, prompts, contract=opts.contract)
+    else:
+        result = segment_volume(predictor, pixels, prompts, **options)
     if options.get("zoom") is not None:
         log(
             f"zoom: {sum(result.zoomed)} of {len(prompts)} objects segmented on a magnified crop "

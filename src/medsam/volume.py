@@ -215,7 +215,7 @@ class _CropSegmenter:
         return self.predictor.predict(boxes=(box - np.array([x0, y0, x0, y0], dtype=np.float64))[None]), window
 
 
-def _to_uint8_volume(volume: np.ndarray) -> np.ndarray:
+def to_uint8_volume(volume: np.ndarray) -> np.ndarray:
     """Non-uint8 data: one min-max scaling over the whole volume (not per slice)."""
     if volume.dtype == np.uint8:
         return volume
@@ -315,7 +315,7 @@ def segment_volume(
     if not -3 <= axis < 3:
         raise ValueError(f"axis must be 0, 1 or 2 (or negative), got {axis}")
     axis %= 3
-    vol = _to_uint8_volume(vol)
+    vol = to_uint8_volume(vol)
     frame = np.moveaxis(vol, axis, 0)  # (S, H, W[, 3]); a view
     S, H, W = frame.shape[:3]
     margin = int(box_margin)

@@ -138,7 +138,7 @@ class SAM2MaskDecoder(MaskDecoder):
         if multimask_output:
             return masks[:, 1:], iou[:, 1:], obj
         if self.dynamic_multimask and not self.training:
-            masks, iou = self._stable_single_mask(masks, iou)
+            masks, iou = self.stable_single_mask(masks, iou)
             return masks, iou, obj
         return masks[:, :1], iou[:, :1], obj
 
@@ -149,7 +149,7 @@ class SAM2MaskDecoder(MaskDecoder):
         outer = (flat > -self.stability_delta).sum(-1).float()
         return torch.where(outer > 0, inner / outer, 1.0)
 
-    def _stable_single_mask(self, masks: torch.Tensor, iou: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def stable_single_mask(self, masks: torch.Tensor, iou: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         best = iou[:, 1:].argmax(dim=-1)
         rows = torch.arange(masks.shape[0], device=masks.device)
         best_masks = masks[:, 1:][rows, best].unsqueeze(1)

@@ -1,0 +1,240 @@
+"""SAM2's tracking step: one object on one frame, conditioned on the memories of earlier frames.
+
+This is the inference of SAM2's video predictor (``sam2==1.1.0``, ``SAM2VideoPredictor`` with
+``build_sam2_video_predictor``'s settings) for one object in one direction, written for
+:class:`medsam.model.sam2.SAM2Model`:
+
+* the **prompted frame** (the key slice) is decoded from its own features plus ``no_mem_embed``,
+  as an image; one mask for a box (with the stability fallback), the best of three for a single
+  click; its memory is made from the binarised mask (x 20 - 10);
+* every **further frame** attends (:class:`~medsam.model.sam2_memory.MemoryAttention`) to the
+  prompted frame's memory (temporal slot 0), the memories of the 6 frames tracked just before it
+  (slots 1-6, the nearest last) and the object pointers of the prompted frame and of up to 15
+  tracked frames before it, each with a sine encoding of its signed frame distance; the decoder
+  then runs without prompts and keeps the best of its three masks; the frame's memory is made
+  from that mask's sigmoid (x 20 - 10);
+* where the object-score head says the object is absent the mask logits are -1024, the object
+  pointer is ``no_obj_ptr`` and (SAM2.1) ``no_obj_embed_spatial`` is added to the memory;
+* memories are kept rounded to bfloat16, as the reference stores them; small background holes
+  (``fill_hole_area`` pixels of the low-resolution mask, 8-connected) are filled in the output
+  mask (0.1), not in the memory.
+
+Frame features (:class:`FrameFeatures`) are computed once per frame and shared by all objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .fpn_neck import sine_position_encoding
+from .sam2 import PROMPT_DIM, SAM2Model
+
+NO_OBJECT_SCORE = -1024.0
+MAX_OBJECT_POINTERS = 16
+MEMORY_SCALE, MEMORY_BIAS = 20.0, -10.0
+
+
+@dataclass
+class FrameFeatures:
+    """One frame's features: the lowest-resolution map (1, 256, E, E) without ``no_mem_embed``,
+    its sine position encoding (1, 256, E, E) and the projected high-resolution maps."""
+
+    pix: torch.Tensor
+    pos: torch.Tensor
+    high_res: tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class FrameOutput:
+    """One object on one frame: low-resolution logits (1, 1, 4E, 4E) (holes filled), the chosen
+    mask's predicted IoU, the object score, the object pointer (1, 256) and the memory."""
+
+    low_res: torch.Tensor
+    iou: float
+    object_score: float
+    pointer: torch.Tensor
+    memory: torch.Tensor | None = None
+    memory_pos: torch.Tensor | None = None
+
+
+@dataclass
+class Track:
+    """The frames of one object tracked in one direction from its prompted frame."""
+
+    key: int
+    reverse: bool
+    key_output: FrameOutput
+    outputs: dict[int, FrameOutput] = field(default_factory=dict)
+
+
+def frame_features(model: SAM2Model, image: torch.Tensor) -> FrameFeatures:
+    """(1, 3, S, S) preprocessed frame -> its :class:`FrameFeatures`."""
+    pix, feat_s1, feat_s0 = model.image_features(image)
+    return FrameFeatures(pix, sine_position_encoding(pix, PROMPT_DIM).to(pix.dtype), (feat_s0, feat_s1))
+
+
+def _sine_1d(positions: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """(P,) positions -> (P, dim): sines of the first half, cosines of the second."""
+    half = dim // 2
+    dim_t = torch.arange(half, dtype=torch.float32, device=positions.device)
+    dim_t = temperature ** (2 * (dim_t // 2) / half)
+    angles = positions.unsqueeze(-1) / dim_t
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+def fill_holes(low_res: torch.Tensor, max_area: int) -> torch.Tensor:
+    """Background components (logit <= 0, 8-connected) of at most ``max_area`` pixels -> 0.1."""
+    if max_area <= 0:
+        return low_res
+    from scipy import ndimage
+
+    out = low_res.clone()
+    for index in np.ndindex(*low_res.shape[:-2]):
+        background = (low_res[index] <= 0).cpu().numpy()
+        labels, count = ndimage.label(background, structure=np.ones((3, 3), bool))
+        if not count:
+            continue
+        areas = np.bincount(labels.ravel())
+        small = (areas <= max_area) & (np.arange(len(areas)) > 0)
+        holes = torch.from_numpy(small[labels]).to(low_res.device)
+        out[index] = torch.where(holes, torch.tensor(0.1, dtype=out.dtype, device=out.device), out[index])
+    return out
+
+
+class SAM2Tracker:
+    """Tracking steps of one :class:`SAM2Model` (see the module docstring)."""
+
+    def __init__(self, model: SAM2Model, fill_hole_area: int = 8) -> None:
+        self.model = model
+        self.fill_hole_area = int(fill_hole_area)
+        self.signed_pointer_distance = model.config.version == "2.1"
+        self.pointer_distance_encoding = model.config.version == "2.1"
+
+    # ---------------------------------------------------------------- the heads
+    def _heads(
+        self,
+        pix: torch.Tensor,
+        features: FrameFeatures,
+        coords: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        multimask: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, float, float, torch.Tensor]:
+        """(low-res logits (1, 1, 4E, 4E), high-res logits (1, 1, S, S), IoU, object score,
+        pointer (1, 256)) of the SAM heads on memory-conditioned features ``pix``."""
+        model = self.model
+        encoder, decoder = model.sam_prompt_encoder, model.sam_mask_decoder
+        if coords is None or labels is None:  # no prompt: one padding point
+            coords = pix.new_zeros(1, 1, 2)
+            labels = torch.full((1, 1), -1, dtype=torch.int64, device=pix.device)
+        sparse, dense = encoder(points=(coords, labels), boxes=None, masks=None)
+        masks, iou, tokens, obj = decoder.predict_all(pix, encoder.get_dense_pe(), sparse, dense, features.high_res)
+        if multimask:
+            masks, iou, tokens = masks[:, 1:], iou[:, 1:], tokens[:, 1:]
+        elif decoder.dynamic_multimask:
+            masks, iou = decoder.stable_single_mask(masks, iou)
+            tokens = tokens[:, :1]
+        else:
+            masks, iou, tokens = masks[:, :1], iou[:, :1], tokens[:, :1]
+        present = obj > 0
+        masks = torch.where(present[:, :, None, None], masks, NO_OBJECT_SCORE).float()
+        S = model.input_size
+        high = F.interpolate(masks, size=(S, S), mode="bilinear", align_corners=False)
+        best = int(iou[0].argmax()) if multimask else 0
+        token = tokens[:, best]
+        pointer = model.obj_ptr_proj(token)
+        weight = present.float()
+        pointer = weight * pointer + (1 - weight) * model.no_obj_ptr
+        return masks[:, best : best + 1], high[:, best : best + 1], float(iou[0, best]), float(obj[0, 0]), pointer
+
+    def _memory(
+        self, features: FrameFeatures, high_res: torch.Tensor, object_score: float, binarize: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        model = self.model
+        mask = (high_res > 0).float() if binarize else torch.sigmoid(high_res)
+        mask = mask * MEMORY_SCALE + MEMORY_BIAS
+        memory, pos = model.memory_encoder(features.pix, mask, skip_mask_sigmoid=True)
+        if model.config.version == "2.1" and object_score <= 0:
+            memory = memory + model.no_obj_embed_spatial[..., None, None]
+        return memory.to(torch.bfloat16).float(), pos
+
+    # ---------------------------------------------------------------- frames
+    def prompt(
+        self, features: FrameFeatures, coords: torch.Tensor, labels: torch.Tensor, key: int, reverse: bool = False
+    ) -> Track:
+        """Start a track on its prompted frame ``key``: ``coords`` (1, P, 2) in network-input
+        pixels with ``labels`` (1, P) (1/0 clicks, 2/3 box corners)."""
+        pix = features.pix + self.model.no_mem_embed.reshape(1, -1, 1, 1)
+        multimask = labels.shape[1] <= 1
+        low, _high, iou, score, pointer = self._heads(pix, features, coords, labels, multimask)
+        low = fill_holes(low, self.fill_hole_area)
+        S = self.model.input_size
+        high = F.interpolate(low, size=(S, S), mode="bilinear", align_corners=False)
+        memory, memory_pos = self._memory(features, high, score, binarize=True)
+        out = FrameOutput(low, iou, score, pointer, memory, memory_pos)
+        return Track(key=key, reverse=reverse, key_output=out)
+
+    def step(self, track: Track, frame: int, features: FrameFeatures, num_frames: int) -> FrameOutput:
+        """Track the object onto ``frame`` (the next one in the track's direction)."""
+        model = self.model
+        memory, memory_pos, pointer_tokens = self._gather(track, frame, num_frames)
+        current = features.pix.flatten(2).transpose(1, 2)
+        current_pos = features.pos.flatten(2).transpose(1, 2)
+        conditioned = model.memory_attention(current, current_pos, memory, memory_pos, pointer_tokens)
+        pix = conditioned.transpose(1, 2).reshape(features.pix.shape)
+        low, high, iou, score, pointer = self._heads(pix, features, None, None, multimask=True)
+        memory_now, pos_now = self._memory(features, high, score, binarize=False)
+        out = FrameOutput(fill_holes(low, self.fill_hole_area), iou, score, pointer, memory_now, pos_now)
+        track.outputs[frame] = out
+        return out
+
+    def _gather(self, track: Track, frame: int, num_frames: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The memory tokens (1, M, 64), their encodings and the number of pointer tokens."""
+        model = self.model
+        slots = model.config.num_maskmem
+        direction = 1 if track.reverse else -1  # where the frames tracked before this one lie
+        entries: list[tuple[int, FrameOutput]] = [(0, track.key_output)]
+        for t_pos in range(1, slots):
+            previous = track.outputs.get(frame + direction * (slots - t_pos))
+            if previous is not None:
+                entries.append((t_pos, previous))
+        tokens, encodings = [], []
+        for t_pos, out in entries:
+            assert out.memory is not None and out.memory_pos is not None
+            tokens.append(out.memory.flatten(2).transpose(1, 2))
+            encodings.append(out.memory_pos.flatten(2).transpose(1, 2) + model.maskmem_tpos_enc[slots - t_pos - 1, 0])
+        # object pointers: the prompted frame's (when it lies behind), then the tracked frames'
+        max_pointers = min(num_frames, MAX_OBJECT_POINTERS)
+        sign = -1 if track.reverse else 1
+        positions: list[float] = []
+        pointers: list[torch.Tensor] = []
+        if (track.key >= frame) if track.reverse else (track.key <= frame):
+            distance = (frame - track.key) * sign if self.signed_pointer_distance else abs(frame - track.key)
+            positions.append(float(distance))
+            pointers.append(track.key_output.pointer)
+        for t_diff in range(1, max_pointers):
+            t = frame + t_diff if track.reverse else frame - t_diff
+            if t < 0 or t >= num_frames:
+                break
+            out = track.outputs.get(t)
+            if out is not None:
+                positions.append(float(t_diff))
+                pointers.append(out.pointer)
+        n_pointer_tokens = 0
+        if pointers:
+            mem_dim = model.memory_encoder.out_dim
+            stacked = torch.stack(pointers, dim=1)  # (1, P, 256)
+            P = stacked.shape[1]
+            if self.pointer_distance_encoding:
+                pos = torch.tensor(positions, device=stacked.device) / (max_pointers - 1)
+                pos_enc = model.obj_ptr_tpos_proj(_sine_1d(pos, PROMPT_DIM))  # (P, 64)
+            else:
+                pos_enc = stacked.new_zeros(P, mem_dim)
+            split = PROMPT_DIM // mem_dim
+            tokens.append(stacked.reshape(1, P * split, mem_dim))  # each pointer as 4 tokens of 64
+            encodings.append(pos_enc.repeat_interleave(split, dim=0).unsqueeze(0))
+            n_pointer_tokens = P * split
+        return torch.cat(tokens, dim=1), torch.cat(encodings, dim=1), n_pointer_tokens

@@ -1,0 +1,152 @@
+"""Volumes segmented by a SAM2-family model (SAM2, SAM2.1, MedSAM2): memory tracking through the slices.
+
+:func:`track_volume` takes the same volumes and prompts as :func:`medsam.volume.segment_volume`
+(:class:`~medsam.volume.Box3D`, :class:`~medsam.volume.Box2D`, the same axis conventions) and
+returns the same :class:`~medsam.volume.VolumeSegmentation`, but each object is followed as
+MedSAM2's 3D inference follows it: its box on the key slice starts a track, which is propagated
+with SAM2's memory (:mod:`medsam.model.sam2_tracking`) towards the last slice, and a second track
+started from the same box is propagated towards the first slice. A Box3D's tracks stop at its
+z-range, a Box2D's at the volume's ends. Each slice is run through the image encoder once per
+direction for all objects (key slices once).
+
+A voxel goes to the object with the highest mask logit above 0 (ties to the lower label).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .model.sam2 import SAM2Model
+from .model.sam2_tracking import FrameFeatures, SAM2Tracker, Track, frame_features
+from .preprocess import get_contract
+from .volume import Box2D, Box3D, VolumeSegmentation, to_uint8_volume
+from .volume_prompts import as_prompt, make_tracks
+
+__all__ = ["track_volume"]
+
+
+@torch.inference_mode()
+def track_volume(
+    model: SAM2Model,
+    volume: np.ndarray,
+    boxes: Sequence[Box3D | Box2D | Sequence[float]],
+    *,
+    axis: int = 0,
+    key_slices: Sequence[int | None] | None = None,
+    contract: str | None = None,
+    fill_hole_area: int = 8,
+    progress: Callable[[int, int], None] | None = None,
+) -> VolumeSegmentation:
+    """Segment one object per box in ``volume`` ((Z, Y, X) or (Z, Y, X, 3); non-uint8 data
+    min-max scaled to 0-255 once, so window CT first) by SAM2 memory tracking (module docstring).
+
+    ``scores`` hold, per kept slice, the predicted IoU of the mask SAM2 chose; ``stop_reasons``
+    are ``"box_end"`` / ``"volume_end"``, or ``"key_empty"`` when the key slice's mask is empty.
+    ``fill_hole_area``: background holes of at most this many low-resolution pixels are filled
+    (SAM2's video predictor's setting is 8; 0 turns it off).
+    """
+    vol = np.asarray(volume)
+    if not (vol.ndim == 3 or (vol.ndim == 4 and vol.shape[-1] == 3)):
+        raise ValueError(f"expected a (Z, Y, X) or (Z, Y, X, 3) volume, got shape {vol.shape}")
+    if not -3 <= axis < 3:
+        raise ValueError(f"axis must be 0, 1 or 2 (or negative), got {axis}")
+    frames = np.moveaxis(to_uint8_volume(vol), axis % 3, 0)
+    S, H, W = frames.shape[:3]
+    prompts = [as_prompt(b) for b in boxes]
+    plans = make_tracks(prompts, key_slices, S, H, W, 0, None)
+    the_contract = get_contract(contract or model.contract, model.input_size)
+    geometry = the_contract.geometry((H, W))
+    tracker = SAM2Tracker(model, fill_hole_area=fill_hole_area)
+    device = model.device
+
+    computed = 0
+
+    def features(k: int) -> FrameFeatures:
+        nonlocal computed
+        x, _ = the_contract.prepare_image(frames[k])
+        computed += 1
+        return frame_features(model, x.to(device))
+
+    n = len(plans)
+    logits: list[dict[int, torch.Tensor]] = [{} for _ in range(n)]
+    scores: list[dict[int, float]] = [{} for _ in range(n)]
+    total = sum(p.hi - p.lo + 1 for p in plans)
+    done = 0
+    key_features = {k: features(k) for k in sorted({p.key for p in plans})}
+    starts: list[dict[bool, Track]] = []
+    for i, plan in enumerate(plans):
+        box = the_contract.transform_boxes(plan.key_box[None], geometry)
+        coords = torch.as_tensor(box.reshape(1, 2, 2), dtype=torch.float32, device=device)
+        labels = torch.tensor([[2, 3]], device=device)
+        both = {r: tracker.prompt(key_features[plan.key], coords, labels, plan.key, reverse=r) for r in (False, True)}
+        starts.append(both)
+        logits[i][plan.key] = both[False].key_output.low_res
+        scores[i][plan.key] = both[False].key_output.iou
+        done += 1
+    if progress is not None:
+        progress(done, total)
+    for reverse in (False, True):
+        order = range(S - 1, -1, -1) if reverse else range(S)
+        for k in order:
+            active = [i for i, p in enumerate(plans) if (p.lo <= k < p.key if reverse else p.key < k <= p.hi)]
+            if not active:
+                continue
+            feats = key_features.get(k) or features(k)
+            for i in active:
+                out = tracker.step(starts[i][reverse], k, feats, S)
+                logits[i][k] = out.low_res
+                scores[i][k] = out.iou
+                done += 1
+            if progress is not None:
+                progress(done, total)
+    return _assemble(plans, logits, scores, the_contract, geometry, (S, H, W), axis % 3, computed)
+
+
+def _assemble(
+    plans: Sequence[Any],
+    logits: list[dict[int, torch.Tensor]],
+    scores: list[dict[int, float]],
+    contract: Any,
+    geometry: Any,
+    shape: tuple[int, int, int],
+    axis: int,
+    computed: int,
+) -> VolumeSegmentation:
+    S, H, W = shape
+    n = len(plans)
+    label_dtype = np.uint8 if n <= 255 else np.uint16
+    labels = np.zeros((S, H, W), dtype=label_dtype)
+    best = np.zeros((S, H, W), dtype=np.float32)
+    slices: list[tuple[int, int] | None] = []
+    kept_scores: list[dict[int, float]] = []
+    reasons: list[tuple[str, str]] = []
+    for i, plan in enumerate(plans):
+        kept: dict[int, float] = {}
+        for k, low in sorted(logits[i].items()):
+            score_map = contract.mask_scores(low, geometry)[0, 0].cpu().numpy()
+            mask = score_map > contract.threshold
+            if not mask.any():
+                continue
+            kept[k] = scores[i][k]
+            win = mask & ((labels[k] == 0) | (score_map > best[k]))
+            labels[k][win] = i + 1
+            best[k][win] = score_map[win]
+        if plan.key not in kept:
+            slices.append(None)
+            reasons.append(("key_empty", "key_empty"))
+        else:
+            slices.append((min(kept), max(kept)))
+            reasons.append((plan.end_reason, plan.end_reason))
+        kept_scores.append(kept)
+    return VolumeSegmentation(
+        labels=np.moveaxis(labels, 0, axis),
+        slices=slices,
+        scores=kept_scores,
+        key_slices=[p.key for p in plans],
+        stop_reasons=reasons,
+        embeddings_computed=computed,
+    )
