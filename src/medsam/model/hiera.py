@@ -143,7 +143,7 @@ class Hiera(nn.Module):
                 MultiScaleBlock(dim, dim_out, num_heads, q_stride=q_stride if i in pooled else None, window_size=window)
             )
             dim = dim_out
-        self.channel_list = [self.blocks[i].dim_out for i in self.stage_ends[::-1]]
+        self.channel_list: list[int] = [_block_width(self.blocks[i]) for i in self.stage_ends[::-1]]
 
     def position_embedding(self, size: tuple[int, int]) -> torch.Tensor:
         """(1, H, W, C) position embedding of an (H, W) token grid."""
@@ -161,6 +161,12 @@ class Hiera(nn.Module):
             if i in self.stage_ends:
                 outputs.append(x.permute(0, 3, 1, 2))
         return outputs
+
+
+def _block_width(block: nn.Module) -> int:
+    """The output width of a :class:`MultiScaleBlock`."""
+    assert isinstance(block, MultiScaleBlock)
+    return block.dim_out
 
 
 class _PatchEmbed(nn.Module):

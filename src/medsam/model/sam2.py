@@ -70,7 +70,8 @@ class SAM2Config:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown SAM2 config fields: {sorted(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**values)
 
 
 def _trunks() -> dict[str, dict[str, Any]]:
@@ -121,7 +122,8 @@ class SAM2ImageEncoder(nn.Module):
         self.neck = FpnNeck(self.trunk.channel_list, d_model=PROMPT_DIM)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.neck(self.trunk(x))[:-1]
+        maps: list[torch.Tensor] = self.neck(self.trunk(x))
+        return maps[:-1]
 
 
 class SAM2Model(nn.Module):
@@ -179,7 +181,7 @@ class SAM2Model(nn.Module):
         """The tensors outside ``image_encoder`` that :meth:`embed_image` uses (for embedding
         cache keys, :func:`medsam.embedding_cache.encoder_fingerprint`)."""
         decoder = self.sam_mask_decoder
-        extras = {"no_mem_embed": self.no_mem_embed}
+        extras: dict[str, torch.Tensor] = {"no_mem_embed": self.no_mem_embed}
         for conv in ("conv_s0", "conv_s1"):
             for name, tensor in getattr(decoder, conv).state_dict().items():
                 extras[f"sam_mask_decoder.{conv}.{name}"] = tensor

@@ -219,10 +219,10 @@ class SAM2Tracker:
             t = frame + t_diff if track.reverse else frame - t_diff
             if t < 0 or t >= num_frames:
                 break
-            out = track.outputs.get(t)
-            if out is not None:
+            tracked = track.outputs.get(t)
+            if tracked is not None:
                 positions.append(float(t_diff))
-                pointers.append(out.pointer)
+                pointers.append(tracked.pointer)
         n_pointer_tokens = 0
         if pointers:
             mem_dim = model.memory_encoder.out_dim
