@@ -153,3 +153,36 @@ def test_fill_holes_fills_small_background_components_only():
     assert torch.all(filled[0, 0, 2:4, 2:4] == 0.1)
     assert torch.all(filled[0, 0, 6:12, 6:12] == -3.0)
     assert torch.equal(fill_holes(logits, 0), logits)
+
+
+def test_workbench_serves_a_sam2_model(data):
+    """The workbench answers 2D prompts (with candidates) from a SAM2-family model and propagates a
+    saved key-slice mask through a volume by memory tracking."""
+    import dataclasses
+
+    from medsam.model.sam2 import SAM2_CONFIGS, SAM2Model
+    from medsam.server import create_app
+    from medsam.server.encoding import rle_decode
+    from test_server import wait_job
+    from workbench_fixtures import client, rle_mask
+
+    torch.manual_seed(0)
+    model = SAM2Model(dataclasses.replace(SAM2_CONFIGS["sam2.1_hiera_tiny"], img_size=256)).eval()
+    with torch.no_grad():
+        model.sam_mask_decoder.pred_obj_score_head.layers[2].bias.fill_(8.0)
+    with client(create_app(data, model=model)) as c:
+        r = c.post("/segment", json={"image_id": "a.png", "box": [10, 10, 60, 50], "candidates": True})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        m = body["mask"]
+        mask = rle_decode(m["values"], m["counts"], tuple(m["shape"]))
+        assert mask.shape == (64, 80) and int(mask.sum()) == body["area"] and len(body["candidates"]) == 3
+        plane = np.zeros((40, 48), np.uint8)
+        plane[8:30, 10:36] = 1
+        r = c.put("/labels/vol.nii.gz/slices/2", json={"mask": rle_mask(plane)}, headers={"If-Match": '"0"'})
+        assert r.status_code == 200
+        job = {"image_id": "vol.nii.gz", "slice_index": 2, "label": 1, "expected_version": 1, "iou_threshold": 0.0}
+        result = wait_job(c, c.post("/propagate", json=job).json(), timeout=300)
+        assert result["status"] == "done", result
+        first, last = result["result"]["slices"]
+        assert first <= 2 <= last

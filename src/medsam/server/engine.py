@@ -352,7 +352,8 @@ class SegmentationEngine:
         box_margin: int,
         progress: Callable[[int, int], None],
     ):
-        """:func:`medsam.volume.segment_volume` from a 2D box on ``key_slice``; returns its result
+        """:func:`medsam.volume.segment_volume` from a 2D box on ``key_slice`` (for a SAM2-family model
+        :func:`medsam.tracking.track_volume`, memory tracking); returns its result
         and the :meth:`model_info` of the model that made it (for provenance: the served model may
         change while the volume propagates).
 
@@ -362,6 +363,7 @@ class SegmentationEngine:
         concurrent call private scratch buffers). Embeddings go through the same disk cache,
         whose writes are atomic.
         """
+        from ..model.sam2 import SAM2Model
         from ..predictor import Predictor
         from ..volume import Box2D, segment_volume
 
@@ -369,17 +371,22 @@ class SegmentationEngine:
         with self.lock:
             served = self.predictor
             info = self.model_info()
-        predictor = Predictor(served.model)
         adapt_threads(background=True)  # this job's thread leaves a core to interactive prompts
-        result = segment_volume(
-            predictor,
-            loaded.model_input,
-            [Box2D(x0, y0, x1, y1, slice=int(key_slice))],
-            iou_threshold=iou_threshold,
-            box_margin=box_margin,
-            cache=self.cache,
-            progress=progress,
-        )
+        prompt = [Box2D(x0, y0, x1, y1, slice=int(key_slice))]
+        if isinstance(served.model, SAM2Model):  # memory tracking (the IoU stop and margin are the v1 walk's)
+            from ..tracking import track_volume
+
+            result = track_volume(served.model, loaded.model_input, prompt, progress=progress)
+        else:
+            result = segment_volume(
+                Predictor(served.model),
+                loaded.model_input,
+                prompt,
+                iou_threshold=iou_threshold,
+                box_margin=box_margin,
+                cache=self.cache,
+                progress=progress,
+            )
         with self.lock:
             self.encoder_calls += result.embeddings_computed
             self.cache_hits += result.cache_hits
