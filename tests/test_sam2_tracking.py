@@ -186,3 +186,17 @@ def test_workbench_serves_a_sam2_model(data):
         assert result["status"] == "done", result
         first, last = result["result"]["slices"]
         assert first <= 2 <= last
+
+
+def test_a_3d_box_bounds_its_tracks(case):
+    from medsam.volume import Box3D
+
+    _reference, checkpoint, volume, boxes, _folder = case
+    model = medsam.load_model(checkpoint, device="cpu")
+    x0, y0, x1, y1 = boxes[0]
+    result = track_volume(model, volume, [Box3D(x0, y0, 2, x1, y1, 4)])
+    assert result.key_slices == [3] and result.embeddings_computed == 3
+    assert not result.labels[:2].any() and not result.labels[5:].any()
+    assert result.labels[2:5].any() and result.stop_reasons == [("box_end", "box_end")]
+    first, last = result.slices[0]
+    assert 2 <= first <= 3 <= last <= 4

@@ -6,7 +6,8 @@ returns the same :class:`~medsam.volume.VolumeSegmentation`, but each object is 
 MedSAM2's 3D inference follows it: its box on the key slice starts a track, which is propagated
 with SAM2's memory (:mod:`medsam.model.sam2_tracking`) towards the last slice, and a second track
 started from the same box is propagated towards the first slice. A Box3D's tracks stop at its
-z-range, a Box2D's at the volume's ends. Each slice is run through the image encoder once per
+z-range (tracked as if the volume were that range, as MedSAM2's script crops it), a Box2D's at
+the volume's ends. Each slice is run through the image encoder once per
 direction for all objects (key slices once).
 
 A voxel goes to the object with the highest mask logit above 0 (ties to the lower label).
@@ -77,15 +78,18 @@ def track_volume(
     total = sum(p.hi - p.lo + 1 for p in plans)
     done = 0
     key_features = {k: features(k) for k in sorted({p.key for p in plans})}
+    # Frame numbers within each object's slice range [lo, hi] (a Box3D's range is the volume
+    # MedSAM2's script would be given: the pointers' distance scale depends on its length).
     starts: list[dict[bool, Track]] = []
     for i, plan in enumerate(plans):
         box = the_contract.transform_boxes(plan.key_box[None], geometry)
         coords = torch.as_tensor(box.reshape(1, 2, 2), dtype=torch.float32, device=device)
         labels = torch.tensor([[2, 3]], device=device)
-        both = {r: tracker.prompt(key_features[plan.key], coords, labels, plan.key, reverse=r) for r in (False, True)}
-        starts.append(both)
-        logits[i][plan.key] = both[False].key_output.low_res
-        scores[i][plan.key] = both[False].key_output.iou
+        forward = tracker.prompt(key_features[plan.key], coords, labels, plan.key - plan.lo)
+        backward = Track(key=forward.key, reverse=True, key_output=forward.key_output)
+        starts.append({False: forward, True: backward})
+        logits[i][plan.key] = forward.key_output.low_res
+        scores[i][plan.key] = forward.key_output.iou
         done += 1
     if progress is not None:
         progress(done, total)
@@ -95,9 +99,10 @@ def track_volume(
             active = [i for i, p in enumerate(plans) if (p.lo <= k < p.key if reverse else p.key < k <= p.hi)]
             if not active:
                 continue
-            feats = key_features.get(k) or features(k)
+            feats = key_features[k] if k in key_features else features(k)
             for i in active:
-                out = tracker.step(starts[i][reverse], k, feats, S)
+                plan = plans[i]
+                out = tracker.step(starts[i][reverse], k - plan.lo, feats, plan.hi - plan.lo + 1)
                 logits[i][k] = out.low_res
                 scores[i][k] = out.iou
                 done += 1

@@ -166,7 +166,9 @@ class SAM2Tracker:
         self, features: FrameFeatures, coords: torch.Tensor, labels: torch.Tensor, key: int, reverse: bool = False
     ) -> Track:
         """Start a track on its prompted frame ``key``: ``coords`` (1, P, 2) in network-input
-        pixels with ``labels`` (1, P) (1/0 clicks, 2/3 box corners)."""
+        pixels with ``labels`` (1, P) (1/0 clicks, 2/3 box corners). The prompted frame's output
+        does not depend on the direction: a track the other way may share it
+        (``Track(key, not reverse, track.key_output)``)."""
         pix = features.pix + self.model.no_mem_embed.reshape(1, -1, 1, 1)
         multimask = labels.shape[1] <= 1
         low, _high, iou, score, pointer = self._heads(pix, features, coords, labels, multimask)
