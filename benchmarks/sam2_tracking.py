@@ -41,22 +41,10 @@ def main() -> int:
     from medsam.io import read_image
     from medsam.tracking import track_volume
     from medsam.volume import Box2D
-    from reference_sam import _install_torchvision_stub
-    from reference_sam2 import perturb
+    from reference_sam2 import build_reference_medsam2_tracker
     from run import idle_and_loaded
 
-    _install_torchvision_stub()
-    from sam2.build_sam import build_sam2_video_predictor
-
-    torch.manual_seed(0)
-    reference = build_sam2_video_predictor(
-        "configs/sam2.1/sam2.1_hiera_t.yaml", device="cpu", hydra_overrides_extra=["++model.image_size=512"]
-    )
-    perturb(reference)
-    with torch.no_grad():
-        reference.sam_mask_decoder.pred_obj_score_head.layers[2].bias.fill_(8.0)
-    reference.eval()
-    reference.fill_hole_area = 0  # its hole filling needs the CUDA kernel
+    reference = build_reference_medsam2_tracker()  # hole filling off on both sides
     tmp = Path(tempfile.mkdtemp())
     torch.save({"model": reference.state_dict()}, tmp / "MedSAM2_latest.pt")
     model = medsam.load_model(tmp / "MedSAM2_latest.pt", device="cpu")
@@ -91,7 +79,7 @@ def main() -> int:
         return track_volume(model, volume, [Box2D(*box, slice=key)], fill_hole_area=0).labels
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, volume {volume.shape}, key slice {key}")
-    print("slices tracked per run: all 12 (the key slice decoded in both directions)")
+    print(f"one object, {Z} slices per run, both directions from the key slice")
     for state in idle_and_loaded(args.background_load) if args.background_load else ["idle"]:
         times: dict[str, list[float]] = {"reference": [], "medsam": []}
         masks = {}

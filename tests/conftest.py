@@ -49,6 +49,13 @@ def smooth_image(h: int, w: int, seed: int = 0, channels: int | None = None) -> 
     return img
 
 
+def rel_err(a, b) -> float:
+    """Relative L2 error of ``a`` against ``b`` (arrays or tensors), in float64."""
+    a = torch.as_tensor(np.asarray(a.detach().cpu() if isinstance(a, torch.Tensor) else a), dtype=torch.float64)
+    b = torch.as_tensor(np.asarray(b.detach().cpu() if isinstance(b, torch.Tensor) else b), dtype=torch.float64)
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
 def seeded_tiny_model():
     """The small ``vit_tiny`` configuration with seed-0 random weights, in eval mode."""
     from medsam.model import build_model

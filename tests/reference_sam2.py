@@ -26,6 +26,24 @@ def build_reference_sam2(config: str = "configs/sam2.1/sam2.1_hiera_t.yaml", see
     return model.eval()
 
 
+def build_reference_medsam2_tracker(seed: int = 0):
+    """The reference video predictor in MedSAM2's configuration (SAM2.1 Hiera-T at 512 px), seeded
+    random weights (:func:`perturb`), the object-score head biased so that objects are present,
+    hole filling off (its CUDA kernel is not built here)."""
+    _install_torchvision_stub()
+    from sam2.build_sam import build_sam2_video_predictor
+
+    torch.manual_seed(seed)
+    model = build_sam2_video_predictor(
+        "configs/sam2.1/sam2.1_hiera_t.yaml", device="cpu", hydra_overrides_extra=["++model.image_size=512"]
+    )
+    perturb(model)
+    with torch.no_grad():
+        model.sam_mask_decoder.pred_obj_score_head.layers[2].bias.fill_(8.0)
+    model.fill_hole_area = 0
+    return model.eval()
+
+
 def perturb(model) -> None:
     """Seeded noise on the parameters SAM2 initialises to constants (norms, biases, tokens,
     position and memory embeddings), so that every one of them matters in a comparison."""

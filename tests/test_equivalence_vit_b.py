@@ -14,16 +14,10 @@ import torch.nn.functional as F
 from skimage.transform import resize
 
 import medsam
-from conftest import smooth_image
+from conftest import rel_err, smooth_image
 from reference_sam import build_reference, import_reference
 
 RTOL = 1e-4
-
-
-def rel_err(a, b) -> float:
-    a = torch.as_tensor(np.asarray(a), dtype=torch.float64)
-    b = torch.as_tensor(np.asarray(b), dtype=torch.float64)
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
 @pytest.fixture(scope="module")

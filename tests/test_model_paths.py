@@ -32,17 +32,13 @@ import pytest
 import torch
 
 import medsam
+from conftest import rel_err
 from medsam.model import dispatch
 from medsam.model.registry import CONFIGS
 from reference_sam import build_reference, import_reference
 
 FP32_TOL = 1e-5  # relative L2 error of an fp32 path against the oracle
 BF16_FACTOR = 1.5  # bf16 error at most this times the oracle's own bf16 error
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
 def run_path(module: torch.nn.Module, path: str, *args):

@@ -11,18 +11,12 @@ import torch
 from PIL import Image
 
 import medsam
-from conftest import smooth_image
+from conftest import rel_err, smooth_image
 from medsam.model.sam2 import SAM2_CONFIGS, SAM2Model, unpack_features
 from medsam.weights import CheckpointError, infer_sam2_config
 from reference_sam2 import as_numpy, build_reference_sam2, reference_image_predictor
 
 LOGIT_TOL = 1e-4
-
-
-def rel_err(a, b) -> float:
-    a = torch.as_tensor(np.asarray(a), dtype=torch.float64)
-    b = torch.as_tensor(np.asarray(b), dtype=torch.float64)
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
 @pytest.fixture(scope="module")

@@ -16,36 +16,20 @@ import torch
 from PIL import Image
 
 import medsam
+from conftest import rel_err
 from medsam.io import read_image
 from medsam.model.sam2_tracking import SAM2Tracker, fill_holes, frame_features
 from medsam.tracking import track_volume
 from medsam.volume import Box2D
-from reference_sam import _install_torchvision_stub
-from reference_sam2 import perturb
+from reference_sam2 import build_reference_medsam2_tracker
 
 SAMPLES = medsam.__path__[0] + "/data/samples/"
 KEY = 3  # of the sub-volume (slice 6 of the file)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
-
-
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
-    _install_torchvision_stub()
-    from sam2.build_sam import build_sam2_video_predictor
-
-    torch.manual_seed(0)
-    reference = build_sam2_video_predictor(
-        "configs/sam2.1/sam2.1_hiera_t.yaml", device="cpu", hydra_overrides_extra=["++model.image_size=512"]
-    )
-    perturb(reference)
-    with torch.no_grad():
-        reference.sam_mask_decoder.pred_obj_score_head.layers[2].bias.fill_(8.0)
-    reference.eval()
-    reference.fill_hole_area = 0
+    reference = build_reference_medsam2_tracker()
     folder = tmp_path_factory.mktemp("medsam2")
     checkpoint = folder / "MedSAM2_latest.pt"
     torch.save({"model": reference.state_dict()}, checkpoint)
