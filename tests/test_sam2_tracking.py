@@ -184,3 +184,35 @@ def test_a_3d_box_bounds_its_tracks(case):
     assert result.labels[2:5].any() and result.stop_reasons == [("box_end", "box_end")]
     first, last = result.slices[0]
     assert 2 <= first <= 3 <= last <= 4
+
+
+def test_dropping_frames_out_of_reach_changes_nothing():
+    """A track keeps only the frames its next step can read (memories 6 back, pointers 15 back):
+    over 20 frames the outputs equal those of a track that keeps every frame."""
+    import dataclasses
+
+    from medsam.model.sam2 import SAM2_CONFIGS, SAM2Model
+
+    class KeepAll(dict):
+        def pop(self, key, default=None):  # never forgets
+            return self.get(key, default)
+
+    torch.manual_seed(0)
+    model = SAM2Model(dataclasses.replace(SAM2_CONFIGS["sam2.1_hiera_tiny"], img_size=128)).eval()
+    with torch.no_grad():
+        model.sam_mask_decoder.pred_obj_score_head.layers[2].bias.fill_(8.0)
+    tracker = SAM2Tracker(model, fill_hole_area=0)
+    g = torch.Generator().manual_seed(1)
+    with torch.inference_mode():
+        frames = [frame_features(model, torch.randn(1, 3, 128, 128, generator=g)) for _ in range(20)]
+        coords, labels = torch.tensor([[[20.0, 30.0], [90.0, 100.0]]]), torch.tensor([[2, 3]])
+        runs = []
+        for keep_all in (False, True):
+            track = tracker.prompt(frames[0], coords, labels, 0)
+            if keep_all:
+                track.outputs = KeepAll()
+            runs.append([tracker.step(track, k, frames[k], 20).low_res for k in range(1, 20)])
+            if not keep_all:
+                assert len(track.outputs) == 16
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)

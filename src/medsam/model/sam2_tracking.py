@@ -63,7 +63,8 @@ class FrameOutput:
 
 @dataclass
 class Track:
-    """The frames of one object tracked in one direction from its prompted frame."""
+    """One object tracked in one direction from its prompted frame: the outputs of the frames
+    still within reach of the next step (the last 15)."""
 
     key: int
     reverse: bool
@@ -191,6 +192,8 @@ class SAM2Tracker:
         memory_now, pos_now = self._memory(features, high, score, binarize=False)
         out = FrameOutput(fill_holes(low, self.fill_hole_area), iou, score, pointer, memory_now, pos_now)
         track.outputs[frame] = out
+        # a frame this far behind is read neither as a memory (6 back) nor as a pointer (15 back)
+        track.outputs.pop(frame + (1 if track.reverse else -1) * MAX_OBJECT_POINTERS, None)
         return out
 
     def _gather(self, track: Track, frame: int, num_frames: int) -> tuple[torch.Tensor, torch.Tensor, int]:
