@@ -216,3 +216,17 @@ def test_dropping_frames_out_of_reach_changes_nothing():
                 assert len(track.outputs) == 16
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
+
+
+def test_workbench_refuses_to_fine_tune_a_sam2_model(data):
+    import dataclasses
+
+    from medsam.model.sam2 import SAM2_CONFIGS, SAM2Model
+    from medsam.server import create_app
+    from workbench_fixtures import client
+
+    model = SAM2Model(dataclasses.replace(SAM2_CONFIGS["sam2.1_hiera_tiny"], img_size=128)).eval()
+    with client(create_app(data, model=model)) as c:
+        r = c.post("/train", json={"mode": "decoder", "steps": 5})
+        assert r.status_code == 422 and "SAM2-family" in r.json()["detail"]
+        assert c.get("/info").status_code == 200  # the server goes on

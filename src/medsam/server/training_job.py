@@ -286,6 +286,14 @@ class TrainingManager:
         """Check the request and start a job in a background thread; raises TrainingRefused."""
         if mode not in ("decoder", "lora"):
             raise TrainingRefused("mode must be 'decoder' or 'lora'", 422)
+        from ..model.sam2 import SAM2Model
+
+        if isinstance(self.engine.model, SAM2Model):
+            raise TrainingRefused(
+                f"the served model ({self.engine.model.config.name}) is SAM2-family: fine-tuning takes SAM, "
+                "MedSAM and LiteMedSAM models",
+                422,
+            )
         running = self.active_job()
         if running is not None:
             raise TrainingRefused(f"a training job is running ({running.id}); wait for it or cancel it", 409)
