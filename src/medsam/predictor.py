@@ -106,7 +106,8 @@ def masks_to_label_map(prediction: Prediction) -> np.ndarray:
 
 
 class PromptableModel(Protocol):
-    """What :class:`Predictor` needs of a model: :class:`medsam.model.MedSAMModel` in PyTorch, or
+    """What :class:`Predictor` needs of a model: :class:`medsam.model.MedSAMModel` (SAM, MedSAM,
+    LiteMedSAM) and :class:`medsam.model.sam2.SAM2Model` (SAM2, SAM2.1, MedSAM2) in PyTorch, or
     :class:`medsam.export.runtime.OnnxModel` for an ONNX export run by onnxruntime.
 
     ``embed_image``: (B, 3, S, S) preprocessed images -> (B, C, E, E) embeddings (C = 256, or the
