@@ -250,3 +250,21 @@ def test_embedding_key_follows_what_the_features_are_computed_with(ours):
     with torch.no_grad():
         model.sam_mask_decoder.conv_s0.bias.add_(1.0)
     assert encoder_fingerprint(model) != before
+
+
+def test_onnx_export_and_compile_refuse_a_sam2_model(ours, tmp_path):
+    from medsam.compile import compile_model
+    from medsam.export import export_onnx
+
+    with pytest.raises(TypeError, match="ONNX export takes"):
+        export_onnx(ours, tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()
+    with pytest.raises(TypeError, match="compile_model takes"):
+        compile_model(ours)
+
+
+def test_returned_low_res_logits_are_clamped_as_sam2_does(ours):
+    predictor = medsam.Predictor(ours)
+    predictor.set_image(smooth_image(64, 64, seed=7))
+    got = predictor.predict(boxes=[[5, 5, 50, 50]], multimask=True)
+    assert np.abs(got.low_res_logits).max() <= 32.0

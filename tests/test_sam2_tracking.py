@@ -230,3 +230,20 @@ def test_workbench_refuses_to_fine_tune_a_sam2_model(data):
         r = c.post("/train", json={"mode": "decoder", "steps": 5})
         assert r.status_code == 422 and "SAM2-family" in r.json()["detail"]
         assert c.get("/info").status_code == 200  # the server goes on
+
+
+def test_3d_npz_case_is_tracked(case, tmp_path):
+    """A CVPR 2024 3D ``.npz`` case through ``medsam segment`` with a SAM2-family model."""
+    from medsam.cli import main
+    from medsam.volume import Box3D
+
+    _reference, checkpoint, volume, boxes, _folder = case
+    x0, y0, x1, y1 = boxes[0]
+    npz = tmp_path / "3DCT_case.npz"
+    np.savez_compressed(npz, imgs=volume, boxes=np.array([[x0, y0, 2, x1, y1, 4]]), spacing=np.array([2.0, 1.0, 1.0]))
+    out = tmp_path / "3DCT_case_seg.npz"
+    assert main(["segment", str(npz), "--checkpoint", str(checkpoint), "-o", str(out)]) == 0
+    segs = np.load(out)["segs"]
+    model = medsam.load_model(checkpoint, device="cpu")
+    expected = track_volume(model, volume, [Box3D(x0, y0, 2, x1, y1, 4)]).labels
+    assert np.array_equal(segs, expected) and segs[2:5].any() and not segs[:2].any()

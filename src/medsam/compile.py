@@ -105,6 +105,8 @@ def compile_model(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not hasattr(model, "mask_decoder"):
+        raise TypeError(f"compile_model takes SAM, MedSAM and LiteMedSAM models, not {type(model).__name__}")
     configure_inductor_cache(cache_dir)
     model.image_encoder.compile(mode=mode, dynamic=dynamic)
     if decoder:
@@ -114,6 +116,8 @@ def compile_model(
 
 def uncompile_model(model: nn.Module) -> nn.Module:
     """Undo :func:`compile_model`: the modules run eagerly again."""
+    if not hasattr(model, "mask_decoder"):
+        raise TypeError(f"uncompile_model takes SAM, MedSAM and LiteMedSAM models, not {type(model).__name__}")
     for module in (model.image_encoder, model.mask_decoder):
         if getattr(module, "_compiled_call_impl", None) is not None:
             module._compiled_call_impl = None

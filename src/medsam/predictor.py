@@ -294,6 +294,9 @@ class Predictor:
         iou = out.iou.float().cpu().numpy()
         if not multimask:
             masks, iou = masks[:, 0], iou[:, 0]
+        limit = getattr(self.model, "low_res_logit_limit", None)  # SAM2: as its image predictor
+        if limit is not None:
+            logits = logits.clamp(-limit, limit)
         return Prediction(masks, iou, logits.cpu().numpy(), geom, self.contract)
 
     # ---------------------------------------------------------------- checks

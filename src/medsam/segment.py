@@ -232,6 +232,17 @@ def segment_file(
     return SegmentationOutput(*written, labels=labels, scores=scores)
 
 
+def _ignored_for_tracking(opts: SegmentOptions) -> None:
+    """Warn about the v1 walk's settings that memory tracking does not use."""
+    ignored = []
+    if opts.iou_threshold is not None:
+        ignored.append("the IoU stop")
+    if opts.zoom not in (None, "auto"):
+        ignored.append("zoom")
+    if ignored:
+        warnings.warn(f"{' and '.join(ignored)}: not used by SAM2 memory tracking", stacklevel=3)
+
+
 def _model(opts: SegmentOptions, log: Callable[[str], None]) -> MedSAMModel | SAM2Model:
     if opts.model is not None:
         return opts.model
@@ -353,13 +364,15 @@ def _segment_volume_file(
         options["zoom"] = opts.zoom
     from .model.sam2 import SAM2Model
 
+    tracked = isinstance(model, SAM2Model)
     if isinstance(model, SAM2Model):  # memory tracking, as MedSAM2's 3D inference
         from .tracking import track_volume
 
+        _ignored_for_tracking(opts)
         result = track_volume(model, pixels, prompts, contract=opts.contract)
     else:
         result = segment_volume(predictor, pixels, prompts, **options)
-    if options.get("zoom") is not None:
+    if options.get("zoom") is not None and not tracked:
         log(
             f"zoom: {sum(result.zoomed)} of {len(prompts)} objects segmented on a magnified crop "
             f"({result.crop_embeddings_computed} crop embeddings)"
@@ -441,6 +454,23 @@ def _segment_npz(
     if options and not case.is_volume:
         raise ValueError(f"{', '.join(sorted(options))} applies to 3D cases; {input_path.name} is a 2D case")
     model = _model(opts, log)
+    from .model.sam2 import SAM2Model
+
+    if case.is_volume and isinstance(model, SAM2Model):  # memory tracking
+        from .tracking import track_volume
+        from .volume import Box3D
+
+        _ignored_for_tracking(opts)
+        boxes3d = np.asarray(case.boxes, dtype=np.float64).reshape(-1, 6)
+        if len(boxes3d) > 255:
+            raise ValueError(f"{len(boxes3d)} boxes do not fit uint8 segs (at most 255)")
+        if len(boxes3d) == 0:
+            segs = np.zeros(case.imgs.shape[:3], np.uint8)
+        else:
+            prompts = [Box3D.from_array(b) for b in boxes3d]
+            segs = track_volume(model, case.imgs, prompts, contract=opts.contract).labels.astype(np.uint8)
+        write_npz_segs(output_path, segs, spacing=case.spacing)
+        return SegmentationOutput(output_path, None, None, labels=segs, scores=[])
     predictor = Predictor(model, contract=opts.contract)
     zoom = None if case.is_volume and opts.zoom == "auto" else _resolve_auto_zoom(opts.zoom, predictor, log)
     segs = segment_npz_case(predictor, case, zoom=zoom, **options)

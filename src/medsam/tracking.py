@@ -6,9 +6,11 @@ returns the same :class:`~medsam.volume.VolumeSegmentation`, but each object is 
 MedSAM2's 3D inference follows it: its box on the key slice starts a track, which is propagated
 with SAM2's memory (:mod:`medsam.model.sam2_tracking`) towards the last slice, and a second track
 started from the same box is propagated towards the first slice. A Box3D's tracks stop at its
-z-range (tracked as if the volume were that range, as MedSAM2's script crops it), a Box2D's at
-the volume's ends. Each slice is run through the image encoder once per
-direction for all objects (key slices once).
+z-range, which they treat as the whole video (its length sets the object pointers' distance
+scale; MedSAM2's script tracks whatever sub-volume file it is given); a Box2D's run to the
+volume's ends. Each slice is run through the image encoder once per direction for all objects
+(key slices once). MedSAM2's script also runs under bf16 autocast on its GPU and keeps the
+largest connected component of the result; neither is done here (fp32, masks as tracked).
 
 A voxel goes to the object with the highest mask logit above 0 (ties to the lower label).
 """
@@ -130,9 +132,14 @@ def _assemble(
     kept_scores: list[dict[int, float]] = []
     reasons: list[tuple[str, str]] = []
     for i, plan in enumerate(plans):
+        maps = {k: contract.mask_scores(low, geometry)[0, 0].cpu().numpy() for k, low in logits[i].items()}
+        if not (maps[plan.key] > contract.threshold).any():  # nothing on the key slice: no object
+            slices.append(None)
+            reasons.append(("key_empty", "key_empty"))
+            kept_scores.append({})
+            continue
         kept: dict[int, float] = {}
-        for k, low in sorted(logits[i].items()):
-            score_map = contract.mask_scores(low, geometry)[0, 0].cpu().numpy()
+        for k, score_map in sorted(maps.items()):
             mask = score_map > contract.threshold
             if not mask.any():
                 continue
@@ -140,12 +147,8 @@ def _assemble(
             win = mask & ((labels[k] == 0) | (score_map > best[k]))
             labels[k][win] = i + 1
             best[k][win] = score_map[win]
-        if plan.key not in kept:
-            slices.append(None)
-            reasons.append(("key_empty", "key_empty"))
-        else:
-            slices.append((min(kept), max(kept)))
-            reasons.append((plan.end_reason, plan.end_reason))
+        slices.append((min(kept), max(kept)))
+        reasons.append((plan.end_reason, plan.end_reason))
         kept_scores.append(kept)
     return VolumeSegmentation(
         labels=np.moveaxis(labels, 0, axis),

@@ -211,7 +211,10 @@ def infer_sam2_config(state: Mapping[str, torch.Tensor], path: str | os.PathLike
     tiny model, anything else 1024 px; ``load_model(arch=...)`` decides otherwise.
     """
     embed_dim = int(state[SAM2_KEY].shape[0])
-    depth = 1 + max(int(k.split(".")[3]) for k in state if k.startswith("image_encoder.trunk.blocks."))
+    blocks = [k for k in state if k.startswith("image_encoder.trunk.blocks.") and k.split(".")[3].isdigit()]
+    if not blocks:
+        raise CheckpointError("a SAM2-family checkpoint without trunk blocks (image_encoder.trunk.blocks.*)")
+    depth = 1 + max(int(k.split(".")[3]) for k in blocks)
     version = "2.1" if "no_obj_embed_spatial" in state else "2"
     name = Path(path).name if path is not None else ""
     if name.lower().startswith("medsam2") and version == "2.1":

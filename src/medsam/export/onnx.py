@@ -304,6 +304,8 @@ def export_onnx(
             :class:`ExportError` when the relative error exceeds ``VERIFY_TOLERANCE``.
         seed: seed of the verification inputs.
     """
+    if not isinstance(model, MedSAMModel):
+        raise TypeError(f"ONNX export takes SAM, MedSAM and LiteMedSAM models, not {type(model).__name__}")
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
     try:

@@ -94,7 +94,11 @@ def eager_cpu_inference(x: torch.Tensor) -> bool:
     autocast, a real CPU tensor (not a tracer's fake or functional one), and nothing tracing."""
     if torch.is_grad_enabled() or type(x) is not torch.Tensor or x.device.type != "cpu":
         return False
-    if torch.is_autocast_enabled("cpu"):
+    try:
+        autocast = torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4 takes no device argument
+        autocast = torch.is_autocast_cpu_enabled()
+    if autocast:
         return False
     return not tracing()
 

@@ -131,6 +131,9 @@ class SAM2Model(nn.Module):
 
     preferred_precision: str = "fp32"
     is_untrained_default: bool = False
+    # SAM2's image predictor returns its low-resolution logits clamped to this (masks come from
+    # the unclamped ones); medsam.Predictor does the same for this model.
+    low_res_logit_limit: float = 32.0
 
     def __init__(self, config: SAM2Config, contract: str | None = None) -> None:
         super().__init__()

@@ -47,7 +47,9 @@ def _official_mlp_names(mlp: nn.Module) -> None:
         rename(state, prefix, tuple((new, old) for old, new in _MLP_NAMES))
 
     mlp.register_load_state_dict_pre_hook(on_load)
-    mlp.register_state_dict_post_hook(on_save)
+    # public from torch 2.5; the same hook under its older private name before
+    register_post = getattr(mlp, "register_state_dict_post_hook", None) or mlp._register_state_dict_hook
+    register_post(on_save)
 
 
 class SAM2MaskDecoder(MaskDecoder):

@@ -10,14 +10,16 @@ This is the inference of SAM2's video predictor (``sam2==1.1.0``, ``SAM2VideoPre
 * every **further frame** attends (:class:`~medsam.model.sam2_memory.MemoryAttention`) to the
   prompted frame's memory (temporal slot 0), the memories of the 6 frames tracked just before it
   (slots 1-6, the nearest last) and the object pointers of the prompted frame and of up to 15
-  tracked frames before it, each with a sine encoding of its signed frame distance; the decoder
+  tracked frames before it (SAM2.1: each with a sine encoding of its signed frame distance;
+  SAM2: without temporal encoding); the decoder
   then runs without prompts and keeps the best of its three masks; the frame's memory is made
   from that mask's sigmoid (x 20 - 10);
 * where the object-score head says the object is absent the mask logits are -1024, the object
   pointer is ``no_obj_ptr`` and (SAM2.1) ``no_obj_embed_spatial`` is added to the memory;
 * memories are kept rounded to bfloat16, as the reference stores them; small background holes
-  (``fill_hole_area`` pixels of the low-resolution mask, 8-connected) are filled in the output
-  mask (0.1), not in the memory.
+  (``fill_hole_area`` pixels of the low-resolution mask, 8-connected) are filled (0.1) in the
+  output masks and so in the prompted frame's memory, which is made from its output mask, but
+  not in the memories of tracked frames (made from the decoder's mask before filling).
 
 Frame features (:class:`FrameFeatures`) are computed once per frame and shared by all objects.
 """
@@ -63,8 +65,8 @@ class FrameOutput:
 
 @dataclass
 class Track:
-    """One object tracked in one direction from its prompted frame: the outputs of the frames
-    still within reach of the next step (the last 15)."""
+    """One object tracked in one direction from its prompted frame: the outputs of the last 16
+    tracked frames (the next step reads at most 15 back)."""
 
     key: int
     reverse: bool
