@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .model.prompt_encoder import box_corner_points
 from .model.sam2 import SAM2Model
 from .model.sam2_tracking import FrameFeatures, SAM2Tracker, Track, frame_features
 from .preprocess import get_contract
@@ -85,8 +86,7 @@ def track_volume(
     starts: list[dict[bool, Track]] = []
     for i, plan in enumerate(plans):
         box = the_contract.transform_boxes(plan.key_box[None], geometry)
-        coords = torch.as_tensor(box.reshape(1, 2, 2), dtype=torch.float32, device=device)
-        labels = torch.tensor([[2, 3]], device=device)
+        coords, labels = box_corner_points(torch.as_tensor(box, dtype=torch.float32, device=device))
         forward = tracker.prompt(key_features[plan.key], coords, labels, plan.key - plan.lo)
         backward = Track(key=forward.key, reverse=True, key_output=forward.key_output)
         starts.append({False: forward, True: backward})

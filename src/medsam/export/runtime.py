@@ -240,6 +240,15 @@ class OnnxPredictor(Predictor):
         super().__init__(model, precision="fp32", exact_preprocessing=exact_preprocessing)
         self.model: OnnxModel = model
         self.precision = precision
-        self.export_dir = model.export_dir
-        self.metadata = model.metadata
-        self.files = model.files
+
+    @property
+    def export_dir(self) -> Path:
+        return self.model.export_dir
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self.model.metadata
+
+    @property
+    def files(self) -> dict[str, Path | None]:
+        return self.model.files

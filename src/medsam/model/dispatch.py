@@ -79,14 +79,7 @@ def cpu_kernels(enabled: bool) -> Iterator[None]:
 def tracing() -> bool:
     """Whether a graph is being traced (``torch.compile``, ``torch.export``, the JIT tracer):
     then the models avoid ``out=`` buffers and in-place layout tricks."""
-    if torch.jit.is_tracing():
-        return True
-    compiler = getattr(torch, "compiler", None)
-    for name in ("is_compiling", "is_exporting"):
-        check = getattr(compiler, name, None)
-        if check is not None and check():
-            return True
-    return False
+    return torch.jit.is_tracing() or _compiler_says("is_compiling") or _compiler_says("is_exporting")
 
 
 def eager_cpu_inference(x: torch.Tensor) -> bool:
@@ -109,8 +102,9 @@ def use_cpu_kernels(x: torch.Tensor) -> bool:
     return cpu_kernels_enabled() and eager_cpu_inference(x)
 
 
-def _exporting() -> bool:
-    check = getattr(getattr(torch, "compiler", None), "is_exporting", None)
+def _compiler_says(name: str) -> bool:
+    """``torch.compiler.<name>()``, False where this torch has no such query."""
+    check = getattr(getattr(torch, "compiler", None), name, None)
     return bool(check is not None and check())
 
 
@@ -120,7 +114,7 @@ def scaled_dot_product_attention(
     """``softmax(q k^T / sqrt(d) + attn_mask) v`` over the last two axes; q (..., n, d),
     k and v (..., m, d), attn_mask broadcastable to (..., n, m), additive float. PyTorch's fused
     kernel, or the written-out operations while ``torch.export`` traces."""
-    if not _exporting():
+    if not _compiler_says("is_exporting"):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
     scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)
     if attn_mask is not None:

@@ -20,6 +20,14 @@ from .common import LayerNorm2d
 from .dispatch import eager_cpu_inference
 
 
+def box_corner_points(boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 4) or (B, 1, 4) boxes [x0, y0, x1, y1] -> their corners as labelled points: coordinates
+    (B, 2, 2) and labels (B, 2) = 2 (top-left), 3 (bottom-right), as SAM encodes boxes."""
+    corners = boxes.reshape(-1, 2, 2)
+    labels = torch.tensor([2, 3], device=boxes.device).expand(corners.shape[0], 2)
+    return corners, labels
+
+
 class PositionEmbeddingRandom(nn.Module):
     """Random-Fourier positional encoding (``positional_encoding_gaussian_matrix``, 2 x D/2)."""
 
@@ -118,9 +126,7 @@ class PromptEncoder(nn.Module):
         return self.embed_labelled_points(points, labels)
 
     def _embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
-        corners = boxes.reshape(-1, 2, 2)
-        labels = torch.tensor([2, 3], device=boxes.device).expand(corners.shape[0], 2)
-        return self.embed_labelled_points(corners, labels)
+        return self.embed_labelled_points(*box_corner_points(boxes))
 
     def forward(
         self,

@@ -29,7 +29,7 @@ from torch import nn
 from .common import MLP
 from .fpn_neck import FpnNeck
 from .hiera import Hiera
-from .prompt_encoder import PromptEncoder
+from .prompt_encoder import PromptEncoder, box_corner_points
 from .sam import DecoderOutput
 from .sam2_decoder import SAM2MaskDecoder
 from .sam2_memory import MemoryAttention, MemoryEncoder
@@ -236,8 +236,7 @@ def _box_and_points(
     """Boxes as corner points (labels 2, 3) before the clicked points."""
     if boxes is None:
         return points
-    corners = boxes.reshape(-1, 2, 2)
-    labels = torch.tensor([2, 3], device=boxes.device).expand(corners.shape[0], 2)
+    corners, labels = box_corner_points(boxes)
     if points is None:
         return corners, labels
     return torch.cat([corners, points[0].to(corners.dtype)], dim=1), torch.cat(

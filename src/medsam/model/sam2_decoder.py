@@ -132,17 +132,25 @@ class SAM2MaskDecoder(MaskDecoder):
         """Logits (B, M, 4E, 4E), IoU (B, M) and object-score logits (B, 1): the three
         alternatives (``multimask_output``), all four (``all_masks``, token 0 first), or one
         mask (token 0's, or the best alternative where token 0's is unstable)."""
-        masks, iou, _tokens, obj = self.predict_all(
+        masks, iou, tokens, obj = self.predict_all(
             image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, high_res
         )
         if all_masks:
             return masks, iou, obj
+        masks, iou, _tokens = self.choose(masks, iou, tokens, multimask_output)
+        return masks, iou, obj
+
+    def choose(
+        self, masks: torch.Tensor, iou: torch.Tensor, tokens: torch.Tensor, multimask_output: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """From :meth:`predict_all`'s four: the three alternatives with their IoU and mask-token
+        outputs, or one mask (the stability fallback at inference) with token 0's output."""
         if multimask_output:
-            return masks[:, 1:], iou[:, 1:], obj
+            return masks[:, 1:], iou[:, 1:], tokens[:, 1:]
         if self.dynamic_multimask and not self.training:
             masks, iou = self.stable_single_mask(masks, iou)
-            return masks, iou, obj
-        return masks[:, :1], iou[:, :1], obj
+            return masks, iou, tokens[:, :1]
+        return masks[:, :1], iou[:, :1], tokens[:, :1]
 
     def stability_scores(self, logits: torch.Tensor) -> torch.Tensor:
         """(..., H, W) logits -> (...) area above +delta over area above -delta (1 when empty)."""

@@ -135,13 +135,7 @@ class SAM2Tracker:
             labels = torch.full((1, 1), -1, dtype=torch.int64, device=pix.device)
         sparse, dense = encoder(points=(coords, labels), boxes=None, masks=None)
         masks, iou, tokens, obj = decoder.predict_all(pix, encoder.get_dense_pe(), sparse, dense, features.high_res)
-        if multimask:
-            masks, iou, tokens = masks[:, 1:], iou[:, 1:], tokens[:, 1:]
-        elif decoder.dynamic_multimask:
-            masks, iou = decoder.stable_single_mask(masks, iou)
-            tokens = tokens[:, :1]
-        else:
-            masks, iou, tokens = masks[:, :1], iou[:, :1], tokens[:, :1]
+        masks, iou, tokens = decoder.choose(masks, iou, tokens, multimask)
         present = obj > 0
         masks = torch.where(present[:, :, None, None], masks, NO_OBJECT_SCORE).float()
         S = model.input_size
