@@ -128,14 +128,16 @@ def test_scribbles_become_points_inside_the_image_or_are_refused(strokes, h, w):
 @FUZZ
 @given(floats, floats)
 def test_display_windows_are_uint8_or_refused(level, width):
-    from medsam.server.encoding import window_to_uint8
+    from medsam.intensity import Window
 
     raw = np.linspace(-2000, 3000, 50, dtype=np.float32)
+    raw[:3] = [np.nan, np.inf, -np.inf]
     try:
-        out = window_to_uint8(raw, level, width)
+        out = Window(level, width).to_uint8(raw, nonfinite="saturate")
     except ValueError:
         return
     assert out.dtype == np.uint8 and out.shape == raw.shape
+    assert out[0] == 0 and out[1] == 255 and out[2] == 0
 
 
 @FUZZ

@@ -116,3 +116,24 @@ def test_no_private_names_from_other_modules():
         if imported and imported.startswith("_") and not imported.startswith("__") and target.startswith("medsam")
     ]
     assert offenders == []
+
+
+def _reaches(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph.get(todo.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+def test_inference_does_not_import_curation():
+    """Segmenting a file (CLI, library, workbench) needs no part of the corpus-building package:
+    intensity normalisation lives in ``medsam.intensity``, which both use."""
+    graph = _graph()
+    for entry in ("medsam.segment", "medsam.predictor", "medsam.volume", "medsam.server.routers.images"):
+        curation = sorted(m for m in _reaches(graph, entry) if m.startswith("medsam.curate"))
+        assert curation == [], (entry, curation)
+    assert "medsam.intensity" in _reaches(graph, "medsam.segment")
+    assert "medsam.intensity" in _reaches(graph, "medsam.curate.prepare")

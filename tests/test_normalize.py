@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medsam.curate.normalize import (
+from medsam.intensity import (
     CT_WINDOWS,
     KNOWN_MODALITIES,
+    Window,
+    minmax_to_uint8,
     normalize_image,
     normalize_percentile,
     window_ct,
@@ -33,6 +35,37 @@ def test_window_ct_hand_values():
     assert window_ct(np.zeros((2, 3, 4)), 40, 400).shape == (2, 3, 4)
     with pytest.raises(ValueError, match="width"):
         window_ct(hu, 40, 0)
+
+
+def test_window_value_type():
+    assert Window.parse("Soft tissue") == Window.parse("soft-tissue") == Window(40, 400)
+    assert Window.parse([50, "100"]) == Window(50.0, 100.0)
+    assert (Window(40, 400).lo, Window(40, 400).hi) == (-160.0, 240.0)
+    for bad in ("abdomen", (1, 2, 3), (40, 0), (float("nan"), 10), (1.7e308, 1e308), None):
+        with pytest.raises(ValueError):
+            Window.parse(bad)
+    hu = np.array([np.nan, np.inf, -np.inf, -60.0])
+    with pytest.raises(ValueError, match="NaN"):
+        Window(40, 400).to_uint8(hu)
+    # a display shows NaN as the window's bottom and +-inf as its ends
+    np.testing.assert_array_equal(Window(40, 400).to_uint8(hu, nonfinite="saturate"), [0, 255, 0, 63])
+    # the model input and the display map the same HU to the same grey
+    ramp = np.linspace(-300, 300, 601)
+    np.testing.assert_array_equal(
+        Window(40, 400).to_uint8(ramp, nonfinite="saturate"), normalize_image(ramp, "CT", window="soft_tissue")
+    )
+
+
+def test_minmax_hand_values():
+    # lo -2, hi 8: y = round((x + 2) * 25.5)
+    arr = np.array([[-2.0, 0.0], [3.0, 8.0]])
+    np.testing.assert_array_equal(minmax_to_uint8(arr), [[0, 51], [128, 255]])
+    vol = np.arange(24, dtype=np.float32).reshape(2, 3, 4)  # slab-wise equals whole-array math
+    np.testing.assert_array_equal(minmax_to_uint8(vol), np.round(vol.astype(np.float64) * 255 / 23).astype(np.uint8))
+    np.testing.assert_array_equal(minmax_to_uint8(np.full((2, 2), 7.0)), np.zeros((2, 2)))
+    np.testing.assert_array_equal(minmax_to_uint8(np.array([True, False])), [255, 0])
+    with pytest.raises(ValueError, match="NaN"):
+        minmax_to_uint8(np.array([1.0, np.nan]))
 
 
 def test_percentile_hand_values():

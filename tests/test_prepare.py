@@ -21,8 +21,8 @@ from medsam.corpus import MANIFEST_COLUMNS
 from medsam.corpus import write as corpus_mod
 from medsam.curate import prepare as prep_mod
 from medsam.curate.dataset_spec import DatasetSpec, SpecError, assign_splits, load_specs
-from medsam.curate.normalize import normalize_image
 from medsam.curate.prepare import prepare
+from medsam.intensity import normalize_image
 from medsam.io import read_image
 
 FIX = Path(__file__).parent / "data" / "curation"

@@ -41,6 +41,8 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
+from .intensity import minmax_to_uint8
+
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 # The same statistics on 0-1 intensities, as SAM2 writes them.
@@ -80,15 +82,7 @@ def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
         raise ValueError(f"expected an image of shape (H, W) or (H, W, 3), got {image.shape}")
     if image.shape[0] < 2 or image.shape[1] < 2:
         raise ValueError(f"image is too small: {image.shape[:2]}")
-    if image.dtype == np.bool_:
-        image = image.astype(np.uint8) * 255
-    if image.dtype != np.uint8:
-        data = image.astype(np.float64)
-        if not np.isfinite(data).all():
-            raise ValueError("image contains NaN or infinite values")
-        lo, hi = float(data.min()), float(data.max())
-        scale = 255.0 / (hi - lo) if hi > lo else 0.0
-        image = np.round((data - lo) * scale).astype(np.uint8)
+    image = minmax_to_uint8(image)
     if image.ndim == 2:
         image = np.repeat(image[:, :, None], 3, axis=2)
     return np.ascontiguousarray(image)

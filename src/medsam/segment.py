@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from .intensity import minmax_to_uint8, normalize_image
 from .io import MedicalImage, read_image, write_mask
 from .io.atomic import write_json
 from .io.formats import check_mask_path, check_segment_paths, format_of
@@ -91,8 +92,6 @@ def to_model_input(
     NaN and infinite voxels take the lowest finite value (with a warning); an image without any
     finite value is refused (ValueError).
     """
-    from .curate.normalize import normalize_image
-
     array = _finite_or_refused(image.array)
     if array.dtype == np.uint8 and modality is None and window is None:
         return array
@@ -101,7 +100,7 @@ def to_model_input(
         if window is not None:
             chosen = "CT"
         else:
-            return _minmax_uint8(array)
+            return minmax_to_uint8(array)
     return normalize_image(array, chosen, window=window)
 
 
@@ -128,16 +127,6 @@ def _not_constant(pixels: np.ndarray, image: MedicalImage) -> np.ndarray:
         value = float(raw.flat[0]) if raw.size else 0.0
         raise ValueError(f"the image is constant (every voxel is {value:g}): there is nothing to segment")
     return pixels
-
-
-def _minmax_uint8(array: np.ndarray) -> np.ndarray:
-    """Min-max scale a whole image or volume (all channels jointly) to uint8, rounding."""
-    data = np.asarray(array, dtype=np.float64)
-    if not np.isfinite(data).all():
-        raise ValueError("image contains NaN or infinite values")
-    lo, hi = float(data.min()), float(data.max())
-    scale = 255.0 / (hi - lo) if hi > lo else 0.0
-    return np.round((data - lo) * scale).astype(np.uint8)
 
 
 def parse_boxes(values: Sequence[Sequence[float]], width: int) -> np.ndarray:

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .embedding_cache import EmbeddingCache, embedding_id, set_image_cached
+from .intensity import minmax_to_uint8
 from .predictor import masks_to_label_map
 
 # The prompts and the per-object walk state live in medsam.volume_prompts; Box2D, Box3D and
@@ -217,16 +218,7 @@ class _CropSegmenter:
 
 def to_uint8_volume(volume: np.ndarray) -> np.ndarray:
     """Non-uint8 data: one min-max scaling over the whole volume (not per slice)."""
-    if volume.dtype == np.uint8:
-        return volume
-    if volume.dtype == np.bool_:
-        return volume.astype(np.uint8) * 255
-    data = volume.astype(np.float32)
-    if not np.isfinite(data).all():
-        raise ValueError("volume contains NaN or infinite values")
-    lo, hi = float(data.min()), float(data.max())
-    scale = 255.0 / (hi - lo) if hi > lo else 0.0
-    return np.round((data - lo) * scale).astype(np.uint8)
+    return minmax_to_uint8(volume)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -252,7 +244,7 @@ def segment_volume(
         predictor: a :class:`medsam.predictor.Predictor` (or an object with its interface:
             ``set_image``, ``set_embedding``, ``embedding``, ``predict``, ``model``, ``contract``).
         volume: ``(Z, Y, X)`` array, or ``(Z, Y, X, 3)`` colour; intensities already normalised to
-            uint8 (e.g. by :mod:`medsam.curate.normalize`). Other dtypes are min-max scaled to
+            uint8 (e.g. by :mod:`medsam.intensity`). Other dtypes are min-max scaled to
             0..255 once over the whole volume, so that every slice sees the same scaling.
         boxes: one prompt per object: :class:`Box3D`, :class:`Box2D`, or a sequence
             ``[x0, y0, z0, x1, y1, z1]`` (a Box3D). Coordinates are inclusive indices in the

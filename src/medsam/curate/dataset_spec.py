@@ -5,7 +5,7 @@ a list of datasets, or a mapping ``{datasets: [...]}``. Relative paths are
 taken relative to the YAML file's folder. Example::
 
     name: abdomen_ct              # folder-safe: letters, digits, _ . -
-    modality: CT                  # CT, MR, PET, US, XRay, ... (medsam.curate.normalize)
+    modality: CT                  # CT, MR, PET, US, XRay, ... (medsam.intensity)
     images: imagesTr              # folder, or a glob such as "raw/*_0000.nii.gz"
     labels: labelsTr
     image_suffix: "_0000"         # stripped from an image's name to give its case id
@@ -49,8 +49,8 @@ from typing import Any
 
 import numpy as np
 
+from ..intensity import Window, canonical_modality, preset_key
 from ..io.formats import image_suffix
-from .normalize import CT_WINDOWS, canonical_modality
 
 __all__ = [
     "SPLITS",
@@ -192,19 +192,11 @@ class DatasetSpec:
         if window is not None:
             if modality != "CT":
                 raise bad("window", f"a window only applies to CT, not to {modality}")
-            if isinstance(window, str):
-                key = window.strip().lower().replace(" ", "_").replace("-", "_")
-                if key not in CT_WINDOWS:
-                    raise bad("window", f"unknown window {window!r}; known: {', '.join(CT_WINDOWS)}")
-                window = key
-            else:
-                try:
-                    level, width = (float(v) for v in window)
-                except (TypeError, ValueError):
-                    raise bad("window", f"need a name or [level, width], got {window!r}") from None
-                if not (math.isfinite(level) and math.isfinite(width) and width > 0):
-                    raise bad("window", f"need a finite level and a width > 0, got {window!r}")
-                window = (level, width)
+            try:
+                parsed = Window.parse(window)
+            except ValueError as exc:
+                raise bad("window", str(exc)) from None
+            window = preset_key(window) if isinstance(window, str) else (parsed.level, parsed.width)
         elif modality == "CT":
             window = "soft_tissue"
 
@@ -380,7 +372,8 @@ class DatasetSpec:
             return None
         if isinstance(self.window, tuple):
             return self.window
-        return CT_WINDOWS[self.window or "soft_tissue"]
+        chosen = Window.parse(self.window or "soft_tissue")
+        return chosen.level, chosen.width
 
     def label_name(self, label_id: int, names: dict[int, str] | None = None) -> str:
         table = names if names is not None else (self.label_names if isinstance(self.label_names, dict) else {})

@@ -49,6 +49,7 @@ from ..corpus import (
     write_case,
     write_corpus_json,
 )
+from ..intensity import RECIPES, Window, normalize_image, scale_to_uint8
 from ..io import MedicalImage, read_image
 from ..io.atomic import write_json
 from .dataset_spec import (
@@ -62,7 +63,6 @@ from .dataset_spec import (
     nifti_label_names,
 )
 from .labels import align_label, curate_labels
-from .normalize import RECIPES, normalize_image, scale_to_uint8, window_ct
 
 __all__ = ["PrepareReport", "prepare"]
 
@@ -161,7 +161,7 @@ class _Normalizer:
         if self.color:
             return self._color_out
         if self.kind == "window":
-            return window_ct(sl, self.level, self.width)
+            return Window(self.level, self.width).to_uint8(sl)
         if self.lo is None:
             return np.zeros(sl.shape, dtype=np.uint8)
         f = sl.astype(np.float64)

@@ -1,13 +1,8 @@
-"""Masks and slices on the wire: run-length encoding, PNG, display windows.
+"""Masks and slices on the wire: run-length encoding and PNG.
 
 RLE (:func:`rle_encode`): a label array (any shape, values 0..65535) flattened in C order (row
 by row: ``x`` fastest) as runs ``values[i]`` repeated ``counts[i]`` times. A binary mask is the
 special case with values 0/1. The page decodes it into a ``Uint8Array`` in a few lines.
-
-Display windows (:func:`window_to_uint8`): ``auto`` shows exactly what the model sees (the
-datastore's model input); a CT preset name (``soft_tissue``, ``lung``, ``brain``, ``bone``,
-``liver``; :data:`medsam.curate.normalize.CT_WINDOWS`) or an explicit level/width clips the raw
-values (Hounsfield units for CT) to ``[level - width/2, level + width/2]`` and maps that to 0..255.
 """
 
 from __future__ import annotations
@@ -17,7 +12,7 @@ import math
 
 import numpy as np
 
-__all__ = ["png_bytes", "rle_decode", "rle_encode", "window_presets", "window_to_uint8"]
+__all__ = ["png_bytes", "rle_decode", "rle_encode"]
 
 
 def rle_encode(array: np.ndarray) -> tuple[list[int], list[int]]:
@@ -73,20 +68,3 @@ def png_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
-
-
-def window_presets() -> dict[str, tuple[float, float]]:
-    """CT window presets, name -> (level, width) in HU."""
-    from ..curate.normalize import CT_WINDOWS
-
-    return dict(CT_WINDOWS)
-
-
-def window_to_uint8(raw: np.ndarray, level: float, width: float) -> np.ndarray:
-    """Clip ``raw`` to ``[level - width/2, level + width/2]`` and map it to 0..255 (uint8)."""
-    if not (np.isfinite(level) and np.isfinite(width)) or width <= 0:
-        raise ValueError(f"a window needs a finite level and a width > 0, got ({level}, {width})")
-    lo = level - width / 2.0
-    with np.errstate(over="ignore", invalid="ignore"):  # extreme windows saturate to 0 / 255
-        out = (np.asarray(raw, dtype=np.float64) - lo) * (255.0 / width)
-        return np.clip(np.nan_to_num(out, nan=0.0, posinf=255.0, neginf=0.0), 0, 255).astype(np.uint8)

@@ -6,8 +6,9 @@ import numpy as np
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from starlette.requests import ClientDisconnect
 
+from ...intensity import CT_WINDOWS, Window
 from ..datastore import UPLOAD_SUFFIXES, UploadRefused
-from ..encoding import png_bytes, window_presets, window_to_uint8
+from ..encoding import png_bytes
 from ..schemas import ImageList, ImageMeta, ImageSummary, UploadResult
 from ..security import UnsafePathError
 from ..state import WorkbenchDep
@@ -73,20 +74,24 @@ def slice_png(
         loaded.check_slice(index)
     except IndexError as exc:
         raise HTTPException(404, str(exc)) from None
-    if loaded.image.is_color:
+    # 'auto' shows exactly what the model sees (the datastore's model input); a preset or an
+    # explicit level / width clips the raw values (HU for CT) with the same Window the model uses.
+    if loaded.image.is_color or (window == "auto" and (level is None or width is None)):
         picture = loaded.model_slice(index)
-    elif level is not None and width is not None:
-        picture = window_to_uint8(loaded.raw_slice(index), level, width)
-    elif window == "auto":
-        picture = loaded.model_slice(index)
-    elif window == "minmax":
-        lo, hi = loaded.value_range
-        picture = window_to_uint8(loaded.raw_slice(index), (lo + hi) / 2, max(hi - lo, 1e-6))
     else:
-        presets = window_presets()
-        if window not in presets:
-            raise HTTPException(422, f"unknown window {window!r}; known: auto, minmax, {', '.join(presets)}")
-        picture = window_to_uint8(loaded.raw_slice(index), *presets[window])
+        try:
+            if level is not None and width is not None:
+                chosen = Window(level, width)
+            elif window == "minmax":
+                lo, hi = loaded.value_range
+                chosen = Window((lo + hi) / 2, max(hi - lo, 1e-6 * max(1.0, abs(lo), abs(hi))))
+            elif window in CT_WINDOWS:
+                chosen = Window(*CT_WINDOWS[window])
+            else:
+                raise ValueError(f"unknown window {window!r}; known: auto, minmax, {', '.join(CT_WINDOWS)}")
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+        picture = chosen.to_uint8(loaded.raw_slice(index), nonfinite="saturate")
     if picture.ndim == 3 and picture.shape[-1] == 4:
         picture = picture[..., :3]
     return Response(
@@ -119,5 +124,5 @@ def image_meta(image_id: str, wb: WorkbenchDep) -> ImageMeta:
         value_range=list(loaded.value_range),
         modality=img.modality,
         source_format=img.source_format,
-        window_presets={k: list(v) for k, v in window_presets().items()},
+        window_presets={k: list(v) for k, v in CT_WINDOWS.items()},
     )

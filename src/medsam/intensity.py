@@ -1,4 +1,8 @@
-"""Intensity normalisation by modality, to uint8 [0, 255].
+"""Intensity normalisation to uint8 [0, 255]: CT windows, modality recipes, min-max.
+
+One home for every mapping from stored intensities to the grey values a model (or a display)
+sees: curation, inference (CLI, library, workbench) and the workbench's slice pictures all
+call this module.
 
 MedSAM's recipes (Ma et al., Nat. Commun. 2024, ``pre_CT_MR.py``):
 
@@ -22,14 +26,20 @@ foreground, constant image) give defined output instead of NaN.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 __all__ = [
     "CT_WINDOWS",
     "KNOWN_MODALITIES",
+    "Window",
+    "canonical_modality",
+    "minmax_to_uint8",
     "normalize_image",
     "normalize_percentile",
+    "scale_to_uint8",
     "window_ct",
 ]
 
@@ -43,6 +53,74 @@ CT_WINDOWS: dict[str, tuple[float, float]] = {
     "bone": (400, 1800),
     "liver": (60, 160),
 }
+
+
+@dataclass(frozen=True)
+class Window:
+    """A CT display / model window: ``level`` (centre) and ``width``, in the image's units (HU).
+
+    The window covers ``[level - width/2, level + width/2]``; :meth:`to_uint8` maps it linearly
+    onto 0..255 and truncates, so the same HU always gives the same grey.
+    """
+
+    level: float
+    width: float
+
+    def __post_init__(self) -> None:
+        level, width = float(self.level), float(self.width)
+        if not (np.isfinite(level) and np.isfinite(width)) or width <= 0:
+            raise ValueError(f"a window needs a finite level and a width > 0, got ({self.level}, {self.width})")
+        lo, hi = level - width / 2.0, level + width / 2.0
+        if not (np.isfinite(lo) and np.isfinite(hi)) or hi <= lo:
+            raise ValueError(f"window ({self.level}, {self.width}) is outside the floating-point range")
+        object.__setattr__(self, "level", level)
+        object.__setattr__(self, "width", width)
+
+    @property
+    def lo(self) -> float:
+        return self.level - self.width / 2.0
+
+    @property
+    def hi(self) -> float:
+        return self.level + self.width / 2.0
+
+    @classmethod
+    def parse(cls, value: str | Sequence[float] | Window) -> Window:
+        """A :data:`CT_WINDOWS` name (case, spaces and dashes ignored), a ``(level, width)`` pair,
+        or a :class:`Window`. ValueError names what was wrong."""
+        if isinstance(value, Window):
+            return value
+        if isinstance(value, str):
+            key = preset_key(value)
+            if key not in CT_WINDOWS:
+                raise ValueError(f"unknown CT window {value!r}; known: {', '.join(CT_WINDOWS)}")
+            return cls(*CT_WINDOWS[key])
+        try:
+            level, width = (float(v) for v in value)
+        except (TypeError, ValueError):
+            raise ValueError(f"a window must be a name or a (level, width) pair, got {value!r}") from None
+        return cls(level, width)
+
+    def to_uint8(self, array: ArrayLike, *, nonfinite: str = "raise") -> np.ndarray:
+        """Clip to the window and map it to [0, 255] uint8 (truncating), any shape.
+
+        ``nonfinite="raise"`` (the model input) refuses NaN / infinite values with a ValueError;
+        ``"saturate"`` (a display) shows NaN as 0 and +-inf as 255 / 0.
+        """
+        if nonfinite == "saturate":
+            data = np.asarray(array, dtype=np.float64)
+            data = np.nan_to_num(data, nan=self.lo, posinf=self.hi, neginf=self.lo)
+        elif nonfinite == "raise":
+            data = _as_finite_float(array)
+        else:
+            raise ValueError(f"nonfinite must be 'raise' or 'saturate', got {nonfinite!r}")
+        return scale_to_uint8(np.clip(data, self.lo, self.hi), self.lo, self.hi)
+
+
+def preset_key(name: str) -> str:
+    """The :data:`CT_WINDOWS` key a spelling such as ``"Soft tissue"`` or ``"soft-tissue"`` means."""
+    return name.strip().lower().replace(" ", "_").replace("-", "_")
+
 
 # canonical modality name -> recipe
 RECIPES: dict[str, str] = {
@@ -89,7 +167,7 @@ def canonical_modality(modality: str) -> str:
     return _ALIASES[modality.strip().lower()]
 
 
-def _as_finite_float(array) -> np.ndarray:
+def _as_finite_float(array: ArrayLike) -> np.ndarray:
     arr = np.asarray(array)
     if arr.dtype == bool:
         arr = arr.astype(np.uint8)
@@ -107,20 +185,43 @@ def scale_to_uint8(clipped: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """Map ``[lo, hi]`` linearly to ``[0, 255]`` and truncate to uint8."""
     if hi <= lo:
         return np.where(clipped >= hi, 255, 0).astype(np.uint8)
-    out = (clipped - lo) * 255.0 / (hi - lo)
+    with np.errstate(over="ignore"):  # a window near the float range saturates
+        out = (clipped - lo) * 255.0 / (hi - lo)
     return np.clip(out, 0.0, 255.0).astype(np.uint8)
 
 
-def window_ct(array, level: float, width: float) -> np.ndarray:
+def window_ct(array: ArrayLike, level: float, width: float) -> np.ndarray:
     """Clip to ``[level - width/2, level + width/2]`` and map that window to [0, 255] uint8."""
-    if not np.isfinite(level) or not np.isfinite(width) or width <= 0:
-        raise ValueError(f"CT window needs a finite level and a width > 0, got ({level}, {width})")
-    arr = _as_finite_float(array)
-    lo, hi = level - width / 2.0, level + width / 2.0
-    return scale_to_uint8(np.clip(arr, lo, hi), lo, hi)
+    return Window(level, width).to_uint8(array)
 
 
-def normalize_percentile(array, lower: float = 0.5, upper: float = 99.5) -> np.ndarray:
+def minmax_to_uint8(array: ArrayLike) -> np.ndarray:
+    """Min-max scale a whole image or volume (all channels jointly) to uint8, rounding.
+
+    Used where no modality is known. A constant input becomes zeros; bool becomes 0 / 255;
+    uint8 is returned as it is. NaN or infinite values raise ValueError. Computed in float64
+    one slab of the first axis at a time, so a volume needs no float64 copy of itself.
+    """
+    arr = np.asarray(array)
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * 255
+    if arr.size == 0:
+        return np.zeros(arr.shape, dtype=np.uint8)
+    lo, hi = float(np.min(arr)), float(np.max(arr))
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ValueError("image contains NaN or infinite values")
+    scale = 255.0 / (hi - lo) if hi > lo else 0.0
+    out = np.empty(arr.shape, dtype=np.uint8)
+    slabs = arr if arr.ndim >= 3 else arr[None]
+    target = out if arr.ndim >= 3 else out[None]
+    for i in range(slabs.shape[0]):
+        target[i] = np.round((slabs[i].astype(np.float64) - lo) * scale)
+    return out
+
+
+def normalize_percentile(array: ArrayLike, lower: float = 0.5, upper: float = 99.5) -> np.ndarray:
     """MedSAM's MR/PET recipe: foreground-percentile clip, min-max to [0, 255], zeros stay 0.
 
     The percentiles (``np.percentile``, linear interpolation) are taken over
@@ -149,9 +250,9 @@ def _minmax_per_channel(arr: np.ndarray) -> np.ndarray:
 
 
 def normalize_image(
-    array,
+    array: ArrayLike,
     modality: str,
-    window: str | Sequence[float] | None = None,
+    window: str | Sequence[float] | Window | None = None,
     *,
     color: bool | None = None,
 ) -> np.ndarray:
@@ -166,7 +267,7 @@ def normalize_image(
         One of :data:`KNOWN_MODALITIES` (case-insensitive; DICOM codes such as
         ``PT``, ``CR``, ``DX``, ``MG`` accepted).
     window:
-        CT only: a :data:`CT_WINDOWS` name or a ``(level, width)`` pair;
+        CT only: a :data:`CT_WINDOWS` name, a ``(level, width)`` pair or a :class:`Window`;
         default ``"soft_tissue"``.
     color:
         Whether the last axis holds colour channels. ``None`` (default): true
@@ -192,19 +293,7 @@ def normalize_image(
         arr = arr[..., :3]
 
     if recipe == "window":
-        if window is None:
-            window = "soft_tissue"
-        if isinstance(window, str):
-            key = window.strip().lower().replace(" ", "_").replace("-", "_")
-            if key not in CT_WINDOWS:
-                raise ValueError(f"unknown CT window {window!r}; known: {', '.join(CT_WINDOWS)}")
-            level, width = CT_WINDOWS[key]
-        else:
-            try:
-                level, width = (float(v) for v in window)
-            except (TypeError, ValueError):
-                raise ValueError(f"window must be a name or a (level, width) pair, got {window!r}") from None
-        return window_ct(arr, level, width)
+        return Window.parse("soft_tissue" if window is None else window).to_uint8(arr)
     if recipe == "color" and color:
         if arr.dtype == np.uint8:
             return np.array(arr, dtype=np.uint8, copy=True)
