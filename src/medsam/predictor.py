@@ -271,18 +271,9 @@ class Predictor:
 
             points, point_labels = add_scribble_points(points, point_labels, scribbles, self.geometry.original_size)
         geom = self.geometry
-        all_masks = multimask_mode(multimask)
-        three = bool(multimask) and not all_masks
-        n, box_t, pts_t, mask_t = self._prompts_to_tensors(boxes, points, point_labels, mask_input)
-        out = self.model.decode(
-            self.embedding,
-            boxes=box_t,
-            points=pts_t,
-            mask_input=mask_t,
-            multimask_output=three,
-            all_masks=all_masks,
-        )
+        out = self.decode(boxes, points, point_labels, mask_input, multimask)
         logits = out.logits.float()
+        n = len(logits)
         masks = np.empty((n, logits.shape[1], *geom.original_size), dtype=bool)
         # Upsample a few prompts at a time so memory stays bounded for large images.
         chunk = max(1, int(64e6 // (logits.shape[1] * geom.original_size[0] * geom.original_size[1] * 4)))
@@ -298,6 +289,34 @@ class Predictor:
         if limit is not None:
             logits = logits.clamp(-limit, limit)
         return Prediction(masks, iou, logits.cpu().numpy(), geom, self.contract)
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        boxes: np.ndarray | list[Any] | None = None,
+        points: np.ndarray | list[Any] | None = None,
+        point_labels: np.ndarray | list[Any] | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask: bool | str = False,
+    ) -> DecoderOutput:
+        """The decoder's raw answer to N prompts, nothing upsampled: ``logits`` (N, M, L, L) in
+        the network's low-resolution frame and ``iou`` (N, M), as tensors on the model's device.
+
+        Prompts are given and checked as in :meth:`predict`; ``contract.mask_scores(logits,
+        geometry)`` turns the logits into full-resolution scores. For callers that look at many
+        candidates and upsample only the ones they keep (:mod:`medsam.automatic`).
+        """
+        all_masks = multimask_mode(multimask)
+        three = bool(multimask) and not all_masks
+        _, box_t, pts_t, mask_t = self._prompts_to_tensors(boxes, points, point_labels, mask_input)
+        return self.model.decode(
+            self.embedding,
+            boxes=box_t,
+            points=pts_t,
+            mask_input=mask_t,
+            multimask_output=three,
+            all_masks=all_masks,
+        )
 
     # ---------------------------------------------------------------- checks
     def _prompts_to_tensors(

@@ -9,124 +9,30 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from .intensity import minmax_to_uint8, normalize_image
-from .io import MedicalImage, read_image, write_mask
-from .io.atomic import write_json
+from .io import MedicalImage, read_image
 from .io.formats import check_mask_path, check_segment_paths, format_of
 from .predictor import Prediction, Predictor, clip_boxes, masks_to_label_map
+from .segment_io import SegmentationOutput as SegmentationOutput
+from .segment_io import SegmentOptions as SegmentOptions
+from .segment_io import load_reporting as load_reporting
+from .segment_io import (
+    model_description,
+    not_constant,
+    resolve_model,
+    to_model_input,
+    write_outputs,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .model.sam import MedSAMModel
-    from .model.sam2 import SAM2Model
     from .zoom import ZoomedPrediction, ZoomPolicy
 
-
-@dataclass
-class SegmentationOutput:
-    """What :func:`segment_file` wrote and computed."""
-
-    mask_path: Path
-    scores_path: Path | None
-    overlay_path: Path | None
-    labels: np.ndarray
-    scores: list[float]
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class SegmentOptions:
-    """How :func:`segment_file` reads, prompts and writes (everything but the input, output and boxes).
-
-    Attributes:
-        model: a loaded model; default: ``checkpoint`` is loaded (the embedded model when None).
-        checkpoint, arch, contract, device: as :func:`medsam.load_model` takes them.
-        overlay_path: also write an overlay picture (PNG) here.
-        scores_path: where the scores JSON goes (default: the output's stem + ``.scores.json``).
-        key_slice: the slice 2D boxes on a volume are drawn on (array index ``k``).
-        modality, window: model-input normalisation (:func:`to_model_input`).
-        series_uid: which DICOM series of a folder holding several.
-        iou_threshold: volumes: stop propagation below this predicted IoU
-            (:func:`medsam.volume.segment_volume`'s default when None).
-        zoom: a :class:`medsam.zoom.ZoomPolicy`, ``None`` (never), or ``"auto"``: the default
-            policy for 2D images and 2D ``.npz`` cases when the model's input is at most
-            :data:`AUTO_ZOOM_MAX_INPUT` px (LiteMedSAM's 64 x 64 embedding of a whole slice does not
-            resolve small structures), no zoom otherwise and never in volumes (docs/model-card.md
-            gives the measurements behind both choices).
-    """
-
-    model: MedSAMModel | SAM2Model | None = None
-    checkpoint: str | Path | None = None
-    arch: str | None = None
-    contract: str | None = None
-    device: str | None = None
-    overlay_path: str | Path | None = None
-    scores_path: str | Path | None = None
-    key_slice: int | None = None
-    modality: str | None = None
-    window: str | tuple[float, float] | None = None
-    series_uid: str | None = None
-    iou_threshold: float | None = None
-    zoom: ZoomPolicy | Literal["auto"] | None = "auto"
-
-    def __post_init__(self) -> None:
-        from .zoom import ZoomPolicy
-
-        if not (self.zoom is None or self.zoom == "auto" or isinstance(self.zoom, ZoomPolicy)):
-            raise ValueError(f"zoom must be a ZoomPolicy, None or 'auto', got {self.zoom!r}")
-
-
-def to_model_input(
-    image: MedicalImage, modality: str | None = None, window: str | tuple[float, float] | None = None
-) -> np.ndarray:
-    """The image array as the model should see it: uint8 after modality normalisation.
-
-    uint8 data (PNG/JPEG, curated images) are kept. Otherwise the modality (``modality`` argument,
-    else the DICOM tag) decides: CT is windowed (soft tissue unless ``window`` is given), other
-    modalities are percentile-clipped; with no modality known, the array is min-max scaled.
-    NaN and infinite voxels take the lowest finite value (with a warning); an image without any
-    finite value is refused (ValueError).
-    """
-    array = _finite_or_refused(image.array)
-    if array.dtype == np.uint8 and modality is None and window is None:
-        return array
-    chosen = modality or image.modality
-    if chosen is None:
-        if window is not None:
-            chosen = "CT"
-        else:
-            return minmax_to_uint8(array)
-    return normalize_image(array, chosen, window=window)
-
-
-def _finite_or_refused(array: np.ndarray) -> np.ndarray:
-    if array.dtype.kind not in "fc":
-        return array
-    finite = np.isfinite(array)
-    if finite.all():
-        return array
-    if not finite.any():
-        raise ValueError("the image has no finite value (every voxel is NaN or infinite)")
-    bad = int(finite.size - np.count_nonzero(finite))
-    warnings.warn(
-        f"{bad} of {finite.size} voxels are NaN or infinite; they are given the lowest finite value", stacklevel=3
-    )
-    return np.where(finite, array, array[finite].min())
-
-
-def _not_constant(pixels: np.ndarray, image: MedicalImage) -> np.ndarray:
-    """``pixels``, unless the whole model input is one grey value (nothing can be segmented:
-    a blank image, or one whose every voxel was NaN; ITK's NIfTI reader gives NaN as 0)."""
-    if pixels.size and pixels.min() == pixels.max():
-        raw = np.asarray(image.array)
-        value = float(raw.flat[0]) if raw.size else 0.0
-        raise ValueError(f"the image is constant (every voxel is {value:g}): there is nothing to segment")
-    return pixels
+__all__ = ["SegmentOptions", "SegmentationOutput", "load_reporting", "parse_boxes", "segment_file", "to_model_input"]
 
 
 def parse_boxes(values: Sequence[Sequence[float]], width: int) -> np.ndarray:
@@ -173,9 +79,19 @@ def segment_file(
     input_path = Path(input_path)
     output_path = Path(output_path)
     check_segment_paths(input_path, output_path, opts.overlay_path)
+    if opts.auto is not None and boxes:
+        raise ValueError("automatic mode finds its own objects: give either boxes or auto, not both")
+    if opts.auto is None and (opts.proposals is not None or opts.specialist is not None):
+        raise ValueError("proposals and a specialist are used by automatic mode: pass auto too")
     if format_of(input_path) == "npz":
+        if opts.auto is not None:
+            raise ValueError("automatic mode does not apply to .npz cases (they carry their own boxes)")
         return _segment_npz(input_path, output_path, boxes, opts, log)
     image = read_image(input_path, series_uid=opts.series_uid)
+    if opts.auto is not None:
+        from .segment_auto import segment_auto
+
+        return segment_auto(image, output_path, opts, opts.auto, log)
     if image.is_volume:
         return _segment_volume_file(image, output_path, boxes, opts, log)
     if opts.key_slice is not None:
@@ -183,9 +99,9 @@ def segment_file(
     if not boxes:
         raise ValueError("give at least one box: --box X0 Y0 X1 Y1")
     box_array = _clipped(parse_boxes(boxes, 4), image.spatial_shape)
-    pixels = _not_constant(to_model_input(image, opts.modality, opts.window), image)
+    pixels = not_constant(to_model_input(image, opts.modality, opts.window), image)
 
-    model = _model(opts, log)
+    model = resolve_model(opts, log)
     predictor = Predictor(model, contract=opts.contract)
     zoom = _resolve_auto_zoom(opts.zoom, predictor, log)
     prediction: ZoomedPrediction | Prediction
@@ -202,7 +118,7 @@ def segment_file(
         labels = prediction.masks[0].astype(np.uint8) if len(box_array) == 1 else masks_to_label_map(prediction)
     scores = [float(s) for s in prediction.scores]
 
-    written = _write_outputs(
+    written = write_outputs(
         image,
         labels,
         output_path,
@@ -212,7 +128,7 @@ def segment_file(
             "input": str(input_path),
             "boxes": box_array.tolist(),
             "scores": scores,
-            "model": _model_description(model, opts.checkpoint),
+            "model": model_description(model, opts.checkpoint),
             "contract": predictor.contract.name,
         },
         overlay_source=pixels,
@@ -230,73 +146,6 @@ def _ignored_for_tracking(opts: SegmentOptions) -> None:
         ignored.append("zoom")
     if ignored:
         warnings.warn(f"{' and '.join(ignored)}: not used by SAM2 memory tracking", stacklevel=3)
-
-
-def _model(opts: SegmentOptions, log: Callable[[str], None]) -> MedSAMModel | SAM2Model:
-    if opts.model is not None:
-        return opts.model
-    return load_reporting(opts.checkpoint, opts.device, opts.contract, log, arch=opts.arch)
-
-
-def _model_description(model: MedSAMModel | SAM2Model, checkpoint: str | Path | None) -> dict[str, Any]:
-    return {
-        "checkpoint": None if checkpoint is None else str(checkpoint),
-        "architecture": model.config.name,
-        "untrained_default": bool(getattr(model, "is_untrained_default", False)),
-    }
-
-
-def load_reporting(
-    checkpoint: str | Path | None,
-    device: str | None,
-    contract: str | None,
-    log: Callable[[str], None],
-    arch: str | None = None,
-) -> MedSAMModel | SAM2Model:
-    """The model of ``checkpoint`` (the embedded default when None; load_model warns if that
-    one is untrained)."""
-    from .weights import load_model
-
-    model = load_model(checkpoint, contract=contract, device=device, arch=arch)
-    if checkpoint is None and not getattr(model, "is_untrained_default", False):
-        log("using the embedded default model (no --checkpoint given)")
-    return model
-
-
-def _write_outputs(
-    image: MedicalImage,
-    labels: np.ndarray,
-    output_path: Path,
-    overlay_path: str | Path | None,
-    scores_path: str | Path | None,
-    report: dict[str, Any],
-    overlay_source: np.ndarray | None = None,
-    overlay_boxes: np.ndarray | None = None,
-) -> tuple[Path, Path, Path | None]:
-    """Write the mask (input geometry), the scores JSON and the optional overlay PNG."""
-    from .overlay import render_overlay, save_png
-    from .preprocess import to_rgb_uint8
-
-    picture = None
-    if overlay_path is not None:
-        assert overlay_source is not None  # given with every overlay_path
-        picture = render_overlay(to_rgb_uint8(overlay_source), labels, overlay_boxes)
-    scores_path = Path(scores_path) if scores_path else _default_scores_path(output_path)
-    write_mask(labels, image, output_path)
-    write_json(scores_path, report, indent=2)
-    if picture is not None:
-        assert overlay_path is not None  # a picture is made for an overlay_path only
-        save_png(picture, overlay_path)
-    return output_path, scores_path, (Path(overlay_path) if overlay_path else None)
-
-
-def _default_scores_path(output_path: Path) -> Path:
-    name = output_path.name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".png", ".tif", ".tiff", ".npz"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return output_path.with_name(name + ".scores.json")
 
 
 def _segment_volume_file(
@@ -345,8 +194,8 @@ def _segment_volume_file(
         ]
     else:
         raise ValueError("boxes on a volume need 6 numbers (X0 Y0 Z0 X1 Y1 Z1) or 4 with --slice")
-    pixels = _not_constant(to_model_input(image, opts.modality, opts.window), image)
-    model = _model(opts, log)
+    pixels = not_constant(to_model_input(image, opts.modality, opts.window), image)
+    model = resolve_model(opts, log)
     predictor = Predictor(model, contract=opts.contract)
     options: dict[str, Any] = {"iou_threshold": opts.iou_threshold}
     if opts.zoom not in (None, "auto"):
@@ -369,7 +218,7 @@ def _segment_volume_file(
     report = {
         "input": str(image.source_path),
         "boxes": [list(map(float, b)) for b in boxes],
-        "model": _model_description(model, opts.checkpoint),
+        "model": model_description(model, opts.checkpoint),
         "contract": predictor.contract.name,
         "objects": [
             {
@@ -398,7 +247,7 @@ def _segment_volume_file(
         from .preprocess import to_rgb_uint8
 
         picture = render_overlay(to_rgb_uint8(overlay_src), labels_for_overlay)
-    written = _write_outputs(image, labels, output_path, None, opts.scores_path, report)
+    written = write_outputs(image, labels, output_path, None, opts.scores_path, report)
     if overlay_path is not None:
         save_png(picture, overlay_path)
         written = (written[0], written[1], Path(overlay_path))
@@ -442,7 +291,7 @@ def _segment_npz(
     options: dict[str, Any] = {} if opts.iou_threshold is None else {"iou_threshold": opts.iou_threshold}
     if options and not case.is_volume:
         raise ValueError(f"{', '.join(sorted(options))} applies to 3D cases; {input_path.name} is a 2D case")
-    model = _model(opts, log)
+    model = resolve_model(opts, log)
     from .model.sam2 import SAM2Model
 
     if case.is_volume and isinstance(model, SAM2Model):  # memory tracking

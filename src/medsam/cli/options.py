@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     # (generic in typeshed only, so the alias exists for the type checker alone).
     Subparsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
 
-__all__ = ["ct_window", "finite_float", "positive_int"]
+__all__ = ["ct_window", "finite_float", "non_negative_int", "positive_int"]
 
 
 def ct_window(text: str) -> str | tuple[float, float]:
@@ -42,10 +42,19 @@ def finite_float(text: str) -> float:
 
 def positive_int(text: str) -> int:
     """An integer >= 1."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
     return value

@@ -1,14 +1,16 @@
-"""``medsam segment``: objects in an image or volume from box prompts (:func:`medsam.segment.segment_file`)."""
+"""``medsam segment``: objects in an image or volume from box prompts, or every object with
+``--auto`` (:func:`medsam.segment.segment_file`)."""
 
 from __future__ import annotations
 
 import argparse
 from typing import TYPE_CHECKING, Literal
 
-from .options import ct_window, finite_float
+from .options import ct_window, finite_float, non_negative_int, positive_int
 from .runner import CLIError, log
 
 if TYPE_CHECKING:
+    from ..automatic import AutoOptions
     from ..zoom import ZoomPolicy
     from .options import Subparsers
 
@@ -19,11 +21,14 @@ __all__ = ["add_parser", "run"]
 def add_parser(sub: Subparsers) -> None:
     p = sub.add_parser(
         "segment",
-        help="segment objects in an image or volume from box prompts",
+        help="segment objects in an image or volume from box prompts (or every object: --auto)",
         description="Segment the objects given by boxes. 2D: --box X0 Y0 X1 Y1 (pixels, x = column, "
         "y = row, inclusive). Volumes: --box X0 Y0 Z0 X1 Y1 Z1 (voxel indices i j k as the file "
         "stores them), or --box X0 Y0 X1 Y1 --slice K. A CVPR 2024 .npz case carries its own boxes. "
-        "A box that overhangs the image edge is clipped to it (with a warning).",
+        "A box that overhangs the image edge is clipped to it (with a warning). With --auto, every "
+        "object is found without prompts (SAM's everything mode for SAM models, region proposals "
+        "refined by the model for MedSAM models; on a volume, on the --slice K, default the middle "
+        "one, then propagated) and written as an instance label map with per-object scores.",
     )
     p.add_argument("input", help="PNG/JPEG/TIFF, DICOM file or series folder, NIfTI, NRRD, MHA, or .npz")
     p.add_argument(
@@ -81,6 +86,36 @@ def add_parser(sub: Subparsers) -> None:
         "off otherwise",
     )
     p.add_argument("--no-zoom", action="store_true", help="never zoom (not even the 256 px models' 2D default)")
+    auto = p.add_argument_group("automatic mode (medsam.automatic)")
+    auto.add_argument("--auto", action="store_true", help="find every object without prompts")
+    auto.add_argument(
+        "--auto-prompt",
+        choices=("points", "boxes"),
+        default=None,
+        help="how the model is asked: a grid of clicks (SAM) or region boxes (MedSAM); default: by the model",
+    )
+    auto.add_argument("--points-per-side", type=positive_int, default=32, help="click grid side (default 32)")
+    auto.add_argument("--pred-iou-thresh", type=finite_float, default=None, help="keep masks above this predicted IoU")
+    auto.add_argument(
+        "--stability-thresh", type=finite_float, default=None, help="keep masks with this stability score or more"
+    )
+    auto.add_argument(
+        "--min-region-area", type=non_negative_int, default=0, help="fill holes and drop islands below this area"
+    )
+    auto.add_argument("--crop-layers", type=non_negative_int, default=0, help="also search 2^i x 2^i crops, i = 1..N")
+    auto.add_argument(
+        "--proposals",
+        default=None,
+        metavar="LABELS",
+        help="a label map on the input's grid whose connected pieces say where objects are; the model "
+        "outlines each piece from its box (2D) or 3D box (volumes)",
+    )
+    auto.add_argument(
+        "--specialist",
+        default=None,
+        metavar="CKPT",
+        help="2D: a specialist U-Net (medsam specialist-train) whose prediction gives the proposals",
+    )
     p.set_defaults(func=run)
 
 
@@ -100,6 +135,30 @@ def _zoom_choice(args: argparse.Namespace) -> ZoomPolicy | Literal["auto"] | Non
         raise CLIError(f"--zoom: {exc}") from None
 
 
+def _auto_options(args: argparse.Namespace) -> AutoOptions | None:
+    if not args.auto:
+        if args.proposals or args.specialist:
+            raise CLIError("--proposals and --specialist go with --auto")
+        return None
+    if args.proposals and args.specialist:
+        raise CLIError("give --proposals or --specialist, not both")
+    if args.box:
+        raise CLIError("--auto finds its own objects: give either --box or --auto")
+    from ..automatic import AutoOptions
+
+    try:
+        return AutoOptions(
+            prompt=args.auto_prompt,
+            points_per_side=args.points_per_side,
+            pred_iou_thresh=args.pred_iou_thresh,
+            stability_score_thresh=args.stability_thresh,
+            min_mask_region_area=args.min_region_area,
+            crop_n_layers=args.crop_layers,
+        )
+    except ValueError as exc:
+        raise CLIError(f"--auto: {exc}") from None
+
+
 def check_arguments(args: argparse.Namespace) -> None:
     """Everything that can be judged without reading the input or loading a model."""
     for b in args.box:
@@ -113,6 +172,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     check_arguments(args)
     zoom = _zoom_choice(args)
+    auto = _auto_options(args)
     from ..segment import SegmentOptions, segment_file
 
     options = SegmentOptions(
@@ -128,6 +188,9 @@ def run(args: argparse.Namespace) -> int:
         series_uid=args.series,
         iou_threshold=args.iou_threshold,
         zoom=zoom,
+        auto=auto,
+        proposals=args.proposals,
+        specialist=args.specialist,
     )
     out = segment_file(args.input, args.output, args.box, options, log=log)
     print(f"wrote {out.mask_path}")

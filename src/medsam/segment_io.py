@@ -1,0 +1,217 @@
+"""What every ``medsam segment`` path shares: its options, the model input, the model, the outputs.
+
+:mod:`medsam.segment` (boxes) and :mod:`medsam.segment_auto` (automatic mode) both build on it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from .intensity import minmax_to_uint8, normalize_image
+from .io import MedicalImage, write_mask
+from .io.atomic import write_json
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .automatic import AutoOptions
+    from .model.sam import MedSAMModel
+    from .model.sam2 import SAM2Model
+    from .zoom import ZoomPolicy
+
+__all__ = [
+    "SegmentOptions",
+    "SegmentationOutput",
+    "default_scores_path",
+    "load_reporting",
+    "model_description",
+    "not_constant",
+    "resolve_model",
+    "to_model_input",
+    "write_outputs",
+]
+
+
+@dataclass
+class SegmentationOutput:
+    """What :func:`segment_file` wrote and computed."""
+
+    mask_path: Path
+    scores_path: Path | None
+    overlay_path: Path | None
+    labels: np.ndarray
+    scores: list[float]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    """How :func:`segment_file` reads, prompts and writes (everything but the input, output and boxes).
+
+    Attributes:
+        model: a loaded model; default: ``checkpoint`` is loaded (the embedded model when None).
+        checkpoint, arch, contract, device: as :func:`medsam.load_model` takes them.
+        overlay_path: also write an overlay picture (PNG) here.
+        scores_path: where the scores JSON goes (default: the output's stem + ``.scores.json``).
+        key_slice: the slice 2D boxes on a volume are drawn on (array index ``k``).
+        modality, window: model-input normalisation (:func:`to_model_input`).
+        series_uid: which DICOM series of a folder holding several.
+        iou_threshold: volumes: stop propagation below this predicted IoU
+            (:func:`medsam.volume.segment_volume`'s default when None).
+        zoom: a :class:`medsam.zoom.ZoomPolicy`, ``None`` (never), or ``"auto"``: the default
+            policy for 2D images and 2D ``.npz`` cases when the model's input is at most
+            :data:`AUTO_ZOOM_MAX_INPUT` px (LiteMedSAM's 64 x 64 embedding of a whole slice does not
+            resolve small structures), no zoom otherwise and never in volumes (docs/model-card.md
+            gives the measurements behind both choices).
+        auto: automatic mode (:mod:`medsam.automatic`) with these options instead of boxes: every
+            object of a 2D image; on a volume, every object of the key slice (``key_slice``,
+            default the middle one), each then propagated through the volume as a 2D box.
+        proposals: with ``auto``, a label map on the input's grid (a file any reader here
+            opens, or an array) whose connected pieces say where the objects are: in 2D each
+            piece's box is refined by the model (:func:`medsam.automatic.refine_proposals`); in
+            a volume each 3D piece's 3D box is segmented as ``Box3D`` prompts are.
+        specialist: with ``auto`` on a 2D image, a specialist U-Net checkpoint
+            (:func:`medsam.specialist.load_specialist`) whose prediction gives the proposals.
+    """
+
+    model: MedSAMModel | SAM2Model | None = None
+    checkpoint: str | Path | None = None
+    arch: str | None = None
+    contract: str | None = None
+    device: str | None = None
+    overlay_path: str | Path | None = None
+    scores_path: str | Path | None = None
+    key_slice: int | None = None
+    modality: str | None = None
+    window: str | tuple[float, float] | None = None
+    series_uid: str | None = None
+    iou_threshold: float | None = None
+    zoom: ZoomPolicy | Literal["auto"] | None = "auto"
+    auto: AutoOptions | None = None
+    proposals: str | Path | np.ndarray | None = None
+    specialist: str | Path | None = None
+
+    def __post_init__(self) -> None:
+        from .zoom import ZoomPolicy
+
+        if not (self.zoom is None or self.zoom == "auto" or isinstance(self.zoom, ZoomPolicy)):
+            raise ValueError(f"zoom must be a ZoomPolicy, None or 'auto', got {self.zoom!r}")
+
+
+def to_model_input(
+    image: MedicalImage, modality: str | None = None, window: str | tuple[float, float] | None = None
+) -> np.ndarray:
+    """The image array as the model should see it: uint8 after modality normalisation.
+
+    uint8 data (PNG/JPEG, curated images) are kept. Otherwise the modality (``modality`` argument,
+    else the DICOM tag) decides: CT is windowed (soft tissue unless ``window`` is given), other
+    modalities are percentile-clipped; with no modality known, the array is min-max scaled.
+    NaN and infinite voxels take the lowest finite value (with a warning); an image without any
+    finite value is refused (ValueError).
+    """
+    array = _finite_or_refused(image.array)
+    if array.dtype == np.uint8 and modality is None and window is None:
+        return array
+    chosen = modality or image.modality
+    if chosen is None:
+        if window is not None:
+            chosen = "CT"
+        else:
+            return minmax_to_uint8(array)
+    return normalize_image(array, chosen, window=window)
+
+
+def _finite_or_refused(array: np.ndarray) -> np.ndarray:
+    if array.dtype.kind not in "fc":
+        return array
+    finite = np.isfinite(array)
+    if finite.all():
+        return array
+    if not finite.any():
+        raise ValueError("the image has no finite value (every voxel is NaN or infinite)")
+    bad = int(finite.size - np.count_nonzero(finite))
+    warnings.warn(
+        f"{bad} of {finite.size} voxels are NaN or infinite; they are given the lowest finite value", stacklevel=3
+    )
+    return np.where(finite, array, array[finite].min())
+
+
+def not_constant(pixels: np.ndarray, image: MedicalImage) -> np.ndarray:
+    """``pixels``, unless the whole model input is one grey value (nothing can be segmented:
+    a blank image, or one whose every voxel was NaN; ITK's NIfTI reader gives NaN as 0)."""
+    if pixels.size and pixels.min() == pixels.max():
+        raw = np.asarray(image.array)
+        value = float(raw.flat[0]) if raw.size else 0.0
+        raise ValueError(f"the image is constant (every voxel is {value:g}): there is nothing to segment")
+    return pixels
+
+
+def resolve_model(opts: SegmentOptions, log: Callable[[str], None]) -> MedSAMModel | SAM2Model:
+    if opts.model is not None:
+        return opts.model
+    return load_reporting(opts.checkpoint, opts.device, opts.contract, log, arch=opts.arch)
+
+
+def model_description(model: MedSAMModel | SAM2Model, checkpoint: str | Path | None) -> dict[str, Any]:
+    return {
+        "checkpoint": None if checkpoint is None else str(checkpoint),
+        "architecture": model.config.name,
+        "untrained_default": bool(getattr(model, "is_untrained_default", False)),
+    }
+
+
+def load_reporting(
+    checkpoint: str | Path | None,
+    device: str | None,
+    contract: str | None,
+    log: Callable[[str], None],
+    arch: str | None = None,
+) -> MedSAMModel | SAM2Model:
+    """The model of ``checkpoint`` (the embedded default when None; load_model warns if that
+    one is untrained)."""
+    from .weights import load_model
+
+    model = load_model(checkpoint, contract=contract, device=device, arch=arch)
+    if checkpoint is None and not getattr(model, "is_untrained_default", False):
+        log("using the embedded default model (no --checkpoint given)")
+    return model
+
+
+def write_outputs(
+    image: MedicalImage,
+    labels: np.ndarray,
+    output_path: Path,
+    overlay_path: str | Path | None,
+    scores_path: str | Path | None,
+    report: dict[str, Any],
+    overlay_source: np.ndarray | None = None,
+    overlay_boxes: np.ndarray | None = None,
+) -> tuple[Path, Path, Path | None]:
+    """Write the mask (input geometry), the scores JSON and the optional overlay PNG."""
+    from .overlay import render_overlay, save_png
+    from .preprocess import to_rgb_uint8
+
+    picture = None
+    if overlay_path is not None:
+        assert overlay_source is not None  # given with every overlay_path
+        picture = render_overlay(to_rgb_uint8(overlay_source), labels, overlay_boxes)
+    scores_path = Path(scores_path) if scores_path else default_scores_path(output_path)
+    write_mask(labels, image, output_path)
+    write_json(scores_path, report, indent=2)
+    if picture is not None:
+        assert overlay_path is not None  # a picture is made for an overlay_path only
+        save_png(picture, overlay_path)
+    return output_path, scores_path, (Path(overlay_path) if overlay_path else None)
+
+
+def default_scores_path(output_path: Path) -> Path:
+    name = output_path.name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".png", ".tif", ".tiff", ".npz"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return output_path.with_name(name + ".scores.json")
