@@ -6,7 +6,7 @@ prints ratios (reference time / medsam time), which are what to compare across m
 absolute times moved by up to 20 % between processes on the project's 2-core machines.
 
     .venv/bin/python benchmarks/run.py                 # everything (about 10 minutes on 2 cores)
-    .venv/bin/python benchmarks/run.py --only encoder  # one group: encoder, image, decoder, lite, volume
+    .venv/bin/python benchmarks/run.py --only encoder  # one group: encoder, image, decoder, lite, volume, auto
     .venv/bin/python benchmarks/run.py --device cuda   # on a GPU
     .venv/bin/python benchmarks/run.py --background-load 1   # idle and loaded side by side
 
@@ -253,6 +253,40 @@ def child(case: str, weights: str, device: str, repeats: int) -> dict:
                 return predictor.predict(boxes=boxes).masks
 
         return {"seconds": _timed_calls(run, repeats, sync)}
+    if what == "auto":
+        # Automatic mode (SAM's everything mode) on the 512 x 512 CT slice with an n x n click grid,
+        # every candidate kept by the filters (IoU and stability thresholds 0) so that upsampling,
+        # boxes and suppression of all 3 n^2 masks are timed, not only the decoder.
+        from PIL import Image
+
+        from medsam.demo import bundled_samples
+
+        n = int(rest[0])
+        sample = next(s for s in bundled_samples() if s.name == "ct_slice")
+        rgb = np.repeat(np.asarray(Image.open(sample.image))[:, :, None], 3, axis=2)
+        settings = dict(points_per_side=n, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+        if impl == "ref":
+            from reference_sam import import_reference
+
+            generator = import_reference().SamAutomaticMaskGenerator(model, **settings)
+
+            def run():
+                return generator.generate(rgb)
+        else:
+            from medsam.automatic import AutoOptions, generate_masks
+
+            predictor = medsam.Predictor(medsam.load_model(weights, device=device, contract="sam"))
+            options = AutoOptions(**settings)
+
+            def run():
+                return generate_masks(predictor, rgb, options)
+
+        rss0 = _rss_mib()
+        with PeakRSS() as peak, torch.inference_mode():
+            found = run()
+        with torch.inference_mode():
+            times = _timed_calls(run, repeats - 1, sync) if repeats > 1 else []
+        return {"seconds": times or [float("nan")], "peak_extra_mib": peak.peak - rss0, "masks": len(found)}
     if what == "volume":
         from medsam.volume import Box3D, segment_volume
 
@@ -527,7 +561,7 @@ def main() -> int:
         print(f"torch {torch.__version__}, cores {os.cpu_count()}, device {args.device}")
         load_report(weights, args.device, args.repeats, args.background_load, args.only)
         return 0
-    groups = [args.only] if args.only else ["encoder", "image", "decoder", "lite", "volume", "agreement"]
+    groups = [args.only] if args.only else ["encoder", "image", "decoder", "lite", "auto", "volume", "agreement"]
     rows = []
     print(f"torch {torch.__version__}, threads {os.environ.get('OMP_NUM_THREADS', '2')}, device {args.device}")
     if "encoder" in groups:
@@ -590,6 +624,21 @@ def main() -> int:
                 median(lite["seconds"]),
                 ref["peak_extra_mib"],
                 lite["peak_extra_mib"],
+            )
+        )
+    if "auto" in groups:
+        # one warm-up (memory) and one timed run each: the reference needs minutes at 16 x 16
+        ref = run_child("ref:auto:16", weights, args.device, 2)
+        ours = run_child("ours:auto:16", weights, args.device, 2)
+        if ref["masks"] != ours["masks"]:
+            print(f"warning: automatic mode found {ours['masks']} masks, the reference {ref['masks']}")
+        rows.append(
+            (
+                f"automatic mode, 16x16 clicks, 512 px ({ours['masks']} masks)",
+                median(ref["seconds"]),
+                median(ours["seconds"]),
+                ref["peak_extra_mib"],
+                ours["peak_extra_mib"],
             )
         )
     print()

@@ -557,12 +557,12 @@ def test_sigterm_ends_a_run_with_one_line_and_no_output(tmp_path):
         textwrap.dedent(f"""
         import time, medsam.segment as s
         from medsam.cli import main
-        orig = s._write_outputs
+        orig = s.write_outputs
         def slow(*a, **k):
             print("writing", flush=True)
             time.sleep(30)
             return orig(*a, **k)
-        s._write_outputs = slow
+        s.write_outputs = slow
         import medsam.default_model as d
         d.bundled_checkpoint = lambda: None
         raise SystemExit(main(["segment", {str(tmp_path / "in.png")!r}, "--box", "2", "2", "30", "30",

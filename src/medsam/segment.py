@@ -133,6 +133,7 @@ def segment_file(
         },
         overlay_source=pixels,
         overlay_boxes=box_array,
+        rtstruct_path=opts.rtstruct_path,
     )
     return SegmentationOutput(*written, labels=labels, scores=scores)
 
@@ -161,7 +162,7 @@ def _segment_volume_file(
         raise ValueError("give at least one box: --box X0 Y0 Z0 X1 Y1 Z1, or --box X0 Y0 X1 Y1 --slice K")
     if image.is_color:
         raise ValueError("colour volumes are not supported")
-    check_mask_path(output_path, volume=True)
+    check_mask_path(output_path, volume=True, dicom_source=image.source_format in ("dicom", "dicom-series"))
     Z, Y, X = image.spatial_shape
     widths = {len(b) for b in boxes}
     key_slice = opts.key_slice
@@ -247,7 +248,9 @@ def _segment_volume_file(
         from .preprocess import to_rgb_uint8
 
         picture = render_overlay(to_rgb_uint8(overlay_src), labels_for_overlay)
-    written = write_outputs(image, labels, output_path, None, opts.scores_path, report)
+    written = write_outputs(
+        image, labels, output_path, None, opts.scores_path, report, rtstruct_path=opts.rtstruct_path
+    )
     if overlay_path is not None:
         save_png(picture, overlay_path)
         written = (written[0], written[1], Path(overlay_path))

@@ -47,7 +47,7 @@ def segment_auto(
     if image.is_volume:
         if image.is_color:
             raise ValueError("colour volumes are not supported")
-        check_mask_path(output_path, volume=True)
+        check_mask_path(output_path, volume=True, dicom_source=image.source_format in ("dicom", "dicom-series"))
         depth = image.spatial_shape[0]
         key = depth // 2 if opts.key_slice is None else opts.key_slice
         if not 0 <= key < depth:
@@ -79,7 +79,14 @@ def segment_auto(
     if not image.is_volume:
         labels = instance_label_map(found, plane.shape[:2])
         written = write_outputs(
-            image, labels, output_path, opts.overlay_path, opts.scores_path, report, overlay_source=pixels
+            image,
+            labels,
+            output_path,
+            opts.overlay_path,
+            opts.scores_path,
+            report,
+            overlay_source=pixels,
+            rtstruct_path=opts.rtstruct_path,
         )
         return SegmentationOutput(*written, labels=labels, scores=[m.predicted_iou for m in found], extra=report)
     from .volume import Box2D
@@ -98,7 +105,9 @@ def segment_auto(
         from .volume import segment_volume
 
         labels = segment_volume(predictor, pixels, prompts, iou_threshold=opts.iou_threshold).labels
-    written = write_outputs(image, labels, output_path, None, opts.scores_path, report)
+    written = write_outputs(
+        image, labels, output_path, None, opts.scores_path, report, rtstruct_path=opts.rtstruct_path
+    )
     if opts.overlay_path is not None:
         from .overlay import render_overlay, save_png
         from .preprocess import to_rgb_uint8
@@ -186,5 +195,7 @@ def _segment_volume_proposals(
         "proposals": _proposal_source(opts),
         "objects": objects,
     }
-    written = write_outputs(image, labels, output_path, None, opts.scores_path, report)
+    written = write_outputs(
+        image, labels, output_path, None, opts.scores_path, report, rtstruct_path=opts.rtstruct_path
+    )
     return SegmentationOutput(*written, labels=labels, scores=[], extra=report)

@@ -70,6 +70,8 @@ class SegmentOptions:
         auto: automatic mode (:mod:`medsam.automatic`) with these options instead of boxes: every
             object of a 2D image; on a volume, every object of the key slice (``key_slice``,
             default the middle one), each then propagated through the volume as a 2D box.
+        rtstruct_path: also write the label map as an RTSTRUCT referencing the input's DICOM
+            series (:func:`medsam.io.rtstruct.write_rtstruct`); DICOM inputs only.
         proposals: with ``auto``, a label map on the input's grid (a file any reader here
             opens, or an array) whose connected pieces say where the objects are: in 2D each
             piece's box is refined by the model (:func:`medsam.automatic.refine_proposals`); in
@@ -92,6 +94,7 @@ class SegmentOptions:
     iou_threshold: float | None = None
     zoom: ZoomPolicy | Literal["auto"] | None = "auto"
     auto: AutoOptions | None = None
+    rtstruct_path: str | Path | None = None
     proposals: str | Path | np.ndarray | None = None
     specialist: str | Path | None = None
 
@@ -190,17 +193,36 @@ def write_outputs(
     report: dict[str, Any],
     overlay_source: np.ndarray | None = None,
     overlay_boxes: np.ndarray | None = None,
+    rtstruct_path: str | Path | None = None,
+    names: dict[int, str] | None = None,
 ) -> tuple[Path, Path, Path | None]:
-    """Write the mask (input geometry), the scores JSON and the optional overlay PNG."""
+    """Write the mask (input geometry; a ``.dcm`` output of a DICOM input is a DICOM-SEG object
+    referencing it), the scores JSON, the optional overlay PNG and the optional RTSTRUCT.
+    ``names``: label -> segment / ROI name (default ``"object N"``)."""
+    from .io.formats import format_of
     from .overlay import render_overlay, save_png
     from .preprocess import to_rgb_uint8
+
+    present = [int(v) for v in np.unique(labels) if v > 0]
+    names = names or {v: f"object {v}" for v in present}
+    if (rtstruct_path is not None or format_of(output_path) == "dicom") and not present:
+        raise ValueError("nothing was segmented: DICOM-SEG and RTSTRUCT outputs need at least one object")
 
     picture = None
     if overlay_path is not None:
         assert overlay_source is not None  # given with every overlay_path
         picture = render_overlay(to_rgb_uint8(overlay_source), labels, overlay_boxes)
     scores_path = Path(scores_path) if scores_path else default_scores_path(output_path)
-    write_mask(labels, image, output_path)
+    if format_of(output_path) == "dicom":
+        from .io.dicom_seg import write_dicom_seg
+
+        write_dicom_seg(labels, image, output_path, names)
+    else:
+        write_mask(labels, image, output_path)
+    if rtstruct_path is not None:
+        from .io.rtstruct import write_rtstruct
+
+        write_rtstruct(labels, image, rtstruct_path, names)
     write_json(scores_path, report, indent=2)
     if picture is not None:
         assert overlay_path is not None  # a picture is made for an overlay_path only
@@ -210,7 +232,7 @@ def write_outputs(
 
 def default_scores_path(output_path: Path) -> Path:
     name = output_path.name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".png", ".tif", ".tiff", ".npz"):
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".png", ".tif", ".tiff", ".npz", ".dcm"):
         if name.endswith(suffix):
             name = name[: -len(suffix)]
             break

@@ -58,6 +58,13 @@ def add_parser(sub: Subparsers) -> None:
     )
     p.add_argument("--no-progress", action="store_true", help="folder runs: no progress bar")
     p.add_argument("--overlay", default=None, help="write an overlay picture (PNG)")
+    p.add_argument(
+        "--rtstruct",
+        default=None,
+        metavar="FILE",
+        help="DICOM inputs: also write the objects as an RTSTRUCT referencing the series "
+        "(-o seg.dcm writes the mask itself as DICOM-SEG)",
+    )
     p.add_argument("--scores", default=None, help="scores JSON (default: OUTPUT stem + .scores.json)")
     p.add_argument("--checkpoint", default=None, help="model weights (default: the embedded model)")
     p.add_argument(
@@ -179,9 +186,14 @@ def check_arguments(args: argparse.Namespace) -> None:
     for b in args.box:
         if len(b) not in (4, 6):
             raise CLIError(f"--box takes 4 numbers (2D) or 6 (3D), got {len(b)}")
-    from ..io.formats import check_segment_paths
+    from ..io.formats import check_segment_paths, is_dicom_source
 
     check_segment_paths(args.input, args.output, args.overlay)
+    if args.rtstruct is not None:
+        if not is_dicom_source(args.input):
+            raise CLIError("--rtstruct references a DICOM series: the input must be DICOM")
+        if not str(args.rtstruct).lower().endswith(".dcm"):
+            raise CLIError(f"--rtstruct writes a DICOM file: give a .dcm name, got {args.rtstruct}")
 
 
 def _folder_run(args: argparse.Namespace) -> bool:
@@ -200,7 +212,12 @@ def check_folder_arguments(args: argparse.Namespace) -> None:
 
     from ..io.formats import format_of
 
-    for flag, value in (("--box", args.box), ("--overlay", args.overlay), ("--scores", args.scores)):
+    for flag, value in (
+        ("--box", args.box),
+        ("--overlay", args.overlay),
+        ("--scores", args.scores),
+        ("--rtstruct", args.rtstruct),
+    ):
         if value:
             raise CLIError(f"{flag} applies to one file; a folder run takes its prompts from --prompts")
     if args.key_slice is not None:
@@ -224,6 +241,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint,
         arch=args.arch,
         overlay_path=args.overlay,
+        rtstruct_path=args.rtstruct,
         scores_path=args.scores,
         key_slice=args.key_slice,
         modality=args.modality,

@@ -54,18 +54,21 @@ def known_suffixes() -> str:
     return ", ".join(_SUFFIXES)
 
 
-def check_mask_path(path: str | Path, volume: bool | None = None) -> str:
+def check_mask_path(path: str | Path, volume: bool | None = None, dicom_source: bool = False) -> str:
     """The mask format of ``path`` (from its suffix); ValueError for a suffix no mask is written as.
 
-    ``volume``: when known, a PNG output for a volume is refused too. Cheap (no file access), so
-    commands check their outputs before any model runs.
+    ``volume``: when known, a PNG output for a volume is refused too. ``dicom_source``: the input
+    is DICOM, so a ``.dcm`` output means a DICOM-SEG object referencing it (format
+    ``"dicom-seg"``). Cheap (no file access), so commands check their outputs before any model runs.
     """
     fmt = format_of(path)
     name = Path(path).name
     if fmt == "dicom":
+        if dicom_source:
+            return "dicom-seg"
         raise ValueError(
-            f"{name}: masks are not written as plain DICOM images; write a .nii.gz (NIfTI keeps the "
-            "series geometry) or a DICOM-SEG object with medsam.io.write_dicom_seg"
+            f"{name}: a .dcm output is a DICOM-SEG object, which references a DICOM input; for this "
+            "input write a .nii.gz (or .nrrd, .mha, .png for 2D)"
         )
     if fmt in ("jpeg", "bmp"):
         raise ValueError(f"{name}: {fmt} is not a mask format (lossy or 8-bit only); use .png")
@@ -91,4 +94,9 @@ def check_segment_paths(
         if format_of(output_path) != "npz":
             raise ValueError("the output of an npz case must be an .npz file (key 'segs')")
     else:
-        check_mask_path(output_path)
+        check_mask_path(output_path, dicom_source=is_dicom_source(source))
+
+
+def is_dicom_source(path: str | Path) -> bool:
+    """Whether ``path`` is read as DICOM (a DICOM file, or a folder: a series)."""
+    return format_of(path) == "dicom" or Path(path).is_dir()
