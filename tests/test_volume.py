@@ -18,7 +18,7 @@ from medsam.embedding_cache import EmbeddingCache, model_fingerprint, set_image_
 from medsam.io.npz import read_npz_case
 from medsam.predictor import Predictor, PromptError, masks_to_label_map
 from medsam.preprocess import get_contract
-from medsam.volume import Box2D, Box3D, segment_npz_case, segment_volume
+from medsam.volume import Box2D, Box3D, KeyBoxes, segment_npz_case, segment_volume
 
 S, H, W = 20, 48, 48
 
@@ -169,6 +169,71 @@ def test_default_iou_stop_is_for_2d_boxes_only():
         FakePredictor(truth, iou=low), index_volume(), [Box2D(*bbox2d(truth[10]), slice=10)], iou_threshold=0.2
     )
     assert res.slices == [(zmin, zmax)]
+
+
+def test_key_boxes_each_key_walks_the_slices_nearest_to_it():
+    """Keys 6 and 14: 7..10 are walked from 6 (10 is half-way: the lower key), 11..13 from 14;
+    below 6 and above 14 the walks run as a Box2D's. Every slice is predicted once."""
+    truth = ellipsoid((10, 24, 24), (8, 14, 12))
+    zmin, zmax = zrange(truth)
+    fake = FakePredictor(truth)
+    prompt = KeyBoxes.from_boxes([Box2D(*bbox2d(truth[14]), slice=14), Box2D(*bbox2d(truth[6]), slice=6)])
+    res = segment_volume(fake, index_volume(), [prompt])
+    np.testing.assert_array_equal(res.labels, truth.astype(np.uint8))
+    assert res.slices == [(zmin, zmax)] and res.key_slices == [6]
+    assert res.stop_reasons == [("empty", "empty")]
+    order = fake.predicted_slices()
+    assert sorted(order) == list(range(zmin - 1, zmax + 2))  # once each, and one empty slice past each end
+    up = order[: order.index(13)]  # the up sweep ends before the down sweep's first slice (13)
+    assert up[:5] == [6, 7, 8, 9, 10] and up[5:] == list(range(14, zmax + 2))
+    assert order[len(up) : len(up) + 3] == [13, 12, 11]
+
+
+def test_key_boxes_do_not_stop_between_keys():
+    """Between two keys the object is known to continue: no IoU stop there; beyond them the
+    Box2D stop applies (default 0.5, or the explicit threshold)."""
+    truth = ellipsoid((10, 24, 24), (8, 14, 12))
+    low = lambda s, box: 0.9 if s in (6, 14) else 0.3
+    prompt = KeyBoxes(((*bbox2d(truth[6]),), (*bbox2d(truth[14]),)), (6, 14))
+    res = segment_volume(FakePredictor(truth, iou=low), index_volume(), [prompt])
+    assert res.slices == [(6, 14)] and res.stop_reasons == [("low_iou", "low_iou")]
+    np.testing.assert_array_equal(res.labels[6:15], truth[6:15].astype(np.uint8))
+    assert not res.labels[:6].any() and not res.labels[15:].any()
+    res = segment_volume(FakePredictor(truth, iou=low), index_volume(), [prompt], iou_threshold=0.2)
+    np.testing.assert_array_equal(res.labels, truth.astype(np.uint8))
+
+
+def test_one_key_box_is_a_box2d_and_mixes_with_other_prompts():
+    truth = ellipsoid((10, 24, 24), (6, 14, 12))
+    other = ellipsoid((10, 10, 10), (3, 4, 4))
+    both = truth | other
+    one = KeyBoxes(((*bbox2d(truth[10]),),), (10,))
+    box2d = Box2D(*bbox2d(truth[10]), slice=10)
+    a = segment_volume(FakePredictor(truth), index_volume(), [one])
+    b = segment_volume(FakePredictor(truth), index_volume(), [box2d])
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert (a.slices, a.scores, a.stop_reasons) == (b.slices, b.scores, b.stop_reasons)
+    x0, y0, x1, y1 = bbox2d(other.any(axis=0))
+    z0, z1 = zrange(other)
+    res = segment_volume(FakePredictor(both), index_volume(), [Box3D(x0, y0, z0, x1, y1, z1), one])
+    assert set(np.unique(res.labels)) == {0, 1, 2} and len(res.slices) == 2
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda: KeyBoxes(((1, 1, 5, 5),), (1, 2)),
+        lambda: KeyBoxes(((1, 1, 5, 5), (1, 1, 5, 5)), (3, 3)),
+        lambda: KeyBoxes((), ()),
+        lambda: segment_volume(FakePredictor(np.ones((S, H, W))), index_volume(), [KeyBoxes(((1, 1, 5, 5),), (S,))]),
+        lambda: segment_volume(
+            FakePredictor(np.ones((S, H, W))), index_volume(), [KeyBoxes(((1, 1, 5, 5),), (2,))], key_slices=[3]
+        ),
+    ],
+)
+def test_key_boxes_are_checked(bad):
+    with pytest.raises(PromptError):
+        bad()
 
 
 def test_never_leaves_the_z_range_of_a_3d_box():

@@ -23,11 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import PromptError
 from .model.prompt_encoder import box_corner_points
 from .model.sam2 import SAM2Model
 from .model.sam2_tracking import FrameFeatures, SAM2Tracker, Track, frame_features
 from .preprocess import get_contract
-from .volume import Box2D, Box3D, VolumeSegmentation, to_uint8_volume
+from .volume import Box2D, Box3D, KeyBoxes, VolumeSegmentation, to_uint8_volume
 from .volume_prompts import as_prompt, make_tracks
 
 __all__ = ["track_volume"]
@@ -61,6 +62,11 @@ def track_volume(
     frames = np.moveaxis(to_uint8_volume(vol), axis % 3, 0)
     S, H, W = frames.shape[:3]
     prompts = [as_prompt(b) for b in boxes]
+    if any(isinstance(p, KeyBoxes) for p in prompts):
+        raise PromptError(
+            "SAM2 tracking takes one key slice per object; several key slices (KeyBoxes) are walked "
+            "by medsam.volume.segment_volume with a MedSAM / SAM model"
+        )
     plans = make_tracks(prompts, key_slices, S, H, W, 0, None)
     the_contract = get_contract(contract or model.contract, model.input_size)
     geometry = the_contract.geometry((H, W))
@@ -148,7 +154,7 @@ def _assemble(
             labels[k][win] = i + 1
             best[k][win] = score_map[win]
         slices.append((min(kept), max(kept)))
-        reasons.append((plan.end_reason, plan.end_reason))
+        reasons.append(plan.end_reasons)
         kept_scores.append(kept)
     return VolumeSegmentation(
         labels=np.moveaxis(labels, 0, axis),

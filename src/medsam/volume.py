@@ -54,6 +54,7 @@ from .volume_prompts import (
     Box2D,
     Box3D,
     KeptCrop,
+    KeyBoxes,
     MaskPrompt,
     Track,
     ZoomWindow,
@@ -71,6 +72,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "Box2D",
     "Box3D",
+    "KeyBoxes",
     "VolumeSegmentation",
     "segment_npz_case",
     "segment_volume",
@@ -90,10 +92,11 @@ class VolumeSegmentation:
         slices: per object, the inclusive ``(first, last)`` range of slices (index along ``axis``)
             whose mask was kept, or ``None`` when the key slice's mask was empty.
         scores: per object, ``{slice: predicted IoU}`` for every kept slice.
-        key_slices: per object, the key slice.
+        key_slices: per object, the key slice (the lowest one of a :class:`KeyBoxes` object).
         stop_reasons: per object, ``(up, down)``, each one of ``"empty"`` (the mask vanished),
             ``"low_iou"`` (predicted IoU below the threshold), ``"box_end"`` (end of a 3D box's
-            z-range), ``"volume_end"`` or ``"key_empty"`` (nothing on the key slice).
+            z-range), ``"volume_end"`` or ``"key_empty"`` (nothing on the key slice); for a
+            KeyBoxes object, how the walks beyond its highest (up) and lowest (down) keys ended.
         embeddings_computed: slices run through the image encoder.
         cache_hits: embeddings read from the on-disk :class:`EmbeddingCache`.
         memory_hits: embeddings reused from the in-memory LRU (a slice needed by several objects
@@ -246,8 +249,9 @@ def segment_volume(
         volume: ``(Z, Y, X)`` array, or ``(Z, Y, X, 3)`` colour; intensities already normalised to
             uint8 (e.g. by :mod:`medsam.intensity`). Other dtypes are min-max scaled to
             0..255 once over the whole volume, so that every slice sees the same scaling.
-        boxes: one prompt per object: :class:`Box3D`, :class:`Box2D`, or a sequence
-            ``[x0, y0, z0, x1, y1, z1]`` (a Box3D). Coordinates are inclusive indices in the
+        boxes: one prompt per object: :class:`Box3D`, :class:`Box2D`, :class:`KeyBoxes` (one
+            object drawn on several key slices), or a sequence ``[x0, y0, z0, x1, y1, z1]`` (a
+            Box3D). Coordinates are inclusive indices in the
             slicing frame (module docstring): ``z`` along ``axis``, ``x`` along the last remaining
             axis, ``y`` along the other.
         axis: slicing axis in array order (0, 1, 2 or negative); 0 = axial for ``(Z, Y, X)``.
@@ -383,7 +387,7 @@ def segment_volume(
                 return
         else:
             side = 0 if direction == "up" else 1
-            reason = "empty" if empty else ("low_iou" if score < tr.iou_stop else "")
+            reason = "empty" if empty else ("low_iou" if score < tr.iou_stops[side] else "")
             if reason:
                 tr.reasons[side] = reason
                 tr.resolved += (tr.hi - s) if direction == "up" else (s - tr.lo)
@@ -408,11 +412,11 @@ def segment_volume(
         if direction in ("key", "up"):
             tr.up = state if s < tr.hi else None
             if s >= tr.hi:
-                tr.reasons[0] = tr.end_reason
+                tr.reasons[0] = tr.end_reasons[0]
         if direction in ("key", "down"):  # from the key slice, the down walk starts in the down sweep
             tr.down = state if s > tr.lo else None
             if s <= tr.lo:
-                tr.reasons[1] = tr.end_reason
+                tr.reasons[1] = tr.end_reasons[1]
 
     report()
     if tracks:
@@ -466,16 +470,20 @@ def segment_volume(
     for t in tracks:
         t.resolved = t.hi - t.lo + 1
     report()
+    walks: list[list[Track]] = [[] for _ in range(n_obj)]  # an object's walks, by key slice
+    for t in tracks:
+        walks[t.index].append(t)
+    kept = [sorted(s for t in w for s in t.kept) for w in walks]
     return VolumeSegmentation(
         labels=np.moveaxis(labels, 0, axis),
-        slices=[(min(t.kept), max(t.kept)) if t.kept else None for t in tracks],
-        scores=[dict(sorted(t.scores.items())) for t in tracks],
-        key_slices=[t.key for t in tracks],
-        stop_reasons=[(t.reasons[0], t.reasons[1]) for t in tracks],
+        slices=[(k[0], k[-1]) if k else None for k in kept],
+        scores=[dict(sorted((s, v) for t in w for s, v in t.scores.items())) for w in walks],
+        key_slices=[w[0].key for w in walks],
+        stop_reasons=[(w[-1].reasons[0], w[0].reasons[1]) for w in walks],
         embeddings_computed=embedder.computed,
         cache_hits=embedder.cache_hits,
         memory_hits=embedder.memory_hits,
-        zoomed=[t.zoomed for t in tracks],
+        zoomed=[any(t.zoomed for t in w) for w in walks],
         crop_embeddings_computed=0 if cropper is None else cropper.computed,
         crop_cache_hits=0 if cropper is None else cropper.cache_hits,
     )

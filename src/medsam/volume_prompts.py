@@ -20,7 +20,7 @@ import numpy as np
 
 from .errors import PromptError
 
-__all__ = ["BOX2D_IOU_THRESHOLD", "Box2D", "Box3D"]
+__all__ = ["BOX2D_IOU_THRESHOLD", "Box2D", "Box3D", "KeyBoxes"]
 
 # A zoom window ``(y0, y1, x0, x1)`` (:func:`medsam.zoom.zoom_window`), exclusive ends.
 ZoomWindow = tuple[int, int, int, int]
@@ -67,6 +67,36 @@ class Box2D:
     slice: int
 
 
+@dataclass(frozen=True)
+class KeyBoxes:
+    """One object drawn on several key slices: ``boxes[i]`` (``[x0, y0, x1, y1]``, inclusive
+    pixels) on slice ``slices[i]``.
+
+    Each key slice owns the slices nearer to it than to any other key (a slice half-way between
+    two keys goes to the lower one); the object is walked from each key through the slices it
+    owns. Between two keys the object is known to continue, so those walks stop only where the
+    mask vanishes; beyond the outermost keys the walks run as a :class:`Box2D`'s do (IoU stop,
+    the volume's ends).
+    """
+
+    boxes: tuple[tuple[int, int, int, int], ...]
+    slices: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.boxes) != len(self.slices) or not self.boxes:
+            raise PromptError(f"KeyBoxes needs one box per key slice, got {len(self.boxes)} and {len(self.slices)}")
+        if len(set(self.slices)) != len(self.slices):
+            raise PromptError(f"KeyBoxes: a slice is given twice: {list(self.slices)}")
+        for box in self.boxes:
+            if len(box) != 4:
+                raise PromptError(f"KeyBoxes: a box is [x0, y0, x1, y1], got {list(box)}")
+
+    @classmethod
+    def from_boxes(cls, boxes: Sequence[Box2D]) -> KeyBoxes:
+        """The 2D boxes of one object on its key slices."""
+        return cls(tuple((b.x0, b.y0, b.x1, b.y1) for b in boxes), tuple(b.slice for b in boxes))
+
+
 def as_int(v: Any) -> int:
     f = float(v)
     if not np.isfinite(f):
@@ -77,27 +107,27 @@ def as_int(v: Any) -> int:
     return r
 
 
-def as_prompt(b: Any) -> Box3D | Box2D:
-    if isinstance(b, (Box3D, Box2D)):
+def as_prompt(b: Any) -> Box3D | Box2D | KeyBoxes:
+    if isinstance(b, (Box3D, Box2D, KeyBoxes)):
         return b
     arr = np.asarray(b, dtype=np.float64).reshape(-1)
     if arr.size == 6:
         return Box3D.from_array(arr)
-    raise PromptError(f"a volume prompt must be a Box3D, a Box2D or [x0, y0, z0, x1, y1, z1]; got {b!r}")
+    raise PromptError(f"a volume prompt must be a Box3D, a Box2D, KeyBoxes or [x0, y0, z0, x1, y1, z1]; got {b!r}")
 
 
 @dataclass
 class Track:
-    """Propagation state of one object."""
+    """Propagation state of one walk: an object's, or for :class:`KeyBoxes` one of its key slices'."""
 
-    index: int
+    index: int  # the object's
     key: int
     lo: int  # allowed slice range, inclusive
     hi: int
     key_box: np.ndarray  # (4,) prompt on the key slice
     limit: tuple[int, int, int, int]  # in-plane clip (x0, y0, x1, y1), inclusive
-    end_reason: str  # "box_end" or "volume_end"
-    iou_stop: float  # a propagated slice with a predicted IoU below this ends the walk
+    end_reasons: tuple[str, str]  # (up, down) at the range's ends: "box_end", "volume_end" or "next_key"
+    iou_stops: tuple[float, float]  # (up, down): a propagated slice with a predicted IoU below this ends the walk
     up: Step | None = None  # (box, (logits, zoom window or None) or None) going up; None = not walking
     down: Step | None = None
     kept: dict[int, KeptCrop] = field(default_factory=dict)  # slice -> (y0, x0, mask crop, score crop | None)
@@ -126,7 +156,7 @@ BOX2D_IOU_THRESHOLD = 0.5
 
 
 def make_tracks(
-    prompts: Sequence[Box3D | Box2D],
+    prompts: Sequence[Box3D | Box2D | KeyBoxes],
     key_slices: Sequence[int | None] | None,
     S: int,
     H: int,
@@ -162,10 +192,14 @@ def make_tracks(
                     p.z1,
                     prompt_box(p.x0, p.y0, p.x1, p.y1, H, W),
                     limit,
-                    "box_end",
-                    -np.inf if iou_threshold is None else iou_threshold,
+                    ("box_end", "box_end"),
+                    (-np.inf, -np.inf) if iou_threshold is None else (iou_threshold, iou_threshold),
                 )
             )
+        elif isinstance(p, KeyBoxes):
+            if override is not None:
+                raise PromptError(f"box {n}: KeyBoxes carries its key slices; key_slices[{n}] must be None")
+            tracks.extend(_key_box_tracks(n, p, S, H, W, iou_threshold))
         else:
             check_inplane(p.x0, p.y0, p.x1, p.y1, H, W, f"box {n}")
             if not 0 <= p.slice < S:
@@ -180,10 +214,45 @@ def make_tracks(
                     S - 1,
                     prompt_box(p.x0, p.y0, p.x1, p.y1, H, W),
                     (0, 0, W - 1, H - 1),
-                    "volume_end",
-                    BOX2D_IOU_THRESHOLD if iou_threshold is None else iou_threshold,
+                    ("volume_end", "volume_end"),
+                    (outer_stop(iou_threshold), outer_stop(iou_threshold)),
                 )
             )
+    return tracks
+
+
+def outer_stop(iou_threshold: float | None) -> float:
+    """The IoU stop of a walk whose only end is the object's own (a Box2D's, or beyond a
+    KeyBoxes object's outermost keys)."""
+    return BOX2D_IOU_THRESHOLD if iou_threshold is None else iou_threshold
+
+
+def _key_box_tracks(n: int, p: KeyBoxes, S: int, H: int, W: int, iou_threshold: float | None) -> list[Track]:
+    """One walk per key slice of a KeyBoxes object, over the slices nearest to that key."""
+    order = sorted(range(len(p.slices)), key=lambda i: p.slices[i])
+    keys = [int(p.slices[i]) for i in order]
+    for k in keys:
+        if not 0 <= k < S:
+            raise PromptError(f"box {n}: key slice {k} outside 0..{S - 1}")
+    tracks = []
+    for j, i in enumerate(order):
+        x0, y0, x1, y1 = (as_int(v) for v in p.boxes[i])
+        check_inplane(x0, y0, x1, y1, H, W, f"box {n} on slice {keys[j]}")
+        first, last = j == 0, j == len(keys) - 1
+        lo = 0 if first else (keys[j - 1] + keys[j]) // 2 + 1
+        hi = S - 1 if last else (keys[j] + keys[j + 1]) // 2
+        tracks.append(
+            Track(
+                n,
+                keys[j],
+                lo,
+                hi,
+                prompt_box(x0, y0, x1, y1, H, W),
+                (0, 0, W - 1, H - 1),
+                ("volume_end" if last else "next_key", "volume_end" if first else "next_key"),
+                (outer_stop(iou_threshold) if last else -np.inf, outer_stop(iou_threshold) if first else -np.inf),
+            )
+        )
     return tracks
 
 
