@@ -509,6 +509,104 @@ def test_embeddings_warm_then_propagate(data, model):
         )
 
 
+def test_a_corrected_slice_becomes_a_key_and_the_object_re_propagates(data, model):
+    """key_slices: each key's saved mask gives a box, the object is walked from all keys
+    (medsam.volume.KeyBoxes, as segment_volume gives it), and no key slice is overwritten."""
+    from medsam.predictor import Predictor
+    from medsam.volume import KeyBoxes, segment_volume
+
+    with client(create_app(data, model=model)) as c:
+        a = np.zeros((40, 48), np.uint8)
+        a[8:30, 10:36] = 1
+        b = np.zeros((40, 48), np.uint8)
+        b[12:24, 14:30] = 1
+        assert (
+            c.put("/labels/vol.nii.gz/slices/0", json={"mask": rle_mask(a)}, headers={"If-Match": '"0"'}).status_code
+            == 200
+        )
+        assert (
+            c.put("/labels/vol.nii.gz/slices/4", json={"mask": rle_mask(b)}, headers={"If-Match": '"1"'}).status_code
+            == 200
+        )
+        body = {"image_id": "vol.nii.gz", "slice_index": 0, "label": 1, "expected_version": 2, "iou_threshold": 0.0}
+        for bad in ([7], [3]):  # out of range; no mask saved there
+            assert c.post("/propagate", json={**body, "key_slices": bad}).status_code == 422
+        job = wait_job(c, c.post("/propagate", json={**body, "key_slices": [4], "replace": True}).json())
+        assert job["status"] == "done", job
+        saved = read_image(data / ".medsam" / "labels" / "vol.nii.gz.nii.gz").array
+        assert (saved[0] == a).all() and (saved[4] == b).all()  # both keys kept as accepted
+        loaded_input = c.app.state.workbench.load("vol.nii.gz").model_input
+        expected = segment_volume(
+            Predictor(model), loaded_input, [KeyBoxes(((10, 8, 35, 29), (14, 12, 29, 23)), (0, 4))], iou_threshold=0.0
+        ).labels
+        np.testing.assert_array_equal(saved[1:4], expected[1:4])
+        side = json.loads((data / ".medsam" / "labels" / "vol.nii.gz.nii.gz.json").read_text())
+        assert [p["slice"] for p in side["history"][-1]["prompts"]] == [0, 4]
+
+
+def test_auto_proposes_every_object_of_a_slice(data, model):
+    """POST /auto: a job whose result is medsam.automatic.generate_masks on the slice's model input."""
+    from medsam.automatic import AutoOptions, generate_masks, instance_label_map
+    from medsam.predictor import Predictor
+
+    body = {"image_id": "vol.nii.gz", "slice_index": 3, "prompt": "points", "points_per_side": 4}
+    body |= {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+    with client(create_app(data, model=model)) as c:
+        for bad in ({"slice_index": 9}, {"prompt": "scribbles"}, {"points_per_side": 0}, {"pred_iou_thresh": 2}):
+            assert c.post("/auto", json={**body, **bad}).status_code == 422, bad
+        job = wait_job(c, c.post("/auto", json=body).json())
+        assert job["status"] == "done", job
+        result = job["result"]
+        picture = c.app.state.workbench.load("vol.nii.gz").model_slice(3)
+        options = AutoOptions(prompt="points", points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+        expected = generate_masks(Predictor(model), picture, options)
+        assert expected and len(result["objects"]) == len(expected)
+        np.testing.assert_array_equal(
+            rle_decode(result["mask"]["values"], result["mask"]["counts"], result["mask"]["shape"]),
+            instance_label_map(expected, picture.shape[:2]),
+        )
+        assert result["objects"][0]["bbox"] == expected[0].bbox
+        assert c.get("/labels/vol.nii.gz").json()["version"] == 0  # nothing saved
+
+
+def test_export_dicom_seg_and_rtstruct(data, model):
+    hd = pytest.importorskip("highdicom")
+    import pydicom
+
+    from test_io_dicom import _write_series
+    from test_io_rtstruct import rasterise_rtstruct
+
+    _write_series(data / "series", 4, seed=1)
+    with client(create_app(data, model=model)) as c:
+        ids = [im["id"] for im in c.get("/images").json()["images"]]
+        assert "series" in ids
+        assert c.get("/labels/series/export", params={"format": "rtstruct"}).status_code == 422  # empty
+        labels = np.zeros((4, 6, 8), np.uint8)
+        labels[1:3, 1:5, 2:7] = 1
+        labels[2, 4:6, 0:3] = 2
+        defs = [{"value": 1, "name": "liver", "color": "#ff0000"}, {"value": 2, "name": "lesion", "color": "#00ff00"}]
+        r = c.put("/labels/series/map", json={"mask": rle_mask(labels), "definitions": defs, "expected_version": 0})
+        assert r.status_code == 200, r.text
+        image = read_image(data / "series")
+        rt = c.get("/labels/series/export", params={"format": "rtstruct"})
+        assert rt.status_code == 200 and rt.headers["content-type"] == "application/dicom"
+        (data.parent / "rt.dcm").write_bytes(rt.content)
+        back = rasterise_rtstruct(data.parent / "rt.dcm", image)
+        np.testing.assert_array_equal(back["liver"], labels == 1)
+        np.testing.assert_array_equal(back["lesion"], labels == 2)
+        colours = [list(item.ROIDisplayColor) for item in pydicom.dcmread(data.parent / "rt.dcm").ROIContourSequence]
+        assert colours == [[255, 0, 0], [0, 255, 0]]  # the label definitions' colours
+        seg = c.get("/labels/series/export", params={"format": "dicom-seg"})
+        (data.parent / "seg.dcm").write_bytes(seg.content)
+        read = hd.seg.segread(data.parent / "seg.dcm")
+        assert [s.SegmentLabel for s in read.SegmentSequence] == ["liver", "lesion"]
+        uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in image.source_files]
+        pixels = read.get_pixels_by_source_instance(source_sop_instance_uids=uids, combine_segments=True)
+        np.testing.assert_array_equal(pixels, labels)
+        assert c.get("/labels/vol.nii.gz/export", params={"format": "rtstruct"}).status_code == 422  # not DICOM
+        assert c.get("/labels/series/export", params={"format": "png"}).status_code == 422
+
+
 def test_prompts_are_answered_while_a_volume_propagates(data, model, monkeypatch):
     """Propagation runs on its own predictor without the interactive lock: a /segment request made
     while a propagation is stopped inside segment_volume is answered, and the propagation then

@@ -256,3 +256,36 @@ def test_corrections_send_no_mask_prompt_to_medsam_models_in_chromium(served):
     assert first["candidates"] is True and "previous" not in first
     assert second["points"] == [{"x": cx, "y": cy, "positive": True}] and second["box"] == first["box"]
     assert "previous" not in second
+
+
+def test_corrected_slice_re_propagates_as_a_key_in_chromium(served):
+    """Accept the organ on two slices by hand, propagate: the page sends the other accepted slice
+    as a key slice and asks to replace, and both hand-made slices stay as saved."""
+    from medsam.io import read_image
+
+    url, data, organ = served
+    with ct_page(url) as (page, errors, k):
+        sent: list[dict] = []
+        page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/propagate") else None)
+        for version, slice_index in enumerate((k, k + 2), start=1):
+            if slice_index != k:
+                page.keyboard.press("ArrowUp")
+                page.keyboard.press("ArrowUp")
+                page.wait_for_selector(f"#slice-label:has-text('{slice_index + 1} /')", timeout=30_000)
+            page.evaluate("() => document.querySelector('#canvas').removeAttribute('data-mask-area')")
+            drag(page, organ, organ_box(organ, slice_index)[:2], organ_box(organ, slice_index)[2:])
+            page.wait_for_selector("#canvas[data-mask-area]", timeout=60_000)  # this slice's proposal
+            page.keyboard.press("Enter")
+            page.wait_for_selector(f'#canvas[data-saved-version="{version}"]', timeout=30_000)
+        hand = read_image(data / ".medsam" / "labels" / "ct.nii.gz.nii.gz").array
+        page.keyboard.press("g")
+        try:
+            page.wait_for_selector("#status:has-text('propagated to slices')", timeout=120_000)
+        except Exception:
+            raise AssertionError((page.text_content("#status"), sent, errors)) from None
+        assert sent and sent[-1]["key_slices"] == [k] and sent[-1]["slice_index"] == k + 2 and sent[-1]["replace"]
+        assert errors == []
+    label = read_image(data / ".medsam" / "labels" / "ct.nii.gz.nii.gz").array
+    for s in (k, k + 2):
+        np.testing.assert_array_equal(label[s], hand[s])
+    assert (label > 0).any(axis=(1, 2)).sum() > 3  # propagated beyond the two keys

@@ -43,6 +43,15 @@ def _medsam_version() -> str:
             return "unknown"
 
 
+def _display_colour(hd, rgb: tuple[int, int, int] | None) -> dict:
+    """``display_color`` for a segment (the recommended CIELab display value), where this
+    highdicom can convert an RGB colour; nothing otherwise."""
+    convert = getattr(getattr(hd, "color", None), "CIELabColor", None)
+    if rgb is None or convert is None or not hasattr(convert, "from_rgb"):
+        return {}
+    return {"display_color": convert.from_rgb(*(int(c) for c in rgb))}
+
+
 def write_dicom_seg(
     mask,
     like: MedicalImage,
@@ -50,6 +59,7 @@ def write_dicom_seg(
     segment_labels: Mapping[int, str] | None = None,
     *,
     series_description: str = "MedSAM segmentation",
+    colours: Mapping[int, tuple[int, int, int]] | None = None,
 ) -> Path:
     """Write ``mask`` as a binary DICOM Segmentation object referencing ``like``'s DICOM files.
 
@@ -96,6 +106,7 @@ def write_dicom_seg(
     if len(sources) != frames.shape[0] and not (len(sources) == 1 and frames.shape[0] > 1):
         raise ValueError(f"mask has {frames.shape[0]} slices but the image references {len(sources)} files")
     names = dict(segment_labels or {})
+    colours = dict(colours or {})
     algorithm = hd.AlgorithmIdentificationSequence(
         name="MedSAM", family=codes.DCM.ArtificialIntelligence, version=_medsam_version()
     )
@@ -107,6 +118,7 @@ def write_dicom_seg(
             segmented_property_type=codes.SCT.Tissue,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
+            **_display_colour(hd, colours.get(label)),
         )
         for i, label in enumerate(present)
     ]

@@ -83,10 +83,12 @@ def write_rtstruct(
     roi_names: Mapping[int, str] | None = None,
     *,
     series_description: str = "MedSAM structures",
+    colours: Mapping[int, tuple[int, int, int]] | None = None,
 ) -> Path:
     """Write ``mask`` (``like.spatial_shape``, labels 0..N) as an RTSTRUCT referencing ``like``'s
     DICOM series (``like`` must come from :func:`medsam.io.read_image` on a DICOM series or file,
-    its files still on disk; ``mask[k]`` is drawn on ``like.source_files[k]``). Atomic."""
+    its files still on disk; ``mask[k]`` is drawn on ``like.source_files[k]``). ``colours``:
+    label -> RGB display colour (default :data:`ROI_COLOURS`). Atomic."""
     path = Path(path)
     if like.source_format not in ("dicom", "dicom-series") or not like.source_files:
         raise ValueError(
@@ -118,7 +120,8 @@ def write_rtstruct(
         roi.ROIGenerationAlgorithm = "AUTOMATIC"
         rois.append(roi)
         item = Dataset()
-        item.ROIDisplayColor = list(ROI_COLOURS[(label - 1) % len(ROI_COLOURS)])
+        colour = (colours or {}).get(label, ROI_COLOURS[(label - 1) % len(ROI_COLOURS)])
+        item.ROIDisplayColor = [int(c) for c in colour]
         item.ReferencedROINumber = number
         item.ContourSequence = DicomSequence(
             [

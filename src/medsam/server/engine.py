@@ -346,14 +346,14 @@ class SegmentationEngine:
     def propagate(
         self,
         loaded: LoadedImage,
-        box: tuple[int, int, int, int],
-        key_slice: int,
+        keys: dict[int, tuple[int, int, int, int]],
         iou_threshold: float,
         box_margin: int,
         progress: Callable[[int, int], None],
     ):
-        """:func:`medsam.volume.segment_volume` from a 2D box on ``key_slice`` (for a SAM2-family model
-        :func:`medsam.tracking.track_volume`, memory tracking); returns its result
+        """:func:`medsam.volume.segment_volume` from 2D boxes on key slices (``keys``: slice -> box;
+        several keys make one :class:`medsam.volume.KeyBoxes` object; for a SAM2-family model and one
+        key :func:`medsam.tracking.track_volume`, memory tracking); returns its result
         and the :meth:`model_info` of the model that made it (for provenance: the served model may
         change while the volume propagates).
 
@@ -365,15 +365,22 @@ class SegmentationEngine:
         """
         from ..model.sam2 import SAM2Model
         from ..predictor import Predictor
-        from ..volume import Box2D, segment_volume
+        from ..volume import Box2D, KeyBoxes, segment_volume
 
-        x0, y0, x1, y1 = (int(v) for v in box)
         with self.lock:
             served = self.predictor
             info = self.model_info()
         adapt_threads(background=True)  # this job's thread leaves a core to interactive prompts
-        prompt = [Box2D(x0, y0, x1, y1, slice=int(key_slice))]
-        if isinstance(served.model, SAM2Model):  # memory tracking (the IoU stop and margin are the v1 walk's)
+        boxes = {int(k): tuple(int(v) for v in b) for k, b in keys.items()}
+        prompt: list[Box2D | KeyBoxes]
+        if len(boxes) == 1:
+            ((key, (x0, y0, x1, y1)),) = boxes.items()
+            prompt = [Box2D(x0, y0, x1, y1, slice=key)]
+        else:
+            prompt = [KeyBoxes(tuple(boxes.values()), tuple(boxes))]  # type: ignore[arg-type]
+        if (
+            isinstance(served.model, SAM2Model) and len(boxes) == 1
+        ):  # memory tracking (the IoU stop and margin are the v1 walk's)
             from ..tracking import track_volume
 
             result = track_volume(served.model, loaded.model_input, prompt, progress=progress)
@@ -391,6 +398,22 @@ class SegmentationEngine:
             self.encoder_calls += result.embeddings_computed
             self.cache_hits += result.cache_hits
         return result, info
+
+    def automatic(self, picture: np.ndarray, options: Any) -> tuple[list[Any], dict[str, Any]]:
+        """:func:`medsam.automatic.generate_masks` on one slice's model input, on a predictor of its
+        own over the served model (as :meth:`propagate`, without holding :attr:`lock`); returns the
+        objects and the :meth:`model_info` of the model that found them."""
+        from ..automatic import crop_boxes, generate_masks
+        from ..predictor import Predictor
+
+        with self.lock:
+            served = self.predictor
+            info = self.model_info()
+        adapt_threads(background=True)
+        found = generate_masks(Predictor(served.model, precision=served.precision), picture, options)
+        with self.lock:
+            self.encoder_calls += len(crop_boxes(picture.shape[:2], options.crop_n_layers, options.crop_overlap_ratio))
+        return found, info
 
     def uncertainty(self, loaded: LoadedImage, jitters: int = 8, fraction: float = 0.1) -> dict:
         """Box-jitter disagreement on the central slice (the active-learning score).

@@ -176,7 +176,7 @@ class JobInfo(_Model):
     """A background job (embedding warm-up, propagation, uncertainty scoring)."""
 
     id: str
-    kind: Literal["embeddings", "propagate", "uncertainty"]
+    kind: Literal["embeddings", "propagate", "uncertainty", "auto"]
     image_id: str | None = None
     status: Literal["queued", "running", "done", "failed", "cancelled"]
     done: int = 0
@@ -326,11 +326,13 @@ class LabelMapWrite(_LabelWrite):
 
 # ----------------------------------------------------------------------------- propagate
 class PropagateRequest(_Model):
-    """Propagate label ``label`` from its mask on key slice ``slice_index`` through the volume.
+    """Propagate label ``label`` from its mask on key slice ``slice_index`` (and on ``key_slices``)
+    through the volume.
 
-    The key slice's mask (as last saved) gives the 2D box; :func:`medsam.volume.segment_volume`
-    walks up and down from it. Only slices where this label is absent are filled, unless
-    ``replace`` is true; voxels of other labels are never overwritten.
+    Each key slice's mask (as last saved) gives its 2D box; :func:`medsam.volume.segment_volume`
+    walks up and down from it (from several keys: :class:`medsam.volume.KeyBoxes`). Only slices
+    where this label is absent are filled, unless ``replace`` is true; key slices and voxels of
+    other labels are never overwritten.
     """
 
     image_id: str
@@ -340,6 +342,32 @@ class PropagateRequest(_Model):
     iou_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
     box_margin: int = Field(default=3, ge=0, le=64)
     replace: bool = False
+    key_slices: list[int] = Field(
+        default_factory=list,
+        max_length=4096,
+        description="more key slices of this label (a corrected slice becomes one): each key's saved "
+        "mask gives its box, each key walks the slices nearest to it (no IoU stop between keys), "
+        "and no key slice is overwritten",
+    )
+
+
+class AutoRequest(_Model):
+    """Every object of one slice, without prompts (:func:`medsam.automatic.generate_masks`).
+
+    The job's result holds ``mask`` (RLE of an instance map: 1..N, 0 = none) and ``objects``
+    (one record per instance: area, bbox, predicted_iou, stability_score, prompt, ...). Nothing is
+    saved: the client shows the proposals and saves what it keeps through ``/labels``.
+    """
+
+    image_id: str
+    slice_index: int = Field(default=0, ge=0)
+    prompt: Literal["points", "boxes"] | None = Field(
+        default=None, description="clicks (SAM models) or region boxes (MedSAM models); default: by the model"
+    )
+    points_per_side: int = Field(default=32, ge=1, le=64)
+    pred_iou_thresh: float | None = Field(default=None, ge=0.0, le=1.0)
+    stability_score_thresh: float | None = Field(default=None, ge=0.0, le=1.0)
+    min_mask_region_area: int = Field(default=0, ge=0, le=10_000_000)
 
 
 # ----------------------------------------------------------------------------- next

@@ -9,8 +9,10 @@ the provenance sidecar, and answers the new :class:`LabelInfo`.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
-from fastapi import APIRouter, Header, HTTPException, Response
+from fastapi import APIRouter, Header, HTTPException, Query, Response
 
 from ..encoding import rle_decode, rle_encode
 from ..labels import VersionConflict, default_definitions
@@ -178,11 +180,71 @@ def put_map(
     )
 
 
+@router.get(
+    "/{image_id:path}/export",
+    response_class=Response,
+    responses={200: {"content": {"application/dicom": {}}}},
+    summary="The label map as DICOM-SEG or RTSTRUCT (images read from DICOM)",
+)
+def export(
+    image_id: str,
+    wb: WorkbenchDep,
+    format: Literal["dicom-seg", "rtstruct"] = Query(description="dicom-seg (highdicom) or rtstruct"),
+) -> Response:
+    """The saved label map of a DICOM image as a DICOM Segmentation or an RT Structure Set that
+    references the image's instances; segment / ROI names are the label definitions' names."""
+    import tempfile
+    from pathlib import Path
+
+    loaded = wb.load(image_id)
+    if loaded.image.source_format not in ("dicom", "dicom-series"):
+        raise HTTPException(
+            422, f"{format} references DICOM instances; this image was read from {loaded.image.source_format}"
+        )
+    version, labels = wb.labels.read(image_id, loaded.image)
+    if not labels.any():
+        raise HTTPException(422, "the label map is empty: nothing to export")
+    definitions = wb.labels.record(image_id).get("labels") or default_definitions()
+    names = {int(d["value"]): str(d["name"]) for d in definitions}
+    colours = {int(d["value"]): _rgb(str(d.get("color", ""))) for d in definitions}
+    colours = {k: v for k, v in colours.items() if v is not None}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "export.dcm"
+        if format == "dicom-seg":
+            from ...io.dicom_seg import write_dicom_seg
+
+            write_dicom_seg(labels, loaded.image, path, names, colours=colours)
+        else:
+            from ...io.rtstruct import write_rtstruct
+
+            write_rtstruct(labels, loaded.image, path, names, colours=colours)
+        body = path.read_bytes()
+    stem = Path(image_id).name.replace('"', "")
+    return Response(
+        body,
+        media_type="application/dicom",
+        headers={
+            "ETag": _etag(version),
+            "Content-Disposition": f'attachment; filename="{stem}.{format}.v{version}.dcm"',
+        },
+    )
+
+
 @router.get("/{image_id:path}", response_model=LabelInfo, summary="Version, label names and colours, file")
 def get_label(image_id: str, wb: WorkbenchDep, response: Response) -> LabelInfo:
     info = label_info(wb, image_id)
     response.headers["ETag"] = _etag(info.version)
     return info
+
+
+def _rgb(text: str) -> tuple[int, int, int] | None:
+    """``#rrggbb`` -> (r, g, b); None for anything else."""
+    if len(text) == 7 and text.startswith("#"):
+        try:
+            return int(text[1:3], 16), int(text[3:5], 16), int(text[5:7], 16)
+        except ValueError:
+            return None
+    return None
 
 
 def _check_values(labels: np.ndarray, definitions) -> None:

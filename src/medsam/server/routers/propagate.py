@@ -1,7 +1,8 @@
-"""``/propagate``: spread a label from its key-slice mask through the volume (background job).
+"""``/propagate``: spread a label from its key-slice masks through the volume (background job).
 
-The label's mask on ``slice_index`` (as last saved) gives a 2D box; :func:`medsam.volume.
-segment_volume` walks up and down from that slice. The result is merged into the label map and
+The label's mask on ``slice_index`` (as last saved), and on each of ``key_slices``, gives a 2D
+box; :func:`medsam.volume.segment_volume` walks up and down from each key (a corrected slice sent
+as a key re-propagates the object from it, up to the next key). The result is merged into the label map and
 saved as the next version, if nobody saved meanwhile (else the job fails with status 409).
 """
 
@@ -18,15 +19,18 @@ from ..state import WorkbenchDep
 router = APIRouter(tags=["propagate"])
 
 
-def merge_propagated(current: np.ndarray, predicted: np.ndarray, label: int, key: int, replace: bool) -> np.ndarray:
-    """Put ``label`` where ``predicted`` is set, slice by slice, except on the key slice.
+def merge_propagated(
+    current: np.ndarray, predicted: np.ndarray, label: int, keys: int | set[int], replace: bool
+) -> np.ndarray:
+    """Put ``label`` where ``predicted`` is set, slice by slice, except on the key slice(s).
 
     Voxels of other labels are kept. Without ``replace`` only slices where ``label`` is absent
     are filled; with it, ``label`` is first removed from every other slice the prediction reaches.
     """
     out = current
+    protected = {keys} if isinstance(keys, int) else set(keys)
     for s in np.flatnonzero(predicted.reshape(predicted.shape[0], -1).any(axis=1)):
-        if s == key:
+        if s in protected:
             continue
         plane = out[s]
         has = plane == label
@@ -55,12 +59,18 @@ def propagate(body: PropagateRequest, wb: WorkbenchDep) -> JobInfo:
             f"label was changed meanwhile: current version {version}, yours {body.expected_version}",
             headers={"ETag": f'"{version}"'},
         )
-    key_mask = labels[body.slice_index] == body.label
-    if not key_mask.any():
-        raise HTTPException(422, f"label {body.label} is empty on slice {body.slice_index}: accept a mask there first")
-    rows = np.flatnonzero(key_mask.any(axis=1))
-    cols = np.flatnonzero(key_mask.any(axis=0))
-    box = (int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1]))
+    keys: dict[int, tuple[int, int, int, int]] = {}
+    for k in [body.slice_index, *body.key_slices]:
+        try:
+            loaded.check_slice(k)
+        except IndexError as exc:
+            raise HTTPException(422, str(exc)) from None
+        key_mask = labels[k] == body.label
+        if not key_mask.any():
+            raise HTTPException(422, f"label {body.label} is empty on slice {k}: accept a mask there first")
+        rows = np.flatnonzero(key_mask.any(axis=1))
+        cols = np.flatnonzero(key_mask.any(axis=0))
+        keys[int(k)] = (int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1]))
 
     def work(job) -> dict:
         def progress(done: int, total: int) -> None:
@@ -68,15 +78,13 @@ def propagate(body: PropagateRequest, wb: WorkbenchDep) -> JobInfo:
                 raise JobFailed("cancelled", 499)
             job.progress(done, total, "propagating")
 
-        result, model_info = wb.engine.propagate(
-            loaded, box, body.slice_index, body.iou_threshold, body.box_margin, progress
-        )
+        result, model_info = wb.engine.propagate(loaded, keys, body.iou_threshold, body.box_margin, progress)
         predicted = result.labels
         changed = {}
 
         def change(current: np.ndarray) -> np.ndarray:
             before = current.copy()
-            out = merge_propagated(current, predicted, body.label, body.slice_index, body.replace)
+            out = merge_propagated(current, predicted, body.label, set(keys), body.replace)
             changed["voxels"] = int((out != before).sum())
             return out
 
@@ -84,7 +92,10 @@ def propagate(body: PropagateRequest, wb: WorkbenchDep) -> JobInfo:
             "action": "propagate",
             "slice": body.slice_index,
             "label": body.label,
-            "prompts": [{"box": dict(zip(("x0", "y0", "x1", "y1"), box)), "label": body.label}],
+            "prompts": [
+                {"box": dict(zip(("x0", "y0", "x1", "y1"), box)), "slice": k, "label": body.label}
+                for k, box in sorted(keys.items())
+            ],
             "propagation": {
                 "iou_threshold": body.iou_threshold,
                 "box_margin": body.box_margin,

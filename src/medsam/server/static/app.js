@@ -19,6 +19,7 @@ const S = {
   box: null, points: [], scribbles: [], handle: null, cands: null, candIdx: 0, segInfo: "", maskPrompt: false, prompts: [], edits: [],
   undo: [], drag: null, busy: false,
   trainJob: null,  // id of the training job being followed
+  keys: {},        // image id -> label -> Set of slices accepted by hand (key slices for propagation)
 };
 
 // ------------------------------------------------------------------ helpers
@@ -411,6 +412,7 @@ async function accept() {
     const info = await res.json();
     S.version = info.version;
     S.saved = S.work.slice();
+    rememberKeys(S.id, S.slice, S.work);
     resetPrompts();
     draw();
     setStatus(`saved: ${info.file}, version ${info.version}`);
@@ -449,14 +451,29 @@ function discard() {
   setStatus("proposal discarded");
 }
 
+// A slice accepted by hand is a key slice of every label it holds: propagating one of them walks
+// the object from all its keys (each up to the next), so a corrected slice re-propagates.
+function rememberKeys(id, slice, plane) {
+  const byLabel = (S.keys[id] = S.keys[id] || {});
+  const present = new Set(plane);
+  for (const d of S.defs) {
+    const set = (byLabel[d.value] = byLabel[d.value] || new Set());
+    if (present.has(d.value)) set.add(slice); else set.delete(slice);
+  }
+}
+
 async function propagate() {
   if (!S.meta || !S.meta.is_volume) return;
   if (dirty()) { setStatus("accept this slice first (Enter), then propagate", true); return; }
-  setStatus("propagating…");
+  const others = [...((S.keys[S.id] || {})[S.active] || [])].filter((k) => k !== S.slice).sort((a, b) => a - b);
+  setStatus(others.length ? `propagating from key slices ${[S.slice, ...others].sort((a, b) => a - b).join(", ")}…` : "propagating…");
   try {
     let job = await (await api("/propagate", {
       method: "POST",
-      json: { image_id: S.id, slice_index: S.slice, label: S.active, expected_version: S.version },
+      json: {
+        image_id: S.id, slice_index: S.slice, label: S.active, expected_version: S.version,
+        key_slices: others, replace: others.length > 0,
+      },
     })).json();
     while (job.status === "queued" || job.status === "running") {
       await new Promise((r) => setTimeout(r, 300));
