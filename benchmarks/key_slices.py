@@ -5,13 +5,14 @@ of a test-split case; labels are TotalSegmentator pseudo-labels) spanning at lea
 simulated annotator draws the structure's tight 2D box on its middle slice and propagates it
 (:func:`medsam.volume.segment_volume`, a :class:`Box2D`). Then, up to ``--corrections`` times, it
 finds the slice where the result is worst (lowest slice DSC among slices where the label or the
-result is present) and draws the label's box there. Two ways to use that box:
+result is present) and corrects it by hand (the slice becomes the label's mask, as brushing it
+in the workbench does). Then:
 
-* ``fix slice``: the model's mask for the box replaces that slice only (what correcting a slice
-  does without re-propagation);
-* ``re-propagate``: the slice becomes a key slice of the object and the whole object is walked
-  again from all its key slices (:class:`medsam.volume.KeyBoxes`: each key walks the slices
-  nearest to it, without an IoU stop between keys).
+* ``fix slice``: nothing else changes (a correction without re-propagation);
+* ``re-propagate``: the corrected slice becomes a key slice of the object (its box: the
+  corrected mask's) and the object is walked again from all its key slices
+  (:class:`medsam.volume.KeyBoxes`: each key walks the slices nearest to it, without an IoU stop
+  between keys); corrected slices keep their hand-made masks, as the workbench keeps key slices.
 
 Printed: mean 3D DSC over the structures after 0, 1, 2, ... corrections, and the mean number of
 corrections to reach 3D DSC >= ``--target`` (``--corrections + 1`` when never reached).
@@ -84,6 +85,7 @@ def main() -> int:
             for mode in curves:
                 result = start.copy()
                 keys = {middle: box_of(truth[middle])}
+                corrected: list[int] = []
                 scores = [dice(result, truth)]
                 for _ in range(args.corrections):
                     s = worst_slice(result, truth, set(keys))
@@ -91,12 +93,10 @@ def main() -> int:
                         scores.append(scores[-1])
                         continue
                     keys[s] = box_of(truth[s])
-                    if mode == "fix slice":
-                        predictor.set_image(volume[s])
-                        x0, y0, x1, y1 = keys[s]
-                        result[s] = predictor.predict(boxes=np.array([[x0, y0, x1 + 1, y1 + 1]], float)).masks[0]
-                    else:
+                    corrected.append(s)
+                    if mode == "re-propagate":
                         result = walk(KeyBoxes(tuple(keys.values()), tuple(keys)))
+                    result[corrected] = truth[corrected]
                     scores.append(dice(result, truth))
                 curves[mode].append(scores)
                 reached = [i for i, v in enumerate(scores) if v >= args.target]
