@@ -6,11 +6,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-import pydicom
 
 from .atomic import atomic_output
+from .dicom_refs import referenced_headers, referenced_labels
 from .image import MedicalImage
-from .writers import label_array
 
 __all__ = ["write_dicom_seg"]
 
@@ -80,31 +79,17 @@ def write_dicom_seg(
         raise ImportError("write_dicom_seg needs highdicom: pip install highdicom") from exc
 
     path = Path(path)
-    if like.source_format not in ("dicom", "dicom-series") or not like.source_files:
-        raise ValueError(
-            "write_dicom_seg needs an image read from DICOM (its source files are referenced); "
-            f"this one is {like.source_format or 'in-memory'}: write NIfTI with write_mask instead"
-        )
-    labels = label_array(mask, like)
-    frames = labels[None] if labels.ndim == 2 else labels
-    present = [int(v) for v in np.unique(labels) if v > 0]
-    if not present:
-        raise ValueError("mask is empty (no label > 0): a DICOM-SEG needs at least one segment")
+    frames, present = referenced_labels(mask, like, "DICOM-SEG")
     if present != list(range(1, present[-1] + 1)):
         # DICOM segment numbers must be 1..N without gaps
         remap = np.zeros(present[-1] + 1, dtype=np.uint16)
         remap[present] = np.arange(1, len(present) + 1)
         frames = remap[frames]
-    missing = [f for f in like.source_files if not Path(f).exists()]
-    if missing:
-        raise FileNotFoundError(f"source DICOM files are gone: {missing[:3]}")
-    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in like.source_files]
+    sources = referenced_headers(like, frames.shape[0], multiframe=True)
     for ds in sources:  # anonymised data often lacks these type-2 (may be empty) attributes
         for keyword in _TYPE2_COPIED:
             if keyword not in ds:
                 setattr(ds, keyword, "")
-    if len(sources) != frames.shape[0] and not (len(sources) == 1 and frames.shape[0] > 1):
-        raise ValueError(f"mask has {frames.shape[0]} slices but the image references {len(sources)} files")
     names = dict(segment_labels or {})
     colours = dict(colours or {})
     algorithm = hd.AlgorithmIdentificationSequence(

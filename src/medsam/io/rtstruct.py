@@ -19,31 +19,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
+from ..overlay import PALETTE
 from .atomic import atomic_output
+from .dicom_refs import referenced_headers, referenced_labels
 from .image import MedicalImage
-from .writers import label_array
 
 __all__ = ["ROI_COLOURS", "RT_STRUCTURE_SET_STORAGE", "mask_contours", "write_rtstruct"]
 
 RT_STRUCTURE_SET_STORAGE = UID("1.2.840.10008.5.1.4.1.1.481.3")
-# ROI display colours (RGB), cycled by label.
-ROI_COLOURS: tuple[tuple[int, int, int], ...] = (
-    (230, 25, 75),
-    (60, 180, 75),
-    (255, 225, 25),
-    (0, 130, 200),
-    (245, 130, 48),
-    (145, 30, 180),
-    (70, 240, 240),
-    (240, 50, 230),
-    (210, 245, 60),
-    (250, 190, 212),
-)
+# ROI display colours (RGB), cycled by label: the overlay pictures' palette.
+ROI_COLOURS: tuple[tuple[int, int, int], ...] = tuple((int(r), int(g), int(b)) for r, g, b in PALETTE)
 # Patient and study attributes copied from the source images when present.
 _COPIED = (
     "PatientName",
@@ -90,22 +79,8 @@ def write_rtstruct(
     its files still on disk; ``mask[k]`` is drawn on ``like.source_files[k]``). ``colours``:
     label -> RGB display colour (default :data:`ROI_COLOURS`). Atomic."""
     path = Path(path)
-    if like.source_format not in ("dicom", "dicom-series") or not like.source_files:
-        raise ValueError(
-            "an RTSTRUCT references a DICOM series: the image must be read from DICOM, "
-            f"this one is {like.source_format or 'in-memory'}"
-        )
-    labels = label_array(mask, like)
-    slices = labels[None] if labels.ndim == 2 else labels
-    present = [int(v) for v in np.unique(slices) if v > 0]
-    if not present:
-        raise ValueError("mask is empty (no label > 0): an RTSTRUCT needs at least one structure")
-    missing = [f for f in like.source_files if not Path(f).exists()]
-    if missing:
-        raise FileNotFoundError(f"source DICOM files are gone: {missing[:3]}")
-    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in like.source_files]
-    if len(sources) != slices.shape[0]:
-        raise ValueError(f"mask has {slices.shape[0]} slices but the image references {len(sources)} files")
+    slices, present = referenced_labels(mask, like, "RTSTRUCT")
+    sources = referenced_headers(like, slices.shape[0])
     affine = like.affine_lps
     names = dict(roi_names or {})
     ds = _header(sources[0], series_description)
@@ -125,7 +100,7 @@ def write_rtstruct(
         item.ReferencedROINumber = number
         item.ContourSequence = DicomSequence(
             [
-                _contour(points, k, affine, sources[k], labels.ndim == 2)
+                _contour(points, k, affine, sources[k], not like.is_volume)
                 for k in range(slices.shape[0])
                 for points in mask_contours(slices[k] == label)
             ]
