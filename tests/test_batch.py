@@ -145,5 +145,20 @@ def test_output_names():
     root = Path("/o")
     assert case_output(root, "x.nii.gz", Path("/i")) == root / "x.nii.gz"
     assert case_output(root, "scan.jpeg", Path("/i")) == root / "scan.png"
+    assert case_output(root, "stack.tif", Path("/i")) == root / "stack.tif"  # a TIFF may be a volume
     assert case_output(root, "series_1", Path("/i")) == root / "series_1.nii.gz"
     assert case_output(root, "c.npz", Path("/i")) == root / "c.npz"
+    assert case_output(root, "sub/a.png", Path("/i")) == root / "sub" / "a.png"  # relative paths kept
+
+
+def test_outputs_never_replace_inputs_or_each_other(tmp_path, folder, capsys):
+    Image.fromarray(smooth_image(40, 40, seed=3)).save(folder / "a.jpg")  # a.png and a.jpg -> a.png
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps({"b.png": "auto"}))
+    assert main(["segment", str(folder), "--prompts", str(prompts), "-o", str(folder)]) == 2
+    prompts.write_text(json.dumps({"a.png": "auto", "a.jpg": "auto"}))
+    assert main(["segment", str(folder), "--prompts", str(prompts), "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "must not be the input folder" in err[0] and "would both be written" in err[1]
+    assert not (tmp_path / "o").exists()
+    assert sorted(p.name for p in folder.iterdir()) == ["a.jpg", "a.png", "b.png", "broken.png", "case.npz"]

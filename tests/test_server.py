@@ -576,27 +576,28 @@ def test_export_dicom_seg_and_rtstruct(data, model):
     from test_io_dicom import _write_series
     from test_io_rtstruct import rasterise_rtstruct
 
-    _write_series(data / "series", 4, seed=1)
+    _write_series(data / "séries", 4, seed=1)  # a name beyond latin-1 goes into Content-Disposition
     with client(create_app(data, model=model)) as c:
         ids = [im["id"] for im in c.get("/images").json()["images"]]
-        assert "series" in ids
-        assert c.get("/labels/series/export", params={"format": "rtstruct"}).status_code == 422  # empty
+        assert "séries" in ids
+        assert c.get("/labels/séries/export", params={"format": "rtstruct"}).status_code == 422  # empty
         labels = np.zeros((4, 6, 8), np.uint8)
         labels[1:3, 1:5, 2:7] = 1
         labels[2, 4:6, 0:3] = 2
         defs = [{"value": 1, "name": "liver", "color": "#ff0000"}, {"value": 2, "name": "lesion", "color": "#00ff00"}]
-        r = c.put("/labels/series/map", json={"mask": rle_mask(labels), "definitions": defs, "expected_version": 0})
+        r = c.put("/labels/séries/map", json={"mask": rle_mask(labels), "definitions": defs, "expected_version": 0})
         assert r.status_code == 200, r.text
-        image = read_image(data / "series")
-        rt = c.get("/labels/series/export", params={"format": "rtstruct"})
+        image = read_image(data / "séries")
+        rt = c.get("/labels/séries/export", params={"format": "rtstruct"})
         assert rt.status_code == 200 and rt.headers["content-type"] == "application/dicom"
+        assert "filename*=UTF-8''s%C3%A9ries.rtstruct.v1.dcm" in rt.headers["content-disposition"]
         (data.parent / "rt.dcm").write_bytes(rt.content)
         back = rasterise_rtstruct(data.parent / "rt.dcm", image)
         np.testing.assert_array_equal(back["liver"], labels == 1)
         np.testing.assert_array_equal(back["lesion"], labels == 2)
         colours = [list(item.ROIDisplayColor) for item in pydicom.dcmread(data.parent / "rt.dcm").ROIContourSequence]
         assert colours == [[255, 0, 0], [0, 255, 0]]  # the label definitions' colours
-        seg = c.get("/labels/series/export", params={"format": "dicom-seg"})
+        seg = c.get("/labels/séries/export", params={"format": "dicom-seg"})
         (data.parent / "seg.dcm").write_bytes(seg.content)
         read = hd.seg.segread(data.parent / "seg.dcm")
         assert [s.SegmentLabel for s in read.SegmentSequence] == ["liver", "lesion"]
@@ -604,7 +605,7 @@ def test_export_dicom_seg_and_rtstruct(data, model):
         pixels = read.get_pixels_by_source_instance(source_sop_instance_uids=uids, combine_segments=True)
         np.testing.assert_array_equal(pixels, labels)
         assert c.get("/labels/vol.nii.gz/export", params={"format": "rtstruct"}).status_code == 422  # not DICOM
-        assert c.get("/labels/series/export", params={"format": "png"}).status_code == 422
+        assert c.get("/labels/séries/export", params={"format": "png"}).status_code == 422
 
 
 def test_prompts_are_answered_while_a_volume_propagates(data, model, monkeypatch):

@@ -225,6 +225,7 @@ def test_one_key_box_is_a_box2d_and_mixes_with_other_prompts():
         lambda: KeyBoxes(((1, 1, 5, 5),), (1, 2)),
         lambda: KeyBoxes(((1, 1, 5, 5), (1, 1, 5, 5)), (3, 3)),
         lambda: KeyBoxes((), ()),
+        lambda: KeyBoxes(((1, 1, 5, 5), (1, 1, 5, 5)), (2.2, 2.7)),  # not whole slice indices
         lambda: segment_volume(FakePredictor(np.ones((S, H, W))), index_volume(), [KeyBoxes(((1, 1, 5, 5),), (S,))]),
         lambda: segment_volume(
             FakePredictor(np.ones((S, H, W))), index_volume(), [KeyBoxes(((1, 1, 5, 5),), (2,))], key_slices=[3]

@@ -14,9 +14,11 @@ Two ways to ask the promptable model, chosen by what it was trained on:
   between crops are removed preferring the smaller crop; ``min_mask_region_area > 0`` fills
   holes and removes islands smaller than that (8-connected), then suppresses duplicates again
   preferring the masks that needed no clean-up.
-* ``"boxes"`` (MedSAM and LiteMedSAM, which were trained on boxes and ignore a lone click): a
-  grid of square boxes at several sizes (``box_sizes``, fractions of the image's shorter side)
-  is the prompt set; one mask per box. Besides the predicted IoU and stability filters, a
+* ``"boxes"`` (MedSAM and LiteMedSAM, which were trained on boxes and ignore a lone click): one
+  box around each region of Felzenszwalb's graph segmentation at several scales
+  (``region_scales``, regions of ``region_area`` of the image; :func:`region_boxes`), or with
+  ``box_source="grid"`` a grid of square boxes at several sizes (``box_sizes``, fractions of the
+  image's shorter side); one mask per box. Besides the predicted IoU and stability filters, a
   candidate is kept only when its mask agrees with the box that asked for it (the IoU of the
   mask's bounding box with the prompt box reaches ``box_agreement_thresh``): a box drawn around
   an object returns that object, a box over a part of one returns a mask spilling out of it or
@@ -104,6 +106,8 @@ class AutoOptions:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.crop_n_layers < 0 or self.min_mask_region_area < 0:
             raise ValueError("crop_n_layers and min_mask_region_area must be >= 0")
+        if self.points_per_side // self.crop_n_points_downscale_factor**self.crop_n_layers < 1:
+            raise ValueError("points_per_side / crop_n_points_downscale_factor ** crop_n_layers leaves no point")
         for name in ("box_nms_thresh", "crop_nms_thresh", "crop_overlap_ratio", "box_agreement_thresh"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= float(value) <= 1.0:
@@ -176,7 +180,8 @@ class AutoMask:
             "area": self.area,
             "bbox": self.bbox,
             "predicted_iou": self.predicted_iou,
-            "stability_score": self.stability_score,
+            # an empty mask's stability is 0 / 0: null, not JSON's missing NaN
+            "stability_score": None if math.isnan(self.stability_score) else self.stability_score,
             "prompt": self.prompt,
             "crop_box": self.crop_box,
         }
@@ -215,6 +220,7 @@ def region_boxes(image: np.ndarray, scales: Sequence[float], area: tuple[float, 
     """(K, 4) boxes [x0, y0, x1, y1] (``x1`` one past the last column) around the regions of
     Felzenszwalb's graph segmentation (scikit-image) at each ``scale``; regions covering less
     than ``area[0]`` or more than ``area[1]`` of the image are skipped, duplicates removed."""
+    from scipy import ndimage
     from skimage.segmentation import felzenszwalb
 
     picture = np.asarray(image)
@@ -227,9 +233,12 @@ def region_boxes(image: np.ndarray, scales: Sequence[float], area: tuple[float, 
         )
         count = int(regions.max()) + 1
         sizes = np.bincount(regions.ravel(), minlength=count)
-        for index in np.flatnonzero((sizes >= area[0] * total) & (sizes <= area[1] * total)):
-            rows, cols = np.nonzero(regions == index)
-            found.append((int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1))
+        wanted = (sizes >= area[0] * total) & (sizes <= area[1] * total)
+        # regions are numbered from 0; find_objects numbers them from 1
+        for index, where in enumerate(ndimage.find_objects(regions + 1)):
+            if where is not None and wanted[index]:
+                rows, cols = where[0], where[1]
+                found.append((int(cols.start), int(rows.start), int(cols.stop), int(rows.stop)))
     unique = sorted(set(found), key=found.index)
     return np.asarray(unique, dtype=np.float64).reshape(-1, 4)
 

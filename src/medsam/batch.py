@@ -16,8 +16,11 @@ Prompts file (JSON or CSV, chosen by the suffix):
 * CSV: a header ``image,box,slice``; one row per object; ``box`` holds 4 or 6 numbers separated by
   spaces, or ``auto``; ``slice`` may be empty. Rows of one image are one case.
 
-Outputs: ``OUTDIR/<name>.png`` for 2D images (PNG, JPEG, BMP, TIFF), ``<name>.nii.gz`` for
-volumes and DICOM, ``<name>.npz`` for ``.npz`` cases, each with its ``.scores.json``.
+Outputs keep the image's relative path: ``OUTDIR/<path>.png`` for PNG, JPEG and BMP images,
+``<path>.tif`` for TIFF (which may hold a volume), ``<path>.nii.gz`` for volumes and DICOM,
+``<path>.npz`` for ``.npz`` cases, each with its ``.scores.json``. Two cases that would write the
+same output (``a.png`` and ``a.jpg``), or an output folder that is the input folder, stop the run
+before the model loads.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from .segment_io import SegmentOptions
 __all__ = ["CasePrompts", "CaseResult", "PromptsError", "case_output", "every_file", "read_prompts", "segment_folder"]
 
 SUMMARY_COLUMNS = ("image", "status", "objects", "seconds", "mask", "error")
-_TWO_D = ("png", "jpeg", "bmp", "tiff")
+_TWO_D = ("png", "jpeg", "bmp")
 
 
 @dataclass(frozen=True)
@@ -107,17 +110,17 @@ def _from_json(text: str, path: Path) -> list[CasePrompts | str]:
             continue
         if not isinstance(spec, dict) or set(spec) - {"boxes", "slice", "auto"}:
             raise PromptsError(f'{where}: expected "auto" or an object with "boxes" (and "slice")')
+        key = spec.get("slice")
+        if key is not None and (not isinstance(key, int) or isinstance(key, bool)):
+            raise PromptsError(f"{where}: slice must be an integer, got {key!r}")
         if spec.get("auto") is True:
             if "boxes" in spec:
                 raise PromptsError(f"{where}: give boxes or auto, not both")
-            cases.append(CasePrompts(_relative(image, where), auto=True))
+            cases.append(CasePrompts(_relative(image, where), auto=True, key_slice=key))
             continue
         boxes = spec.get("boxes", [])
         if not isinstance(boxes, list) or not all(isinstance(b, list) for b in boxes):
             raise PromptsError(f"{where}: boxes must be a list of [x0, y0, x1, y1] or [x0, y0, z0, x1, y1, z1]")
-        key = spec.get("slice")
-        if key is not None and (not isinstance(key, int) or isinstance(key, bool)):
-            raise PromptsError(f"{where}: slice must be an integer, got {key!r}")
         cases.append(CasePrompts(_relative(image, where), tuple(_box(b, where) for b in boxes), key))
     return cases
 
@@ -205,15 +208,32 @@ def _with_wildcard(cases: list[CasePrompts | str], folder: Path) -> list[CasePro
 
 # ----------------------------------------------------------------------------- outputs
 def case_output(out_dir: Path, image: str, folder: Path) -> Path:
-    """Where the mask of ``image`` goes: its name with the image suffix replaced (see the module)."""
-    source = folder / image
-    kind = format_of(source)
-    name = Path(image).name
+    """Where the mask of ``image`` goes: its relative path with the image suffix replaced (see
+    the module)."""
+    kind = format_of(folder / image)
+    relative = Path(image)
     if kind == "npz":
-        return out_dir / name
-    suffix = image_suffix(name)
-    stem = name[: -len(suffix)] if suffix else name
-    return out_dir / (stem + (".png" if kind in _TWO_D else ".nii.gz"))
+        return out_dir / relative
+    suffix = image_suffix(relative.name)
+    stem = relative.name[: -len(suffix)] if suffix else relative.name
+    new = ".png" if kind in _TWO_D else ".tif" if kind == "tiff" else ".nii.gz"
+    return out_dir / relative.parent / (stem + new)
+
+
+def check_outputs(folder: Path, cases: list[CasePrompts], out_dir: Path) -> list[tuple[CasePrompts, Path]]:
+    """Each case with its output; PromptsError when the output folder is the input folder or two
+    cases would write one file."""
+    if out_dir.resolve() == folder.resolve():
+        raise PromptsError(f"the output folder must not be the input folder ({folder}): masks would replace images")
+    owner: dict[Path, str] = {}
+    todo = []
+    for case in cases:
+        mask = case_output(out_dir, case.image, folder)
+        other = owner.setdefault(mask.resolve(), case.image)
+        if other != case.image:
+            raise PromptsError(f"{other} and {case.image} would both be written to {mask}: rename one")
+        todo.append((case, mask))
+    return todo
 
 
 def _scores_path(mask: Path) -> Path | None:
@@ -249,8 +269,8 @@ def segment_folder(
     from .segment_io import resolve_model
 
     folder, out_dir = Path(folder), Path(out_dir)
+    todo = check_outputs(folder, cases, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    todo = [(c, case_output(out_dir, c.image, folder)) for c in cases]
     pending = [(c, mask) for c, mask in todo if not _done(mask)]
     model = options.model
     if pending and model is None:
@@ -299,13 +319,18 @@ def _one_case(
 
     auto = (options.auto or AutoOptions()) if case.auto else None
     try:
-        out = segment_file(
-            folder / case.image,
-            mask,
-            [list(b) for b in case.boxes],
-            replace(options, auto=auto, key_slice=case.key_slice, overlay_path=None, scores_path=None),
-            log=log,
+        mask.parent.mkdir(parents=True, exist_ok=True)
+        per_case = replace(
+            options,
+            auto=auto,
+            key_slice=case.key_slice,
+            overlay_path=None,
+            scores_path=None,
+            rtstruct_path=None,
+            proposals=None,
+            specialist=options.specialist if case.auto else None,
         )
+        out = segment_file(folder / case.image, mask, [list(b) for b in case.boxes], per_case, log=log)
     except Exception as exc:  # a batch reports the bad case and finishes the rest
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         return CaseResult(

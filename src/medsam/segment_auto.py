@@ -92,7 +92,12 @@ def segment_auto(
     from .volume import Box2D
 
     report["key_slice"] = key
-    prompts = [Box2D(m.bbox[0], m.bbox[1], m.bbox[0] + m.bbox[2], m.bbox[1] + m.bbox[3], slice=key) for m in found]
+    prompts = [
+        Box2D(m.bbox[0], m.bbox[1], m.bbox[0] + m.bbox[2], m.bbox[1] + m.bbox[3], slice=key) for m in found if m.area
+    ]
+    if len(prompts) != len(found):  # an empty mask has no box to propagate
+        found = [m for m in found if m.area]
+        report["objects"] = [{"label": i + 1, **m.record()} for i, m in enumerate(found)]
     from .model.sam2 import SAM2Model
 
     if not prompts:
@@ -144,6 +149,12 @@ def _proposals(image: MedicalImage, plane: np.ndarray, opts: SegmentOptions) -> 
     labels = read_image(opts.proposals).array if isinstance(opts.proposals, (str, Path)) else np.asarray(opts.proposals)
     if labels.shape != image.spatial_shape:
         raise ValueError(f"the proposals' shape {labels.shape} differs from the image's {image.spatial_shape}")
+    if labels.dtype == np.bool_:
+        return labels.astype(np.uint8)
+    if np.issubdtype(labels.dtype, np.floating):  # label NIfTIs are often stored as floats
+        if not (np.isfinite(labels).all() and (labels == np.round(labels)).all()):
+            raise ValueError("proposals must be a label map of whole numbers")
+        return labels.astype(np.int64)
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"proposals must be an integer label map, got {labels.dtype}")
     return labels

@@ -213,6 +213,11 @@ def write_outputs(
         assert overlay_source is not None  # given with every overlay_path
         picture = render_overlay(to_rgb_uint8(overlay_source), labels, overlay_boxes)
     scores_path = Path(scores_path) if scores_path else default_scores_path(output_path)
+    if rtstruct_path is not None:  # judged before any file is written
+        from .io.dicom_refs import referenced_headers, referenced_labels
+
+        slices, _ = referenced_labels(labels, image, "RTSTRUCT")
+        referenced_headers(image, slices.shape[0])
     if format_of(output_path) == "dicom":
         from .io.dicom_seg import write_dicom_seg
 

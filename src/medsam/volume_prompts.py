@@ -85,6 +85,7 @@ class KeyBoxes:
     def __post_init__(self) -> None:
         if len(self.boxes) != len(self.slices) or not self.boxes:
             raise PromptError(f"KeyBoxes needs one box per key slice, got {len(self.boxes)} and {len(self.slices)}")
+        object.__setattr__(self, "slices", tuple(as_int(k) for k in self.slices))
         if len(set(self.slices)) != len(self.slices):
             raise PromptError(f"KeyBoxes: a slice is given twice: {list(self.slices)}")
         for box in self.boxes:

@@ -204,7 +204,10 @@ def _folder_run(args: argparse.Namespace) -> bool:
 
     if args.prompts is not None:
         return True
-    return bool(args.auto) and Path(args.input).is_dir() and format_of(args.output) is None
+    if not (args.auto and Path(args.input).is_dir() and format_of(args.output) is None):
+        return False
+    # a folder of images, not one DICOM series (whose files are one input)
+    return any(format_of(p) not in (None, "dicom") for p in Path(args.input).iterdir() if p.is_file())
 
 
 def check_folder_arguments(args: argparse.Namespace) -> None:
@@ -217,6 +220,7 @@ def check_folder_arguments(args: argparse.Namespace) -> None:
         ("--overlay", args.overlay),
         ("--scores", args.scores),
         ("--rtstruct", args.rtstruct),
+        ("--proposals", args.proposals),
     ):
         if value:
             raise CLIError(f"{flag} applies to one file; a folder run takes its prompts from --prompts")
@@ -278,7 +282,10 @@ def _run_folder(args: argparse.Namespace, options: SegmentOptions) -> int:
         raise CLIError(str(exc)) from None
     if not cases:
         raise CLIError(f"no case to segment in {folder}")
-    rows = segment_folder(folder, cases, args.output, options, log=log, progress=not args.no_progress)
+    try:
+        rows = segment_folder(folder, cases, args.output, options, log=log, progress=not args.no_progress)
+    except PromptsError as exc:
+        raise CLIError(str(exc)) from None
     counts = {status: sum(r.status == status for r in rows) for status in ("done", "skipped", "failed")}
     for r in rows:
         if r.status == "failed":

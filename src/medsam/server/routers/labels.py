@@ -195,6 +195,7 @@ def export(
     references the image's instances; segment / ROI names are the label definitions' names."""
     import tempfile
     from pathlib import Path
+    from urllib.parse import quote
 
     loaded = wb.load(image_id)
     if loaded.image.source_format not in ("dicom", "dicom-series"):
@@ -210,22 +211,30 @@ def export(
     colours = {k: v for k, v in colours.items() if v is not None}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "export.dcm"
-        if format == "dicom-seg":
-            from ...io.dicom_seg import write_dicom_seg
+        try:
+            if format == "dicom-seg":
+                from ...io.dicom_seg import write_dicom_seg
 
-            write_dicom_seg(labels, loaded.image, path, names, colours=colours)
-        else:
-            from ...io.rtstruct import write_rtstruct
+                write_dicom_seg(labels, loaded.image, path, names, colours=colours)
+            else:
+                from ...io.rtstruct import write_rtstruct
 
-            write_rtstruct(labels, loaded.image, path, names, colours=colours)
+                write_rtstruct(labels, loaded.image, path, names, colours=colours)
+        except ImportError as exc:
+            raise HTTPException(501, str(exc)) from None
+        except FileNotFoundError as exc:
+            raise HTTPException(409, f"the image's DICOM files changed on disk: {exc}") from None
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
         body = path.read_bytes()
-    stem = Path(image_id).name.replace('"', "")
+    name = f"{Path(image_id).name}.{format}.v{version}.dcm"
+    ascii_name = name.encode("ascii", "replace").decode("ascii").replace('"', "_").replace("?", "_")
     return Response(
         body,
         media_type="application/dicom",
         headers={
             "ETag": _etag(version),
-            "Content-Disposition": f'attachment; filename="{stem}.{format}.v{version}.dcm"',
+            "Content-Disposition": f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(name)}",
         },
     )
 
