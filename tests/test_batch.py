@@ -162,3 +162,18 @@ def test_outputs_never_replace_inputs_or_each_other(tmp_path, folder, capsys):
     assert "must not be the input folder" in err[0] and "would both be written" in err[1]
     assert not (tmp_path / "o").exists()
     assert sorted(p.name for p in folder.iterdir()) == ["a.jpg", "a.png", "b.png", "broken.png", "case.npz"]
+
+
+def test_cache_makes_a_rerun_read_the_embeddings(tmp_path):
+    import nibabel as nib
+
+    vol = np.stack([smooth_image(48, 56, seed=s) for s in range(5)])
+    path = tmp_path / "v.nii.gz"
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(vol.transpose(2, 1, 0)), np.eye(4)), path)
+    args = ["segment", str(path), "--box", "5", "5", "1", "40", "30", "3", "--cache", str(tmp_path / "cache")]
+    assert main([*args, "-o", str(tmp_path / "a.nii.gz")]) == 0
+    first = json.loads((tmp_path / "a.scores.json").read_text())
+    assert main([*args, "--box", "10", "10", "0", "30", "40", "4", "-o", str(tmp_path / "b.nii.gz")]) == 0
+    second = json.loads((tmp_path / "b.scores.json").read_text())
+    assert first["embeddings_computed"] == 3 and second["embeddings_computed"] == 2  # slices 0 and 4 are new
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 5

@@ -15,19 +15,21 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from .embedding_cache import set_image_cached
 from .io import MedicalImage, read_image
 from .io.formats import check_mask_path, check_segment_paths, format_of
 from .predictor import Prediction, Predictor, clip_boxes, masks_to_label_map
 from .segment_io import SegmentationOutput as SegmentationOutput
 from .segment_io import SegmentOptions as SegmentOptions
-from .segment_io import load_reporting as load_reporting
 from .segment_io import (
+    embedding_cache,
     model_description,
     not_constant,
     resolve_model,
     to_model_input,
     write_outputs,
 )
+from .segment_io import load_reporting as load_reporting
 
 if TYPE_CHECKING:  # pragma: no cover
     from .zoom import ZoomedPrediction, ZoomPolicy
@@ -113,7 +115,7 @@ def segment_file(
         log(f"zoom: {int(prediction.zoomed.sum())} of {len(box_array)} boxes segmented on a magnified crop")
         labels = prediction.masks[0].astype(np.uint8) if len(box_array) == 1 else prediction.label_map()
     else:
-        predictor.set_image(pixels)
+        set_image_cached(predictor, pixels, embedding_cache(opts))
         prediction = predictor.predict(boxes=box_array)
         labels = prediction.masks[0].astype(np.uint8) if len(box_array) == 1 else masks_to_label_map(prediction)
     scores = [float(s) for s in prediction.scores]
@@ -210,7 +212,7 @@ def _segment_volume_file(
         _ignored_for_tracking(opts)
         result = track_volume(model, pixels, prompts, contract=opts.contract)
     else:
-        result = segment_volume(predictor, pixels, prompts, **options)
+        result = segment_volume(predictor, pixels, prompts, cache=embedding_cache(opts), **options)
     if options.get("zoom") is not None and not tracked:
         log(
             f"zoom: {sum(result.zoomed)} of {len(prompts)} objects segmented on a magnified crop "

@@ -19,6 +19,7 @@ from .predictor import Predictor
 from .segment_io import (
     SegmentationOutput,
     SegmentOptions,
+    embedding_cache,
     model_description,
     not_constant,
     resolve_model,
@@ -109,7 +110,9 @@ def segment_auto(
     else:
         from .volume import segment_volume
 
-        labels = segment_volume(predictor, pixels, prompts, iou_threshold=opts.iou_threshold).labels
+        labels = segment_volume(
+            predictor, pixels, prompts, iou_threshold=opts.iou_threshold, cache=embedding_cache(opts)
+        ).labels
     written = write_outputs(
         image, labels, output_path, None, opts.scores_path, report, rtstruct_path=opts.rtstruct_path
     )
@@ -197,7 +200,9 @@ def _segment_volume_proposals(
 
         labels = track_volume(model, pixels, prompts, contract=opts.contract).labels
     else:
-        labels = segment_volume(predictor, pixels, prompts, iou_threshold=opts.iou_threshold).labels
+        labels = segment_volume(
+            predictor, pixels, prompts, iou_threshold=opts.iou_threshold, cache=embedding_cache(opts)
+        ).labels
     report = {
         "input": str(image.source_path),
         "mode": "auto",

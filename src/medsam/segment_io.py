@@ -27,6 +27,7 @@ __all__ = [
     "SegmentOptions",
     "SegmentationOutput",
     "default_scores_path",
+    "embedding_cache",
     "load_reporting",
     "model_description",
     "not_constant",
@@ -70,6 +71,9 @@ class SegmentOptions:
         auto: automatic mode (:mod:`medsam.automatic`) with these options instead of boxes: every
             object of a 2D image; on a volume, every object of the key slice (``key_slice``,
             default the middle one), each then propagated through the volume as a 2D box.
+        cache_dir: an on-disk embedding cache (:class:`medsam.embedding_cache.EmbeddingCache`) for
+            whole slices: a rerun on the same image, model and contract (other prompts, a folder
+            run resumed with new boxes) reads the embeddings instead of computing them.
         rtstruct_path: also write the label map as an RTSTRUCT referencing the input's DICOM
             series (:func:`medsam.io.rtstruct.write_rtstruct`); DICOM inputs only.
         proposals: with ``auto``, a label map on the input's grid (a file any reader here
@@ -94,6 +98,7 @@ class SegmentOptions:
     iou_threshold: float | None = None
     zoom: ZoomPolicy | Literal["auto"] | None = "auto"
     auto: AutoOptions | None = None
+    cache_dir: str | Path | None = None
     rtstruct_path: str | Path | None = None
     proposals: str | Path | np.ndarray | None = None
     specialist: str | Path | None = None
@@ -151,6 +156,15 @@ def not_constant(pixels: np.ndarray, image: MedicalImage) -> np.ndarray:
         value = float(raw.flat[0]) if raw.size else 0.0
         raise ValueError(f"the image is constant (every voxel is {value:g}): there is nothing to segment")
     return pixels
+
+
+def embedding_cache(opts: SegmentOptions) -> Any:
+    """The :class:`medsam.embedding_cache.EmbeddingCache` of ``opts.cache_dir``, or None."""
+    if opts.cache_dir is None:
+        return None
+    from .embedding_cache import EmbeddingCache
+
+    return EmbeddingCache(opts.cache_dir)
 
 
 def resolve_model(opts: SegmentOptions, log: Callable[[str], None]) -> MedSAMModel | SAM2Model:

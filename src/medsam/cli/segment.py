@@ -57,6 +57,13 @@ def add_parser(sub: Subparsers) -> None:
         "(see medsam.batch); one model load, a summary.csv, finished cases skipped on a re-run",
     )
     p.add_argument("--no-progress", action="store_true", help="folder runs: no progress bar")
+    p.add_argument(
+        "--cache",
+        default=None,
+        metavar="DIR",
+        help="keep slice embeddings in DIR: a rerun on the same images and model (other boxes, a "
+        "folder run resumed) reads them instead of computing them",
+    )
     p.add_argument("--overlay", default=None, help="write an overlay picture (PNG)")
     p.add_argument(
         "--rtstruct",
@@ -246,6 +253,7 @@ def run(args: argparse.Namespace) -> int:
         arch=args.arch,
         overlay_path=args.overlay,
         rtstruct_path=args.rtstruct,
+        cache_dir=args.cache,
         scores_path=args.scores,
         key_slice=args.key_slice,
         modality=args.modality,
