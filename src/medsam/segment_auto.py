@@ -7,7 +7,7 @@ through the volume, or each 3D piece of a proposal label map segmented from its 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .automatic import AutoOptions
     from .model.sam import MedSAMModel
     from .model.sam2 import SAM2Model
+    from .volume import Box2D, Box3D
 
 __all__ = ["segment_auto"]
 
@@ -99,20 +100,7 @@ def segment_auto(
     if len(prompts) != len(found):  # an empty mask has no box to propagate
         found = [m for m in found if m.area]
         report["objects"] = [{"label": i + 1, **m.record()} for i, m in enumerate(found)]
-    from .model.sam2 import SAM2Model
-
-    if not prompts:
-        labels = np.zeros(image.spatial_shape, dtype=np.uint8)
-    elif isinstance(model, SAM2Model):
-        from .tracking import track_volume
-
-        labels = track_volume(model, pixels, prompts, contract=opts.contract).labels
-    else:
-        from .volume import segment_volume
-
-        labels = segment_volume(
-            predictor, pixels, prompts, iou_threshold=opts.iou_threshold, cache=embedding_cache(opts)
-        ).labels
+    labels = _walk(model, predictor, pixels, prompts, opts)
     written = write_outputs(
         image, labels, output_path, None, opts.scores_path, report, rtstruct_path=opts.rtstruct_path
     )
@@ -123,6 +111,28 @@ def segment_auto(
         save_png(render_overlay(to_rgb_uint8(pixels[key]), labels[key]), opts.overlay_path)
         written = (written[0], written[1], Path(opts.overlay_path))
     return SegmentationOutput(*written, labels=labels, scores=[m.predicted_iou for m in found], extra=report)
+
+
+def _walk(
+    model: MedSAMModel | SAM2Model,
+    predictor: Predictor,
+    pixels: np.ndarray,
+    prompts: Sequence[Box2D | Box3D],
+    opts: SegmentOptions,
+) -> np.ndarray:
+    """The volume's label map from ``prompts``: SAM2 memory tracking for SAM2-family models, the
+    box walk (:func:`medsam.volume.segment_volume`) for the others; zeros without prompts."""
+    from .model.sam2 import SAM2Model
+    from .volume import segment_volume
+
+    if not prompts:
+        return np.zeros(pixels.shape[:3], dtype=np.uint8)
+    if isinstance(model, SAM2Model):
+        from .tracking import track_volume
+
+        return track_volume(model, pixels, prompts, contract=opts.contract).labels
+    cache = embedding_cache(opts)
+    return segment_volume(predictor, pixels, prompts, iou_threshold=opts.iou_threshold, cache=cache).labels
 
 
 def _proposal_source(opts: SegmentOptions) -> str | None:
@@ -176,8 +186,7 @@ def _segment_volume_proposals(
     """Each 3D connected piece of each proposal label, segmented from its 3D box."""
     from scipy import ndimage
 
-    from .model.sam2 import SAM2Model
-    from .volume import Box3D, segment_volume
+    from .volume import Box3D
 
     prompts: list[Box3D] = []
     objects: list[dict[str, Any]] = []
@@ -193,16 +202,7 @@ def _segment_volume_proposals(
             prompts.append(Box3D(*corners))
             objects.append({"label": len(prompts), "proposal_label": int(value), "box": corners})
     log(f"automatic mode: {len(prompts)} proposed objects")
-    if not prompts:
-        labels = np.zeros(image.spatial_shape, dtype=np.uint8)
-    elif isinstance(model, SAM2Model):
-        from .tracking import track_volume
-
-        labels = track_volume(model, pixels, prompts, contract=opts.contract).labels
-    else:
-        labels = segment_volume(
-            predictor, pixels, prompts, iou_threshold=opts.iou_threshold, cache=embedding_cache(opts)
-        ).labels
+    labels = _walk(model, predictor, pixels, prompts, opts)
     report = {
         "input": str(image.source_path),
         "mode": "auto",
