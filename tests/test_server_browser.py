@@ -289,3 +289,29 @@ def test_corrected_slice_re_propagates_as_a_key_in_chromium(served):
     for s in (k, k + 2):
         np.testing.assert_array_equal(label[s], hand[s])
     assert (label > 0).any(axis=(1, 2)).sum() > 3  # propagated beyond the two keys
+
+
+def test_auto_proposes_every_object_as_new_labels_in_chromium(served):
+    """A: the slice's objects arrive as new labels (a proposal); Esc takes them back; A and Enter save them."""
+    url, data, _ = served
+    with ct_page(url) as (page, errors, k):
+        page.keyboard.press("a")
+        page.wait_for_selector("#canvas[data-auto-objects]", timeout=120_000)
+        found = int(page.get_attribute("#canvas", "data-auto-objects"))
+        assert found >= 1 and "objects proposed as new labels" in page.text_content("#status")
+        labels_shown = page.locator("#label-list li").count()
+        assert labels_shown == 3 + found  # the three default labels and one per object
+        page.keyboard.press("Escape")
+        assert page.locator("#label-list li").count() == 3
+        page.evaluate("() => document.querySelector('#canvas').removeAttribute('data-auto-objects')")
+        page.keyboard.press("a")
+        page.wait_for_selector("#canvas[data-auto-objects]", timeout=120_000)
+        page.keyboard.press("Enter")
+        page.wait_for_selector('#canvas[data-saved-version="1"]', timeout=30_000)
+        assert errors == []
+    side = json.loads((data / ".medsam" / "labels" / "ct.nii.gz.nii.gz.json").read_text())
+    assert len(side["labels"]) == 3 + found
+    from medsam.io import read_image
+
+    saved = read_image(data / ".medsam" / "labels" / "ct.nii.gz.nii.gz").array
+    assert saved[k].max() > 3 and not np.delete(saved, k, axis=0).any()

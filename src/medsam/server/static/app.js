@@ -230,16 +230,61 @@ function setActive(value, rerender = true) {
   else document.querySelectorAll("#label-list li").forEach((li, i) => li.classList.toggle("current", S.defs[i].value === value));
 }
 
-function addLabel() {
-  const name = $("#new-label-name").value.trim();
+const PALETTE = ["#e6194b", "#3cb44b", "#ffe119", "#0082c8", "#f58230", "#911eb4", "#46f0f0", "#f032e6", "#d2f53c", "#fabed4"];
+
+// The next unused label value (1..255), or 0 when all are taken.
+function freeLabel() {
   const used = new Set(S.defs.map((d) => d.value));
   let v = 1;
   while (used.has(v)) v++;
-  if (v > 255) { setStatus("at most 255 labels", true); return; }
-  const palette = ["#e6194b", "#3cb44b", "#ffe119", "#0082c8", "#f58230", "#911eb4", "#46f0f0", "#f032e6", "#d2f53c", "#fabed4"];
-  S.defs.push({ value: v, name: name || `label ${v}`, color: palette[(v - 1) % palette.length] });
+  return v > 255 ? 0 : v;
+}
+
+function addLabel() {
+  const name = $("#new-label-name").value.trim();
+  const v = freeLabel();
+  if (!v) { setStatus("at most 255 labels", true); return; }
+  S.defs.push({ value: v, name: name || `label ${v}`, color: PALETTE[(v - 1) % PALETTE.length] });
   $("#new-label-name").value = "";
   setActive(v);
+}
+
+// Automatic mode: every object the model finds on this slice becomes a new label where the slice
+// is still unlabelled; a proposal like any other (Esc discards, Enter saves).
+async function autoSlice() {
+  if (!S.meta || !S.work) return;
+  setStatus("finding every object of this slice…");
+  try {
+    let job = await (await api("/auto", { method: "POST", json: { image_id: S.id, slice_index: S.slice } })).json();
+    while (job.status === "queued" || job.status === "running") {
+      await new Promise((r) => setTimeout(r, 300));
+      job = await getJSON(`/jobs/${job.id}`);
+    }
+    if (job.status !== "done") throw new Error(job.error || job.status);
+    const found = rleDecode(job.result.mask);
+    const objects = job.result.objects;
+    pushUndo();
+    if (!S.base) S.base = S.work.slice();
+    const values = [];
+    for (const o of objects) {
+      const v = freeLabel();
+      if (!v) break;
+      S.defs.push({ value: v, name: `object ${v}`, color: PALETTE[(v - 1) % PALETTE.length] });
+      values[o.label] = v;
+    }
+    S.autoDefs = (S.autoDefs || 0) + values.filter(Boolean).length;  // removed again by Esc
+    let area = 0;
+    for (let i = 0; i < found.length; i++) {
+      const v = values[found[i]];
+      if (v && S.work[i] === 0) { S.work[i] = v; area++; }
+    }
+    renderLabels();
+    draw();
+    $("#canvas").dataset.autoObjects = String(values.filter(Boolean).length);
+    setStatus(`${values.filter(Boolean).length} objects proposed as new labels (${area} px); Enter saves, Esc discards`);
+  } catch (e) {
+    setStatus(`automatic mode failed: ${e.message}`, true);
+  }
 }
 
 // ------------------------------------------------------------------ drawing
@@ -412,6 +457,7 @@ async function accept() {
     const info = await res.json();
     S.version = info.version;
     S.saved = S.work.slice();
+    S.autoDefs = 0;
     rememberKeys(S.id, S.slice, S.work);
     resetPrompts();
     draw();
@@ -446,6 +492,7 @@ function discard() {
   if (!S.base) return;
   pushUndo();
   S.work = S.base;
+  if (S.autoDefs) { S.defs.splice(S.defs.length - S.autoDefs, S.autoDefs); S.autoDefs = 0; renderLabels(); }
   resetPrompts();
   draw();
   setStatus("proposal discarded");
@@ -726,6 +773,7 @@ function bind() {
   $("#undo-btn").addEventListener("click", undo);
   $("#discard-btn").addEventListener("click", discard);
   $("#propagate-btn").addEventListener("click", propagate);
+  $("#auto-btn").addEventListener("click", autoSlice);
   $("#add-label-btn").addEventListener("click", addLabel);
   $("#next-btn").addEventListener("click", suggestNext);
   $("#train-btn").addEventListener("click", train);
@@ -762,6 +810,7 @@ function bind() {
       case "Tab": if (!ev.shiftKey && nextCandidate()) ev.preventDefault(); break;
       case "Escape": discard(); $("#help").classList.add("hidden"); break;
       case "g": case "G": propagate(); break;
+      case "a": case "A": autoSlice(); break;
       case "w": case "W": {
         S.window = WINDOWS[(WINDOWS.indexOf(S.window) + 1) % WINDOWS.length];
         $("#window-select").value = S.window;
