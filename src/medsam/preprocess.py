@@ -41,6 +41,7 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
+from .contract_names import CONTRACT_NAMES as CONTRACT_NAMES
 from .intensity import minmax_to_uint8
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -48,7 +49,6 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 # The same statistics on 0-1 intensities, as SAM2 writes them.
 IMAGENET_MEAN_UNIT = (0.485, 0.456, 0.406)
 IMAGENET_STD_UNIT = (0.229, 0.224, 0.225)
-CONTRACT_NAMES = ("medsam", "sam", "lite", "sam2", "medsam2")
 # Contracts whose network input is the whole image warped to S x S (no padding).
 _SQUARE = ("medsam", "sam2", "medsam2")
 

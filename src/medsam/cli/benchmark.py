@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..contract_names import CONTRACT_NAMES
 from .runner import log
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ def add_parser(subparsers: Subparsers) -> None:
     )
     p.add_argument(
         "--contract",
-        choices=("medsam", "sam", "lite", "sam2", "medsam2"),
+        choices=CONTRACT_NAMES,
         default=None,
         help="override the checkpoint's preprocessing contract",
     )

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from ..contract_names import ONNX_CONTRACT_NAMES
+
 if TYPE_CHECKING:
     from .options import Subparsers
 
@@ -33,7 +35,7 @@ def add_parser(subparsers: Subparsers) -> None:
     p.add_argument("--no-points-decoder", action="store_true", help="leave out decoder_points.onnx (box prompts only)")
     p.add_argument(
         "--contract",
-        choices=("medsam", "sam", "lite"),
+        choices=ONNX_CONTRACT_NAMES,
         default=None,
         help="override the checkpoint's preprocessing contract",
     )

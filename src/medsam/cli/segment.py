@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Literal
 
+from ..contract_names import CONTRACT_NAMES
 from .options import ct_window, finite_float, non_negative_int, positive_int
 from .runner import CLIError, log
 
@@ -81,7 +82,7 @@ def add_parser(sub: Subparsers) -> None:
     )
     p.add_argument(
         "--contract",
-        choices=("medsam", "sam", "lite", "sam2", "medsam2"),
+        choices=CONTRACT_NAMES,
         default=None,
         help="override the checkpoint's preprocessing contract",
     )
