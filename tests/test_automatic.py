@@ -316,3 +316,24 @@ def test_proposals_are_outlined_by_the_model(tmp_path):
     assert report["proposals"].endswith("ct_slice_label.png") and len(report["objects"]) >= len(found)
     assert main(["segment", str(samples_dir() / "ct_slice.png"), "--proposals", "x.png", "-o", str(out_png)]) == 2
     assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_progress_reports_each_embedding_and_batch_and_can_stop_the_work(small_sam):
+    _, ours = small_sam
+    image = blobs(120, 160, seed=1)
+    calls: list[tuple[int, int]] = []
+    options = AutoOptions(points_per_side=4, points_per_batch=6, crop_n_layers=1)
+    generate_masks(medsam.Predictor(ours), image, options, progress=lambda d, t: calls.append((d, t)))
+    # 5 crops (the image and 2 x 2 tiles), each one embedding and ceil(16 / 6) = 3 batches of clicks
+    assert calls[-1] == (5 + 5 * 3, 5 + 5 * 3)
+    assert [d for d, _ in calls] == list(range(1, len(calls) + 1))
+
+    class Stop(Exception):
+        pass
+
+    def stop(done, total):
+        if done == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        generate_masks(medsam.Predictor(ours), image, options, progress=stop)

@@ -42,7 +42,7 @@ Grids, crops, region boxes, box suppression and the small-region clean-up are in
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -219,6 +219,23 @@ class _Candidates:
     agreement: list[float | None] = field(default_factory=list)
 
 
+@dataclass
+class _Steps:
+    """Progress of one generate_masks call: an embedding per crop, then its batches of prompts."""
+
+    total: int
+    report: Callable[[int, int], None] | None
+    done: int = 0
+
+    def expect(self, more: int) -> None:
+        self.total += more
+
+    def advance(self) -> None:
+        self.done += 1
+        if self.report is not None:
+            self.report(self.done, self.total)
+
+
 def _batches(n: int, size: int) -> Iterator[slice]:
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
@@ -257,9 +274,11 @@ def _process_crop(
     size: tuple[int, int],
     kind: PromptKind,
     options: AutoOptions,
+    steps: _Steps,
 ) -> _Candidates:
     x0, y0, x1, y1 = crop
     predictor.set_image(image[y0:y1, x0:x1])
+    steps.advance()
     geom = predictor.geometry
     crop_h, crop_w = geom.original_size
     threshold = predictor.contract.threshold
@@ -277,12 +296,14 @@ def _process_crop(
         return _Candidates()
     height, width = size
     out = _Candidates()
+    steps.expect(-(-len(prompts) // options.points_per_batch))
     for part in _batches(len(prompts), options.points_per_batch):
         batch = prompts[part]
         if kind == "points":
             decoded = predictor.decode(points=batch[:, None, :], point_labels=np.ones((len(batch), 1)), multimask=True)
         else:
             decoded = predictor.decode(boxes=batch)
+        steps.advance()
         logits = decoded.logits.float()
         ious = decoded.iou.float()
         per_prompt = logits.shape[1]
@@ -334,9 +355,17 @@ def _near_crop_edge(box: list[int], crop: list[int], image_size: tuple[int, int]
     return any(abs(v - c) <= atol and not abs(v - e) <= atol for v, c, e in zip(shifted, crop, image_box, strict=True))
 
 
-def generate_masks(predictor: Predictor, image: np.ndarray, options: AutoOptions | None = None) -> list[AutoMask]:
+def generate_masks(
+    predictor: Predictor,
+    image: np.ndarray,
+    options: AutoOptions | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[AutoMask]:
     """Every object of ``image`` ((H, W) or (H, W, 3), any dtype :meth:`Predictor.set_image`
     takes) as a list of :class:`AutoMask`, best first. The predictor's current image is replaced.
+
+    ``progress(done, total)`` is called after each crop's embedding and each batch of prompts
+    (``total`` grows as crops reveal their prompts); an exception raised there stops the work.
     """
     options = options or AutoOptions()
     image = np.asarray(image)
@@ -347,8 +376,10 @@ def generate_masks(predictor: Predictor, image: np.ndarray, options: AutoOptions
     options = options.resolved(kind)
     nms_thresh = _given(options.box_nms_thresh)
     found: list[tuple[list[int], _Candidates]] = []
-    for crop, layer in crop_boxes(size, options.crop_n_layers, options.crop_overlap_ratio):
-        candidates = _process_crop(predictor, image, crop, layer, size, kind, options)
+    crops = crop_boxes(size, options.crop_n_layers, options.crop_overlap_ratio)
+    steps = _Steps(len(crops), progress)
+    for crop, layer in crops:
+        candidates = _process_crop(predictor, image, crop, layer, size, kind, options, steps)
         keep = box_nms(np.asarray(candidates.boxes, dtype=np.float64), np.asarray(candidates.ious), nms_thresh)
         found.append((crop, _subset(candidates, keep)))
 

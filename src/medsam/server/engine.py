@@ -399,7 +399,9 @@ class SegmentationEngine:
             self.cache_hits += result.cache_hits
         return result, info
 
-    def automatic(self, picture: np.ndarray, options: Any) -> tuple[list[Any], dict[str, Any]]:
+    def automatic(
+        self, picture: np.ndarray, options: Any, progress: Callable[[int, int], None] | None = None
+    ) -> tuple[list[Any], dict[str, Any]]:
         """:func:`medsam.automatic.generate_masks` on one slice's model input, on a predictor of its
         own over the served model (as :meth:`propagate`, without holding :attr:`lock`); returns the
         objects and the :meth:`model_info` of the model that found them."""
@@ -410,7 +412,7 @@ class SegmentationEngine:
             served = self.predictor
             info = self.model_info()
         adapt_threads(background=True)
-        found = generate_masks(Predictor(served.model, precision=served.precision), picture, options)
+        found = generate_masks(Predictor(served.model, precision=served.precision), picture, options, progress)
         with self.lock:
             self.encoder_calls += len(crop_boxes(picture.shape[:2], options.crop_n_layers, options.crop_overlap_ratio))
         return found, info

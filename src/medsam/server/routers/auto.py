@@ -39,14 +39,16 @@ def auto(body: AutoRequest, wb: WorkbenchDep) -> JobInfo:
         raise HTTPException(422, str(exc)) from None
 
     def work(job) -> dict:
-        if job.cancelled:
-            raise JobFailed("cancelled", 499)
-        job.progress(0, 1, "finding objects")
+        def progress(done: int, total: int) -> None:  # also where a cancelled job stops
+            if job.cancelled:
+                raise JobFailed("cancelled", 499)
+            job.progress(done, total, "finding objects")
+
+        progress(0, 1)
         picture = loaded.model_slice(body.slice_index)
-        found, model_info = wb.engine.automatic(picture, options)
+        found, model_info = wb.engine.automatic(picture, options, progress)
         labels = instance_label_map(found, picture.shape[:2])
         values, counts = rle_encode(labels)
-        job.progress(1, 1, "done")
         return {
             "slice_index": body.slice_index,
             "mask": {"shape": list(labels.shape), "values": values, "counts": counts},
