@@ -67,7 +67,7 @@ def load_cases(min_area: int, cache_dir: str | None) -> dict[str, list[tuple[np.
 
     import SimpleITK as sitk
 
-    from medsam.curate.demo_corpus import ArchiveSource, fetch_archive
+    from medsam.curate.demo_corpus import SLICERIO, fetch_archive
     from medsam.demo import samples_dir
     from medsam.intensity import normalize_image
     from medsam.io import read_image
@@ -77,17 +77,7 @@ def load_cases(min_area: int, cache_dir: str | None) -> dict[str, list[tuple[np.
         image = read_image(samples_dir() / f"{name}.png").array
         label = read_image(samples_dir() / f"{name}_label.png").array
         cases[key] = [(image, instances(label, min_area))]
-    wheel = fetch_archive(
-        ArchiveSource(
-            filename="slicerio-1.4.0-py3-none-any.whl",
-            requirement="slicerio==1.4.0",
-            sdist=False,
-            sha256="ae3432ee06386bfe3b2e8d2d07940411fcbaefab8ed89a3853ee9c5ac19e296b",
-            size=827115,
-            license="MIT",
-        ),
-        cache_dir,
-    )
+    wheel = fetch_archive(SLICERIO, cache_dir)
     with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(wheel) as archive:
         for member in ("CTChest4.nrrd", "Segmentation.seg.nrrd"):
             archive.extract(f"slicerio/data/{member}", tmp)

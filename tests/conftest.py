@@ -65,5 +65,14 @@ def seeded_tiny_model():
 
 
 @pytest.fixture
+def small_default_model(monkeypatch):
+    """The untrained small default model instead of the bundled one, for tests that exercise a
+    command or a file path rather than the model (fast; its masks are meaningless)."""
+    import medsam.default_model
+
+    monkeypatch.setattr(medsam.default_model, "bundled_checkpoint", lambda: None)
+
+
+@pytest.fixture
 def tiny_model():
     return seeded_tiny_model()

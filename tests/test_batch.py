@@ -13,13 +13,8 @@ from conftest import smooth_image
 from medsam.batch import CasePrompts, PromptsError, case_output, every_file, read_prompts, segment_folder
 from medsam.cli import main
 
-
-@pytest.fixture(autouse=True)
-def small_default_model(monkeypatch):
-    """These tests exercise the folder run, not the model: the fast untrained small default."""
-    import medsam.default_model
-
-    monkeypatch.setattr(medsam.default_model, "bundled_checkpoint", lambda: None)
+# These tests exercise the folder run, not the model: the fast untrained small default (conftest).
+pytestmark = pytest.mark.usefixtures("small_default_model")
 
 
 @pytest.fixture

@@ -17,13 +17,8 @@ from PIL import Image
 from conftest import smooth_image
 from medsam.cli import main
 
-
-@pytest.fixture(autouse=True)
-def small_default_model(monkeypatch):
-    """These tests exercise the CLI, not the model: use the fast untrained small default."""
-    import medsam.default_model
-
-    monkeypatch.setattr(medsam.default_model, "bundled_checkpoint", lambda: None)
+# These tests exercise the CLI, not the model: the fast untrained small default (conftest).
+pytestmark = pytest.mark.usefixtures("small_default_model")
 
 
 @pytest.fixture

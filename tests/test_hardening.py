@@ -253,13 +253,6 @@ def test_upload_refused_by_the_size_its_header_declares(data, model, tmp_path):
 
 # ----------------------------------------------------------------------------- CLI
 @pytest.fixture
-def small_default_model(monkeypatch):
-    import medsam.default_model
-
-    monkeypatch.setattr(medsam.default_model, "bundled_checkpoint", lambda: None)
-
-
-@pytest.fixture
 def png(tmp_path):
     path = tmp_path / "slice.png"
     Image.fromarray(smooth_image(80, 100, seed=3)).save(path)

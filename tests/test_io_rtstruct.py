@@ -113,14 +113,12 @@ def test_rtstruct_refusals(tmp_path):
     assert not (tmp_path / "x.dcm").exists()
 
 
-def test_cli_writes_dicom_seg_and_rtstruct_equal_to_the_nifti(tmp_path, monkeypatch, capsys):
+def test_cli_writes_dicom_seg_and_rtstruct_equal_to_the_nifti(tmp_path, small_default_model, capsys):
     """One run on a DICOM series: -o seg.dcm (DICOM-SEG) and --rtstruct, against the NIfTI of the
     same prompts, voxel for voxel."""
     hd = pytest.importorskip("highdicom")
-    import medsam.default_model
     from medsam.cli import main
 
-    monkeypatch.setattr(medsam.default_model, "bundled_checkpoint", lambda: None)  # fast untrained model
     series = real_ct_series(tmp_path / "ct")
     box = ["--box", "20", "30", "0", "90", "100", "3", "--box", "60", "10", "1", "120", "60", "2"]
     assert main(["segment", str(series), *box, "-o", str(tmp_path / "m.nii.gz")]) == 0

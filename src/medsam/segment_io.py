@@ -227,21 +227,22 @@ def write_outputs(
         assert overlay_source is not None  # given with every overlay_path
         picture = render_overlay(to_rgb_uint8(overlay_source), labels, overlay_boxes)
     scores_path = Path(scores_path) if scores_path else default_scores_path(output_path)
-    if rtstruct_path is not None:  # judged before any file is written
-        from .io.dicom_refs import referenced_headers, referenced_labels
+    structures = None
+    if rtstruct_path is not None:  # made (and judged) before any file is written
+        from .io.rtstruct import rtstruct_dataset
 
-        slices, _ = referenced_labels(labels, image, "RTSTRUCT")
-        referenced_headers(image, slices.shape[0])
+        structures = rtstruct_dataset(labels, image, names)
     if format_of(output_path) == "dicom":
         from .io.dicom_seg import write_dicom_seg
 
         write_dicom_seg(labels, image, output_path, names)
     else:
         write_mask(labels, image, output_path)
-    if rtstruct_path is not None:
-        from .io.rtstruct import write_rtstruct
+    if structures is not None:
+        from .io.rtstruct import save_rtstruct
 
-        write_rtstruct(labels, image, rtstruct_path, names)
+        assert rtstruct_path is not None  # structures are made for an rtstruct_path only
+        save_rtstruct(structures, rtstruct_path)
     write_json(scores_path, report, indent=2)
     if picture is not None:
         assert overlay_path is not None  # a picture is made for an overlay_path only

@@ -24,11 +24,12 @@ import numpy as np
 import torch
 
 from .errors import PromptError
+from .intensity import minmax_to_uint8
 from .model.prompt_encoder import box_corner_points
 from .model.sam2 import SAM2Model
 from .model.sam2_tracking import FrameFeatures, SAM2Tracker, Track, frame_features
 from .preprocess import get_contract
-from .volume import Box2D, Box3D, KeyBoxes, VolumeSegmentation, to_uint8_volume
+from .volume import Box2D, Box3D, KeyBoxes, VolumeSegmentation
 from .volume_prompts import as_prompt, make_tracks
 
 __all__ = ["track_volume"]
@@ -59,7 +60,7 @@ def track_volume(
         raise ValueError(f"expected a (Z, Y, X) or (Z, Y, X, 3) volume, got shape {vol.shape}")
     if not -3 <= axis < 3:
         raise ValueError(f"axis must be 0, 1 or 2 (or negative), got {axis}")
-    frames = np.moveaxis(to_uint8_volume(vol), axis % 3, 0)
+    frames = np.moveaxis(minmax_to_uint8(vol), axis % 3, 0)
     S, H, W = frames.shape[:3]
     prompts = [as_prompt(b) for b in boxes]
     if any(isinstance(p, KeyBoxes) for p in prompts):

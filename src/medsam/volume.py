@@ -219,11 +219,6 @@ class _CropSegmenter:
         return self.predictor.predict(boxes=(box - np.array([x0, y0, x0, y0], dtype=np.float64))[None]), window
 
 
-def to_uint8_volume(volume: np.ndarray) -> np.ndarray:
-    """Non-uint8 data: one min-max scaling over the whole volume (not per slice)."""
-    return minmax_to_uint8(volume)
-
-
 # ----------------------------------------------------------------------------- public API
 def segment_volume(
     predictor: Any,
@@ -311,7 +306,7 @@ def segment_volume(
     if not -3 <= axis < 3:
         raise ValueError(f"axis must be 0, 1 or 2 (or negative), got {axis}")
     axis %= 3
-    vol = to_uint8_volume(vol)
+    vol = minmax_to_uint8(vol)  # uint8 is kept; one scaling for the whole volume
     frame = np.moveaxis(vol, axis, 0)  # (S, H, W[, 3]); a view
     S, H, W = frame.shape[:3]
     margin = int(box_margin)

@@ -61,6 +61,7 @@ import numpy as np
 
 __all__ = [
     "NILEARN",
+    "SLICERIO",
     "TOTALSEGMENTATOR",
     "DemoSourceError",
     "build_demo_corpus",
@@ -105,6 +106,16 @@ NILEARN = ArchiveSource(
     sha256="725206484e9fb3f6691f9c2d20204a068759d5072f12055324702ee0cb2bbe8a",
     size=11509444,
     license="BSD-3-Clause",
+)
+
+# Observed on 2026-12-06: a real chest CT with a 7-structure segmentation (benchmarks only).
+SLICERIO = ArchiveSource(
+    filename="slicerio-1.4.0-py3-none-any.whl",
+    requirement="slicerio==1.4.0",
+    sdist=False,
+    sha256="ae3432ee06386bfe3b2e8d2d07940411fcbaefab8ed89a3853ee9c5ac19e296b",
+    size=827115,
+    license="MIT",
 )
 
 TS_PREFIX = "totalsegmentator-2.18.0/tests/reference_files/"

@@ -28,7 +28,14 @@ from .atomic import atomic_output
 from .dicom_refs import referenced_headers, referenced_labels
 from .image import MedicalImage
 
-__all__ = ["ROI_COLOURS", "RT_STRUCTURE_SET_STORAGE", "mask_contours", "write_rtstruct"]
+__all__ = [
+    "ROI_COLOURS",
+    "RT_STRUCTURE_SET_STORAGE",
+    "mask_contours",
+    "rtstruct_dataset",
+    "save_rtstruct",
+    "write_rtstruct",
+]
 
 RT_STRUCTURE_SET_STORAGE = UID("1.2.840.10008.5.1.4.1.1.481.3")
 # ROI display colours (RGB), cycled by label: the overlay pictures' palette.
@@ -74,11 +81,32 @@ def write_rtstruct(
     series_description: str = "MedSAM structures",
     colours: Mapping[int, tuple[int, int, int]] | None = None,
 ) -> Path:
-    """Write ``mask`` (``like.spatial_shape``, labels 0..N) as an RTSTRUCT referencing ``like``'s
+    """Write ``mask`` as an RTSTRUCT (:func:`rtstruct_dataset` then :func:`save_rtstruct`). Atomic."""
+    ds = rtstruct_dataset(mask, like, roi_names, series_description=series_description, colours=colours)
+    return save_rtstruct(ds, path)
+
+
+def save_rtstruct(ds: Dataset, path: str | Path) -> Path:
+    """Write an RT Structure Set made by :func:`rtstruct_dataset` to ``path``, atomically."""
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        ds.save_as(tmp, enforce_file_format=True)
+    return path
+
+
+def rtstruct_dataset(
+    mask: np.ndarray,
+    like: MedicalImage,
+    roi_names: Mapping[int, str] | None = None,
+    *,
+    series_description: str = "MedSAM structures",
+    colours: Mapping[int, tuple[int, int, int]] | None = None,
+) -> Dataset:
+    """The RT Structure Set of ``mask`` (``like.spatial_shape``, labels 0..N) referencing ``like``'s
     DICOM series (``like`` must come from :func:`medsam.io.read_image` on a DICOM series or file,
     its files still on disk; ``mask[k]`` is drawn on ``like.source_files[k]``). ``colours``:
-    label -> RGB display colour (default :data:`ROI_COLOURS`). Atomic."""
-    path = Path(path)
+    label -> RGB display colour (default :data:`ROI_COLOURS`). Nothing is written; ValueError or
+    FileNotFoundError when the mask or the series cannot be referenced."""
     slices, present = referenced_labels(mask, like, "RTSTRUCT")
     sources = referenced_headers(like, slices.shape[0])
     affine = like.affine_lps
@@ -115,9 +143,7 @@ def write_rtstruct(
     ds.StructureSetROISequence = DicomSequence(rois)
     ds.ROIContourSequence = DicomSequence(contours)
     ds.RTROIObservationsSequence = DicomSequence(observations)
-    with atomic_output(path) as tmp:
-        ds.save_as(tmp, enforce_file_format=True)
-    return path
+    return ds
 
 
 def _header(source: Dataset, description: str) -> Dataset:
