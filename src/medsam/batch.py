@@ -265,15 +265,14 @@ def segment_folder(
 ) -> list[CaseResult]:
     """Segment every case of ``folder`` into ``out_dir`` with one model (``options.model``, else
     loaded once from ``options.checkpoint``); returns the summary rows (also in summary.csv)."""
-    from .segment import segment_file
     from .segment_io import resolve_model
 
     folder, out_dir = Path(folder), Path(out_dir)
     todo = check_outputs(folder, cases, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pending = [(c, mask) for c, mask in todo if not _done(mask)]
+    finished = {mask for _, mask in todo if _done(mask)}  # by an earlier run
     model = options.model
-    if pending and model is None:
+    if len(finished) < len(todo) and model is None:
         model = resolve_model(options, log)
     shared = replace(options, model=model)
     rows: list[CaseResult] = []
@@ -294,10 +293,10 @@ def segment_folder(
         start = time.perf_counter()
         if bar is not None:
             bar.set_postfix_str(case.image[-40:])
-        if _done(mask):
+        if mask in finished:
             rows.append(CaseResult(case.image, "skipped", mask=str(mask)))
         else:
-            rows.append(_one_case(folder, case, mask, shared, segment_file, log, start))
+            rows.append(_one_case(folder, case, mask, shared, log, start))
         if bar is not None:
             bar.update(1)
         _write_summary(out_dir, rows)
@@ -311,11 +310,11 @@ def _one_case(
     case: CasePrompts,
     mask: Path,
     options: SegmentOptions,
-    segment_file: Callable[..., Any],
     log: Callable[[str], None],
     start: float,
 ) -> CaseResult:
     from .automatic import AutoOptions
+    from .segment import segment_file
 
     auto = (options.auto or AutoOptions()) if case.auto else None
     try:

@@ -217,10 +217,12 @@ def write_outputs(
     from .overlay import render_overlay, save_png
     from .preprocess import to_rgb_uint8
 
-    present = [int(v) for v in np.unique(labels) if v > 0]
-    names = names or {v: f"object {v}" for v in present}
-    if (rtstruct_path is not None or format_of(output_path) == "dicom") and not present:
-        raise ValueError("nothing was segmented: DICOM-SEG and RTSTRUCT outputs need at least one object")
+    dicom_seg = format_of(output_path) == "dicom"
+    if rtstruct_path is not None or dicom_seg:  # only DICOM outputs name their objects
+        present = [int(v) for v in np.unique(labels) if v > 0]
+        if not present:
+            raise ValueError("nothing was segmented: DICOM-SEG and RTSTRUCT outputs need at least one object")
+        names = names or {v: f"object {v}" for v in present}
 
     picture = None
     if overlay_path is not None:
@@ -232,7 +234,7 @@ def write_outputs(
         from .io.rtstruct import rtstruct_dataset
 
         structures = rtstruct_dataset(labels, image, names)
-    if format_of(output_path) == "dicom":
+    if dicom_seg:
         from .io.dicom_seg import write_dicom_seg
 
         write_dicom_seg(labels, image, output_path, names)
