@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml
 	# Test oracle: the reference SAM2 (an sdist; its C++/CUDA extension is not built, and its
 	# declared torchvision would not import beside the local CPU torch: tests stand it in).
 	SAM2_BUILD_CUDA=0 $(PY) -m pip install -q --no-build-isolation --no-deps sam2==1.1.0
+	# Test oracle: MONAI Label's Python client and the client module its 3D Slicer extension uses
+	# (shipped in the wheel under monailabel/plugins/slicer); the clients need only requests.
+	$(PY) -m pip install -q --no-deps monailabel==0.8.5
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

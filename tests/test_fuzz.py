@@ -449,6 +449,9 @@ def test_every_operation_is_fuzzed_and_the_server_never_errs(fuzz_app):
                         case.path_parameters["image_id"] = which
                     if isinstance(case.body, dict) and "image_id" in case.body:
                         case.body["image_id"] = which
+                    for key in ("image", "label"):  # the MONAI Label routes' query parameters
+                        if isinstance(case.query, dict) and key in case.query:
+                            case.query[key] = which
                 _quiesce(wb)
                 before = _snapshot(root)
                 response = case.call()

@@ -13,13 +13,12 @@ import contextlib
 import json
 import os
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from workbench_fixtures import live_server, synthetic_ct
 
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
@@ -41,20 +40,6 @@ CHROMIUM_ARGS = [
 TOKEN = "browser-test-token"
 
 
-def synthetic_ct(Z: int = 7, H: int = 96, W: int = 112, seed: int = 0):
-    """A CT-like int16 volume in HU (air, a body ellipse, a bright ellipsoid 'organ') and the organ mask."""
-    rng = np.random.default_rng(seed)
-    z, y, x = np.mgrid[0:Z, 0:H, 0:W].astype(np.float32)
-    vol = np.full((Z, H, W), -1000.0, np.float32)
-    vol[((y - H / 2) / (H * 0.45)) ** 2 + ((x - W / 2) / (W * 0.45)) ** 2 <= 1] = 40
-    organ = ((z - Z / 2) / (Z * 0.45)) ** 2 + ((y - H * 0.45) / (H * 0.2)) ** 2 + (
-        (x - W * 0.42) / (W * 0.18)
-    ) ** 2 <= 1
-    vol[organ] = 160
-    vol += rng.normal(0, 12, vol.shape)
-    return np.round(vol).astype(np.int16), organ
-
-
 @pytest.fixture
 def served(tmp_path):
     """The workbench (embedded default model, with a token) on a free localhost port."""
@@ -73,21 +58,8 @@ def served(tmp_path):
     sitk.WriteImage(img, str(data / "ct.nii.gz"))
     model = medsam.load_model(device="cpu")
     app = create_app(data, model=model, token=TOKEN)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    t0 = time.time()
-    while not server.started:
-        assert thread.is_alive() and time.time() - t0 < 30, "server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}", data, organ
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with live_server(app) as url:
+        yield url, data, organ
 
 
 @contextlib.contextmanager

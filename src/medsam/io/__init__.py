@@ -23,6 +23,7 @@ _LAZY = {
     "write_npz_segs": "npz",
     "read_image": "readers",
     "write_mask": "writers",
+    "write_volume": "writers",
 }
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "write_dicom_seg",
     "write_mask",
     "write_npz_segs",
+    "write_volume",
 ]
 
 

@@ -1,4 +1,5 @@
-"""``write_mask``: write a label array with exactly the geometry of its source image."""
+"""``write_mask`` (a label array) and ``write_volume`` (an image's own values), each with exactly
+the geometry of its source image."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from .atomic import atomic_output
 from .formats import ITK_FORMATS, check_mask_path
 from .image import MedicalImage
 
-__all__ = ["write_mask"]
+__all__ = ["write_mask", "write_volume"]
 
 
 def label_array(mask, like: MedicalImage) -> np.ndarray:
@@ -98,19 +99,7 @@ def write_mask(mask, like: MedicalImage, path: str | Path) -> Path:
     if fmt == "nifti" and _write_nifti_like_source(labels, like, path):
         return path
     if fmt in ITK_FORMATS:
-        import SimpleITK as sitk
-
-        from ._sitk import short_reason, to_sitk
-
-        img = to_sitk(labels, like)
-        with atomic_output(path) as tmp:
-            writer = sitk.ImageFileWriter()
-            writer.SetFileName(str(tmp))
-            writer.SetUseCompression(True)
-            try:
-                writer.Execute(img)
-            except RuntimeError as exc:
-                raise OSError(f"{path}: cannot write mask ({short_reason(exc)})") from exc
+        _write_itk(labels, like, path, "mask")
         return path
     if fmt == "png":
         if labels.dtype == np.uint32:
@@ -133,3 +122,34 @@ def write_mask(mask, like: MedicalImage, path: str | Path) -> Path:
             )
         return path
     raise AssertionError(f"unhandled mask format {fmt}")  # check_mask_path admits only the above
+
+
+def write_volume(image: MedicalImage, path: str | Path) -> Path:
+    """Write ``image``'s own array (scalar, not colour) with its geometry as NIfTI, NRRD or
+    MetaImage (from the suffix of ``path``), atomically; returns the path written. Used to hand a
+    DICOM series to a viewer as one file."""
+    from .formats import format_of
+
+    path = Path(path)
+    if image.is_color:
+        raise ValueError("colour images are not written as volumes")
+    if format_of(path) not in ITK_FORMATS:
+        raise ValueError(f"{path.name}: write a volume as .nii.gz, .nii, .nrrd or .mha")
+    _write_itk(np.asarray(image.array), image, path, "image")
+    return path
+
+
+def _write_itk(array: np.ndarray, like: MedicalImage, path: Path, what: str) -> None:
+    import SimpleITK as sitk
+
+    from ._sitk import short_reason, to_sitk
+
+    img = to_sitk(array, like)
+    with atomic_output(path) as tmp:
+        writer = sitk.ImageFileWriter()
+        writer.SetFileName(str(tmp))
+        writer.SetUseCompression(True)
+        try:
+            writer.Execute(img)
+        except RuntimeError as exc:
+            raise OSError(f"{path}: cannot write {what} ({short_reason(exc)})") from exc

@@ -26,7 +26,7 @@ from .datastore import UPLOAD_SUFFIXES, Datastore
 from .engine import SegmentationEngine
 from .jobs import JobManager
 from .labels import LabelStore
-from .routers import auto, embeddings, images, jobs, labels, propagate, segment, train
+from .routers import auto, embeddings, images, jobs, labels, monailabel, propagate, segment, train
 from .routers import next as next_router
 from .schemas import ServerInfo
 from .security import TokenAndHostMiddleware
@@ -162,7 +162,7 @@ def create_app(
     app.state.workbench = workbench
     app.add_exception_handler(RequestValidationError, validation_error_response)
     # Order matters for the path-style ids: the specific /images/{id}/embeddings first.
-    for module in (embeddings, images, segment, auto, labels, propagate, next_router, jobs, train):
+    for module in (embeddings, images, segment, auto, labels, propagate, next_router, jobs, train, monailabel):
         app.include_router(module.router)
 
     @app.get("/info", response_model=ServerInfo, tags=["server"], summary="Model, limits and counters")

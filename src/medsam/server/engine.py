@@ -363,32 +363,47 @@ class SegmentationEngine:
         concurrent call private scratch buffers). Embeddings go through the same disk cache,
         whose writes are atomic.
         """
+        from ..volume import Box2D, KeyBoxes
+
+        boxes = {int(k): tuple(int(v) for v in b) for k, b in keys.items()}
+        prompt: Box2D | KeyBoxes
+        if len(boxes) == 1:
+            ((key, (x0, y0, x1, y1)),) = boxes.items()
+            prompt = Box2D(x0, y0, x1, y1, slice=key)
+        else:
+            prompt = KeyBoxes(tuple(boxes.values()), tuple(boxes))  # type: ignore[arg-type]
+        return self.segment_object(loaded, prompt, iou_threshold, box_margin, progress)
+
+    def segment_object(
+        self,
+        loaded: LoadedImage,
+        prompt: Any,
+        iou_threshold: float,
+        box_margin: int,
+        progress: Callable[[int, int], None],
+    ):
+        """One object through the volume from ``prompt`` (a :class:`medsam.volume.Box2D`,
+        :class:`~medsam.volume.KeyBoxes` or :class:`~medsam.volume.Box3D`), as :meth:`propagate`
+        describes (memory tracking for a SAM2-family model and a Box2D); returns the
+        :class:`medsam.volume.VolumeSegmentation` and the :meth:`model_info` of the model used."""
         from ..model.sam2 import SAM2Model
         from ..predictor import Predictor
-        from ..volume import Box2D, KeyBoxes, segment_volume
+        from ..volume import Box2D, segment_volume
 
         with self.lock:
             served = self.predictor
             info = self.model_info()
         adapt_threads(background=True)  # this job's thread leaves a core to interactive prompts
-        boxes = {int(k): tuple(int(v) for v in b) for k, b in keys.items()}
-        prompt: list[Box2D | KeyBoxes]
-        if len(boxes) == 1:
-            ((key, (x0, y0, x1, y1)),) = boxes.items()
-            prompt = [Box2D(x0, y0, x1, y1, slice=key)]
-        else:
-            prompt = [KeyBoxes(tuple(boxes.values()), tuple(boxes))]  # type: ignore[arg-type]
-        if (
-            isinstance(served.model, SAM2Model) and len(boxes) == 1
-        ):  # memory tracking (the IoU stop and margin are the v1 walk's)
+        if isinstance(served.model, SAM2Model) and isinstance(prompt, Box2D):
+            # memory tracking (the IoU stop and margin are the v1 walk's)
             from ..tracking import track_volume
 
-            result = track_volume(served.model, loaded.model_input, prompt, progress=progress)
+            result = track_volume(served.model, loaded.model_input, [prompt], progress=progress)
         else:
             result = segment_volume(
                 Predictor(served.model),
                 loaded.model_input,
-                prompt,
+                [prompt],
                 iou_threshold=iou_threshold,
                 box_margin=box_margin,
                 cache=self.cache,

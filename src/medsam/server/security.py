@@ -1,7 +1,9 @@
 """Security of the workbench: the bearer token, the Host allow-list, and safe ids.
 
 * **Token.** With a token configured, every request except the page shell (``/``,
-  ``/static/...``) must carry ``Authorization: Bearer <token>``; the comparison is constant-time
+  ``/static/...``) and MONAI Label's two login routes (``/monailabel/auth/``, which says whether a
+  token is needed, and ``/monailabel/auth/token``, which checks the token sent as a password) must
+  carry ``Authorization: Bearer <token>``; the comparison is constant-time
   (:func:`hmac.compare_digest`). A wrong or missing token gets 401 before any route runs.
 * **Host allow-list.** Requests whose ``Host`` header is not an allowed name get 400: a web page
   on another site that re-binds its DNS name to 127.0.0.1 cannot talk to the server.
@@ -28,8 +30,9 @@ __all__ = [
     "token_matches",
 ]
 
-# The page shell carries no data; everything else needs the token when one is set.
-PUBLIC_PATHS = ("/", "/favicon.ico")
+# The page shell carries no data, and MONAI Label clients log in through the two auth routes
+# (the token route itself checks the token); everything else needs the token when one is set.
+PUBLIC_PATHS = ("/", "/favicon.ico", "/monailabel/auth/", "/monailabel/auth/token")
 PUBLIC_PREFIXES = ("/static/",)
 
 
