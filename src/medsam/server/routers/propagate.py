@@ -11,34 +11,13 @@ from __future__ import annotations
 import numpy as np
 from fastapi import APIRouter, HTTPException
 
+from ...volume import merge_propagated
 from ..jobs import JobFailed
 from ..labels import VersionConflict
 from ..schemas import JobInfo, PropagateRequest
 from ..state import WorkbenchDep
 
 router = APIRouter(tags=["propagate"])
-
-
-def merge_propagated(
-    current: np.ndarray, predicted: np.ndarray, label: int, keys: int | set[int], replace: bool
-) -> np.ndarray:
-    """Put ``label`` where ``predicted`` is set, slice by slice, except on the key slice(s).
-
-    Voxels of other labels are kept. Without ``replace`` only slices where ``label`` is absent
-    are filled; with it, ``label`` is first removed from every other slice the prediction reaches.
-    """
-    out = current
-    protected = {keys} if isinstance(keys, int) else set(keys)
-    for s in np.flatnonzero(predicted.reshape(predicted.shape[0], -1).any(axis=1)):
-        if s in protected:
-            continue
-        plane = out[s]
-        has = plane == label
-        if has.any() and not replace:
-            continue
-        plane[has] = 0
-        plane[(predicted[s] > 0) & (plane == 0)] = label
-    return out
 
 
 @router.post("/propagate", response_model=JobInfo, status_code=202, summary="Propagate a label from a key slice")
