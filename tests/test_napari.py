@@ -143,6 +143,13 @@ def test_widget_segments_rectangles_points_and_propagates(default_model, ct, qtb
     widget.boxes_button.click()
     assert "Shapes" in widget.status.text()
 
+    widget.checkpoint.setText(str(Path("/nonexistent/model.pth")))
+    widget.load_button.click()
+    assert widget.status.text().startswith("cannot load the model") and widget.model is default_model
+    widget.checkpoint.setText("")  # the embedded default
+    widget.load_button.click()
+    assert widget.status.text().startswith("model:") and widget.model is not default_model
+
 
 def test_widget_docks_in_a_real_viewer_through_the_manifest(make_napari_viewer, default_model, ct, qtbot):
     if not os.environ.get("DISPLAY"):
