@@ -405,3 +405,17 @@ def test_dicom_series_is_handed_out_as_one_nifti(served, slicer, tmp_path):
         assert np.array_equal(values[:, :, k].T, _slice_values(k) - 1024)
     assert np.allclose(nifti.affine[:3, 3], (50.0, 60.0, 10.0))  # LPS origin (-50, -60, 10) in RAS
     assert np.allclose(np.abs(np.diag(nifti.affine)[:3]), (0.9, 0.7, 2.5))
+
+
+def test_train_stats_report_the_latest_scored_job():
+    from types import SimpleNamespace
+
+    from medsam.server.routers.monailabel import train_stats
+
+    jobs = [
+        SimpleNamespace(after={"dsc": 0.71, "nsd": 0.8}, id="a", finished="t1"),
+        SimpleNamespace(after={"dsc": 0.83, "nsd": 0.9}, id="b", finished="t2"),
+        SimpleNamespace(after=None, id="c", finished=None),  # running, or failed before scoring
+    ]
+    assert train_stats(jobs) == {"medsam": {"best_metric": 0.83, "id": "b", "finished": "t2"}}
+    assert train_stats(jobs[2:]) == {}

@@ -171,6 +171,16 @@ def test_workbench_serves_a_sam2_model(data):
         first, last = result["result"]["slices"]
         assert first <= 2 <= last
 
+        # a second hand-accepted slice: both are key slices of one memory-tracked object
+        r = c.put("/labels/vol.nii.gz/slices/4", json={"mask": rle_mask(plane)}, headers={"If-Match": '"2"'})
+        assert r.status_code == 200
+        job.update(expected_version=3, key_slices=[4], replace=True)
+        result = wait_job(c, c.post("/propagate", json=job).json(), timeout=300)
+        assert result["status"] == "done", result
+        assert result["result"]["stop_reasons"] == ["volume_end", "volume_end"]
+        labels = c.get("/labels/vol.nii.gz").json()
+        assert labels["version"] == 4
+
 
 def test_a_3d_box_bounds_its_tracks(case):
     from medsam.volume import Box3D
@@ -247,3 +257,57 @@ def test_3d_npz_case_is_tracked(case, tmp_path):
     model = medsam.load_model(checkpoint, device="cpu")
     expected = track_volume(model, volume, [Box3D(x0, y0, 2, x1, y1, 4)]).labels
     assert np.array_equal(segs, expected) and segs[2:5].any() and not segs[:2].any()
+
+
+def test_several_key_slices_match_the_reference_video_predictor(case):
+    """One object boxed on two slices (KeyBoxes) and one on the key slice, each run through the
+    reference as MedSAM2's script runs an object (its boxes, forward, reset, the same boxes,
+    backward; the reference starts both directions at the lowest prompted frame, so every frame
+    is answered by one pass, a prompted one by both with its own mask)."""
+    from medsam.volume import KeyBoxes
+
+    reference, checkpoint, volume, boxes, folder = case
+    labels = read_image(SAMPLES + "ct_volume_label.nii.gz").array[3:9]
+    first_id = int(next(i for i in np.unique(labels[KEY]) if i))
+    keys = {}
+    for k in (1, 4):  # the first object drawn again two slices below the key and one above
+        ys, xs = np.nonzero(labels[k] == first_id)
+        keys[k] = [int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())]
+    Z, H, W = volume.shape
+    frames_dir = folder / "frames_keys"
+    frames_dir.mkdir(exist_ok=True)
+    for z in range(Z):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(frames_dir / f"{z:05d}.jpg")
+    contract = medsam.preprocess.get_contract("medsam2", 512)
+    images = torch.cat([contract.prepare_image(volume[z])[0] for z in range(Z)])
+    objects = [dict(keys), {KEY: boxes[1]}]
+    expected_logits = []
+    with torch.inference_mode():
+        for prompts in objects:
+            state = reference.init_state(str(frames_dir))
+            state.update(images=images, video_height=H, video_width=W, cached_features={})
+            per_frame: dict[int, torch.Tensor] = {}
+            for reverse in (False, True):
+                reference.reset_state(state)
+                for k, box in prompts.items():
+                    reference.add_new_points_or_box(state, frame_idx=k, obj_id=1, box=np.array(box, np.float32))
+                for frame, _, out in reference.propagate_in_video(state, reverse=reverse):
+                    if frame in per_frame:  # only a prompted frame comes twice, with its own mask
+                        assert frame in prompts and torch.equal(per_frame[frame], out[0, 0])
+                    per_frame[frame] = out[0, 0].clone()
+            expected_logits.append(per_frame)
+    assert sorted(expected_logits[0]) == list(range(Z))
+
+    model = medsam.load_model(checkpoint, device="cpu")
+    prompts = [KeyBoxes(tuple(tuple(b) for b in keys.values()), tuple(keys)), Box2D(*boxes[1], slice=KEY)]
+    result = track_volume(model, volume, prompts, fill_hole_area=0)
+    assert result.key_slices == [1, KEY] and result.stop_reasons[0] == ("volume_end", "volume_end")
+    for z in range(Z):
+        stack = torch.stack([expected_logits[i][z] for i in range(2)]).numpy()
+        expected = np.where(stack.max(axis=0) > 0, stack.argmax(axis=0) + 1, 0)
+        differ = result.labels[z] != expected
+        if differ.any():  # only where a logit decides within rounding
+            top2 = np.sort(stack, axis=0)
+            margin = np.minimum(np.abs(stack.max(axis=0)), top2[-1] - top2[-2])
+            assert margin[differ].max() < 1e-3, z
+        assert (expected == 1).any(), z

@@ -85,6 +85,14 @@ def segment_file(
         raise ValueError("automatic mode finds its own objects: give either boxes or auto, not both")
     if opts.auto is None and (opts.proposals is not None or opts.specialist is not None):
         raise ValueError("proposals and a specialist are used by automatic mode: pass auto too")
+    from .io.video import is_video
+
+    if is_video(input_path):
+        if opts.auto is not None:
+            raise ValueError("automatic mode does not apply to videos: give a box on a frame (--box ... --slice K)")
+        from .segment_video import segment_video
+
+        return segment_video(input_path, output_path, boxes, opts, log)
     if format_of(input_path) == "npz":
         if opts.auto is not None:
             raise ValueError("automatic mode does not apply to .npz cases (they carry their own boxes)")
@@ -158,45 +166,12 @@ def _segment_volume_file(
     opts: SegmentOptions,
     log: Callable[[str], None],
 ) -> SegmentationOutput:
-    from .volume import Box2D, Box3D, segment_volume
+    from .volume import segment_volume
 
-    if not boxes:
-        raise ValueError("give at least one box: --box X0 Y0 Z0 X1 Y1 Z1, or --box X0 Y0 X1 Y1 --slice K")
     if image.is_color:
         raise ValueError("colour volumes are not supported")
     check_mask_path(output_path, volume=True, dicom_source=image.source_format in ("dicom", "dicom-series"))
-    Z, Y, X = image.spatial_shape
-    widths = {len(b) for b in boxes}
-    key_slice = opts.key_slice
-    prompts: list[Box3D | Box2D]
-    if widths == {6}:
-        if key_slice is not None:
-            raise ValueError("--slice goes with 2D boxes (X0 Y0 X1 Y1), not with 3D boxes")
-        b6 = parse_boxes(boxes, 6)
-        b6[:, [0, 1, 3, 4]] = _clipped(b6[:, [0, 1, 3, 4]], (Y, X), inclusive=True)
-        prompts = []
-        for i, (x0, y0, z0, x1, y1, z1) in enumerate(b6):
-            lo, hi = max(z0, 0.0), min(z1, Z - 1.0)
-            if hi < lo:
-                raise ValueError(f"box {i + 1}: z-range [{z0:g}, {z1:g}] lies outside the volume's {Z} slices")
-            if (lo, hi) != (z0, z1):
-                warnings.warn(
-                    f"box {i + 1}: z-range [{z0:g}, {z1:g}] overhangs the volume; clipped to [{lo:g}, {hi:g}]",
-                    stacklevel=2,
-                )
-            prompts.append(Box3D(*[int(round(v)) for v in (x0, y0, lo, x1, y1, hi)]))
-    elif widths == {4}:
-        if key_slice is None:
-            raise ValueError("2D boxes on a volume need --slice K (or give 3D boxes X0 Y0 Z0 X1 Y1 Z1)")
-        if not 0 <= key_slice < Z:
-            raise ValueError(f"--slice {key_slice} lies outside the volume's {Z} slices")
-        b4 = _clipped(parse_boxes(boxes, 4), (Y, X), inclusive=True)
-        prompts = [
-            Box2D(int(round(x0)), int(round(y0)), int(round(x1)), int(round(y1)), slice=key_slice)
-            for x0, y0, x1, y1 in b4
-        ]
-    else:
-        raise ValueError("boxes on a volume need 6 numbers (X0 Y0 Z0 X1 Y1 Z1) or 4 with --slice")
+    prompts = volume_prompts(boxes, opts.key_slice, image.spatial_shape)
     pixels = not_constant(to_model_input(image, opts.modality, opts.window), image)
     model = resolve_model(opts, log)
     predictor = Predictor(model, contract=opts.contract)
@@ -319,3 +294,48 @@ def _segment_npz(
     segs = segment_npz_case(predictor, case, zoom=zoom, **options)
     write_npz_segs(output_path, segs, spacing=case.spacing)
     return SegmentationOutput(output_path, None, None, labels=segs, scores=[])
+
+
+def volume_prompts(
+    boxes: Sequence[Sequence[float]], key_slice: int | None, shape: tuple[int, ...], unit: str = "slice"
+) -> list[Any]:
+    """The prompts (:class:`~medsam.volume.Box3D` / :class:`~medsam.volume.Box2D`) of a volume,
+    or of a video (``unit="frame"``), of ``shape`` ``(Z, Y, X)``: 3D boxes
+    ``[x0, y0, z0, x1, y1, z1]``, or 2D boxes ``[x0, y0, x1, y1]`` on ``key_slice``; clipped to
+    the volume with a warning, ValueError when they cannot be used."""
+    from .volume import Box2D, Box3D
+
+    if not boxes:
+        raise ValueError("give at least one box: --box X0 Y0 Z0 X1 Y1 Z1, or --box X0 Y0 X1 Y1 --slice K")
+    Z, Y, X = (int(n) for n in shape[:3])
+    whole = "volume" if unit == "slice" else "video"
+    widths = {len(b) for b in boxes}
+    prompts: list[Any] = []
+    if widths == {6}:
+        if key_slice is not None:
+            raise ValueError("--slice goes with 2D boxes (X0 Y0 X1 Y1), not with 3D boxes")
+        b6 = parse_boxes(boxes, 6)
+        b6[:, [0, 1, 3, 4]] = _clipped(b6[:, [0, 1, 3, 4]], (Y, X), inclusive=True)
+        for i, (x0, y0, z0, x1, y1, z1) in enumerate(b6):
+            lo, hi = max(z0, 0.0), min(z1, Z - 1.0)
+            if hi < lo:
+                raise ValueError(f"box {i + 1}: z-range [{z0:g}, {z1:g}] lies outside the {whole}'s {Z} {unit}s")
+            if (lo, hi) != (z0, z1):
+                warnings.warn(
+                    f"box {i + 1}: z-range [{z0:g}, {z1:g}] overhangs the {whole}; clipped to [{lo:g}, {hi:g}]",
+                    stacklevel=3,
+                )
+            prompts.append(Box3D(*[int(round(v)) for v in (x0, y0, lo, x1, y1, hi)]))
+    elif widths == {4}:
+        if key_slice is None:
+            raise ValueError(f"2D boxes on a {whole} need --slice K (or give 3D boxes X0 Y0 Z0 X1 Y1 Z1)")
+        if not 0 <= key_slice < Z:
+            raise ValueError(f"--slice {key_slice} lies outside the {whole}'s {Z} {unit}s")
+        b4 = _clipped(parse_boxes(boxes, 4), (Y, X), inclusive=True)
+        prompts = [
+            Box2D(int(round(x0)), int(round(y0)), int(round(x1)), int(round(y1)), slice=key_slice)
+            for x0, y0, x1, y1 in b4
+        ]
+    else:
+        raise ValueError(f"boxes on a {whole} need 6 numbers (X0 Y0 Z0 X1 Y1 Z1) or 4 with --slice")
+    return prompts

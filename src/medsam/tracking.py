@@ -12,12 +12,20 @@ volume's ends. Each slice is run through the image encoder once per direction fo
 (key slices once). MedSAM2's script also runs under bf16 autocast on its GPU and keeps the
 largest connected component of the result; neither is done here (fp32, masks as tracked).
 
+An object boxed on several key slices (:class:`~medsam.volume.KeyBoxes`: a correction, or a
+slice drawn again) is prompted on each of them, each decoded on its own as SAM2's video predictor
+decodes prompts given on several frames before propagating; as that predictor does, both
+directions start at the lowest prompted slice (forward to the end, passing over the other
+prompted slices, which keep their own masks; backward to the start), and every tracked slice
+attends to the memories of all prompted slices and to the pointers of those behind it.
+
 A voxel goes to the object with the highest mask logit above 0 (ties to the lower label).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,7 +35,7 @@ from .errors import PromptError
 from .intensity import minmax_to_uint8
 from .model.prompt_encoder import box_corner_points
 from .model.sam2 import SAM2Model
-from .model.sam2_tracking import FrameFeatures, SAM2Tracker, Track, frame_features
+from .model.sam2_tracking import FrameFeatures, FrameOutput, SAM2Tracker, Track, frame_features
 from .preprocess import get_contract
 from .volume import Box2D, Box3D, KeyBoxes, VolumeSegmentation
 from .volume_prompts import as_prompt, make_tracks
@@ -50,8 +58,10 @@ def track_volume(
     """Segment one object per box in ``volume`` ((Z, Y, X) or (Z, Y, X, 3); non-uint8 data
     min-max scaled to 0-255 once, so window CT first) by SAM2 memory tracking (module docstring).
 
+    ``boxes`` may hold :class:`~medsam.volume.KeyBoxes` (one object on several key slices).
     ``scores`` hold, per kept slice, the predicted IoU of the mask SAM2 chose; ``stop_reasons``
-    are ``"box_end"`` / ``"volume_end"``, or ``"key_empty"`` when the key slice's mask is empty.
+    are ``"box_end"`` / ``"volume_end"``, or ``"key_empty"`` when the masks of every prompted
+    slice are empty; ``key_slices`` name each object's lowest prompted slice.
     ``fill_hole_area``: background holes of at most this many low-resolution pixels are filled
     (SAM2's video predictor's setting is 8; 0 turns it off).
     """
@@ -63,12 +73,7 @@ def track_volume(
     frames = np.moveaxis(minmax_to_uint8(vol), axis % 3, 0)
     S, H, W = frames.shape[:3]
     prompts = [as_prompt(b) for b in boxes]
-    if any(isinstance(p, KeyBoxes) for p in prompts):
-        raise PromptError(
-            "SAM2 tracking takes one key slice per object; several key slices (KeyBoxes) are walked "
-            "by medsam.volume.segment_volume with a MedSAM / SAM model"
-        )
-    plans = make_tracks(prompts, key_slices, S, H, W, 0, None)
+    plans = _object_plans(prompts, key_slices, S, H, W)
     the_contract = get_contract(contract or model.contract, model.input_size)
     geometry = the_contract.geometry((H, W))
     tracker = SAM2Tracker(model, fill_hole_area=fill_hole_area)
@@ -87,25 +92,34 @@ def track_volume(
     scores: list[dict[int, float]] = [{} for _ in range(n)]
     total = sum(p.hi - p.lo + 1 for p in plans)
     done = 0
-    key_features = {k: features(k) for k in sorted({p.key for p in plans})}
+    key_features = {k: features(k) for k in sorted({k for p in plans for k in p.keys})}
     # Frame numbers within each object's slice range [lo, hi] (a Box3D's range is the volume
     # MedSAM2's script would be given: the pointers' distance scale depends on its length).
     starts: list[dict[bool, Track]] = []
     for i, plan in enumerate(plans):
-        box = the_contract.transform_boxes(plan.key_box[None], geometry)
-        coords, labels = box_corner_points(torch.as_tensor(box, dtype=torch.float32, device=device))
-        forward = tracker.prompt(key_features[plan.key], coords, labels, plan.key - plan.lo)
-        backward = Track(key=forward.key, reverse=True, key_output=forward.key_output)
+        prompted: dict[int, FrameOutput] = {}
+        for k, key_box in plan.keys.items():  # each prompted slice decoded on its own, as an image
+            box = the_contract.transform_boxes(key_box[None], geometry)
+            coords, labels = box_corner_points(torch.as_tensor(box, dtype=torch.float32, device=device))
+            prompted[k - plan.lo] = tracker.prompt(key_features[k], coords, labels, k - plan.lo).key_output
+            logits[i][k] = prompted[k - plan.lo].low_res
+            scores[i][k] = prompted[k - plan.lo].iou
+            done += 1
+        first = min(prompted)  # SAM2's video predictor starts both directions at the first one
+        conditioning = prompted if len(prompted) > 1 else {}
+        forward = Track(key=first, reverse=False, key_output=prompted[first], conditioning=conditioning)
+        backward = Track(key=first, reverse=True, key_output=prompted[first], conditioning=conditioning)
         starts.append({False: forward, True: backward})
-        logits[i][plan.key] = forward.key_output.low_res
-        scores[i][plan.key] = forward.key_output.iou
-        done += 1
     if progress is not None:
         progress(done, total)
     for reverse in (False, True):
         order = range(S - 1, -1, -1) if reverse else range(S)
         for k in order:
-            active = [i for i, p in enumerate(plans) if (p.lo <= k < p.key if reverse else p.key < k <= p.hi)]
+            active = [
+                i
+                for i, p in enumerate(plans)
+                if k not in p.keys and (p.lo <= k < p.key if reverse else p.key < k <= p.hi)
+            ]
             if not active:
                 continue
             feats = key_features[k] if k in key_features else features(k)
@@ -118,6 +132,37 @@ def track_volume(
             if progress is not None:
                 progress(done, total)
     return _assemble(plans, logits, scores, the_contract, geometry, (S, H, W), axis % 3, computed)
+
+
+@dataclass(frozen=True)
+class _ObjectPlan:
+    """One object: its prompted slices (slice -> (4,) box, in prompting order), its slice range."""
+
+    keys: dict[int, np.ndarray]
+    lo: int
+    hi: int
+    end_reasons: tuple[str, str]
+
+    @property
+    def key(self) -> int:
+        return min(self.keys)
+
+
+def _object_plans(
+    prompts: Sequence[Any], key_slices: Sequence[int | None] | None, S: int, H: int, W: int
+) -> list[_ObjectPlan]:
+    if key_slices is not None and len(key_slices) != len(prompts):
+        raise PromptError(f"key_slices has {len(key_slices)} entries for {len(prompts)} boxes")
+    plans = []
+    for n, p in enumerate(prompts):
+        override = None if key_slices is None else [key_slices[n]]
+        walks = make_tracks([p], override, S, H, W, 0, None)
+        if isinstance(p, KeyBoxes):  # the walks are one per key slice, in slice order
+            plans.append(_ObjectPlan({w.key: w.key_box for w in walks}, 0, S - 1, ("volume_end", "volume_end")))
+        else:
+            (w,) = walks
+            plans.append(_ObjectPlan({w.key: w.key_box}, w.lo, w.hi, w.end_reasons))
+    return plans
 
 
 def _assemble(
@@ -140,7 +185,7 @@ def _assemble(
     reasons: list[tuple[str, str]] = []
     for i, plan in enumerate(plans):
         maps = {k: contract.mask_scores(low, geometry)[0, 0].cpu().numpy() for k, low in logits[i].items()}
-        if not (maps[plan.key] > contract.threshold).any():  # nothing on the key slice: no object
+        if not any((maps[k] > contract.threshold).any() for k in plan.keys):  # nothing where prompted
             slices.append(None)
             reasons.append(("key_empty", "key_empty"))
             kept_scores.append({})

@@ -30,12 +30,15 @@ def add_parser(sub: Subparsers) -> None:
         "A box that overhangs the image edge is clipped to it (with a warning). With --auto, every "
         "object is found without prompts (SAM's everything mode for SAM models, region proposals "
         "refined by the model for MedSAM models; on a volume, on the --slice K, default the middle "
-        "one, then propagated) and written as an instance label map with per-object scores.",
+        "one, then propagated) and written as an instance label map with per-object scores. Videos "
+        "(a folder of frames, a multi-page colour TIFF, .mp4/.avi/.mov/.mkv/.webm): --box X0 Y0 X1 Y1 "
+        "--slice K on frame K, masks out as a folder of PNGs or a .tif.",
     )
     p.add_argument(
         "input",
-        help="PNG/JPEG/TIFF, DICOM file or series folder, NIfTI, NRRD, MHA, or .npz; "
-        "or a folder of them with --prompts (or --auto and an output folder)",
+        help="PNG/JPEG/TIFF, DICOM file or series folder, NIfTI, NRRD, MHA, or .npz; a video (a "
+        "folder of frames, a video file); or a folder of images with --prompts (or --auto and an "
+        "output folder)",
     )
     p.add_argument(
         "--box",
@@ -46,7 +49,13 @@ def add_parser(sub: Subparsers) -> None:
         metavar="COORD",
         help="a box prompt; repeat for several objects",
     )
-    p.add_argument("--slice", type=int, default=None, dest="key_slice", help="key slice for 2D boxes on a volume")
+    p.add_argument(
+        "--slice",
+        type=int,
+        default=None,
+        dest="key_slice",
+        help="key slice for 2D boxes on a volume (the frame, for a video)",
+    )
     p.add_argument(
         "-o", "--output", required=True, help="mask file (format from the extension), or a folder for folder runs"
     )

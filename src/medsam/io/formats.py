@@ -90,7 +90,11 @@ def check_segment_paths(
         raise FileNotFoundError(f"input not found: {source}")
     if overlay_path is not None and not str(overlay_path).lower().endswith(".png"):
         raise ValueError(f"the overlay is written as PNG: give a .png name, got {overlay_path}")
-    if format_of(source) == "npz":
+    from .video import check_video_output, is_video
+
+    if is_video(source):
+        check_video_output(output_path)
+    elif format_of(source) == "npz":
         if format_of(output_path) != "npz":
             raise ValueError("the output of an npz case must be an .npz file (key 'segs')")
     else:

@@ -8,12 +8,12 @@ This is the inference of SAM2's video predictor (``sam2==1.1.0``, ``SAM2VideoPre
   as an image; one mask for a box (with the stability fallback), the best of three for a single
   click; its memory is made from the binarised mask (x 20 - 10);
 * every **further frame** attends (:class:`~medsam.model.sam2_memory.MemoryAttention`) to the
-  prompted frame's memory (temporal slot 0), the memories of the 6 frames tracked just before it
-  (slots 1-6, the nearest last) and the object pointers of the prompted frame and of up to 15
-  tracked frames before it (SAM2.1: each with a sine encoding of its signed frame distance;
-  SAM2: without temporal encoding); the decoder
-  then runs without prompts and keeps the best of its three masks; the frame's memory is made
-  from that mask's sigmoid (x 20 - 10);
+  prompted frame's memory (temporal slot 0; with several prompted frames, all of theirs), the
+  memories of the 6 frames tracked just before it (slots 1-6, the nearest last) and the object
+  pointers of the prompted frame(s) behind it and of up to 15 tracked frames before it (SAM2.1:
+  each with a sine encoding of its signed frame distance; SAM2: without temporal encoding); the
+  decoder then runs without prompts and keeps the best of its three masks; the frame's memory is
+  made from that mask's sigmoid (x 20 - 10);
 * where the object-score head says the object is absent the mask logits are -1024, the object
   pointer is ``no_obj_ptr`` and (SAM2.1) ``no_obj_embed_spatial`` is added to the memory;
 * memories are kept rounded to bfloat16, as the reference stores them; small background holes
@@ -65,13 +65,24 @@ class FrameOutput:
 
 @dataclass
 class Track:
-    """One object tracked in one direction from its prompted frame: the outputs of the last 16
-    tracked frames (the next step reads at most 15 back)."""
+    """One object tracked in one direction from its prompted frame ``key``: the outputs of the
+    last 16 tracked frames (the next step reads at most 15 back).
+
+    ``conditioning``: every prompted frame of the object (frame -> its output, in the order the
+    prompts were given), when there are several; empty means ``{key: key_output}``. Each is a
+    memory of slot 0 for every tracked frame, and a pointer where it lies behind the frame (as
+    SAM2's video predictor conditions on all prompted frames); a tracking pass passes over them.
+    """
 
     key: int
     reverse: bool
     key_output: FrameOutput
     outputs: dict[int, FrameOutput] = field(default_factory=dict)
+    conditioning: dict[int, FrameOutput] = field(default_factory=dict)
+
+    @property
+    def prompted(self) -> dict[int, FrameOutput]:
+        return self.conditioning or {self.key: self.key_output}
 
 
 def frame_features(model: SAM2Model, image: torch.Tensor) -> FrameFeatures:
@@ -197,7 +208,8 @@ class SAM2Tracker:
         model = self.model
         slots = model.config.num_maskmem
         direction = 1 if track.reverse else -1  # where the frames tracked before this one lie
-        entries: list[tuple[int, FrameOutput]] = [(0, track.key_output)]
+        prompted = track.prompted
+        entries: list[tuple[int, FrameOutput]] = [(0, out) for out in prompted.values()]
         for t_pos in range(1, slots):
             previous = track.outputs.get(frame + direction * (slots - t_pos))
             if previous is not None:
@@ -212,10 +224,11 @@ class SAM2Tracker:
         sign = -1 if track.reverse else 1
         positions: list[float] = []
         pointers: list[torch.Tensor] = []
-        if (track.key >= frame) if track.reverse else (track.key <= frame):
-            distance = (frame - track.key) * sign if self.signed_pointer_distance else abs(frame - track.key)
-            positions.append(float(distance))
-            pointers.append(track.key_output.pointer)
+        for t, out in prompted.items():  # the prompted frames that lie behind this one
+            if (t >= frame) if track.reverse else (t <= frame):
+                distance = (frame - t) * sign if self.signed_pointer_distance else abs(frame - t)
+                positions.append(float(distance))
+                pointers.append(out.pointer)
         for t_diff in range(1, max_pointers):
             t = frame + t_diff if track.reverse else frame - t_diff
             if t < 0 or t >= num_frames:

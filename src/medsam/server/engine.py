@@ -352,8 +352,8 @@ class SegmentationEngine:
         progress: Callable[[int, int], None],
     ):
         """:func:`medsam.volume.segment_volume` from 2D boxes on key slices (``keys``: slice -> box;
-        several keys make one :class:`medsam.volume.KeyBoxes` object; for a SAM2-family model and one
-        key :func:`medsam.tracking.track_volume`, memory tracking); returns its result
+        several keys make one :class:`medsam.volume.KeyBoxes` object; for a SAM2-family model
+        :func:`medsam.tracking.track_volume`, memory tracking); returns its result
         and the :meth:`model_info` of the model that made it (for provenance: the served model may
         change while the volume propagates).
 
@@ -384,17 +384,17 @@ class SegmentationEngine:
     ):
         """One object through the volume from ``prompt`` (a :class:`medsam.volume.Box2D`,
         :class:`~medsam.volume.KeyBoxes` or :class:`~medsam.volume.Box3D`), as :meth:`propagate`
-        describes (memory tracking for a SAM2-family model and a Box2D); returns the
+        describes (memory tracking for a SAM2-family model and a Box2D or KeyBoxes); returns the
         :class:`medsam.volume.VolumeSegmentation` and the :meth:`model_info` of the model used."""
         from ..model.sam2 import SAM2Model
         from ..predictor import Predictor
-        from ..volume import Box2D, segment_volume
+        from ..volume import Box2D, KeyBoxes, segment_volume
 
         with self.lock:
             served = self.predictor
             info = self.model_info()
         adapt_threads(background=True)  # this job's thread leaves a core to interactive prompts
-        if isinstance(served.model, SAM2Model) and isinstance(prompt, Box2D):
+        if isinstance(served.model, SAM2Model) and isinstance(prompt, (Box2D, KeyBoxes)):
             # memory tracking (the IoU stop and margin are the v1 walk's)
             from ..tracking import track_volume
 

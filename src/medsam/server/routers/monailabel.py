@@ -97,8 +97,14 @@ def _file_name(upload: UploadFile) -> str:
 
 
 # ---------------------------------------------------------------------------- info
-def _definitions(wb: Workbench) -> list[dict]:
-    return default_definitions()
+def train_stats(jobs: list[Any]) -> dict:
+    """``{trainer: {"best_metric": mean DSC on the held-out labels, ...}}`` of the latest
+    training job that scored its model (what Slicer's accuracy bar shows); ``{}`` before any."""
+    scored = [j for j in jobs if isinstance(j.after, dict) and "dsc" in j.after]
+    if not scored:
+        return {}
+    last = scored[-1]
+    return {MODEL_2D: {"best_metric": float(last.after["dsc"]), "id": last.id, "finished": last.finished}}
 
 
 @router.get("/info/", summary="The app: models, trainers, strategies, labels, datastore counts")
@@ -106,7 +112,7 @@ def info(wb: WorkbenchDep) -> dict:
     from ... import __version__
 
     served = wb.engine.model_info()
-    names = list(label_names(_definitions(wb)))
+    names = list(label_names(default_definitions()))
     prompts = {"roi": "[i0, i1, j0, j1, k0, k1]", "foreground": "[[i, j, k], ...]", "background": "[[i, j, k], ...]"}
     models = {
         MODEL_2D: {
@@ -128,11 +134,6 @@ def info(wb: WorkbenchDep) -> dict:
             "config": {},
         },
     }
-    trained = [j for j in wb.training.all() if j.after]
-    train_stats = {}
-    if trained:
-        dice = trained[-1].after.get("dice") if isinstance(trained[-1].after, dict) else None
-        train_stats = {MODEL_2D: {"best_metric": dice, "total_time": None}}
     defaults = TrainRequest()
     return {
         "name": "MedSAM workbench",
@@ -148,7 +149,7 @@ def info(wb: WorkbenchDep) -> dict:
         },
         "strategies": {k: {"description": v} for k, v in STRATEGIES.items()},
         "scoring": {},
-        "train_stats": train_stats,
+        "train_stats": train_stats(wb.training.all()),
         "datastore": _datastore_stats(wb),
     }
 
