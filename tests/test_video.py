@@ -51,6 +51,9 @@ def test_frames_from_a_folder_a_tiff_and_a_video_file(tmp_path):
 
     tifffile.imwrite(tmp_path / "stack.tif", small)
     assert np.array_equal(read_video(tmp_path / "stack.tif").frames, small)
+    assert is_video(tmp_path / "stack.tif")  # colour pages; a grey stack is a volume
+    tifffile.imwrite(tmp_path / "grey.tif", small[..., 0])
+    assert not is_video(tmp_path / "grey.tif")
 
     av = pytest.importorskip("av", reason="PyAV (the video extra) reads video files")
     path = tmp_path / "clip.mkv"
@@ -162,3 +165,21 @@ def test_video_inputs_refused_with_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_colour_tiff_stack_walked_by_the_default_model(tmp_path):
+    """A MedSAM-family model (the embedded default) walks a video box to box, as a volume."""
+    import tifffile
+
+    from medsam.cli import main
+
+    frames, boxes = coloured_frames()
+    frames = frames[:, ::2, ::2].copy()
+    tifffile.imwrite(tmp_path / "clip.tif", frames)
+    box = [v // 2 for v in boxes[0]]
+    out = tmp_path / "masks.tif"
+    assert (
+        main(["segment", str(tmp_path / "clip.tif"), "--box", *map(str, box), "--slice", str(KEY), "-o", str(out)]) == 0
+    )
+    masks = tifffile.imread(out)
+    assert masks.shape == frames.shape[:3] and set(np.unique(masks)) <= {0, 1} and masks[KEY].any()

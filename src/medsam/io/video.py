@@ -6,7 +6,9 @@
   naming included), then by name. All frames must have one size. Colour frames are read as RGB
   (Pillow's ``convert("RGB")``, as SAM2's video predictor reads its JPEG folders); a folder of
   grey frames stays grey.
-* **A multi-page TIFF** (``.tif`` / ``.tiff`` with more than one page) through tifffile.
+* **A multi-page TIFF** (``.tif`` / ``.tiff`` with more than one page) through tifffile; as an
+  input of ``medsam segment`` only a stack of colour pages counts as a video (a grey stack is a
+  volume).
 * **A video file** (``.mp4``, ``.avi``, ``.mov``, ``.mkv``, ``.webm``) decoded by PyAV (FFmpeg;
   the ``video`` extra) into RGB frames; its frame rate is kept.
 
@@ -76,13 +78,23 @@ def _frame_files(folder: Path) -> list[Path]:
 
 
 def is_video(path: str | Path) -> bool:
-    """True for a video file suffix, or a folder holding frame images (and no DICOM files)."""
+    """True for a video file suffix, a folder holding frame images (and no DICOM files), or a
+    TIFF stack of colour pages (a grey stack is read as a volume by :func:`medsam.io.read_image`)."""
     p = Path(path)
     if p.is_dir():
         names = [e.name.lower() for e in p.iterdir() if e.is_file()]
         return any(n.endswith(FRAME_SUFFIXES) for n in names) and not any(
             n.endswith((".dcm", ".dicom", ".ima")) for n in names
         )
+    if p.suffix.lower() in (".tif", ".tiff") and p.is_file():
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(p) as tif:
+                shape = tif.series[0].shape
+        except Exception:  # not a readable TIFF: read_image reports it
+            return False
+        return len(shape) == 4 and shape[-1] in (3, 4)
     return p.suffix.lower() in VIDEO_SUFFIXES
 
 
