@@ -311,3 +311,58 @@ def test_several_key_slices_match_the_reference_video_predictor(case):
             margin = np.minimum(np.abs(stack.max(axis=0)), top2[-1] - top2[-2])
             assert margin[differ].max() < 1e-3, z
         assert (expected == 1).any(), z
+
+
+def test_clicks_on_a_key_slice_match_the_reference_video_predictor(case):
+    """Clicks as the prompts of a track: one foreground click (SAM2 keeps the best of its three
+    masks) for one object, a box with a background click inside it for the other; the reference
+    gets the same through ``add_new_points_or_box(points=..., labels=..., box=...)``."""
+    from medsam.volume import Clicks2D
+
+    reference, checkpoint, volume, boxes, folder = case
+    labels = read_image(SAMPLES + "ct_volume_label.nii.gz").array[3:9]
+    ids = [int(i) for i in np.unique(labels[KEY]) if i][:2]
+    ys, xs = np.nonzero(labels[KEY] == ids[0])
+    click = (float(np.median(xs)), float(np.median(ys)))
+    x0, y0, x1, y1 = boxes[1]
+    inside = (float(x0 + (x1 - x0) // 4), float(y0 + (y1 - y0) // 4))
+    Z, H, W = volume.shape
+    frames_dir = folder / "frames_clicks"
+    frames_dir.mkdir(exist_ok=True)
+    for z in range(Z):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(frames_dir / f"{z:05d}.jpg")
+    contract = medsam.preprocess.get_contract("medsam2", 512)
+    images = torch.cat([contract.prepare_image(volume[z])[0] for z in range(Z)])
+    requests = [
+        {"points": np.array([click], np.float32), "labels": np.array([1], np.int32)},
+        {
+            "points": np.array([inside], np.float32),
+            "labels": np.array([0], np.int32),
+            "box": np.array(boxes[1], np.float32),
+        },
+    ]
+    expected_logits = []
+    with torch.inference_mode():
+        for request in requests:
+            state = reference.init_state(str(frames_dir))
+            state.update(images=images, video_height=H, video_width=W, cached_features={})
+            per_frame: dict[int, torch.Tensor] = {}
+            for reverse in (False, True):
+                reference.reset_state(state)
+                reference.add_new_points_or_box(state, frame_idx=KEY, obj_id=1, **request)
+                for frame, _, out in reference.propagate_in_video(state, reverse=reverse):
+                    per_frame[frame] = out[0, 0].clone()
+            expected_logits.append(per_frame)
+
+    model = medsam.load_model(checkpoint, device="cpu")
+    prompts = [Clicks2D((click,), (1,), KEY), Clicks2D((inside,), (0,), KEY, box=tuple(boxes[1]))]
+    result = track_volume(model, volume, prompts, fill_hole_area=0)
+    for z in range(Z):
+        stack = torch.stack([expected_logits[i][z] for i in range(2)]).numpy()
+        expected = np.where(stack.max(axis=0) > 0, stack.argmax(axis=0) + 1, 0)
+        differ = result.labels[z] != expected
+        if differ.any():  # only where a logit decides within rounding
+            top2 = np.sort(stack, axis=0)
+            margin = np.minimum(np.abs(stack.max(axis=0)), top2[-1] - top2[-2])
+            assert margin[differ].max() < 1e-3, z
+    assert (result.labels[KEY] == 1).any() and (result.labels[KEY] == 2).any()

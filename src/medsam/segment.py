@@ -81,8 +81,8 @@ def segment_file(
     input_path = Path(input_path)
     output_path = Path(output_path)
     check_segment_paths(input_path, output_path, opts.overlay_path)
-    if opts.auto is not None and boxes:
-        raise ValueError("automatic mode finds its own objects: give either boxes or auto, not both")
+    if opts.auto is not None and (boxes or opts.points):
+        raise ValueError("automatic mode finds its own objects: give either boxes / clicks or auto, not both")
     if opts.auto is None and (opts.proposals is not None or opts.specialist is not None):
         raise ValueError("proposals and a specialist are used by automatic mode: pass auto too")
     from .io.video import is_video
@@ -94,6 +94,8 @@ def segment_file(
 
         return segment_video(input_path, output_path, boxes, opts, log)
     if format_of(input_path) == "npz":
+        if opts.points:
+            raise ValueError(".npz cases carry their own boxes: clicks do not apply")
         if opts.auto is not None:
             raise ValueError("automatic mode does not apply to .npz cases (they carry their own boxes)")
         return _segment_npz(input_path, output_path, boxes, opts, log)
@@ -106,16 +108,25 @@ def segment_file(
         return _segment_volume_file(image, output_path, boxes, opts, log)
     if opts.key_slice is not None:
         raise ValueError("--slice only applies to volumes; the input is a 2D image")
-    if not boxes:
-        raise ValueError("give at least one box: --box X0 Y0 X1 Y1")
-    box_array = _clipped(parse_boxes(boxes, 4), image.spatial_shape)
+    if not boxes and not opts.points:
+        raise ValueError("give at least one box (--box X0 Y0 X1 Y1) or a click (--point X Y)")
+    clicks = _checked_clicks(opts.points, len(boxes), image.spatial_shape[:2])
+    box_array = _clipped(parse_boxes(boxes, 4), image.spatial_shape) if boxes else np.zeros((0, 4))
     pixels = not_constant(to_model_input(image, opts.modality, opts.window), image)
 
     model = resolve_model(opts, log)
     predictor = Predictor(model, contract=opts.contract)
-    zoom = _resolve_auto_zoom(opts.zoom, predictor, log)
+    zoom = None if clicks else _resolve_auto_zoom(opts.zoom, predictor, log)
     prediction: ZoomedPrediction | Prediction
-    if zoom is not None:
+    if clicks:  # one object from the clicks (and its box)
+        set_image_cached(predictor, pixels, embedding_cache(opts))
+        prediction = predictor.predict(
+            boxes=box_array if len(box_array) else None,
+            points=np.asarray([[(x, y) for x, y, _ in clicks]], dtype=np.float64),
+            point_labels=np.asarray([[1 if positive else 0 for _, _, positive in clicks]]),
+        )
+        labels = prediction.masks[0].astype(np.uint8)
+    elif zoom is not None:
         from .zoom import predict_with_zoom
 
         # Embeds the whole image only if a box is too large to zoom.
@@ -137,6 +148,7 @@ def segment_file(
         {
             "input": str(input_path),
             "boxes": box_array.tolist(),
+            "points": [[x, y, int(positive)] for x, y, positive in clicks],
             "scores": scores,
             "model": model_description(model, opts.checkpoint),
             "contract": predictor.contract.name,
@@ -171,7 +183,7 @@ def _segment_volume_file(
     if image.is_color:
         raise ValueError("colour volumes are not supported")
     check_mask_path(output_path, volume=True, dicom_source=image.source_format in ("dicom", "dicom-series"))
-    prompts = volume_prompts(boxes, opts.key_slice, image.spatial_shape)
+    prompts = volume_prompts(boxes, opts.key_slice, image.spatial_shape, points=opts.points)
     pixels = not_constant(to_model_input(image, opts.modality, opts.window), image)
     model = resolve_model(opts, log)
     predictor = Predictor(model, contract=opts.contract)
@@ -296,19 +308,56 @@ def _segment_npz(
     return SegmentationOutput(output_path, None, None, labels=segs, scores=[])
 
 
+def _checked_clicks(
+    points: Sequence[tuple[float, float, bool]], n_boxes: int, size: tuple[int, ...]
+) -> list[tuple[float, float, bool]]:
+    """Clicks for one object: at most one box with them, a foreground click unless a box is
+    given, every click on the (H, W) slice."""
+    clicks = [(float(x), float(y), bool(positive)) for x, y, positive in points]
+    if not clicks:
+        return clicks
+    if n_boxes > 1:
+        raise ValueError("clicks prompt one object: give at most one box with --point / --negative-point")
+    if not n_boxes and not any(positive for _, _, positive in clicks):
+        raise ValueError("give a foreground click (--point X Y), or a box, with background clicks")
+    H, W = int(size[0]), int(size[1])
+    for x, y, _ in clicks:
+        if not (-0.5 <= x < W - 0.5 and -0.5 <= y < H - 0.5):
+            raise ValueError(f"click ({x:g}, {y:g}) lies outside the {W} x {H} image")
+    return clicks
+
+
 def volume_prompts(
-    boxes: Sequence[Sequence[float]], key_slice: int | None, shape: tuple[int, ...], unit: str = "slice"
+    boxes: Sequence[Sequence[float]],
+    key_slice: int | None,
+    shape: tuple[int, ...],
+    unit: str = "slice",
+    points: Sequence[tuple[float, float, bool]] = (),
 ) -> list[Any]:
     """The prompts (:class:`~medsam.volume.Box3D` / :class:`~medsam.volume.Box2D`) of a volume,
     or of a video (``unit="frame"``), of ``shape`` ``(Z, Y, X)``: 3D boxes
     ``[x0, y0, z0, x1, y1, z1]``, or 2D boxes ``[x0, y0, x1, y1]`` on ``key_slice``; clipped to
     the volume with a warning, ValueError when they cannot be used."""
-    from .volume import Box2D, Box3D
+    from .volume import Box2D, Box3D, Clicks2D
 
-    if not boxes:
-        raise ValueError("give at least one box: --box X0 Y0 Z0 X1 Y1 Z1, or --box X0 Y0 X1 Y1 --slice K")
     Z, Y, X = (int(n) for n in shape[:3])
     whole = "volume" if unit == "slice" else "video"
+    if points:  # one object clicked on the key slice, with at most one 2D box
+        if any(len(b) != 4 for b in boxes):
+            raise ValueError(f"clicks on a {whole} go with --slice K and at most one 2D box (X0 Y0 X1 Y1)")
+        clicks = _checked_clicks(points, len(boxes), (Y, X))
+        if key_slice is None:
+            raise ValueError(f"clicks on a {whole} need --slice K, the {unit} they are on")
+        if not 0 <= key_slice < Z:
+            raise ValueError(f"--slice {key_slice} lies outside the {whole}'s {Z} {unit}s")
+        box = None
+        if boxes:
+            x0, y0, x1, y1 = _clipped(parse_boxes(boxes, 4), (Y, X), inclusive=True)[0]
+            box = (int(round(x0)), int(round(y0)), int(round(x1)), int(round(y1)))
+        xy = tuple((x, y) for x, y, _ in clicks)
+        return [Clicks2D(xy, tuple(int(p) for _, _, p in clicks), key_slice, box)]
+    if not boxes:
+        raise ValueError("give at least one box: --box X0 Y0 Z0 X1 Y1 Z1, or --box X0 Y0 X1 Y1 --slice K")
     widths = {len(b) for b in boxes}
     prompts: list[Any] = []
     if widths == {6}:

@@ -59,6 +59,8 @@ class SegmentOptions:
         overlay_path: also write an overlay picture (PNG) here.
         scores_path: where the scores JSON goes (default: the output's stem + ``.scores.json``).
         key_slice: the slice 2D boxes on a volume are drawn on (array index ``k``).
+        points: clicks ``(x, y, foreground)`` for one object (with at most one box), on
+            ``key_slice`` of a volume or video.
         modality, window: model-input normalisation (:func:`to_model_input`).
         series_uid: which DICOM series of a folder holding several.
         iou_threshold: volumes: stop propagation below this predicted IoU
@@ -92,6 +94,7 @@ class SegmentOptions:
     overlay_path: str | Path | None = None
     scores_path: str | Path | None = None
     key_slice: int | None = None
+    points: tuple[tuple[float, float, bool], ...] = ()
     modality: str | None = None
     window: str | tuple[float, float] | None = None
     series_uid: str | None = None

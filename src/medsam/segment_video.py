@@ -44,7 +44,7 @@ def segment_video(
         if value is not None:
             raise ValueError(f"{name} does not apply to videos")
     video = read_video(input_path)
-    prompts = volume_prompts(boxes, opts.key_slice, video.frames.shape, unit="frame")
+    prompts = volume_prompts(boxes, opts.key_slice, video.frames.shape, unit="frame", points=opts.points)
     log(f"{video.n_frames} frames of {video.frames.shape[2]} x {video.frames.shape[1]} ({video.source})")
     model = resolve_model(opts, log)
     if isinstance(model, SAM2Model):
@@ -66,6 +66,7 @@ def segment_video(
         "frame_names": video.names,
         "fps": video.fps,
         "boxes": [list(map(float, b)) for b in boxes],
+        "points": [[x, y, int(positive)] for x, y, positive in opts.points],
         "model": model_description(model, opts.checkpoint),
         "contract": contract,
         "objects": [

@@ -33,11 +33,10 @@ import torch
 
 from .errors import PromptError
 from .intensity import minmax_to_uint8
-from .model.prompt_encoder import box_corner_points
 from .model.sam2 import SAM2Model
 from .model.sam2_tracking import FrameFeatures, FrameOutput, SAM2Tracker, Track, frame_features
 from .preprocess import get_contract
-from .volume import Box2D, Box3D, KeyBoxes, VolumeSegmentation
+from .volume import Box2D, Box3D, Clicks2D, KeyBoxes, VolumeSegmentation
 from .volume_prompts import as_prompt, make_tracks
 
 __all__ = ["track_volume"]
@@ -58,7 +57,9 @@ def track_volume(
     """Segment one object per box in ``volume`` ((Z, Y, X) or (Z, Y, X, 3); non-uint8 data
     min-max scaled to 0-255 once, so window CT first) by SAM2 memory tracking (module docstring).
 
-    ``boxes`` may hold :class:`~medsam.volume.KeyBoxes` (one object on several key slices).
+    ``boxes`` may hold :class:`~medsam.volume.KeyBoxes` (one object on several key slices) and
+    :class:`~medsam.volume.Clicks2D` (clicks, with or without a box, on one key slice; one
+    foreground click gives the best of SAM2's three masks, as its video predictor does).
     ``scores`` hold, per kept slice, the predicted IoU of the mask SAM2 chose; ``stop_reasons``
     are ``"box_end"`` / ``"volume_end"``, or ``"key_empty"`` when the masks of every prompted
     slice are empty; ``key_slices`` name each object's lowest prompted slice.
@@ -98,10 +99,10 @@ def track_volume(
     starts: list[dict[bool, Track]] = []
     for i, plan in enumerate(plans):
         prompted: dict[int, FrameOutput] = {}
-        for k, key_box in plan.keys.items():  # each prompted slice decoded on its own, as an image
-            box = the_contract.transform_boxes(key_box[None], geometry)
-            coords, labels = box_corner_points(torch.as_tensor(box, dtype=torch.float32, device=device))
-            prompted[k - plan.lo] = tracker.prompt(key_features[k], coords, labels, k - plan.lo).key_output
+        for k, (points, point_labels) in plan.keys.items():  # each prompted slice decoded on its own
+            coords = torch.as_tensor(the_contract.transform_coords(points, geometry)[None], dtype=torch.float32)
+            labels = torch.as_tensor(point_labels[None], device=device)
+            prompted[k - plan.lo] = tracker.prompt(key_features[k], coords.to(device), labels, k - plan.lo).key_output
             logits[i][k] = prompted[k - plan.lo].low_res
             scores[i][k] = prompted[k - plan.lo].iou
             done += 1
@@ -136,9 +137,10 @@ def track_volume(
 
 @dataclass(frozen=True)
 class _ObjectPlan:
-    """One object: its prompted slices (slice -> (4,) box, in prompting order), its slice range."""
+    """One object: its prompted slices (slice -> (points (P, 2), labels (P,)) in image pixels as
+    SAM encodes them, box corners labelled 2 and 3; in prompting order), its slice range."""
 
-    keys: dict[int, np.ndarray]
+    keys: dict[int, tuple[np.ndarray, np.ndarray]]
     lo: int
     hi: int
     end_reasons: tuple[str, str]
@@ -153,15 +155,27 @@ def _object_plans(
 ) -> list[_ObjectPlan]:
     if key_slices is not None and len(key_slices) != len(prompts):
         raise PromptError(f"key_slices has {len(key_slices)} entries for {len(prompts)} boxes")
+
+    def corners(box: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(box, dtype=np.float64).reshape(2, 2), np.array([2, 3])
+
     plans = []
     for n, p in enumerate(prompts):
+        if isinstance(p, Clicks2D):
+            wanted = None if key_slices is None else key_slices[n]
+            if wanted is not None and int(wanted) != p.slice:
+                raise PromptError(f"box {n}: key_slices[{n}]={wanted} contradicts Clicks2D.slice={p.slice}")
+            p.check(S, H, W, f"object {n}")
+            plans.append(_ObjectPlan({p.slice: p.network_points(H, W)}, 0, S - 1, ("volume_end", "volume_end")))
+            continue
         override = None if key_slices is None else [key_slices[n]]
         walks = make_tracks([p], override, S, H, W, 0, None)
         if isinstance(p, KeyBoxes):  # the walks are one per key slice, in slice order
-            plans.append(_ObjectPlan({w.key: w.key_box for w in walks}, 0, S - 1, ("volume_end", "volume_end")))
+            keys = {w.key: corners(w.key_box) for w in walks}
+            plans.append(_ObjectPlan(keys, 0, S - 1, ("volume_end", "volume_end")))
         else:
             (w,) = walks
-            plans.append(_ObjectPlan({w.key: w.key_box}, w.lo, w.hi, w.end_reasons))
+            plans.append(_ObjectPlan({w.key: corners(w.key_box)}, w.lo, w.hi, w.end_reasons))
     return plans
 
 

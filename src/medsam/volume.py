@@ -53,6 +53,7 @@ from .volume_prompts import BOX2D_IOU_THRESHOLD as BOX2D_IOU_THRESHOLD
 from .volume_prompts import (
     Box2D,
     Box3D,
+    Clicks2D,
     KeptCrop,
     KeyBoxes,
     MaskPrompt,
@@ -64,6 +65,7 @@ from .volume_prompts import (
     make_tracks,
     next_box,
     prompt_box,
+    resolve_clicks,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -72,6 +74,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "Box2D",
     "Box3D",
+    "Clicks2D",
     "KeyBoxes",
     "VolumeSegmentation",
     "merge_propagated",
@@ -246,7 +249,9 @@ def segment_volume(
             uint8 (e.g. by :mod:`medsam.intensity`). Other dtypes are min-max scaled to
             0..255 once over the whole volume, so that every slice sees the same scaling.
         boxes: one prompt per object: :class:`Box3D`, :class:`Box2D`, :class:`KeyBoxes` (one
-            object drawn on several key slices), or a sequence ``[x0, y0, z0, x1, y1, z1]`` (a
+            object drawn on several key slices), :class:`Clicks2D` (clicks on a key slice: the
+            slice is segmented from them and the object walked from that mask's box, the key
+            slice keeping the clicks' mask), or a sequence ``[x0, y0, z0, x1, y1, z1]`` (a
             Box3D). Coordinates are inclusive indices in the
             slicing frame (module docstring): ``z`` along ``axis``, ``x`` along the last remaining
             axis, ``y`` along the other.
@@ -319,8 +324,9 @@ def segment_volume(
     if n_obj > np.iinfo(np.uint16).max:
         raise ValueError(f"too many objects ({n_obj}) for a uint16 label map")
     label_dtype = np.uint8 if n_obj <= 255 else np.uint16
-    tracks = make_tracks(prompts, key_slices, S, H, W, margin, iou_threshold)
     embedder = _SliceEmbedder(predictor, frame, cache, max_cached_slices)
+    walked, clicked = resolve_clicks(prompts, lambda k: embedder.activate(k, True), predictor, S, H, W)
+    tracks = make_tracks(walked, key_slices, S, H, W, margin, iou_threshold)
     if zoom is not None:
         _check_zoom(zoom)
         if crop_predictor is predictor:
@@ -466,6 +472,10 @@ def segment_volume(
     for t in tracks:
         t.resolved = t.hi - t.lo + 1
     report()
+    for n, (k, mask) in clicked.items():  # a clicked key slice keeps the clicks' mask
+        plane = labels[k]
+        plane[plane == n + 1] = 0
+        plane[mask & (plane == 0)] = n + 1
     walks: list[list[Track]] = [[] for _ in range(n_obj)]  # an object's walks, by key slice
     for t in tracks:
         walks[t.index].append(t)

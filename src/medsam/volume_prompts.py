@@ -20,7 +20,7 @@ import numpy as np
 
 from .errors import PromptError
 
-__all__ = ["BOX2D_IOU_THRESHOLD", "Box2D", "Box3D", "KeyBoxes"]
+__all__ = ["BOX2D_IOU_THRESHOLD", "Box2D", "Box3D", "Clicks2D", "KeyBoxes"]
 
 # A zoom window ``(y0, y1, x0, x1)`` (:func:`medsam.zoom.zoom_window`), exclusive ends.
 ZoomWindow = tuple[int, int, int, int]
@@ -108,13 +108,96 @@ def as_int(v: Any) -> int:
     return r
 
 
-def as_prompt(b: Any) -> Box3D | Box2D | KeyBoxes:
-    if isinstance(b, (Box3D, Box2D, KeyBoxes)):
+@dataclass(frozen=True)
+class Clicks2D:
+    """One object clicked on key slice ``slice``: ``points`` ``((x, y), ...)`` (pixels, x =
+    column) with ``labels`` 1 (foreground) / 0 (background), and optionally a box
+    ``(x0, y0, x1, y1)`` (inclusive) given with them.
+
+    A SAM2-family model tracks the object from these prompts with memory; a MedSAM / SAM model
+    segments the key slice from them and walks the object from that mask's box, the key slice
+    keeping the clicks' mask (:func:`resolve_clicks`).
+    """
+
+    points: tuple[tuple[float, float], ...]
+    labels: tuple[int, ...]
+    slice: int
+    box: tuple[int, int, int, int] | None = None
+
+    def __post_init__(self) -> None:
+        pts = np.asarray(self.points, dtype=np.float64)
+        if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) == 0 or not np.all(np.isfinite(pts)):
+            raise PromptError("Clicks2D needs at least one finite (x, y) point")
+        if len(self.labels) != len(pts) or any(int(v) not in (0, 1) for v in self.labels):
+            raise PromptError("Clicks2D needs one label per point, 1 (foreground) or 0 (background)")
+        if self.box is None and not any(int(v) == 1 for v in self.labels):
+            raise PromptError("Clicks2D needs a foreground click (or a box)")
+        object.__setattr__(self, "points", tuple((float(x), float(y)) for x, y in pts))
+        object.__setattr__(self, "labels", tuple(int(v) for v in self.labels))
+        object.__setattr__(self, "slice", as_int(self.slice))
+        if self.box is not None:
+            object.__setattr__(self, "box", tuple(as_int(v) for v in self.box))
+
+    def check(self, S: int, H: int, W: int, what: str) -> None:
+        """PromptError unless the slice, the points and the box lie inside an (S, H, W) volume."""
+        if not 0 <= self.slice < S:
+            raise PromptError(f"{what}: slice {self.slice} outside 0..{S - 1}")
+        for x, y in self.points:
+            if not (-0.5 <= x < W - 0.5 and -0.5 <= y < H - 0.5):
+                raise PromptError(f"{what}: click ({x:g}, {y:g}) outside the {W} x {H} slice")
+        if self.box is not None:
+            check_inplane(*self.box, H, W, what)
+
+    def network_points(self, H: int, W: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(coords (P, 2), labels (P,))`` as SAM encodes them: the box's corners first (labels
+        2, 3), then the clicks."""
+        coords = [list(p) for p in self.points]
+        labels = list(self.labels)
+        if self.box is not None:
+            x0, y0, x1, y1 = prompt_box(*self.box, H, W)
+            coords = [[x0, y0], [x1, y1], *coords]
+            labels = [2, 3, *labels]
+        return np.asarray(coords, dtype=np.float64), np.asarray(labels, dtype=np.int64)
+
+
+def resolve_clicks(
+    prompts: Sequence[Any], activate: Any, predictor: Any, S: int, H: int, W: int
+) -> tuple[list[Box3D | Box2D | KeyBoxes], dict[int, tuple[int, np.ndarray]]]:
+    """For the box-to-box walk: each :class:`Clicks2D` becomes the :class:`Box2D` of the mask its
+    clicks give on its slice (``activate(slice)`` puts the slice into ``predictor``); returns the
+    prompts and ``{object: (slice, mask)}`` for the key slices to keep. An empty mask is refused."""
+    out: list[Box3D | Box2D | KeyBoxes] = []
+    clicked: dict[int, tuple[int, np.ndarray]] = {}
+    for n, p in enumerate(prompts):
+        if not isinstance(p, Clicks2D):
+            out.append(p)
+            continue
+        p.check(S, H, W, f"object {n}")
+        activate(p.slice)
+        kwargs: dict[str, Any] = {
+            "points": np.asarray([p.points], dtype=np.float64),
+            "point_labels": np.asarray([p.labels]),
+        }
+        if p.box is not None:
+            kwargs["boxes"] = np.asarray([prompt_box(*p.box, H, W)], dtype=np.float64)
+        mask = np.asarray(predictor.predict(**kwargs).masks[0], dtype=bool)
+        if not mask.any():
+            raise PromptError(f"object {n}: the clicks on slice {p.slice} give an empty mask")
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        out.append(Box2D(int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1]), slice=p.slice))
+        clicked[n] = (p.slice, mask)
+    return out, clicked
+
+
+def as_prompt(b: Any) -> Box3D | Box2D | KeyBoxes | Clicks2D:
+    if isinstance(b, (Box3D, Box2D, KeyBoxes, Clicks2D)):
         return b
     arr = np.asarray(b, dtype=np.float64).reshape(-1)
     if arr.size == 6:
         return Box3D.from_array(arr)
-    raise PromptError(f"a volume prompt must be a Box3D, a Box2D, KeyBoxes or [x0, y0, z0, x1, y1, z1]; got {b!r}")
+    raise PromptError(
+        f"a volume prompt must be a Box3D, a Box2D, KeyBoxes, Clicks2D or [x0, y0, z0, x1, y1, z1]; got {b!r}"
+    )
 
 
 @dataclass

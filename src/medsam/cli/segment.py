@@ -50,6 +50,25 @@ def add_parser(sub: Subparsers) -> None:
         help="a box prompt; repeat for several objects",
     )
     p.add_argument(
+        "--point",
+        nargs=2,
+        type=finite_float,
+        action="append",
+        default=[],
+        metavar=("X", "Y"),
+        help="a foreground click (pixels; on --slice K of a volume or video); with at most one box, "
+        "for one object; repeat for several clicks",
+    )
+    p.add_argument(
+        "--negative-point",
+        nargs=2,
+        type=finite_float,
+        action="append",
+        default=[],
+        metavar=("X", "Y"),
+        help="a background click, as --point",
+    )
+    p.add_argument(
         "--slice",
         type=int,
         default=None,
@@ -234,6 +253,8 @@ def check_folder_arguments(args: argparse.Namespace) -> None:
 
     for flag, value in (
         ("--box", args.box),
+        ("--point", args.point),
+        ("--negative-point", args.negative_point),
         ("--overlay", args.overlay),
         ("--scores", args.scores),
         ("--rtstruct", args.rtstruct),
@@ -266,6 +287,7 @@ def run(args: argparse.Namespace) -> int:
         cache_dir=args.cache,
         scores_path=args.scores,
         key_slice=args.key_slice,
+        points=tuple((x, y, True) for x, y in args.point) + tuple((x, y, False) for x, y in args.negative_point),
         modality=args.modality,
         window=args.window,
         device=args.device,

@@ -383,18 +383,19 @@ class SegmentationEngine:
         progress: Callable[[int, int], None],
     ):
         """One object through the volume from ``prompt`` (a :class:`medsam.volume.Box2D`,
-        :class:`~medsam.volume.KeyBoxes` or :class:`~medsam.volume.Box3D`), as :meth:`propagate`
-        describes (memory tracking for a SAM2-family model and a Box2D or KeyBoxes); returns the
+        :class:`~medsam.volume.KeyBoxes`, :class:`~medsam.volume.Clicks2D` or
+        :class:`~medsam.volume.Box3D`), as :meth:`propagate` describes (memory tracking for a
+        SAM2-family model and all but a Box3D); returns the
         :class:`medsam.volume.VolumeSegmentation` and the :meth:`model_info` of the model used."""
         from ..model.sam2 import SAM2Model
         from ..predictor import Predictor
-        from ..volume import Box2D, KeyBoxes, segment_volume
+        from ..volume import Box2D, Clicks2D, KeyBoxes, segment_volume
 
         with self.lock:
             served = self.predictor
             info = self.model_info()
         adapt_threads(background=True)  # this job's thread leaves a core to interactive prompts
-        if isinstance(served.model, SAM2Model) and isinstance(prompt, (Box2D, KeyBoxes)):
+        if isinstance(served.model, SAM2Model) and isinstance(prompt, (Box2D, KeyBoxes, Clicks2D)):
             # memory tracking (the IoU stop and margin are the v1 walk's)
             from ..tracking import track_volume
 

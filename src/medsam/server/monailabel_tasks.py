@@ -5,9 +5,10 @@
 * :func:`run_infer`: the ``medsam`` model segments one slice (:meth:`SegmentationEngine.segment`
   with the region's box and the slice's clicks); ``medsam_3d`` segments the object through the
   volume, from the region of interest as a :class:`medsam.volume.Box3D` (never leaving its
-  slices) or, without one, from the clicks on one slice whose mask's box is then propagated as a
-  :class:`medsam.volume.Box2D` (the clicked slice keeps the clicks' mask). The answer is a label
-  map of the image's shape, 1 on the object.
+  slices) or, without one, from the clicks on one slice as a :class:`medsam.volume.Clicks2D`
+  (tracked with memory by a SAM2-family model; walked from the clicks' mask's box by a MedSAM
+  model, the clicked slice keeping the clicks' mask). The answer is a label map of the image's
+  shape, 1 on the object.
 * :func:`store_label`: an uploaded label file (NIfTI, NRRD, MetaImage, PNG) becomes the image's
   next label version if it has the image's shape and geometry and values 0..255.
 """
@@ -61,7 +62,8 @@ def run_infer(
 ) -> tuple[np.ndarray, dict[str, Any], str]:
     """``(label map, answer params, result file suffix)`` of one infer request; raises
     :class:`ParamsRefused` for prompts that cannot be used."""
-    from ..volume import Box2D, Box3D
+    from ..errors import PromptError
+    from ..volume import Box3D, Clicks2D
 
     prompt = parse_infer_params(params, _shape_zyx(loaded), default_definitions()[0]["name"])
     shape = loaded.image.spatial_shape
@@ -79,24 +81,19 @@ def run_infer(
         return labels, answer, prompt.result_suffix
     defaults = PropagateRequest.model_fields
     iou, margin = float(defaults["iou_threshold"].default), int(defaults["box_margin"].default)
-    key_mask = None
     if prompt.roi is not None:
         x0, y0, z0, x1, y1, z1 = prompt.roi
         object_prompt: Any = Box3D(x0, y0, z0, x1, y1, z1)
         answer["key_slice"] = (z0 + z1) // 2
-    else:
+    else:  # clicks on one slice: SAM2 tracks from them, MedSAM walks from their mask's box
         index, _, points = plan_slice(prompt)
-        key_mask, score = _segment_slice(wb, loaded, index, None, points)
-        answer.update(key_slice=index, score=score)
-        if not key_mask.any():
-            answer["slices"] = []
-            return labels, answer, prompt.result_suffix
-        rows, cols = np.flatnonzero(key_mask.any(axis=1)), np.flatnonzero(key_mask.any(axis=0))
-        object_prompt = Box2D(int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1]), slice=index)
-    result, model_info = wb.engine.segment_object(loaded, object_prompt, iou, margin, lambda done, total: None)
+        object_prompt = Clicks2D(tuple((x, y) for x, y, _ in points), tuple(int(p) for _, _, p in points), index)
+        answer["key_slice"] = index
+    try:
+        result, model_info = wb.engine.segment_object(loaded, object_prompt, iou, margin, lambda done, total: None)
+    except PromptError as exc:
+        raise ParamsRefused(str(exc)) from None
     labels[:] = result.labels > 0
-    if key_mask is not None:
-        labels[answer["key_slice"]] = key_mask
     lo_hi = result.slices[0]
     answer.update(slices=list(lo_hi) if lo_hi else [], stop_reasons=list(result.stop_reasons[0]))
     answer["served_model"] = model_info.get("name")
