@@ -173,3 +173,29 @@ def test_npe2_manifest_validates():
     npe2 = Path(sys.executable).with_name("npe2")
     out = subprocess.run([str(npe2), "validate", "medsam"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "valid" in out.stdout, out.stdout + out.stderr
+
+
+def test_session_tracks_with_memory_for_a_sam2_model(ct):
+    import dataclasses
+
+    import torch
+
+    from medsam.model.sam2 import SAM2_CONFIGS, SAM2Model
+    from medsam.napari.session import SegmentationSession
+    from medsam.tracking import track_volume
+    from medsam.volume import Box2D
+
+    torch.manual_seed(0)
+    model = SAM2Model(dataclasses.replace(SAM2_CONFIGS["sam2.1_hiera_tiny"], img_size=128)).eval()
+    with torch.no_grad():
+        model.sam_mask_decoder.pred_obj_score_head.layers[2].bias.fill_(8.0)
+    vol, organ, k = ct
+    session = SegmentationSession(model, vol)
+    labels = np.zeros(vol.shape, np.uint8)
+    labels[k][organ[k]] = 1
+    merged, _ = session.propagate(labels, 1, k)
+    rows, cols = np.flatnonzero(organ[k].any(axis=1)), np.flatnonzero(organ[k].any(axis=0))
+    tracked = track_volume(model, session.model_input, [Box2D(cols[0], rows[0], cols[-1], rows[-1], slice=k)])
+    others = np.arange(vol.shape[0]) != k
+    assert np.array_equal(merged[others] == 1, tracked.labels[others] > 0) and (merged[others] == 1).any()
+    assert np.array_equal(merged[k] == 1, organ[k])

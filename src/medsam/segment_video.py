@@ -36,7 +36,7 @@ def segment_video(
     from .io.video import check_video_output, read_video, write_frame_labels
     from .model.sam2 import SAM2Model
     from .predictor import Predictor
-    from .segment import volume_prompts
+    from .segment_prompts import volume_prompts
     from .volume import segment_volume
 
     check_video_output(output_path)

@@ -116,9 +116,11 @@ class SegmentationSession:
         box_margin: int = 3,
         progress: Callable[[int, int], None] | None = None,
     ) -> tuple[np.ndarray, dict[str, Any]]:
-        """Spread ``label`` from its mask on slice ``index`` through the volume
-        (:func:`medsam.volume.segment_volume` from the mask's box); returns the new label map (the
-        given one is not changed; slices where ``label`` already is are kept) and a summary."""
+        """Spread ``label`` from its mask on slice ``index`` through the volume from the mask's box
+        (:func:`medsam.volume.segment_volume`; a SAM2-family model tracks it with memory,
+        :func:`medsam.tracking.track_volume`); returns the new label map (the given one is not
+        changed; slices where ``label`` already is are kept) and a summary."""
+        from ..model.sam2 import SAM2Model
         from ..predictor import Predictor, PromptError
         from ..volume import Box2D, merge_propagated, segment_volume
 
@@ -129,14 +131,20 @@ class SegmentationSession:
             raise PromptError(f"label {label} is empty on slice {index}: segment it there first")
         rows, cols = np.flatnonzero(key.any(axis=1)), np.flatnonzero(key.any(axis=0))
         prompt = Box2D(int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1]), slice=index)
-        result = segment_volume(
-            Predictor(self.predictor.model),
-            self.model_input,
-            [prompt],
-            iou_threshold=iou_threshold,
-            box_margin=box_margin,
-            progress=progress,
-        )
+        model = self.predictor.model
+        if isinstance(model, SAM2Model):  # memory tracking, as MedSAM2's 3D inference
+            from ..tracking import track_volume
+
+            result = track_volume(model, self.model_input, [prompt], progress=progress)
+        else:
+            result = segment_volume(
+                Predictor(model),
+                self.model_input,
+                [prompt],
+                iou_threshold=iou_threshold,
+                box_margin=box_margin,
+                progress=progress,
+            )
         merged = merge_propagated(np.array(labels, copy=True), result.labels, label, index, replace=False)
         self.encoder_calls += result.embeddings_computed
         return merged, {"slices": result.slices[0], "stop_reasons": list(result.stop_reasons[0])}
