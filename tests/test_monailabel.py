@@ -419,3 +419,35 @@ def test_train_stats_report_the_latest_scored_job():
     ]
     assert train_stats(jobs) == {"medsam": {"best_metric": 0.83, "id": "b", "finished": "t2"}}
     assert train_stats(jobs[2:]) == {}
+
+
+def test_a_local_volume_through_a_session_as_slicer_does(served, slicer, tmp_path):
+    """A volume opened from the user's disk: Slicer opens a session with it, infers with the
+    session id, and on Submit Label uploads it under its node name (no suffix) and saves the label."""
+    url, data, organ = served
+    client = slicer.MONAILabelClient(url, tmpdir=str(tmp_path), client_id="slicer-user")
+    local = tmp_path / "local"
+    local.mkdir()
+    _write_ct(local)
+    volume_file = local / "ct.nii.gz"
+    session = client.create_session(str(volume_file))
+    sid = session["session_id"]
+    assert client.get_session(sid)["name"] == "ct.nii.gz"
+    k = organ.shape[0] // 2
+    params = {"label": "liver", "roi": organ_roi(organ), "slice": k}
+    result_file, _ = client.infer("medsam", "localct", params, session_id=sid)
+    _, labels = _read(result_file)
+    assert dice(labels[k] > 0, organ[k]) > 0.8
+    assert "localct.nii.gz" not in client.datastore()["objects"]  # a session is not a datastore image
+
+    # Submit Label: MONAILabelWidget.onUploadImage(image_id=node name), then save_label(node name)
+    assert client.upload_image(str(volume_file), image_id="localct") == {"image": "localct.nii.gz"}
+    saved = client.save_label("localct", result_file, params={"label_info": [{"name": "liver", "idx": 1}]})
+    assert saved["image"] == "localct.nii.gz" and saved["version"] == 1
+    assert client.infer("medsam", "localct", params)[1]["slice"] == k  # the suffix-less id resolves
+    assert client.remove_session(sid)["session_id"] == sid
+    with pytest.raises(slicer.MONAILabelClientException):
+        client.get_session(sid)
+    with pytest.raises(slicer.MONAILabelClientException):
+        client.infer("medsam", "localct", params, session_id=sid)
+    assert not (data / ".medsam" / "sessions" / sid).exists()

@@ -26,6 +26,7 @@ from .datastore import UPLOAD_SUFFIXES, Datastore
 from .engine import SegmentationEngine
 from .jobs import JobManager
 from .labels import LabelStore
+from .monailabel_sessions import SessionStore
 from .routers import auto, embeddings, images, jobs, labels, monailabel, propagate, segment, train
 from .routers import next as next_router
 from .schemas import ServerInfo
@@ -140,6 +141,7 @@ def create_app(
         jobs=JobManager(),
         uncertainty=UncertaintyStore(settings.state_dir / "uncertainty.json"),
         training=TrainingManager(settings, datastore, label_store, engine, threads=train_threads),
+        sessions=SessionStore(settings.state_dir, datastore),
     )
 
     @asynccontextmanager

@@ -168,9 +168,13 @@ class Datastore:
     # ------------------------------------------------------------------ reading
     def load(self, image_id: str) -> LoadedImage:
         """Read ``image_id`` (through a small LRU keyed by id, size and modification time)."""
+        return self.load_file(self.path_of(image_id), image_id)
+
+    def load_file(self, path: Path, image_id: str) -> LoadedImage:
+        """Read the image at ``path`` (already checked to be one the server may read) under the
+        name ``image_id``, as :meth:`load` does (a MONAI Label session's image, for one)."""
         from ..segment import to_model_input
 
-        path = self.path_of(image_id)
         stat = path.stat()
         key = (image_id, stat.st_mtime_ns, stat.st_size)
         with self._lock:
@@ -196,8 +200,11 @@ class Datastore:
         check_declared_size(path, self.settings.max_image_voxels, self.settings.max_image_bytes)
 
     # ------------------------------------------------------------------ uploads
-    async def add_upload(self, name: str, chunks: AsyncIterator[bytes], declared_size: int | None) -> str:
-        """Store an uploaded file as ``name`` (a plain file name) in the data folder; returns its id.
+    async def add_upload(
+        self, name: str, chunks: AsyncIterator[bytes], declared_size: int | None, folder: Path | None = None
+    ) -> str:
+        """Store an uploaded file as ``name`` (a plain file name) in the data folder (or in
+        ``folder``, a folder of the server's own state); returns its id (its name in ``folder``).
 
         The body is streamed into a private temporary folder under ``.medsam/uploads`` and stopped
         as soon as it exceeds ``settings.max_upload_bytes`` (413). The file must have an upload
@@ -213,7 +220,7 @@ class Datastore:
         limit = int(self.settings.max_upload_bytes)
         if declared_size is not None and declared_size > limit:
             raise UploadRefused(f"upload larger than the limit of {limit} bytes", 413)
-        target = resolve_inside(self.root, rel)
+        target = resolve_inside(self.root, rel) if folder is None else folder / rel.name
         if target.exists() or target.is_symlink():
             raise UploadRefused(f"{name} already exists", 409)
         staging = self.settings.state_dir / "uploads"

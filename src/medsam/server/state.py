@@ -12,6 +12,7 @@ from .datastore import Datastore, ImageNotFound, LoadedImage
 from .engine import SegmentationEngine
 from .jobs import JobManager
 from .labels import LabelStore
+from .monailabel_sessions import SessionStore
 from .security import UnsafePathError
 from .settings import ServerSettings
 from .training_job import TrainingManager
@@ -28,6 +29,7 @@ class Workbench:
     jobs: JobManager
     uncertainty: UncertaintyStore
     training: TrainingManager
+    sessions: SessionStore
 
     def load(self, image_id: str) -> LoadedImage:
         """Read an image for a route: 404 for unknown ids, 400 for unsafe ones, 422 unreadable."""

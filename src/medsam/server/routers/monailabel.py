@@ -5,10 +5,12 @@ Point a client at ``http://HOST:PORT/monailabel``. Covered: ``/info/``; ``/datas
 image upload and download, label save and download, their info); ``/infer/{model}`` for two
 interactive models, ``medsam`` (one slice, from a region of interest and/or clicks) and
 ``medsam_3d`` (the object through the volume); ``/activelearning/{strategy}``; ``/train/``;
-``/auth/`` (the server's bearer token doubles as the password). Not covered: sessions, infer on
-an uploaded file or label, scribbles, batch infer, scoring, WSI, DICOMweb datastores, deleting.
+``/session/`` (an image from the client's disk, for inference only); ``/auth/`` (the server's
+bearer token doubles as the password). Not covered: infer on a file or label sent with the
+request, scribbles, batch infer, scoring, WSI, DICOMweb datastores, deleting.
 
-One datastore: an image id is the workbench's (its path in the data folder). A label saved here
+One datastore: an image id is the workbench's (its path in the data folder; the suffix may be
+left off where one image matches, as MONAI Label names images). A label saved here
 is the workbench's label of that image, saved as its next version with a history entry (tag,
 client id); the one current label is offered under both tags ``final`` and ``original`` (Slicer
 loads ``original`` when it opens an image). Coordinates: see
@@ -219,13 +221,31 @@ def _download_name(image_id: str, ext: str) -> str:
     return name if name.lower().endswith(ext) else name + ext
 
 
-def _checked(wb: Workbench, image_id: str) -> Path:
+def resolve_id(wb: Workbench, image_id: str) -> str:
+    """The datastore id a client means: ``image_id`` itself, or, as MONAI Label names images
+    without their suffix, the one image ``image_id`` + a suffix (``case7`` -> ``case7.nii.gz``);
+    400 for unsafe ids, 404 for unknown or ambiguous ones."""
     try:
-        return wb.datastore.path_of(image_id)
+        wb.datastore.path_of(image_id)
+        return image_id
     except UnsafePathError as exc:
         raise HTTPException(400, f"refused image id: {exc}") from None
     except LookupError:
-        raise HTTPException(404, f"no image {image_id!r}") from None
+        pass
+    matches = []
+    for suffix in sorted(set(UPLOAD_SUFFIXES) | {".nhdr", ".mhd"}):
+        try:
+            wb.datastore.path_of(image_id + suffix)
+            matches.append(image_id + suffix)
+        except (UnsafePathError, LookupError):
+            continue
+    if len(matches) != 1:
+        raise HTTPException(404, f"no image {image_id!r}" + (f" (several: {', '.join(matches)})" if matches else ""))
+    return matches[0]
+
+
+def _checked(wb: Workbench, image_id: str) -> Path:
+    return wb.datastore.path_of(resolve_id(wb, image_id))
 
 
 @router.put("/datastore/", summary="Upload an image (multipart: file, params)")
@@ -257,6 +277,7 @@ def check_image(image: str, wb: WorkbenchDep) -> Response:
 
 @router.get("/datastore/image", summary="Download an image (a DICOM series as one NIfTI file)")
 def download_image(image: str, wb: WorkbenchDep) -> Response:
+    image = resolve_id(wb, image)
     path = _checked(wb, image)
     if path.is_file():
         return FileResponse(path, filename=path.name, media_type="application/octet-stream")
@@ -277,6 +298,7 @@ def download_image(image: str, wb: WorkbenchDep) -> Response:
 
 @router.get("/datastore/image/info", summary="An image's shape, geometry and label state")
 def image_info(image: str, wb: WorkbenchDep) -> dict:
+    image = resolve_id(wb, image)
     loaded = wb.load(image)
     img = loaded.image
     status, version = wb.labels.status(image)
@@ -292,7 +314,7 @@ def image_info(image: str, wb: WorkbenchDep) -> dict:
 
 
 def _label_file(wb: Workbench, label: str, tag: str) -> Path:
-    _checked(wb, label)
+    label = resolve_id(wb, label)
     if tag not in TAGS:
         raise HTTPException(404, f"no label tagged {tag!r}; tags: {', '.join(TAGS)}")
     try:
@@ -321,6 +343,7 @@ def download_label(wb: WorkbenchDep, label: str, tag: str = "final") -> FileResp
 @router.get("/datastore/label/info", summary="A label's version, names and provenance")
 def label_info(wb: WorkbenchDep, label: str, tag: str = "final") -> dict:
     _label_file(wb, label, tag)
+    label = resolve_id(wb, label)
     rec = wb.labels.record(label)
     entry = _label_entry(rec)["info"]
     return dict(entry, labels=rec.get("labels"), model=rec.get("model"), history_length=len(rec.get("history", [])))
@@ -332,7 +355,7 @@ async def save_label(request: Request, wb: WorkbenchDep, image: str, tag: str = 
 
     if not tag or len(tag) > 64 or not tag.replace("_", "").replace("-", "").isalnum():
         raise HTTPException(422, "tag must be a short name of letters, digits, '-' and '_'")
-    _checked(wb, image)
+    image = resolve_id(wb, image)
     params, files = await _read_form(request, ("label",))
     upload = files.get("label")
     if upload is None:
@@ -358,17 +381,21 @@ async def infer(
 
     if model not in (MODEL_2D, MODEL_3D):
         raise HTTPException(404, f"no model {model!r}; models: {MODEL_2D}, {MODEL_3D}")
-    if session_id:
-        raise HTTPException(422, "sessions are not supported: upload the image to the datastore (PUT /datastore/)")
-    if not image:
-        raise HTTPException(422, "name the image: ?image=ID")
+    if not image and not session_id:
+        raise HTTPException(422, "name the image (?image=ID) or a session (?session_id=...)")
     if output not in (None, "all", "image", "json"):
         raise HTTPException(422, "output must be all, image or json")
     params, files = await _read_form(request, ("file", "label"))
     if files:
-        raise HTTPException(422, "infer on an uploaded file or label is not supported: use ?image=ID")
+        raise HTTPException(422, "infer on an uploaded file or label is not supported: open a session (PUT /session/)")
     t0 = time.perf_counter()
-    loaded = await anyio.to_thread.run_sync(wb.load, image)
+    if session_id:
+        found = wb.sessions.get(session_id)
+        if found is None:
+            raise HTTPException(404, "no such session (it may have expired)")
+        loaded = await anyio.to_thread.run_sync(_load_session_image, wb, session_id, found[1])
+    else:
+        loaded = await anyio.to_thread.run_sync(wb.load, resolve_id(wb, image))
     if loaded.image.is_color and loaded.image.is_volume:
         raise HTTPException(422, "colour volumes are not supported")
     try:
@@ -391,6 +418,50 @@ async def infer(
         )
     content_type, body = multipart_body(answer, filename, data)
     return Response(body, media_type=content_type)
+
+
+def _load_session_image(wb: Workbench, session_id: str, path: Path) -> Any:
+    try:
+        return wb.datastore.load_file(path, f"session:{session_id}")
+    except ValueError as exc:
+        raise HTTPException(422, f"cannot read the session's image: {str(exc).splitlines()[0]}") from None
+
+
+# ---------------------------------------------------------------------------- sessions
+@router.put("/session/", summary="Open a session: one image for inference, kept out of the datastore")
+async def create_session(request: Request, wb: WorkbenchDep, expiry: int = 0, uncompress: bool = False) -> dict:
+    if uncompress:
+        raise HTTPException(422, "compressed archives are not taken: send one image file")
+    _, files = await _read_form(request, ("files",))
+    upload = files.get("files")
+    if upload is None:
+        raise HTTPException(422, "send the image as the form's 'files' part")
+    try:
+        info = await wb.sessions.create(_file_name(upload), _chunks(upload), upload.size, expiry)
+    except UnsafePathError as exc:
+        raise HTTPException(400, f"refused file name: {exc}") from None
+    except UploadRefused as exc:
+        raise HTTPException(exc.status, str(exc)) from None
+    return {"session_id": info["session_id"], "session_info": info}
+
+
+@router.get("/session/{session_id}", summary="A session's info (?image=true: its image)")
+def get_session(session_id: str, wb: WorkbenchDep, image: bool = False) -> Any:
+    found = wb.sessions.get(session_id)
+    if found is None:
+        raise HTTPException(404, "no such session (it may have expired)")
+    info, path = found
+    if image:
+        return FileResponse(path, filename=path.name, media_type="application/octet-stream")
+    return info
+
+
+@router.delete("/session/{session_id}", summary="Close a session")
+def remove_session(session_id: str, wb: WorkbenchDep) -> dict:
+    info = wb.sessions.remove(session_id)
+    if info is None:
+        raise HTTPException(404, "no such session")
+    return info
 
 
 # ---------------------------------------------------------------------------- active learning
