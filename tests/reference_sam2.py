@@ -89,3 +89,17 @@ def reference_image_predictor(model, x: torch.Tensor, original_size: tuple[int, 
 
 def as_numpy(t) -> np.ndarray:
     return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+
+
+def assert_labels_follow_logits(labels: np.ndarray, logits: list[dict[int, torch.Tensor]]) -> None:
+    """``labels`` (Z, H, W) give each voxel to the object with the highest reference logit above 0
+    (``logits[i][z]``: object i + 1's video-resolution logits on frame z), except where a logit
+    decides within rounding (the winning margin or the logit itself under 1e-3)."""
+    for z in range(labels.shape[0]):
+        stack = torch.stack([per_object[z] for per_object in logits]).numpy()
+        expected = np.where(stack.max(axis=0) > 0, stack.argmax(axis=0) + 1, 0)
+        differ = labels[z] != expected
+        if differ.any():
+            top2 = np.sort(stack, axis=0)
+            margin = np.minimum(np.abs(stack.max(axis=0)), top2[-1] - top2[-2]) if len(stack) > 1 else np.abs(stack[0])
+            assert margin[differ].max() < 1e-3, z

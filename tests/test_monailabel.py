@@ -21,7 +21,7 @@ from urllib.parse import quote_plus
 import numpy as np
 import pytest
 
-from workbench_fixtures import live_server, synthetic_ct
+from workbench_fixtures import live_server, write_synthetic_ct
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -71,15 +71,7 @@ def default_model():
 
 
 def _write_ct(folder: Path):
-    import SimpleITK as sitk
-
-    vol, organ = synthetic_ct()
-    img = sitk.GetImageFromArray(vol)
-    img.SetSpacing((0.7, 0.8, 3.0))
-    img.SetOrigin((-40.0, 25.0, 100.0))
-    img.SetDirection((0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
-    sitk.WriteImage(img, str(folder / "ct.nii.gz"))
-    return organ
+    return write_synthetic_ct(folder)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from workbench_fixtures import live_server, synthetic_ct
+from workbench_fixtures import live_server, write_synthetic_ct
 
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
@@ -43,19 +43,12 @@ TOKEN = "browser-test-token"
 @pytest.fixture
 def served(tmp_path):
     """The workbench (embedded default model, with a token) on a free localhost port."""
-    import SimpleITK as sitk
-
     import medsam
     from medsam.server import create_app
 
     data = tmp_path / "data"
     data.mkdir()
-    vol, organ = synthetic_ct()
-    img = sitk.GetImageFromArray(vol)
-    img.SetSpacing((0.7, 0.8, 3.0))
-    img.SetOrigin((-40.0, 25.0, 100.0))
-    img.SetDirection((0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
-    sitk.WriteImage(img, str(data / "ct.nii.gz"))
+    organ = write_synthetic_ct(data)
     model = medsam.load_model(device="cpu")
     app = create_app(data, model=model, token=TOKEN)
     with live_server(app) as url:

@@ -63,6 +63,20 @@ def synthetic_ct(Z: int = 7, H: int = 96, W: int = 112, seed: int = 0):
     return np.round(vol).astype(np.int16), organ
 
 
+def write_synthetic_ct(folder, name: str = "ct.nii.gz"):
+    """:func:`synthetic_ct` written as NIfTI with a spacing, an origin and a permuted direction
+    (so that a mix-up of axes or of voxel and world coordinates shows); returns the organ mask."""
+    import SimpleITK as sitk
+
+    vol, organ = synthetic_ct()
+    img = sitk.GetImageFromArray(vol)
+    img.SetSpacing((0.7, 0.8, 3.0))
+    img.SetOrigin((-40.0, 25.0, 100.0))
+    img.SetDirection((0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+    sitk.WriteImage(img, str(folder / name))
+    return organ
+
+
 def rle_mask(mask: np.ndarray) -> dict:
     """``mask`` as the API's RLE mask body (shape, values, counts)."""
     from medsam.server.encoding import rle_encode

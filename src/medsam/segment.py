@@ -25,6 +25,7 @@ from .segment_io import (
     embedding_cache,
     model_description,
     not_constant,
+    objects_report,
     resolve_model,
     to_model_input,
     write_outputs,
@@ -191,17 +192,10 @@ def _segment_volume_file(
     report = {
         "input": str(image.source_path),
         "boxes": [list(map(float, b)) for b in boxes],
+        "points": [[x, y, int(positive)] for x, y, positive in opts.points],
         "model": model_description(model, opts.checkpoint),
         "contract": predictor.contract.name,
-        "objects": [
-            {
-                "label": i + 1 if len(prompts) > 1 else 1,
-                "slices": None if r is None else list(r),
-                "stopped": {"up": up, "down": down},
-                "scores": {str(k): float(v) for k, v in sorted(sc.items())},
-            }
-            for i, (r, (up, down), sc) in enumerate(zip(result.slices, result.stop_reasons, result.scores))
-        ],
+        "objects": objects_report(result, len(prompts)),
         "embeddings_computed": result.embeddings_computed,
         "zoomed": [bool(z) for z in result.zoomed],
         "crop_embeddings_computed": result.crop_embeddings_computed,

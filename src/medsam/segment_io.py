@@ -262,3 +262,17 @@ def default_scores_path(output_path: Path) -> Path:
             name = name[: -len(suffix)]
             break
     return output_path.with_name(name + ".scores.json")
+
+
+def objects_report(result: Any, n_prompts: int, unit: str = "slices") -> list[dict[str, Any]]:
+    """Per object of a :class:`medsam.volume.VolumeSegmentation`: its label, the range of
+    ``unit`` (slices, or frames of a video) it was kept on, why each walk stopped, its scores."""
+    return [
+        {
+            "label": i + 1 if n_prompts > 1 else 1,
+            unit: None if r is None else list(r),
+            "stopped": {"up": up, "down": down},
+            "scores": {str(k): float(v) for k, v in sorted(sc.items())},
+        }
+        for i, (r, (up, down), sc) in enumerate(zip(result.slices, result.stop_reasons, result.scores))
+    ]

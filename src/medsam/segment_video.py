@@ -19,7 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from .segment_io import SegmentationOutput, SegmentOptions, embedding_cache, model_description, resolve_model
+from .segment_io import (
+    SegmentationOutput,
+    SegmentOptions,
+    embedding_cache,
+    model_description,
+    objects_report,
+    resolve_model,
+)
 
 __all__ = ["segment_video"]
 
@@ -69,15 +76,7 @@ def segment_video(
         "points": [[x, y, int(positive)] for x, y, positive in opts.points],
         "model": model_description(model, opts.checkpoint),
         "contract": contract,
-        "objects": [
-            {
-                "label": i + 1 if len(prompts) > 1 else 1,
-                "frames": None if r is None else list(r),
-                "stopped": {"up": up, "down": down},
-                "scores": {str(k): float(v) for k, v in sorted(sc.items())},
-            }
-            for i, (r, (up, down), sc) in enumerate(zip(result.slices, result.stop_reasons, result.scores))
-        ],
+        "objects": objects_report(result, len(prompts), unit="frames"),
         "embeddings_computed": result.embeddings_computed,
     }
     mask_path = write_frame_labels(labels, video.names, output_path)
