@@ -252,6 +252,36 @@ def test_3d_npz_case_is_tracked(case, tmp_path):
     assert np.array_equal(segs, expected) and segs[2:5].any() and not segs[:2].any()
 
 
+def _reference_per_object(reference, volume, folder, objects) -> list[dict[int, torch.Tensor]]:
+    """MedSAM2's script per object through the reference: ``objects[i]`` is a list of
+    ``(frame, add_new_points_or_box keyword arguments)``; the prompts, forward, a reset, the same
+    prompts, backward. Returns per object the video-resolution logits of every frame (a prompted
+    frame, answered by both passes, with its own mask both times)."""
+    Z, H, W = volume.shape
+    frames_dir = folder / "frames_per_object"
+    frames_dir.mkdir(exist_ok=True)
+    for z in range(Z):  # init_state reads a JPEG folder; the frames are replaced below
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(frames_dir / f"{z:05d}.jpg")
+    contract = medsam.preprocess.get_contract("medsam2", 512)
+    images = torch.cat([contract.prepare_image(volume[z])[0] for z in range(Z)])
+    out_logits = []
+    with torch.inference_mode():
+        for prompts in objects:
+            state = reference.init_state(str(frames_dir))
+            state.update(images=images, video_height=H, video_width=W, cached_features={})
+            per_frame: dict[int, torch.Tensor] = {}
+            for reverse in (False, True):
+                reference.reset_state(state)
+                for frame, request in prompts:
+                    reference.add_new_points_or_box(state, frame_idx=frame, obj_id=1, **request)
+                for frame, _, out in reference.propagate_in_video(state, reverse=reverse):
+                    if frame in per_frame:
+                        assert frame in {f for f, _ in prompts} and torch.equal(per_frame[frame], out[0, 0])
+                    per_frame[frame] = out[0, 0].clone()
+            out_logits.append(per_frame)
+    return out_logits
+
+
 def test_several_key_slices_match_the_reference_video_predictor(case):
     """One object boxed on two slices (KeyBoxes) and one on the key slice, each run through the
     reference as MedSAM2's script runs an object (its boxes, forward, reset, the same boxes,
@@ -266,29 +296,12 @@ def test_several_key_slices_match_the_reference_video_predictor(case):
     for k in (1, 4):  # the first object drawn again two slices below the key and one above
         ys, xs = np.nonzero(labels[k] == first_id)
         keys[k] = [int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())]
-    Z, H, W = volume.shape
-    frames_dir = folder / "frames_keys"
-    frames_dir.mkdir(exist_ok=True)
-    for z in range(Z):
-        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(frames_dir / f"{z:05d}.jpg")
-    contract = medsam.preprocess.get_contract("medsam2", 512)
-    images = torch.cat([contract.prepare_image(volume[z])[0] for z in range(Z)])
-    objects = [dict(keys), {KEY: boxes[1]}]
-    expected_logits = []
-    with torch.inference_mode():
-        for prompts in objects:
-            state = reference.init_state(str(frames_dir))
-            state.update(images=images, video_height=H, video_width=W, cached_features={})
-            per_frame: dict[int, torch.Tensor] = {}
-            for reverse in (False, True):
-                reference.reset_state(state)
-                for k, box in prompts.items():
-                    reference.add_new_points_or_box(state, frame_idx=k, obj_id=1, box=np.array(box, np.float32))
-                for frame, _, out in reference.propagate_in_video(state, reverse=reverse):
-                    if frame in per_frame:  # only a prompted frame comes twice, with its own mask
-                        assert frame in prompts and torch.equal(per_frame[frame], out[0, 0])
-                    per_frame[frame] = out[0, 0].clone()
-            expected_logits.append(per_frame)
+    Z = volume.shape[0]
+    objects = [
+        [(k, {"box": np.array(box, np.float32)}) for k, box in keys.items()],
+        [(KEY, {"box": np.array(boxes[1], np.float32)})],
+    ]
+    expected_logits = _reference_per_object(reference, volume, folder, objects)
     assert sorted(expected_logits[0]) == list(range(Z))
 
     model = medsam.load_model(checkpoint, device="cpu")
@@ -312,13 +325,6 @@ def test_clicks_on_a_key_slice_match_the_reference_video_predictor(case):
     click = (float(np.median(xs)), float(np.median(ys)))
     x0, y0, x1, y1 = boxes[1]
     inside = (float(x0 + (x1 - x0) // 4), float(y0 + (y1 - y0) // 4))
-    Z, H, W = volume.shape
-    frames_dir = folder / "frames_clicks"
-    frames_dir.mkdir(exist_ok=True)
-    for z in range(Z):
-        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(frames_dir / f"{z:05d}.jpg")
-    contract = medsam.preprocess.get_contract("medsam2", 512)
-    images = torch.cat([contract.prepare_image(volume[z])[0] for z in range(Z)])
     requests = [
         {"points": np.array([click], np.float32), "labels": np.array([1], np.int32)},
         {
@@ -327,18 +333,7 @@ def test_clicks_on_a_key_slice_match_the_reference_video_predictor(case):
             "box": np.array(boxes[1], np.float32),
         },
     ]
-    expected_logits = []
-    with torch.inference_mode():
-        for request in requests:
-            state = reference.init_state(str(frames_dir))
-            state.update(images=images, video_height=H, video_width=W, cached_features={})
-            per_frame: dict[int, torch.Tensor] = {}
-            for reverse in (False, True):
-                reference.reset_state(state)
-                reference.add_new_points_or_box(state, frame_idx=KEY, obj_id=1, **request)
-                for frame, _, out in reference.propagate_in_video(state, reverse=reverse):
-                    per_frame[frame] = out[0, 0].clone()
-            expected_logits.append(per_frame)
+    expected_logits = _reference_per_object(reference, volume, folder, [[(KEY, r)] for r in requests])
 
     model = medsam.load_model(checkpoint, device="cpu")
     prompts = [Clicks2D((click,), (1,), KEY), Clicks2D((inside,), (0,), KEY, box=tuple(boxes[1]))]
