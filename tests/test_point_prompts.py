@@ -88,3 +88,18 @@ def test_clicks_on_a_volume_from_the_command_line(tmp_path, model):
     assert main(args) == 0
     assert (np.asarray(nib.load(out).dataobj)[:, :, 2] > 0).any()
     assert main(args[:-4] + ["-o", str(out)]) != 0  # clicks on a volume need --slice
+
+
+def test_a_mask_on_a_volume_is_kept_and_walked_from_its_box(model):
+    from medsam.predictor import Predictor
+    from medsam.volume import Box2D, Mask2D, segment_volume
+
+    volume = np.stack([smooth_image(48, 56, seed=10 + s) for s in range(5)])
+    mask = np.zeros((48, 56), bool)
+    mask[10:30, 12:40] = True
+    mask[15:20, 20:25] = False  # a hole the box walk would not reproduce
+    result = segment_volume(Predictor(model), volume, [Mask2D(mask, 2)], iou_threshold=-1.0)
+    assert np.array_equal(result.labels[2] > 0, mask)
+    walked = segment_volume(Predictor(model), volume, [Box2D(12, 10, 39, 29, slice=2)], iou_threshold=-1.0)
+    others = np.arange(5) != 2
+    assert np.array_equal(result.labels[others], walked.labels[others])

@@ -254,9 +254,9 @@ def test_3d_npz_case_is_tracked(case, tmp_path):
 
 def _reference_per_object(reference, volume, folder, objects) -> list[dict[int, torch.Tensor]]:
     """MedSAM2's script per object through the reference: ``objects[i]`` is a list of
-    ``(frame, add_new_points_or_box keyword arguments)``; the prompts, forward, a reset, the same
-    prompts, backward. Returns per object the video-resolution logits of every frame (a prompted
-    frame, answered by both passes, with its own mask both times)."""
+    ``(frame, add_new_points_or_box keyword arguments, or {"mask": (H, W) bool})``; the prompts,
+    forward, a reset, the same prompts, backward. Returns per object the video-resolution logits
+    of every frame (a prompted frame, answered by both passes, with its own mask both times)."""
     Z, H, W = volume.shape
     frames_dir = folder / "frames_per_object"
     frames_dir.mkdir(exist_ok=True)
@@ -273,7 +273,10 @@ def _reference_per_object(reference, volume, folder, objects) -> list[dict[int, 
             for reverse in (False, True):
                 reference.reset_state(state)
                 for frame, request in prompts:
-                    reference.add_new_points_or_box(state, frame_idx=frame, obj_id=1, **request)
+                    if "mask" in request:
+                        reference.add_new_mask(state, frame_idx=frame, obj_id=1, mask=request["mask"])
+                    else:
+                        reference.add_new_points_or_box(state, frame_idx=frame, obj_id=1, **request)
                 for frame, _, out in reference.propagate_in_video(state, reverse=reverse):
                     if frame in per_frame:
                         assert frame in {f for f, _ in prompts} and torch.equal(per_frame[frame], out[0, 0])
@@ -340,3 +343,23 @@ def test_clicks_on_a_key_slice_match_the_reference_video_predictor(case):
     result = track_volume(model, volume, prompts, fill_hole_area=0)
     assert_labels_follow_logits(result.labels, expected_logits)
     assert (result.labels[KEY] == 1).any() and (result.labels[KEY] == 2).any()
+
+
+def test_a_mask_on_a_key_slice_matches_the_reference_video_predictor(case):
+    """A mask as the prompt (``add_new_mask``): the key slice's result is the mask itself and the
+    object is tracked from it; the other object from its box, as before."""
+    from medsam.volume import Mask2D
+
+    reference, checkpoint, volume, boxes, folder = case
+    labels = read_image(SAMPLES + "ct_volume_label.nii.gz").array[3:9]
+    first_id = int(next(i for i in np.unique(labels[KEY]) if i))
+    mask = labels[KEY] == first_id
+    objects = [[(KEY, {"mask": mask})], [(KEY, {"box": np.array(boxes[1], np.float32)})]]
+    expected_logits = _reference_per_object(reference, volume, folder, objects)
+
+    model = medsam.load_model(checkpoint, device="cpu")
+    result = track_volume(model, volume, [Mask2D(mask, KEY), Box2D(*boxes[1], slice=KEY)], fill_hole_area=0)
+    assert_labels_follow_logits(result.labels, expected_logits)
+    own = result.labels[KEY] == 1
+    assert (own == mask).mean() > 0.99  # the key slice is the mask (up to its resizing)
+    assert all((result.labels[z] == 1).any() for z in range(volume.shape[0]))

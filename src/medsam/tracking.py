@@ -24,19 +24,20 @@ A voxel goes to the object with the highest mask logit above 0 (ties to the lowe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .errors import PromptError
 from .intensity import minmax_to_uint8
 from .model.sam2 import SAM2Model
 from .model.sam2_tracking import FrameFeatures, FrameOutput, SAM2Tracker, Track, frame_features
 from .preprocess import get_contract
-from .volume import Box2D, Box3D, Clicks2D, KeyBoxes, VolumeSegmentation
+from .volume import Box2D, Box3D, Clicks2D, KeyBoxes, Mask2D, VolumeSegmentation
 from .volume_prompts import as_prompt, make_tracks
 
 __all__ = ["track_volume"]
@@ -59,7 +60,8 @@ def track_volume(
 
     ``boxes`` may hold :class:`~medsam.volume.KeyBoxes` (one object on several key slices) and
     :class:`~medsam.volume.Clicks2D` (clicks, with or without a box, on one key slice; one
-    foreground click gives the best of SAM2's three masks, as its video predictor does).
+    foreground click gives the best of SAM2's three masks, as its video predictor does) and
+    :class:`~medsam.volume.Mask2D` (a mask on one key slice, taken as that slice's result).
     ``scores`` hold, per kept slice, the predicted IoU of the mask SAM2 chose; ``stop_reasons``
     are ``"box_end"`` / ``"volume_end"``, or ``"key_empty"`` when the masks of every prompted
     slice are empty; ``key_slices`` name each object's lowest prompted slice.
@@ -99,10 +101,20 @@ def track_volume(
     starts: list[dict[bool, Track]] = []
     for i, plan in enumerate(plans):
         prompted: dict[int, FrameOutput] = {}
-        for k, (points, point_labels) in plan.keys.items():  # each prompted slice decoded on its own
-            coords = torch.as_tensor(the_contract.transform_coords(points, geometry)[None], dtype=torch.float32)
-            labels = torch.as_tensor(point_labels[None], device=device)
-            prompted[k - plan.lo] = tracker.prompt(key_features[k], coords.to(device), labels, k - plan.lo).key_output
+        for k, spec in plan.keys.items():  # each prompted slice decoded on its own
+            if isinstance(spec, np.ndarray):  # a mask, resized to the network input as SAM2's predictor does
+                mask = torch.as_tensor(spec, dtype=torch.float32, device=device)[None, None]
+                S_in = model.input_size
+                mask = F.interpolate(mask, size=(S_in, S_in), mode="bilinear", align_corners=False, antialias=True)
+                prompted[k - plan.lo] = tracker.prompt_mask(
+                    key_features[k], (mask >= 0.5).float(), k - plan.lo
+                ).key_output
+            else:
+                points, point_labels = spec
+                coords = torch.as_tensor(the_contract.transform_coords(points, geometry)[None], dtype=torch.float32)
+                labels = torch.as_tensor(point_labels[None], device=device)
+                track = tracker.prompt(key_features[k], coords.to(device), labels, k - plan.lo)
+                prompted[k - plan.lo] = track.key_output
             logits[i][k] = prompted[k - plan.lo].low_res
             scores[i][k] = prompted[k - plan.lo].iou
             done += 1
@@ -138,9 +150,10 @@ def track_volume(
 @dataclass(frozen=True)
 class _ObjectPlan:
     """One object: its prompted slices (slice -> (points (P, 2), labels (P,)) in image pixels as
-    SAM encodes them, box corners labelled 2 and 3; in prompting order), its slice range."""
+    SAM encodes them, box corners labelled 2 and 3; or an (H, W) bool mask; in prompting order),
+    its slice range."""
 
-    keys: dict[int, tuple[np.ndarray, np.ndarray]]
+    keys: Mapping[int, tuple[np.ndarray, np.ndarray] | np.ndarray]
     lo: int
     hi: int
     end_reasons: tuple[str, str]
@@ -161,6 +174,10 @@ def _object_plans(
 
     plans = []
     for n, p in enumerate(prompts):
+        if isinstance(p, Mask2D):
+            p.check(S, H, W, f"object {n}")
+            plans.append(_ObjectPlan({p.slice: p.mask}, 0, S - 1, ("volume_end", "volume_end")))
+            continue
         if isinstance(p, Clicks2D):
             wanted = None if key_slices is None else key_slices[n]
             if wanted is not None and int(wanted) != p.slice:

@@ -56,6 +56,7 @@ from .volume_prompts import (
     Clicks2D,
     KeptCrop,
     KeyBoxes,
+    Mask2D,
     MaskPrompt,
     Track,
     ZoomWindow,
@@ -76,6 +77,7 @@ __all__ = [
     "Box3D",
     "Clicks2D",
     "KeyBoxes",
+    "Mask2D",
     "VolumeSegmentation",
     "merge_propagated",
     "segment_npz_case",
@@ -251,7 +253,8 @@ def segment_volume(
         boxes: one prompt per object: :class:`Box3D`, :class:`Box2D`, :class:`KeyBoxes` (one
             object drawn on several key slices), :class:`Clicks2D` (clicks on a key slice: the
             slice is segmented from them and the object walked from that mask's box, the key
-            slice keeping the clicks' mask), or a sequence ``[x0, y0, z0, x1, y1, z1]`` (a
+            slice keeping the clicks' mask), :class:`Mask2D` (a mask on a key slice, walked from
+            its box, the key slice keeping it), or a sequence ``[x0, y0, z0, x1, y1, z1]`` (a
             Box3D). Coordinates are inclusive indices in the
             slicing frame (module docstring): ``z`` along ``axis``, ``x`` along the last remaining
             axis, ``y`` along the other.

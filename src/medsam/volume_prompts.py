@@ -20,7 +20,7 @@ import numpy as np
 
 from .errors import PromptError
 
-__all__ = ["BOX2D_IOU_THRESHOLD", "Box2D", "Box3D", "Clicks2D", "KeyBoxes"]
+__all__ = ["BOX2D_IOU_THRESHOLD", "Box2D", "Box3D", "Clicks2D", "KeyBoxes", "Mask2D"]
 
 # A zoom window ``(y0, y1, x0, x1)`` (:func:`medsam.zoom.zoom_window`), exclusive ends.
 ZoomWindow = tuple[int, int, int, int]
@@ -160,43 +160,80 @@ class Clicks2D:
         return np.asarray(coords, dtype=np.float64), np.asarray(labels, dtype=np.int64)
 
 
+@dataclass(frozen=True, eq=False)
+class Mask2D:
+    """One object given by its mask ``(H, W)`` (non-zero = object) on key slice ``slice``.
+
+    A SAM2-family model takes the mask itself as the key slice's result and tracks it with memory
+    (SAM2's mask prompt); a MedSAM / SAM model walks the object from the mask's box, the key slice
+    keeping the mask (:func:`resolve_clicks`).
+    """
+
+    mask: np.ndarray
+    slice: int
+
+    def __post_init__(self) -> None:
+        mask = np.asarray(self.mask)
+        if mask.ndim != 2 or not mask.any():
+            raise PromptError("Mask2D needs a non-empty (H, W) mask")
+        object.__setattr__(self, "mask", mask != 0)
+        object.__setattr__(self, "slice", as_int(self.slice))
+
+    def check(self, S: int, H: int, W: int, what: str) -> None:
+        if not 0 <= self.slice < S:
+            raise PromptError(f"{what}: slice {self.slice} outside 0..{S - 1}")
+        if self.mask.shape != (H, W):
+            raise PromptError(f"{what}: mask of shape {self.mask.shape} on slices of {(H, W)}")
+
+
 def resolve_clicks(
     prompts: Sequence[Any], activate: Any, predictor: Any, S: int, H: int, W: int
 ) -> tuple[list[Box3D | Box2D | KeyBoxes], dict[int, tuple[int, np.ndarray]]]:
     """For the box-to-box walk: each :class:`Clicks2D` becomes the :class:`Box2D` of the mask its
-    clicks give on its slice (``activate(slice)`` puts the slice into ``predictor``); returns the
-    prompts and ``{object: (slice, mask)}`` for the key slices to keep. An empty mask is refused."""
+    clicks give on its slice (``activate(slice)`` puts the slice into ``predictor``; an empty mask
+    is refused), each :class:`Mask2D` that of its mask; returns the prompts and
+    ``{object: (slice, mask)}`` for the key slices to keep."""
     out: list[Box3D | Box2D | KeyBoxes] = []
     clicked: dict[int, tuple[int, np.ndarray]] = {}
     for n, p in enumerate(prompts):
-        if not isinstance(p, Clicks2D):
+        if isinstance(p, Mask2D):
+            p.check(S, H, W, f"object {n}")
+            mask = p.mask
+        elif isinstance(p, Clicks2D):
+            p.check(S, H, W, f"object {n}")
+            mask = _clicked_mask(p, activate, predictor, n, H, W)
+        else:
             out.append(p)
             continue
-        p.check(S, H, W, f"object {n}")
-        activate(p.slice)
-        kwargs: dict[str, Any] = {
-            "points": np.asarray([p.points], dtype=np.float64),
-            "point_labels": np.asarray([p.labels]),
-        }
-        if p.box is not None:
-            kwargs["boxes"] = np.asarray([prompt_box(*p.box, H, W)], dtype=np.float64)
-        mask = np.asarray(predictor.predict(**kwargs).masks[0], dtype=bool)
-        if not mask.any():
-            raise PromptError(f"object {n}: the clicks on slice {p.slice} give an empty mask")
         rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
         out.append(Box2D(int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1]), slice=p.slice))
         clicked[n] = (p.slice, mask)
     return out, clicked
 
 
-def as_prompt(b: Any) -> Box3D | Box2D | KeyBoxes | Clicks2D:
-    if isinstance(b, (Box3D, Box2D, KeyBoxes, Clicks2D)):
+def _clicked_mask(p: Clicks2D, activate: Any, predictor: Any, n: int, H: int, W: int) -> np.ndarray:
+    """The mask the clicks (and box) of ``p`` give on its slice; an empty one is refused."""
+    activate(p.slice)
+    kwargs: dict[str, Any] = {
+        "points": np.asarray([p.points], dtype=np.float64),
+        "point_labels": np.asarray([p.labels]),
+    }
+    if p.box is not None:
+        kwargs["boxes"] = np.asarray([prompt_box(*p.box, H, W)], dtype=np.float64)
+    mask = np.asarray(predictor.predict(**kwargs).masks[0], dtype=bool)
+    if not mask.any():
+        raise PromptError(f"object {n}: the clicks on slice {p.slice} give an empty mask")
+    return mask
+
+
+def as_prompt(b: Any) -> Box3D | Box2D | KeyBoxes | Clicks2D | Mask2D:
+    if isinstance(b, (Box3D, Box2D, KeyBoxes, Clicks2D, Mask2D)):
         return b
     arr = np.asarray(b, dtype=np.float64).reshape(-1)
     if arr.size == 6:
         return Box3D.from_array(arr)
     raise PromptError(
-        f"a volume prompt must be a Box3D, a Box2D, KeyBoxes, Clicks2D or [x0, y0, z0, x1, y1, z1]; got {b!r}"
+        f"a volume prompt must be a Box3D, a Box2D, KeyBoxes, Clicks2D, Mask2D or [x0, y0, z0, x1, y1, z1]; got {b!r}"
     )
 
 

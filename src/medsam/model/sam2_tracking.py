@@ -136,15 +136,17 @@ class SAM2Tracker:
         coords: torch.Tensor | None,
         labels: torch.Tensor | None,
         multimask: bool,
+        mask_input: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, float, float, torch.Tensor]:
         """(low-res logits (1, 1, 4E, 4E), high-res logits (1, 1, S, S), IoU, object score,
-        pointer (1, 256)) of the SAM heads on memory-conditioned features ``pix``."""
+        pointer (1, 256)) of the SAM heads on memory-conditioned features ``pix``
+        (``mask_input``: a (1, 1, 4E, 4E) dense mask prompt)."""
         model = self.model
         encoder, decoder = model.sam_prompt_encoder, model.sam_mask_decoder
         if coords is None or labels is None:  # no prompt: one padding point
             coords = pix.new_zeros(1, 1, 2)
             labels = torch.full((1, 1), -1, dtype=torch.int64, device=pix.device)
-        sparse, dense = encoder(points=(coords, labels), boxes=None, masks=None)
+        sparse, dense = encoder(points=(coords, labels), boxes=None, masks=mask_input)
         masks, iou, tokens, obj = decoder.predict_all(pix, encoder.get_dense_pe(), sparse, dense, features.high_res)
         masks, iou, tokens = decoder.choose(masks, iou, tokens, multimask)
         present = obj > 0
@@ -186,6 +188,28 @@ class SAM2Tracker:
         memory, memory_pos = self._memory(features, high, score, binarize=True)
         out = FrameOutput(low, iou, score, pointer, memory, memory_pos)
         return Track(key=key, reverse=reverse, key_output=out)
+
+    def prompt_mask(self, features: FrameFeatures, mask: torch.Tensor, key: int) -> Track:
+        """Start a track from a mask drawn on frame ``key``: ``mask`` (1, 1, S, S) of 0 / 1 at the
+        network's input size. As SAM2 does with a mask prompt, the mask itself is the frame's
+        output (logits +10 / -10, the low-resolution map by an anti-aliased downsampling), its
+        object score +10 / -10 by whether it is empty, its IoU 1, and its object pointer comes
+        from the decoder given the mask (through ``mask_downsample``) as a dense prompt."""
+        model = self.model
+        mask = mask.float()
+        high = mask * MEMORY_SCALE + MEMORY_BIAS
+        S = model.input_size
+        low = F.interpolate(high, size=(S // 4, S // 4), mode="bilinear", align_corners=False, antialias=True)
+        *_, pointer = self._heads(features.pix, features, None, None, False, model.mask_downsample(mask))
+        present = bool((mask > 0).any())
+        if not present:
+            pointer = model.no_obj_ptr.expand_as(pointer).clone()
+        score = MEMORY_SCALE + MEMORY_BIAS if present else MEMORY_BIAS
+        low = fill_holes(low, self.fill_hole_area)
+        upsampled = F.interpolate(low, size=(S, S), mode="bilinear", align_corners=False)
+        memory, memory_pos = self._memory(features, upsampled, score, binarize=True)
+        out = FrameOutput(low, 1.0, score, pointer, memory, memory_pos)
+        return Track(key=key, reverse=False, key_output=out)
 
     def step(self, track: Track, frame: int, features: FrameFeatures, num_frames: int) -> FrameOutput:
         """Track the object onto ``frame`` (the next one in the track's direction)."""
