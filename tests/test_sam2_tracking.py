@@ -363,3 +363,18 @@ def test_a_mask_on_a_key_slice_matches_the_reference_video_predictor(case):
     own = result.labels[KEY] == 1
     assert (own == mask).mean() > 0.99  # the key slice is the mask (up to its resizing)
     assert all((result.labels[z] == 1).any() for z in range(volume.shape[0]))
+
+
+def test_masks_on_several_key_slices_match_the_reference_video_predictor(case):
+    """KeyMasks: the object's masks on two slices, each ``add_new_mask`` in the reference."""
+    from medsam.volume import KeyMasks
+
+    reference, checkpoint, volume, _boxes, folder = case
+    labels = read_image(SAMPLES + "ct_volume_label.nii.gz").array[3:9]
+    first_id = int(next(i for i in np.unique(labels[KEY]) if i))
+    masks = {k: labels[k] == first_id for k in (1, 4)}
+    expected_logits = _reference_per_object(reference, volume, folder, [[(k, {"mask": m}) for k, m in masks.items()]])
+    model = medsam.load_model(checkpoint, device="cpu")
+    result = track_volume(model, volume, [KeyMasks(tuple(masks.values()), tuple(masks))], fill_hole_area=0)
+    assert_labels_follow_logits(result.labels, expected_logits)
+    assert result.key_slices == [1] and all((result.labels[z] == 1).any() for z in range(volume.shape[0]))

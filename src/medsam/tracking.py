@@ -37,7 +37,7 @@ from .intensity import minmax_to_uint8
 from .model.sam2 import SAM2Model
 from .model.sam2_tracking import FrameFeatures, FrameOutput, SAM2Tracker, Track, frame_features
 from .preprocess import get_contract
-from .volume import Box2D, Box3D, Clicks2D, KeyBoxes, Mask2D, VolumeSegmentation
+from .volume import Box2D, Box3D, Clicks2D, KeyBoxes, KeyMasks, Mask2D, VolumeSegmentation
 from .volume_prompts import as_prompt, make_tracks
 
 __all__ = ["track_volume"]
@@ -61,7 +61,8 @@ def track_volume(
     ``boxes`` may hold :class:`~medsam.volume.KeyBoxes` (one object on several key slices) and
     :class:`~medsam.volume.Clicks2D` (clicks, with or without a box, on one key slice; one
     foreground click gives the best of SAM2's three masks, as its video predictor does) and
-    :class:`~medsam.volume.Mask2D` (a mask on one key slice, taken as that slice's result).
+    :class:`~medsam.volume.Mask2D` (a mask on one key slice, taken as that slice's result) or
+    :class:`~medsam.volume.KeyMasks` (masks on several key slices of one object).
     ``scores`` hold, per kept slice, the predicted IoU of the mask SAM2 chose; ``stop_reasons``
     are ``"box_end"`` / ``"volume_end"``, or ``"key_empty"`` when the masks of every prompted
     slice are empty; ``key_slices`` name each object's lowest prompted slice.
@@ -174,9 +175,11 @@ def _object_plans(
 
     plans = []
     for n, p in enumerate(prompts):
-        if isinstance(p, Mask2D):
-            p.check(S, H, W, f"object {n}")
-            plans.append(_ObjectPlan({p.slice: p.mask}, 0, S - 1, ("volume_end", "volume_end")))
+        if isinstance(p, (Mask2D, KeyMasks)):
+            shown = [p] if isinstance(p, Mask2D) else [Mask2D(m, k) for m, k in zip(p.masks, p.slices)]
+            for m in shown:
+                m.check(S, H, W, f"object {n}")
+            plans.append(_ObjectPlan({m.slice: m.mask for m in shown}, 0, S - 1, ("volume_end", "volume_end")))
             continue
         if isinstance(p, Clicks2D):
             wanted = None if key_slices is None else key_slices[n]

@@ -20,7 +20,7 @@ import numpy as np
 
 from .errors import PromptError
 
-__all__ = ["BOX2D_IOU_THRESHOLD", "Box2D", "Box3D", "Clicks2D", "KeyBoxes", "Mask2D"]
+__all__ = ["BOX2D_IOU_THRESHOLD", "Box2D", "Box3D", "Clicks2D", "KeyBoxes", "KeyMasks", "Mask2D"]
 
 # A zoom window ``(y0, y1, x0, x1)`` (:func:`medsam.zoom.zoom_window`), exclusive ends.
 ZoomWindow = tuple[int, int, int, int]
@@ -186,6 +186,27 @@ class Mask2D:
             raise PromptError(f"{what}: mask of shape {self.mask.shape} on slices of {(H, W)}")
 
 
+@dataclass(frozen=True, eq=False)
+class KeyMasks:
+    """One object given by its masks on several key slices: ``masks[i]`` ``(H, W)`` on slice
+    ``slices[i]``. Tracked by SAM2-family models (each mask a prompted slice, as
+    :class:`KeyBoxes` for boxes); MedSAM / SAM models take :class:`KeyBoxes` instead."""
+
+    masks: tuple[np.ndarray, ...]
+    slices: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.masks) != len(self.slices) or not self.masks:
+            raise PromptError(f"KeyMasks needs one mask per key slice, got {len(self.masks)} and {len(self.slices)}")
+        slices = tuple(as_int(k) for k in self.slices)
+        if len(set(slices)) != len(slices):
+            raise PromptError(f"KeyMasks: a key slice is given twice in {slices}")
+        masks = tuple(Mask2D(m, k).mask for m, k in zip(self.masks, slices))
+        order = sorted(range(len(slices)), key=lambda i: slices[i])
+        object.__setattr__(self, "masks", tuple(masks[i] for i in order))
+        object.__setattr__(self, "slices", tuple(slices[i] for i in order))
+
+
 def resolve_clicks(
     prompts: Sequence[Any], activate: Any, predictor: Any, S: int, H: int, W: int
 ) -> tuple[list[Box3D | Box2D | KeyBoxes], dict[int, tuple[int, np.ndarray]]]:
@@ -202,6 +223,8 @@ def resolve_clicks(
         elif isinstance(p, Clicks2D):
             p.check(S, H, W, f"object {n}")
             mask = _clicked_mask(p, activate, predictor, n, H, W)
+        elif isinstance(p, KeyMasks):
+            raise PromptError(f"object {n}: KeyMasks are tracked by SAM2-family models; give KeyBoxes here")
         else:
             out.append(p)
             continue
@@ -226,14 +249,15 @@ def _clicked_mask(p: Clicks2D, activate: Any, predictor: Any, n: int, H: int, W:
     return mask
 
 
-def as_prompt(b: Any) -> Box3D | Box2D | KeyBoxes | Clicks2D | Mask2D:
-    if isinstance(b, (Box3D, Box2D, KeyBoxes, Clicks2D, Mask2D)):
+def as_prompt(b: Any) -> Box3D | Box2D | KeyBoxes | Clicks2D | Mask2D | KeyMasks:
+    if isinstance(b, (Box3D, Box2D, KeyBoxes, Clicks2D, Mask2D, KeyMasks)):
         return b
     arr = np.asarray(b, dtype=np.float64).reshape(-1)
     if arr.size == 6:
         return Box3D.from_array(arr)
     raise PromptError(
-        f"a volume prompt must be a Box3D, a Box2D, KeyBoxes, Clicks2D, Mask2D or [x0, y0, z0, x1, y1, z1]; got {b!r}"
+        "a volume prompt must be a Box3D, Box2D, KeyBoxes, Clicks2D, Mask2D, KeyMasks or "
+        f"[x0, y0, z0, x1, y1, z1]; got {b!r}"
     )
 
 

@@ -350,10 +350,13 @@ class SegmentationEngine:
         iou_threshold: float,
         box_margin: int,
         progress: Callable[[int, int], None],
+        masks: dict[int, np.ndarray] | None = None,
     ):
         """:func:`medsam.volume.segment_volume` from 2D boxes on key slices (``keys``: slice -> box;
-        several keys make one :class:`medsam.volume.KeyBoxes` object; for a SAM2-family model
-        :func:`medsam.tracking.track_volume`, memory tracking); returns its result
+        several keys make one :class:`medsam.volume.KeyBoxes` object); for a SAM2-family model
+        :func:`medsam.tracking.track_volume`, memory tracking, from the key slices' ``masks``
+        themselves when given (:class:`~medsam.volume.Mask2D` / :class:`~medsam.volume.KeyMasks`,
+        SAM2's mask prompt), else from the boxes; returns its result
         and the :meth:`model_info` of the model that made it (for provenance: the served model may
         change while the volume propagates).
 
@@ -363,11 +366,19 @@ class SegmentationEngine:
         concurrent call private scratch buffers). Embeddings go through the same disk cache,
         whose writes are atomic.
         """
-        from ..volume import Box2D, KeyBoxes
+        from ..model.sam2 import SAM2Model
+        from ..volume import Box2D, KeyBoxes, KeyMasks, Mask2D
 
         boxes = {int(k): tuple(int(v) for v in b) for k, b in keys.items()}
-        prompt: Box2D | KeyBoxes
-        if len(boxes) == 1:
+        prompt: Box2D | KeyBoxes | Mask2D | KeyMasks
+        if masks and isinstance(self.model, SAM2Model):  # SAM2 starts from the accepted masks themselves
+            chosen = {int(k): masks[k] for k in sorted(masks)}
+            if len(chosen) == 1:
+                ((key, mask),) = chosen.items()
+                prompt = Mask2D(mask, key)
+            else:
+                prompt = KeyMasks(tuple(chosen.values()), tuple(chosen))
+        elif len(boxes) == 1:
             ((key, (x0, y0, x1, y1)),) = boxes.items()
             prompt = Box2D(x0, y0, x1, y1, slice=key)
         else:
@@ -389,13 +400,18 @@ class SegmentationEngine:
         :class:`medsam.volume.VolumeSegmentation` and the :meth:`model_info` of the model used."""
         from ..model.sam2 import SAM2Model
         from ..predictor import Predictor
-        from ..volume import Box2D, Clicks2D, KeyBoxes, segment_volume
+        from ..volume import Box2D, Clicks2D, KeyBoxes, KeyMasks, Mask2D, segment_volume
 
         with self.lock:
             served = self.predictor
             info = self.model_info()
         adapt_threads(background=True)  # this job's thread leaves a core to interactive prompts
-        if isinstance(served.model, SAM2Model) and isinstance(prompt, (Box2D, KeyBoxes, Clicks2D)):
+        if isinstance(prompt, KeyMasks) and not isinstance(served.model, SAM2Model):
+            # the served model changed since the prompt was made: its masks' boxes, as KeyBoxes
+            boxes = [np.flatnonzero(m.any(axis=0))[[0, -1]].tolist() for m in prompt.masks]
+            rows = [np.flatnonzero(m.any(axis=1))[[0, -1]].tolist() for m in prompt.masks]
+            prompt = KeyBoxes(tuple((c[0], r[0], c[1], r[1]) for c, r in zip(boxes, rows)), prompt.slices)
+        if isinstance(served.model, SAM2Model) and isinstance(prompt, (Box2D, KeyBoxes, Clicks2D, Mask2D, KeyMasks)):
             # memory tracking (the IoU stop and margin are the v1 walk's)
             from ..tracking import track_volume
 

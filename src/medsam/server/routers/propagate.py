@@ -1,7 +1,8 @@
 """``/propagate``: spread a label from its key-slice masks through the volume (background job).
 
 The label's mask on ``slice_index`` (as last saved), and on each of ``key_slices``, gives a 2D
-box; :func:`medsam.volume.segment_volume` walks up and down from each key (a corrected slice sent
+box (a SAM2-family model tracks from the masks themselves); :func:`medsam.volume.segment_volume`
+walks up and down from each key (a corrected slice sent
 as a key re-propagates the object from it, up to the next key). The result is merged into the label map and
 saved as the next version, if nobody saved meanwhile (else the job fails with status 409).
 """
@@ -39,6 +40,7 @@ def propagate(body: PropagateRequest, wb: WorkbenchDep) -> JobInfo:
             headers={"ETag": f'"{version}"'},
         )
     keys: dict[int, tuple[int, int, int, int]] = {}
+    key_masks: dict[int, np.ndarray] = {}
     for k in [body.slice_index, *body.key_slices]:
         try:
             loaded.check_slice(k)
@@ -50,6 +52,7 @@ def propagate(body: PropagateRequest, wb: WorkbenchDep) -> JobInfo:
         rows = np.flatnonzero(key_mask.any(axis=1))
         cols = np.flatnonzero(key_mask.any(axis=0))
         keys[int(k)] = (int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1]))
+        key_masks[int(k)] = key_mask
 
     def work(job) -> dict:
         def progress(done: int, total: int) -> None:
@@ -57,7 +60,9 @@ def propagate(body: PropagateRequest, wb: WorkbenchDep) -> JobInfo:
                 raise JobFailed("cancelled", 499)
             job.progress(done, total, "propagating")
 
-        result, model_info = wb.engine.propagate(loaded, keys, body.iou_threshold, body.box_margin, progress)
+        result, model_info = wb.engine.propagate(
+            loaded, keys, body.iou_threshold, body.box_margin, progress, masks=key_masks
+        )
         predicted = result.labels
         changed = {}
 
