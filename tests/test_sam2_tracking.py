@@ -43,18 +43,25 @@ def case(tmp_path_factory):
     return reference, checkpoint, volume, boxes, folder
 
 
-def _reference_run(reference, volume, boxes, folder):
-    """MedSAM2's inference through the reference: per object and frame the video-resolution
-    logits, and the forward pass's low-resolution outputs of object 1."""
+def _reference_state(reference, volume, folder):
+    """A reference video-predictor state over ``volume``'s slices prepared by our ``medsam2``
+    contract (init_state reads a JPEG folder: placeholder frames, replaced by the slices)."""
     Z, H, W = volume.shape
     frames_dir = folder / "frames"
     frames_dir.mkdir(exist_ok=True)
-    for z in range(Z):  # init_state reads a JPEG folder; the frames are replaced below
+    for z in range(Z):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(frames_dir / f"{z:05d}.jpg")
     contract = medsam.preprocess.get_contract("medsam2", 512)
     images = torch.cat([contract.prepare_image(volume[z])[0] for z in range(Z)])
     state = reference.init_state(str(frames_dir))
     state.update(images=images, video_height=H, video_width=W, cached_features={})
+    return state
+
+
+def _reference_run(reference, volume, boxes, folder):
+    """MedSAM2's inference through the reference: per object and frame the video-resolution
+    logits, and the forward pass's low-resolution outputs of object 1."""
+    state = _reference_state(reference, volume, folder)
     video_logits: dict[tuple[int, int], torch.Tensor] = {}
     forward_low_res: dict[int, torch.Tensor] = {}
     with torch.inference_mode():
@@ -257,18 +264,10 @@ def _reference_per_object(reference, volume, folder, objects) -> list[dict[int, 
     ``(frame, add_new_points_or_box keyword arguments, or {"mask": (H, W) bool})``; the prompts,
     forward, a reset, the same prompts, backward. Returns per object the video-resolution logits
     of every frame (a prompted frame, answered by both passes, with its own mask both times)."""
-    Z, H, W = volume.shape
-    frames_dir = folder / "frames_per_object"
-    frames_dir.mkdir(exist_ok=True)
-    for z in range(Z):  # init_state reads a JPEG folder; the frames are replaced below
-        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(frames_dir / f"{z:05d}.jpg")
-    contract = medsam.preprocess.get_contract("medsam2", 512)
-    images = torch.cat([contract.prepare_image(volume[z])[0] for z in range(Z)])
     out_logits = []
     with torch.inference_mode():
         for prompts in objects:
-            state = reference.init_state(str(frames_dir))
-            state.update(images=images, video_height=H, video_width=W, cached_features={})
+            state = _reference_state(reference, volume, folder)
             per_frame: dict[int, torch.Tensor] = {}
             for reverse in (False, True):
                 reference.reset_state(state)

@@ -34,6 +34,7 @@ from starlette.background import BackgroundTask
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
+from ...io.formats import image_suffix
 from ..datastore import UPLOAD_SUFFIXES, UploadRefused
 from ..labels import default_definitions
 from ..monailabel_protocol import ParamsRefused, label_names, multipart_body
@@ -161,11 +162,7 @@ def _image_ext(wb: Workbench, image_id: str) -> str:
     path = wb.datastore.path_of(image_id)
     if path.is_dir():
         return ".nii.gz"  # a DICOM series is handed out as one NIfTI file
-    name = path.name.lower()
-    for suffix in sorted(UPLOAD_SUFFIXES + (".nhdr", ".mhd", ".nii"), key=len, reverse=True):
-        if name.endswith(suffix):
-            return suffix
-    return Path(name).suffix
+    return (image_suffix(path) or path.suffix).lower()
 
 
 def _label_entry(rec: dict) -> dict:
@@ -256,7 +253,7 @@ async def upload_image(request: Request, wb: WorkbenchDep, image: str | None = N
     if upload is None:
         raise HTTPException(422, "send the image as the form's 'file' part")
     sent = _file_name(upload)
-    suffix = next((s for s in sorted(UPLOAD_SUFFIXES, key=len, reverse=True) if sent.lower().endswith(s)), "")
+    suffix = image_suffix(sent) or ""
     name = sent
     if image:
         name = image if image.lower().endswith(UPLOAD_SUFFIXES) else image + suffix
