@@ -125,14 +125,14 @@ def read_video(path: str | Path) -> Video:
             raise ValueError(f"{p.name}: not a readable TIFF ({str(exc).splitlines()[0][:120]})") from None
         if array.ndim not in (3, 4) or (array.ndim == 4 and array.shape[-1] not in (3, 4)):
             raise ValueError(f"{p.name}: expected pages of (H, W) or (H, W, 3), got shape {array.shape}")
-        array = _as_uint8(array[..., :3] if array.ndim == 4 else array, p.name)
+        array = _as_uint8(array[..., :3] if array.ndim == 4 else array)
         return Video(array, [f"frame_{i:05d}" for i in range(array.shape[0])], None, "tiff")
     if suffix in VIDEO_SUFFIXES:
         return _read_video_file(p)
     raise ValueError(f"{p.name}: not a video (a folder of frames, a multi-page TIFF or {', '.join(VIDEO_SUFFIXES)})")
 
 
-def _as_uint8(array: np.ndarray, name: str) -> np.ndarray:
+def _as_uint8(array: np.ndarray) -> np.ndarray:
     if array.dtype == np.uint8:
         return array
     if array.dtype == bool or (np.issubdtype(array.dtype, np.integer) and array.min() >= 0 and array.max() <= 255):
@@ -167,7 +167,7 @@ def _read_folder(folder: Path) -> Video:
     sizes = {a.shape[:2] for a in arrays}
     if len(sizes) != 1:
         raise ValueError(f"{folder}: frames of different sizes {sorted(sizes)[:3]}")
-    return Video(np.stack(arrays), [f.stem for f in files], None, "folder")
+    return Video(np.stack(arrays), stems, None, "folder")
 
 
 def _read_video_file(path: Path) -> Video:
