@@ -25,6 +25,9 @@ $(STAMP): pyproject.toml
 	# Test oracle: MONAI Label's Python client and the client module its 3D Slicer extension uses
 	# (shipped in the wheel under monailabel/plugins/slicer); the clients need only requests.
 	$(PY) -m pip install -q --no-deps monailabel==0.8.5
+	# Test oracle: SAM-Med3D's network as published in medim (only its module is used: its
+	# download helpers and declared huggingface_hub / einops are not needed by the tests).
+	$(PY) -m pip install -q --no-deps medim==0.1.2
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

@@ -26,6 +26,7 @@ from .segment_io import (
     model_description,
     not_constant,
     objects_report,
+    resolve_any_model,
     resolve_model,
     to_model_input,
     write_outputs,
@@ -83,7 +84,13 @@ def segment_file(
         if opts.auto is not None:
             raise ValueError("automatic mode does not apply to .npz cases (they carry their own boxes)")
         return _segment_npz(input_path, output_path, boxes, opts, log)
+    if opts.voxel_points and (boxes or opts.points or opts.auto is not None or opts.key_slice is not None):
+        raise ValueError(
+            "voxel clicks (--point I J K) are the only prompt of SAM-Med3D: no boxes, 2D clicks, --slice or --auto"
+        )
     image = read_image(input_path, series_uid=opts.series_uid)
+    if opts.voxel_points:
+        return _segment_voxel_clicks_file(image, output_path, opts, log)
     if opts.auto is not None:
         from .segment_auto import segment_auto
 
@@ -221,6 +228,41 @@ def _segment_volume_file(
         save_png(picture, overlay_path)
         written = (written[0], written[1], Path(overlay_path))
     return SegmentationOutput(*written, labels=labels, scores=[], extra=report)
+
+
+def _segment_voxel_clicks_file(
+    image: MedicalImage, output_path: Path, opts: SegmentOptions, log: Callable[[str], None]
+) -> SegmentationOutput:
+    """One object of a volume from voxel clicks, natively in 3D (:mod:`medsam.native3d`)."""
+    from .model.sam_med3d import SamMed3DModel
+    from .native3d import VoxelClick, check_clicks, segment_clicks_3d
+
+    if not image.is_volume or image.is_color:
+        raise ValueError("voxel clicks (--point I J K) need a grey volume; the input is not one")
+    check_mask_path(output_path, volume=True, dicom_source=image.source_format in ("dicom", "dicom-series"))
+    clicks = [VoxelClick((i, j, k), positive) for i, j, k, positive in opts.voxel_points]
+    check_clicks(clicks, image.spatial_shape)
+    model = resolve_any_model(opts, log)
+    if not isinstance(model, SamMed3DModel):
+        raise ValueError(
+            "voxel clicks (--point I J K) need a SAM-Med3D checkpoint (--checkpoint sam_med3d_turbo.pth); "
+            "other models take 2D clicks (--point X Y) on a slice (--slice K)"
+        )
+    result = segment_clicks_3d(model, image, clicks)
+    log(f"SAM-Med3D: {len(clicks)} clicks, {int(result.mask.sum())} voxels segmented")
+    report = {
+        "input": str(image.source_path),
+        "points": [[i, j, k, int(positive)] for i, j, k, positive in opts.voxel_points],
+        "model": model_description(model, opts.checkpoint),
+        "contract": model.contract,
+        "crop_begin_ras": list(result.grid.begin),
+        "clicks_in_crop": result.clicks_in_cube.tolist(),
+        "voxels": int(result.mask.sum()),
+    }
+    written = write_outputs(
+        image, result.mask, output_path, None, opts.scores_path, report, rtstruct_path=opts.rtstruct_path
+    )
+    return SegmentationOutput(*written, labels=result.mask, scores=[], extra=report)
 
 
 # Largest network input side for which ``zoom="auto"`` zooms 2D boxes (LiteMedSAM's 256 px).

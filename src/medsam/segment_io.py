@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .automatic import AutoOptions
     from .model.sam import MedSAMModel
     from .model.sam2 import SAM2Model
+    from .model.sam_med3d import SamMed3DModel
     from .zoom import ZoomPolicy
 
 __all__ = [
@@ -61,6 +62,8 @@ class SegmentOptions:
         key_slice: the slice 2D boxes on a volume are drawn on (array index ``k``).
         points: clicks ``(x, y, foreground)`` for one object (with at most one box), on
             ``key_slice`` of a volume or video.
+        voxel_points: clicks ``(i, j, k, foreground)`` (voxel indices of the file) for one object
+            of a volume, segmented natively in 3D by a SAM-Med3D model, in the order given.
         modality, window: model-input normalisation (:func:`to_model_input`).
         series_uid: which DICOM series of a folder holding several.
         iou_threshold: volumes: stop propagation below this predicted IoU
@@ -86,7 +89,7 @@ class SegmentOptions:
             (:func:`medsam.specialist.load_specialist`) whose prediction gives the proposals.
     """
 
-    model: MedSAMModel | SAM2Model | None = None
+    model: MedSAMModel | SAM2Model | SamMed3DModel | None = None
     checkpoint: str | Path | None = None
     arch: str | None = None
     contract: str | None = None
@@ -95,6 +98,7 @@ class SegmentOptions:
     scores_path: str | Path | None = None
     key_slice: int | None = None
     points: tuple[tuple[float, float, bool], ...] = ()
+    voxel_points: tuple[tuple[int, int, int, bool], ...] = ()
     modality: str | None = None
     window: str | tuple[float, float] | None = None
     series_uid: str | None = None
@@ -170,13 +174,28 @@ def embedding_cache(opts: SegmentOptions) -> Any:
     return EmbeddingCache(opts.cache_dir)
 
 
-def resolve_model(opts: SegmentOptions, log: Callable[[str], None]) -> MedSAMModel | SAM2Model:
+def resolve_any_model(opts: SegmentOptions, log: Callable[[str], None]) -> MedSAMModel | SAM2Model | SamMed3DModel:
+    """``opts.model``, else the model of ``opts.checkpoint`` (any family)."""
     if opts.model is not None:
         return opts.model
     return load_reporting(opts.checkpoint, opts.device, opts.contract, log, arch=opts.arch)
 
 
-def model_description(model: MedSAMModel | SAM2Model, checkpoint: str | Path | None) -> dict[str, Any]:
+def resolve_model(opts: SegmentOptions, log: Callable[[str], None]) -> MedSAMModel | SAM2Model:
+    """The model of :func:`resolve_any_model`, refused if it is SAM-Med3D (which takes only
+    voxel clicks on volumes)."""
+    from .model.sam_med3d import SamMed3DModel
+
+    model = resolve_any_model(opts, log)
+    if isinstance(model, SamMed3DModel):
+        raise ValueError(
+            "a SAM-Med3D checkpoint segments volumes from voxel clicks (--point I J K); boxes, 2D "
+            "clicks, videos and automatic mode need a SAM / MedSAM / SAM2-family model"
+        )
+    return model
+
+
+def model_description(model: MedSAMModel | SAM2Model | SamMed3DModel, checkpoint: str | Path | None) -> dict[str, Any]:
     return {
         "checkpoint": None if checkpoint is None else str(checkpoint),
         "architecture": model.config.name,
@@ -190,7 +209,7 @@ def load_reporting(
     contract: str | None,
     log: Callable[[str], None],
     arch: str | None = None,
-) -> MedSAMModel | SAM2Model:
+) -> MedSAMModel | SAM2Model | SamMed3DModel:
     """The model of ``checkpoint`` (the embedded default when None; load_model warns if that
     one is untrained)."""
     from .weights import load_model

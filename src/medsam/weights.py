@@ -8,7 +8,9 @@ Accepted inputs (``load_model``):
 - safetensors files written by :func:`save_model` (config and contract in the metadata) or by
   anyone else (architecture inferred from the tensor shapes);
 - the SAM2 family: official SAM2 / SAM2.1 checkpoints (``{"model": state_dict}``) and MedSAM2's
-  (:func:`infer_sam2_config`).
+  (:func:`infer_sam2_config`);
+- SAM-Med3D and SAM-Med3D-turbo (``{"model_state_dict": ..., "args": ..., ...}``: the argparse
+  options and numpy numbers beside the weights are read as data, :func:`infer_sam_med3d_config`).
 
 Pickled files are opened with ``torch.load(weights_only=True)`` only: a pickle that tries to build
 arbitrary objects is refused, never executed.
@@ -28,6 +30,7 @@ from .io.atomic import atomic_output, write_json
 from .model.registry import CONFIGS, ModelConfig, build_model
 from .model.sam import MedSAMModel
 from .model.sam2 import SAM2_CONFIGS, SAM2Config, SAM2Model
+from .model.sam_med3d import SAM_MED3D_CONFIGS, SamMed3DConfig, SamMed3DModel
 from .preprocess import CONTRACT_NAMES
 
 PREFIXES = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
@@ -94,7 +97,8 @@ def load_weights_only(path: str | os.PathLike[str], map_location: str | torch.de
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        return torch.load(str(path), map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(_record_globals()):
+            return torch.load(str(path), map_location=map_location, weights_only=True)
     except Exception as exc:
         text = str(exc)
         if "Weights only load failed" in text and _is_parseable_pickle(path):
@@ -106,6 +110,20 @@ def load_weights_only(path: str | os.PathLike[str], map_location: str | torch.de
         raise CheckpointError(
             f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {_first_reason(text)})"
         ) from None
+
+
+def _record_globals() -> list[Any]:
+    """Plain records that training scripts store beside the weights and the weights-only loader
+    may rebuild: argparse options and numpy scalars (SAM-Med3D's released checkpoints hold
+    both). They are data; none of them runs code."""
+    import argparse
+
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core  # numpy 2, numpy 1
+    multiarray = core.multiarray
+    dtypes = [type(np.dtype(name)) for name in ("float64", "float32", "float16", "int64", "int32", "uint8", "bool")]
+    return [argparse.Namespace, np.dtype, multiarray.scalar, *dtypes]
 
 
 def _first_reason(text: str) -> str:
@@ -200,6 +218,41 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> ModelConfig:
 
 
 SAM2_KEY = "image_encoder.trunk.patch_embed.proj.weight"
+PATCH_KEY = "image_encoder.patch_embed.proj.weight"
+
+
+def is_sam_med3d(state: Mapping[str, torch.Tensor]) -> bool:
+    """A SAM-Med3D state dict: its patch embedding is a 3D convolution."""
+    patch = state.get(PATCH_KEY)
+    return patch is not None and patch.dim() == 5
+
+
+def infer_sam_med3d_config(state: Mapping[str, torch.Tensor]) -> SamMed3DConfig:
+    """The SAM-Med3D architecture of a state dict: width and patch size from the patch embedding,
+    the input side from the absolute position embedding, depth from the block count, head size
+    and the windowed blocks from the relative-position tables."""
+    try:
+        patch = state[PATCH_KEY]
+        grid = int(state["image_encoder.pos_embed"].shape[1])
+        blocks = {int(k.split(".")[2]) for k in state if k.startswith("image_encoder.blocks.")}
+        depth = 1 + max(blocks)
+        lengths = [int(state[f"image_encoder.blocks.{i}.attn.rel_pos_d"].shape[0]) for i in range(depth)]
+        head_dim = int(state["image_encoder.blocks.0.attn.rel_pos_d"].shape[1])
+        out_chans = int(state["image_encoder.neck.0.weight"].shape[0])
+    except (KeyError, ValueError, IndexError) as exc:
+        raise CheckpointError(f"a SAM-Med3D checkpoint without the expected encoder tensors ({exc})") from None
+    windowed = [n for n in lengths if n != 2 * grid - 1]
+    window = (windowed[0] + 1) // 2 if windowed else 14
+    return SamMed3DConfig(
+        img_size=grid * int(patch.shape[2]),
+        patch_size=int(patch.shape[2]),
+        embed_dim=int(patch.shape[0]),
+        depth=depth,
+        num_heads=int(patch.shape[0]) // head_dim,
+        global_attn_indexes=tuple(i for i, n in enumerate(lengths) if n == 2 * grid - 1),
+        window_size=window,
+        prompt_embed_dim=out_chans,
+    )
 
 
 def infer_sam2_config(state: Mapping[str, torch.Tensor], path: str | os.PathLike[str] | None = None) -> SAM2Config:
@@ -231,12 +284,16 @@ def infer_sam2_config(state: Mapping[str, torch.Tensor], path: str | os.PathLike
     )
 
 
-def _config_by_name(name: str) -> ModelConfig | SAM2Config:
-    if name in CONFIGS:
-        return CONFIGS[name]
-    if name in SAM2_CONFIGS:
-        return SAM2_CONFIGS[name]
-    raise CheckpointError(f"unknown architecture {name!r}; known: {', '.join(sorted([*CONFIGS, *SAM2_CONFIGS]))}")
+AnyConfig = ModelConfig | SAM2Config | SamMed3DConfig
+AnyModel = MedSAMModel | SAM2Model | SamMed3DModel
+
+
+def _config_by_name(name: str) -> AnyConfig:
+    for table in (CONFIGS, SAM2_CONFIGS, SAM_MED3D_CONFIGS):
+        if name in table:
+            return table[name]
+    known = sorted([*CONFIGS, *SAM2_CONFIGS, *SAM_MED3D_CONFIGS])
+    raise CheckpointError(f"unknown architecture {name!r}; known: {', '.join(known)}")
 
 
 def _load_default(contract: str | None, device: torch.device) -> MedSAMModel:
@@ -262,12 +319,13 @@ def load_model(
     checkpoint: str | os.PathLike[str] | None = None,
     contract: str | None = None,
     device: str | torch.device | None = None,
-    config: ModelConfig | SAM2Config | str | None = None,
+    config: AnyConfig | str | None = None,
     *,
     arch: str | None = None,
-) -> MedSAMModel | SAM2Model:
+) -> AnyModel:
     """Load a model from any supported checkpoint, in eval mode: a :class:`MedSAMModel` (SAM,
-    MedSAM, LiteMedSAM) or a :class:`medsam.model.sam2.SAM2Model` (SAM2, SAM2.1, MedSAM2).
+    MedSAM, LiteMedSAM), a :class:`medsam.model.sam2.SAM2Model` (SAM2, SAM2.1, MedSAM2) or a
+    :class:`medsam.model.sam_med3d.SamMed3DModel` (SAM-Med3D, SAM-Med3D-turbo).
 
     Args:
         checkpoint: path; ``None`` loads the embedded default model shipped with the package.
@@ -285,7 +343,7 @@ def load_model(
         return _load_default(contract, pick_device(device))
     state, metadata = read_state_dict(checkpoint)
     chosen_config = config if config is not None else arch
-    cfg: ModelConfig | SAM2Config
+    cfg: AnyConfig
     if chosen_config is not None:
         cfg = _config_by_name(chosen_config) if isinstance(chosen_config, str) else chosen_config
     elif "config" in metadata:
@@ -293,27 +351,37 @@ def load_model(
         try:
             if isinstance(stored, dict) and stored.get("family") == "sam2":
                 cfg = SAM2Config.from_dict(stored)
+            elif isinstance(stored, dict) and stored.get("family") == "sam_med3d":
+                cfg = SamMed3DConfig.from_dict(stored)
             else:
                 cfg = ModelConfig.from_dict(stored)
         except (TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"{checkpoint}: the stored model configuration is not valid ({exc})") from None
     elif SAM2_KEY in state:
         cfg = infer_sam2_config(state, checkpoint)
+    elif is_sam_med3d(state):
+        cfg = infer_sam_med3d_config(state)
     else:
         cfg = infer_config(state)
     chosen = contract or metadata.get("contract") or cfg.default_contract
-    if not isinstance(chosen, str) or chosen not in CONTRACT_NAMES:
-        raise CheckpointError(f"unknown preprocessing contract {chosen!r}; known: {CONTRACT_NAMES}")
-    model: MedSAMModel | SAM2Model
+    known = ("sam_med3d",) if isinstance(cfg, SamMed3DConfig) else CONTRACT_NAMES
+    if not isinstance(chosen, str) or chosen not in known:
+        raise CheckpointError(f"unknown preprocessing contract {chosen!r} for this model; known: {known}")
+    model: AnyModel
     try:
-        model = SAM2Model(cfg, chosen) if isinstance(cfg, SAM2Config) else build_model(cfg, contract=chosen)
+        if isinstance(cfg, SAM2Config):
+            model = SAM2Model(cfg, chosen)
+        elif isinstance(cfg, SamMed3DConfig):
+            model = SamMed3DModel(cfg, chosen)
+        else:
+            model = build_model(cfg, contract=chosen)
     except (TypeError, ValueError, RuntimeError, ZeroDivisionError, KeyError) as exc:
         raise CheckpointError(f"{checkpoint}: the model configuration does not build a model ({exc})") from None
     _load_strict(model, state, checkpoint)
     return model.to(pick_device(device)).eval()
 
 
-def _load_strict(model: MedSAMModel | SAM2Model, state: Mapping[str, torch.Tensor], path: object) -> None:
+def _load_strict(model: AnyModel, state: Mapping[str, torch.Tensor], path: object) -> None:
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -334,9 +402,7 @@ def _load_strict(model: MedSAMModel | SAM2Model, state: Mapping[str, torch.Tenso
     model.load_state_dict(state, strict=True)
 
 
-def save_model(
-    model: MedSAMModel | SAM2Model, path: str | os.PathLike[str], extra: dict[str, Any] | None = None
-) -> Path:
+def save_model(model: AnyModel, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
     """Write ``model`` as safetensors (config and contract in its metadata) plus a JSON sidecar.
 
     ``path`` is the ``.safetensors`` file; the sidecar is the same name with ``.json``. Both are

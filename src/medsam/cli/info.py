@@ -27,8 +27,10 @@ def run(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore")
         model = load_model(args.checkpoint, device="cpu", arch=args.arch)
     n = sum(p.numel() for p in model.parameters())
-    family = "SAM2 family" if model.config.encoder == "hiera" else "SAM / MedSAM family"
-    print(f"architecture: {model.config.name} ({model.config.encoder} encoder, {family}), input {model.input_size} px")
+    encoder = model.config.encoder
+    family = {"hiera": "SAM2 family", "vit3d": "SAM-Med3D, native 3D"}.get(encoder, "SAM / MedSAM family")
+    unit = "voxel cube" if encoder == "vit3d" else "px"
+    print(f"architecture: {model.config.name} ({encoder} encoder, {family}), input {model.input_size} {unit}")
     print(f"contract: {model.contract}")
     print(f"parameters: {n / 1e6:.1f} M")
     if getattr(model, "is_untrained_default", False):

@@ -51,21 +51,22 @@ def add_parser(sub: Subparsers) -> None:
     )
     p.add_argument(
         "--point",
-        nargs=2,
+        nargs="+",
         type=finite_float,
         action="append",
         default=[],
-        metavar=("X", "Y"),
-        help="a foreground click (pixels; on --slice K of a volume or video); with at most one box, "
-        "for one object; repeat for several clicks",
+        metavar="COORD",
+        help="a foreground click: X Y (pixels; on --slice K of a volume or video; with at most one "
+        "box, for one object) or I J K (voxel indices of a volume, with a SAM-Med3D checkpoint: "
+        "segmented natively in 3D); repeat for several clicks",
     )
     p.add_argument(
         "--negative-point",
-        nargs=2,
+        nargs="+",
         type=finite_float,
         action="append",
         default=[],
-        metavar=("X", "Y"),
+        metavar="COORD",
         help="a background click, as --point",
     )
     p.add_argument(
@@ -270,6 +271,25 @@ def check_folder_arguments(args: argparse.Namespace) -> None:
         raise CLIError(f"a folder run writes into a folder: -o {args.output} names a file")
 
 
+def _clicks(
+    positive: list[list[float]], negative: list[list[float]]
+) -> tuple[list[list[float]], list[list[float]], tuple[tuple[int, int, int, bool], ...]]:
+    """2D clicks (X Y) and voxel clicks (I J K, integers) from --point / --negative-point, in
+    the order given (positive ones first); one kind only."""
+    sizes = {len(c) for c in (*positive, *negative)}
+    if not sizes <= {2, 3}:
+        raise CLIError("a click is X Y (2D) or I J K (voxel indices of a volume)")
+    if sizes == {2, 3}:
+        raise CLIError("give all clicks as X Y or all as I J K, not both")
+    if sizes != {3}:
+        return positive, negative, ()
+    for c in (*positive, *negative):
+        if any(v != int(v) for v in c):
+            raise CLIError(f"voxel clicks are integer indices, got {' '.join(f'{v:g}' for v in c)}")
+    voxel = tuple((int(i), int(j), int(k), True) for i, j, k in positive)
+    return [], [], voxel + tuple((int(i), int(j), int(k), False) for i, j, k in negative)
+
+
 def run(args: argparse.Namespace) -> int:
     zoom = _zoom_choice(args)
     if _folder_run(args):
@@ -277,6 +297,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         check_arguments(args)
     auto = _auto_options(args)
+    flat, flat_negative, voxel_points = _clicks(args.point, args.negative_point)
     from ..segment import SegmentOptions, segment_file
 
     options = SegmentOptions(
@@ -287,7 +308,8 @@ def run(args: argparse.Namespace) -> int:
         cache_dir=args.cache,
         scores_path=args.scores,
         key_slice=args.key_slice,
-        points=tuple((x, y, True) for x, y in args.point) + tuple((x, y, False) for x, y in args.negative_point),
+        points=tuple((c[0], c[1], True) for c in flat) + tuple((c[0], c[1], False) for c in flat_negative),
+        voxel_points=voxel_points,
         modality=args.modality,
         window=args.window,
         device=args.device,

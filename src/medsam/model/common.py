@@ -10,7 +10,8 @@ from torch import nn
 
 
 class LayerNorm2d(nn.Module):
-    """LayerNorm over the channel axis of a (B, C, H, W) tensor.
+    """LayerNorm over the channel axis of a (B, C, H, W) tensor, or of (B, C, D, H, W) (SAM-Med3D's
+    ``LayerNorm3d`` is the same operation).
 
     Parameter names (``weight``, ``bias``) match the official SAM checkpoints.
     """
@@ -23,8 +24,8 @@ class LayerNorm2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Channels-last layer norm is one fused kernel; permute views cost nothing.
-        y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
-        return y.permute(0, 3, 1, 2)
+        y = F.layer_norm(x.movedim(1, -1), (x.shape[1],), self.weight, self.bias, self.eps)
+        return y.movedim(-1, 1)
 
 
 class MLPBlock(nn.Module):

@@ -29,6 +29,7 @@ class MaskDecoder(nn.Module):
         num_multimask_outputs: int = 3,
         iou_head_depth: int = 3,
         iou_head_hidden_dim: int = 256,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
         self.transformer_dim = transformer_dim
@@ -37,11 +38,12 @@ class MaskDecoder(nn.Module):
         self.iou_token = nn.Embedding(1, transformer_dim)
         self.num_mask_tokens = num_multimask_outputs + 1
         self.mask_tokens = nn.Embedding(self.num_mask_tokens, transformer_dim)
+        up = nn.ConvTranspose2d if spatial_dims == 2 else nn.ConvTranspose3d
         self.output_upscaling = nn.Sequential(
-            nn.ConvTranspose2d(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),
+            up(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),
             LayerNorm2d(transformer_dim // 4),
             nn.GELU(),
-            nn.ConvTranspose2d(transformer_dim // 4, transformer_dim // 8, kernel_size=2, stride=2),
+            up(transformer_dim // 4, transformer_dim // 8, kernel_size=2, stride=2),
             nn.GELU(),
         )
         self.output_hypernetworks_mlps = nn.ModuleList(
@@ -102,6 +104,8 @@ class MaskDecoder(nn.Module):
         dense = dense_prompt_embeddings
         if dense.shape[0] > 1 and dense.stride(0) == 0:
             dense = dense[:1]
+        if image_embeddings.dim() == 5:
+            return self._predict_volume_masks(image_embeddings + dense, image_pe, tokens, mask_tokens)
         _, _, h, w = image_embeddings.shape
         if b and use_cpu_kernels(sparse_prompt_embeddings):
             n_masks = len(range(self.num_mask_tokens)[mask_tokens])
@@ -123,6 +127,21 @@ class MaskDecoder(nn.Module):
         hs, keys = self.transformer(src, image_pe, tokens)
         hyper_in = self._hyper_in(hs, mask_tokens)
         masks = self._upscale_and_project(keys, hyper_in, h, w)
+        return masks, self.iou_prediction_head(hs[:, 0, :])
+
+    def _predict_volume_masks(
+        self, src: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor, mask_tokens: slice
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM-Med3D's decoding: src (1 or B, C, E, E, E) image plus dense embeddings, tokens
+        (B, T, C) -> (B, M, 4E, 4E, 4E) logits and (B, 4) IoU predictions."""
+        b = tokens.shape[0]
+        if src.shape[0] not in (1, b):
+            src = src.expand(b, -1, -1, -1, -1)
+        hs, keys = self.transformer(src, image_pe, tokens)
+        hyper_in = self._hyper_in(hs, mask_tokens)  # (B, M, C/8)
+        grid = src.shape[2:]
+        upscaled = self.output_upscaling(keys.transpose(1, 2).reshape(b, -1, *grid))
+        masks = (hyper_in @ upscaled.flatten(2)).reshape(b, -1, *upscaled.shape[2:])
         return masks, self.iou_prediction_head(hs[:, 0, :])
 
     # Position of the IoU token among the output tokens (SAM2's object-score token comes first).

@@ -59,33 +59,82 @@ class PositionEmbeddingRandom(nn.Module):
         return self._encode(coords)
 
 
+class PositionEmbeddingRandom3D(nn.Module):
+    """SAM-Med3D's random-Fourier encoding (``positional_encoding_gaussian_matrix``, 3 x D/3):
+    ``[sin, cos, sin]`` of the projected coordinates, as the released models were trained."""
+
+    def __init__(self, num_pos_feats: int = 128) -> None:
+        super().__init__()
+        self.register_buffer("positional_encoding_gaussian_matrix", torch.randn((3, num_pos_feats)))
+
+    def _encode(self, coords: torch.Tensor) -> torch.Tensor:
+        """coords in [0, 1], shape (..., 3) -> (..., D)."""
+        coords = (2 * coords - 1) @ self.positional_encoding_gaussian_matrix.to(coords.dtype)
+        coords = 2 * math.pi * coords
+        return torch.cat([torch.sin(coords), torch.cos(coords), torch.sin(coords)], dim=-1)
+
+    def forward(self, size: tuple[int, int, int]) -> torch.Tensor:
+        """Encoding of every cell centre of an (S0, S1, S2) grid -> (D, S0, S1, S2). As in the
+        published code, the first coordinate runs along axis 1 (divided by S0) and the second
+        along axis 0 (divided by S1); equal for the cubic grids of the released models."""
+        s0, s1, s2 = size
+        device = self.positional_encoding_gaussian_matrix.device
+        a0 = (torch.arange(s0, device=device, dtype=torch.float32) + 0.5) / s1
+        a1 = (torch.arange(s1, device=device, dtype=torch.float32) + 0.5) / s0
+        a2 = (torch.arange(s2, device=device, dtype=torch.float32) + 0.5) / s2
+        g0, g1, g2 = torch.meshgrid(a0, a1, a2, indexing="ij")
+        return self._encode(torch.stack([g1, g0, g2], dim=-1)).permute(3, 0, 1, 2)
+
+    def forward_with_coords(self, coords: torch.Tensor, image_size: tuple[int, ...]) -> torch.Tensor:
+        """Encode (B, N, 3) voxel coordinates (i0, i1, i2) of a volume of size (S0, S1, S2)."""
+        coords = coords.clone().float()
+        for axis in range(3):
+            coords[:, :, axis] = coords[:, :, axis] / image_size[axis]
+        return self._encode(coords)
+
+
 class PromptEncoder(nn.Module):
-    """Embeds point, box and mask prompts for the mask decoder."""
+    """Embeds point, box and mask prompts for the mask decoder.
+
+    ``spatial_dims=3`` builds SAM-Med3D's prompt encoder: points (B, N, 3) as voxel indices
+    (i0, i1, i2), a D/3-feature ``[sin, cos, sin]`` encoding, 3D mask downscaling, and only the
+    two point embeddings (negative, positive) that its released checkpoints hold: no boxes.
+    """
 
     def __init__(
         self,
         embed_dim: int = 256,
-        image_embedding_size: tuple[int, int] = (64, 64),
-        input_image_size: tuple[int, int] = (1024, 1024),
+        image_embedding_size: tuple[int, ...] = (64, 64),
+        input_image_size: tuple[int, ...] = (1024, 1024),
         mask_in_chans: int = 16,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
+        if spatial_dims not in (2, 3) or len(image_embedding_size) != spatial_dims:
+            raise ValueError(f"a {spatial_dims}-D prompt encoder with a {len(image_embedding_size)}-D embedding")
         self.embed_dim = embed_dim
         self.input_image_size = input_image_size
         self.image_embedding_size = image_embedding_size
-        self.pe_layer = PositionEmbeddingRandom(embed_dim // 2)
-        # 0: negative point, 1: positive point, 2: box top-left, 3: box bottom-right.
-        self.point_embeddings = nn.ModuleList(nn.Embedding(1, embed_dim) for _ in range(4))
+        self.spatial_dims = spatial_dims
+        self.pe_layer: PositionEmbeddingRandom | PositionEmbeddingRandom3D
+        if spatial_dims == 2:
+            self.pe_layer = PositionEmbeddingRandom(embed_dim // 2)
+        else:
+            self.pe_layer = PositionEmbeddingRandom3D(embed_dim // 3)
+        # 0: negative point, 1: positive point, 2: box top-left, 3: box bottom-right (2D only).
+        n_point_embeddings = 4 if spatial_dims == 2 else 2
+        self.point_embeddings = nn.ModuleList(nn.Embedding(1, embed_dim) for _ in range(n_point_embeddings))
         self.not_a_point_embed = nn.Embedding(1, embed_dim)
-        self.mask_input_size = (4 * image_embedding_size[0], 4 * image_embedding_size[1])
+        self.mask_input_size = tuple(4 * e for e in image_embedding_size)
+        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
         self.mask_downscaling = nn.Sequential(
-            nn.Conv2d(1, mask_in_chans // 4, kernel_size=2, stride=2),
+            conv(1, mask_in_chans // 4, kernel_size=2, stride=2),
             LayerNorm2d(mask_in_chans // 4),
             nn.GELU(),
-            nn.Conv2d(mask_in_chans // 4, mask_in_chans, kernel_size=2, stride=2),
+            conv(mask_in_chans // 4, mask_in_chans, kernel_size=2, stride=2),
             LayerNorm2d(mask_in_chans),
             nn.GELU(),
-            nn.Conv2d(mask_in_chans, embed_dim, kernel_size=1),
+            conv(mask_in_chans, embed_dim, kernel_size=1),
         )
         self.no_mask_embed = nn.Embedding(1, embed_dim)
 
@@ -121,11 +170,13 @@ class PromptEncoder(nn.Module):
 
     def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
         if pad:  # no box: one padding point, as SAM
-            points = torch.cat([points, points.new_zeros(points.shape[0], 1, 2)], dim=1)
+            points = torch.cat([points, points.new_zeros(points.shape[0], 1, points.shape[2])], dim=1)
             labels = torch.cat([labels, -labels.new_ones(labels.shape[0], 1)], dim=1)
         return self.embed_labelled_points(points, labels)
 
     def _embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
+        if self.spatial_dims != 2:
+            raise ValueError("SAM-Med3D's prompt encoder has no box embeddings: give points")
         return self.embed_labelled_points(*box_corner_points(boxes))
 
     def forward(
@@ -157,5 +208,6 @@ class PromptEncoder(nn.Module):
         if masks is not None:
             dense = self.mask_downscaling(masks)
         else:
-            dense = weight.reshape(1, -1, 1, 1).expand(bs, -1, *self.image_embedding_size)
+            grid = tuple(self.image_embedding_size)
+            dense = weight.reshape(1, -1, *(1,) * len(grid)).expand(bs, -1, *grid)
         return sparse, dense

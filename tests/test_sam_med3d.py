@@ -1,0 +1,287 @@
+"""SAM-Med3D against its published network (``medim==0.1.2``, ``medim/models/sam_med3d.py``), its
+published iterative click inference (SAM-Med3D's ``utils/infer_utils.sam_model_infer``, written
+out below on medim's modules) and its published preprocessing (torchio), on seeded random
+weights saved in the release format."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+ref = pytest.importorskip("medim.models.sam_med3d", reason="the SAM-Med3D oracle medim==0.1.2 is not installed")
+
+from medsam.model.sam_med3d import SamMed3DConfig, SamMed3DModel
+from medsam.weights import CheckpointError, load_model
+
+CT = "tests/data/curation/ct/images/example_ct_crop.nii.gz"
+CT_LABELS = "tests/data/curation/ct/labels/example_ct_crop_seg.nii.gz"
+
+
+def _randomise(model: torch.nn.Module, seed: int) -> None:
+    """Seeded random values for every tensor the published initialisation leaves at zero or one
+    (relative and absolute positions, norms, biases), so that no term can hide."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if "rel_pos" in name or "pos_embed" in name:
+                tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.5)
+            elif name.endswith(".bias") or "norm" in name:
+                tensor.add_(torch.randn(tensor.shape, generator=gen) * 0.05)
+
+
+@pytest.fixture(scope="module")
+def reference() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = ref.build_sam3D_vit_b_ori().eval()
+    _randomise(model, 1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def release_checkpoint(reference, tmp_path_factory):
+    """The reference's weights in SAM-Med3D's release format (train.py's save_checkpoint)."""
+    path = tmp_path_factory.mktemp("sam_med3d") / "sam_med3d_turbo.pth"
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=8e-5)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [120, 180], 0.1)
+    torch.save(
+        {
+            "epoch": 200,
+            "model_state_dict": reference.state_dict(),
+            "optimizer_state_dict": optimizer.state_dict(),
+            "lr_scheduler_state_dict": scheduler.state_dict(),
+            "losses": [0.41, np.float64(0.39)],
+            "dices": [np.float32(0.71)],
+            "best_loss": np.inf,
+            "best_dice": np.float64(0.71),
+            "args": argparse.Namespace(task_name="turbo", lr=8e-5, gpu_ids=[0, 1]),
+            "used_datas": ["AMOS"],
+        },
+        path,
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def ours(release_checkpoint) -> SamMed3DModel:
+    model = load_model(release_checkpoint, device="cpu")
+    assert isinstance(model, SamMed3DModel)
+    return model
+
+
+def _reference_clicks(model, image_embedding, clicks, labels):
+    """sam_model_infer's loop: click n decoded with clicks 1..n and the previous low-res logits
+    (zeros first), through medim's prompt encoder and mask decoder."""
+    low = torch.zeros(1, 1, 32, 32, 32)
+    coords, point_labels = torch.zeros(1, 0, 3), torch.zeros(1, 0)
+    with torch.no_grad():
+        for click, label in zip(clicks, labels, strict=True):
+            coords = torch.cat([coords, torch.tensor([[click]], dtype=torch.float32)], dim=1)
+            point_labels = torch.cat([point_labels, torch.tensor([[label]], dtype=torch.int64)], dim=1)
+            sparse, dense = model.prompt_encoder(points=[coords, point_labels], boxes=None, masks=low)
+            low, _ = model.mask_decoder(
+                image_embeddings=image_embedding,
+                image_pe=model.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+            )
+        full = F.interpolate(low, size=(128, 128, 128), mode="trilinear", align_corners=False)
+    return low, (torch.sigmoid(full) > 0.5)[0, 0].numpy().astype(np.uint8)
+
+
+def test_release_checkpoint_loads_weights_only_with_its_architecture(ours, release_checkpoint):
+    assert ours.config == SamMed3DConfig()
+    assert ours.contract == "sam_med3d"
+    # torch's weights-only loader alone refuses the argparse options and numpy numbers; medsam
+    # allows those records (data) and nothing more: a pickled callable is still refused.
+    with pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(release_checkpoint, weights_only=True)
+    evil = release_checkpoint.with_name("evil.pth")
+    torch.save({"model_state_dict": ours.state_dict(), "args": argparse.ArgumentParser}, evil)
+    with pytest.raises(CheckpointError, match="refused to unpickle"):
+        load_model(evil)
+
+
+def test_encoder_and_one_and_three_click_inference_equal_the_reference(reference, ours):
+    gen = torch.Generator().manual_seed(2)
+    crop = torch.randn(1, 1, 128, 128, 128, generator=gen)
+    with torch.no_grad():
+        expected = reference.image_encoder(crop)
+        embedding = ours.embed_image(crop)
+    assert embedding.shape == (1, 384, 8, 8, 8)
+    assert (embedding - expected).abs().max().item() < 1e-4
+
+    from medsam.native3d import decode_clicks
+
+    clicks = np.array([[64, 60, 70], [30, 41, 52], [90, 75, 66]])
+    labels = np.array([1, 0, 1])
+    for n in (1, 3):
+        want_low, want_mask = _reference_clicks(reference, expected, clicks[:n].tolist(), labels[:n].tolist())
+        low = decode_clicks(ours, expected, clicks[:n], labels[:n])
+        assert (low - want_low).abs().max().item() < 1e-4
+        full = F.interpolate(low, size=(128, 128, 128), mode="trilinear", align_corners=False)
+        mask = (torch.sigmoid(full) > 0.5)[0, 0].numpy()
+        differ = mask != want_mask.astype(bool)
+        # identical except where the upsampled logit is a tie at the threshold
+        assert np.all(np.abs(full[0, 0].numpy()[differ]) < 1e-4)
+        assert 0 < want_mask.sum() < want_mask.size  # a real mask, neither empty nor full
+
+
+def test_windowed_blocks_larger_than_one_window_equal_the_reference():
+    """Grids larger than a window (the general windowed path) and an uneven padding."""
+    torch.manual_seed(3)
+    encoder = ref.ImageEncoderViT3D(
+        img_size=64,
+        patch_size=4,
+        embed_dim=48,
+        depth=3,
+        num_heads=4,
+        mlp_ratio=2.0,
+        out_chans=48,
+        norm_layer=lambda d: torch.nn.LayerNorm(d, eps=1e-6),
+        use_rel_pos=True,
+        window_size=6,
+        global_attn_indexes=(1,),
+    ).eval()
+    _randomise(encoder, 4)
+    config = SamMed3DConfig(
+        img_size=64,
+        patch_size=4,
+        embed_dim=48,
+        depth=3,
+        num_heads=4,
+        mlp_ratio=2.0,
+        prompt_embed_dim=48,
+        window_size=6,
+        global_attn_indexes=(1,),
+    )
+    ours = SamMed3DModel(config).image_encoder.eval()
+    ours.load_state_dict(encoder.state_dict(), strict=True)
+    x = torch.randn(1, 1, 64, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert (ours(x) - encoder(x)).abs().max().item() < 1e-4
+
+
+def test_architecture_is_read_from_the_tensors(reference, tmp_path):
+    from medsam.weights import infer_sam_med3d_config
+
+    assert infer_sam_med3d_config(reference.state_dict()) == SamMed3DConfig()
+    broken = {k: v for k, v in reference.state_dict().items() if "neck" not in k}
+    path = tmp_path / "broken.pth"
+    torch.save({"model_state_dict": broken}, path)
+    with pytest.raises(CheckpointError, match="SAM-Med3D"):
+        load_model(path)
+
+
+def _torchio_reference(model, clicks_ijk, positive):
+    """The published pipeline (infer_utils.data_preprocess / sam_model_infer / data_postprocess)
+    with the positive clicks' voxels as its label; clicks given in the crop as medsam maps them."""
+    tio = pytest.importorskip("torchio", reason="torchio (the published preprocessing) is not installed")
+    import nibabel as nib
+
+    img = nib.load(CT)
+    marks = np.zeros(img.shape, dtype=np.uint8)
+    for (i, j, k), pos in zip(clicks_ijk, positive, strict=True):
+        if pos:
+            marks[i, j, k] = 1
+    subject = tio.Subject(
+        image=tio.ScalarImage(CT), label=tio.LabelMap(tensor=torch.from_numpy(marks)[None], affine=img.affine)
+    )
+    original_affine, original_shape = subject.image.affine.copy(), subject.image.spatial_shape
+    subject = tio.ToCanonical()(tio.Resample(target=(1.5, 1.5, 1.5))(subject))
+    cropped = tio.CropOrPad(mask_name="label", target_shape=(128, 128, 128))(subject)
+    roi = tio.ZNormalization(masking_method=lambda x: x > 0)(cropped.image.data.clone())
+    return roi[0], cropped.label.data[0], cropped.image.affine, original_affine, original_shape, tio
+
+
+def test_pipeline_on_a_real_ct_equals_the_published_one_with_torchio(ours, reference):
+    from medsam.io import read_image
+    from medsam.native3d import VoxelClick, segment_clicks_3d
+
+    labels = np.asarray(__import__("nibabel").load(CT_LABELS).dataobj)
+    organ = np.argwhere(labels == 2)  # a kidney-sized organ of the TotalSegmentator labels
+    centre = organ[np.argmin(np.abs(organ - organ.mean(axis=0)).sum(axis=1))]
+    clicks_ijk = [tuple(int(v) for v in centre), (5, 5, 3), tuple(int(v) for v in organ[0])]
+    positive = [True, False, True]
+    image = read_image(CT)
+    result = segment_clicks_3d(ours, image, [VoxelClick(c, p) for c, p in zip(clicks_ijk, positive, strict=True)])
+
+    roi, roi_label, roi_affine, original_affine, original_shape, tio = _torchio_reference(ours, clicks_ijk, positive)
+
+    np.testing.assert_allclose(result.grid.affine, roi_affine, atol=1e-6)
+    assert torch.equal(result.cube, roi)  # resampled, reoriented, cropped and z-scored alike
+    # each positive click falls on the voxels torchio carried its label to
+    for (a, b, c), pos in zip(result.clicks_in_cube, positive, strict=True):
+        if pos:
+            assert roi_label[a, b, c] == 1
+    with torch.no_grad():
+        embedding = reference.image_encoder(roi[None, None].float())
+    _, want_cube = _reference_clicks(reference, embedding, result.clicks_in_cube.tolist(), [int(p) for p in positive])
+    logits = F.interpolate(result.low_res_logits, size=(128,) * 3, mode="trilinear", align_corners=False)
+    differ = result.cube_mask != want_cube
+    assert differ.sum() <= 1e-4 * differ.size
+    assert np.all(np.abs(logits[0, 0].numpy()[differ]) < 1e-4)  # ties at the threshold only
+    assert want_cube.sum() > 0
+    # back onto the input's grid as data_postprocess does (torchio, nearest neighbour)
+    back = tio.Resample(
+        target=tio.ScalarImage(tensor=torch.zeros(1, *original_shape), affine=original_affine),
+        image_interpolation="nearest",
+    )(tio.LabelMap(tensor=torch.from_numpy(result.cube_mask)[None].float(), affine=roi_affine))
+    want = back.data[0].numpy().astype(np.uint8).transpose(2, 1, 0)  # (i, j, k) -> (Z, Y, X)
+    assert np.array_equal(result.mask, want)
+
+
+def test_cli_point_ijk_writes_the_mask_with_the_input_geometry(ours, release_checkpoint, tmp_path):
+    import nibabel as nib
+
+    out = tmp_path / "kidney.nii.gz"
+    cmd = [sys.executable, "-m", "medsam", "segment", CT, "--checkpoint", str(release_checkpoint)]
+    cmd += ["--point", "40", "20", "10", "--negative-point", "5", "5", "3", "-o", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    written, source = nib.load(out), nib.load(CT)
+    assert written.shape == source.shape
+    np.testing.assert_allclose(written.affine, source.affine, atol=1e-5)
+
+    from medsam.io import read_image
+    from medsam.native3d import VoxelClick, segment_clicks_3d
+
+    direct = segment_clicks_3d(ours, read_image(CT), [VoxelClick((40, 20, 10)), VoxelClick((5, 5, 3), False)])
+    assert np.array_equal(np.asarray(written.dataobj).transpose(2, 1, 0), direct.mask)
+    report = json.loads(out.with_name("kidney.scores.json").read_text())
+    assert report["points"] == [[40, 20, 10, 1], [5, 5, 3, 0]]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--point", "40", "20", "100"], "outside the volume"),
+        (["--point", "40.5", "20", "10"], "integer"),
+        (["--point", "40", "20", "10", "--point", "4", "5"], "not both"),
+        (["--negative-point", "40", "20", "10"], "positive click"),
+        (["--point", "40", "20", "10", "--box", "1", "1", "5", "5"], "only prompt"),
+    ],
+)
+def test_bad_voxel_clicks_get_one_clear_error(release_checkpoint, tmp_path, extra, message):
+    out = tmp_path / "m.nii.gz"
+    cmd = [sys.executable, "-m", "medsam", "segment", CT, "--checkpoint", str(release_checkpoint), "-o", str(out)]
+    run = subprocess.run(cmd + extra, capture_output=True, text=True)
+    assert run.returncode != 0
+    assert message in run.stderr
+    assert "Traceback" not in run.stderr
+    assert not out.exists()
+
+
+def test_a_sam_med3d_checkpoint_refuses_boxes_and_other_models_refuse_voxel_clicks(release_checkpoint, tmp_path):
+    from medsam.segment import segment_file
+
+    with pytest.raises(ValueError, match="voxel clicks"):
+        segment_file(CT, tmp_path / "a.nii.gz", [[5, 5, 2, 30, 30, 8]], checkpoint=release_checkpoint)
+    with pytest.raises(ValueError, match="SAM-Med3D checkpoint"):
+        segment_file(CT, tmp_path / "b.nii.gz", [], voxel_points=((40, 20, 10, True),))
