@@ -242,7 +242,7 @@ def test_cli_point_ijk_writes_the_mask_with_the_input_geometry(ours, release_che
 
     out = tmp_path / "kidney.nii.gz"
     cmd = [sys.executable, "-m", "medsam", "segment", CT, "--checkpoint", str(release_checkpoint)]
-    cmd += ["--point", "40", "20", "10", "--negative-point", "5", "5", "3", "-o", str(out)]
+    cmd += ["--point", "40", "20", "10", "--negative-point", "5", "5", "3", "--sliding-window", "-o", str(out)]
     run = subprocess.run(cmd, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     written, source = nib.load(out), nib.load(CT)
@@ -252,10 +252,12 @@ def test_cli_point_ijk_writes_the_mask_with_the_input_geometry(ours, release_che
     from medsam.io import read_image
     from medsam.native3d import VoxelClick, segment_clicks_3d
 
-    direct = segment_clicks_3d(ours, read_image(CT), [VoxelClick((40, 20, 10)), VoxelClick((5, 5, 3), False)])
+    clicks = [VoxelClick((40, 20, 10)), VoxelClick((5, 5, 3), False)]
+    direct = segment_clicks_3d(ours, read_image(CT), clicks, sliding_window=True)
     assert np.array_equal(np.asarray(written.dataobj).transpose(2, 1, 0), direct.mask)
     report = json.loads(out.with_name("kidney.scores.json").read_text())
     assert report["points"] == [[40, 20, 10, 1], [5, 5, 3, 0]]
+    assert [c["begin_ras"] for c in report["crops"]] == [list(w.begin) for w in direct.windows]
 
 
 @pytest.mark.parametrize(
@@ -266,6 +268,7 @@ def test_cli_point_ijk_writes_the_mask_with_the_input_geometry(ours, release_che
         (["--point", "40", "20", "10", "--point", "4", "5"], "not both"),
         (["--negative-point", "40", "20", "10"], "positive click"),
         (["--point", "40", "20", "10", "--box", "1", "1", "5", "5"], "only prompt"),
+        (["--box", "1", "1", "2", "5", "5", "6", "--sliding-window"], "applies to voxel clicks"),
     ],
 )
 def test_bad_voxel_clicks_get_one_clear_error(release_checkpoint, tmp_path, extra, message):
@@ -285,3 +288,59 @@ def test_a_sam_med3d_checkpoint_refuses_boxes_and_other_models_refuse_voxel_clic
         segment_file(CT, tmp_path / "a.nii.gz", [[5, 5, 2, 30, 30, 8]], checkpoint=release_checkpoint)
     with pytest.raises(ValueError, match="SAM-Med3D checkpoint"):
         segment_file(CT, tmp_path / "b.nii.gz", [], voxel_points=((40, 20, 10, True),))
+
+
+def test_sliding_windows_grow_the_object_past_the_cube_and_average_overlaps(ours, reference):
+    """Each extra cube is decoded from its recorded clicks exactly as the published loop decodes
+    one cube; where cubes overlap the mask is that of their mean logits."""
+    import SimpleITK as sitk
+
+    from medsam.io import read_image
+    from medsam.io._sitk import to_sitk
+    from medsam.native3d import (
+        VoxelClick,
+        _ras_affine,
+        crop_or_pad,
+        resample_isotropic,
+        segment_clicks_3d,
+        to_canonical,
+        zscore_foreground,
+    )
+
+    image = read_image(CT)
+    clicks = [VoxelClick((40, 20, 10))]
+    single = segment_clicks_3d(ours, image, clicks)
+    grown = segment_clicks_3d(ours, image, clicks, sliding_window=True, max_windows=3)
+    # the CT is 128 x 96 x 48 voxels at 1.5 mm: only axis 0 goes on past the cube, on one side
+    assert len(single.windows) == 1 and len(grown.windows) == 2
+    assert grown.windows[0].begin == single.windows[0].begin
+    for window in grown.windows[1:]:
+        assert window.labels[0] == 1  # the seed click from the mask so far
+        assert max(abs(a - b) for a, b in zip(window.begin, grown.windows[0].begin, strict=True)) == 64
+
+    resampled = resample_isotropic(to_sitk(image.array, image), 1.5)
+    volume, affine = to_canonical(sitk.GetArrayFromImage(resampled).transpose(), _ras_affine(resampled))
+    total = np.zeros(volume.shape, dtype=np.float32)
+    count = np.zeros(volume.shape, dtype=np.float32)
+    for window in grown.windows:
+        cube = zscore_foreground(crop_or_pad(volume, window.begin, 128))
+        with torch.no_grad():
+            embedding = reference.image_encoder(cube[None, None])
+        low, _ = _reference_clicks(reference, embedding, window.clicks.tolist(), window.labels.tolist())
+        full = F.interpolate(low, size=(128,) * 3, mode="trilinear", align_corners=False)[0, 0].numpy()
+        padded = np.zeros([n + 256 for n in volume.shape], dtype=np.float32)
+        hits = np.zeros_like(padded)
+        at = tuple(slice(b + 128, b + 256) for b in window.begin)
+        padded[at], hits[at] = full, 1
+        inner = tuple(slice(128, 128 + n) for n in volume.shape)
+        total += padded[inner]
+        count += hits[inner]
+    mean = total / np.maximum(count, 1)
+    want = (mean > 0) & (count > 0)
+    from medsam.native3d import _back_to_input
+
+    expected = _back_to_input(want.astype(np.uint8), affine, to_sitk(image.array, image))
+    differ = grown.mask != expected
+    assert differ.sum() <= 1e-4 * differ.size
+    # the object continues past the first cube (canonical axis 0 below its first index)
+    assert want[: grown.windows[0].begin[0]].any()

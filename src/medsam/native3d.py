@@ -57,8 +57,18 @@ class CropGrid:
     zero-padded); ``affine``: index (i, j, k, 1) of the cube -> RAS mm.
     """
 
-    begin: tuple[int, int, int]
+    begin: tuple[int, ...]
     affine: np.ndarray
+
+
+@dataclass(frozen=True)
+class CubeWindow:
+    """One decoded cube: ``begin`` in the canonical resampled volume, ``clicks`` (N, 3) cube
+    indices decoded in order with ``labels`` (N,) 1 / 0."""
+
+    begin: tuple[int, ...]
+    clicks: np.ndarray
+    labels: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -66,7 +76,8 @@ class Native3DResult:
     """``mask``: (Z, Y, X) uint8 on the input's grid; ``cube``: (S, S, S) the network's
     normalised input; ``cube_mask``: (S, S, S) in the crop;
     ``low_res_logits``: (1, 1, 4E, 4E, 4E) of the last click; ``clicks_in_cube``: (N, 3) click
-    indices in the cube, in the order decoded."""
+    indices in the cube, in the order decoded; ``windows``: every cube decoded, the first one
+    first (more than one with ``sliding_window``)."""
 
     mask: np.ndarray
     cube: torch.Tensor
@@ -74,6 +85,7 @@ class Native3DResult:
     low_res_logits: torch.Tensor
     clicks_in_cube: np.ndarray
     grid: CropGrid
+    windows: tuple[CubeWindow, ...] = ()
 
 
 def resample_isotropic(image: sitk.Image, spacing_mm: float) -> sitk.Image:
@@ -123,14 +135,9 @@ def crop_or_pad(volume: np.ndarray, begin: Sequence[int], size: int) -> np.ndarr
     """The ``size``^3 cube of ``volume`` starting at ``begin`` (may be negative or overhang),
     zeros outside the volume."""
     cube = np.zeros((size,) * 3, dtype=volume.dtype)
-    src, dst = [], []
-    for axis, b in enumerate(begin):
-        lo, hi = max(b, 0), min(b + size, volume.shape[axis])
-        if hi <= lo:
-            return cube
-        src.append(slice(lo, hi))
-        dst.append(slice(lo - b, hi - b))
-    cube[tuple(dst)] = volume[tuple(src)]
+    vol, cub = _cube_slices(begin, size, volume.shape)
+    if all(v.stop > v.start for v in vol):
+        cube[cub] = volume[vol]
     return cube
 
 
@@ -208,17 +215,32 @@ def check_clicks(clicks: Sequence[VoxelClick], shape_zyx: Sequence[int]) -> None
             raise ValueError(f"click {tuple(click.index)} is outside the volume (i, j, k < {extent})")
 
 
-def segment_clicks_3d(model: SamMed3DModel, image: MedicalImage, clicks: Sequence[VoxelClick]) -> Native3DResult:
-    """Segment one object of a volume from its clicks (in the order given) with SAM-Med3D."""
+def segment_clicks_3d(
+    model: SamMed3DModel,
+    image: MedicalImage,
+    clicks: Sequence[VoxelClick],
+    *,
+    sliding_window: bool = False,
+    max_windows: int = 8,
+) -> Native3DResult:
+    """Segment one object of a volume from its clicks (in the order given) with SAM-Med3D.
+
+    ``sliding_window``: where the mask reaches a face of the cube and the volume goes on, decode
+    the cube shifted by half its side across that face too (at most ``max_windows`` cubes in
+    all), each from a positive click at the deepest voxel of the mask so far inside it plus the
+    user's clicks that fall in it; overlapping cubes' logits are averaged. Off, the published
+    single-cube inference.
+    """
     if not image.is_volume or image.is_color:
         raise ValueError("SAM-Med3D segments grey volumes; the input is not one")
     check_clicks(clicks, image.spatial_shape)
+    if max_windows < 1:
+        raise ValueError("max_windows must be at least 1")
     from .io._sitk import to_sitk
 
-    config = model.config
-    size = config.img_size
+    size = model.config.img_size
     original = to_sitk(image.array, image)
-    resampled = resample_isotropic(original, config.spacing_mm)
+    resampled = resample_isotropic(original, model.config.spacing_mm)
     volume, affine = to_canonical(sitk.GetArrayFromImage(resampled).transpose(), _ras_affine(resampled))
     indices = _indices_in_canonical(original, resampled, affine, clicks)
     lo, hi = _positive_click_box(image, resampled, clicks)
@@ -226,27 +248,123 @@ def segment_clicks_3d(model: SamMed3DModel, image: MedicalImage, clicks: Sequenc
         positive = indices[[c.positive for c in clicks]]
         lo, hi = positive.min(axis=0), positive.max(axis=0) + 1
     begin = cube_begin(lo, hi, size)
-    cube = zscore_foreground(crop_or_pad(volume, begin.tolist(), size))
+    labels = np.asarray([1 if c.positive else 0 for c in clicks])
+    first = CubeWindow(begin=tuple(int(v) for v in begin), clicks=indices - begin, labels=labels)
+    cube, low, logits = decode_window(model, volume, first)
+    cube_mask = (torch.sigmoid(logits) > 0.5).to(torch.uint8).numpy()
     grid_affine = affine.copy()
     grid_affine[:3, 3] = (affine @ np.append(begin, 1.0))[:3]
-    in_cube = indices - begin
-    labels = np.asarray([1 if c.positive else 0 for c in clicks])
-
-    device = model.device
-    with torch.inference_mode():
-        embedding = model.embed_image(cube.to(device)[None, None])
-        low = decode_clicks(model, embedding, in_cube, labels)
-        full = F.interpolate(low, size=(size,) * 3, mode="trilinear", align_corners=False)
-        cube_mask = (torch.sigmoid(full) > 0.5)[0, 0].to(torch.uint8).cpu().numpy()
-    mask = _back_to_input(cube_mask, grid_affine, original)
-    grid = CropGrid(begin=(int(begin[0]), int(begin[1]), int(begin[2])), affine=grid_affine)
+    windows = [first]
+    if sliding_window:
+        canonical_mask, windows = _slide(model, volume, first, logits, indices, labels, max_windows)
+        mask = _back_to_input(canonical_mask, affine, original)
+    else:
+        mask = _back_to_input(cube_mask, grid_affine, original)
+    grid = CropGrid(begin=first.begin, affine=grid_affine)
     return Native3DResult(
-        mask=mask, cube=cube, cube_mask=cube_mask, low_res_logits=low.cpu(), clicks_in_cube=in_cube, grid=grid
+        mask=mask,
+        cube=cube,
+        cube_mask=cube_mask,
+        low_res_logits=low,
+        clicks_in_cube=first.clicks,
+        grid=grid,
+        windows=tuple(windows),
     )
 
 
+def decode_window(
+    model: SamMed3DModel, volume: np.ndarray, window: CubeWindow
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One cube of the canonical volume: its normalised input (S, S, S), the last step's
+    low-resolution logits (1, 1, 4E, 4E, 4E) and those logits upsampled to (S, S, S), on the CPU."""
+    size = model.config.img_size
+    cube = zscore_foreground(crop_or_pad(volume, window.begin, size))
+    with torch.inference_mode():
+        embedding = model.embed_image(cube.to(model.device)[None, None])
+        low = decode_clicks(model, embedding, window.clicks, window.labels)
+        full = F.interpolate(low, size=(size,) * 3, mode="trilinear", align_corners=False)
+    return cube, low.cpu(), full[0, 0].cpu()
+
+
+def _cube_slices(begin: Sequence[int], size: int, shape: Sequence[int]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """(volume slices, cube slices) of the part of the cube at ``begin`` inside the volume."""
+    vol, cub = [], []
+    for b, n in zip(begin, shape, strict=True):
+        lo, hi = max(b, 0), min(b + size, n)
+        vol.append(slice(lo, hi))
+        cub.append(slice(lo - b, hi - b))
+    return tuple(vol), tuple(cub)
+
+
+def _neighbours(begin: Sequence[int], cube_mask: np.ndarray, shape: Sequence[int]) -> list[tuple[int, ...]]:
+    """Cubes shifted by half a side across each face the mask reaches where the volume goes on."""
+    size = cube_mask.shape[0]
+    out = []
+    for axis in range(3):
+        for side, step in ((0, -1), (size - 1, 1)):
+            face = np.take(cube_mask, side, axis=axis)
+            beyond = begin[axis] > 0 if step < 0 else begin[axis] + size < shape[axis]
+            if face.any() and beyond:
+                moved = list(begin)
+                moved[axis] += step * (size // 2)
+                out.append(tuple(moved))
+    return out
+
+
+def _slide(
+    model: SamMed3DModel,
+    volume: np.ndarray,
+    first: CubeWindow,
+    first_logits: torch.Tensor,
+    indices: np.ndarray,
+    labels: np.ndarray,
+    max_windows: int,
+) -> tuple[np.ndarray, list[CubeWindow]]:
+    """The sliding-window growth of :func:`segment_clicks_3d` -> (canonical volume mask, cubes)."""
+    from collections import deque
+
+    from scipy import ndimage
+
+    size = model.config.img_size
+    total = np.zeros(volume.shape, dtype=np.float32)
+    count = np.zeros(volume.shape, dtype=np.float32)
+
+    def add(window: CubeWindow, logits: torch.Tensor) -> np.ndarray:
+        vol, cub = _cube_slices(window.begin, size, volume.shape)
+        total[vol] += logits.numpy()[cub]
+        count[vol] += 1
+        return (logits > 0).numpy()
+
+    windows = [first]
+    queue = deque(_neighbours(first.begin, add(first, first_logits), volume.shape))
+    seen = {first.begin}
+    while queue and len(windows) < max_windows:
+        begin = queue.popleft()
+        if begin in seen:
+            continue
+        seen.add(begin)
+        vol, cub = _cube_slices(begin, size, volume.shape)
+        known = (total[vol] > 0) & (count[vol] > 0)
+        if not known.any():
+            continue
+        depth = ndimage.distance_transform_edt(np.pad(known, 1))[1:-1, 1:-1, 1:-1]
+        seed = np.asarray(np.unravel_index(int(np.argmax(depth)), depth.shape)) + [c.start for c in cub]
+        inside = np.all((indices >= begin) & (indices < np.asarray(begin) + size), axis=1)
+        window = CubeWindow(
+            begin=begin,
+            clicks=np.vstack([seed[None], indices[inside] - begin]).astype(np.int64),
+            labels=np.concatenate([[1], labels[inside]]).astype(np.int64),
+        )
+        _, _, logits = decode_window(model, volume, window)
+        windows.append(window)
+        queue.extend(_neighbours(begin, add(window, logits), volume.shape))
+    mean = torch.from_numpy(total / np.maximum(count, 1))
+    return ((torch.sigmoid(mean) > 0.5) & torch.from_numpy(count > 0)).to(torch.uint8).numpy(), windows
+
+
 def _back_to_input(cube_mask: np.ndarray, cube_affine: np.ndarray, original: sitk.Image) -> np.ndarray:
-    """The (S, S, S) RAS cube mask resampled (nearest) onto the input's grid -> (Z, Y, X) uint8."""
+    """A mask in (i, j, k) order with its RAS affine (a cube, or the whole canonical volume)
+    resampled (nearest neighbour) onto the input's grid -> (Z, Y, X) uint8."""
     spacing = np.linalg.norm(cube_affine[:3, :3], axis=0)
     cube = sitk.GetImageFromArray(np.ascontiguousarray(cube_mask.transpose()))
     cube.SetSpacing(spacing.tolist())

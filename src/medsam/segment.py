@@ -84,6 +84,8 @@ def segment_file(
         if opts.auto is not None:
             raise ValueError("automatic mode does not apply to .npz cases (they carry their own boxes)")
         return _segment_npz(input_path, output_path, boxes, opts, log)
+    if opts.sliding_window and not opts.voxel_points:
+        raise ValueError("--sliding-window applies to voxel clicks (--point I J K) with a SAM-Med3D checkpoint")
     if opts.voxel_points and (boxes or opts.points or opts.auto is not None or opts.key_slice is not None):
         raise ValueError(
             "voxel clicks (--point I J K) are the only prompt of SAM-Med3D: no boxes, 2D clicks, --slice or --auto"
@@ -248,8 +250,8 @@ def _segment_voxel_clicks_file(
             "voxel clicks (--point I J K) need a SAM-Med3D checkpoint (--checkpoint sam_med3d_turbo.pth); "
             "other models take 2D clicks (--point X Y) on a slice (--slice K)"
         )
-    result = segment_clicks_3d(model, image, clicks)
-    log(f"SAM-Med3D: {len(clicks)} clicks, {int(result.mask.sum())} voxels segmented")
+    result = segment_clicks_3d(model, image, clicks, sliding_window=opts.sliding_window)
+    log(f"SAM-Med3D: {len(clicks)} clicks, {len(result.windows)} crops, {int(result.mask.sum())} voxels segmented")
     report = {
         "input": str(image.source_path),
         "points": [[i, j, k, int(positive)] for i, j, k, positive in opts.voxel_points],
@@ -257,6 +259,7 @@ def _segment_voxel_clicks_file(
         "contract": model.contract,
         "crop_begin_ras": list(result.grid.begin),
         "clicks_in_crop": result.clicks_in_cube.tolist(),
+        "crops": [{"begin_ras": list(w.begin), "clicks": w.clicks.tolist()} for w in result.windows],
         "voxels": int(result.mask.sum()),
     }
     written = write_outputs(

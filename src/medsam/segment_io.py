@@ -63,7 +63,9 @@ class SegmentOptions:
         points: clicks ``(x, y, foreground)`` for one object (with at most one box), on
             ``key_slice`` of a volume or video.
         voxel_points: clicks ``(i, j, k, foreground)`` (voxel indices of the file) for one object
-            of a volume, segmented natively in 3D by a SAM-Med3D model, in the order given.
+            of a volume, segmented natively in 3D by a SAM-Med3D model, in the order given;
+            ``sliding_window`` follows the object past the model's crop
+            (:func:`medsam.native3d.segment_clicks_3d`).
         modality, window: model-input normalisation (:func:`to_model_input`).
         series_uid: which DICOM series of a folder holding several.
         iou_threshold: volumes: stop propagation below this predicted IoU
@@ -99,6 +101,7 @@ class SegmentOptions:
     key_slice: int | None = None
     points: tuple[tuple[float, float, bool], ...] = ()
     voxel_points: tuple[tuple[int, int, int, bool], ...] = ()
+    sliding_window: bool = False
     modality: str | None = None
     window: str | tuple[float, float] | None = None
     series_uid: str | None = None

@@ -70,6 +70,12 @@ def add_parser(sub: Subparsers) -> None:
         help="a background click, as --point",
     )
     p.add_argument(
+        "--sliding-window",
+        action="store_true",
+        help="with voxel clicks (SAM-Med3D): follow an object past the 128^3 crop with crops shifted "
+        "by half their side (at most 8), overlaps averaged",
+    )
+    p.add_argument(
         "--slice",
         type=int,
         default=None,
@@ -310,6 +316,7 @@ def run(args: argparse.Namespace) -> int:
         key_slice=args.key_slice,
         points=tuple((c[0], c[1], True) for c in flat) + tuple((c[0], c[1], False) for c in flat_negative),
         voxel_points=voxel_points,
+        sliding_window=args.sliding_window,
         modality=args.modality,
         window=args.window,
         device=args.device,
