@@ -328,7 +328,9 @@ def load_model(
     :class:`medsam.model.sam_med3d.SamMed3DModel` (SAM-Med3D, SAM-Med3D-turbo).
 
     Args:
-        checkpoint: path; ``None`` loads the embedded default model shipped with the package.
+        checkpoint: path, or the name of an official checkpoint (``"sam_vit_b"``,
+            ``"sam2.1_hiera_tiny"``, ``"MedSAM2_latest"``, ``"sam_med3d_turbo"``, ...: fetched into
+            the cache by :mod:`medsam.hub`); ``None`` loads the embedded default model.
         contract: override the preprocessing contract (one of ``CONTRACT_NAMES``). Default: the
             one stored with the checkpoint, else the architecture's default (MedSAM's for ViT-B,
             SAM's for ViT-L/H, LiteMedSAM's for TinyViT, SAM2's, MedSAM2's).
@@ -341,6 +343,14 @@ def load_model(
 
     if checkpoint is None:
         return _load_default(contract, pick_device(device))
+    from .hub import HubError, resolve_checkpoint
+
+    try:
+        checkpoint, named_arch = resolve_checkpoint(checkpoint)
+    except HubError as exc:
+        raise CheckpointError(str(exc)) from None
+    if config is None and arch is None:
+        arch = named_arch
     state, metadata = read_state_dict(checkpoint)
     chosen_config = config if config is not None else arch
     cfg: AnyConfig

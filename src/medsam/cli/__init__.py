@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "segment",
     "evaluate",
     "info",
+    "models",
     "demo",
     "prepare",
     "train",
