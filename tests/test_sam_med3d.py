@@ -293,17 +293,14 @@ def test_a_sam_med3d_checkpoint_refuses_boxes_and_other_models_refuse_voxel_clic
 def test_sliding_windows_grow_the_object_past_the_cube_and_average_overlaps(ours, reference):
     """Each extra cube is decoded from its recorded clicks exactly as the published loop decodes
     one cube; where cubes overlap the mask is that of their mean logits."""
-    import SimpleITK as sitk
-
     from medsam.io import read_image
     from medsam.io._sitk import to_sitk
     from medsam.native3d import (
         VoxelClick,
-        _ras_affine,
+        canonical_array,
         crop_or_pad,
         resample_isotropic,
         segment_clicks_3d,
-        to_canonical,
         zscore_foreground,
     )
 
@@ -319,7 +316,7 @@ def test_sliding_windows_grow_the_object_past_the_cube_and_average_overlaps(ours
         assert max(abs(a - b) for a, b in zip(window.begin, grown.windows[0].begin, strict=True)) == 64
 
     resampled = resample_isotropic(to_sitk(image.array, image), 1.5)
-    volume, affine = to_canonical(sitk.GetArrayFromImage(resampled).transpose(), _ras_affine(resampled))
+    volume, affine = canonical_array(resampled)
     total = np.zeros(volume.shape, dtype=np.float32)
     count = np.zeros(volume.shape, dtype=np.float32)
     for window in grown.windows:

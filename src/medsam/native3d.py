@@ -124,6 +124,16 @@ def to_canonical(array_ijk: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray,
     return np.ascontiguousarray(canonical), affine @ nio.inv_ornt_aff(transform, array_ijk.shape)
 
 
+def canonical_array(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """A SimpleITK image as an (i, j, k) array reoriented to RAS+, and its RAS affine."""
+    return to_canonical(sitk.GetArrayFromImage(image).transpose(), _ras_affine(image))
+
+
+def labels_on_grid(labels: sitk.Image, grid: sitk.Image) -> sitk.Image:
+    """A label image resampled (nearest neighbour) onto ``grid``'s voxels."""
+    return sitk.Resample(labels, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+
+
 def cube_begin(lo: np.ndarray, hi: np.ndarray, size: int) -> np.ndarray:
     """First index per axis of a ``size`` cube centred on the box [lo, hi) (hi exclusive),
     half a voxel towards lower indices where the centre and the size differ in parity."""
@@ -195,8 +205,7 @@ def _positive_click_box(
         if click.positive:
             i, j, k = click.index
             marks[k, j, i] = 1
-    label = sitk.Resample(to_sitk(marks, image), resampled, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    canonical, _ = to_canonical(sitk.GetArrayFromImage(label).transpose(), _ras_affine(resampled))
+    canonical, _ = canonical_array(labels_on_grid(to_sitk(marks, image), resampled))
     where = np.argwhere(canonical)
     if len(where) == 0:
         return None, None
@@ -241,7 +250,7 @@ def segment_clicks_3d(
     size = model.config.img_size
     original = to_sitk(image.array, image)
     resampled = resample_isotropic(original, model.config.spacing_mm)
-    volume, affine = to_canonical(sitk.GetArrayFromImage(resampled).transpose(), _ras_affine(resampled))
+    volume, affine = canonical_array(resampled)
     indices = _indices_in_canonical(original, resampled, affine, clicks)
     lo, hi = _positive_click_box(image, resampled, clicks)
     if lo is None or hi is None:  # the clicks' voxels fell between the resampled grid's voxels

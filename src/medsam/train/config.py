@@ -10,6 +10,7 @@ of the wrong type are errors that name the offending key, never silently ignored
     train:   mode (full / decoder / lora), steps, optimiser, schedule, precision, saving, resume
     loss:    focal + Dice (the paper) or Dice + BCE (the release), IoU-head MSE
     lora:    rank, alpha, dropout, target layers (train.mode = lora)
+    med3d:   SAM-Med3D fine-tuning on labelled volumes (model.arch = sam_med3d)
     output:  run folder
 
 The whole resolved config is stored in every checkpoint (as plain dicts), so a run can be resumed
@@ -252,6 +253,27 @@ class LoraSection:
 
 
 @dataclass
+class Med3DSection:
+    """SAM-Med3D fine-tuning (``model.arch: sam_med3d``; :mod:`medsam.train.sam_med3d`).
+
+    Attributes:
+        volumes: folder of labelled volumes: ``images/`` (or ``imagesTr/``) and ``labels/`` (or
+            ``labelsTr/``) with the same file names (an nnU-Net ``_0000`` channel suffix on the
+            image is allowed).
+        clicks: simulated clicks per sample, decoded one after another as at inference, each
+            placed in the error of the prediction so far; the loss is averaged over them.
+        shift: the crop is centred on the object's bounding box moved by up to this many
+            voxels along each axis (0 = centred as at inference).
+        labels: label values to train on (``null``: every value > 0 of each label file).
+    """
+
+    volumes: str | None = None
+    clicks: int = 5
+    shift: int = 16
+    labels: list | None = None
+
+
+@dataclass
 class OutputSection:
     """Attributes:
     dir: run folder: ``latest.pt``, ``best.pt``, ``metrics.csv``, ``config.yaml``, TensorBoard
@@ -270,6 +292,7 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
     loss: LossSection = field(default_factory=LossSection)
     lora: LoraSection = field(default_factory=LoraSection)
+    med3d: Med3DSection = field(default_factory=Med3DSection)
     output: OutputSection = field(default_factory=OutputSection)
 
     def to_dict(self) -> dict:
@@ -288,7 +311,9 @@ class TrainConfig:
         _choice("train.precision", self.train.precision, ("fp32", "bf16", "fp16"))
         _choice("loss.kind", self.loss.kind, ("focal_dice", "dice_bce"))
         _choice("data.jitter_mode", self.data.jitter_mode, ("fixed", "proportional"))
-        if self.model.contract is not None:
+        if self.model.arch == "sam_med3d":
+            _validate_med3d_section(self)
+        elif self.model.contract is not None:
             _choice("model.contract", self.model.contract, ("medsam", "sam", "lite"))
         if self.model.arch is None and self.model.checkpoint is None:
             raise ConfigError("give model.arch, model.checkpoint or both")
@@ -356,6 +381,17 @@ class TrainConfig:
                 raise ConfigError(f"data.augment.{key} must be [lo, hi] with 0 < lo <= hi, got {rng}")
         if len(self.train.betas) != 2:
             raise ConfigError(f"train.betas must be two numbers, got {self.train.betas}")
+
+
+def _validate_med3d_section(cfg: TrainConfig) -> None:
+    """The settings a SAM-Med3D run needs (model.arch: sam_med3d)."""
+    _choice("train.mode", cfg.train.mode, ("full", "decoder"))
+    if cfg.model.contract not in (None, "sam_med3d"):
+        raise ConfigError(f"model.contract of SAM-Med3D is sam_med3d, got {cfg.model.contract!r}")
+    if not cfg.med3d.volumes:
+        raise ConfigError("model.arch: sam_med3d trains on med3d.volumes: give the folder of images/ and labels/")
+    if cfg.med3d.clicks < 1 or cfg.med3d.shift < 0:
+        raise ConfigError("med3d.clicks must be >= 1 and med3d.shift >= 0")
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -538,6 +538,10 @@ def _warn_config_changes(old: dict, new: dict, prefix: str = "") -> None:
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Run (or resume) training as configured; under torchrun, one call per process."""
+    if cfg.model.arch == "sam_med3d":  # volumes and clicks, one process
+        from .sam_med3d import train_sam_med3d
+
+        return train_sam_med3d(cfg)
     info = init_distributed(cfg.train.device)
     try:
         return Trainer(cfg, info).fit()
