@@ -213,7 +213,7 @@ def test_resume_after_a_crash_ends_with_the_same_weights(small_corpus, tmp_path)
 def test_modes_train_only_their_parameters(small_corpus, tmp_path):
     init = build_initial_model(load_config(None, ["model.arch=vit_tiny", MICRO]).model, seed=0).state_dict()
     changed = {}
-    for mode in ("full", "decoder", "lora"):
+    for mode in ("full", "decoder", "lora", "adapter"):
         cfg = load_config(
             None,
             micro_overrides(
@@ -234,11 +234,27 @@ def test_modes_train_only_their_parameters(small_corpus, tmp_path):
             lora_keys = {k for k in state if k.endswith((".lora_A", ".lora_B"))}
             assert len(lora_keys) == 2 * 2  # 2 blocks x qkv x (A, B)
             assert any(not torch.equal(state[k], torch.zeros_like(state[k])) for k in lora_keys if k.endswith("B"))
+        if mode == "adapter":
+            adapter_keys = {k for k in state if "_Adapter." in k}
+            assert len(adapter_keys) == 2 * 2 * 4  # 2 blocks x 2 adapters x (fc1, fc2) x (weight, bias)
+            assert all(not torch.equal(state[k], torch.zeros_like(state[k])) for k in adapter_keys if "D_fc2.w" in k)
     enc = lambda keys: {k for k in keys if k.startswith("image_encoder.")}
     for mode in changed:
         assert not any(k.startswith("prompt_encoder.") for k in changed[mode]), mode
         assert any(k.startswith("mask_decoder.") for k in changed[mode]), mode
     assert enc(changed["full"]) and not enc(changed["decoder"]) and not enc(changed["lora"])
+    assert not enc(changed["adapter"])  # the original encoder weights stay frozen
+
+    # Med-SA adapters cannot be merged: the exported model keeps them and load_model rebuilds them
+    adapted_medsa, _ = model_from_checkpoint(tmp_path / "adapter" / "latest.pt")
+    kept = medsam.load_model(export_checkpoint(tmp_path / "adapter" / "latest.pt", tmp_path / "ad.safetensors"))
+    assert kept.config.adapter == "medsa"
+    x = torch.rand(1, 3, 64, 64)
+    box = torch.tensor([[5.0, 8.0, 40.0, 50.0]])
+    with torch.no_grad():
+        a = adapted_medsa.decode(adapted_medsa.embed_image(x), boxes=box).logits
+        b = kept.decode(kept.embed_image(x), boxes=box).logits
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
     # LoRA: export merges the adapters; load_model reads the result and matches the adapted model
     adapted, _ = model_from_checkpoint(tmp_path / "lora" / "latest.pt", merge=False)

@@ -253,6 +253,38 @@ def test_lora_starts_as_identity_and_merge_equals_unmerged():
     assert torch.allclose(merged, adapted, atol=1e-5, rtol=1e-5)
 
 
+# ----------------------------------------------------------------------------- Med-SA adapters
+def test_medsa_adapters_start_as_identity_train_a_small_fraction_and_skip_the_cpu_kernels():
+    from medsam.model.adapters import adapter_parameters
+    from medsam.train.trainable import configure_trainable
+
+    vit_b = build_model("vit_b")
+    configure_trainable(vit_b, "adapter")
+    adapters = sum(p.numel() for p in adapter_parameters(vit_b.image_encoder))
+    encoder = sum(p.numel() for p in vit_b.image_encoder.parameters())
+    # two bottlenecks of 768 -> 192 -> 768 per block, 12 blocks: 7.1 M, 7.6 % of the adapted encoder
+    assert adapters == 12 * 2 * (768 * 192 + 192 + 192 * 768 + 768)
+    assert 0.07 < adapters / encoder < 0.08
+
+    torch.manual_seed(0)
+    model = build_model("vit_tiny").eval()
+    x = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        before = model.image_encoder(x)  # the CPU inference kernels
+    names = configure_trainable(model, "adapter")
+    assert model.config.adapter == "medsa"
+    assert all(n.startswith("mask_decoder.") or "_Adapter." in n for n in names)
+    with torch.no_grad():
+        torch.testing.assert_close(model.image_encoder(x), before, rtol=1e-4, atol=1e-4)  # D_fc2 = 0
+        for p in adapter_parameters(model.image_encoder):
+            p.normal_(0, 0.02)
+        inference = model.image_encoder(x)
+    assert (inference - before).abs().max() > 1e-2
+    with torch.enable_grad():
+        training = model.image_encoder(x)  # the autograd path gives the same embedding
+    torch.testing.assert_close(training.detach(), inference, rtol=1e-4, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 def test_rng_state_round_trips_through_weights_only_checkpoint(tmp_path):
     random.seed(1)

@@ -405,7 +405,8 @@ class Block(nn.Module):
         self.window_size = window_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.attn.use_rel_pos and use_cpu_kernels(x):
+        adapted = hasattr(self, "Space_Adapter")  # Med-SA adapters (medsam.model.adapters)
+        if not adapted and x.dtype == torch.float32 and self.attn.use_rel_pos and use_cpu_kernels(x):
             return self._forward_cpu_inference(x)
         shortcut = x
         x = self.norm1(x)
@@ -416,6 +417,10 @@ class Block(nn.Module):
             x = window_unpartition(x, self.window_size, padded, (H, W))
         else:
             x = self.attn(x)
+        if adapted:
+            x = shortcut + self.Space_Adapter(x)
+            normed = self.norm2(x)
+            return x + self.mlp(normed) + self.adapter_scale * self.MLP_Adapter(normed)
         if torch.is_grad_enabled():
             x = shortcut + x
             return x + self.mlp(self.norm2(x))

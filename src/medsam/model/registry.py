@@ -38,6 +38,10 @@ class ModelConfig:
     tiny_depths: tuple[int, ...] = field(default=(2, 2, 6, 2))
     tiny_num_heads: tuple[int, ...] = field(default=(2, 4, 5, 10))
     tiny_window_sizes: tuple[int, ...] = field(default=(7, 7, 14, 7))
+    # Med-SA adapters in every ViT block ("medsa"; "" = none): medsam.model.adapters
+    adapter: str = ""
+    adapter_ratio: float = 0.25
+    adapter_scale: float = 0.5
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -128,6 +132,12 @@ def build_model(config: ModelConfig | str, contract: str | None = None) -> MedSA
         )
     else:
         raise ValueError(f"unknown encoder kind {config.encoder!r}")
+    if config.adapter == "medsa":
+        from .adapters import add_medsa_adapters
+
+        add_medsa_adapters(encoder, config.adapter_ratio, config.adapter_scale)
+    elif config.adapter:
+        raise ValueError(f"unknown adapter kind {config.adapter!r}; known: medsa")
     e = config.embedding_size
     prompt_encoder = PromptEncoder(
         embed_dim=config.prompt_embed_dim,

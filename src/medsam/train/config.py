@@ -10,6 +10,7 @@ of the wrong type are errors that name the offending key, never silently ignored
     train:   mode (full / decoder / lora), steps, optimiser, schedule, precision, saving, resume
     loss:    focal + Dice (the paper) or Dice + BCE (the release), IoU-head MSE
     lora:    rank, alpha, dropout, target layers (train.mode = lora)
+    adapter: Med-SA adapter width and scale (train.mode = adapter)
     med3d:   SAM-Med3D fine-tuning on labelled volumes (model.arch = sam_med3d)
     output:  run folder
 
@@ -163,8 +164,9 @@ class TrainSection:
 
     Attributes:
         mode: ``full`` (image encoder + mask decoder, prompt encoder frozen: MedSAM),
-            ``decoder`` (mask decoder only; embeddings computed without gradients) or ``lora``
-            (LoRA adapters on the encoder's attention + the mask decoder).
+            ``decoder`` (mask decoder only; embeddings computed without gradients), ``lora``
+            (LoRA adapters on the encoder's attention + the mask decoder) or ``adapter``
+            (Med-SA adapters in every ViT block + the mask decoder).
         epochs: passes over the training split; ignored when ``max_steps`` > 0.
         max_steps: optimiser steps to run (0 = ``epochs`` full epochs).
         lr / weight_decay / betas: AdamW (MedSAM: 1e-4, 0.01).
@@ -253,6 +255,19 @@ class LoraSection:
 
 
 @dataclass
+class AdapterSection:
+    """Med-SA adapters (``train.mode: adapter``; :mod:`medsam.model.adapters`).
+
+    Attributes:
+        ratio: bottleneck width as a fraction of the encoder width (Med-SA: 0.25).
+        scale: weight of the MLP adapter's parallel branch (Med-SA: 0.5).
+    """
+
+    ratio: float = 0.25
+    scale: float = 0.5
+
+
+@dataclass
 class Med3DSection:
     """SAM-Med3D fine-tuning (``model.arch: sam_med3d``; :mod:`medsam.train.sam_med3d`).
 
@@ -292,6 +307,7 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
     loss: LossSection = field(default_factory=LossSection)
     lora: LoraSection = field(default_factory=LoraSection)
+    adapter: AdapterSection = field(default_factory=AdapterSection)
     med3d: Med3DSection = field(default_factory=Med3DSection)
     output: OutputSection = field(default_factory=OutputSection)
 
@@ -307,7 +323,9 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Check choices and ranges; raise :class:`ConfigError` naming the key."""
-        _choice("train.mode", self.train.mode, ("full", "decoder", "lora"))
+        _choice("train.mode", self.train.mode, ("full", "decoder", "lora", "adapter"))
+        if not (0.0 < self.adapter.ratio <= 4.0 and self.adapter.scale >= 0.0):
+            raise ConfigError("adapter.ratio must lie in (0, 4] and adapter.scale be >= 0")
         _choice("train.precision", self.train.precision, ("fp32", "bf16", "fp16"))
         _choice("loss.kind", self.loss.kind, ("focal_dice", "dice_bce"))
         _choice("data.jitter_mode", self.data.jitter_mode, ("fixed", "proportional"))

@@ -106,7 +106,7 @@ class Trainer:
 
         # ---------------------------------------------------------------- model
         model = build_initial_model(cfg.model, t.seed)
-        self.trainable = configure_trainable(model, t.mode, cfg.lora)
+        self.trainable = configure_trainable(model, t.mode, cfg.lora, cfg.adapter)
         if t.grad_checkpointing:
             enable_gradient_checkpointing(model)
         self.model = model.to(self.device).train()

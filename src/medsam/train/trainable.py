@@ -7,6 +7,8 @@ full       image encoder + mask decoder; prompt encoder frozen (MedSAM's recipe)
 decoder    mask decoder only; image embeddings are computed under ``torch.no_grad``
 lora       LoRA adapters on the encoder's ``lora.targets`` linear layers + mask decoder
            (+ the encoder's neck with ``lora.train_neck``); every original encoder weight frozen
+adapter    Med-SA's two adapters in every ViT block + mask decoder; every original encoder
+           weight frozen; the model keeps its adapters (``ModelConfig.adapter``) when saved
 =========  ====================================================================================
 
 :class:`SegmentationStep` is the module the optimiser (and DDP) sees: images and prompts in, low-res
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..model.adapters import adapter_parameters, add_medsa_adapters
 from ..model.registry import CONFIGS, ModelConfig, build_model
 from ..model.sam import MedSAMModel
 from .lora import apply_lora
@@ -63,8 +66,9 @@ def build_initial_model(section, seed: int) -> MedSAMModel:
     return build_model(config, contract=section.contract)
 
 
-def configure_trainable(model: MedSAMModel, mode: str, lora=None) -> list[str]:
-    """Freeze / unfreeze parameters (and add LoRA adapters) for ``mode``; return the trainable names."""
+def configure_trainable(model: MedSAMModel, mode: str, lora=None, adapter=None) -> list[str]:
+    """Freeze / unfreeze parameters (and add LoRA or Med-SA adapters) for ``mode``; return the
+    trainable names."""
     for p in model.parameters():
         p.requires_grad_(False)
     if mode == "full":
@@ -81,6 +85,14 @@ def configure_trainable(model: MedSAMModel, mode: str, lora=None) -> list[str]:
         for name, p in model.image_encoder.named_parameters():
             if name.endswith(("lora_A", "lora_B")):
                 p.requires_grad_(True)
+    elif mode == "adapter":
+        if not model.config.adapter:
+            ratio, scale = (adapter.ratio, adapter.scale) if adapter is not None else (0.25, 0.5)
+            add_medsa_adapters(model.image_encoder, ratio, scale)
+            model.config = dataclasses.replace(model.config, adapter="medsa", adapter_ratio=ratio, adapter_scale=scale)
+        groups = [model.mask_decoder]
+        for p in adapter_parameters(model.image_encoder):
+            p.requires_grad_(True)
     else:
         raise ValueError(f"unknown train.mode {mode!r}")
     for g in groups:
