@@ -11,6 +11,7 @@ of the wrong type are errors that name the offending key, never silently ignored
     loss:    focal + Dice (the paper) or Dice + BCE (the release), IoU-head MSE
     lora:    rank, alpha, dropout, target layers (train.mode = lora)
     adapter: Med-SA adapter width and scale (train.mode = adapter)
+    distill: the teacher of an encoder distillation (train.mode = distill)
     med3d:   SAM-Med3D fine-tuning on labelled volumes (model.arch = sam_med3d)
     output:  run folder
 
@@ -165,8 +166,9 @@ class TrainSection:
     Attributes:
         mode: ``full`` (image encoder + mask decoder, prompt encoder frozen: MedSAM),
             ``decoder`` (mask decoder only; embeddings computed without gradients), ``lora``
-            (LoRA adapters on the encoder's attention + the mask decoder) or ``adapter``
-            (Med-SA adapters in every ViT block + the mask decoder).
+            (LoRA adapters on the encoder's attention + the mask decoder), ``adapter``
+            (Med-SA adapters in every ViT block + the mask decoder) or ``distill`` (the image
+            encoder learns a teacher's embeddings: :mod:`medsam.train.distill`).
         epochs: passes over the training split; ignored when ``max_steps`` > 0.
         max_steps: optimiser steps to run (0 = ``epochs`` full epochs).
         lr / weight_decay / betas: AdamW (MedSAM: 1e-4, 0.01).
@@ -268,6 +270,22 @@ class AdapterSection:
 
 
 @dataclass
+class DistillSection:
+    """Encoder distillation (``train.mode: distill``; :mod:`medsam.train.distill`).
+
+    Attributes:
+        teacher: the teacher model: a checkpoint path, a model name (:mod:`medsam.hub`) or
+            ``default`` (the embedded model). The student is ``model``.
+        teacher_contract: the teacher's preprocessing contract (``null``: its own).
+        cache: folder of the teacher's precomputed embeddings (``null``: ``output.dir/teacher_embeddings``).
+    """
+
+    teacher: str | None = None
+    teacher_contract: str | None = None
+    cache: str | None = None
+
+
+@dataclass
 class Med3DSection:
     """SAM-Med3D fine-tuning (``model.arch: sam_med3d``; :mod:`medsam.train.sam_med3d`).
 
@@ -308,6 +326,7 @@ class TrainConfig:
     loss: LossSection = field(default_factory=LossSection)
     lora: LoraSection = field(default_factory=LoraSection)
     adapter: AdapterSection = field(default_factory=AdapterSection)
+    distill: DistillSection = field(default_factory=DistillSection)
     med3d: Med3DSection = field(default_factory=Med3DSection)
     output: OutputSection = field(default_factory=OutputSection)
 
@@ -323,7 +342,9 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Check choices and ranges; raise :class:`ConfigError` naming the key."""
-        _choice("train.mode", self.train.mode, ("full", "decoder", "lora", "adapter"))
+        _choice("train.mode", self.train.mode, ("full", "decoder", "lora", "adapter", "distill"))
+        if self.train.mode == "distill" and not self.distill.teacher:
+            raise ConfigError("train.mode distill needs distill.teacher (a checkpoint, a model name or 'default')")
         if not (0.0 < self.adapter.ratio <= 4.0 and self.adapter.scale >= 0.0):
             raise ConfigError("adapter.ratio must lie in (0, 4] and adapter.scale be >= 0")
         _choice("train.precision", self.train.precision, ("fp32", "bf16", "fp16"))

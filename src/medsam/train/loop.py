@@ -542,6 +542,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         from .sam_med3d import train_sam_med3d
 
         return train_sam_med3d(cfg)
+    if cfg.train.mode == "distill":  # encoder distillation, one process
+        from .distill import train_distill
+
+        return train_distill(cfg)
     info = init_distributed(cfg.train.device)
     try:
         return Trainer(cfg, info).fit()

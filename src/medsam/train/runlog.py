@@ -17,7 +17,7 @@ import os
 import tempfile
 from pathlib import Path
 
-COLUMNS = ("step", "epoch", "split", "modality", "loss", "dsc", "nsd", "lr", "throughput")
+COLUMNS = ("step", "epoch", "split", "modality", "loss", "dsc", "nsd", "lr", "throughput", "rel_err")
 
 
 def _fmt(value) -> str:
@@ -67,7 +67,7 @@ class RunLog:
         with open(self.path, "a", newline="") as f:
             csv.writer(f).writerow([_fmt(row.get(c)) for c in COLUMNS])
         if self.writer is not None:
-            for key in ("loss", "dsc", "nsd", "lr", "throughput"):
+            for key in ("loss", "dsc", "nsd", "lr", "throughput", "rel_err"):
                 if values.get(key) is not None:
                     self.writer.add_scalar(
                         f"{split}/{key}" + ("" if modality == "all" else f"/{modality}"), values[key], step
