@@ -6,7 +6,7 @@ prints ratios (reference time / medsam time), which are what to compare across m
 absolute times moved by up to 20 % between processes on the project's 2-core machines.
 
     .venv/bin/python benchmarks/run.py                 # everything (about 10 minutes on 2 cores)
-    .venv/bin/python benchmarks/run.py --only encoder  # one group: encoder, image, decoder, lite, volume, auto
+    .venv/bin/python benchmarks/run.py --only encoder  # one group: encoder, image, decoder, lite, volume, auto, sam_med3d
     .venv/bin/python benchmarks/run.py --device cuda   # on a GPU
     .venv/bin/python benchmarks/run.py --background-load 1   # idle and loaded side by side
 
@@ -122,6 +122,26 @@ def child(case: str, weights: str, device: str, repeats: int) -> dict:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 2))))
     dev = torch.device(device)
     impl, what, *rest = case.split(":")
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    if what == "med3d":
+        # SAM-Med3D's image encoder on one 128^3 crop: medim==0.1.2 (the published network)
+        # against medsam's, both seeded random (speed does not depend on the weights)
+        torch.manual_seed(0)
+        if impl == "ref":
+            from medim.models.sam_med3d import build_sam3D_vit_b_ori
+
+            encoder3d = build_sam3D_vit_b_ori().to(dev).eval().image_encoder
+        else:
+            from medsam.model.sam_med3d import SamMed3DConfig, SamMed3DModel
+
+            encoder3d = SamMed3DModel(SamMed3DConfig()).to(dev).eval().image_encoder
+        crop = torch.randn(1, 1, 128, 128, 128, device=dev)
+        rss0 = _rss_mib()
+        with PeakRSS() as peak, torch.inference_mode():
+            encoder3d(crop)
+        with torch.inference_mode():
+            seconds = _timed_calls(lambda: encoder3d(crop), repeats, sync)
+        return {"seconds": seconds, "peak_extra_mib": peak.peak - rss0}
     if impl == "ref":
         from reference_sam import import_reference
 
@@ -140,7 +160,6 @@ def child(case: str, weights: str, device: str, repeats: int) -> dict:
             model = medsam.load_model(weights, device=device)
         encoder = model.image_encoder
     precision = rest[0] if rest else "fp32"
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     times = []
     if what in ("encoder", "lite"):
         size = 256 if what == "lite" else 1024
@@ -538,7 +557,7 @@ def main() -> int:
     parser.add_argument(
         "--only",
         default=None,
-        help="encoder, image, decoder, lite, volume, agreement "
+        help="encoder, image, decoder, lite, auto, sam_med3d, volume, agreement "
         "(with --background-load: a case name part such as encoder, embedded, decoder, e2e, volume, server)",
     )
     parser.add_argument(
@@ -561,7 +580,11 @@ def main() -> int:
         print(f"torch {torch.__version__}, cores {os.cpu_count()}, device {args.device}")
         load_report(weights, args.device, args.repeats, args.background_load, args.only)
         return 0
-    groups = [args.only] if args.only else ["encoder", "image", "decoder", "lite", "auto", "volume", "agreement"]
+    groups = (
+        [args.only]
+        if args.only
+        else ["encoder", "image", "decoder", "lite", "auto", "sam_med3d", "volume", "agreement"]
+    )
     rows = []
     print(f"torch {torch.__version__}, threads {os.environ.get('OMP_NUM_THREADS', '2')}, device {args.device}")
     if "encoder" in groups:
@@ -635,6 +658,18 @@ def main() -> int:
         rows.append(
             (
                 f"automatic mode, 16x16 clicks, 512 px ({ours['masks']} masks)",
+                median(ref["seconds"]),
+                median(ours["seconds"]),
+                ref["peak_extra_mib"],
+                ours["peak_extra_mib"],
+            )
+        )
+    if "sam_med3d" in groups:
+        ref = run_child("ref:med3d", weights, args.device, args.repeats)
+        ours = run_child("ours:med3d", weights, args.device, args.repeats)
+        rows.append(
+            (
+                "SAM-Med3D encoder, 128^3 crop (ref: medim 0.1.2)",
                 median(ref["seconds"]),
                 median(ours["seconds"]),
                 ref["peak_extra_mib"],

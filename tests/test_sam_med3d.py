@@ -207,10 +207,18 @@ def test_pipeline_on_a_real_ct_equals_the_published_one_with_torchio(ours, refer
     labels = np.asarray(__import__("nibabel").load(CT_LABELS).dataobj)
     organ = np.argwhere(labels == 2)  # a kidney-sized organ of the TotalSegmentator labels
     centre = organ[np.argmin(np.abs(organ - organ.mean(axis=0)).sum(axis=1))]
-    clicks_ijk = [tuple(int(v) for v in centre), (5, 5, 3), tuple(int(v) for v in organ[0])]
+    near = [centre + np.array(d) for d in ((6, 0, 0), (-6, 0, 0), (0, 6, 0), (0, -6, 0))]
+    inside = [v for v in near if all(0 <= a < n for a, n in zip(v, labels.shape, strict=True))]
+    outside = next(v for v in inside if labels[tuple(v)] != 2)  # beside the organ: a negative click
+    clicks_ijk = [tuple(int(v) for v in centre), tuple(int(v) for v in outside), tuple(int(v) for v in organ[0])]
     positive = [True, False, True]
     image = read_image(CT)
     result = segment_clicks_3d(ours, image, [VoxelClick(c, p) for c, p in zip(clicks_ijk, positive, strict=True)])
+    assert len(result.clicks_in_cube) == 3
+    # a click beyond the crop is left out of it, with a warning
+    far = [VoxelClick(c, p) for c, p in zip(clicks_ijk, positive, strict=True)] + [VoxelClick((5, 5, 3), False)]
+    with pytest.warns(UserWarning, match="outside the first"):
+        assert len(segment_clicks_3d(ours, image, far).clicks_in_cube) == 3
 
     roi, roi_label, roi_affine, original_affine, original_shape, tio = _torchio_reference(ours, clicks_ijk, positive)
 
@@ -243,6 +251,7 @@ def test_cli_point_ijk_writes_the_mask_with_the_input_geometry(ours, release_che
     out = tmp_path / "kidney.nii.gz"
     cmd = [sys.executable, "-m", "medsam", "segment", CT, "--checkpoint", str(release_checkpoint)]
     cmd += ["--point", "40", "20", "10", "--negative-point", "5", "5", "3", "--sliding-window", "-o", str(out)]
+    cmd += ["--overlay", str(tmp_path / "overlay.png")]
     run = subprocess.run(cmd, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     written, source = nib.load(out), nib.load(CT)
@@ -258,6 +267,9 @@ def test_cli_point_ijk_writes_the_mask_with_the_input_geometry(ours, release_che
     report = json.loads(out.with_name("kidney.scores.json").read_text())
     assert report["points"] == [[40, 20, 10, 1], [5, 5, 3, 0]]
     assert [c["begin_ras"] for c in report["crops"]] == [list(w.begin) for w in direct.windows]
+    from PIL import Image
+
+    assert Image.open(tmp_path / "overlay.png").size == (64, 48)  # slice k = 10 of the first click
 
 
 @pytest.mark.parametrize(
@@ -288,6 +300,14 @@ def test_a_sam_med3d_checkpoint_refuses_boxes_and_other_models_refuse_voxel_clic
         segment_file(CT, tmp_path / "a.nii.gz", [[5, 5, 2, 30, 30, 8]], checkpoint=release_checkpoint)
     with pytest.raises(ValueError, match="SAM-Med3D checkpoint"):
         segment_file(CT, tmp_path / "b.nii.gz", [], voxel_points=((40, 20, 10, True),))
+    from PIL import Image
+
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "flat.png")
+    with pytest.raises(ValueError, match="grey volume"):
+        segment_file(tmp_path / "flat.png", tmp_path / "c.png", [], voxel_points=((4, 4, 0, True),))
+    np.savez(tmp_path / "case.npz", imgs=np.zeros((4, 32, 32), np.uint8))
+    with pytest.raises(ValueError, match="need a volume file"):
+        segment_file(tmp_path / "case.npz", tmp_path / "d.npz", [], voxel_points=((4, 4, 0, True),))
 
 
 def test_sliding_windows_grow_the_object_past_the_cube_and_average_overlaps(ours, reference):
@@ -341,3 +361,17 @@ def test_sliding_windows_grow_the_object_past_the_cube_and_average_overlaps(ours
     assert differ.sum() <= 1e-4 * differ.size
     # the object continues past the first cube (canonical axis 0 below its first index)
     assert want[: grown.windows[0].begin[0]].any()
+
+
+def test_info_describes_and_the_workbench_refuses_a_sam_med3d_checkpoint(tmp_path):
+    from medsam.weights import save_model
+
+    config = SamMed3DConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, prompt_embed_dim=48)
+    path = save_model(SamMed3DModel(config), tmp_path / "tiny3d.safetensors")
+    info = subprocess.run([sys.executable, "-m", "medsam", "info", str(path)], capture_output=True, text=True)
+    assert info.returncode == 0, info.stderr
+    assert "SAM-Med3D" in info.stdout and "contract: sam_med3d" in info.stdout
+    (tmp_path / "data").mkdir()
+    cmd = [sys.executable, "-m", "medsam", "serve", "--data", str(tmp_path / "data"), "--checkpoint", str(path)]
+    serve = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert serve.returncode == 2 and "SAM-Med3D segments from the command line" in serve.stderr

@@ -258,7 +258,21 @@ def segment_clicks_3d(
         lo, hi = positive.min(axis=0), positive.max(axis=0) + 1
     begin = cube_begin(lo, hi, size)
     labels = np.asarray([1 if c.positive else 0 for c in clicks])
-    first = CubeWindow(begin=tuple(int(v) for v in begin), clicks=indices - begin, labels=labels)
+    inside = np.all((indices >= begin) & (indices < begin + size), axis=1)
+    if not inside[labels == 1].any():
+        raise ValueError(
+            f"the positive clicks lie further apart than the model's {size}-voxel crop "
+            f"({size * model.config.spacing_mm:g} mm): give the clicks of one object within one crop"
+        )
+    if not inside.all():
+        import warnings
+
+        warnings.warn(
+            f"{int((~inside).sum())} click(s) lie outside the first {size}^3 crop: only crops that hold "
+            "them use them (--sliding-window)",
+            stacklevel=2,
+        )
+    first = CubeWindow(begin=tuple(int(v) for v in begin), clicks=indices[inside] - begin, labels=labels[inside])
     cube, low, logits = decode_window(model, volume, first)
     cube_mask = (torch.sigmoid(logits) > 0.5).to(torch.uint8).numpy()
     grid_affine = affine.copy()

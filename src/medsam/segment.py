@@ -70,7 +70,16 @@ def segment_file(
         raise ValueError("automatic mode finds its own objects: give either boxes or auto, not both (nor clicks)")
     if opts.auto is None and (opts.proposals is not None or opts.specialist is not None):
         raise ValueError("proposals and a specialist are used by automatic mode: pass auto too")
+    if opts.sliding_window and not opts.voxel_points:
+        raise ValueError("--sliding-window applies to voxel clicks (--point I J K) with a SAM-Med3D checkpoint")
+    if opts.voxel_points and (boxes or opts.points or opts.auto is not None or opts.key_slice is not None):
+        raise ValueError(
+            "voxel clicks (--point I J K) are the only prompt of SAM-Med3D: no boxes, 2D clicks, --slice or --auto"
+        )
     from .io.video import is_video
+
+    if opts.voxel_points and (is_video(input_path) or format_of(input_path) == "npz"):
+        raise ValueError("voxel clicks (--point I J K) need a volume file (NIfTI, NRRD, MHA, a DICOM series)")
 
     if is_video(input_path):
         if opts.auto is not None:
@@ -84,12 +93,6 @@ def segment_file(
         if opts.auto is not None:
             raise ValueError("automatic mode does not apply to .npz cases (they carry their own boxes)")
         return _segment_npz(input_path, output_path, boxes, opts, log)
-    if opts.sliding_window and not opts.voxel_points:
-        raise ValueError("--sliding-window applies to voxel clicks (--point I J K) with a SAM-Med3D checkpoint")
-    if opts.voxel_points and (boxes or opts.points or opts.auto is not None or opts.key_slice is not None):
-        raise ValueError(
-            "voxel clicks (--point I J K) are the only prompt of SAM-Med3D: no boxes, 2D clicks, --slice or --auto"
-        )
     image = read_image(input_path, series_uid=opts.series_uid)
     if opts.voxel_points:
         return _segment_voxel_clicks_file(image, output_path, opts, log)
@@ -265,6 +268,14 @@ def _segment_voxel_clicks_file(
     written = write_outputs(
         image, result.mask, output_path, None, opts.scores_path, report, rtstruct_path=opts.rtstruct_path
     )
+    if opts.overlay_path is not None:  # the slice of the first click
+        from .overlay import render_overlay, save_png
+        from .preprocess import to_rgb_uint8
+
+        k = clicks[0].index[2]
+        pixels = to_model_input(image, opts.modality, opts.window)
+        save_png(render_overlay(to_rgb_uint8(pixels[k]), result.mask[k]), opts.overlay_path)
+        written = (written[0], written[1], Path(opts.overlay_path))
     return SegmentationOutput(*written, labels=result.mask, scores=[], extra=report)
 
 

@@ -194,30 +194,7 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> ModelConfig:
         head_dim = rel[0].shape[1]
         global_idx = tuple(i for i, r in enumerate(rel) if r.shape[0] == 2 * grid - 1)
         window = next(((r.shape[0] + 1) // 2 for r in rel if r.shape[0] != 2 * grid - 1), 14)
-        adapter = state.get("image_encoder.blocks.0.Space_Adapter.D_fc1.weight")
-        if adapter is not None:  # Med-SA adapters (the scale is not in the tensors: Med-SA's 0.5)
-            return ModelConfig(
-                name="vit_medsa",
-                img_size=grid * patch,
-                patch_size=patch,
-                embed_dim=embed_dim,
-                depth=depth,
-                num_heads=embed_dim // head_dim,
-                global_attn_indexes=global_idx,
-                window_size=window,
-                embedding_size=grid,
-                adapter="medsa",
-                adapter_ratio=adapter.shape[0] / embed_dim,
-            )
-        for _name, cfg in CONFIGS.items():
-            if (
-                cfg.encoder == "vit"
-                and (cfg.embed_dim, cfg.depth, cfg.img_size) == (embed_dim, depth, grid * patch)
-                and cfg.global_attn_indexes == global_idx
-            ):
-                return cfg
-        return ModelConfig(
-            name="custom_vit",
+        shape: dict[str, Any] = dict(
             img_size=grid * patch,
             patch_size=patch,
             embed_dim=embed_dim,
@@ -227,6 +204,17 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> ModelConfig:
             window_size=window,
             embedding_size=grid,
         )
+        adapter = state.get("image_encoder.blocks.0.Space_Adapter.D_fc1.weight")
+        if adapter is not None:  # Med-SA adapters (the scale is not in the tensors: Med-SA's 0.5)
+            return ModelConfig(name="vit_medsa", adapter="medsa", adapter_ratio=adapter.shape[0] / embed_dim, **shape)
+        for _name, cfg in CONFIGS.items():
+            if (
+                cfg.encoder == "vit"
+                and (cfg.embed_dim, cfg.depth, cfg.img_size) == (embed_dim, depth, grid * patch)
+                and cfg.global_attn_indexes == global_idx
+            ):
+                return cfg
+        return ModelConfig(name="custom_vit", **shape)
     if any(k.startswith("image_encoder.layers.") for k in state):
         return CONFIGS["lite"]
     raise CheckpointError("checkpoint has no recognisable image encoder (neither ViT nor TinyViT)")

@@ -58,7 +58,8 @@ def add_parser(sub: Subparsers) -> None:
         metavar="COORD",
         help="a foreground click: X Y (pixels; on --slice K of a volume or video; with at most one "
         "box, for one object) or I J K (voxel indices of a volume, with a SAM-Med3D checkpoint: "
-        "segmented natively in 3D); repeat for several clicks",
+        "segmented natively in 3D, every --point then every --negative-point decoded in turn); "
+        "repeat for several clicks",
     )
     p.add_argument(
         "--negative-point",

@@ -139,7 +139,14 @@ def run(args: argparse.Namespace) -> int:
     from ..weights import load_model
 
     hosts = allowed_hosts(args.host, args.allow_host)
+    from ..model.sam_med3d import SamMed3DModel
+
     model = load_model(args.checkpoint, device=args.device)
+    if isinstance(model, SamMed3DModel):
+        raise CLIError(
+            "the workbench serves SAM / MedSAM / SAM2-family models; SAM-Med3D segments from the command "
+            "line (medsam segment VOLUME --point I J K)"
+        )
     checkpoint = args.checkpoint
     if checkpoint is None and not getattr(model, "is_untrained_default", False):
         from ..default_model import bundled_checkpoint

@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+RecordT = TypeVar("RecordT", bound="ConfigRecord")
+
+
+class ConfigRecord:
+    """``to_dict`` / ``from_dict`` for the frozen dataclasses that describe an architecture (the
+    form stored in checkpoints' metadata: lists for tuples, unknown fields refused)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[RecordT], data: dict[str, Any]) -> RecordT:
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**values)
 
 
 class LayerNorm2d(nn.Module):

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
+from .common import ConfigRecord
 from .image_encoder import ImageEncoderViT
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
@@ -13,7 +13,7 @@ from .transformer import TwoWayTransformer
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(ConfigRecord):
     """Architecture of a model. ``encoder`` is ``"vit"`` or ``"tiny_vit"``.
 
     ``img_size`` is the side of the square network input; the image embedding is
@@ -42,18 +42,6 @@ class ModelConfig:
     adapter: str = ""
     adapter_ratio: float = 0.25
     adapter_scale: float = 0.5
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown model config fields: {sorted(unknown)}")
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        return cls(**values)
 
 
 CONFIGS: dict[str, ModelConfig] = {

@@ -18,7 +18,6 @@ rearrangement), so that embedding caches and the volume walk keep one tensor per
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import MLP
+from .common import MLP, ConfigRecord
 from .fpn_neck import FpnNeck
 from .hiera import Hiera
 from .prompt_encoder import PromptEncoder, box_corner_points
@@ -39,7 +38,7 @@ MEMORY_DIM = 64
 
 
 @dataclass(frozen=True)
-class SAM2Config:
+class SAM2Config(ConfigRecord):
     """Architecture of a SAM2-family model (the Hiera trunk's hyper-parameters, the input side,
     the SAM2 / SAM2.1 memory variant)."""
 
@@ -60,18 +59,6 @@ class SAM2Config:
     @property
     def embedding_size(self) -> int:
         return self.img_size // 16
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SAM2Config:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown SAM2 config fields: {sorted(unknown)}")
-        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        return cls(**values)
 
 
 def _trunks() -> dict[str, dict[str, Any]]:

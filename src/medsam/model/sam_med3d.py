@@ -16,15 +16,13 @@ tokens as queries only, 5.4x fewer than the 2744 the window holds.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d, MLPBlock
+from .common import ConfigRecord, LayerNorm2d, MLPBlock
 from .dispatch import scaled_dot_product_attention
 from .image_encoder import relative_position_table
 from .mask_decoder import MaskDecoder
@@ -33,7 +31,7 @@ from .sam import DecoderOutput
 
 
 @dataclass(frozen=True)
-class SamMed3DConfig:
+class SamMed3DConfig(ConfigRecord):
     """Architecture of a SAM-Med3D model and the contract its weights were trained with: crops
     of ``img_size``^3 voxels resampled to ``spacing_mm`` isotropic, z-scored over voxels > 0."""
 
@@ -56,18 +54,6 @@ class SamMed3DConfig:
     @property
     def embedding_size(self) -> int:
         return self.img_size // self.patch_size
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SamMed3DConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown SAM-Med3D config fields: {sorted(unknown)}")
-        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        return cls(**values)
 
 
 SAM_MED3D_CONFIGS: dict[str, SamMed3DConfig] = {"sam_med3d": SamMed3DConfig()}

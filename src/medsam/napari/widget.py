@@ -121,10 +121,14 @@ class MedSAMWidget(QWidget):
 
         path = self.checkpoint.text().strip() or None
         try:
-            self.model = load_model(path, device="cpu")
+            model = load_model(path, device="cpu")
         except Exception as exc:  # shown to the user, who may fix the path
             self.say(f"cannot load the model: {str(exc).splitlines()[0]}")
             return
+        if getattr(model.config, "family", "") == "sam_med3d":
+            self.say("SAM-Med3D is not supported in the plugin yet: choose a SAM / MedSAM / SAM2-family model")
+            return
+        self.model = model
         self.session, self._session_key = None, None
         self.say(f"model: {getattr(getattr(self.model, 'config', None), 'name', type(self.model).__name__)}")
 

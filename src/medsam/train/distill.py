@@ -8,8 +8,11 @@ embedding store (:mod:`medsam.train.embedding_store`), at ``distill.cache`` or e
 ``output.dir/teacher_embeddings``. The two embeddings must have the same shape.
 
 The student's prompt encoder and mask decoder start as copies of the teacher's, so the exported
-student segments at once. A second run fine-tunes it end to end, as LiteMedSAM's second stage
-did: ``train.mode: full`` with ``model.checkpoint`` set to the export.
+student segments at once, and its image encoder inherits every tensor of the teacher's with the
+same name and shape (the SAM-style neck after its first convolution, for a ViT or TinyViT teacher
+and a TinyViT student), so it starts at the teacher's output scale. A second run fine-tunes it
+end to end, as LiteMedSAM's second stage did: ``train.mode: full`` with ``model.checkpoint`` set
+to the export.
 
 Each step draws ``data.batch_size`` slices with a generator keyed by (seed, step). ``latest.pt``
 holds the student, the optimiser and the step, so a resumed run continues exactly. At the end,
@@ -30,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.sam import MedSAMModel
-from .config import TrainConfig, dump_config
+from .config import TrainConfig
 
 if TYPE_CHECKING:
     from ..corpus import ManifestRow
@@ -74,6 +77,17 @@ def copy_prompt_parts(teacher: MedSAMModel, student: MedSAMModel) -> bool:
     return True
 
 
+def inherit_matching(teacher: MedSAMModel, student: MedSAMModel) -> int:
+    """Copy into the student's image encoder every tensor of the teacher's with the same name and
+    shape (e.g. the SAM-style neck after the first convolution, which ViT and TinyViT encoders
+    share); returns how many. The student then starts at the teacher's output scale."""
+    theirs = teacher.image_encoder.state_dict()
+    ours = student.image_encoder.state_dict()
+    shared = {k: v for k, v in theirs.items() if k in ours and ours[k].shape == v.shape}
+    student.image_encoder.load_state_dict({**ours, **shared})
+    return len(shared)
+
+
 def embedding_error(
     student: MedSAMModel, corpus: Path, rows: Sequence[ManifestRow], contract: Contract, store: EmbeddingStore
 ) -> float | None:
@@ -110,18 +124,14 @@ def train_distill(cfg: TrainConfig) -> TrainResult:
     from ..corpus import load_slice, read_manifest
     from ..preprocess import get_contract
     from ..preprocess_fast import prepare_image_fast
-    from ..weights import save_model
-    from .checkpoint import FORMAT, VERSION, load_checkpoint, resolve_resume, save_checkpoint
     from .embedding_store import EmbeddingStore, build_embedding_store, whole_key
-    from .loop import TrainResult, lr_factor
-    from .runlog import RunLog
+    from .single_run import SingleProcessRun
     from .trainable import build_initial_model
 
     t, d = cfg.train, cfg.data
     if not d.corpus:
         raise ValueError("data.corpus is required (set it in the YAML or pass data.corpus=PATH)")
-    run_dir = Path(cfg.output.dir)
-    resume = resolve_resume(t.resume, run_dir)
+    run = SingleProcessRun(cfg, KIND)
     corpus = Path(d.corpus)
     teacher = load_teacher(cfg.distill.teacher)
     student = build_initial_model(cfg.model, t.seed)
@@ -134,70 +144,46 @@ def train_distill(cfg: TrainConfig) -> TrainResult:
     if s_shape != t_shape:
         raise ValueError(f"the student's embeddings {tuple(s_shape)} and the teacher's {tuple(t_shape)} differ")
     shared = copy_prompt_parts(teacher, student)
+    inherited = inherit_matching(teacher, student)
     train_rows = _one_per_slice(read_manifest(d.corpus, d.train_split, d.datasets, d.modalities))
     val_rows = _one_per_slice(read_manifest(d.corpus, d.val_split, d.datasets, d.modalities)) if d.val_split else []
     val_rows = val_rows[: d.val_max_samples] if d.val_max_samples else val_rows
     if not train_rows:
         raise ValueError(f"no rows of split {d.train_split!r} in {d.corpus}")
-    cache = Path(cfg.distill.cache) if cfg.distill.cache else run_dir / "teacher_embeddings"
+    cache = Path(cfg.distill.cache) if cfg.distill.cache else run.run_dir / "teacher_embeddings"
     build_embedding_store(teacher, corpus, train_rows + val_rows, teacher_contract, cache, None, log=log.info)
     store = EmbeddingStore(cache)
 
     for p in student.parameters():
         p.requires_grad_(False)
-    encoder = student.image_encoder.train()
+    encoder = student.image_encoder
     for p in encoder.parameters():
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas))
     per_epoch = max(1, len(train_rows) // d.batch_size)
-    steps = t.max_steps or t.epochs * per_epoch
-    step = 0
-    if resume is not None:
-        state = load_checkpoint(resume)
-        if state.get("kind") != KIND:
-            raise ValueError(f"{resume} is not a distillation checkpoint")
-        student.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = int(state["step"])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
-    runlog = RunLog(run_dir, resume_step=step if resume is not None else None, tensorboard=cfg.output.tensorboard)
-    if resume is None:
+    run.start(student, optimizer, t.max_steps or t.epochs * per_epoch, per_epoch)
+    assert run.runlog is not None
+    if run.resume_from is None:
         before = embedding_error(student.eval(), corpus, val_rows, contract, store)
         if before is not None:
-            runlog.write(0, 0.0, "val", rel_err=before)
-        encoder.train()
-    log.info("distilling %d slices into the student (prompt parts shared: %s)", len(train_rows), shared)
-
-    def checkpoint() -> None:
-        state = {"format": FORMAT, "version": VERSION, "kind": KIND, "step": step, "config": cfg.to_dict()}
-        state.update(model=student.state_dict(), optimizer=optimizer.state_dict())
-        save_checkpoint(state, run_dir / "latest.pt")
-
+            run.runlog.write(0, 0.0, "val", rel_err=before)
+    log.info(
+        "distilling %d slices into the student (prompt parts shared: %s, %d encoder tensors inherited)",
+        len(train_rows),
+        shared,
+        inherited,
+    )
+    encoder.train()
     loss = torch.zeros(())
-    while step < steps:
-        rng = np.random.default_rng((t.seed, step))
+    while run.step < run.steps:
+        rng = np.random.default_rng((t.seed, run.step))
         batch = [train_rows[int(i)] for i in rng.integers(len(train_rows), size=d.batch_size)]
         inputs = torch.cat([prepare_image_fast(contract, load_slice(corpus, row)[0])[0] for row in batch])
         targets = torch.stack([store[whole_key(row)] for row in batch])
         loss = F.mse_loss(encoder(inputs), targets)
-        for group in optimizer.param_groups:
-            group["lr"] = t.lr * lr_factor(step, t.warmup_steps, steps, t.min_lr_ratio)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(encoder.parameters(), t.grad_clip)
-        optimizer.step()
-        step += 1
-        if step % t.log_every == 0 or step == steps:
-            runlog.write(step, step / per_epoch, "train", loss=float(loss.detach()))
-            log.info("step %d/%d embedding MSE %.5f", step, steps, float(loss.detach()))
-        if (t.save_every and step % t.save_every == 0) or step == steps:
-            checkpoint()
+        run.update(loss, list(encoder.parameters()))
     after = embedding_error(student.eval(), corpus, val_rows, contract, store)
     if after is not None:
-        runlog.write(step, step / per_epoch, "val", rel_err=after)
-    runlog.close()
-    save_model(student, run_dir / "model.safetensors", extra={"distilled_from": str(cfg.distill.teacher)})
+        run.runlog.write(run.step, run.epoch, "val", rel_err=after)
     metrics = {"val_rel_err": after, "loss": float(loss.detach())}
-    return TrainResult(global_step=step, epoch=step // per_epoch, best_dsc=None, metrics=metrics, run_dir=run_dir)
+    return run.finish(student, extra={"distilled_from": str(cfg.distill.teacher)}, metrics=metrics)

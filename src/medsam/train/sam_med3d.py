@@ -19,7 +19,6 @@ and ``medsam segment --point I J K --checkpoint`` take it.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,12 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from ..model.sam_med3d import SamMed3DConfig, SamMed3DModel
-from .config import TrainConfig, dump_config
+from .config import TrainConfig
 
 if TYPE_CHECKING:
     from .loop import TrainResult
-
-log = logging.getLogger("medsam.train")
 
 KIND = "sam_med3d"
 
@@ -176,15 +173,11 @@ def _optimizer(model: SamMed3DModel, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 def train_sam_med3d(cfg: TrainConfig) -> TrainResult:
     """Run (or resume) a SAM-Med3D fine-tuning as configured."""
-    from ..weights import save_model
-    from .checkpoint import FORMAT, VERSION, load_checkpoint, resolve_resume, save_checkpoint
-    from .loop import TrainResult, lr_factor
-    from .runlog import RunLog
+    from .single_run import SingleProcessRun
 
     t = cfg.train
-    run_dir = Path(cfg.output.dir)
+    run = SingleProcessRun(cfg, KIND)
     device = torch.device("cuda" if t.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-    resume = resolve_resume(t.resume, run_dir)
     pairs = find_pairs(cfg.med3d.volumes or "")
     model = build_model(cfg, device).train()
     config = model.config
@@ -193,48 +186,14 @@ def train_sam_med3d(cfg: TrainConfig) -> TrainResult:
     if not cases:
         raise ValueError(f"{cfg.med3d.volumes}: no case holds an object to train on")
     optimizer = _optimizer(model, cfg)
-    base_lr = [group["lr"] for group in optimizer.param_groups]
-    steps = t.max_steps or t.epochs * len(cases)
-    step = 0
-    if resume is not None:
-        state = load_checkpoint(resume, map_location=device)
-        if state.get("kind") != KIND:
-            raise ValueError(f"{resume} is not a SAM-Med3D training checkpoint")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = int(state["step"])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
-    runlog = RunLog(run_dir, resume_step=step if resume is not None else None, tensorboard=cfg.output.tensorboard)
-
-    def checkpoint() -> None:
-        state = {"format": FORMAT, "version": VERSION, "kind": KIND, "step": step, "config": cfg.to_dict()}
-        state.update(model=model.state_dict(), optimizer=optimizer.state_dict())
-        save_checkpoint(state, run_dir / "latest.pt")
-
-    while step < steps:
-        rng = np.random.default_rng((t.seed, step))
+    run.start(model, optimizer, t.max_steps or t.epochs * len(cases), len(cases), device=str(device))
+    while run.step < run.steps:
+        rng = np.random.default_rng((t.seed, run.step))
         case = cases[int(rng.integers(len(cases)))]
         value = case.values[int(rng.integers(len(case.values)))]
         cube, target = sample_cube(case, value, config.img_size, cfg.med3d.shift, rng)
         with torch.set_grad_enabled(t.mode == "full"):
             embedding = model.embed_image(cube.to(device)[None, None])
         loss = interaction_loss(model, embedding, target, cfg.med3d.clicks, rng)
-        factor = lr_factor(step, t.warmup_steps, steps, t.min_lr_ratio)
-        for group, lr in zip(optimizer.param_groups, base_lr, strict=True):
-            group["lr"] = lr * factor
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        optimizer.step()
-        step += 1
-        if step % t.log_every == 0 or step == steps:
-            value_of_loss = float(loss.detach())
-            runlog.write(step, step / len(cases), "train", loss=value_of_loss, lr=base_lr[0] * factor)
-            log.info("step %d/%d loss %.4f (%s, label %d)", step, steps, value_of_loss, case.name, value)
-        if (t.save_every and step % t.save_every == 0) or step == steps:
-            checkpoint()
-    runlog.close()
-    save_model(model.eval(), run_dir / "model.safetensors", extra={"trained_steps": step})
-    return TrainResult(global_step=step, epoch=step // len(cases), best_dsc=None, metrics=None, run_dir=run_dir)
+        run.update(loss, list(model.parameters()), note=f"{case.name}, label {value}")
+    return run.finish(model.eval(), extra={"trained_steps": run.step})

@@ -1,0 +1,123 @@
+"""The bookkeeping of the one-process trainers (SAM-Med3D fine-tuning, encoder distillation).
+
+:class:`SingleProcessRun` covers what those runs share with the main loop's rules. A fresh run
+refuses a folder that already holds one, and ``train.resume=auto`` continues from ``latest.pt``,
+which holds the model, the optimiser and the step. The learning rate follows
+:func:`medsam.train.loop.lr_factor`. Rows go to ``metrics.csv`` every ``train.log_every`` steps.
+``latest.pt`` is written every ``train.save_every`` steps and at the last one, and
+``model.safetensors`` at the end. Each trainer draws its samples from a generator keyed by
+(seed, step), so a resumed run sees the samples the uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .config import TrainConfig, dump_config
+
+if TYPE_CHECKING:
+    from .loop import TrainResult
+    from .runlog import RunLog
+
+log = logging.getLogger("medsam.train")
+
+
+class SingleProcessRun:
+    """One run's folder, position and log. Make it first (a fresh run into a used folder fails
+    before any work), then :meth:`start` with the model and optimiser, :meth:`update` once per
+    step, :meth:`finish` at the end."""
+
+    def __init__(self, cfg: TrainConfig, kind: str) -> None:
+        from .checkpoint import resolve_resume
+
+        self.cfg = cfg
+        self.kind = kind
+        self.run_dir = Path(cfg.output.dir)
+        self.resume_from = resolve_resume(cfg.train.resume, self.run_dir)
+        if cfg.train.deterministic:  # e.g. TinyViT's attention-bias gather: its backward sums in any order
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.step = 0
+        self.steps = 0
+        self.per_epoch = 1
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.base_lr: list[float] = []
+        self.runlog: RunLog | None = None
+
+    def start(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, per_epoch: int, device: str = "cpu"
+    ) -> None:
+        """Restore ``latest.pt`` when resuming, write ``config.yaml`` and open the log."""
+        from .checkpoint import load_checkpoint
+        from .runlog import RunLog
+
+        self.model, self.optimizer = model, optimizer
+        self.steps, self.per_epoch = steps, max(1, per_epoch)
+        self.base_lr = [float(group["lr"]) for group in optimizer.param_groups]
+        if self.resume_from is not None:
+            state = load_checkpoint(self.resume_from, map_location=device)
+            if state.get("kind") != self.kind:
+                raise ValueError(f"{self.resume_from} is not a checkpoint of a {self.kind} run")
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            self.step = int(state["step"])
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
+        resume_step = self.step if self.resume_from is not None else None
+        self.runlog = RunLog(self.run_dir, resume_step=resume_step, tensorboard=self.cfg.output.tensorboard)
+
+    @property
+    def epoch(self) -> float:
+        return self.step / self.per_epoch
+
+    def update(self, loss: torch.Tensor, parameters: list[nn.Parameter], note: str = "") -> None:
+        """One optimiser step on ``loss``: the scheduled learning rate, gradient clipping, the
+        log row and ``latest.pt`` when due."""
+        from .loop import lr_factor
+
+        assert self.optimizer is not None and self.runlog is not None, "start() first"
+        t = self.cfg.train
+        factor = lr_factor(self.step, t.warmup_steps, self.steps, t.min_lr_ratio)
+        for group, lr in zip(self.optimizer.param_groups, self.base_lr, strict=True):
+            group["lr"] = lr * factor
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(parameters, t.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        if self.step % t.log_every == 0 or self.step == self.steps:
+            value = float(loss.detach())
+            self.runlog.write(self.step, self.epoch, "train", loss=value, lr=self.base_lr[0] * factor)
+            log.info("step %d/%d loss %.5f%s", self.step, self.steps, value, f" ({note})" if note else "")
+        if (t.save_every and self.step % t.save_every == 0) or self.step == self.steps:
+            self.save()
+
+    def save(self) -> None:
+        from .checkpoint import FORMAT, VERSION, save_checkpoint
+
+        assert self.model is not None and self.optimizer is not None, "start() first"
+        state: dict[str, Any] = {"format": FORMAT, "version": VERSION, "kind": self.kind, "step": self.step}
+        state.update(config=self.cfg.to_dict(), model=self.model.state_dict(), optimizer=self.optimizer.state_dict())
+        save_checkpoint(state, self.run_dir / "latest.pt")
+
+    def finish(self, export: Any, extra: dict[str, Any], metrics: dict[str, Any] | None = None) -> TrainResult:
+        """Close the log, write ``model.safetensors`` of ``export`` and describe the run."""
+        from ..weights import save_model
+        from .loop import TrainResult
+
+        assert self.runlog is not None, "start() first"
+        self.runlog.close()
+        save_model(export, self.run_dir / "model.safetensors", extra=extra)
+        return TrainResult(
+            global_step=self.step,
+            epoch=self.step // self.per_epoch,
+            best_dsc=None,
+            metrics=metrics,
+            run_dir=self.run_dir,
+        )
