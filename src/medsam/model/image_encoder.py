@@ -15,11 +15,12 @@ in chunks, so a full (heads, 4096, 4096) attention map is never held in memory a
 under ``torch.inference_mode`` on a GPU, where one image's map is one chunk: 768 MiB of bias in
 fp32 for ViT-B, measured faster).
 
-At fp32 eager CPU inference (the gate :func:`medsam.model.dispatch.use_cpu_kernels`) each block takes
-:meth:`Block._forward_cpu_inference`: the same operations, float rounding apart, arranged for two
-cores (the qkv projection of real tokens only into a kept buffer, the window padding filled with
-the projection's bias, attention per head and block of query rows in a kept score buffer). See
-docs/performance.md for the measurements that chose each step.
+At fp32 eager CPU inference (the gate :func:`medsam.model.dispatch.use_cpu_kernels`) each block
+without adapters (:mod:`medsam.model.adapters`) takes :meth:`Block._forward_cpu_inference`: the
+same operations, float rounding apart, arranged for two cores (the qkv projection of real tokens
+only into a kept buffer, the window padding filled with the projection's bias, attention per head
+and block of query rows in a kept score buffer). See docs/performance.md for the measurements
+that chose each step.
 """
 
 from __future__ import annotations
