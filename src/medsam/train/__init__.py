@@ -21,7 +21,7 @@ _LAZY = {
     "ConfigError": "medsam.train.config",
     "train": "medsam.train.loop",
     "Trainer": "medsam.train.loop",
-    "TrainResult": "medsam.train.loop",
+    "TrainResult": "medsam.train.result",
     "export_checkpoint": "medsam.train.export",
     "model_from_checkpoint": "medsam.train.export",
     "SegmentationLoss": "medsam.train.losses",

@@ -34,12 +34,12 @@ import torch.nn.functional as F
 
 from ..model.sam import MedSAMModel
 from .config import TrainConfig
+from .result import TrainResult
 
 if TYPE_CHECKING:
     from ..corpus import ManifestRow
     from ..preprocess import Contract
     from .embedding_store import EmbeddingStore
-    from .loop import TrainResult
 
 log = logging.getLogger("medsam.train")
 

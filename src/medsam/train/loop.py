@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,33 +52,13 @@ from .data import (
 )
 from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_object, cleanup, init_distributed
 from .losses import SegmentationLoss
+from .result import TrainResult as TrainResult
 from .runlog import RunLog
+from .schedule import lr_factor as lr_factor
 from .trainable import SegmentationStep, build_initial_model, configure_trainable, enable_gradient_checkpointing
 from .validate import validate
 
 log = logging.getLogger("medsam.train")
-
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
-    """LR multiplier of optimiser step ``step`` (0-based): linear warm-up, then cosine decay.
-
-    Warm-up: ``(step + 1) / warmup_steps``; then ``min_ratio + (1 - min_ratio) x 0.5 (1 + cos(pi t))``
-    with ``t = (step - warmup_steps) / (total_steps - warmup_steps)``: 1 after the last step.
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    span = max(1, total_steps - warmup_steps)
-    t = min(1.0, (step - warmup_steps) / span)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-
-@dataclass
-class TrainResult:
-    global_step: int
-    epoch: int
-    best_dsc: float | None
-    metrics: dict | None
-    run_dir: Path
 
 
 class Trainer:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,9 +28,7 @@ import torch.nn.functional as F
 
 from ..model.sam_med3d import SamMed3DConfig, SamMed3DModel
 from .config import TrainConfig
-
-if TYPE_CHECKING:
-    from .loop import TrainResult
+from .result import TrainResult
 
 KIND = "sam_med3d"
 

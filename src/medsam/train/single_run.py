@@ -3,7 +3,7 @@
 :class:`SingleProcessRun` covers what those runs share with the main loop's rules. A fresh run
 refuses a folder that already holds one, and ``train.resume=auto`` continues from ``latest.pt``,
 which holds the model, the optimiser and the step. The learning rate follows
-:func:`medsam.train.loop.lr_factor`. Rows go to ``metrics.csv`` every ``train.log_every`` steps.
+:func:`medsam.train.schedule.lr_factor`. Rows go to ``metrics.csv`` every ``train.log_every`` steps.
 ``latest.pt`` is written every ``train.save_every`` steps and at the last one, and
 ``model.safetensors`` at the end. Each trainer draws its samples from a generator keyed by
 (seed, step), so a resumed run sees the samples the uninterrupted one would.
@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from .config import TrainConfig, dump_config
+from .result import TrainResult
+from .schedule import lr_factor
 
 if TYPE_CHECKING:
-    from .loop import TrainResult
     from .runlog import RunLog
 
 log = logging.getLogger("medsam.train")
@@ -78,8 +79,6 @@ class SingleProcessRun:
     def update(self, loss: torch.Tensor, parameters: list[nn.Parameter], note: str = "") -> None:
         """One optimiser step on ``loss``: the scheduled learning rate, gradient clipping, the
         log row and ``latest.pt`` when due."""
-        from .loop import lr_factor
-
         assert self.optimizer is not None and self.runlog is not None, "start() first"
         t = self.cfg.train
         factor = lr_factor(self.step, t.warmup_steps, self.steps, t.min_lr_ratio)
@@ -109,7 +108,6 @@ class SingleProcessRun:
     def finish(self, export: Any, extra: dict[str, Any], metrics: dict[str, Any] | None = None) -> TrainResult:
         """Close the log, write ``model.safetensors`` of ``export`` and describe the run."""
         from ..weights import save_model
-        from .loop import TrainResult
 
         assert self.runlog is not None, "start() first"
         self.runlog.close()
