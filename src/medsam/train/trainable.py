@@ -44,8 +44,8 @@ def build_initial_model(section, seed: int) -> MedSAMModel:
         model = load_model(section.checkpoint, contract=section.contract, device="cpu")
         if not isinstance(model, MedSAMModel):
             raise ValueError(
-                f"{section.checkpoint} holds a {model.config.name} model (SAM2 family): training takes SAM, "
-                "MedSAM and LiteMedSAM models"
+                f"{section.checkpoint} holds a {model.config.name} model: this training takes SAM, MedSAM and "
+                "LiteMedSAM models (SAM-Med3D trains with model.arch: sam_med3d; SAM2-family models are not trained)"
             )
         if section.arch and model.config.name != section.arch:
             raise ValueError(
