@@ -25,7 +25,6 @@ import hashlib
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -247,39 +246,30 @@ def _download(url: str, part: Path, *, progress: bool, label: str) -> None:
         raise HubError(f"{url}: download failed (HTTP {exc.code} {exc.reason})") from None
     except (urllib.error.URLError, OSError) as exc:
         raise HubError(f"{url}: download failed ({exc}); run again to continue where it stopped") from None
-    with response:
-        resumed = have and response.status == 206
-        mode = "ab" if resumed else "wb"
-        length = response.headers.get("Content-Length")
-        total = (int(length) + (have if resumed else 0)) if length and length.isdigit() else None
-        update = _progress_bar(total, have if resumed else 0, label) if progress else None
-        try:
-            with open(part, mode) as out:
-                while block := response.read(CHUNK):
-                    out.write(block)
-                    if update is not None:
-                        update(len(block))
-        except (urllib.error.URLError, OSError) as exc:
-            raise HubError(f"{url}: download interrupted ({exc}); run again to continue where it stopped") from None
-        finally:
-            if update is not None:
-                update(0, close=True)
-    if total is not None and part.stat().st_size < total:
-        raise HubError(f"{url}: download interrupted; run again to continue where it stopped")
-
-
-def _progress_bar(total: int | None, initial: int, label: str) -> Callable[..., None]:
     from tqdm import tqdm
 
-    bar = tqdm(total=total, initial=initial, unit="B", unit_scale=True, desc=label, leave=False)
-
-    def update(n: int, close: bool = False) -> None:
-        if close:
-            bar.close()
-        else:
-            bar.update(n)
-
-    return update
+    with response:
+        resumed = have and response.status == 206
+        length = response.headers.get("Content-Length")
+        total = (int(length) + (have if resumed else 0)) if length and length.isdigit() else None
+        bar = tqdm(
+            total=total,
+            initial=have if resumed else 0,
+            unit="B",
+            unit_scale=True,
+            desc=label,
+            leave=False,
+            disable=not progress,
+        )
+        try:
+            with bar, open(part, "ab" if resumed else "wb") as out:
+                while block := response.read(CHUNK):
+                    out.write(block)
+                    bar.update(len(block))
+        except (urllib.error.URLError, OSError) as exc:
+            raise HubError(f"{url}: download interrupted ({exc}); run again to continue where it stopped") from None
+    if total is not None and part.stat().st_size < total:
+        raise HubError(f"{url}: download interrupted; run again to continue where it stopped")
 
 
 def resolve_checkpoint(checkpoint: str | os.PathLike[str]) -> tuple[Path, str | None]:

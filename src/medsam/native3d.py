@@ -83,9 +83,12 @@ class Native3DResult:
     cube: torch.Tensor
     cube_mask: np.ndarray
     low_res_logits: torch.Tensor
-    clicks_in_cube: np.ndarray
     grid: CropGrid
-    windows: tuple[CubeWindow, ...] = ()
+    windows: tuple[CubeWindow, ...]
+
+    @property
+    def clicks_in_cube(self) -> np.ndarray:
+        return self.windows[0].clicks
 
 
 def resample_isotropic(image: sitk.Image, spacing_mm: float) -> sitk.Image:
@@ -258,7 +261,7 @@ def segment_clicks_3d(
         lo, hi = positive.min(axis=0), positive.max(axis=0) + 1
     begin = cube_begin(lo, hi, size)
     labels = np.asarray([1 if c.positive else 0 for c in clicks])
-    inside = np.all((indices >= begin) & (indices < begin + size), axis=1)
+    inside = _in_cube(indices, begin, size)
     if not inside[labels == 1].any():
         raise ValueError(
             f"the positive clicks lie further apart than the model's {size}-voxel crop "
@@ -289,7 +292,6 @@ def segment_clicks_3d(
         cube=cube,
         cube_mask=cube_mask,
         low_res_logits=low,
-        clicks_in_cube=first.clicks,
         grid=grid,
         windows=tuple(windows),
     )
@@ -307,6 +309,13 @@ def decode_window(
         low = decode_clicks(model, embedding, window.clicks, window.labels)
         full = F.interpolate(low, size=(size,) * 3, mode="trilinear", align_corners=False)
     return cube, low.cpu(), full[0, 0].cpu()
+
+
+def _in_cube(indices: np.ndarray, begin: Sequence[int] | np.ndarray, size: int) -> np.ndarray:
+    """(N,) whether each of the (N, 3) voxel indices lies in the cube starting at ``begin``."""
+    lo = np.asarray(begin)
+    inside: np.ndarray = np.all((indices >= lo) & (indices < lo + size), axis=1)
+    return inside
 
 
 def _cube_slices(begin: Sequence[int], size: int, shape: Sequence[int]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
@@ -367,12 +376,12 @@ def _slide(
             continue
         seen.add(begin)
         vol, cub = _cube_slices(begin, size, volume.shape)
-        known = (total[vol] > 0) & (count[vol] > 0)
+        known = total[vol] > 0  # the mean logit so far is positive (0 where no cube reached)
         if not known.any():
             continue
         depth = ndimage.distance_transform_edt(np.pad(known, 1))[1:-1, 1:-1, 1:-1]
         seed = np.asarray(np.unravel_index(int(np.argmax(depth)), depth.shape)) + [c.start for c in cub]
-        inside = np.all((indices >= begin) & (indices < np.asarray(begin) + size), axis=1)
+        inside = _in_cube(indices, begin, size)
         window = CubeWindow(
             begin=begin,
             clicks=np.vstack([seed[None], indices[inside] - begin]).astype(np.int64),
