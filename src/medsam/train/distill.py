@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..model.sam import MedSAMModel
 from .config import TrainConfig
@@ -60,31 +61,13 @@ def load_teacher(source: str | None) -> MedSAMModel:
     return model.eval()
 
 
-def copy_prompt_parts(teacher: MedSAMModel, student: MedSAMModel) -> bool:
-    """Give the student the teacher's prompt encoder and mask decoder where their shapes agree."""
-    ours = {
-        **student.prompt_encoder.state_dict(),
-        **{f"d.{k}": v for k, v in student.mask_decoder.state_dict().items()},
-    }
-    theirs = {
-        **teacher.prompt_encoder.state_dict(),
-        **{f"d.{k}": v for k, v in teacher.mask_decoder.state_dict().items()},
-    }
-    if ours.keys() != theirs.keys() or any(ours[k].shape != theirs[k].shape for k in ours):
-        return False
-    student.prompt_encoder.load_state_dict(teacher.prompt_encoder.state_dict())
-    student.mask_decoder.load_state_dict(teacher.mask_decoder.state_dict())
-    return True
-
-
-def inherit_matching(teacher: MedSAMModel, student: MedSAMModel) -> int:
-    """Copy into the student's image encoder every tensor of the teacher's with the same name and
-    shape (e.g. the SAM-style neck after the first convolution, which ViT and TinyViT encoders
-    share); returns how many. The student then starts at the teacher's output scale."""
-    theirs = teacher.image_encoder.state_dict()
-    ours = student.image_encoder.state_dict()
+def copy_matching(source: nn.Module, target: nn.Module) -> int:
+    """Copy into ``target`` every tensor of ``source``'s state dict with the same name and shape;
+    returns how many."""
+    theirs = source.state_dict()
+    ours = target.state_dict()
     shared = {k: v for k, v in theirs.items() if k in ours and ours[k].shape == v.shape}
-    student.image_encoder.load_state_dict({**ours, **shared})
+    target.load_state_dict({**ours, **shared})
     return len(shared)
 
 
@@ -143,8 +126,11 @@ def train_distill(cfg: TrainConfig) -> TrainResult:
         t_shape = teacher.embed_image(prepare_image_fast(teacher_contract, probe)[0]).shape
     if s_shape != t_shape:
         raise ValueError(f"the student's embeddings {tuple(s_shape)} and the teacher's {tuple(t_shape)} differ")
-    shared = copy_prompt_parts(teacher, student)
-    inherited = inherit_matching(teacher, student)
+    # equal embeddings make equal prompt encoders and decoders: the student takes the teacher's;
+    # its encoder inherits the tensors the two share (a ViT or TinyViT's SAM-style neck)
+    shared = copy_matching(teacher.prompt_encoder, student.prompt_encoder)
+    shared += copy_matching(teacher.mask_decoder, student.mask_decoder)
+    inherited = copy_matching(teacher.image_encoder, student.image_encoder)
     train_rows = _one_per_slice(read_manifest(d.corpus, d.train_split, d.datasets, d.modalities))
     val_rows = _one_per_slice(read_manifest(d.corpus, d.val_split, d.datasets, d.modalities)) if d.val_split else []
     val_rows = val_rows[: d.val_max_samples] if d.val_max_samples else val_rows
@@ -168,7 +154,7 @@ def train_distill(cfg: TrainConfig) -> TrainResult:
         if before is not None:
             run.runlog.write(0, 0.0, "val", rel_err=before)
     log.info(
-        "distilling %d slices into the student (prompt parts shared: %s, %d encoder tensors inherited)",
+        "distilling %d slices into the student (%d prompt-encoder and decoder tensors taken, %d encoder tensors)",
         len(train_rows),
         shared,
         inherited,
