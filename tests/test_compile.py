@@ -47,6 +47,14 @@ def _chain(exc: BaseException):
         exc = exc.__cause__ or exc.__context__
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Dynamo's caches (compiled frames, guards) emptied after each test: left behind, they made a
+    later ``torch.compile`` of another model in the same process several times slower."""
+    yield
+    torch._dynamo.reset()
+
+
 def test_compiled_encoder_matches_eager_and_cache_persists(tmp_path, monkeypatch):
     # compile_model points TORCHINDUCTOR_CACHE_DIR at the cache; monkeypatch restores it afterwards.
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "elsewhere"))

@@ -1,4 +1,9 @@
-"""Equivalence with the reference ``segment-anything==1.0`` on ViT-B (random seeded weights).
+"""The 2D pipelines against the reference ``segment-anything==1.0`` (random seeded weights).
+
+The model is the reference's 2-block ViT at SAM's 1024 px input (``build_reference_small_sam``):
+what is compared here is the preparation of an image and prompts and the post-processing around
+the network, which do not depend on the encoder's depth or width; the full-size networks are
+compared path by path in tests/test_model_paths.py.
 
 The MedSAM 2D recipe (the release's MedSAM_Inference.py: skimage bicubic resize to 1024, uint8,
 min-max, box * 1024/[W,H,W,H], sigmoid, bilinear resize to (H, W), > 0.5) is written out here
@@ -15,14 +20,14 @@ from skimage.transform import resize
 
 import medsam
 from conftest import rel_err, smooth_image
-from reference_sam import build_reference, import_reference
+from reference_sam import build_reference_small_sam, import_reference
 
 RTOL = 1e-4
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    ref = build_reference("vit_b", seed=1)
+    ref = build_reference_small_sam(seed=1, decoder_gain=1.0)
     d = tmp_path_factory.mktemp("ckpt")
     official = d / "medsam_vit_b.pth"
     torch.save(ref.state_dict(), official)
