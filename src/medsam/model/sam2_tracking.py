@@ -51,9 +51,32 @@ class FrameFeatures:
 
 
 @dataclass
+class HeadOutput:
+    """What SAM2's heads give for one object on one frame, as tensors (differentiable where the
+    tracker runs with gradients, as fine-tuning does).
+
+    ``masks``: (1, K, 4E, 4E) logits of the K candidate masks (three for a frame without prompts
+    or with one click, else one), -1024 where the object-score head says the object is absent;
+    ``ious``: (1, K) their predicted IoU; ``object_logit``: (1, 1); ``best``: the index of the
+    chosen mask (the highest predicted IoU among several); ``pointer``: (1, 256) the object pointer.
+    """
+
+    masks: torch.Tensor
+    ious: torch.Tensor
+    object_logit: torch.Tensor
+    best: int
+    pointer: torch.Tensor
+
+    @property
+    def low_res(self) -> torch.Tensor:
+        return self.masks[:, self.best : self.best + 1]
+
+
+@dataclass
 class FrameOutput:
     """One object on one frame: low-resolution logits (1, 1, 4E, 4E) (holes filled), the chosen
-    mask's predicted IoU, the object score, the object pointer (1, 256) and the memory."""
+    mask's predicted IoU, the object score, the object pointer (1, 256), the memory and, where
+    the decoder ran, its :class:`HeadOutput` (before hole filling)."""
 
     low_res: torch.Tensor
     iou: float
@@ -61,6 +84,7 @@ class FrameOutput:
     pointer: torch.Tensor
     memory: torch.Tensor | None = None
     memory_pos: torch.Tensor | None = None
+    heads: HeadOutput | None = None
 
 
 @dataclass
@@ -137,10 +161,9 @@ class SAM2Tracker:
         labels: torch.Tensor | None,
         multimask: bool,
         mask_input: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, float, float, torch.Tensor]:
-        """(low-res logits (1, 1, 4E, 4E), high-res logits (1, 1, S, S), IoU, object score,
-        pointer (1, 256)) of the SAM heads on memory-conditioned features ``pix``
-        (``mask_input``: a (1, 1, 4E, 4E) dense mask prompt)."""
+    ) -> HeadOutput:
+        """SAM2's heads on memory-conditioned features ``pix`` (``mask_input``: a (1, 1, 4E, 4E)
+        dense mask prompt)."""
         model = self.model
         encoder, decoder = model.sam_prompt_encoder, model.sam_mask_decoder
         if coords is None or labels is None:  # no prompt: one padding point
@@ -151,14 +174,16 @@ class SAM2Tracker:
         masks, iou, tokens = decoder.choose(masks, iou, tokens, multimask)
         present = obj > 0
         masks = torch.where(present[:, :, None, None], masks, NO_OBJECT_SCORE).float()
-        S = model.input_size
-        high = F.interpolate(masks, size=(S, S), mode="bilinear", align_corners=False)
         best = int(iou[0].argmax()) if multimask else 0
-        token = tokens[:, best]
-        pointer = model.obj_ptr_proj(token)
+        pointer = model.obj_ptr_proj(tokens[:, best])
         weight = present.float()
         pointer = weight * pointer + (1 - weight) * model.no_obj_ptr
-        return masks[:, best : best + 1], high[:, best : best + 1], float(iou[0, best]), float(obj[0, 0]), pointer
+        return HeadOutput(masks, iou, obj, best, pointer)
+
+    def _upsampled(self, low_res: torch.Tensor) -> torch.Tensor:
+        """(1, 1, 4E, 4E) -> (1, 1, S, S) logits at the network's input size (bilinear)."""
+        S = self.model.input_size
+        return F.interpolate(low_res, size=(S, S), mode="bilinear", align_corners=False)
 
     def _memory(
         self, features: FrameFeatures, high_res: torch.Tensor, object_score: float, binarize: bool
@@ -181,12 +206,11 @@ class SAM2Tracker:
         (``Track(key, not reverse, track.key_output)``)."""
         pix = features.pix + self.model.no_mem_embed.reshape(1, -1, 1, 1)
         multimask = labels.shape[1] <= 1
-        low, _high, iou, score, pointer = self._heads(pix, features, coords, labels, multimask)
-        low = fill_holes(low, self.fill_hole_area)
-        S = self.model.input_size
-        high = F.interpolate(low, size=(S, S), mode="bilinear", align_corners=False)
-        memory, memory_pos = self._memory(features, high, score, binarize=True)
-        out = FrameOutput(low, iou, score, pointer, memory, memory_pos)
+        heads = self._heads(pix, features, coords, labels, multimask)
+        iou, score = float(heads.ious[0, heads.best].detach()), float(heads.object_logit[0, 0].detach())
+        low = fill_holes(heads.low_res, self.fill_hole_area)
+        memory, memory_pos = self._memory(features, self._upsampled(low), score, binarize=True)
+        out = FrameOutput(low, iou, score, heads.pointer, memory, memory_pos, heads)
         return Track(key=key, reverse=reverse, key_output=out)
 
     def prompt_mask(self, features: FrameFeatures, mask: torch.Tensor, key: int) -> Track:
@@ -200,14 +224,13 @@ class SAM2Tracker:
         high = mask * MEMORY_SCALE + MEMORY_BIAS
         S = model.input_size
         low = F.interpolate(high, size=(S // 4, S // 4), mode="bilinear", align_corners=False, antialias=True)
-        *_, pointer = self._heads(features.pix, features, None, None, False, model.mask_downsample(mask))
+        pointer = self._heads(features.pix, features, None, None, False, model.mask_downsample(mask)).pointer
         present = bool((mask > 0).any())
         if not present:
             pointer = model.no_obj_ptr.expand_as(pointer).clone()
         score = MEMORY_SCALE + MEMORY_BIAS if present else MEMORY_BIAS
         low = fill_holes(low, self.fill_hole_area)
-        upsampled = F.interpolate(low, size=(S, S), mode="bilinear", align_corners=False)
-        memory, memory_pos = self._memory(features, upsampled, score, binarize=True)
+        memory, memory_pos = self._memory(features, self._upsampled(low), score, binarize=True)
         out = FrameOutput(low, 1.0, score, pointer, memory, memory_pos)
         return Track(key=key, reverse=False, key_output=out)
 
@@ -219,9 +242,11 @@ class SAM2Tracker:
         current_pos = features.pos.flatten(2).transpose(1, 2)
         conditioned = model.memory_attention(current, current_pos, memory, memory_pos, pointer_tokens)
         pix = conditioned.transpose(1, 2).reshape(features.pix.shape)
-        low, high, iou, score, pointer = self._heads(pix, features, None, None, multimask=True)
-        memory_now, pos_now = self._memory(features, high, score, binarize=False)
-        out = FrameOutput(fill_holes(low, self.fill_hole_area), iou, score, pointer, memory_now, pos_now)
+        heads = self._heads(pix, features, None, None, multimask=True)
+        iou, score = float(heads.ious[0, heads.best].detach()), float(heads.object_logit[0, 0].detach())
+        memory_now, pos_now = self._memory(features, self._upsampled(heads.low_res), score, binarize=False)
+        low = fill_holes(heads.low_res, self.fill_hole_area)
+        out = FrameOutput(low, iou, score, heads.pointer, memory_now, pos_now, heads)
         track.outputs[frame] = out
         # a frame this far behind is read neither as a memory (6 back) nor as a pointer (15 back)
         track.outputs.pop(frame + (1 if track.reverse else -1) * MAX_OBJECT_POINTERS, None)

@@ -13,6 +13,7 @@ of the wrong type are errors that name the offending key, never silently ignored
     adapter: Med-SA adapter width and scale (train.mode = adapter)
     distill: the teacher of an encoder distillation (train.mode = distill)
     med3d:   SAM-Med3D fine-tuning on labelled volumes (model.arch = sam_med3d)
+    clips:   SAM2-family (MedSAM2) fine-tuning on labelled volumes as clips (clips.volumes)
     output:  run folder
 
 The whole resolved config is stored in every checkpoint (as plain dicts), so a run can be resumed
@@ -307,6 +308,37 @@ class Med3DSection:
 
 
 @dataclass
+class ClipsSection:
+    """SAM2-family fine-tuning in MedSAM2's way (:mod:`medsam.train.sam2_clips`): set
+    ``volumes`` with ``model.arch`` a SAM2-family name (``medsam2``, ``sam2.1_hiera_tiny`` ...)
+    or ``null`` with a SAM2-family ``model.checkpoint``.
+
+    Attributes:
+        volumes: folder of labelled volumes, laid out as for ``med3d.volumes``.
+        frames: slices per clip (SAM2's training uses 8).
+        labels: label values to train on (``null``: every value > 0 of each label file).
+        prompts: the kinds of prompt on a clip's first slice, one drawn at random per clip:
+            ``box``, ``click`` (one positive click inside the object) and ``mask``.
+        box_noise / box_noise_bound: each box corner moves by a normal draw with this fraction
+            of the box's width (height) as standard deviation, bounded by this many pixels of
+            the network input (SAM2's training: 0.1 and 20).
+        object_weight: weight of the object-score loss (BCE on whether the object is on the slice).
+        modality / window: how volumes become the model's 0-255 input, as ``medsam segment
+            --modality / --window`` (``null``: the file's modality, else min-max).
+    """
+
+    volumes: str | None = None
+    frames: int = 8
+    labels: list | None = None
+    prompts: list = field(default_factory=lambda: ["box", "click", "mask"])
+    box_noise: float = 0.1
+    box_noise_bound: float = 20.0
+    object_weight: float = 1.0
+    modality: str | None = None
+    window: str | None = None
+
+
+@dataclass
 class OutputSection:
     """Attributes:
     dir: run folder: ``latest.pt``, ``best.pt``, ``metrics.csv``, ``config.yaml``, TensorBoard
@@ -328,6 +360,7 @@ class TrainConfig:
     adapter: AdapterSection = field(default_factory=AdapterSection)
     distill: DistillSection = field(default_factory=DistillSection)
     med3d: Med3DSection = field(default_factory=Med3DSection)
+    clips: ClipsSection = field(default_factory=ClipsSection)
     output: OutputSection = field(default_factory=OutputSection)
 
     def to_dict(self) -> dict:
@@ -352,6 +385,8 @@ class TrainConfig:
         _choice("data.jitter_mode", self.data.jitter_mode, ("fixed", "proportional"))
         if self.model.arch == "sam_med3d":
             _validate_med3d_section(self)
+        elif trains_clips(self):
+            _validate_clips_section(self)
         elif self.model.contract is not None:
             _choice("model.contract", self.model.contract, ("medsam", "sam", "lite"))
         if self.model.arch is None and self.model.checkpoint is None:
@@ -431,6 +466,47 @@ def _validate_med3d_section(cfg: TrainConfig) -> None:
         raise ConfigError("model.arch: sam_med3d trains on med3d.volumes: give the folder of images/ and labels/")
     if cfg.med3d.clicks < 1 or cfg.med3d.shift < 0:
         raise ConfigError("med3d.clicks must be >= 1 and med3d.shift >= 0")
+
+
+def is_sam2_arch(name: str | None) -> bool:
+    """Whether ``name`` is a SAM2-family architecture (:data:`medsam.model.sam2.SAM2_CONFIGS`)."""
+    return name == "medsam2" or str(name).startswith(("sam2_hiera_", "sam2.1_hiera_"))
+
+
+def trains_clips(cfg: TrainConfig) -> bool:
+    """Whether ``cfg`` is a SAM2-family clip fine-tuning (:mod:`medsam.train.sam2_clips`)."""
+    return bool(cfg.clips.volumes) or is_sam2_arch(cfg.model.arch)
+
+
+def _validate_clips_section(cfg: TrainConfig) -> None:
+    """The settings a SAM2-family clip run needs."""
+    c = cfg.clips
+    _choice("train.mode", cfg.train.mode, ("full", "decoder"))
+    _choice("loss.kind", cfg.loss.kind, ("focal_dice",))
+    if not c.volumes:
+        raise ConfigError(
+            f"model.arch: {cfg.model.arch} trains on clips.volumes: give the folder of images/ and labels/"
+        )
+    if cfg.model.arch is not None and not is_sam2_arch(cfg.model.arch):
+        raise ConfigError(
+            "clips.volumes trains a SAM2-family model: set model.arch to a SAM2-family name (medsam2, "
+            "sam2.1_hiera_tiny, ...) or to null with a SAM2-family model.checkpoint"
+        )
+    if cfg.model.contract not in (None, "sam2", "medsam2"):
+        raise ConfigError(f"model.contract of a SAM2-family model is sam2 or medsam2, got {cfg.model.contract!r}")
+    if c.frames < 2:
+        raise ConfigError(f"clips.frames must be >= 2, got {c.frames}")
+    if not c.prompts or any(p not in ("box", "click", "mask") for p in c.prompts):
+        raise ConfigError(f"clips.prompts must be a non-empty list of box, click and mask; got {c.prompts}")
+    if c.box_noise < 0 or c.box_noise_bound < 0 or c.object_weight < 0:
+        raise ConfigError("clips.box_noise, clips.box_noise_bound and clips.object_weight must be >= 0")
+    if c.window is not None:
+        from ..intensity import Window
+
+        try:
+            Window.parse(c.window)
+        except ValueError as exc:
+            raise ConfigError(f"clips.window: {exc}") from None
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

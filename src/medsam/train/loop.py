@@ -39,7 +39,7 @@ from ..corpus import read_manifest
 from ..preprocess import get_contract
 from ..scribbles import DEFAULT_MAX_POINTS as SCRIBBLE_POINTS
 from .checkpoint import FORMAT, VERSION, load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
-from .config import TrainConfig, dump_config
+from .config import TrainConfig, dump_config, trains_clips
 from .data import (
     AugmentOptions,
     EpochSampler,
@@ -520,6 +520,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         from .sam_med3d import train_sam_med3d
 
         return train_sam_med3d(cfg)
+    if trains_clips(cfg):  # SAM2-family memory tracking on clips of volumes, one process
+        from .sam2_clips import train_sam2_clips
+
+        return train_sam2_clips(cfg)
     if cfg.train.mode == "distill":  # encoder distillation, one process
         from .distill import train_distill
 

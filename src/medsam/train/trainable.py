@@ -45,7 +45,7 @@ def build_initial_model(section, seed: int) -> MedSAMModel:
         if not isinstance(model, MedSAMModel):
             raise ValueError(
                 f"{section.checkpoint} holds a {model.config.name} model: this training takes SAM, MedSAM and "
-                "LiteMedSAM models (SAM-Med3D trains with model.arch: sam_med3d; SAM2-family models are not trained)"
+                "LiteMedSAM models (SAM-Med3D trains with model.arch: sam_med3d, SAM2-family models with clips.volumes)"
             )
         if section.arch and model.config.name != section.arch:
             raise ValueError(

@@ -1,0 +1,262 @@
+"""Fine-tuning a SAM2-family model (SAM2, SAM2.1, MedSAM2) on labelled volumes, as short clips.
+
+``medsam train`` with ``clips.volumes`` (and ``model.arch`` a SAM2-family name, or ``null`` with
+a SAM2-family ``model.checkpoint``). Each step takes one object of one volume (case, label,
+start slice, direction and prompt drawn from a generator keyed by (seed, step), so a resumed
+run sees the samples the uninterrupted one would) and trains memory tracking through a clip,
+as SAM2's and MedSAM2's training do:
+
+* a **clip** is ``clips.frames`` consecutive slices along the volume's first axis, starting at
+  a slice that holds the object and running up or down (the object may leave the clip); each
+  slice is prepared as inference prepares it (``to_model_input`` as ``medsam segment``, then
+  the model's contract, :func:`medsam.preprocess.get_contract`), its target resized to the
+  network input by nearest neighbour;
+* the **first slice is prompted** (a box with SAM2's corner noise, one positive click, or the
+  mask itself, ``clips.prompts``) and every further slice is tracked by
+  :class:`~medsam.model.sam2_tracking.SAM2Tracker` (the same steps inference runs, holes not
+  filled), attending to the memories and object pointers of the slices before it, with
+  gradients through the memories (the whole clip is one graph);
+* the **loss** of each decoded slice is SAM2's: where the object is on the slice,
+  ``loss.focal_weight`` x focal + ``loss.dice_weight`` x Dice on logits upsampled to the
+  network input (of the candidate mask with the lowest such loss where the decoder proposed
+  three) + ``loss.iou_weight`` x the L1 error of the predicted IoU of every candidate; on every
+  slice ``clips.object_weight`` x BCE of the object score. Summed over the clip's slices (a
+  slice prompted by its mask has no decoded output and no loss).
+
+``train.mode``: ``full`` trains every parameter; ``decoder`` computes the image features
+without gradients and trains the rest (prompt encoder, mask decoder except its projections of
+the high-resolution maps, memory attention, memory encoder, object pointers). The bookkeeping
+(resume, schedule, ``latest.pt``, ``model.safetensors``) is :class:`~.single_run.SingleProcessRun`'s.
+One process: several GPUs (torchrun) are not supported by this trainer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..model.sam2 import SAM2_CONFIGS, SAM2Config, SAM2Model
+from ..model.sam2_tracking import FrameFeatures, FrameOutput, SAM2Tracker, frame_features
+from .config import TrainConfig
+from .result import TrainResult
+
+KIND = "sam2_clips"
+
+
+@dataclass
+class ClipVolume:
+    """One case: ``slices`` (Z, Y, X) or (Z, Y, X, 3) uint8 as the model sees them, ``labels``
+    (Z, Y, X) integers, ``values``: the label values trained on that it holds."""
+
+    name: str
+    slices: np.ndarray
+    labels: np.ndarray
+    values: list[int]
+
+
+@dataclass
+class Clip:
+    """A prepared clip: ``images`` (T, 3, S, S), ``targets`` (T, 1, S, S) 0/1 at the network
+    input, and the first slice's prompt: ``kind`` ``box`` / ``click`` with ``coords`` (1, P, 2)
+    in network-input pixels and ``point_labels`` (1, P), or ``mask`` (the first target)."""
+
+    images: torch.Tensor
+    targets: torch.Tensor
+    kind: str
+    coords: torch.Tensor | None = None
+    point_labels: torch.Tensor | None = None
+
+
+@dataclass
+class ClipLoss:
+    """``total``: the clip's loss; ``terms``: each term summed over the clip (detached)."""
+
+    total: torch.Tensor
+    terms: dict[str, float]
+
+
+def load_case(
+    image_path: Path, label_path: Path, wanted: list[int] | None, modality: str | None, window: str | None
+) -> ClipVolume:
+    """A labelled volume with its slices as ``medsam segment`` would give them to the model."""
+    from ..io import read_image
+    from ..segment_io import to_model_input
+
+    image = read_image(image_path)
+    labels = read_image(label_path)
+    if not image.is_volume or labels.spatial_shape != image.spatial_shape:
+        raise ValueError(f"{image_path.name}: not a volume with a label volume of the same shape")
+    label_array = np.asarray(labels.array).astype(np.int64)
+    present = [int(v) for v in np.unique(label_array) if v > 0]
+    values = [v for v in present if wanted is None or v in wanted]
+    return ClipVolume(image_path.name, to_model_input(image, modality, window), label_array, values)
+
+
+def clip_slices(case: ClipVolume, value: int, frames: int, rng: np.random.Generator) -> list[int]:
+    """Up to ``frames`` consecutive slice indices from a random slice holding ``value``, in a
+    random direction (fewer where the volume ends first)."""
+    holding = np.flatnonzero((case.labels == value).any(axis=(1, 2)))
+    start = int(holding[rng.integers(len(holding))])
+    step = -1 if rng.integers(2) else 1
+    return [k for k in range(start, start + step * frames, step) if 0 <= k < case.labels.shape[0]]
+
+
+def make_clip(
+    case: ClipVolume,
+    value: int,
+    indices: list[int],
+    model: SAM2Model,
+    cfg: TrainConfig,
+    rng: np.random.Generator,
+    kind: str | None = None,
+) -> Clip:
+    """The prepared slices ``indices`` of ``case`` with object ``value`` and a prompt of ``kind``
+    (``None``: drawn from ``clips.prompts``) on the first."""
+    from ..preprocess import get_contract
+
+    S = model.input_size
+    contract = get_contract(model.contract, S)
+    images = torch.cat([contract.prepare_image(case.slices[k])[0] for k in indices])
+    masks = torch.from_numpy(np.stack([case.labels[k] == value for k in indices]).astype(np.float32))
+    targets = F.interpolate(masks[:, None], size=(S, S), mode="nearest")
+    c = cfg.clips
+    kind = kind or str(c.prompts[int(rng.integers(len(c.prompts)))])
+    if kind == "mask":
+        return Clip(images, targets, kind)
+    first = masks[0].numpy() > 0
+    ys, xs = np.nonzero(first)
+    geometry = contract.geometry(first.shape)
+    if kind == "click":
+        i = int(rng.integers(len(xs)))
+        points, labels = np.array([[xs[i], ys[i]]], np.float64), np.array([1])
+        coords = contract.transform_coords(points, geometry)
+    else:
+        corners = np.array([[xs.min(), ys.min()], [xs.max(), ys.max()]], np.float64)
+        coords = contract.transform_coords(corners, geometry)
+        side = coords[1] - coords[0]
+        noise = rng.normal(size=(2, 2)) * c.box_noise * side
+        coords = np.clip(coords + np.clip(noise, -c.box_noise_bound, c.box_noise_bound), 0, S - 1)
+        labels = np.array([2, 3])
+    return Clip(
+        images,
+        targets,
+        kind,
+        torch.as_tensor(coords[None], dtype=torch.float32),
+        torch.as_tensor(labels[None], dtype=torch.int64),
+    )
+
+
+def track_clip(model: SAM2Model, clip: Clip, train_encoder: bool) -> list[FrameOutput]:
+    """The tracker's output on each slice of ``clip`` (the first from its prompt), with
+    gradients where they are enabled (the image features only with ``train_encoder``)."""
+    device = model.device
+    with torch.set_grad_enabled(train_encoder and torch.is_grad_enabled()):
+        every = frame_features(model, clip.images.to(device))
+    features = [
+        FrameFeatures(every.pix[t : t + 1], every.pos[t : t + 1], tuple(m[t : t + 1] for m in every.high_res))
+        for t in range(len(clip.images))
+    ]
+    tracker = SAM2Tracker(model, fill_hole_area=0)
+    if clip.kind == "mask":
+        track = tracker.prompt_mask(features[0], clip.targets[:1].to(device), key=0)
+    else:
+        assert clip.coords is not None and clip.point_labels is not None
+        track = tracker.prompt(features[0], clip.coords.to(device), clip.point_labels.to(device), key=0)
+    outputs = [track.key_output]
+    for t in range(1, len(features)):
+        outputs.append(tracker.step(track, t, features[t], len(features)))
+    return outputs
+
+
+def clip_loss(outputs: list[FrameOutput], targets: torch.Tensor, cfg: TrainConfig) -> ClipLoss:
+    """SAM2's loss of a tracked clip (module docstring); ``targets`` (T, 1, S, S)."""
+    from .losses import dice_loss, mask_iou, sigmoid_focal_loss
+
+    w = cfg.loss
+    total = targets.new_zeros((), device=outputs[0].pointer.device)
+    sums = dict.fromkeys(("focal", "dice", "iou_l1", "object"), 0.0)
+    for out, target in zip(outputs, targets, strict=True):
+        heads = out.heads
+        if heads is None:  # a slice prompted by its mask: its output is the prompt
+            continue
+        S = target.shape[-1]
+        logits = F.interpolate(heads.masks, size=(S, S), mode="bilinear", align_corners=False)[0]  # (K, S, S)
+        goal = target.to(logits.device).expand_as(logits)
+        present = goal[0].any()
+        objectness = F.binary_cross_entropy_with_logits(heads.object_logit.reshape(()), present.float())
+        total = total + cfg.clips.object_weight * objectness
+        sums["object"] += float(objectness.detach())
+        if not present:
+            continue
+        focal = sigmoid_focal_loss(logits, goal, w.focal_alpha, w.focal_gamma)
+        dice = dice_loss(logits, goal)
+        best = int(torch.argmin(w.focal_weight * focal + w.dice_weight * dice))
+        iou_l1 = (heads.ious[0].float() - mask_iou(logits, goal)).abs().mean()
+        total = total + w.focal_weight * focal[best] + w.dice_weight * dice[best] + w.iou_weight * iou_l1
+        sums["focal"] += float(focal[best].detach())
+        sums["dice"] += float(dice[best].detach())
+        sums["iou_l1"] += float(iou_l1.detach())
+    return ClipLoss(total, sums)
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> SAM2Model:
+    """The model to fine-tune: ``model.checkpoint`` (a SAM2-family file or name), else a seeded
+    random model of ``model.arch`` with ``model.config_overrides``."""
+    from ..weights import load_model
+
+    m = cfg.model
+    if m.checkpoint:
+        if m.config_overrides:
+            raise ValueError("model.config_overrides apply to a randomly initialised model, not a checkpoint")
+        model = load_model(m.checkpoint, contract=m.contract, arch=m.arch, device=device)
+        if not isinstance(model, SAM2Model):
+            raise ValueError(
+                f"model.checkpoint {m.checkpoint} holds a {model.config.name} model, not a SAM2-family one"
+            )
+        return model
+    if m.arch not in SAM2_CONFIGS:
+        raise ValueError(f"unknown SAM2-family model.arch {m.arch!r}; known: {sorted(SAM2_CONFIGS)}")
+    torch.manual_seed(cfg.train.seed)
+    config = SAM2Config.from_dict({**SAM2_CONFIGS[m.arch].to_dict(), **m.config_overrides})
+    return SAM2Model(config, contract=m.contract).to(device)
+
+
+def trainable_parameters(model: SAM2Model, mode: str) -> list[torch.nn.Parameter]:
+    """Every parameter (``full``), or all but the image features' (``decoder``: the image
+    encoder and the decoder's high-resolution projections), which are frozen."""
+    if mode == "decoder":
+        decoder = model.sam_mask_decoder
+        for part in (model.image_encoder, decoder.conv_s0, decoder.conv_s1):
+            part.requires_grad_(False)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def train_sam2_clips(cfg: TrainConfig) -> TrainResult:
+    """Run (or resume) a SAM2-family clip fine-tuning as configured."""
+    from .sam_med3d import find_pairs
+    from .single_run import SingleProcessRun
+
+    t, c = cfg.train, cfg.clips
+    run = SingleProcessRun(cfg, KIND)
+    device = torch.device("cuda" if t.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    pairs = find_pairs(c.volumes or "")
+    model = build_model(cfg, device).train()
+    cases = [load_case(image, label, c.labels, c.modality, c.window) for image, label in pairs]
+    cases = [case for case in cases if case.values]
+    if not cases:
+        raise ValueError(f"{c.volumes}: no case holds an object to train on")
+    parameters = trainable_parameters(model, t.mode)
+    optimizer = torch.optim.AdamW(parameters, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas))
+    run.start(model, optimizer, t.max_steps or t.epochs * len(cases), len(cases), device=str(device))
+    while run.step < run.steps:
+        rng = np.random.default_rng((t.seed, run.step))
+        case = cases[int(rng.integers(len(cases)))]
+        value = case.values[int(rng.integers(len(case.values)))]
+        clip = make_clip(case, value, clip_slices(case, value, c.frames, rng), model, cfg, rng)
+        loss = clip_loss(track_clip(model, clip, t.mode == "full"), clip.targets, cfg)
+        run.update(loss.total, parameters, note=f"{case.name}, label {value}, {clip.kind} prompt")
+    return run.finish(model.eval(), extra={"trained_steps": run.step})

@@ -1,0 +1,173 @@
+"""SAM2-family fine-tuning on clips of a real labelled CT volume (the bundled sample), with a
+small Hiera trunk at 128 px and seeded random weights.
+
+The training forward is the tracking inference (checked against ``track_volume``, which the
+tracking tests check against the reference ``sam2`` video predictor); a run learns, resumes
+exactly and exports a file ``medsam.load_model`` reads and tracks with.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import medsam
+from medsam.tracking import track_volume
+from medsam.train import sam2_clips
+from medsam.train.config import ConfigError, TrainConfig
+from medsam.train.loop import train
+from medsam.volume import Box2D
+
+SAMPLES = Path(medsam.__path__[0]) / "data" / "samples"
+TINY = {"img_size": 128, "stages": [1, 1, 2, 1], "global_att_blocks": [3]}
+
+
+@pytest.fixture(scope="module")
+def volumes(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("clips")
+    for folder in ("images", "labels"):
+        (root / folder).mkdir()
+    shutil.copy(SAMPLES / "ct_volume.nii.gz", root / "images" / "ct.nii.gz")
+    shutil.copy(SAMPLES / "ct_volume_label.nii.gz", root / "labels" / "ct.nii.gz")
+    return root
+
+
+def _config(volumes: Path, out: Path, **train) -> TrainConfig:
+    return TrainConfig.from_dict(
+        {
+            "model": {"arch": "sam2.1_hiera_tiny", "config_overrides": TINY},
+            "clips": {"volumes": str(volumes), "frames": 4, "labels": [1]},
+            "train": {"warmup_steps": 0, "log_every": 1, **train},
+            "output": {"dir": str(out), "tensorboard": False},
+        }
+    )
+
+
+def _case(volumes: Path) -> sam2_clips.ClipVolume:
+    return sam2_clips.load_case(volumes / "images" / "ct.nii.gz", volumes / "labels" / "ct.nii.gz", [1], None, None)
+
+
+def _fixed_clip_loss(model, cfg, case) -> dict[str, float]:
+    clip = sam2_clips.make_clip(case, 1, [4, 5, 6, 7], model, cfg, np.random.default_rng(0), "box")
+    with torch.no_grad():
+        return sam2_clips.clip_loss(sam2_clips.track_clip(model, clip, False), clip.targets, cfg).terms
+
+
+def test_the_training_forward_is_the_tracking_inference(volumes, tmp_path):
+    cfg = _config(volumes, tmp_path / "run", max_steps=1)
+    cfg.clips.box_noise = 0.0
+    model = sam2_clips.build_model(cfg, torch.device("cpu")).eval()
+    with torch.no_grad():  # objects present, so that the masks are not all empty
+        model.sam_mask_decoder.pred_obj_score_head.layers[2].bias.fill_(8.0)
+    case = _case(volumes)
+    indices = [6, 5, 4, 3]  # a clip running down from slice 6
+    clip = sam2_clips.make_clip(case, 1, indices, model, cfg, np.random.default_rng(0), "box")
+    with torch.no_grad():
+        outputs = sam2_clips.track_clip(model, clip, train_encoder=False)
+    ys, xs = np.nonzero(case.labels[6] == 1)
+    box = Box2D(int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()), slice=0)
+    sub = case.slices[indices]  # the clip's slices in its order: tracked forward from slice 0
+    expected = track_volume(model, sub, [box], fill_hole_area=0)
+    contract = medsam.preprocess.get_contract(model.contract, model.input_size)
+    geometry = contract.geometry(sub.shape[1:])
+    ours = np.stack([(contract.mask_scores(o.low_res, geometry)[0, 0] > contract.threshold).numpy() for o in outputs])
+    assert ours.any() and np.array_equal(ours, expected.labels == 1)
+    assert [round(o.iou, 6) for o in outputs] == [round(expected.scores[0][k], 6) for k in range(4)]
+
+
+def test_a_run_learns_and_its_export_tracks(volumes, tmp_path):
+    cfg = _config(volumes, tmp_path / "run", max_steps=30, lr=1e-3, mode="decoder")
+    case = _case(volumes)
+    before = _fixed_clip_loss(sam2_clips.build_model(cfg, torch.device("cpu")).eval(), cfg, case)
+    result = train(cfg)
+    model = medsam.load_model(result.run_dir / "model.safetensors", device="cpu")
+    assert type(model).__name__ == "SAM2Model" and model.config.img_size == 128 and model.contract == "sam2"
+    after = _fixed_clip_loss(model, cfg, case)
+    assert after["object"] < 0.1 * before["object"], (before, after)
+    assert after["dice"] < before["dice"] - 0.3, (before, after)
+    # the image encoder stayed as built (decoder mode); the rest moved
+    initial = sam2_clips.build_model(cfg, torch.device("cpu")).state_dict()
+    trained = model.state_dict()
+    assert all(torch.equal(initial[k], trained[k]) for k in initial if k.startswith("image_encoder."))
+    assert not torch.equal(
+        initial["memory_attention.layers.0.self_attn.q_proj.weight"],
+        trained["memory_attention.layers.0.self_attn.q_proj.weight"],
+    )
+    segmentation = track_volume(model, case.slices[3:9], [Box2D(150, 150, 250, 250, slice=2)])
+    assert segmentation.labels.shape == (6, 350, 512)
+
+
+def test_a_resumed_run_ends_where_the_uninterrupted_one_does(volumes, tmp_path, monkeypatch):
+    straight = train(_config(volumes, tmp_path / "straight", max_steps=4, mode="full"))
+    # a run that crashes in its 4th step (latest.pt of step 2), resumed
+    real, calls = sam2_clips.clip_loss, []
+
+    def crashing(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("crash")
+        return real(*args)
+
+    monkeypatch.setattr(sam2_clips, "clip_loss", crashing)
+    with pytest.raises(RuntimeError, match="crash"):
+        train(_config(volumes, tmp_path / "split", max_steps=4, mode="full", save_every=2))
+    monkeypatch.setattr(sam2_clips, "clip_loss", real)
+    assert torch.load(tmp_path / "split" / "latest.pt", weights_only=True)["step"] == 2
+    resumed = train(_config(volumes, tmp_path / "split", max_steps=4, mode="full", resume="auto"))
+    assert resumed.global_step == 4
+    a = medsam.load_model(straight.run_dir / "model.safetensors").state_dict()
+    b = medsam.load_model(resumed.run_dir / "model.safetensors").state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+    rows = (resumed.run_dir / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
+    initial = sam2_clips.build_model(_config(volumes, tmp_path / "x", max_steps=1), torch.device("cpu")).state_dict()
+    weight = "image_encoder.trunk.patch_embed.proj.weight"
+    assert not torch.equal(initial[weight], a[weight])  # full mode trains the encoder
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"clips": {"volumes": None}}, "trains on clips.volumes"),
+        ({"train": {"mode": "lora"}}, "train.mode must be one of full, decoder"),
+        ({"model": {"arch": "vit_b"}}, "clips.volumes trains a SAM2-family model"),
+        ({"clips": {"frames": 1}}, "clips.frames must be >= 2"),
+        ({"clips": {"prompts": ["box", "scribble"]}}, "clips.prompts"),
+        ({"clips": {"window": "nowhere"}}, "clips.window: unknown CT window"),
+        ({"loss": {"kind": "dice_bce"}}, "loss.kind must be one of focal_dice"),
+    ],
+)
+def test_clip_settings_are_checked(changes, message):
+    data = {
+        "model": {"arch": "sam2.1_hiera_tiny", "config_overrides": TINY},
+        "clips": {"volumes": "somewhere"},
+        "train": {"max_steps": 1},
+    }
+    for section, values in changes.items():
+        data[section] = {**data.get(section, {}), **values}
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.from_dict(data)
+
+
+def test_a_checkpoint_of_another_family_is_refused(volumes, tmp_path):
+    from medsam.model.registry import CONFIGS, build_model
+    from medsam.weights import save_model
+
+    path = tmp_path / "lite.safetensors"
+    save_model(build_model(CONFIGS["vit_tiny"]), path)
+    cfg = TrainConfig.from_dict(
+        {
+            "model": {"arch": None, "checkpoint": str(path)},
+            "clips": {"volumes": str(volumes)},
+            "train": {"max_steps": 1},
+            "output": {"dir": str(tmp_path / "run")},
+        }
+    )
+    with pytest.raises(ValueError, match="not a SAM2-family one"):
+        train(cfg)
