@@ -31,8 +31,12 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
+# Two worker processes of one thread each: on 2 cores this took about 2/3 of one two-thread process,
+# and a worker slowed by another process on its core does not stall the other (no OpenMP barrier
+# across cores). --dist loadfile keeps each module, and its module-scoped fixtures, in one worker.
+# MEDSAM_TEST_WORKERS=0 runs serially.
 test: venv lint
-	OMP_NUM_THREADS=2 $(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $${MEDSAM_TEST_WORKERS:-2} --dist loadfile
 
 # ruff (lint and format) over the tree, mypy over the public API (pyproject.toml says which files).
 lint: venv
