@@ -38,7 +38,7 @@ import json
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,7 @@ from .scoring import (  # the engine's columns and helpers, re-exported
     SLICE_COLUMNS,
     SUMMARY_COLUMNS,
     PredictorMethod,
+    ScoringReport,
     jitter_box,
     peak_rss_mb,
     score_objects,
@@ -164,21 +165,11 @@ class BaselineMethod:
 
 # --------------------------------------------------------------------------- result
 @dataclass
-class BenchmarkResult:
-    """What :func:`run_benchmark` computed and wrote."""
+class BenchmarkResult(ScoringReport):
+    """What :func:`run_benchmark` computed and wrote, with the DSC plot's path (``None``
+    without matplotlib)."""
 
-    out_dir: Path
-    method: str
-    objects: list[dict]
-    slices: list[dict]
-    errors: list[dict]
-    summary: list[dict]
-    plot_path: Path | None
-    info: dict = field(default_factory=dict)
-
-    def overall(self) -> dict:
-        """The ``level == "all"`` summary row."""
-        return next(r for r in self.summary if r["level"] == "all")
+    plot_path: Path | None = None
 
 
 def run_benchmark(
@@ -303,7 +294,7 @@ def run_benchmark(
     info["plot"] = plot_note
     write_text(out / "summary.md", summary_markdown(summary, info, errors))
     write_text(out / "run.json", json.dumps(info, indent=2))
-    return BenchmarkResult(out, method_name, objects, slices, errors, summary, plot_path, info)
+    return BenchmarkResult(out, method_name, objects, slices, errors, summary, info=info, plot_path=plot_path)
 
 
 # --------------------------------------------------------------------------- summary

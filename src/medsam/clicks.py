@@ -17,21 +17,19 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
+
+from .error_regions import deepest_error
 
 
 def next_click(pred: np.ndarray, gt: np.ndarray) -> tuple[int, int, int] | None:
     """(x, y, label) of the next corrective click for an (H, W) bool prediction against the (H, W)
-    bool ground truth, label 1 (positive) or 0 (negative); None when the mask is perfect."""
-    best = None
-    for region, label in ((gt & ~pred, 1), (pred & ~gt, 0)):
-        if not region.any():
-            continue
-        depth = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
-        y, x = np.unravel_index(np.argmax(depth), depth.shape)
-        if best is None or depth[y, x] > best[0]:
-            best = (depth[y, x], int(x), int(y), label)
-    return None if best is None else best[1:]
+    bool ground truth, label 1 (positive) or 0 (negative), at the deepest error pixel
+    (:func:`deepest_error`); None when the mask is perfect."""
+    error = deepest_error(pred, gt)
+    if error is None:
+        return None
+    _, (y, x), missed = error
+    return x, y, int(missed)
 
 
 def add_error_clicks(

@@ -50,13 +50,15 @@ import hashlib
 import json
 import os
 import re
-import tempfile
+import shutil
 import weakref
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from .io.atomic import write_bytes
 
 __all__ = [
     "CACHE_FORMAT",
@@ -267,18 +269,7 @@ class EmbeddingCache:
             raise ValueError(f"expected a (1, C, E, E) embedding, got shape {tuple(t.shape)}")
         meta = {str(k): str(v) for k, v in (metadata or {}).items()}
         meta.update(key=key, format=str(CACHE_FORMAT), medsam_version=_package_version())
-        data = save({_TENSOR_NAME: t}, metadata=meta)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+        return write_bytes(path, save({_TENSOR_NAME: t}, metadata=meta))
 
     def clear(self) -> int:
         """Delete every entry (and stray temporary files); returns the number of entries deleted."""
@@ -291,8 +282,10 @@ class EmbeddingCache:
             for p in sub.iterdir():
                 if p.suffix == ".safetensors":
                     n += 1
-                if p.suffix in (".safetensors", ".tmp"):
+                if p.suffix == ".safetensors":
                     self._discard(p)
+                elif p.suffix == ".tmp":  # the temporary folder of a write that was killed
+                    shutil.rmtree(p, ignore_errors=True)
             try:
                 sub.rmdir()
             except OSError:

@@ -333,6 +333,24 @@ class ScoredObjects:
     seconds: float = 0.0
 
 
+@dataclass
+class ScoringReport:
+    """What an evaluation command computed and wrote into ``out_dir``: the method's name, the
+    object, slice and error rows, the summary rows (:func:`summarize`) and run information."""
+
+    out_dir: Path
+    method: str
+    objects: list[dict[str, Any]]
+    slices: list[dict[str, Any]]
+    errors: list[dict[str, Any]]
+    summary: list[dict[str, Any]]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def overall(self) -> dict[str, Any]:
+        """The ``level == "all"`` summary row."""
+        return next(r for r in self.summary if r["level"] == "all")
+
+
 def score_objects(
     corpus: str | Path,
     rows: Sequence[Any],

@@ -122,17 +122,12 @@ def next_scribble(pred: np.ndarray, gt: np.ndarray) -> Scribble | None:
     """
     from skimage.morphology import skeletonize
 
-    best = None
-    for region, positive in ((gt & ~pred, True), (pred & ~gt, False)):
-        if not region.any():
-            continue
-        depth = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
-        y, x = np.unravel_index(np.argmax(depth), depth.shape)
-        if best is None or depth[y, x] > best[0]:
-            best = (depth[y, x], region, (int(y), int(x)), positive)
-    if best is None:
+    from .error_regions import deepest_error
+
+    error = deepest_error(pred, gt)
+    if error is None:
         return None
-    _, region, deepest, positive = best
+    region, deepest, positive = error
     components, _ = ndimage.label(region, structure=np.ones((3, 3)))
     component = components == components[deepest]
     skeleton = skeletonize(component)  # topology-preserving: never empty for a component

@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..contract_names import CONTRACT_NAMES
+from .options import add_contract_option
 from .runner import log
 
 if TYPE_CHECKING:
@@ -44,12 +44,7 @@ def add_parser(subparsers: Subparsers) -> None:
         default=None,
         help="score a baseline instead of a model: fill the box, or Otsu inside it",
     )
-    p.add_argument(
-        "--contract",
-        choices=CONTRACT_NAMES,
-        default=None,
-        help="override the checkpoint's preprocessing contract",
-    )
+    add_contract_option(p)
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: automatic)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="image encoder precision")
     p.add_argument(

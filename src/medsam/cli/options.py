@@ -1,4 +1,4 @@
-"""Argument types shared by several commands (argparse ``type=`` callables; no library imports)."""
+"""Argument types and options shared by several commands (no heavy imports: torch stays unloaded)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,19 @@ if TYPE_CHECKING:
     # (generic in typeshed only, so the alias exists for the type checker alone).
     Subparsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
 
-__all__ = ["ct_window", "finite_float", "non_negative_int", "positive_int"]
+__all__ = ["add_contract_option", "ct_window", "finite_float", "non_negative_int", "positive_int"]
+
+
+def add_contract_option(parser: argparse.ArgumentParser) -> None:
+    """``--contract NAME``: override the checkpoint's preprocessing contract."""
+    from ..contract_names import CONTRACT_NAMES
+
+    parser.add_argument(
+        "--contract",
+        choices=CONTRACT_NAMES,
+        default=None,
+        help="override the checkpoint's preprocessing contract",
+    )
 
 
 def ct_window(text: str) -> str | tuple[float, float]:

@@ -6,8 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Literal
 
-from ..contract_names import CONTRACT_NAMES
-from .options import ct_window, finite_float, non_negative_int, positive_int
+from .options import add_contract_option, ct_window, finite_float, non_negative_int, positive_int
 from .runner import CLIError, log
 
 if TYPE_CHECKING:
@@ -116,12 +115,7 @@ def add_parser(sub: Subparsers) -> None:
         default=None,
         help="the checkpoint's architecture when its tensors do not tell (e.g. medsam2, sam2.1_hiera_tiny)",
     )
-    p.add_argument(
-        "--contract",
-        choices=CONTRACT_NAMES,
-        default=None,
-        help="override the checkpoint's preprocessing contract",
-    )
+    add_contract_option(p)
     p.add_argument("--modality", default=None, help="CT, MR, PET, ... (intensity normalisation)")
     p.add_argument(
         "--window",

@@ -1,7 +1,7 @@
 """Atomic file output: write into a private temp folder beside the target, then ``os.replace``.
 
-:func:`atomic_output` is the mechanism; :func:`write_text`, :func:`write_json` and
-:func:`write_csv` are the package's one way of writing those files.
+:func:`atomic_output` is the mechanism; :func:`write_bytes`, :func:`write_text`,
+:func:`write_json` and :func:`write_csv` are the package's one way of writing those files.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_output", "write_csv", "write_json", "write_text"]
+__all__ = ["atomic_output", "write_bytes", "write_csv", "write_json", "write_text"]
 
 
 @contextmanager
@@ -46,6 +46,14 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         os.replace(target, path)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically; returns the path."""
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
+    return path
 
 
 def write_text(path: str | Path, text: str) -> Path:

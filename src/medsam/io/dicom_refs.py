@@ -16,7 +16,21 @@ from pydicom.dataset import Dataset
 from .image import MedicalImage
 from .writers import label_array
 
-__all__ = ["referenced_headers", "referenced_labels"]
+__all__ = ["PATIENT_STUDY_ATTRIBUTES", "referenced_headers", "referenced_labels"]
+
+# The patient and study attributes a derived object carries over from the images it references
+# (type 2 in both IODs: present, possibly empty).
+PATIENT_STUDY_ATTRIBUTES = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
 
 
 def referenced_labels(mask: np.ndarray, like: MedicalImage, what: str) -> tuple[np.ndarray, list[int]]:

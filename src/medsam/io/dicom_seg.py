@@ -7,39 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import __version__
 from .atomic import atomic_output
-from .dicom_refs import referenced_headers, referenced_labels
+from .dicom_refs import PATIENT_STUDY_ATTRIBUTES, referenced_headers, referenced_labels
 from .image import MedicalImage
 
 __all__ = ["write_dicom_seg"]
-
-
-# Patient / study attributes highdicom copies from the source images
-_TYPE2_COPIED = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "StudyID",
-    "AccessionNumber",
-    "ReferringPhysicianName",
-)
-
-
-def _medsam_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("medsam")
-    except Exception:
-        try:
-            from medsam import __version__
-
-            return str(__version__)
-        except ImportError:
-            return "unknown"
 
 
 def _display_colour(hd, rgb: tuple[int, int, int] | None) -> dict:
@@ -87,13 +60,13 @@ def write_dicom_seg(
         frames = remap[frames]
     sources = referenced_headers(like, frames.shape[0], multiframe=True)
     for ds in sources:  # anonymised data often lacks these type-2 (may be empty) attributes
-        for keyword in _TYPE2_COPIED:
+        for keyword in PATIENT_STUDY_ATTRIBUTES:
             if keyword not in ds:
                 setattr(ds, keyword, "")
     names = dict(segment_labels or {})
     colours = dict(colours or {})
     algorithm = hd.AlgorithmIdentificationSequence(
-        name="MedSAM", family=codes.DCM.ArtificialIntelligence, version=_medsam_version()
+        name="MedSAM", family=codes.DCM.ArtificialIntelligence, version=__version__
     )
     descriptions = [
         hd.seg.SegmentDescription(
@@ -118,7 +91,7 @@ def write_dicom_seg(
         instance_number=1,
         manufacturer="medsam",
         manufacturer_model_name="MedSAM",
-        software_versions=_medsam_version(),
+        software_versions=__version__,
         device_serial_number="0",
         series_description=series_description,
     )

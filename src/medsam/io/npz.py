@@ -18,14 +18,13 @@ the object of box ``n``, 1-based; 0 is background).
 
 from __future__ import annotations
 
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_output
 from .errors import ImageReadError
 
 __all__ = ["NpzCase", "read_npz_case", "write_npz_segs"]
@@ -163,17 +162,6 @@ def write_npz_segs(path: str | Path, segs, spacing=None) -> Path:
         if not np.all(np.isfinite(sp)) or np.any(sp <= 0):
             raise ValueError(f"spacing must be positive numbers, got {sp.tolist()}")
         arrays["spacing"] = sp
-    parent = path.parent if str(path.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
     return path

@@ -25,7 +25,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from ..overlay import PALETTE
 from .atomic import atomic_output
-from .dicom_refs import referenced_headers, referenced_labels
+from .dicom_refs import PATIENT_STUDY_ATTRIBUTES, referenced_headers, referenced_labels
 from .image import MedicalImage
 
 __all__ = [
@@ -40,20 +40,8 @@ __all__ = [
 RT_STRUCTURE_SET_STORAGE = UID("1.2.840.10008.5.1.4.1.1.481.3")
 # ROI display colours (RGB), cycled by label: the overlay pictures' palette.
 ROI_COLOURS: tuple[tuple[int, int, int], ...] = tuple((int(r), int(g), int(b)) for r, g, b in PALETTE)
-# Patient and study attributes copied from the source images when present.
-_COPIED = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyInstanceUID",
-    "StudyDate",
-    "StudyTime",
-    "StudyID",
-    "AccessionNumber",
-    "ReferringPhysicianName",
-    "FrameOfReferenceUID",
-)
+# The study and frame of reference too are copied from the source images when present.
+_COPIED = ("StudyInstanceUID", *PATIENT_STUDY_ATTRIBUTES, "FrameOfReferenceUID")
 
 
 def mask_contours(mask: np.ndarray) -> list[np.ndarray]:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
 
 from .labels import now_iso
 
-__all__ = ["Job", "JobFailed", "JobManager"]
+__all__ = ["Job", "JobFailed", "JobListing", "JobManager"]
 
 _KEEP_FINISHED = 200
 
@@ -71,7 +72,43 @@ class Job:
         return self.status in ("queued", "running")
 
 
-class JobManager:
+class _Cancellable(Protocol):
+    cancelled: bool
+
+    @property
+    def active(self) -> bool: ...
+
+
+JobT = TypeVar("JobT", bound=_Cancellable)
+
+
+class JobListing(Generic[JobT]):
+    """What a job manager answers about its jobs: ``_jobs`` (id -> job, in creation order),
+    guarded by ``_lock``. Cancelling marks an active job; :meth:`_cancelled` is the manager's
+    further step (stopping a process)."""
+
+    _jobs: MutableMapping[str, JobT]
+    _lock: threading.Lock
+
+    def get(self, job_id: str) -> JobT | None:
+        return self._jobs.get(job_id)
+
+    def all(self) -> list[JobT]:
+        with self._lock:
+            return list(self._jobs.values())
+
+    def cancel(self, job_id: str) -> JobT | None:
+        job = self._jobs.get(job_id)
+        if job is not None and job.active:
+            job.cancelled = True
+            self._cancelled(job)
+        return job
+
+    def _cancelled(self, job: JobT) -> None:
+        """Called after ``job`` was marked cancelled."""
+
+
+class JobManager(JobListing[Job]):
     """Runs jobs on one lazily created worker thread; :meth:`shutdown` cancels queued jobs."""
 
     def __init__(self) -> None:
@@ -103,23 +140,10 @@ class JobManager:
             job.status, job.error, job.error_status = "failed", f"{type(exc).__name__}: {exc}", 500
         job.finished = now_iso()
 
-    def get(self, job_id: str) -> Job | None:
-        return self._jobs.get(job_id)
-
     def latest(self, kind: str, image_id: str | None) -> Job | None:
         with self._lock:
             found = [j for j in self._jobs.values() if j.kind == kind and j.image_id == image_id]
         return found[-1] if found else None
-
-    def all(self) -> list[Job]:
-        with self._lock:
-            return list(self._jobs.values())
-
-    def cancel(self, job_id: str) -> Job | None:
-        job = self._jobs.get(job_id)
-        if job is not None and job.active:
-            job.cancelled = True
-        return job
 
     def shutdown(self) -> None:
         with self._lock:

@@ -42,6 +42,16 @@ class Workbench:
         except ValueError as exc:  # ImageReadError and normalisation failures
             raise HTTPException(422, f"cannot read {image_id!r}: {str(exc).splitlines()[0]}") from None
 
+    def load_slice(self, image_id: str, index: int, status: int = 404) -> LoadedImage:
+        """:meth:`load`, with slice ``index`` checked: ``status`` where the image has no such
+        slice (404 where the index is part of the URL, 422 where it is a field of the body)."""
+        loaded = self.load(image_id)
+        try:
+            loaded.check_slice(index)
+        except IndexError as exc:
+            raise HTTPException(status, str(exc)) from None
+        return loaded
+
     def check_id(self, image_id: str) -> None:
         """400/404 for ids that are unsafe or not images, without reading the image."""
         try:

@@ -63,7 +63,7 @@ from .accepted_corpus import (
     JobCancelled,
     write_accepted_corpus,
 )
-from .jobs import JobFailed
+from .jobs import JobFailed, JobListing
 from .labels import LabelStore, now_iso
 from .trained_models import JOB_ID_RE, STARTUP_MODEL_ID, model_entries, trained_records
 from .training_process import run_training_process, training_config
@@ -249,7 +249,7 @@ class TrainingJob:
         }
 
 
-class TrainingManager:
+class TrainingManager(JobListing[TrainingJob]):
     """Training jobs (one at a time) and the models they made (module docstring).
 
     Args:
@@ -324,21 +324,10 @@ class TrainingManager:
         thread.start()
         return job
 
-    def get(self, job_id: str) -> TrainingJob | None:
-        return self._jobs.get(job_id)
-
-    def all(self) -> list[TrainingJob]:
-        with self._lock:
-            return list(self._jobs.values())
-
-    def cancel(self, job_id: str) -> TrainingJob | None:
-        job = self._jobs.get(job_id)
-        if job is not None and job.active:
-            job.cancelled = True
-            proc = self._procs.get(job_id)
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-        return job
+    def _cancelled(self, job: TrainingJob) -> None:
+        proc = self._procs.get(job.id)
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
 
     def shutdown(self, timeout: float = 20.0) -> None:
         """Cancel a running job and wait for its thread (the served model stays as it is)."""

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,7 @@ from .. import __version__
 from .. import benchmark as _bench
 from ..corpus import read_manifest
 from ..io.atomic import write_text
-from ..scoring import ERROR_COLUMNS, SLICE_COLUMNS, SUMMARY_COLUMNS, score_objects
+from ..scoring import ERROR_COLUMNS, SLICE_COLUMNS, SUMMARY_COLUMNS, ScoringReport, score_objects
 from ..scoring import OBJECT_COLUMNS as _OBJECT_COLUMNS
 from ..scoring import summarize as summarize_objects
 from .data import CaseOrientations
@@ -43,18 +42,8 @@ from .model import Specialist, load_specialist
 OBJECT_COLUMNS = (*_OBJECT_COLUMNS, "in_classes")
 
 
-@dataclass
-class SpecialistEvaluation:
-    out_dir: Path
-    method: str
-    objects: list[dict]
-    slices: list[dict]
-    errors: list[dict]
-    summary: list[dict]
-    info: dict = field(default_factory=dict)
-
-    def overall(self) -> dict:
-        return next(r for r in self.summary if r["level"] == "all")
+class SpecialistEvaluation(ScoringReport):
+    """What :func:`evaluate_specialist` computed and wrote."""
 
 
 class SpecialistMethod:

@@ -22,11 +22,7 @@ router = APIRouter(tags=["auto"])
 def auto(body: AutoRequest, wb: WorkbenchDep) -> JobInfo:
     from ...automatic import AutoOptions, instance_label_map
 
-    loaded = wb.load(body.image_id)
-    try:
-        loaded.check_slice(body.slice_index)
-    except IndexError as exc:
-        raise HTTPException(422, str(exc)) from None
+    loaded = wb.load_slice(body.image_id, body.slice_index, 422)
     try:
         options = AutoOptions(
             prompt=body.prompt,

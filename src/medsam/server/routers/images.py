@@ -69,11 +69,7 @@ def slice_png(
     level: float | None = Query(None, allow_inf_nan=False, description="custom window level (raw units, HU for CT)"),
     width: float | None = Query(None, gt=0, allow_inf_nan=False, description="custom window width"),
 ) -> Response:
-    loaded = wb.load(image_id)
-    try:
-        loaded.check_slice(index)
-    except IndexError as exc:
-        raise HTTPException(404, str(exc)) from None
+    loaded = wb.load_slice(image_id, index)
     # 'auto' shows exactly what the model sees (the datastore's model input); a preset or an
     # explicit level / width clips the raw values (HU for CT) with the same Window the model uses.
     if loaded.image.is_color or (window == "auto" and (level is None or width is None)):

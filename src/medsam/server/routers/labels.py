@@ -70,16 +70,6 @@ def _conflict(exc: VersionConflict) -> HTTPException:
     return HTTPException(409, str(exc), headers={"ETag": _etag(exc.current)})
 
 
-def _load_slice(wb: Workbench, image_id: str, index: int):
-    """The loaded image, with ``index`` checked against its slices (404 otherwise)."""
-    loaded = wb.load(image_id)
-    try:
-        loaded.check_slice(index)
-    except IndexError as exc:
-        raise HTTPException(404, str(exc)) from None
-    return loaded
-
-
 def _decode(mask, shape: tuple[int, ...], what: str, definitions) -> np.ndarray:
     """An RLE mask of exactly ``shape`` with only defined label values (422 otherwise)."""
     if tuple(mask.shape) != shape:
@@ -106,7 +96,7 @@ def _saved(wb: Workbench, image_id: str, write, body, response: Response) -> Lab
 
 @router.get("/{image_id:path}/slices/{index}", response_model=SliceLabels, summary="Labels of one slice")
 def get_slice(image_id: str, index: int, wb: WorkbenchDep, response: Response) -> SliceLabels:
-    loaded = _load_slice(wb, image_id, index)
+    loaded = wb.load_slice(image_id, index)
     version, labels = wb.labels.read(image_id, loaded.image)
     plane = labels[index] if loaded.image.is_volume else labels
     values, counts = rle_encode(plane)
@@ -129,7 +119,7 @@ def put_slice(
     if_match: str | None = Header(default=None),
 ) -> LabelInfo:
     version = expected_version(if_match, body.expected_version)
-    loaded = _load_slice(wb, image_id, index)
+    loaded = wb.load_slice(image_id, index)
     plane = _decode(body.mask, tuple(loaded.image.spatial_shape[-2:]), "slice shape", body.definitions)
 
     def change(current: np.ndarray) -> np.ndarray:

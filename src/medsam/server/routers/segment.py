@@ -17,11 +17,7 @@ router = APIRouter(tags=["segment"])
 
 @router.post("/segment", response_model=SegmentResponse, summary="Segment one object on one slice")
 def segment(body: SegmentRequest, wb: WorkbenchDep) -> SegmentResponse:
-    loaded = wb.load(body.image_id)
-    try:
-        loaded.check_slice(body.slice_index)
-    except IndexError as exc:
-        raise HTTPException(422, str(exc)) from None
+    loaded = wb.load_slice(body.image_id, body.slice_index, 422)
     box = None if body.box is None else (body.box.x0, body.box.y0, body.box.x1, body.box.y1)
     points = [(p.x, p.y, p.positive) for p in body.points]
     strokes = [([(v.x, v.y) for v in s.points], s.positive) for s in body.scribbles]

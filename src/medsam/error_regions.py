@@ -1,0 +1,22 @@
+"""Where a prediction is most wrong: the error region that corrective clicks and scribbles go in."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+
+def deepest_error(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, tuple[int, int], bool] | None:
+    """The error region of an (H, W) bool prediction against the (H, W) bool ground truth that
+    holds the pixel deepest inside an error (Euclidean distance transform, the image border
+    counting as outside; the missed region ``gt & ~pred`` wins ties): (region, (y, x) of that
+    pixel, True for missed / False for false); None when the prediction is perfect."""
+    best = None
+    for region, missed in ((gt & ~pred, True), (pred & ~gt, False)):
+        if not region.any():
+            continue
+        depth = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
+        y, x = np.unravel_index(np.argmax(depth), depth.shape)
+        if best is None or depth[y, x] > best[0]:
+            best = (depth[y, x], region, (int(y), int(x)), missed)
+    return None if best is None else best[1:]
