@@ -171,3 +171,67 @@ def test_a_checkpoint_of_another_family_is_refused(volumes, tmp_path):
     )
     with pytest.raises(ValueError, match="not a SAM2-family one"):
         train(cfg)
+
+
+def test_two_ranks_train_on_two_clips_with_averaged_gradients(volumes, tmp_path):
+    """torchrun with 2 ranks on gloo, one step: the weights every rank ends with are those of one
+    AdamW step on the mean of the two ranks' clip gradients, computed here in one process."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    settings = {
+        "model": {"arch": "sam2.1_hiera_tiny", "config_overrides": TINY},
+        "clips": {"volumes": str(volumes), "frames": 3, "labels": [1, 5]},
+        "train": {"max_steps": 1, "warmup_steps": 0, "lr": 1e-3, "mode": "decoder", "device": "cpu"},
+        "output": {"dir": str(tmp_path / "ddp"), "tensorboard": False},
+    }
+    config_path = tmp_path / "clips.yaml"
+    config_path.write_text(yaml.safe_dump(settings))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "medsam", "train", str(config_path)]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trained = medsam.load_model(tmp_path / "ddp" / "model.safetensors").state_dict()
+
+    # one thread, as the ranks had: AdamW's first step divides each gradient by its own size,
+    # so the last bits of a tiny gradient decide its parameter's step
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        expected = _one_step_on_the_mean_gradient(settings, volumes, tmp_path / "here")
+    finally:
+        torch.set_num_threads(threads)
+    for name, tensor in expected.items():
+        assert torch.allclose(trained[name], tensor, atol=1e-6), name
+    assert not torch.equal(
+        trained["memory_attention.layers.0.self_attn.q_proj.weight"],
+        sam2_clips.build_model(TrainConfig.from_dict(settings), torch.device("cpu")).state_dict()[
+            "memory_attention.layers.0.self_attn.q_proj.weight"
+        ],
+    )
+
+
+def _one_step_on_the_mean_gradient(settings: dict, volumes: Path, out: Path) -> dict[str, torch.Tensor]:
+    from medsam.train.distributed import DistInfo
+    from medsam.train.step_run import StepRun
+
+    cfg = TrainConfig.from_dict({**settings, "output": {"dir": str(out)}})
+    model = sam2_clips.build_model(cfg, torch.device("cpu")).train()
+    parameters = sam2_clips.trainable_parameters(model, "decoder")
+    case = sam2_clips.load_case(volumes / "images" / "ct.nii.gz", volumes / "labels" / "ct.nii.gz", [1, 5], None, None)
+    gradients = []
+    for rank in (0, 1):
+        run = StepRun(cfg, sam2_clips.KIND, DistInfo(rank=rank, world_size=2))
+        rng, drawn, value = run.draw([case])
+        clip = sam2_clips.make_clip(drawn, value, sam2_clips.clip_slices(drawn, value, 3, rng), model, cfg, rng)
+        model.zero_grad(set_to_none=True)
+        sam2_clips.clip_loss(sam2_clips.track_clip(model, clip, False), clip.targets, cfg).total.backward()
+        gradients.append([p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in parameters])
+    optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=cfg.train.weight_decay)
+    for p, g0, g1 in zip(parameters, *gradients, strict=True):
+        p.grad = (g0 + g1) / 2
+    optimizer.step()
+    return model.state_dict()

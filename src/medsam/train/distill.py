@@ -108,13 +108,13 @@ def train_distill(cfg: TrainConfig) -> TrainResult:
     from ..preprocess import get_contract
     from ..preprocess_fast import prepare_image_fast
     from .embedding_store import EmbeddingStore, build_embedding_store, whole_key
-    from .single_run import SingleProcessRun
+    from .step_run import StepRun
     from .trainable import build_initial_model
 
     t, d = cfg.train, cfg.data
     if not d.corpus:
         raise ValueError("data.corpus is required (set it in the YAML or pass data.corpus=PATH)")
-    run = SingleProcessRun(cfg, KIND)
+    run = StepRun(cfg, KIND)
     corpus = Path(d.corpus)
     teacher = load_teacher(cfg.distill.teacher)
     student = build_initial_model(cfg.model, t.seed)

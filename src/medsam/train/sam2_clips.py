@@ -26,8 +26,9 @@ as SAM2's and MedSAM2's training do:
 ``train.mode``: ``full`` trains every parameter; ``decoder`` computes the image features
 without gradients and trains the rest (prompt encoder, mask decoder except its projections of
 the high-resolution maps, memory attention, memory encoder, object pointers). The bookkeeping
-(resume, schedule, ``latest.pt``, ``model.safetensors``) is :class:`~.single_run.SingleProcessRun`'s.
-One process: several GPUs (torchrun) are not supported by this trainer.
+(resume, schedule, ``latest.pt``, ``model.safetensors``) is :class:`~.step_run.StepRun`'s.
+Under torchrun every rank tracks its own clip and the gradients are averaged
+(:class:`~.step_run.StepRun`): a step trains on as many clips as there are ranks.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 from ..model.sam2 import SAM2_CONFIGS, SAM2Config, SAM2Model
 from ..model.sam2_tracking import FrameFeatures, FrameOutput, SAM2Tracker, frame_features
 from .config import TrainConfig
+from .distributed import DistInfo
 from .result import TrainResult
 
 KIND = "sam2_clips"
@@ -237,12 +239,22 @@ def trainable_parameters(model: SAM2Model, mode: str) -> list[torch.nn.Parameter
 
 def train_sam2_clips(cfg: TrainConfig) -> TrainResult:
     """Run (or resume) a SAM2-family clip fine-tuning as configured."""
+    from .distributed import cleanup, init_distributed
+
+    info = init_distributed(cfg.train.device)
+    try:
+        return _train(cfg, info)
+    finally:
+        cleanup(info)
+
+
+def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
     from .sam_med3d import find_pairs
-    from .single_run import SingleProcessRun
+    from .step_run import StepRun
 
     t, c = cfg.train, cfg.clips
-    run = SingleProcessRun(cfg, KIND)
-    device = torch.device("cuda" if t.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    run = StepRun(cfg, KIND, info)
+    device = info.device
     pairs = find_pairs(c.volumes or "")
     model = build_model(cfg, device).train()
     cases = [load_case(image, label, c.labels, c.modality, c.window) for image, label in pairs]
@@ -253,9 +265,7 @@ def train_sam2_clips(cfg: TrainConfig) -> TrainResult:
     optimizer = torch.optim.AdamW(parameters, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas))
     run.start(model, optimizer, t.max_steps or t.epochs * len(cases), len(cases), device=str(device))
     while run.step < run.steps:
-        rng = np.random.default_rng((t.seed, run.step))
-        case = cases[int(rng.integers(len(cases)))]
-        value = case.values[int(rng.integers(len(case.values)))]
+        rng, case, value = run.draw(cases)
         clip = make_clip(case, value, clip_slices(case, value, c.frames, rng), model, cfg, rng)
         loss = clip_loss(track_clip(model, clip, t.mode == "full"), clip.targets, cfg)
         run.update(loss.total, parameters, note=f"{case.name}, label {value}, {clip.kind} prompt")

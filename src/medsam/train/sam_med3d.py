@@ -170,10 +170,10 @@ def _optimizer(model: SamMed3DModel, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 def train_sam_med3d(cfg: TrainConfig) -> TrainResult:
     """Run (or resume) a SAM-Med3D fine-tuning as configured."""
-    from .single_run import SingleProcessRun
+    from .step_run import StepRun
 
     t = cfg.train
-    run = SingleProcessRun(cfg, KIND)
+    run = StepRun(cfg, KIND)
     device = torch.device("cuda" if t.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     pairs = find_pairs(cfg.med3d.volumes or "")
     model = build_model(cfg, device).train()
@@ -185,9 +185,7 @@ def train_sam_med3d(cfg: TrainConfig) -> TrainResult:
     optimizer = _optimizer(model, cfg)
     run.start(model, optimizer, t.max_steps or t.epochs * len(cases), len(cases), device=str(device))
     while run.step < run.steps:
-        rng = np.random.default_rng((t.seed, run.step))
-        case = cases[int(rng.integers(len(cases)))]
-        value = case.values[int(rng.integers(len(case.values)))]
+        rng, case, value = run.draw(cases)
         cube, target = sample_cube(case, value, config.img_size, cfg.med3d.shift, rng)
         with torch.set_grad_enabled(t.mode == "full"):
             embedding = model.embed_image(cube.to(device)[None, None])
