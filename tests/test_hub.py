@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import json
+import os
 import subprocess
 import sys
 import threading
@@ -154,3 +156,27 @@ def test_medsam_models_lists_and_refuses_unknown_names(served):
     bad = subprocess.run([sys.executable, "-m", "medsam", "models", "fetch", "nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown model name" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_a_checked_cached_file_is_not_hashed_again_until_it_changes(served, tmp_path, monkeypatch):
+    _, payload = served
+    path = hub.fetch("tiny_test", progress=False)
+    hub.cached_path("tiny_test")  # the first check of the cached file leaves its stamp
+    assert (
+        json.loads((tmp_path / "cache" / "tiny_test.verified").read_text())["sha256"]
+        == hashlib.sha256(payload).hexdigest()
+    )
+    hashed = []
+    real = hub.sha256_of
+    monkeypatch.setattr(hub, "sha256_of", lambda p: hashed.append(p) or real(p))
+    assert hub.cached_path("tiny_test") == path and hashed == []
+    # the same bytes written again (same size and content): the stamp no longer matches, so the
+    # file is read, passes and is stamped again
+    path.write_bytes(payload)
+    assert hub.cached_path("tiny_test") == path and hashed == [path]
+    # a change of one byte that keeps the size and the modification time is still caught
+    stat = path.stat()
+    path.write_bytes(payload[:-1] + bytes([payload[-1] ^ 1]))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(hub.HubError, match="does not match"):
+        hub.cached_path("tiny_test")
