@@ -79,6 +79,46 @@ def test_the_training_forward_is_the_tracking_inference(volumes, tmp_path):
     assert [round(o.iou, 6) for o in outputs] == [round(expected.scores[0][k], 6) for k in range(4)]
 
 
+def test_corrections_click_in_the_error_and_the_slice_keeps_its_last_decoding(volumes, tmp_path):
+    import torch.nn.functional as F
+
+    cfg = _config(volumes, tmp_path / "run", max_steps=1)
+    model = sam2_clips.build_model(cfg, torch.device("cpu")).eval()
+    with torch.no_grad():
+        model.sam_mask_decoder.pred_obj_score_head.layers[2].bias.fill_(8.0)
+    clip = sam2_clips.make_clip(_case(volumes), 1, [4, 5, 6], model, cfg, np.random.default_rng(0), "box")
+    truth = clip.targets[1, 0] > 0.5
+    base = sam2_clips.error_clicks(clip.targets[1:2], 3, np.random.default_rng(1))
+    seen = []
+
+    def recording(decode, heads):
+        def spy(coords, labels, previous):
+            # the newest click lies in the error of the prediction before it, labelled by its kind
+            before = F.interpolate(previous.low_res, size=truth.shape, mode="bilinear", align_corners=False)[0, 0] > 0
+            x, y = (int(v) for v in coords[0, -1])
+            assert bool(before[y, x]) != bool(truth[y, x]) and int(labels[0, -1]) == int(truth[y, x])
+            seen.append(coords.shape[1])
+            return decode(coords, labels, previous)
+
+        return base(spy, heads)
+
+    with torch.no_grad():
+        corrected = sam2_clips.track_clip(model, clip, False, {1: recording})
+        plain = sam2_clips.track_clip(model, clip, False)
+    assert seen == [1, 2, 3]  # the clicks accumulate
+    out = corrected[1]
+    assert len(out.corrections) == 3 and torch.equal(out.low_res, out.corrections[-1].low_res)
+    assert torch.equal(corrected[0].low_res, plain[0].low_res)
+    assert not torch.equal(corrected[2].low_res, plain[2].low_res)  # the next slice remembers the correction
+    # the loss sums the losses of every decoding of the corrected slice
+    import dataclasses
+
+    goal = clip.targets[1:2]
+    parts = [dataclasses.replace(out, heads=h, corrections=[]) for h in [out.heads, *out.corrections]]
+    each = sum(float(sam2_clips.clip_loss([p], goal, cfg).total) for p in parts)
+    assert abs(float(sam2_clips.clip_loss([out], goal, cfg).total) - each) < 1e-3 * each
+
+
 def test_a_run_learns_and_its_export_tracks(volumes, tmp_path):
     cfg = _config(volumes, tmp_path / "run", max_steps=30, lr=1e-3, mode="decoder")
     case = _case(volumes)
@@ -141,6 +181,7 @@ def test_a_resumed_run_ends_where_the_uninterrupted_one_does(volumes, tmp_path, 
         ({"clips": {"prompts": ["box", "scribble"]}}, "clips.prompts"),
         ({"clips": {"window": "nowhere"}}, "clips.window: unknown CT window"),
         ({"loss": {"kind": "dice_bce"}}, "loss.kind must be one of focal_dice"),
+        ({"clips": {"correction_clicks": -1}}, "clips.correction_frames and clips.correction_clicks"),
     ],
 )
 def test_clip_settings_are_checked(changes, message):
@@ -228,7 +269,8 @@ def _one_step_on_the_mean_gradient(settings: dict, volumes: Path, out: Path) -> 
         rng, drawn, value = run.draw([case])
         clip = sam2_clips.make_clip(drawn, value, sam2_clips.clip_slices(drawn, value, 3, rng), model, cfg, rng)
         model.zero_grad(set_to_none=True)
-        sam2_clips.clip_loss(sam2_clips.track_clip(model, clip, False), clip.targets, cfg).total.backward()
+        outputs = sam2_clips.track_clip(model, clip, False, sam2_clips.plan_corrections(clip, cfg, rng))
+        sam2_clips.clip_loss(outputs, clip.targets, cfg).total.backward()
         gradients.append([p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in parameters])
     optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=cfg.train.weight_decay)
     for p, g0, g1 in zip(parameters, *gradients, strict=True):

@@ -212,7 +212,7 @@ def _verified(item: RegistryEntry, folder: Path, path: Path, want: str) -> bool:
         stamp = json.loads((folder / f"{item.name}.verified").read_text())
     except (OSError, ValueError):
         return False
-    return stamp == {"sha256": want, "file": item.filename, "stat": _file_stamp(path)}
+    return bool(stamp == {"sha256": want, "file": item.filename, "stat": _file_stamp(path)})
 
 
 def _stamp_verified(item: RegistryEntry, folder: Path, path: Path, digest: str) -> None:

@@ -26,6 +26,7 @@ Frame features (:class:`FrameFeatures`) are computed once per frame and shared b
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -72,11 +73,20 @@ class HeadOutput:
         return self.masks[:, self.best : self.best + 1]
 
 
+# A frame's correction: given ``decode(coords, labels, previous)`` (the heads again on the
+# frame's features, with clicks ``coords`` (1, P, 2) / ``labels`` (1, P) added to the frame's own
+# prompt and ``previous``'s chosen logits as the dense prompt) and the first decoding, it returns
+# the decodings after each corrective click, in order (fine-tuning's simulated corrections).
+Decode = Callable[[torch.Tensor, torch.Tensor, "HeadOutput"], "HeadOutput"]
+Corrector = Callable[[Decode, "HeadOutput"], "list[HeadOutput]"]
+
+
 @dataclass
 class FrameOutput:
     """One object on one frame: low-resolution logits (1, 1, 4E, 4E) (holes filled), the chosen
     mask's predicted IoU, the object score, the object pointer (1, 256), the memory and, where
-    the decoder ran, its :class:`HeadOutput` (before hole filling)."""
+    the decoder ran, its :class:`HeadOutput` (before hole filling) and those of any corrections
+    (``corrections``; the frame's output is then the last one's)."""
 
     low_res: torch.Tensor
     iou: float
@@ -85,6 +95,7 @@ class FrameOutput:
     memory: torch.Tensor | None = None
     memory_pos: torch.Tensor | None = None
     heads: HeadOutput | None = None
+    corrections: list[HeadOutput] = field(default_factory=list)
 
 
 @dataclass
@@ -198,20 +209,48 @@ class SAM2Tracker:
 
     # ---------------------------------------------------------------- frames
     def prompt(
-        self, features: FrameFeatures, coords: torch.Tensor, labels: torch.Tensor, key: int, reverse: bool = False
+        self,
+        features: FrameFeatures,
+        coords: torch.Tensor,
+        labels: torch.Tensor,
+        key: int,
+        reverse: bool = False,
+        corrector: Corrector | None = None,
     ) -> Track:
         """Start a track on its prompted frame ``key``: ``coords`` (1, P, 2) in network-input
         pixels with ``labels`` (1, P) (1/0 clicks, 2/3 box corners). The prompted frame's output
         does not depend on the direction: a track the other way may share it
-        (``Track(key, not reverse, track.key_output)``)."""
+        (``Track(key, not reverse, track.key_output)``). ``corrector``: see :data:`Corrector`."""
         pix = features.pix + self.model.no_mem_embed.reshape(1, -1, 1, 1)
-        multimask = labels.shape[1] <= 1
-        heads = self._heads(pix, features, coords, labels, multimask)
-        iou, score = float(heads.ious[0, heads.best].detach()), float(heads.object_logit[0, 0].detach())
-        low = fill_holes(heads.low_res, self.fill_hole_area)
+        heads = self._heads(pix, features, coords, labels, labels.shape[1] <= 1)
+        corrections = self._corrected(pix, features, coords, labels, heads, corrector)
+        final = corrections[-1] if corrections else heads
+        iou, score = float(final.ious[0, final.best].detach()), float(final.object_logit[0, 0].detach())
+        low = fill_holes(final.low_res, self.fill_hole_area)
         memory, memory_pos = self._memory(features, self._upsampled(low), score, binarize=True)
-        out = FrameOutput(low, iou, score, heads.pointer, memory, memory_pos, heads)
+        out = FrameOutput(low, iou, score, final.pointer, memory, memory_pos, heads, corrections)
         return Track(key=key, reverse=reverse, key_output=out)
+
+    def _corrected(
+        self,
+        pix: torch.Tensor,
+        features: FrameFeatures,
+        coords: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        heads: HeadOutput,
+        corrector: Corrector | None,
+    ) -> list[HeadOutput]:
+        """The decodings after each of ``corrector``'s clicks (none without one)."""
+        if corrector is None:
+            return []
+
+        def decode(more: torch.Tensor, more_labels: torch.Tensor, previous: HeadOutput) -> HeadOutput:
+            all_coords = more if coords is None else torch.cat([coords, more], dim=1)
+            all_labels = more_labels if labels is None else torch.cat([labels, more_labels], dim=1)
+            multimask = all_labels.shape[1] <= 1
+            return self._heads(pix, features, all_coords, all_labels, multimask, previous.low_res)
+
+        return corrector(decode, heads)
 
     def prompt_mask(self, features: FrameFeatures, mask: torch.Tensor, key: int) -> Track:
         """Start a track from a mask drawn on frame ``key``: ``mask`` (1, 1, S, S) of 0 / 1 at the
@@ -234,8 +273,17 @@ class SAM2Tracker:
         out = FrameOutput(low, 1.0, score, pointer, memory, memory_pos)
         return Track(key=key, reverse=False, key_output=out)
 
-    def step(self, track: Track, frame: int, features: FrameFeatures, num_frames: int) -> FrameOutput:
-        """Track the object onto ``frame`` (the next one in the track's direction)."""
+    def step(
+        self,
+        track: Track,
+        frame: int,
+        features: FrameFeatures,
+        num_frames: int,
+        corrector: Corrector | None = None,
+    ) -> FrameOutput:
+        """Track the object onto ``frame`` (the next one in the track's direction).
+        ``corrector``: see :data:`Corrector`; a corrected frame's memory is made from its
+        binarised mask, as a prompted frame's is."""
         model = self.model
         memory, memory_pos, pointer_tokens = self._gather(track, frame, num_frames)
         current = features.pix.flatten(2).transpose(1, 2)
@@ -243,10 +291,13 @@ class SAM2Tracker:
         conditioned = model.memory_attention(current, current_pos, memory, memory_pos, pointer_tokens)
         pix = conditioned.transpose(1, 2).reshape(features.pix.shape)
         heads = self._heads(pix, features, None, None, multimask=True)
-        iou, score = float(heads.ious[0, heads.best].detach()), float(heads.object_logit[0, 0].detach())
-        memory_now, pos_now = self._memory(features, self._upsampled(heads.low_res), score, binarize=False)
-        low = fill_holes(heads.low_res, self.fill_hole_area)
-        out = FrameOutput(low, iou, score, heads.pointer, memory_now, pos_now, heads)
+        corrections = self._corrected(pix, features, None, None, heads, corrector)
+        final = corrections[-1] if corrections else heads
+        iou, score = float(final.ious[0, final.best].detach()), float(final.object_logit[0, 0].detach())
+        high = self._upsampled(final.low_res)
+        memory_now, pos_now = self._memory(features, high, score, binarize=bool(corrections))
+        low = fill_holes(final.low_res, self.fill_hole_area)
+        out = FrameOutput(low, iou, score, final.pointer, memory_now, pos_now, heads, corrections)
         track.outputs[frame] = out
         # a frame this far behind is read neither as a memory (6 back) nor as a pointer (15 back)
         track.outputs.pop(frame + (1 if track.reverse else -1) * MAX_OBJECT_POINTERS, None)

@@ -322,6 +322,12 @@ class ClipsSection:
         box_noise / box_noise_bound: each box corner moves by a normal draw with this fraction
             of the box's width (height) as standard deviation, bounded by this many pixels of
             the network input (SAM2's training: 0.1 and 20).
+        correction_frames / correction_clicks: SAM2's simulated corrections. Up to
+            ``correction_frames`` decoded slices of a clip (the number drawn from 1 to it: the first
+            slice when its prompt is a box or a click, then random further ones) get
+            ``correction_clicks`` clicks one after another, each at a random pixel of the error
+            of the prediction so far (positive where the object is missed), decoded with the
+            earlier clicks and the previous logits; 0 turns them off (SAM2's training: 2 and 7).
         object_weight: weight of the object-score loss (BCE on whether the object is on the slice).
         modality / window: how volumes become the model's 0-255 input, as ``medsam segment
             --modality / --window`` (``null``: the file's modality, else min-max).
@@ -333,6 +339,8 @@ class ClipsSection:
     prompts: list = field(default_factory=lambda: ["box", "click", "mask"])
     box_noise: float = 0.1
     box_noise_bound: float = 20.0
+    correction_frames: int = 2
+    correction_clicks: int = 7
     object_weight: float = 1.0
     modality: str | None = None
     window: str | None = None
@@ -500,6 +508,8 @@ def _validate_clips_section(cfg: TrainConfig) -> None:
         raise ConfigError(f"clips.prompts must be a non-empty list of box, click and mask; got {c.prompts}")
     if c.box_noise < 0 or c.box_noise_bound < 0 or c.object_weight < 0:
         raise ConfigError("clips.box_noise, clips.box_noise_bound and clips.object_weight must be >= 0")
+    if c.correction_frames < 0 or c.correction_clicks < 0:
+        raise ConfigError("clips.correction_frames and clips.correction_clicks must be >= 0")
     if c.window is not None:
         from ..intensity import Window
 

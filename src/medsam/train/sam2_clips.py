@@ -16,12 +16,17 @@ as SAM2's and MedSAM2's training do:
   :class:`~medsam.model.sam2_tracking.SAM2Tracker` (the same steps inference runs, holes not
   filled), attending to the memories and object pointers of the slices before it, with
   gradients through the memories (the whole clip is one graph);
-* the **loss** of each decoded slice is SAM2's: where the object is on the slice,
+* **corrections** (``clips.correction_frames`` / ``correction_clicks``, SAM2's simulated
+  interaction): on up to that many decoded slices (the prompted first one among them when its
+  prompt is a box or a click) clicks are added one after another, each at a random pixel of the
+  error of the prediction so far, and the slice decoded again with the earlier clicks and the
+  previous logits; the slice's memory and pointer come from its last decoding;
+* the **loss** of each decoding (every correction included) is SAM2's: where the object is on the slice,
   ``loss.focal_weight`` x focal + ``loss.dice_weight`` x Dice on logits upsampled to the
   network input (of the candidate mask with the lowest such loss where the decoder proposed
   three) + ``loss.iou_weight`` x the L1 error of the predicted IoU of every candidate; on every
-  slice ``clips.object_weight`` x BCE of the object score. Summed over the clip's slices (a
-  slice prompted by its mask has no decoded output and no loss).
+  slice ``clips.object_weight`` x BCE of the object score. Summed over the decodings of the
+  clip's slices (a slice prompted by its mask has no decoding and no loss).
 
 ``train.mode``: ``full`` trains every parameter; ``decoder`` computes the image features
 without gradients and trains the rest (prompt encoder, mask decoder except its projections of
@@ -41,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.sam2 import SAM2_CONFIGS, SAM2Config, SAM2Model
-from ..model.sam2_tracking import FrameFeatures, FrameOutput, SAM2Tracker, frame_features
+from ..model.sam2_tracking import Corrector, Decode, FrameFeatures, FrameOutput, HeadOutput, SAM2Tracker, frame_features
 from .config import TrainConfig
 from .distributed import DistInfo
 from .result import TrainResult
@@ -152,9 +157,59 @@ def make_clip(
     )
 
 
-def track_clip(model: SAM2Model, clip: Clip, train_encoder: bool) -> list[FrameOutput]:
+def error_clicks(target: torch.Tensor, clicks: int, rng: np.random.Generator) -> Corrector:
+    """A :data:`~medsam.model.sam2_tracking.Corrector` of up to ``clicks`` clicks on a slice
+    whose (1, 1, S, S) 0/1 ``target`` is at the network input: each at a random pixel of the error
+    of the prediction so far (label 1 where the object is missed, 0 where the mask overflows it);
+    it stops early once the prediction has no error."""
+    from .sam_med3d import error_click
+
+    truth = target[0, 0].cpu().numpy() > 0.5
+    S = truth.shape[-1]
+
+    def correct(decode: Decode, heads: HeadOutput) -> list[HeadOutput]:
+        steps: list[HeadOutput] = []
+        points: list[list[float]] = []
+        labels: list[int] = []
+        current = heads
+        for _ in range(clicks):
+            upsampled = F.interpolate(current.low_res.detach(), size=(S, S), mode="bilinear", align_corners=False)
+            prediction = upsampled[0, 0].cpu().numpy() > 0
+            if np.array_equal(prediction, truth):
+                break
+            (y, x), label = error_click(prediction, truth, rng)
+            points.append([float(x), float(y)])
+            labels.append(label)
+            device = current.low_res.device
+            coords = torch.tensor([points], dtype=torch.float32, device=device)
+            current = decode(coords, torch.tensor([labels], dtype=torch.int64, device=device), current)
+            steps.append(current)
+        return steps
+
+    return correct
+
+
+def plan_corrections(clip: Clip, cfg: TrainConfig, rng: np.random.Generator) -> dict[int, Corrector]:
+    """The slices of ``clip`` that get corrections (``clips.correction_frames``), with their
+    correctors: the number drawn from 1 to the setting, the first slice first when it is decoded
+    (its prompt is not a mask), the rest drawn from the tracked slices."""
+    c = cfg.clips
+    if c.correction_frames == 0 or c.correction_clicks == 0:
+        return {}
+    count = int(rng.integers(1, c.correction_frames + 1))
+    first = [0] if clip.kind != "mask" else []
+    others = rng.permutation(np.arange(1, len(clip.images)))[: max(0, count - len(first))]
+    frames = sorted([*first, *(int(t) for t in others)])[:count]
+    return {t: error_clicks(clip.targets[t : t + 1], c.correction_clicks, rng) for t in frames}
+
+
+def track_clip(
+    model: SAM2Model, clip: Clip, train_encoder: bool, corrections: dict[int, Corrector] | None = None
+) -> list[FrameOutput]:
     """The tracker's output on each slice of ``clip`` (the first from its prompt), with
-    gradients where they are enabled (the image features only with ``train_encoder``)."""
+    gradients where they are enabled (the image features only with ``train_encoder``);
+    ``corrections``: slice -> its corrector (:func:`plan_corrections`)."""
+    corrections = corrections or {}
     device = model.device
     with torch.set_grad_enabled(train_encoder and torch.is_grad_enabled()):
         every = frame_features(model, clip.images.to(device))
@@ -167,10 +222,11 @@ def track_clip(model: SAM2Model, clip: Clip, train_encoder: bool) -> list[FrameO
         track = tracker.prompt_mask(features[0], clip.targets[:1].to(device), key=0)
     else:
         assert clip.coords is not None and clip.point_labels is not None
-        track = tracker.prompt(features[0], clip.coords.to(device), clip.point_labels.to(device), key=0)
+        coords, labels = clip.coords.to(device), clip.point_labels.to(device)
+        track = tracker.prompt(features[0], coords, labels, key=0, corrector=corrections.get(0))
     outputs = [track.key_output]
     for t in range(1, len(features)):
-        outputs.append(tracker.step(track, t, features[t], len(features)))
+        outputs.append(tracker.step(track, t, features[t], len(features), corrector=corrections.get(t)))
     return outputs
 
 
@@ -181,10 +237,8 @@ def clip_loss(outputs: list[FrameOutput], targets: torch.Tensor, cfg: TrainConfi
     w = cfg.loss
     total = targets.new_zeros((), device=outputs[0].pointer.device)
     sums = dict.fromkeys(("focal", "dice", "iou_l1", "object"), 0.0)
-    for out, target in zip(outputs, targets, strict=True):
-        heads = out.heads
-        if heads is None:  # a slice prompted by its mask: its output is the prompt
-            continue
+    decodings = [(heads, target) for out, target in zip(outputs, targets, strict=True) for heads in _decodings(out)]
+    for heads, target in decodings:
         S = target.shape[-1]
         logits = F.interpolate(heads.masks, size=(S, S), mode="bilinear", align_corners=False)[0]  # (K, S, S)
         goal = target.to(logits.device).expand_as(logits)
@@ -203,6 +257,12 @@ def clip_loss(outputs: list[FrameOutput], targets: torch.Tensor, cfg: TrainConfi
         sums["dice"] += float(dice[best].detach())
         sums["iou_l1"] += float(iou_l1.detach())
     return ClipLoss(total, sums)
+
+
+def _decodings(out: FrameOutput) -> list[HeadOutput]:
+    """A slice's decodings in order (none for a slice prompted by its mask: its output is the
+    prompt)."""
+    return [] if out.heads is None else [out.heads, *out.corrections]
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> SAM2Model:
@@ -267,6 +327,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
     while run.step < run.steps:
         rng, case, value = run.draw(cases)
         clip = make_clip(case, value, clip_slices(case, value, c.frames, rng), model, cfg, rng)
-        loss = clip_loss(track_clip(model, clip, t.mode == "full"), clip.targets, cfg)
+        outputs = track_clip(model, clip, t.mode == "full", plan_corrections(clip, cfg, rng))
+        loss = clip_loss(outputs, clip.targets, cfg)
         run.update(loss.total, parameters, note=f"{case.name}, label {value}, {clip.kind} prompt")
     return run.finish(model.eval(), extra={"trained_steps": run.step})
