@@ -75,7 +75,7 @@ class HeadOutput:
 
 # A frame's correction: given ``decode(coords, labels, previous)`` (the heads again on the
 # frame's features, with clicks ``coords`` (1, P, 2) / ``labels`` (1, P) added to the frame's own
-# prompt and ``previous``'s chosen logits as the dense prompt) and the first decoding, it returns
+# prompt and ``previous``'s chosen logits, clamped to +-32, as the dense prompt) and the first decoding, it returns
 # the decodings after each corrective click, in order (fine-tuning's simulated corrections).
 Decode = Callable[[torch.Tensor, torch.Tensor, "HeadOutput"], "HeadOutput"]
 Corrector = Callable[[Decode, "HeadOutput"], "list[HeadOutput]"]
@@ -248,7 +248,9 @@ class SAM2Tracker:
             all_coords = more if coords is None else torch.cat([coords, more], dim=1)
             all_labels = more_labels if labels is None else torch.cat([labels, more_labels], dim=1)
             multimask = all_labels.shape[1] <= 1
-            return self._heads(pix, features, all_coords, all_labels, multimask, previous.low_res)
+            limit = self.model.low_res_logit_limit  # as SAM2's predictor hands logits back (-1024 absent)
+            dense = previous.low_res.clamp(-limit, limit)
+            return self._heads(pix, features, all_coords, all_labels, multimask, dense)
 
         return corrector(decode, heads)
 
