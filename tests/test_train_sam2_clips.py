@@ -8,6 +8,7 @@ exactly and exports a file ``medsam.load_model`` reads and tracks with.
 
 from __future__ import annotations
 
+import itertools
 import shutil
 from pathlib import Path
 
@@ -77,6 +78,20 @@ def test_the_training_forward_is_the_tracking_inference(volumes, tmp_path):
     ours = np.stack([(contract.mask_scores(o.low_res, geometry)[0, 0] > contract.threshold).numpy() for o in outputs])
     assert ours.any() and np.array_equal(ours, expected.labels == 1)
     assert [round(o.iou, 6) for o in outputs] == [round(expected.scores[0][k], 6) for k in range(4)]
+
+
+def test_a_clip_never_leaves_its_first_slice_alone(volumes):
+    case = _case(volumes)
+    depth = case.labels.shape[0]
+    starts = set()
+    for seed in range(60):
+        indices = sam2_clips.clip_slices(case, 1, 4, np.random.default_rng(seed))
+        starts.add(indices[0])
+        assert len(indices) >= 2 and all(abs(b - a) == 1 for a, b in itertools.pairwise(indices))
+        assert all(0 <= k < depth for k in indices) and (case.labels[indices[0]] == 1).any()
+        if indices[0] in (0, depth - 1):
+            assert len(indices) == 4  # from an end slice the clip runs inwards
+    assert {0, depth - 1} <= starts  # the end slices were drawn, and their clips run inwards
 
 
 def test_corrections_click_in_the_error_and_the_slice_keeps_its_last_decoding(volumes, tmp_path):

@@ -98,6 +98,8 @@ def load_case(
     if not image.is_volume or labels.spatial_shape != image.spatial_shape:
         raise ValueError(f"{image_path.name}: not a volume with a label volume of the same shape")
     label_array = np.asarray(labels.array).astype(np.int64)
+    if label_array.shape[0] < 2:
+        raise ValueError(f"{image_path.name}: one slice; a clip needs at least two")
     present = [int(v) for v in np.unique(label_array) if v > 0]
     values = [v for v in present if wanted is None or v in wanted]
     return ClipVolume(image_path.name, to_model_input(image, modality, window), label_array, values)
@@ -105,11 +107,15 @@ def load_case(
 
 def clip_slices(case: ClipVolume, value: int, frames: int, rng: np.random.Generator) -> list[int]:
     """Up to ``frames`` consecutive slice indices from a random slice holding ``value``, in a
-    random direction (fewer where the volume ends first)."""
+    random direction (fewer where the volume ends first; the other direction where the drawn
+    one would leave the start slice alone, at the first or last slice)."""
     holding = np.flatnonzero((case.labels == value).any(axis=(1, 2)))
     start = int(holding[rng.integers(len(holding))])
-    step = -1 if rng.integers(2) else 1
-    return [k for k in range(start, start + step * frames, step) if 0 <= k < case.labels.shape[0]]
+    depth = case.labels.shape[0]
+    up = list(range(start, min(start + frames, depth)))
+    down = list(range(start, max(start - frames, -1), -1))
+    chosen, other = (down, up) if rng.integers(2) else (up, down)
+    return chosen if len(chosen) > 1 else other
 
 
 def make_clip(
