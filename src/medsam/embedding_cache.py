@@ -282,7 +282,6 @@ class EmbeddingCache:
             for p in sub.iterdir():
                 if p.suffix == ".safetensors":
                     n += 1
-                if p.suffix == ".safetensors":
                     self._discard(p)
                 elif p.suffix == ".tmp":  # the temporary folder of a write that was killed
                     shutil.rmtree(p, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""Where a prediction is most wrong: the error region that corrective clicks and scribbles go in."""
+"""Where a prediction is wrong: the error region that corrective clicks and scribbles go in, and
+random error points for simulated clicks in training."""
 
 from __future__ import annotations
 
@@ -20,3 +21,16 @@ def deepest_error(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, tuple[i
         if best is None or depth[y, x] > best[0]:
             best = (depth[y, x], region, (int(y), int(x)), missed)
     return None if best is None else best[1:]
+
+
+def random_error_point(prediction: np.ndarray, target: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """A random pixel (voxel) of the error of a bool ``prediction`` against the bool ``target``
+    of the same shape, as its index array, with label 1 where the object is missed and 0 where
+    the prediction overflows it; a random pixel inside the object (label 1) when there is no error."""
+    missed = target & ~prediction
+    errors = np.argwhere(missed | (prediction & ~target))
+    if len(errors) == 0:
+        inside = np.argwhere(target)
+        return inside[rng.integers(len(inside))], 1
+    voxel = errors[rng.integers(len(errors))]
+    return voxel, int(missed[tuple(voxel)])

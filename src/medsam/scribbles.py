@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from .error_regions import deepest_error
 from .errors import PromptError
 
 # Arc length between two sampled points, in image pixels, and the most points one stroke gives.
@@ -121,8 +122,6 @@ def next_scribble(pred: np.ndarray, gt: np.ndarray) -> Scribble | None:
     Positive in a missed region, negative in a false one; None when the prediction is perfect.
     """
     from skimage.morphology import skeletonize
-
-    from .error_regions import deepest_error
 
     error = deepest_error(pred, gt)
     if error is None:

@@ -210,9 +210,8 @@ def quantize_int8(src: Path, dst: Path, per_channel: bool = True) -> Path:
 
     Convolutions stay fp32 (onnxruntime's ConvInteger is slower than its fp32 convolution on CPU).
     Weights use 7 of the 8 bits (``reduce_range``): on x86 CPUs without VNNI, onnxruntime's
-    uint8 x int8 kernel adds pairs of products in saturating 16-bit lanes, and full-range weights
-    overflow them (a ViT block's MatMul was off by 16 % on an AVX2-only CPU; 1 % with 7 bits), so
-    the file stays accurate on whatever CPU runs it.
+    uint8 x int8 kernel adds pairs of products in saturating 16-bit lanes, which full-range
+    weights overflow, so the file stays accurate on whatever CPU runs it (docs/export.md).
     The ``medsam_contract`` metadata is carried over.
     """
     import logging

@@ -224,12 +224,26 @@ class SAM2Tracker:
         pix = features.pix + self.model.no_mem_embed.reshape(1, -1, 1, 1)
         heads = self._heads(pix, features, coords, labels, labels.shape[1] <= 1)
         corrections = self._corrected(pix, features, coords, labels, heads, corrector)
+        out = self._output(features, heads, corrections, binarize=True, memory_after_filling=True)
+        return Track(key=key, reverse=reverse, key_output=out)
+
+    def _output(
+        self,
+        features: FrameFeatures,
+        heads: HeadOutput,
+        corrections: list[HeadOutput],
+        binarize: bool,
+        memory_after_filling: bool,
+    ) -> FrameOutput:
+        """A decoded frame's output from its last decoding: holes filled, and its memory made
+        from the mask (binarised or its sigmoid; with the holes filled or before, as SAM2 makes
+        a prompted or a tracked frame's)."""
         final = corrections[-1] if corrections else heads
         iou, score = float(final.ious[0, final.best].detach()), float(final.object_logit[0, 0].detach())
         low = fill_holes(final.low_res, self.fill_hole_area)
-        memory, memory_pos = self._memory(features, self._upsampled(low), score, binarize=True)
-        out = FrameOutput(low, iou, score, final.pointer, memory, memory_pos, heads, corrections)
-        return Track(key=key, reverse=reverse, key_output=out)
+        high = self._upsampled(low if memory_after_filling else final.low_res)
+        memory, memory_pos = self._memory(features, high, score, binarize)
+        return FrameOutput(low, iou, score, final.pointer, memory, memory_pos, heads, corrections)
 
     def _corrected(
         self,
@@ -294,12 +308,7 @@ class SAM2Tracker:
         pix = conditioned.transpose(1, 2).reshape(features.pix.shape)
         heads = self._heads(pix, features, None, None, multimask=True)
         corrections = self._corrected(pix, features, None, None, heads, corrector)
-        final = corrections[-1] if corrections else heads
-        iou, score = float(final.ious[0, final.best].detach()), float(final.object_logit[0, 0].detach())
-        high = self._upsampled(final.low_res)
-        memory_now, pos_now = self._memory(features, high, score, binarize=bool(corrections))
-        low = fill_holes(final.low_res, self.fill_hole_area)
-        out = FrameOutput(low, iou, score, final.pointer, memory_now, pos_now, heads, corrections)
+        out = self._output(features, heads, corrections, binarize=bool(corrections), memory_after_filling=False)
         track.outputs[frame] = out
         # a frame this far behind is read neither as a memory (6 back) nor as a pointer (15 back)
         track.outputs.pop(frame + (1 if track.reverse else -1) * MAX_OBJECT_POINTERS, None)

@@ -520,7 +520,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         from .sam_med3d import train_sam_med3d
 
         return train_sam_med3d(cfg)
-    if trains_clips(cfg):  # SAM2-family memory tracking on clips of volumes, one process
+    if trains_clips(cfg):  # SAM2-family memory tracking on clips of volumes (torchrun or not)
         from .sam2_clips import train_sam2_clips
 
         return train_sam2_clips(cfg)

@@ -168,7 +168,7 @@ def error_clicks(target: torch.Tensor, clicks: int, rng: np.random.Generator) ->
     whose (1, 1, S, S) 0/1 ``target`` is at the network input: each at a random pixel of the error
     of the prediction so far (label 1 where the object is missed, 0 where the mask overflows it);
     it stops early once the prediction has no error."""
-    from .sam_med3d import error_click
+    from ..error_regions import random_error_point
 
     truth = target[0, 0].cpu().numpy() > 0.5
     S = truth.shape[-1]
@@ -183,7 +183,7 @@ def error_clicks(target: torch.Tensor, clicks: int, rng: np.random.Generator) ->
             prediction = upsampled[0, 0].cpu().numpy() > 0
             if np.array_equal(prediction, truth):
                 break
-            (y, x), label = error_click(prediction, truth, rng)
+            (y, x), label = random_error_point(prediction, truth, rng)
             points.append([float(x), float(y)])
             labels.append(label)
             device = current.low_res.device
@@ -205,8 +205,7 @@ def plan_corrections(clip: Clip, cfg: TrainConfig, rng: np.random.Generator) -> 
     count = int(rng.integers(1, c.correction_frames + 1))
     first = [0] if clip.kind != "mask" else []
     others = rng.permutation(np.arange(1, len(clip.images)))[: max(0, count - len(first))]
-    frames = sorted([*first, *(int(t) for t in others)])[:count]
-    return {t: error_clicks(clip.targets[t : t + 1], c.correction_clicks, rng) for t in frames}
+    return {t: error_clicks(clip.targets[t : t + 1], c.correction_clicks, rng) for t in [*first, *map(int, others)]}
 
 
 def track_clip(
@@ -315,7 +314,7 @@ def train_sam2_clips(cfg: TrainConfig) -> TrainResult:
 
 
 def _train(cfg: TrainConfig, info: DistInfo) -> TrainResult:
-    from .sam_med3d import find_pairs
+    from .labelled_volumes import find_pairs
     from .step_run import StepRun
 
     t, c = cfg.train, cfg.clips

@@ -26,8 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..error_regions import random_error_point
 from ..model.sam_med3d import SamMed3DConfig, SamMed3DModel
 from .config import TrainConfig
+from .labelled_volumes import find_pairs
 from .result import TrainResult
 
 KIND = "sam_med3d"
@@ -42,29 +44,6 @@ class LabelledVolume:
     image: np.ndarray
     labels: np.ndarray
     values: list[int]
-
-
-def find_pairs(folder: str | Path) -> list[tuple[Path, Path]]:
-    """(image, label) files of ``folder``'s ``images``/``labels`` (or ``imagesTr``/``labelsTr``),
-    matched by name (an image's nnU-Net ``_0000`` channel suffix is ignored)."""
-    from ..io.formats import format_of
-
-    root = Path(folder)
-    for images_name, labels_name in (("images", "labels"), ("imagesTr", "labelsTr")):
-        images, labels = root / images_name, root / labels_name
-        if images.is_dir() and labels.is_dir():
-            break
-    else:
-        raise ValueError(f"{root}: no images/ and labels/ (or imagesTr/ and labelsTr/) folders")
-    by_name = {p.name: p for p in labels.iterdir() if p.is_file() and format_of(p) is not None}
-    pairs = []
-    for image in sorted(p for p in images.iterdir() if p.is_file() and format_of(p) is not None):
-        key = image.name.replace("_0000.", ".")
-        if key in by_name:
-            pairs.append((image, by_name[key]))
-    if not pairs:
-        raise ValueError(f"{root}: no image has a label file of the same name")
-    return pairs
 
 
 def load_volume(image_path: Path, label_path: Path, config: SamMed3DConfig, wanted: list[int] | None) -> LabelledVolume:
@@ -101,18 +80,6 @@ def sample_cube(
     return cube, target.float()
 
 
-def error_click(prediction: np.ndarray, target: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int]:
-    """A click at a random voxel of the error (label 1 where the object is missed, 0 where the
-    prediction overflows it); inside the object when there is no error."""
-    missed = target & ~prediction
-    errors = np.argwhere(missed | (prediction & ~target))
-    if len(errors) == 0:
-        inside = np.argwhere(target)
-        return inside[rng.integers(len(inside))], 1
-    voxel = errors[rng.integers(len(errors))]
-    return voxel, int(missed[tuple(voxel)])
-
-
 def interaction_loss(
     model: SamMed3DModel, embedding: torch.Tensor, target: torch.Tensor, clicks: int, rng: np.random.Generator
 ) -> torch.Tensor:
@@ -128,7 +95,7 @@ def interaction_loss(
     goal = target[None, None].to(embedding.device)
     total = embedding.new_zeros(())
     for _ in range(clicks):
-        voxel, label = error_click(prediction, truth, rng)
+        voxel, label = random_error_point(prediction, truth, rng)
         points.append(voxel)
         labels.append(label)
         coords = torch.as_tensor(np.stack(points), dtype=torch.float32, device=embedding.device)[None]
