@@ -1,13 +1,15 @@
 """``medsam serve``: the annotation workbench (a FastAPI server and its page) over a data folder.
 
     medsam serve --data DIR [--host 127.0.0.1] [--port 8000] [--token TOKEN] [--checkpoint CKPT]
+                 [--workers N] [--database URL]
 
 Needs the ``serve`` extra (``pip install 'medsam[serve]'``). Binds to 127.0.0.1 by default; a
 non-loopback ``--host`` requires a token (``--token`` or the ``MEDSAM_TOKEN`` environment
 variable, which keeps it out of the process list). Requests must name the server by an allowed
 ``Host`` (DNS-rebinding protection): the loopback names, a bound address, and for a bind to every
 interface (``0.0.0.0``, ``::``) this machine's host names and addresses; ``--allow-host`` adds
-more. The address printed is one the server answers.
+more. The address printed is one the server answers. ``--workers N`` runs N server processes on
+one port over one state database (:mod:`medsam.server.workers`).
 """
 
 from __future__ import annotations
@@ -74,6 +76,20 @@ def add_parser(subparsers: Subparsers) -> None:
     p.add_argument(
         "--window", type=ct_window, default=None, help="CT window for the model input: a name or LEVEL,WIDTH"
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="server processes on one port (default 1); each loads the model, all share the state database",
+    )
+    p.add_argument(
+        "--database",
+        default=None,
+        metavar="URL",
+        help="state database (label versions, history, scores, jobs) as a SQLAlchemy URL, e.g. "
+        "postgresql+psycopg://user@host/db (default: SQLite in DIR/.medsam/state.sqlite3)",
+    )
     p.set_defaults(func=run)
 
 
@@ -130,39 +146,43 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--max-upload-mb and --max-image-mvox must be > 0")
     if not os.path.isdir(args.data):
         raise CLIError(f"--data is not a folder: {args.data}")
+    if args.workers < 1:
+        raise CLIError(f"--workers must be >= 1, got {args.workers}")
     try:
+        import sqlalchemy  # noqa: F401
         import uvicorn
 
-        from ..server import create_app
+        from ..server.state_db import StateDatabaseError
+        from ..server.workers import CONFIG_ENV, ModelNotServable, ServeConfig, build_app, prepare_state
     except ModuleNotFoundError as exc:
         raise CLIError(f"the server needs the serve extra (pip install 'medsam[serve]'): {exc}") from None
-    from ..weights import load_model
+    if args.database and args.database.startswith("postgresql"):
+        try:
+            import psycopg  # noqa: F401
+        except ModuleNotFoundError:
+            raise CLIError(
+                "a PostgreSQL --database needs the postgres extra (pip install 'medsam[postgres]')"
+            ) from None
 
     hosts = allowed_hosts(args.host, args.allow_host)
-    from ..model.sam_med3d import SamMed3DModel
-
-    model = load_model(args.checkpoint, device=args.device)
-    if isinstance(model, SamMed3DModel):
-        raise CLIError(
-            "the workbench serves SAM / MedSAM / SAM2-family models; SAM-Med3D segments from the command "
-            "line (medsam segment VOLUME --point I J K)"
-        )
-    checkpoint = args.checkpoint
-    if checkpoint is None and not getattr(model, "is_untrained_default", False):
-        from ..default_model import bundled_checkpoint
-
-        checkpoint = bundled_checkpoint()
-    app = create_app(
-        args.data,
-        model=model,
+    config = ServeConfig(
+        data=args.data,
+        checkpoint=args.checkpoint,
+        device=args.device,
         token=token,
-        checkpoint=checkpoint,
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         max_image_voxels=int(args.max_image_mvox * 1024 * 1024),
         allowed_hosts=hosts,
         modality=args.modality,
-        model_window=args.window,
+        window=args.window,
+        database=args.database,
     )
+    try:
+        app = build_app(config)  # in the parent too when N > 1: a bad checkpoint is one error line
+    except ModelNotServable as exc:
+        raise CLIError(str(exc)) from None
+    except StateDatabaseError as exc:
+        raise CLIError(str(exc)) from None
     log(f"medsam workbench: http://{_shown_address(args.host, hosts)}:{args.port}/  (data: {args.data})")
     if args.host in _WILDCARDS:
         log(
@@ -171,5 +191,13 @@ def run(args: argparse.Namespace) -> int:
         )
     if token:
         log("a bearer token is required; the page asks for it once per tab")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", server_header=False)
+    common = {"host": args.host, "port": args.port, "log_level": "warning", "server_header": False}
+    if args.workers == 1:
+        uvicorn.run(app, **common)
+        return 0
+    del app
+    prepare_state(config)
+    os.environ[CONFIG_ENV] = config.to_json()
+    log(f"{args.workers} worker processes; shared state: {args.database or 'DIR/.medsam/state.sqlite3'}")
+    uvicorn.run("medsam.server.workers:app_from_environment", factory=True, workers=args.workers, **common)
     return 0

@@ -2,18 +2,15 @@
 
 Score: **box-jitter disagreement** on the central slice (:meth:`SegmentationEngine.uncertainty`),
 with the model's predicted IoU only as a tie-breaker. Scores are stored per model fingerprint in
-``DATA/.medsam/uncertainty.json`` (written atomically), so they survive a restart and are never
-mixed between models. Ranking: unlabelled images by uncertainty, highest first (ties: lower
-predicted IoU first); images not scored yet follow in name order, then labelled images.
+the state database's ``uncertainty`` table (:mod:`medsam.server.state_db`), so they survive a
+restart, are shared by every server process, and are never mixed between models.
+Ranking: unlabelled images by uncertainty, highest first (ties: lower predicted IoU first);
+images not scored yet follow in name order, then labelled images.
 """
 
 from __future__ import annotations
 
-import json
-import threading
-from pathlib import Path
-
-from ..io.atomic import atomic_output
+from .state_db import StateDatabase
 
 __all__ = ["METHOD", "UncertaintyStore", "rank_images"]
 
@@ -25,29 +22,27 @@ METHOD = (
 
 
 class UncertaintyStore:
-    """``{fingerprint: {image_id: score dict}}`` in one JSON file."""
+    """Scores per ``(model fingerprint, image id)`` in the state database."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self._lock = threading.Lock()
-
-    def _read(self) -> dict:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
+    def __init__(self, db: StateDatabase) -> None:
+        self.db = db
 
     def scores(self, fingerprint: str) -> dict[str, dict]:
-        return dict(self._read().get(fingerprint, {}))
+        from sqlalchemy import select
+
+        t = self.db.uncertainty
+        with self.db.read() as conn:
+            rows = conn.execute(select(t.c.image_id, t.c.score).where(t.c.fingerprint == fingerprint)).all()
+        return {str(i): dict(score) for i, score in rows}
 
     def put(self, fingerprint: str, image_id: str, score: dict) -> None:
-        with self._lock:
-            data = self._read()
-            data = {fingerprint: data.get(fingerprint, {})}  # scores of older models are dropped
-            data[fingerprint][image_id] = score
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_output(self.path) as tmp:
-                tmp.write_text(json.dumps(data, indent=1))
+        """Store one score; the scores of every other model are dropped."""
+        from sqlalchemy import delete, insert
+
+        t = self.db.uncertainty
+        with self.db.write() as conn:
+            conn.execute(delete(t).where((t.c.fingerprint != fingerprint) | (t.c.image_id == image_id)))
+            conn.execute(insert(t).values(fingerprint=fingerprint, image_id=image_id, score=score))
 
 
 def rank_images(ids: list[str], status: dict[str, str], scores: dict[str, dict]) -> list[dict]:

@@ -11,6 +11,7 @@ scripts from a CDN and are therefore switched off).
 
 from __future__ import annotations
 
+import os
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
@@ -31,8 +32,17 @@ from .routers import auto, embeddings, images, jobs, labels, monailabel, propaga
 from .routers import next as next_router
 from .schemas import ServerInfo
 from .security import TokenAndHostMiddleware
-from .settings import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_VOXELS, DEFAULT_MAX_UPLOAD_BYTES, ServerSettings
+from .settings import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_IMAGE_VOXELS,
+    DEFAULT_MAX_UPLOAD_BYTES,
+    STATE_DIR,
+    ServerSettings,
+)
+from .shared_training import SharedTraining
 from .state import Workbench, WorkbenchDep
+from .state_db import StateDatabase, default_url
+from .trained_models import STARTUP_MODEL_ID
 from .training_job import TrainingManager
 
 __all__ = ["create_app"]
@@ -77,6 +87,8 @@ def create_app(
     images_in_memory: int = 4,
     embeddings_in_memory: int = 64,
     train_threads: int | None = None,
+    database: str | None = None,
+    serve_startup_model: bool = True,
 ) -> FastAPI:
     """The workbench app for the images in ``data_dir``.
 
@@ -92,6 +104,12 @@ def create_app(
         allowed_hosts: accepted ``Host`` names (default loopback names; ``("*",)`` = any).
         modality, model_window: model-input normalisation (see :class:`ServerSettings`).
         train_threads: CPU threads of a training job's process (default: half the cores).
+        database: SQLAlchemy URL of the state database (labels' versions and history,
+            uncertainty scores, jobs); default SQLite in ``data_dir/.medsam/state.sqlite3``. Every
+            server process of one data folder must name the same database.
+        serve_startup_model: record the start-up model as the served one, so that every process
+            on the database serves it (a server starts with the model it was given); the worker
+            processes of ``medsam serve --workers N`` leave this to their parent.
     """
     root = Path(data_dir).expanduser().resolve(strict=True)
     if not root.is_dir():
@@ -117,6 +135,7 @@ def create_app(
         checkpoint=ckpt,
         images_in_memory=images_in_memory,
         embeddings_in_memory=embeddings_in_memory,
+        database_url=database or default_url(root / STATE_DIR),
     )
     if model is None:
         chosen = checkpoint
@@ -130,17 +149,29 @@ def create_app(
     else:
         model_source = model
     datastore = Datastore(settings)
-    label_store = LabelStore(settings.labels_dir, root)
+    db = StateDatabase(settings.database_url)
+    label_store = LabelStore(settings.labels_dir, root, db)
     label_store.migrate()
     engine = SegmentationEngine(model_source, settings.cache_dir, ckpt, embeddings_in_memory)
+    job_manager = JobManager(db)
+    shared_training = SharedTraining(db, job_manager.worker)
+    if serve_startup_model:
+        shared_training.set_served(STARTUP_MODEL_ID)
     workbench = Workbench(
         settings=settings,
         datastore=datastore,
         labels=label_store,
         engine=engine,
-        jobs=JobManager(),
-        uncertainty=UncertaintyStore(settings.state_dir / "uncertainty.json"),
-        training=TrainingManager(settings, datastore, label_store, engine, threads=train_threads),
+        jobs=job_manager,
+        uncertainty=UncertaintyStore(db),
+        training=TrainingManager(
+            settings,
+            datastore,
+            label_store,
+            engine,
+            threads=train_threads,
+            shared=shared_training,
+        ),
         sessions=SessionStore(settings.state_dir, datastore),
     )
 
@@ -149,6 +180,7 @@ def create_app(
         yield
         workbench.training.shutdown()
         workbench.jobs.shutdown()
+        db.dispose()
 
     from .. import __version__
 
@@ -179,6 +211,7 @@ def create_app(
             upload_suffixes=list(UPLOAD_SUFFIXES),
             encoder_calls=stats["encoder_calls"],
             cache_hits=stats["cache_hits"],
+            process_id=os.getpid(),
         )
 
     static = _static_dir()

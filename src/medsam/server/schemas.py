@@ -402,6 +402,7 @@ class ServerInfo(_Model):
     upload_suffixes: list[str]
     encoder_calls: int
     cache_hits: int
+    process_id: int = Field(description="the server process that answered (one of several with --workers)")
 
 
 # ----------------------------------------------------------------------------- training

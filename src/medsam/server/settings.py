@@ -16,7 +16,7 @@ __all__ = [
 DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024 * 1024
 DEFAULT_MAX_IMAGE_VOXELS = 256 * 1024 * 1024  # e.g. 1024 x 1024 x 256, or 512 x 512 x 1024
 DEFAULT_MAX_IMAGE_BYTES = 2 * 1024 * 1024 * 1024
-STATE_DIR = ".medsam"  # inside the data folder: labels/, cache/, uncertainty.json
+STATE_DIR = ".medsam"  # inside the data folder: labels/, cache/, state.sqlite3
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,8 @@ class ServerSettings:
         checkpoint: path of the checkpoint the model came from (recorded in provenance).
         images_in_memory: images (arrays + model input) kept in the reading LRU.
         embeddings_in_memory: slice embeddings kept in the in-memory LRU (before the disk cache).
+        database_url: SQLAlchemy URL of the state database (:mod:`medsam.server.state_db`);
+            empty: SQLite in ``state_dir``.
     """
 
     data_dir: Path
@@ -53,6 +55,7 @@ class ServerSettings:
     checkpoint: Path | None = None
     images_in_memory: int = 4
     embeddings_in_memory: int = 64
+    database_url: str = ""
     extra: dict = field(default_factory=dict, compare=False)
 
     @property

@@ -63,7 +63,11 @@ class Workbench:
 
 
 def get_workbench(request: Request) -> Workbench:
-    return request.app.state.workbench
+    """The app's workbench, serving the model the state database records as served (another
+    server process may have switched it)."""
+    wb: Workbench = request.app.state.workbench
+    wb.training.sync_served()
+    return wb
 
 
 WorkbenchDep = Annotated[Workbench, Depends(get_workbench)]

@@ -65,7 +65,9 @@ from .accepted_corpus import (
 )
 from .jobs import JobFailed, JobListing
 from .labels import LabelStore, now_iso
-from .trained_models import JOB_ID_RE, STARTUP_MODEL_ID, model_entries, trained_records
+from .served_models import ServedModels, TrainingRefused
+from .shared_training import SharedTraining, TrainingSnapshot
+from .trained_models import STARTUP_MODEL_ID
 from .training_process import run_training_process, training_config
 
 __all__ = [
@@ -99,14 +101,6 @@ _PHASES = {
     "switching": (0.98, 1.0),
     "finished": (1.0, 1.0),
 }
-
-
-class TrainingRefused(Exception):
-    """A request the training API answers with ``status`` (404, 409, 422) and this message."""
-
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 # ----------------------------------------------------------------------------- scores
@@ -249,7 +243,7 @@ class TrainingJob:
         }
 
 
-class TrainingManager(JobListing[TrainingJob]):
+class TrainingManager(ServedModels, JobListing[TrainingJob]):
     """Training jobs (one at a time) and the models they made (module docstring).
 
     Args:
@@ -260,7 +254,14 @@ class TrainingManager(JobListing[TrainingJob]):
     """
 
     def __init__(
-        self, settings, datastore, labels: LabelStore, engine, threads: int | None = None, python: str | None = None
+        self,
+        settings,
+        datastore,
+        labels: LabelStore,
+        engine,
+        threads: int | None = None,
+        python: str | None = None,
+        shared: SharedTraining | None = None,
     ) -> None:
         self.settings = settings
         self.datastore = datastore
@@ -276,11 +277,40 @@ class TrainingManager(JobListing[TrainingJob]):
         self.served = STARTUP_MODEL_ID
         self._startup_model = None  # kept once another model is served, to switch back
         self._startup_checkpoint = engine.checkpoint
+        self.shared = shared
+        self._switching = threading.Lock()
 
     # ------------------------------------------------------------------ jobs
-    def active_job(self) -> TrainingJob | None:
+    def active_job(self) -> TrainingJob | TrainingSnapshot | None:
+        """This process's active job, else another process's (from the state database)."""
         with self._lock:
-            return next((j for j in self._jobs.values() if j.active), None)
+            local = next((j for j in self._jobs.values() if j.active), None)
+        if local is None and self.shared is not None:
+            return self.shared.active()
+        return local
+
+    def get(self, job_id: str) -> TrainingJob | TrainingSnapshot | None:  # type: ignore[override]
+        local = self._jobs.get(job_id)
+        if local is None and self.shared is not None:
+            return self.shared.get(job_id)
+        return local
+
+    def all(self) -> list[TrainingJob | TrainingSnapshot]:  # type: ignore[override]
+        """Every kept job of every process, oldest first."""
+        with self._lock:
+            local = list(self._jobs.values())
+        if self.shared is None:
+            return list(local)
+        ids = {j.id for j in local}
+        others = [j for j in self.shared.all() if j.id not in ids]
+        return sorted([*local, *others], key=lambda j: (j.info()["created"], j.id))
+
+    def cancel(self, job_id: str) -> TrainingJob | TrainingSnapshot | None:  # type: ignore[override]
+        """Cancel a job of this process at once, or request it of the process running it."""
+        if job_id in self._jobs or self.shared is None:
+            return super().cancel(job_id)
+        self.shared.request_cancel(job_id)
+        return self.shared.get(job_id)
 
     def start(self, mode: str, steps: int, lr: float) -> TrainingJob:
         """Check the request and start a job in a background thread; raises TrainingRefused."""
@@ -311,6 +341,9 @@ class TrainingManager(JobListing[TrainingJob]):
                 raise TrainingRefused(f"a training job is running ({running.id}); wait for it or cancel it", 409)
             job = TrainingJob(mode=mode, steps=int(steps), lr=float(lr))
             job.model_before = self.served
+            other = self.shared.claim(job.id, job.created, job.info()) if self.shared is not None else None
+            if other is not None:
+                raise TrainingRefused(f"a training job is running ({other}); wait for it or cancel it", 409)
             self._jobs[job.id] = job
             while len(self._jobs) > 50:
                 self._jobs.popitem(last=False)
@@ -331,7 +364,7 @@ class TrainingManager(JobListing[TrainingJob]):
 
     def shutdown(self, timeout: float = 20.0) -> None:
         """Cancel a running job and wait for its thread (the served model stays as it is)."""
-        for job in self.all():
+        for job in list(self._jobs.values()):  # this process's jobs only
             if job.active:
                 self.cancel(job.id)
         for thread in list(self._threads.values()):
@@ -341,57 +374,31 @@ class TrainingManager(JobListing[TrainingJob]):
         """Ids of images with a saved label version."""
         return [i for i in self.datastore.list_ids() if self.labels.status(i)[0] == "labelled"]
 
-    # ------------------------------------------------------------------ models
-    def models(self) -> list[dict]:
-        """The startup model and every finished training's model, oldest first
-        (:func:`medsam.server.trained_models.model_entries`)."""
-        from ..embedding_cache import model_fingerprint
-
-        fp = self.engine.fingerprint() if self.served == STARTUP_MODEL_ID else model_fingerprint(self._startup_model)
-        ckpt = self._startup_checkpoint
-        return model_entries(str(ckpt) if ckpt else None, fp, self._trained_records(), self.served)
-
-    def _trained_records(self) -> list[dict]:
-        return trained_records(self.models_dir, self.settings.data_dir)
-
-    def select(self, model_id: str) -> None:
-        """Serve the model ``model_id`` (404 unknown, 409 while a job runs)."""
-        refused = TrainingRefused("a training job is running; switch models after it ends", 409)
-        if self.active_job() is not None:
-            raise refused
-        if model_id == self.served:
-            return
-        model, path = None, self._startup_checkpoint
-        if model_id != STARTUP_MODEL_ID:
-            if not JOB_ID_RE.match(model_id) or not any(r["id"] == model_id for r in self._trained_records()):
-                raise TrainingRefused(f"no model {model_id!r}", 404)
-            from ..weights import load_model
-
-            path = self.models_dir / model_id / "model.safetensors"
-            try:
-                model = load_model(path, device=self.engine.model.device)
-            except Exception as exc:  # a damaged file: say so, serve what was served
-                raise TrainingRefused(
-                    f"cannot load model {model_id!r}: {str(exc).splitlines()[0][:300]}", 500
-                ) from None
-        with self._lock:  # no job may start (or switch) in between
-            if any(j.active for j in self._jobs.values()):
-                raise refused
-            if model_id == STARTUP_MODEL_ID:
-                if self.served != STARTUP_MODEL_ID:
-                    self.engine.switch_model(self._startup_model, path)
-                    self.served = STARTUP_MODEL_ID
-            else:
-                self._serve(model_id, model, path)
-
-    def _serve(self, model_id: str, model, checkpoint: Path) -> None:
-        if self.served == STARTUP_MODEL_ID and self._startup_model is None:
-            self._startup_model = self.engine.model
-        self.engine.switch_model(model, checkpoint)
-        self.served = model_id
-
     # ------------------------------------------------------------------ the work
     def _run(self, job: TrainingJob, accepted: list[str]) -> None:
+        """:meth:`_run_job`, its status published to the state database every half second (and
+        a cancel request made through another process honoured) while it runs, and at its end."""
+        shared = self.shared
+        if shared is None:
+            self._run_job(job, accepted)
+            return
+        stop = threading.Event()
+
+        def publish() -> None:
+            while not stop.wait(0.5):
+                if shared.publish(job.id, job.state, job.info()) and job.active and not job.cancelled:
+                    self.cancel(job.id)
+
+        publisher = threading.Thread(target=publish, name=f"medsam-train-status-{job.id}", daemon=True)
+        publisher.start()
+        try:
+            self._run_job(job, accepted)
+        finally:
+            stop.set()
+            publisher.join()
+            shared.publish(job.id, job.state, job.info())
+
+    def _run_job(self, job: TrainingJob, accepted: list[str]) -> None:
         job.state = "running"
         job_dir = self.models_dir / job.id
         try:
