@@ -7,7 +7,7 @@ Against a running server (``medsam serve --data DIR``)::
 or let the script start one (a separate process, stopped at the end) on a folder, optionally
 after writing a synthetic CT volume into it::
 
-    python benchmarks/server_load.py --serve /tmp/wb-bench --synthetic --clients 4 --duration 20
+    python benchmarks/server_load.py --serve /tmp/wb-bench --synthetic --clients 4 --duration 20 [--workers 2]
 
 Each client keeps one HTTP connection and sends ``/segment`` requests back to back for
 ``--duration`` seconds: a box around the slice centre, jittered per request, on one slice (the
@@ -93,11 +93,12 @@ def write_synthetic(folder: Path) -> None:
     sitk.WriteImage(img, str(folder / "synthetic_ct.nii.gz"))
 
 
-def start_server(folder: Path, token: str | None) -> tuple[subprocess.Popen, str]:
+def start_server(folder: Path, token: str | None, workers: int = 1) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "medsam", "serve", "--data", str(folder), "--port", str(port)]
+    cmd += ["--workers", str(workers)]
     env = dict(os.environ)
     if token:
         env["MEDSAM_TOKEN"] = token
@@ -220,6 +221,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--candidates", action="store_true", help="ask for the three alternative masks too, as the workbench page does"
     )
+    p.add_argument("--workers", type=int, default=1, help="with --serve: server processes (medsam serve --workers)")
     p.add_argument("--json", action="store_true", help="print the result as JSON only")
     args = p.parse_args(argv)
     if not 1 <= args.clients <= MAX_CLIENTS:
@@ -230,7 +232,7 @@ def main(argv=None) -> int:
     if args.serve is not None:
         if args.synthetic:
             write_synthetic(args.serve)
-        proc, args.url = start_server(args.serve, args.token)
+        proc, args.url = start_server(args.serve, args.token, args.workers)
     elif urlsplit(args.url).hostname not in ("127.0.0.1", "localhost", "::1"):
         p.error("only loopback servers are load-tested (127.0.0.1, localhost, ::1)")
     try:
