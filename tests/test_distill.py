@@ -58,7 +58,7 @@ def test_the_student_approaches_the_teacher_on_held_out_slices(corpus, teacher, 
     assert after < 0.6 * before
     assert result.metrics["val_rel_err"] == pytest.approx(after, rel=1e-3)
     # the teacher's embeddings were computed once into the store and read back
-    assert (tmp_path / "run" / "teacher_embeddings" / "embeddings.f16").is_file()
+    assert (tmp_path / "run" / "teacher_embeddings" / "part-000000.f16").is_file()
 
     student = load_model(tmp_path / "run" / "model.safetensors")
     t = load_model(teacher)

@@ -53,9 +53,9 @@ def test_store_holds_the_encoder_outputs_of_slices_and_zoom_crops(corpus, tmp_pa
         # float16 storage: relative error ~1e-3
         assert torch.allclose(got, expected, rtol=2e-3, atol=2e-3 * float(expected.abs().max()))
     # same encoder, corpus and policy: reused (the file is not rewritten)
-    mtime = (tmp_path / "store" / "embeddings.f16").stat().st_mtime_ns
+    mtime = (tmp_path / "store" / "part-000000.f16").stat().st_mtime_ns
     again = build_embedding_store(tiny_model, corpus, rows, contract, tmp_path / "store", policy)
-    assert (tmp_path / "store" / "embeddings.f16").stat().st_mtime_ns == mtime and len(again) == len(store)
+    assert (tmp_path / "store" / "part-000000.f16").stat().st_mtime_ns == mtime and len(again) == len(store)
     # another encoder: rebuilt
     with torch.no_grad():
         next(tiny_model.image_encoder.parameters()).add_(1.0)

@@ -2,6 +2,7 @@
 
     medsam prepare SPEC.yaml [...] -o CORPUS [--workers N] [--shard i/n] [--merge-only]
     medsam prepare-demo -o CORPUS                       # the demo corpus from real public data
+    medsam shard CORPUS -o SHARDS [--samples-per-shard N] [--dask [SCHEDULER]]   # tar shards to stream
 
 Exit status: 0 done, 1 some cases failed (listed in CORPUS/errors.csv; the others are curated),
 2 bad input (one line), 130 interrupted (rerun the same command to resume).
@@ -55,9 +56,76 @@ def add_parser(subparsers: Subparsers) -> None:
         "--shard", type=_shard, default=None, metavar="i/n", help="curate cases i, i+n, i+2n ... (0 <= i < n)"
     )
     p.add_argument("--merge-only", action="store_true", help="curate nothing; rebuild manifest/summary/errors")
+    p.add_argument(
+        "--dask",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="SCHEDULER",
+        help="one Dask task per case: on a local cluster of --workers processes, or on the cluster whose "
+        "scheduler address is given (tcp://HOST:8786; OUT on a file system every worker sees). "
+        "Needs: pip install 'medsam[cluster]'",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run, resume_hint="rerun the same command to resume")
     _add_demo_parser(subparsers)
+    _add_shard_parser(subparsers)
+
+
+def _add_shard_parser(subparsers: Subparsers) -> None:
+    p = subparsers.add_parser(
+        "shard",
+        help="pack a corpus into tar shards a training job streams",
+        description=(
+            "Pack the slice files of a corpus, whole cases per shard, into uncompressed tar files with "
+            "per-shard SHA-256 and a merged index (SHARDS/shards.json); the manifest is copied beside them. "
+            "Train on SHARDS as on the corpus (data.corpus=SHARDS). Rerunning after more cases were curated "
+            "writes only the shards of new or changed cases."
+        ),
+    )
+    p.add_argument("corpus", type=Path, metavar="CORPUS", help="corpus folder (medsam prepare's OUT)")
+    p.add_argument("-o", "--out", type=Path, required=True, metavar="SHARDS", help="shard folder")
+    p.add_argument(
+        "--samples-per-shard", type=positive_int, default=1000, help="slice files per shard, at least (default 1000)"
+    )
+    p.add_argument("--workers", type=positive_int, default=2, help="local Dask workers with --dask (default 2)")
+    p.add_argument(
+        "--dask",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="SCHEDULER",
+        help="one Dask task per shard, locally or on the cluster of SCHEDULER (pip install 'medsam[cluster]')",
+    )
+    p.add_argument("--verify", action="store_true", help="only check every shard's SHA-256 against the index")
+    p.set_defaults(func=run_shard, resume_hint="rerun the same command to resume")
+
+
+def run_shard(args: argparse.Namespace) -> int:
+    """Run ``medsam shard``; returns the exit code."""
+    from ..cluster import EngineUnavailable
+    from ..corpus import CorpusError
+    from ..corpus.shards import is_sharded, verify_shards, write_shards
+
+    if args.verify:
+        if not is_sharded(args.out):
+            raise CLIError(f"no shards.json in {args.out}")
+        bad = verify_shards(args.out)
+        print("every shard matches its checksum" if not bad else f"checksum mismatch: {', '.join(bad)}")
+        return EXIT_OK if not bad else EXIT_CASE_ERRORS
+    try:
+        report = write_shards(
+            args.corpus,
+            args.out,
+            samples_per_shard=args.samples_per_shard,
+            workers=args.workers,
+            engine="dask" if args.dask else "local",
+            scheduler=args.dask if args.dask not in (None, "local") else None,
+        )
+    except (CorpusError, EngineUnavailable, ValueError) as exc:
+        raise CLIError(str(exc)) from None
+    print(report.summary())
+    return EXIT_OK if not report.failed else EXIT_CASE_ERRORS
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,14 +138,21 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("give at least one SPEC.yaml (or --merge-only)")
     if args.merge_only and args.shard is not None:
         raise CLIError("--merge-only and --shard do not go together")
-    report = prepare(
-        list(args.specs),
-        args.out,
-        workers=args.workers,
-        shard=args.shard,
-        progress=not args.no_progress,
-        merge_only=args.merge_only,
-    )
+    from ..cluster import EngineUnavailable
+
+    try:
+        report = prepare(
+            list(args.specs),
+            args.out,
+            workers=args.workers,
+            shard=args.shard,
+            progress=not args.no_progress,
+            merge_only=args.merge_only,
+            engine="dask" if args.dask else "pool",
+            scheduler=args.dask if args.dask not in (None, "local") else None,
+        )
+    except EngineUnavailable as exc:
+        raise CLIError(str(exc)) from None
     print(report.summary())
     return EXIT_OK if report.ok else EXIT_CASE_ERRORS
 

@@ -4,6 +4,7 @@ medsam train configs/tiny_cpu.yaml data.corpus=/data/corpus output.dir=runs/tiny
 torchrun --nproc_per_node 4 -m medsam train configs/medsam_vit_b.yaml data.corpus=...
 medsam train RUN.yaml train.resume=auto            # continue an interrupted run
 medsam export runs/tiny/best.pt -o tiny.safetensors
+medsam embed configs/decoder.yaml data.cache_embeddings=/data/store --dask tcp://head:8786
 """
 
 from __future__ import annotations
@@ -44,6 +45,22 @@ def add_parser(subparsers: Subparsers) -> None:
     e.add_argument("-o", "--output", required=True, help="output .safetensors path")
     e.set_defaults(func=run, train_command="export")
 
+    m = subparsers.add_parser(
+        "embed",
+        help="precompute the embedding store of a decoder-only training run (locally or on Dask)",
+        description=(
+            "Build the store data.cache_embeddings names, exactly as `medsam train` with the same config and "
+            "overrides would, in parts: in this process, on a local Dask cluster (--dask) or on the cluster "
+            "of --dask SCHEDULER (the corpus and the store on a file system every worker sees). A rerun "
+            "resumes; `medsam train` then reuses the store."
+        ),
+    )
+    m.add_argument("config", help="the training config")
+    m.add_argument("overrides", nargs="*", metavar="section.field=value", help="settings to override")
+    m.add_argument("--workers", type=int, default=2, help="local Dask workers with --dask (default 2)")
+    m.add_argument("--dask", nargs="?", const="local", default=None, metavar="SCHEDULER", help="compute on Dask")
+    m.set_defaults(func=run, train_command="embed", resume_hint="rerun the same command to resume")
+
 
 def _setup_logging() -> None:
     rank = int(os.environ.get("RANK", "0") or 0)
@@ -76,8 +93,38 @@ def run(args: argparse.Namespace) -> int:
             best = f", best validation DSC {result.best_dsc:.4f}" if result.best_dsc is not None else ""
             print(f"finished at step {result.global_step}{best}; checkpoints in {result.run_dir}")
         return 0
+    if args.train_command == "embed":
+        return _embed(args)
     from ..train.export import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.output)
     print(f"wrote {out}")
+    return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from ..cluster import DaskEngine, EngineUnavailable
+    from ..train.config import ConfigError, load_config
+    from ..train.loop import Trainer
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        raise CLIError(str(exc)) from None
+    if not cfg.data.cache_embeddings:
+        raise CLIError("give the store's folder: data.cache_embeddings=DIR (with train.mode=decoder)")
+    _setup_logging()
+    engine = None
+    if args.dask:
+        engine = DaskEngine(workers=args.workers, scheduler=None if args.dask == "local" else args.dask)
+    try:
+        if engine is not None:
+            engine.__enter__()
+        Trainer(cfg, store_engine=engine)
+    except EngineUnavailable as exc:
+        raise CLIError(str(exc)) from None
+    finally:
+        if engine is not None:
+            engine.close()
+    print(f"embedding store ready: {cfg.data.cache_embeddings}")
     return 0

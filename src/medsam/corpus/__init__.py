@@ -26,7 +26,7 @@ finished ``case.json`` (:func:`build_index`), so corpora curated in pieces merge
 
 from __future__ import annotations
 
-from .read import Manifest, group_by_slice, load_slice, mask_bbox, read_manifest
+from .read import Manifest, group_by_slice, load_slice, mask_bbox, read_manifest, slice_identity
 from .schema import (
     CASE_FORMAT,
     CORPUS_FORMAT,
@@ -67,6 +67,7 @@ __all__ = [
     "mask_bbox",
     "read_json",
     "read_manifest",
+    "slice_identity",
     "slice_objects",
     "write_case",
     "write_corpus_json",

@@ -5,6 +5,7 @@ sequence of rows, and the slice files. See :mod:`medsam.corpus` for the layout.
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, overload
@@ -132,10 +133,16 @@ def read_manifest(
 
 def load_slice(corpus: str | Path, row: ManifestRow | str) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
     """(image (H, W[, 3]) uint8, label map (H, W), spacing (row, col) mm) of a manifest row's slice
-    (or of a slice file path relative to the corpus)."""
-    path = Path(corpus) / (row if isinstance(row, str) else row.path)
+    (or of a slice file path relative to the corpus); from its shard where ``corpus`` is a shard
+    folder (:mod:`medsam.corpus.shards`)."""
+    rel = row if isinstance(row, str) else row.path
+    path = Path(corpus) / rel
+    from .shards import sharded_corpus
+
+    shards = sharded_corpus(Path(corpus))
+    source: Any = path if shards is None else io.BytesIO(shards.read_bytes(Path(rel).as_posix()))
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with np.load(source, allow_pickle=False) as data:
             image, label = data["image"], data["label"]
             spacing = tuple(float(s) for s in data["spacing"]) if "spacing" in data else (1.0, 1.0)
     except FileNotFoundError:
@@ -147,6 +154,18 @@ def load_slice(corpus: str | Path, row: ManifestRow | str) -> tuple[np.ndarray, 
     if len(spacing) != 2 or not all(np.isfinite(s) and s > 0 for s in spacing):
         raise CorpusError(f"{path}: bad spacing {spacing}")
     return image, label, (spacing[0], spacing[1])
+
+
+def slice_identity(corpus: str | Path, rel: str) -> str:
+    """What changes when a slice file changes: its size and modification time, or for a shard
+    folder the size and the checksum of the shard holding it."""
+    from .shards import sharded_corpus
+
+    shards = sharded_corpus(Path(corpus))
+    if shards is not None:
+        return shards.identity(Path(rel).as_posix())
+    st = (Path(corpus) / rel).stat()
+    return f"{st.st_size}|{st.st_mtime_ns}"
 
 
 def group_by_slice(rows: Iterable[ManifestRow]) -> dict[str, list[ManifestRow]]:

@@ -380,6 +380,8 @@ def prepare(
     shard: tuple[int, int] | None = None,
     progress: bool = True,
     merge_only: bool = False,
+    engine: str = "pool",
+    scheduler: str | None = None,
 ) -> PrepareReport:
     """Curate the datasets of ``specs`` into the corpus folder ``out_dir``.
 
@@ -398,6 +400,14 @@ def prepare(
     merge_only:
         Curate nothing; rebuild ``manifest.csv``, ``summary.csv``,
         ``errors.csv`` and ``corpus.json`` from the cases in ``out_dir``.
+    engine:
+        ``"pool"``: a process pool of this machine; ``"dask"``: one Dask task
+        per case (:class:`medsam.cluster.DaskEngine`), on a local cluster of
+        ``workers`` processes or on the cluster of ``scheduler``, a task whose
+        worker died retried twice. On a cluster, the sources and ``out_dir``
+        must be on a file system every worker sees.
+    scheduler:
+        Address of a running Dask scheduler (implies ``engine="dask"``).
 
     A rerun skips cases whose ``case.json`` says done (and was made with the
     same processing settings); a case that cannot be read, whose label does
@@ -414,6 +424,10 @@ def prepare(
         workers = int(workers)
     except (TypeError, ValueError):
         raise ValueError(f"workers must be an integer, got {workers!r}") from None
+    if scheduler:
+        engine = "dask"
+    if engine not in ("pool", "dask"):
+        raise ValueError(f"engine must be 'pool' or 'dask', got {engine!r}")
     _check_out_dir(out)
     report = PrepareReport(out_dir=out, datasets=[s.name for s in spec_list], shard=shard, merge_only=merge_only)
 
@@ -481,7 +495,10 @@ def prepare(
                 error_file(out, t.spec.name, t.case).unlink(missing_ok=True)
             else:
                 todo.append(t)
-        _run_tasks(todo, out, workers, progress, report)
+        if engine == "dask":
+            _run_tasks_dask(todo, out, workers, scheduler, progress, report)
+        else:
+            _run_tasks(todo, out, workers, progress, report)
         report.n_failed = sum(1 for e in report.errors if e.stage != "match")
 
     counts = build_index(out, split_maps, datasets)
@@ -508,6 +525,25 @@ def _record_result(res: dict, task: _CaseTask, out: Path, report: PrepareReport)
         err = CaseError(task.spec.name, task.case, res.get("stage", "?"), res.get("error", "?"), task.image, task.label)
         report.errors.append(err)
         write_json(error_file(out, err.dataset, err.case), err.__dict__)
+
+
+def _run_tasks_dask(
+    todo: list[_CaseTask], out: Path, workers: int, scheduler: str | None, progress: bool, report: PrepareReport
+) -> None:
+    from tqdm import tqdm
+
+    from ..cluster import DaskEngine
+
+    with DaskEngine(workers=workers, scheduler=scheduler) as engine:
+        bar = tqdm(total=len(todo), unit="case", desc="prepare", disable=not progress or not todo)
+        try:
+            for task, res, error in engine.map(_process_case, todo, name="prepare"):
+                if error is not None:
+                    res = {"ok": False, "stage": "worker", "error": f"{type(error).__name__}: {error}; rerun to resume"}
+                _record_result(res, task, out, report)
+                bar.update(1)
+        finally:
+            bar.close()
 
 
 def _run_tasks(todo: list[_CaseTask], out: Path, workers: int, progress: bool, report: PrepareReport) -> None:

@@ -334,20 +334,31 @@ class EpochSampler(Sampler):
     ``num_replicas = 1``. Hence step ``s`` of an epoch uses the samples
     ``perm[s * G : (s + 1) * G]`` (G = the global batch) whatever the number of processes.
     :meth:`set_epoch` with ``start`` skips the first ``start`` samples of this rank's share, so a
-    resumed run continues exactly where the interrupted one stopped.
+    resumed run continues exactly where the interrupted one stopped. ``pad_to``: the epoch is
+    lengthened to that many samples by repeating its order from the start (a rank reading only
+    its own shards pads to the largest rank's share, so that every rank makes the same steps).
     """
 
-    def __init__(self, size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        size: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+        pad_to: int | None = None,
+    ) -> None:
         self._inner = DistributedSampler(
             range(size), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
         )
+        self.pad_to = max(len(self._inner), int(pad_to or 0))
         self.epoch = 0
         self.start = 0
 
     @property
     def samples_per_epoch(self) -> int:
         """This rank's samples per epoch (before skipping)."""
-        return len(self._inner)
+        return self.pad_to
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch = int(epoch)
@@ -355,12 +366,15 @@ class EpochSampler(Sampler):
         self._inner.set_epoch(self.epoch)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        for i, index in enumerate(self._inner):
+        order = list(self._inner)
+        while len(order) < self.pad_to:  # padded as DistributedSampler pads: from the start again
+            order += order[: self.pad_to - len(order)]
+        for i, index in enumerate(order):
             if i >= self.start:
                 yield (self.epoch, int(index))
 
     def __len__(self) -> int:
-        return max(0, len(self._inner) - self.start)
+        return max(0, self.pad_to - self.start)
 
 
 def clicks_for_step(seed: int, step: int, max_clicks: int, prob: float) -> int:
@@ -398,12 +412,20 @@ class SliceObjects:
 
 
 class ValidationSlices(Dataset):
-    """Validation items grouped by slice, so each image is embedded once for all its objects."""
+    """Validation items grouped by slice, so each image is embedded once for all its objects.
 
-    def __init__(self, corpus: str | Path, rows: Sequence[ManifestRow], contract: Contract) -> None:
+    ``part = (rank, world_size)``: only the slices ``rank, rank + world_size, ...`` of the grouped
+    list; ``slice_ids[i]`` is item ``i``'s position in the whole list."""
+
+    def __init__(
+        self, corpus: str | Path, rows: Sequence[ManifestRow], contract: Contract, part: tuple[int, int] = (0, 1)
+    ) -> None:
         self.corpus = Path(corpus)
         self.contract = contract
-        self.groups = list(group_by_slice(rows).values())
+        rank, world = part
+        groups = list(group_by_slice(rows).values())
+        self.slice_ids = list(range(rank, len(groups), world))
+        self.groups = [groups[i] for i in self.slice_ids]
 
     def __len__(self) -> int:
         return len(self.groups)

@@ -92,6 +92,15 @@ def all_reduce_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return out / info.world_size
 
 
+def all_gather_objects(obj, info: DistInfo) -> list:
+    """Every rank's ``obj``, in rank order (``[obj]`` when not distributed)."""
+    if not info.distributed:
+        return [obj]
+    out: list = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj, info: DistInfo):
     """Rank 0's ``obj`` on every rank."""
     if not info.distributed:

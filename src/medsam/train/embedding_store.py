@@ -12,12 +12,19 @@ training reads it back:
 Image augmentations that change pixels (flips, gamma, contrast, random zoom offsets) cannot be
 cached; the config refuses them together with the store.
 
-Layout of ``FOLDER``: ``embeddings.f16`` (V, C, E, E) float16 raw array (a numpy memmap),
-``index.json`` (the fingerprint, the shape and each view's key -> row). The fingerprint covers the
-encoder weights (:func:`medsam.embedding_cache.model_fingerprint` of the image encoder), the contract, the zoom
-policy and the list of views with their slice files' sizes and modification times; a store whose
-fingerprint differs is rebuilt. The array is written to a temporary name and moved into place
-when complete, so an interrupted build leaves no store that looks finished.
+Layout of ``FOLDER``: ``part-NNNNNN.f16``, each a (n, C, E, E) float16 raw array (a numpy
+memmap) of up to ``part_rows`` consecutive views, and ``index.json`` (the fingerprint, the shape,
+the parts, each view's key -> row). The fingerprint covers the encoder weights
+(:func:`medsam.embedding_cache.model_fingerprint` of the image encoder), the contract, the zoom
+policy and the list of views with their slice files' identities (size and modification time, or
+the shard's checksum); a store whose fingerprint differs is rebuilt. Each part is written to a
+temporary name, moved into place, then recorded in ``part-NNNNNN.json`` with the fingerprint, so
+an interrupted build keeps its finished parts and resumes; ``index.json`` is written last.
+
+The parts are independent tasks: in this process by default, or one task per part on a
+:class:`medsam.cluster.DaskEngine` (``medsam embed CONFIG --dask``), where each worker loads the
+encoder once from ``encoder.safetensors`` written beside the parts. Training then finds the store
+finished and reuses it, so no training rank computes embeddings.
 """
 
 from __future__ import annotations
@@ -26,17 +33,24 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from ..corpus import ManifestRow, load_slice, mask_bbox
+from ..corpus import ManifestRow, load_slice, mask_bbox, slice_identity
+from ..io.atomic import write_json
 from ..preprocess import Contract
 from ..preprocess_fast import prepare_image_fast
 from ..zoom import ZoomPolicy, should_zoom, zoom_window
 
-FORMAT = "medsam-embedding-store/1"
+if TYPE_CHECKING:
+    from ..cluster import DaskEngine
+
+FORMAT = "medsam-embedding-store/2"
+PART_ROWS = 256
 
 
 def whole_key(row: ManifestRow) -> str:
@@ -65,8 +79,10 @@ class EmbeddingStore:
             raise ValueError(f"{self.folder}: not an embedding store of format {FORMAT}")
         self.fingerprint: str = meta["fingerprint"]
         self.shape = tuple(meta["shape"])
+        self.parts: list[str] = meta["parts"]
+        self.part_rows = int(meta["part_rows"])
         self.index: dict[str, int] = meta["index"]
-        self._array: np.memmap | None = None  # opened lazily (once per DataLoader worker)
+        self._arrays: dict[int, np.memmap] = {}  # opened lazily (once per DataLoader worker)
 
     def __contains__(self, key: str) -> bool:
         return key in self.index
@@ -75,12 +91,17 @@ class EmbeddingStore:
         return len(self.index)
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        if self._array is None:
-            self._array = np.memmap(self.folder / "embeddings.f16", dtype=np.float16, mode="r", shape=self.shape)
-        return torch.from_numpy(np.asarray(self._array[self.index[key]], dtype=np.float32))
+        part, row = divmod(self.index[key], self.part_rows)
+        array = self._arrays.get(part)
+        if array is None:
+            n = min(self.part_rows, self.shape[0] - part * self.part_rows)
+            array = self._arrays[part] = np.memmap(
+                self.folder / self.parts[part], dtype=np.float16, mode="r", shape=(n, *self.shape[1:])
+            )
+        return torch.from_numpy(np.asarray(array[row], dtype=np.float32))
 
-    def __getstate__(self) -> dict:  # workers reopen the memmap themselves
-        return {**self.__dict__, "_array": None}
+    def __getstate__(self) -> dict:  # workers reopen the memmaps themselves
+        return {**self.__dict__, "_arrays": {}}
 
 
 def _views(
@@ -112,9 +133,82 @@ def _fingerprint(corpus: Path, views, encoder_fp: str, contract: Contract, polic
     }
     h.update(json.dumps(head, sort_keys=True).encode())
     for key, row, window in views:
-        st = (corpus / row.path).stat()
-        h.update(f"{key}|{window}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        h.update(f"{key}|{window}|{slice_identity(corpus, row.path)}\n".encode())
     return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class _PartTask:
+    """One part of a store: its views, computed by the model saved in ``encoder``."""
+
+    folder: str
+    number: int
+    fingerprint: str
+    corpus: str
+    contract: Contract
+    views: tuple[tuple[str, str, tuple | None], ...]  # (key, slice path, window)
+    batch_size: int
+    encoder: str = ""  # a saved model (tasks in other processes), "" for the caller's model
+
+
+def _part_name(number: int) -> str:
+    return f"part-{number:06d}.f16"
+
+
+def _part_done(folder: Path, number: int, fingerprint: str) -> bool:
+    rec = folder / f"part-{number:06d}.json"
+    try:
+        return json.loads(rec.read_text()).get("fingerprint") == fingerprint and (folder / _part_name(number)).is_file()
+    except (OSError, ValueError):
+        return False
+
+
+_WORKER_MODELS: dict[str, object] = {}
+
+
+def _worker_model(path: str):
+    """The model saved at ``path``, loaded once per worker process."""
+    from ..weights import load_model
+
+    key = f"{path}|{os.stat(path).st_mtime_ns}"
+    model = _WORKER_MODELS.get(key)
+    if model is None:
+        _WORKER_MODELS.clear()
+        model = _WORKER_MODELS[key] = load_model(path, device="cpu").eval()
+    return model
+
+
+@torch.inference_mode()
+def _embed_part(task: _PartTask, model=None) -> int:
+    """Compute and write one part; returns its number of views."""
+    folder = Path(task.folder)
+    if model is None:
+        model = _worker_model(task.encoder)
+    device = next(model.parameters()).device
+    tmp = folder / f".{_part_name(task.number)}.tmp-{os.getpid()}"
+    array = None
+    try:
+        for start in range(0, len(task.views), task.batch_size):
+            chunk = task.views[start : start + task.batch_size]
+            images = []
+            for _key, rel, window in chunk:
+                image, _, _ = load_slice(task.corpus, rel)
+                if window is not None:
+                    y0, y1, x0, x1 = window
+                    image = np.ascontiguousarray(image[y0:y1, x0:x1])
+                images.append(prepare_image_fast(task.contract, image)[0])
+            out = model.embed_image(torch.cat(images).to(device)).float().cpu().numpy().astype(np.float16)
+            if array is None:
+                array = np.memmap(tmp, dtype=np.float16, mode="w+", shape=(len(task.views), *out.shape[1:]))
+            array[start : start + len(chunk)] = out
+        assert array is not None
+        array.flush()
+        del array
+        os.replace(tmp, folder / _part_name(task.number))
+    finally:
+        tmp.unlink(missing_ok=True)
+    write_json(folder / f"part-{task.number:06d}.json", {"fingerprint": task.fingerprint, "views": len(task.views)})
+    return len(task.views)
 
 
 @torch.inference_mode()
@@ -127,8 +221,11 @@ def build_embedding_store(
     policy: ZoomPolicy | None,
     batch_size: int = 8,
     log: Callable[[str], None] = lambda message: None,
+    engine: DaskEngine | None = None,
+    part_rows: int = PART_ROWS,
 ) -> EmbeddingStore:
-    """Compute (or reuse, when the fingerprint matches) the embeddings of every view of ``rows``."""
+    """Compute (or reuse, when the fingerprint matches) the embeddings of every view of ``rows``;
+    the parts on ``engine`` when given (see the module docstring), finished parts kept."""
     from ..embedding_cache import model_fingerprint
 
     corpus, folder = Path(corpus), Path(folder)
@@ -142,39 +239,50 @@ def build_embedding_store(
                 return store
         except (ValueError, KeyError, json.JSONDecodeError):
             pass
+        (folder / "index.json").unlink()
     folder.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     probe = model.embed_image(prepare_image_fast(contract, np.zeros((8, 8), np.uint8))[0].to(device))
     shape = (len(views), *probe.shape[1:])
-    tmp = folder / "embeddings.f16.partial"
-    array = np.memmap(tmp, dtype=np.float16, mode="w+", shape=shape)
-    for start in range(0, len(views), batch_size):
-        chunk = views[start : start + batch_size]
-        images = []
-        for _, row, window in chunk:
-            image, _, _ = load_slice(corpus, row)
-            if window is not None:
-                y0, y1, x0, x1 = window
-                image = np.ascontiguousarray(image[y0:y1, x0:x1])
-            images.append(prepare_image_fast(contract, image)[0])
-        out = model.embed_image(torch.cat(images).to(device))
-        array[start : start + len(chunk)] = out.float().cpu().numpy().astype(np.float16)
-        done = start + len(chunk)
-        if done % (batch_size * 25) < batch_size or done == len(views):
+    flat = tuple((k, r.path, w) for k, r, w in views)
+    tasks = [
+        _PartTask(str(folder), n, fp, str(corpus), contract, flat[start : start + part_rows], batch_size)
+        for n, start in enumerate(range(0, len(views), part_rows))
+    ]
+    todo = [t for t in tasks if not _part_done(folder, t.number, fp)]
+    log(f"embedding store {folder}: {len(views)} views in {len(tasks)} parts, {len(tasks) - len(todo)} done before")
+    done = len(views) - sum(len(t.views) for t in todo)
+    if engine is None:
+        for task in todo:
+            done += _embed_part(task, model)
             log(f"embedding store: {done}/{len(views)} views")
-    array.flush()
-    del array
-    os.replace(tmp, folder / "embeddings.f16")
+    elif todo:
+        from ..weights import save_model
+
+        encoder = save_model(model, folder / "encoder.safetensors")
+        todo = [replace(t, encoder=str(encoder)) for t in todo]
+        failed = []
+        for task, n, error in engine.map(_embed_part, todo, name="embed"):
+            if error is not None:
+                failed.append(f"part {task.number}: {type(error).__name__}: {error}")
+                continue
+            done += n
+            log(f"embedding store: {done}/{len(views)} views")
+        if failed:
+            raise RuntimeError(f"{len(failed)} part(s) of the embedding store failed (rerun to resume): {failed[0]}")
     meta = {
         "format": FORMAT,
         "fingerprint": fp,
         "shape": list(shape),
+        "parts": [_part_name(t.number) for t in tasks],
+        "part_rows": part_rows,
         "index": {k: i for i, (k, _, _) in enumerate(views)},
     }
-    part = folder / "index.json.partial"
-    part.write_text(json.dumps(meta))
-    os.replace(part, folder / "index.json")
+    write_json(folder / "index.json", meta)
+    for stale in folder.glob("part-*.f16"):
+        if stale.name not in meta["parts"]:
+            stale.unlink(missing_ok=True)
     model.train(was_training)
     return EmbeddingStore(folder)

@@ -29,6 +29,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -36,6 +37,7 @@ from torch.utils.data import DataLoader
 
 from ..clicks import add_error_clicks
 from ..corpus import read_manifest
+from ..corpus.shards import is_sharded, shard_rows
 from ..preprocess import get_contract
 from ..scribbles import DEFAULT_MAX_POINTS as SCRIBBLE_POINTS
 from .checkpoint import FORMAT, VERSION, load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
@@ -58,13 +60,18 @@ from .schedule import lr_factor as lr_factor
 from .trainable import SegmentationStep, build_initial_model, configure_trainable, enable_gradient_checkpointing
 from .validate import validate
 
+if TYPE_CHECKING:
+    from ..cluster import DaskEngine
+
 log = logging.getLogger("medsam.train")
 
 
 class Trainer:
     """Owns the model, data, optimiser and position of one run (one process of it)."""
 
-    def __init__(self, cfg: TrainConfig, info: DistInfo | None = None) -> None:
+    def __init__(self, cfg: TrainConfig, info: DistInfo | None = None, store_engine: DaskEngine | None = None) -> None:
+        """``store_engine``: where the parts of ``data.cache_embeddings`` are computed when the
+        store must be built (default: in this process, by rank 0)."""
         self.cfg = cfg
         # Without ``info``, read torchrun's variables (if any) and pick ``train.device`` here.
         self.info = info or init_distributed(cfg.train.device)
@@ -104,6 +111,16 @@ class Trainer:
         rows = read_manifest(d.corpus, d.train_split, d.datasets, d.modalities)
         if not rows:
             raise ValueError(f"no rows of split {d.train_split!r} in {d.corpus}/manifest.csv")
+        # A shard folder on several ranks: each rank reads the rows of its own shards only.
+        rank_shards, pad_to = is_sharded(d.corpus) and self.info.world_size > 1, None
+        if rank_shards:
+            if d.cache_embeddings:
+                raise ValueError("data.cache_embeddings with a shard folder on several ranks is not supported")
+            rows, pad_to = shard_rows(d.corpus, rows, self.info.rank, self.info.world_size)
+            if not rows:
+                raise ValueError(
+                    f"rank {self.info.rank} has no shard: use at most as many ranks as {d.corpus} has shards"
+                )
         store, store_zoom = None, None
         if d.cache_embeddings:
             from ..zoom import ZoomPolicy
@@ -121,6 +138,7 @@ class Trainer:
                     d.cache_embeddings,
                     store_zoom,
                     log=log.info,
+                    engine=store_engine,
                 )
             barrier(self.info)
             store = EmbeddingStore(d.cache_embeddings)
@@ -149,11 +167,14 @@ class Trainer:
                 d.augment.zoom_min_side,
             ),
             train=True,
-            seed=t.seed,
+            seed=t.seed + (1_000_003 * self.info.rank if rank_shards else 0),  # ranks' draws differ
             store=store,
             store_zoom=store_zoom,
         )
-        self.sampler = EpochSampler(len(self.train_set), self.info.world_size, self.info.rank, seed=t.seed)
+        if rank_shards:
+            self.sampler = EpochSampler(len(self.train_set), seed=t.seed + self.info.rank, pad_to=pad_to)
+        else:
+            self.sampler = EpochSampler(len(self.train_set), self.info.world_size, self.info.rank, seed=t.seed)
         self.steps_per_epoch = steps_per_epoch(self.sampler.samples_per_epoch, d.batch_size, t.accumulation)
         if self.steps_per_epoch == 0:
             raise ValueError(
@@ -163,13 +184,14 @@ class Trainer:
         self.global_batch = d.batch_size * self.info.world_size * t.accumulation
         self.total_steps = t.max_steps if t.max_steps > 0 else t.epochs * self.steps_per_epoch
         self.val_slices = None
-        if d.val_split and self.info.is_main:
+        if d.val_split:  # every rank scores its part of the slices (validate gathers the scores)
             val_rows = read_manifest(d.corpus, d.val_split, d.datasets, d.modalities)
             if d.val_max_samples:
                 val_rows = val_rows[: d.val_max_samples]
             if val_rows:
-                self.val_slices = ValidationSlices(d.corpus, val_rows, self.contract)
-            else:
+                part = (self.info.rank, self.info.world_size)
+                self.val_slices = ValidationSlices(d.corpus, val_rows, self.contract, part)
+            elif self.info.is_main:
                 log.warning("no rows of split %r: no validation, no best.pt", d.val_split)
 
         # ------------------------------------------------------------ optimiser
@@ -465,7 +487,8 @@ class Trainer:
         return TrainResult(self.global_step, self.epoch, self.best_dsc, self.last_metrics, self.run_dir)
 
     def _checkpoint_and_validate(self, epoch_done: bool, last: bool, lr: float, runlog: RunLog | None) -> float:
-        """Validate / save when due (rank 0; the others wait). Returns the seconds spent."""
+        """Validate when due (every rank its part of the slices), save (rank 0; the others wait).
+        Returns the seconds spent."""
         start = time.perf_counter()
         t = self.cfg.train
         step = self.global_step
@@ -475,16 +498,19 @@ class Trainer:
         want_save = (t.save_every > 0 and step % t.save_every == 0) or epoch_done or last
         if not (want_val or want_save):
             return 0.0
+        metrics = None
+        if want_val and self.val_slices is not None:
+            metrics = validate(
+                self.model,
+                self.val_slices,
+                batch_size=self.cfg.data.batch_size,
+                workers=self.cfg.data.workers,
+                autocast_dtype=self.amp_dtype,
+                info=self.info,
+            )
+            self.step.train()  # validate() restores model.train(): keep a frozen encoder in eval
         if self.info.is_main:
-            if want_val and self.val_slices is not None:
-                metrics = validate(
-                    self.model,
-                    self.val_slices,
-                    batch_size=self.cfg.data.batch_size,
-                    workers=self.cfg.data.workers,
-                    autocast_dtype=self.amp_dtype,
-                )
-                self.step.train()  # validate() restores model.train(): keep a frozen encoder in eval
+            if metrics is not None:
                 self.last_metrics = metrics
                 for modality, m in metrics.items():
                     runlog.write(step, step / self.steps_per_epoch, "val", modality, dsc=m["dsc"], nsd=m["nsd"], lr=lr)
