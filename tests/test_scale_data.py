@@ -318,3 +318,30 @@ def test_embedding_store_computed_on_dask_is_reused_by_training_and_resumes(corp
     assert (folder / "part-000000.f16").stat().st_mtime_ns == kept and (folder / "part-000001.f16").is_file()
     for key in store.index:
         torch.testing.assert_close(store[key], a[key], rtol=0, atol=2e-3)
+
+
+# ----------------------------------------------------------------------------- the commands
+def test_shard_and_embed_commands(corpus, tmp_path, capsys):
+    from medsam.cli import main as cli_main
+
+    out = tmp_path / "shards"
+    assert cli_main(["shard", str(corpus), "-o", str(out), "--samples-per-shard", "8"]) == 0
+    assert "3 shard(s) written" in capsys.readouterr().out
+    assert cli_main(["shard", str(tmp_path / "nothing"), "-o", str(out)]) == 2
+
+    store = tmp_path / "store"
+    overrides = micro_overrides(out, tmp_path / "run", "train.mode=decoder", f"data.cache_embeddings={store}")
+    assert cli_main(["embed", str(tmp_path / "missing.yaml"), *overrides]) == 2  # one error line
+    assert cli_main(["embed", str(Path(__file__).parents[1] / "configs" / "tiny_cpu.yaml"), *overrides]) == 0
+    assert (store / "index.json").is_file() and f"embedding store ready: {store}" in capsys.readouterr().out
+
+    assert cli_main(["shard", str(corpus), "-o", str(out), "--verify"]) == 0
+    tar = sorted((out / "shards").glob("*.tar"))[1]
+    record = json.loads(tar.with_name(tar.name + ".json").read_text())
+    offset, _size = next(iter(record["members"].values()))
+    data = bytearray(tar.read_bytes())
+    data[offset + 40] ^= 1  # inside the first slice file
+    tar.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert cli_main(["shard", str(corpus), "-o", str(out), "--verify"]) == 1
+    assert f"checksum mismatch: {tar.stem}" in capsys.readouterr().out
