@@ -47,7 +47,16 @@ def _medsam_version() -> str:
 
 # --------------------------------------------------------------------------- writing cases
 def _save_slice(path: Path, image: np.ndarray, label: np.ndarray, spacing: np.ndarray) -> None:
-    np.savez_compressed(path, image=image, label=label, spacing=spacing)
+    """``np.savez_compressed``'s format (a deflated zip of ``.npy`` members) with every member
+    dated 1980-01-01, so that the same slice is the same bytes whenever it is curated."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, array in (("image", image), ("label", label), ("spacing", spacing)):
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
 
 
 def slice_objects(label: np.ndarray) -> list[list[int]]:
