@@ -243,6 +243,8 @@ def test_workers_option_runs_processes_on_one_port(data):
         (["--workers", "0"], "--workers must be >= 1"),
         (["--database", "oracle://x"], "unsupported state database 'oracle'"),
         (["--database", "postgresql+psycopg://nobody@/x?host=/nonexistent"], "cannot open the state database"),
+        (["--encoder-url", "ftp://x"], "the encoder URL must be http(s)"),
+        (["--encoder-url", "http://127.0.0.1:9"], "cannot be reached"),
     ],
 )
 def test_bad_serve_options_are_one_error_line(data, args, message):
@@ -328,3 +330,67 @@ def test_served_model_and_training_jobs_are_shared_by_two_apps_on_one_database(d
         assert [(j["id"], j["state"]) for j in listed] == [(job.id, "running")]
         assert c1.delete(f"/train/jobs/{job.id}").status_code == 200
         assert shared.publish(job.id, job.state, job.info()) is True  # the runner sees the request
+
+
+# ----------------------------------------------------------------------------- the encoder as a service
+def test_encoder_service_serves_workbenches_and_refuses_bad_input(data, tmp_path):
+    import shutil as sh
+
+    import torch
+    from safetensors.numpy import save as save_arrays
+
+    from conftest import seeded_tiny_model
+    from medsam.server import create_app
+    from medsam.server.encoder_service import create_encoder_app
+    from workbench_fixtures import client, live_server
+
+    token = "encoder-token-123"
+    other = tmp_path / "other"
+    sh.copytree(data, other)
+    box = {"image_id": "a.png", "box": {"x0": 10, "y0": 8, "x1": 50, "y1": 40}}
+    with live_server(create_encoder_app(seeded_tiny_model(), token=token)) as url:
+        remote = create_app(data, model=seeded_tiny_model(), encoder_url=url, encoder_token=token)
+        with client(remote) as c, client(create_app(other, model=seeded_tiny_model())) as local:
+            got, want = c.post("/segment", json=box), local.post("/segment", json=box)
+            assert got.status_code == want.status_code == 200, got.text
+            assert got.json()["embedding_source"] == "computed"
+            for key in ("mask", "area", "score", "bbox"):
+                assert got.json()[key] == want.json()[key], key
+            assert remote.state.workbench.engine.remote_encoder.calls == 1
+            assert c.post("/segment", json=box).json()["embedding_source"] == "memory"  # cached as its own
+
+        # A workbench whose model has another encoder refuses the service's embeddings.
+        changed = seeded_tiny_model()
+        with torch.no_grad():
+            next(changed.image_encoder.parameters()).add_(1.0)
+        with client(create_app(other, model=changed, encoder_url=url, encoder_token=token)) as c:
+            r = c.post("/segment", json=box)
+            assert r.status_code == 502 and "serves another encoder" in r.json()["detail"]
+        with client(create_app(other, model=seeded_tiny_model(), encoder_url=url, encoder_token="wrong-token")) as c:
+            r = c.post("/segment", json={**box, "image_id": "b.png"})  # not in its cache yet
+            assert r.status_code == 502 and "401" in r.json()["detail"]
+
+        # The service answers bad requests with 4xx and stays up.
+        auth = {"Authorization": f"Bearer {token}"}
+        assert httpx.post(f"{url}/encode", content=b"junk", headers=auth).status_code == 422
+        wrong = save_arrays({"image": np.zeros((4, 4), np.float32)})
+        assert httpx.post(f"{url}/encode", content=wrong, headers=auth).status_code == 422
+        huge = save_arrays({"image": np.zeros((5000, 5000), np.uint8)})
+        assert httpx.post(f"{url}/encode", content=huge, headers=auth).status_code == 413
+        assert httpx.post(f"{url}/encode", content=b"x", headers={"Authorization": "Bearer nope"}).status_code == 401
+        ok = httpx.post(f"{url}/encode", content=save_arrays({"image": np.zeros((30, 20), np.uint8)}), headers=auth)
+        assert ok.status_code == 200 and ok.headers["x-medsam-embedding-id"]
+        assert httpx.get(f"{url}/encoder", headers=auth).json()["contract"]
+
+
+def test_encoder_service_command_refuses_a_public_address_without_token():
+    r = subprocess.run(
+        [sys.executable, "-m", "medsam", "serve-encoder", "--host", "0.0.0.0", "--port", str(_free_port())],
+        env={k: v for k, v in _env().items() if k != "MEDSAM_ENCODER_TOKEN"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "medsam: error: binding to a non-loopback address needs --token (or MEDSAM_ENCODER_TOKEN)"
+    ], r.stderr

@@ -90,7 +90,56 @@ def add_parser(subparsers: Subparsers) -> None:
         help="state database (label versions, history, scores, jobs) as a SQLAlchemy URL, e.g. "
         "postgresql+psycopg://user@host/db (default: SQLite in DIR/.medsam/state.sqlite3)",
     )
+    p.add_argument(
+        "--encoder-url",
+        default=None,
+        metavar="URL",
+        help="compute embeddings on an encoder service (medsam serve-encoder) with the same checkpoint; "
+        "its token from $MEDSAM_ENCODER_TOKEN",
+    )
     p.set_defaults(func=run)
+    _add_encoder_parser(subparsers)
+
+
+def _add_encoder_parser(subparsers: Subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve-encoder",
+        help="the image encoder as a service for the workbenches of many annotators",
+        description=(
+            "Serve the checkpoint's image encoder over HTTP (POST /encode) for workbenches started with "
+            "--encoder-url and the same checkpoint. Needs: pip install 'medsam[serve]'."
+        ),
+    )
+    p.add_argument("--checkpoint", default=None, help="model weights (default: the embedded model)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: automatic)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8100, help="port (default 8100)")
+    p.add_argument("--token", default=None, help="require this bearer token (default: $MEDSAM_ENCODER_TOKEN)")
+    p.set_defaults(func=run_encoder)
+
+
+def run_encoder(args: argparse.Namespace) -> int:
+    """Run ``medsam serve-encoder`` until interrupted; returns the exit code."""
+    token = args.token or os.environ.get("MEDSAM_ENCODER_TOKEN") or None
+    if not _is_loopback(args.host) and not token:
+        raise CLIError("binding to a non-loopback address needs --token (or MEDSAM_ENCODER_TOKEN)")
+    if not 0 < args.port < 65536:
+        raise CLIError(f"--port must be 1..65535, got {args.port}")
+    try:
+        import uvicorn
+
+        from ..server.encoder_service import create_encoder_app
+    except ModuleNotFoundError as exc:
+        raise CLIError(f"the encoder service needs the serve extra (pip install 'medsam[serve]'): {exc}") from None
+    from ..weights import load_model
+
+    try:
+        app = create_encoder_app(load_model(args.checkpoint, device=args.device), token=token)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    log(f"medsam encoder service: http://{args.host}:{args.port}/encode")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", server_header=False)
+    return 0
 
 
 def _is_loopback(host: str) -> bool:
@@ -176,13 +225,23 @@ def run(args: argparse.Namespace) -> int:
         modality=args.modality,
         window=args.window,
         database=args.database,
+        encoder_url=args.encoder_url,
+        encoder_token=os.environ.get("MEDSAM_ENCODER_TOKEN") or None,
     )
     try:
         app = build_app(config)  # in the parent too when N > 1: a bad checkpoint is one error line
     except ModelNotServable as exc:
         raise CLIError(str(exc)) from None
-    except StateDatabaseError as exc:
+    except (StateDatabaseError, ValueError) as exc:  # ValueError: a malformed --encoder-url
         raise CLIError(str(exc)) from None
+    engine = app.state.workbench.engine
+    if engine.remote_encoder is not None:  # reachable, and the same encoder: say so now, not at the first prompt
+        from ..server.encoder_service import EncoderServiceError
+
+        try:
+            engine.remote_encoder.check(engine.embedding_fingerprint())
+        except EncoderServiceError as exc:
+            raise CLIError(str(exc)) from None
     log(f"medsam workbench: http://{_shown_address(args.host, hosts)}:{args.port}/  (data: {args.data})")
     if args.host in _WILDCARDS:
         log(

@@ -11,12 +11,17 @@ per idea:
     settings.py    ServerSettings: data folder, token, upload limits, model input options
     security.py    bearer token (constant-time), Host allow-list, safe ids inside the data folder
     datastore.py   the image folder: listing, safe lookup, reading with an LRU, uploads
+    state_db.py    StateDatabase: the shared state in SQL (SQLite or PostgreSQL, SQLAlchemy Core)
     labels.py      LabelStore: versioned label maps, atomic saves, provenance sidecars
     engine.py      SegmentationEngine: the model, slice embeddings (memory LRU + on-disk cache),
                    prompts -> masks, propagation, uncertainty for active learning
-    jobs.py        JobManager: background jobs (one worker thread) with progress
+    encoder_service.py  the image encoder as a service of its own, and the workbench's client
+    jobs.py        JobManager: background jobs (one worker thread per process) with progress
     training_job.py  TrainingManager: fine-tuning on the accepted labels (``medsam train`` in a
-                   child process), held-out before/after scores, the served model and its switch
+                   child process), held-out before/after scores
+    served_models.py, shared_training.py  the served model and its switch; training shared by
+                   the processes of one database
+    workers.py     ServeConfig and the app of each process of ``medsam serve --workers N``
     encoding.py    masks <-> RLE / PNG, slices -> windowed PNG
     schemas.py     the typed request and response models (the OpenAPI schema)
     routers/       one router per resource: images, embeddings, segment, labels, propagate,

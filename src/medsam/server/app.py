@@ -24,6 +24,7 @@ from fastapi.staticfiles import StaticFiles
 
 from .active_learning import UncertaintyStore
 from .datastore import UPLOAD_SUFFIXES, Datastore
+from .encoder_service import EncoderServiceError, RemoteEncoder
 from .engine import SegmentationEngine
 from .jobs import JobManager
 from .labels import LabelStore
@@ -89,6 +90,8 @@ def create_app(
     train_threads: int | None = None,
     database: str | None = None,
     serve_startup_model: bool = True,
+    encoder_url: str | None = None,
+    encoder_token: str | None = None,
 ) -> FastAPI:
     """The workbench app for the images in ``data_dir``.
 
@@ -110,6 +113,8 @@ def create_app(
         serve_startup_model: record the start-up model as the served one, so that every process
             on the database serves it (a server starts with the model it was given); the worker
             processes of ``medsam serve --workers N`` leave this to their parent.
+        encoder_url, encoder_token: an encoder service that computes the embeddings
+            (:mod:`medsam.server.encoder_service`); it must serve the same encoder as ``model``.
     """
     root = Path(data_dir).expanduser().resolve(strict=True)
     if not root.is_dir():
@@ -152,7 +157,8 @@ def create_app(
     db = StateDatabase(settings.database_url)
     label_store = LabelStore(settings.labels_dir, root, db)
     label_store.migrate()
-    engine = SegmentationEngine(model_source, settings.cache_dir, ckpt, embeddings_in_memory)
+    remote = RemoteEncoder(encoder_url, encoder_token) if encoder_url else None
+    engine = SegmentationEngine(model_source, settings.cache_dir, ckpt, embeddings_in_memory, remote)
     job_manager = JobManager(db)
     shared_training = SharedTraining(db, job_manager.worker)
     if serve_startup_model:
@@ -195,6 +201,11 @@ def create_app(
     )
     app.state.workbench = workbench
     app.add_exception_handler(RequestValidationError, validation_error_response)
+
+    @app.exception_handler(EncoderServiceError)
+    async def encoder_unavailable(request: Request, exc: EncoderServiceError) -> JSONResponse:
+        return JSONResponse(status_code=502, content={"detail": str(exc)})
+
     # Order matters for the path-style ids: the specific /images/{id}/embeddings first.
     for module in (embeddings, images, segment, auto, labels, propagate, next_router, jobs, train, monailabel):
         app.include_router(module.router)

@@ -40,6 +40,7 @@ import torch
 from ..cpu_threads import adapt as adapt_threads
 from ..embedding_cache import EmbeddingCache, embedding_id, model_fingerprint, slice_key
 from .datastore import LoadedImage
+from .encoder_service import RemoteEncoder
 
 __all__ = ["PromptRefused", "SegmentOutcome", "SegmentationEngine"]
 
@@ -73,6 +74,8 @@ class SegmentationEngine:
         checkpoint: the checkpoint file the model was loaded from, for provenance (its sha256 is
             computed once, lazily).
         embeddings_in_memory: size of the in-memory embedding LRU.
+        remote_encoder: an encoder service that computes the embeddings this engine's own
+            encoder would (:mod:`medsam.server.encoder_service`); None: the model's encoder.
     """
 
     def __init__(
@@ -81,8 +84,10 @@ class SegmentationEngine:
         cache_dir: Path,
         checkpoint: Path | None = None,
         embeddings_in_memory: int = 64,
+        remote_encoder: RemoteEncoder | None = None,
     ) -> None:
         self._model_or_loader = model
+        self.remote_encoder = remote_encoder
         self._model = model if isinstance(model, torch.nn.Module) else None
         self.cache = EmbeddingCache(cache_dir)
         self.checkpoint = Path(checkpoint) if checkpoint else None
@@ -202,7 +207,10 @@ class SegmentationEngine:
                 self.cache_hits += 1
                 source = "disk"
             else:
-                pred.set_image(image)
+                if self.remote_encoder is None:
+                    pred.set_image(image)
+                else:
+                    pred.set_embedding(self._remote_embedding(image), size)
                 self.encoder_calls += 1
                 if window is None:
                     self.cache.put(
@@ -222,6 +230,17 @@ class SegmentationEngine:
                     lru.popitem(last=False)
         self._current_key = key
         return source
+
+    def _remote_embedding(self, image: np.ndarray) -> torch.Tensor:
+        """``image``'s embedding from the encoder service, checked to be this model's encoder's."""
+        from .encoder_service import EncoderServiceError, check_servable
+
+        assert self.remote_encoder is not None
+        try:
+            check_servable(self.model)
+        except ValueError as exc:
+            raise EncoderServiceError(str(exc)) from None
+        return self.remote_encoder.encode(image, self.embedding_fingerprint())
 
     def warm(
         self,

@@ -39,6 +39,8 @@ class ServeConfig:
     modality: str | None = None
     window: str | tuple[float, float] | None = None
     database: str | None = None
+    encoder_url: str | None = None
+    encoder_token: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -83,6 +85,8 @@ def build_app(config: ServeConfig, worker: bool = False):
         model_window=config.window,
         database=config.database,
         serve_startup_model=not worker,
+        encoder_url=config.encoder_url,
+        encoder_token=config.encoder_token,
     )
 
 
