@@ -5,8 +5,9 @@ A job is a function ``work(job)`` that reports progress through ``job.progress(d
 may check ``job.cancelled`` and returns a JSON-able ``dict`` (the job's ``result``). A process runs
 its own jobs one at a time in submission order (the model is shared anyway). The ``jobs`` table
 (:mod:`medsam.server.state_db`) holds each job's status, progress, result and a cancel request;
-a job is written there when submitted, at each progress report and when it ends, and a cancel
-request made through another process reaches it at its next progress report. Finished jobs are
+a job is written there when submitted, when it starts, at its progress reports (at most five a
+second) and when it ends, and a cancel request made through another process reaches it at its
+next stored report. Finished jobs are
 kept (the last 200). A job left active by a server process of this machine that no longer runs
 is marked failed when a server starts.
 """
@@ -17,6 +18,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +32,7 @@ __all__ = ["Job", "JobFailed", "JobListing", "JobManager", "worker_gone"]
 
 _KEEP_FINISHED = 200
 _ACTIVE = ("queued", "running")
+_REPORT_EVERY_S = 0.2
 _LIVE_MANAGERS: set[str] = set()  # the workers of this process's managers not shut down
 
 
@@ -130,6 +133,7 @@ class JobManager:
         self.db = db
         self.worker = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._live: dict[str, Job] = {}  # this process's jobs that have not ended
+        self._reported: dict[str, float] = {}  # job id -> time of its last stored progress
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._fail_orphans()
@@ -169,6 +173,12 @@ class JobManager:
             return bool(conn.execute(select(t.c.cancel_requested).where(t.c.id == job.id)).scalar())
 
     def _report(self, job: Job) -> None:
+        """A progress report: stored (and a cancel request looked for) at most every
+        :data:`_REPORT_EVERY_S` seconds per job; the end of a job is always stored."""
+        now = time.monotonic()
+        if now - self._reported.get(job.id, -1e9) < _REPORT_EVERY_S:
+            return
+        self._reported[job.id] = now
         if self._store(job):
             job.cancelled = True
 
@@ -197,7 +207,7 @@ class JobManager:
                 job.status, job.finished = "cancelled", now_iso()
                 return
             job.status = "running"
-            self._report(job)
+            self._store(job)
             try:
                 job.result = work(job)
                 job.status = "cancelled" if job.cancelled else "done"
@@ -212,6 +222,7 @@ class JobManager:
             finally:
                 with self._lock:
                     self._live.pop(job.id, None)
+                self._reported.pop(job.id, None)
 
     # ------------------------------------------------------------------ reading
     def get(self, job_id: str) -> Job | None:

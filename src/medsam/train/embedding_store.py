@@ -174,7 +174,7 @@ def _worker_model(path: str):
     model = _WORKER_MODELS.get(key)
     if model is None:
         _WORKER_MODELS.clear()
-        model = _WORKER_MODELS[key] = load_model(path, device="cpu").eval()
+        model = _WORKER_MODELS[key] = load_model(path).eval()  # the worker's GPU where it has one
     return model
 
 
