@@ -21,13 +21,14 @@ downloads or pin unknown checksums, and huggingface_hub serves only part of the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from .io.checksum import sha256_file
 
 CHUNK = 1 << 20
 
@@ -157,11 +158,7 @@ def entry(name: str) -> RegistryEntry:
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(path)
 
 
 def expected_sha256(item: RegistryEntry, folder: Path) -> str | None:

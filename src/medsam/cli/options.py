@@ -13,7 +13,15 @@ if TYPE_CHECKING:
     # (generic in typeshed only, so the alias exists for the type checker alone).
     Subparsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
 
-__all__ = ["add_contract_option", "ct_window", "finite_float", "non_negative_int", "positive_int"]
+__all__ = [
+    "add_contract_option",
+    "add_dask_options",
+    "ct_window",
+    "dask_scheduler",
+    "finite_float",
+    "non_negative_int",
+    "positive_int",
+]
 
 
 def add_contract_option(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +34,28 @@ def add_contract_option(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="override the checkpoint's preprocessing contract",
     )
+
+
+def add_dask_options(parser: argparse.ArgumentParser, task: str, workers: bool = True) -> None:
+    """``--dask [SCHEDULER]`` (one Dask task per ``task``, on a local cluster or on the cluster of
+    SCHEDULER) and, unless the command has its own, ``--workers N`` (the local cluster's size)."""
+    parser.add_argument(
+        "--dask",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="SCHEDULER",
+        help=f"one Dask task per {task}: on a local cluster of --workers processes, or on the cluster whose "
+        "scheduler address is given (tcp://HOST:8786; inputs and outputs on a file system every worker "
+        "sees). Needs: pip install 'medsam[cluster]'",
+    )
+    if workers:
+        parser.add_argument("--workers", type=positive_int, default=2, help="local Dask workers (default 2)")
+
+
+def dask_scheduler(value: str | None) -> str | None:
+    """The scheduler address of a ``--dask`` value (None for a local cluster or no Dask)."""
+    return None if value in (None, "local") else value
 
 
 def ct_window(text: str) -> str | tuple[float, float]:

@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .options import positive_int
+from .options import add_dask_options, dask_scheduler, positive_int
 from .runner import CLIError
 
 if TYPE_CHECKING:
@@ -56,16 +56,7 @@ def add_parser(subparsers: Subparsers) -> None:
         "--shard", type=_shard, default=None, metavar="i/n", help="curate cases i, i+n, i+2n ... (0 <= i < n)"
     )
     p.add_argument("--merge-only", action="store_true", help="curate nothing; rebuild manifest/summary/errors")
-    p.add_argument(
-        "--dask",
-        nargs="?",
-        const="local",
-        default=None,
-        metavar="SCHEDULER",
-        help="one Dask task per case: on a local cluster of --workers processes, or on the cluster whose "
-        "scheduler address is given (tcp://HOST:8786; OUT on a file system every worker sees). "
-        "Needs: pip install 'medsam[cluster]'",
-    )
+    add_dask_options(p, "case", workers=False)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run, resume_hint="rerun the same command to resume")
     _add_demo_parser(subparsers)
@@ -88,15 +79,7 @@ def _add_shard_parser(subparsers: Subparsers) -> None:
     p.add_argument(
         "--samples-per-shard", type=positive_int, default=1000, help="slice files per shard, at least (default 1000)"
     )
-    p.add_argument("--workers", type=positive_int, default=2, help="local Dask workers with --dask (default 2)")
-    p.add_argument(
-        "--dask",
-        nargs="?",
-        const="local",
-        default=None,
-        metavar="SCHEDULER",
-        help="one Dask task per shard, locally or on the cluster of SCHEDULER (pip install 'medsam[cluster]')",
-    )
+    add_dask_options(p, "shard")
     p.add_argument("--verify", action="store_true", help="only check every shard's SHA-256 against the index")
     p.set_defaults(func=run_shard, resume_hint="rerun the same command to resume")
 
@@ -120,7 +103,7 @@ def run_shard(args: argparse.Namespace) -> int:
             samples_per_shard=args.samples_per_shard,
             workers=args.workers,
             engine="dask" if args.dask else "local",
-            scheduler=args.dask if args.dask not in (None, "local") else None,
+            scheduler=dask_scheduler(args.dask),
         )
     except (CorpusError, EngineUnavailable, ValueError) as exc:
         raise CLIError(str(exc)) from None
@@ -149,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             merge_only=args.merge_only,
             engine="dask" if args.dask else "pool",
-            scheduler=args.dask if args.dask not in (None, "local") else None,
+            scheduler=dask_scheduler(args.dask),
         )
     except EngineUnavailable as exc:
         raise CLIError(str(exc)) from None

@@ -15,6 +15,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
+from .options import add_dask_options, dask_scheduler
 from .runner import CLIError
 
 if TYPE_CHECKING:
@@ -57,8 +58,7 @@ def add_parser(subparsers: Subparsers) -> None:
     )
     m.add_argument("config", help="the training config")
     m.add_argument("overrides", nargs="*", metavar="section.field=value", help="settings to override")
-    m.add_argument("--workers", type=int, default=2, help="local Dask workers with --dask (default 2)")
-    m.add_argument("--dask", nargs="?", const="local", default=None, metavar="SCHEDULER", help="compute on Dask")
+    add_dask_options(m, "part of the store (256 views)")
     m.set_defaults(func=run, train_command="embed", resume_hint="rerun the same command to resume")
 
 
@@ -116,7 +116,7 @@ def _embed(args: argparse.Namespace) -> int:
     _setup_logging()
     engine = None
     if args.dask:
-        engine = DaskEngine(workers=args.workers, scheduler=None if args.dask == "local" else args.dask)
+        engine = DaskEngine(workers=args.workers, scheduler=dask_scheduler(args.dask))
     try:
         if engine is not None:
             engine.__enter__()

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io.atomic import write_json
+from ..io.checksum import sha256_file
 from .schema import CorpusError, read_json
 
 __all__ = [
@@ -59,14 +60,6 @@ _COPIED = ("corpus.json", "manifest.csv", "manifest.parquet", "summary.csv", "er
 
 def is_sharded(folder: str | Path) -> bool:
     return (Path(folder) / INDEX).is_file()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- writing
@@ -101,7 +94,7 @@ def _write_shard(task: _ShardTask) -> dict[str, Any]:
         tmp.unlink(missing_ok=True)
     record = {
         "name": task.name,
-        "sha256": _sha256_file(final),
+        "sha256": sha256_file(final),
         "bytes": final.stat().st_size,
         "samples": len(members),
         "cases": [list(c) for c in task.cases],
@@ -266,7 +259,7 @@ def verify_shards(out_dir: str | Path) -> list[str]:
     out = Path(out_dir)
     index = read_json(out / INDEX) or {}
     return [
-        s["name"] for s in index.get("shards", []) if _sha256_file(out / "shards" / f"{s['name']}.tar") != s["sha256"]
+        s["name"] for s in index.get("shards", []) if sha256_file(out / "shards" / f"{s['name']}.tar") != s["sha256"]
     ]
 
 

@@ -59,6 +59,8 @@ from typing import Any
 
 import numpy as np
 
+from ..io.checksum import sha256_file
+
 __all__ = [
     "NILEARN",
     "SLICERIO",
@@ -171,14 +173,6 @@ MNI_TISSUE_THRESHOLD = 128  # of 255, i.e. probability >= 0.5
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "medsam" / "sources"
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _check(path: Path, expected: str, what: str) -> None:

@@ -37,7 +37,6 @@ The contract JSON is also stored in every ONNX file's ``metadata_props`` (key ``
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import time
@@ -50,6 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..io.checksum import sha256_file
 from ..model.sam import MedSAMModel
 from ..preprocess import get_contract
 from .contract import contract_spec
@@ -148,14 +148,6 @@ class PointDecoderGraph(nn.Module):
 
 
 # -------------------------------------------------------------------- export
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _export_graph(module, args, path: Path, input_names, output_names, dynamic_shapes, opset, metadata):
     import logging
 
@@ -441,7 +433,7 @@ def _export(model, out, opset, quantize, quantize_decoder, points_decoder, contr
         sessions[key] = _ort_session(path)
         files[key] = {
             "path": path.name,
-            "sha256": _sha256(path),
+            "sha256": sha256_file(path),
             "bytes": path.stat().st_size,
             **_io_spec(sessions[key]),
         }

@@ -39,6 +39,7 @@ import torch
 
 from ..cpu_threads import adapt as adapt_threads
 from ..embedding_cache import EmbeddingCache, embedding_id, model_fingerprint, slice_key
+from ..io.checksum import sha256_file
 from .datastore import LoadedImage
 from .encoder_service import RemoteEncoder
 
@@ -132,7 +133,7 @@ class SegmentationEngine:
                     "name": getattr(getattr(model, "config", None), "name", type(model).__name__),
                     "contract": self.predictor.contract.name,
                     "checkpoint": str(ckpt) if ckpt else None,
-                    "checkpoint_sha256": _sha256_file(ckpt) if ckpt and ckpt.is_file() else None,
+                    "checkpoint_sha256": sha256_file(ckpt) if ckpt and ckpt.is_file() else None,
                     "fingerprint": model_fingerprint(model),
                     "untrained_default": bool(getattr(model, "is_untrained_default", False)),
                 }
@@ -509,11 +510,3 @@ class SegmentationEngine:
 
     def stats(self) -> dict:
         return {"encoder_calls": self.encoder_calls, "cache_hits": self.cache_hits, "memory_hits": self.memory_hits}
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
