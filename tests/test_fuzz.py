@@ -481,3 +481,83 @@ def test_every_operation_is_fuzzed_and_the_server_never_errs(fuzz_app):
         )
     assert not failures, "\n".join(failures[:20])
     assert set(counts) == {op.label for op in operations}
+
+
+# ----------------------------------------------------------------------------- the encoder service
+_ENCODER_APP: list = []
+
+
+def _encoder_client():
+    from fastapi.testclient import TestClient
+
+    from conftest import seeded_tiny_model
+    from medsam.server.encoder_service import create_encoder_app
+
+    if not _ENCODER_APP:
+        _ENCODER_APP.append(TestClient(create_encoder_app(seeded_tiny_model(), max_pixels=64 * 64)))
+    return _ENCODER_APP[0]
+
+
+@FUZZ
+@given(st.binary(max_size=3000))
+def test_encoder_service_refuses_any_garbage_body(blob):
+    r = _encoder_client().post("/encode", content=blob)
+    assert r.status_code in (413, 422), r.text
+
+
+@FUZZ
+@given(
+    st.sampled_from(["uint8", "float32", "int16", "bool"]),
+    st.lists(st.integers(0, 80), min_size=0, max_size=4),
+    st.sampled_from(["image", "img", "embedding"]),
+)
+def test_encoder_service_encodes_uint8_images_and_refuses_the_rest(dtype, shape, name):
+    from safetensors.numpy import save
+
+    array = np.zeros(tuple(shape), dtype=dtype)
+    body = save({name: array})
+    r = _encoder_client().post("/encode", content=body)
+    good = (
+        name == "image"
+        and dtype == "uint8"
+        and (len(shape) == 2 or (len(shape) == 3 and shape[2] == 3))
+        and min(shape[:2] or [0]) > 0
+    )
+    if len(body) > 64 * 64 * 3 + (1 << 16) or (good and shape[0] * shape[1] > 64 * 64):
+        assert r.status_code == 413, r.text  # the body, or the image, over the service's limit
+    else:
+        assert r.status_code == (200 if good else 422), (dtype, shape, name, r.text)
+
+
+# ----------------------------------------------------------------------------- shard indexes
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 5) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@FUZZ
+@given(json_values, json_values, st.text(max_size=40))
+def test_shard_folders_read_or_refuse(tmp_path_factory, index, record, rel):
+    from medsam.corpus import CorpusError
+    from medsam.corpus.shards import SHARDS_FORMAT, ShardedCorpus
+
+    folder = tmp_path_factory.mktemp("shards")
+    (folder / "shards").mkdir()
+    shards = [{"name": "000000", "sha256": "x", "bytes": 4, "samples": 1, "cases": [["d", "c", "h"]]}]
+    for content in (
+        index,
+        {"format": SHARDS_FORMAT, "version": 1, "shards": index},
+        {"format": SHARDS_FORMAT, "shards": shards},
+    ):
+        (folder / "shards.json").write_text(json.dumps(content))
+        (folder / "shards" / "000000.tar").write_bytes(b"abcd")
+        (folder / "shards" / "000000.tar.json").write_text(json.dumps(record))
+        try:
+            corpus = ShardedCorpus(folder)
+            for path in (rel, "cases/d/c/slices/0000.npz"):
+                data = corpus.read_bytes(path)
+                assert isinstance(data, bytes)
+        except CorpusError:
+            pass

@@ -258,9 +258,8 @@ def verify_shards(out_dir: str | Path) -> list[str]:
     """Names of the shards whose file no longer has the SHA-256 the index records."""
     out = Path(out_dir)
     index = read_json(out / INDEX) or {}
-    return [
-        s["name"] for s in index.get("shards", []) if sha256_file(out / "shards" / f"{s['name']}.tar") != s["sha256"]
-    ]
+    shards = _checked_shards(index.get("shards"), out / INDEX)
+    return [s["name"] for s in shards if sha256_file(out / "shards" / f"{s['name']}.tar") != s["sha256"]]
 
 
 # --------------------------------------------------------------------------- reading
@@ -278,7 +277,7 @@ class ShardedCorpus:
         index = read_json(self.folder / INDEX)
         if index is None or index.get("format") != SHARDS_FORMAT:
             raise CorpusError(f"not a shard folder (no readable {INDEX}): {folder}")
-        self.shards: list[dict[str, Any]] = list(index["shards"])
+        self.shards: list[dict[str, Any]] = _checked_shards(index.get("shards"), self.folder / INDEX)
         self._shard_of = {(d, c): k for k, s in enumerate(self.shards) for d, c, _h in s["cases"]}
         self._members: dict[int, dict[str, list[int]]] = {}
         self._fds: dict[int, int] = {}
@@ -299,7 +298,14 @@ class ShardedCorpus:
             rec = read_json(self.folder / "shards" / f"{name}.tar.json")
             if rec is None or rec.get("sha256") != self.shards[k]["sha256"]:
                 raise CorpusError(f"shard {name}: its record is missing or does not match {INDEX}")
-            members = self._members[k] = rec["members"]
+            members = rec.get("members")
+            ok = isinstance(members, dict) and all(
+                isinstance(v, list) and len(v) == 2 and all(type(x) is int and x >= 0 for x in v)
+                for v in members.values()
+            )
+            if not ok:
+                raise CorpusError(f"shard {name}: its record's member table is malformed")
+            self._members[k] = members
         return members
 
     def identity(self, rel: str) -> str:
@@ -335,6 +341,26 @@ class ShardedCorpus:
         return data
 
 
+def _checked_shards(shards: Any, where: Path) -> list[dict[str, Any]]:
+    """The shard entries of an index, each with a plain file name, a checksum and its cases as
+    (dataset, case, case.json SHA-256) strings; CorpusError otherwise."""
+    bad = CorpusError(f"{where}: malformed shard list")
+    if not isinstance(shards, list):
+        raise bad
+    for s in shards:
+        ok = (
+            isinstance(s, dict)
+            and isinstance(s.get("name"), str)
+            and s["name"].isalnum()
+            and isinstance(s.get("sha256"), str)
+            and isinstance(s.get("cases"), list)
+            and all(isinstance(c, list) and len(c) == 3 and all(isinstance(x, str) for x in c) for c in s["cases"])
+        )
+        if not ok:
+            raise bad
+    return shards
+
+
 _OPEN: dict[tuple[str, int], ShardedCorpus] = {}
 
 
@@ -353,7 +379,7 @@ def shard_rows(folder: str | Path, rows: Sequence[Any], rank: int, world_size: i
     so that every rank makes the same number of steps)."""
     index = read_json(Path(folder) / INDEX) or {}
     owner = {}
-    for k, s in enumerate(index.get("shards", [])):
+    for k, s in enumerate(_checked_shards(index.get("shards"), Path(folder) / INDEX)):
         for d, c, _h in s["cases"]:
             owner[(d, c)] = k % world_size
     counts = [0] * world_size
