@@ -292,20 +292,23 @@ class ShardedCorpus:
         return k
 
     def _record(self, k: int) -> dict[str, list[int]]:
-        members = self._members.get(k)
-        if members is None:
-            name = self.shards[k]["name"]
-            rec = read_json(self.folder / "shards" / f"{name}.tar.json")
-            if rec is None or rec.get("sha256") != self.shards[k]["sha256"]:
-                raise CorpusError(f"shard {name}: its record is missing or does not match {INDEX}")
-            members = rec.get("members")
-            ok = isinstance(members, dict) and all(
+        known = self._members.get(k)
+        if known is not None:
+            return known
+        name = self.shards[k]["name"]
+        rec = read_json(self.folder / "shards" / f"{name}.tar.json")
+        if rec is None or rec.get("sha256") != self.shards[k]["sha256"]:
+            raise CorpusError(f"shard {name}: its record is missing or does not match {INDEX}")
+        members = rec.get("members")
+        if not (
+            isinstance(members, dict)
+            and all(
                 isinstance(v, list) and len(v) == 2 and all(type(x) is int and x >= 0 for x in v)
                 for v in members.values()
             )
-            if not ok:
-                raise CorpusError(f"shard {name}: its record's member table is malformed")
-            self._members[k] = members
+        ):
+            raise CorpusError(f"shard {name}: its record's member table is malformed")
+        self._members[k] = members
         return members
 
     def identity(self, rel: str) -> str:
