@@ -343,3 +343,23 @@ def test_shard_and_embed_commands(corpus, tmp_path, capsys):
     capsys.readouterr()
     assert cli_main(["shard", str(corpus), "-o", str(out), "--verify"]) == 1
     assert f"checksum mismatch: {tar.stem}" in capsys.readouterr().out
+
+
+def _dies_once(path: str) -> str:
+    """Kill this worker process the first time (a crash, not an exception), then succeed."""
+    marker = Path(path)
+    if not marker.exists():
+        marker.write_text("died")
+        os._exit(1)
+    return marker.read_text()
+
+
+def test_a_task_whose_worker_dies_is_run_again(tmp_path):
+    from medsam.cluster import DaskEngine
+
+    with DaskEngine(workers=2) as engine:
+        results = list(engine.map(_dies_once, [str(tmp_path / "a"), str(tmp_path / "b")], name="die"))
+    assert sorted((item, result, error) for item, result, error in results) == [
+        (str(tmp_path / "a"), "died", None),
+        (str(tmp_path / "b"), "died", None),
+    ]

@@ -68,7 +68,7 @@ class DaskEngine:
                     threads_per_worker=1,
                     processes=True,
                     dashboard_address=None,
-                    silence_logs=logging.ERROR,
+                    silence_logs=logging.CRITICAL,  # task errors come back through the futures
                 )
                 self._client = Client(self._cluster)
         except OSError as exc:
