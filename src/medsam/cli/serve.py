@@ -18,7 +18,7 @@ import argparse
 import ipaddress
 import os
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .options import ct_window, finite_float
 from .runner import CLIError, log
@@ -184,6 +184,19 @@ def _shown_address(host: str, hosts: tuple[str, ...]) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+def _check_encoder_service(app: Any) -> None:
+    """With ``--encoder-url``: the service is reachable and serves this model's encoder (said at
+    start, not at the first prompt)."""
+    from ..server.encoder_service import EncoderServiceError
+
+    engine = app.state.workbench.engine
+    if engine.remote_encoder is not None:
+        try:
+            engine.remote_encoder.check(engine.embedding_fingerprint())
+        except EncoderServiceError as exc:
+            raise CLIError(str(exc)) from None
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``medsam serve`` until interrupted; returns the exit code."""
     token = args.token or os.environ.get("MEDSAM_TOKEN") or None
@@ -234,14 +247,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from None
     except (StateDatabaseError, ValueError) as exc:  # ValueError: a malformed --encoder-url
         raise CLIError(str(exc)) from None
-    engine = app.state.workbench.engine
-    if engine.remote_encoder is not None:  # reachable, and the same encoder: say so now, not at the first prompt
-        from ..server.encoder_service import EncoderServiceError
-
-        try:
-            engine.remote_encoder.check(engine.embedding_fingerprint())
-        except EncoderServiceError as exc:
-            raise CLIError(str(exc)) from None
+    _check_encoder_service(app)
     log(f"medsam workbench: http://{_shown_address(args.host, hosts)}:{args.port}/  (data: {args.data})")
     if args.host in _WILDCARDS:
         log(

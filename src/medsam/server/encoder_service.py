@@ -45,6 +45,7 @@ class EncoderServiceError(RuntimeError):
 
 def check_servable(model: Any) -> None:
     """ValueError for a model whose embeddings cannot travel alone (the SAM2 family)."""
+    from ..model.sam import MedSAMModel
     from ..model.sam2 import SAM2Model
 
     if isinstance(model, SAM2Model):
@@ -52,6 +53,8 @@ def check_servable(model: Any) -> None:
             "SAM2-family models are not served as a separate encoder: their decoder also needs the "
             "encoder's high-resolution features"
         )
+    if not isinstance(model, MedSAMModel):
+        raise ValueError(f"the encoder service serves SAM, MedSAM and LiteMedSAM models, not {type(model).__name__}")
 
 
 def create_encoder_app(model: Any, token: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
