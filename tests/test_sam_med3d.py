@@ -375,3 +375,36 @@ def test_info_describes_and_the_workbench_refuses_a_sam_med3d_checkpoint(tmp_pat
     cmd = [sys.executable, "-m", "medsam", "serve", "--data", str(tmp_path / "data"), "--checkpoint", str(path)]
     serve = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert serve.returncode == 2 and "SAM-Med3D segments from the command line" in serve.stderr
+
+
+def test_predictor_on_a_volume_embeds_each_crop_once_and_equals_the_function(ours):
+    from medsam.io import read_image
+    from medsam.native3d import Native3DPredictor, VoxelClick, segment_clicks_3d
+
+    image = read_image(CT)
+    predictor = Native3DPredictor(ours)
+    with pytest.raises(RuntimeError, match="set_volume"):
+        predictor.predict([VoxelClick((40, 20, 10))])
+    predictor.set_volume(image)
+    sessions = [
+        [VoxelClick((40, 20, 10))],
+        [VoxelClick((40, 20, 10)), VoxelClick((30, 20, 10), False)],  # a negative click: the crop stays
+        [VoxelClick((40, 20, 10)), VoxelClick((30, 20, 10), False), VoxelClick((42, 22, 11), False)],
+    ]
+    for n, clicks in enumerate(sessions, start=1):
+        got, want = predictor.predict(clicks), segment_clicks_3d(ours, image, clicks)
+        assert np.array_equal(got.mask, want.mask) and torch.equal(got.low_res_logits, want.low_res_logits)
+        assert got.grid.begin == want.grid.begin
+        assert predictor.encoder_calls == 1, n  # the decoder alone after the first click
+    # Every distinct cube is embedded once: a crop moved by another positive click, and the cubes
+    # of a sliding window, cost one encoder call each the first time only.
+    begins = {want.grid.begin}
+    moved = [VoxelClick((40, 20, 10)), VoxelClick((10, 40, 20))]
+    got = predictor.predict(moved)
+    begins.add(got.grid.begin)
+    assert np.array_equal(got.mask, segment_clicks_3d(ours, image, moved).mask)
+    for _ in range(2):
+        slid = predictor.predict(sessions[0], sliding_window=True)
+        begins.update(w.begin for w in slid.windows)
+        assert np.array_equal(slid.mask, segment_clicks_3d(ours, image, sessions[0], sliding_window=True).mask)
+    assert predictor.encoder_calls == len(begins) <= predictor.capacity

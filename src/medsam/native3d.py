@@ -26,7 +26,7 @@ of :class:`medsam.io.MedicalImage`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -241,71 +241,125 @@ def segment_clicks_3d(
     the cube shifted by half its side across that face too (at most ``max_windows`` cubes in
     all), each from a positive click at the deepest voxel of the mask so far inside it plus the
     user's clicks that fall in it; overlapping cubes' logits are averaged. Off, the published
-    single-cube inference.
+    single-cube inference. For several calls on one volume, :class:`Native3DPredictor`.
     """
-    if not image.is_volume or image.is_color:
-        raise ValueError("SAM-Med3D segments grey volumes; the input is not one")
-    check_clicks(clicks, image.spatial_shape)
-    if max_windows < 1:
-        raise ValueError("max_windows must be at least 1")
-    from .io._sitk import to_sitk
+    predictor = Native3DPredictor(model)
+    predictor.set_volume(image)
+    return predictor.predict(clicks, sliding_window=sliding_window, max_windows=max_windows)
 
-    size = model.config.img_size
-    original = to_sitk(image.array, image)
-    resampled = resample_isotropic(original, model.config.spacing_mm)
-    volume, affine = canonical_array(resampled)
-    indices = _indices_in_canonical(original, resampled, affine, clicks)
-    lo, hi = _positive_click_box(image, resampled, clicks)
-    if lo is None or hi is None:  # the clicks' voxels fell between the resampled grid's voxels
-        positive = indices[[c.positive for c in clicks]]
-        lo, hi = positive.min(axis=0), positive.max(axis=0) + 1
-    begin = cube_begin(lo, hi, size)
-    labels = np.asarray([1 if c.positive else 0 for c in clicks])
-    inside = _in_cube(indices, begin, size)
-    if not inside[labels == 1].any():
-        raise ValueError(
-            f"the positive clicks lie further apart than the model's {size}-voxel crop "
-            f"({size * model.config.spacing_mm:g} mm): give the clicks of one object within one crop"
-        )
-    if not inside.all():
-        import warnings
 
-        warnings.warn(
-            f"{int((~inside).sum())} click(s) lie outside the first {size}^3 crop: only crops that hold "
-            "them use them (--sliding-window)",
-            stacklevel=2,
+class Native3DPredictor:
+    """SAM-Med3D on one volume, prompted many times, as :class:`medsam.predictor.Predictor` is on
+    an image: :meth:`set_volume` resamples and reorients the volume once; :meth:`predict` segments
+    from clicks (:func:`segment_clicks_3d`'s steps), embedding each cube once: the embeddings of
+    the last ``cubes_in_memory`` cubes are kept, keyed by the cube's first index, so clicks that
+    keep the crop where it was cost the decoder only.
+
+    Attributes:
+        encoder_calls: cubes embedded so far.
+    """
+
+    def __init__(self, model: SamMed3DModel, cubes_in_memory: int = 8) -> None:
+        self.model = model
+        self.capacity = max(1, int(cubes_in_memory))
+        self.encoder_calls = 0
+        self._image: MedicalImage | None = None
+        self._embeddings: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def set_volume(self, image: MedicalImage) -> None:
+        """Resample ``image`` to the model's spacing and reorient it to RAS (once per volume)."""
+        if not image.is_volume or image.is_color:
+            raise ValueError("SAM-Med3D segments grey volumes; the input is not one")
+        from .io._sitk import to_sitk
+
+        self._image = image
+        self._original = to_sitk(image.array, image)
+        self._resampled = resample_isotropic(self._original, self.model.config.spacing_mm)
+        self._volume, self._affine = canonical_array(self._resampled)
+        self._embeddings = {}
+
+    def embed(self, begin: tuple[int, ...], cube: torch.Tensor) -> torch.Tensor:
+        """The embedding of the normalised cube that starts at ``begin`` (cached)."""
+        found = self._embeddings.pop(begin, None)
+        if found is None:
+            with torch.inference_mode():
+                found = self.model.embed_image(cube.to(self.model.device)[None, None])
+            self.encoder_calls += 1
+        self._embeddings[begin] = found  # most recent last
+        while len(self._embeddings) > self.capacity:
+            self._embeddings.pop(next(iter(self._embeddings)))
+        return found
+
+    def predict(
+        self, clicks: Sequence[VoxelClick], *, sliding_window: bool = False, max_windows: int = 8
+    ) -> Native3DResult:
+        """Segment one object from its clicks (see :func:`segment_clicks_3d`)."""
+        image = self._image
+        if image is None:
+            raise RuntimeError("call set_volume() first")
+        check_clicks(clicks, image.spatial_shape)
+        if max_windows < 1:
+            raise ValueError("max_windows must be at least 1")
+        model, volume, affine, original = self.model, self._volume, self._affine, self._original
+        size = model.config.img_size
+        indices = _indices_in_canonical(original, self._resampled, affine, clicks)
+        lo, hi = _positive_click_box(image, self._resampled, clicks)
+        if lo is None or hi is None:  # the clicks' voxels fell between the resampled grid's voxels
+            positive = indices[[c.positive for c in clicks]]
+            lo, hi = positive.min(axis=0), positive.max(axis=0) + 1
+        begin = cube_begin(lo, hi, size)
+        labels = np.asarray([1 if c.positive else 0 for c in clicks])
+        inside = _in_cube(indices, begin, size)
+        if not inside[labels == 1].any():
+            raise ValueError(
+                f"the positive clicks lie further apart than the model's {size}-voxel crop "
+                f"({size * model.config.spacing_mm:g} mm): give the clicks of one object within one crop"
+            )
+        if not inside.all():
+            import warnings
+
+            warnings.warn(
+                f"{int((~inside).sum())} click(s) lie outside the first {size}^3 crop: only crops that hold "
+                "them use them (--sliding-window)",
+                stacklevel=3,
+            )
+        first = CubeWindow(begin=tuple(int(v) for v in begin), clicks=indices[inside] - begin, labels=labels[inside])
+        cube, low, logits = decode_window(model, volume, first, self.embed)
+        cube_mask = (torch.sigmoid(logits) > 0.5).to(torch.uint8).numpy()
+        grid_affine = affine.copy()
+        grid_affine[:3, 3] = (affine @ np.append(begin, 1.0))[:3]
+        windows = [first]
+        if sliding_window:
+            canonical_mask, windows = _slide(model, volume, first, logits, indices, labels, max_windows, self.embed)
+            mask = _back_to_input(canonical_mask, affine, original)
+        else:
+            mask = _back_to_input(cube_mask, grid_affine, original)
+        return Native3DResult(
+            mask=mask,
+            cube=cube,
+            cube_mask=cube_mask,
+            low_res_logits=low,
+            grid=CropGrid(begin=first.begin, affine=grid_affine),
+            windows=tuple(windows),
         )
-    first = CubeWindow(begin=tuple(int(v) for v in begin), clicks=indices[inside] - begin, labels=labels[inside])
-    cube, low, logits = decode_window(model, volume, first)
-    cube_mask = (torch.sigmoid(logits) > 0.5).to(torch.uint8).numpy()
-    grid_affine = affine.copy()
-    grid_affine[:3, 3] = (affine @ np.append(begin, 1.0))[:3]
-    windows = [first]
-    if sliding_window:
-        canonical_mask, windows = _slide(model, volume, first, logits, indices, labels, max_windows)
-        mask = _back_to_input(canonical_mask, affine, original)
-    else:
-        mask = _back_to_input(cube_mask, grid_affine, original)
-    grid = CropGrid(begin=first.begin, affine=grid_affine)
-    return Native3DResult(
-        mask=mask,
-        cube=cube,
-        cube_mask=cube_mask,
-        low_res_logits=low,
-        grid=grid,
-        windows=tuple(windows),
-    )
 
 
 def decode_window(
-    model: SamMed3DModel, volume: np.ndarray, window: CubeWindow
+    model: SamMed3DModel,
+    volume: np.ndarray,
+    window: CubeWindow,
+    embed: Callable[[tuple[int, ...], torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One cube of the canonical volume: its normalised input (S, S, S), the last step's
-    low-resolution logits (1, 1, 4E, 4E, 4E) and those logits upsampled to (S, S, S), on the CPU."""
+    low-resolution logits (1, 1, 4E, 4E, 4E) and those logits upsampled to (S, S, S), on the CPU.
+    ``embed(begin, cube)`` gives the cube's embedding (default: the model's encoder, every time)."""
     size = model.config.img_size
     cube = zscore_foreground(crop_or_pad(volume, window.begin, size))
     with torch.inference_mode():
-        embedding = model.embed_image(cube.to(model.device)[None, None])
+        if embed is None:
+            embedding = model.embed_image(cube.to(model.device)[None, None])
+        else:
+            embedding = embed(window.begin, cube)
         low = decode_clicks(model, embedding, window.clicks, window.labels)
         full = F.interpolate(low, size=(size,) * 3, mode="trilinear", align_corners=False)
     return cube, low.cpu(), full[0, 0].cpu()
@@ -351,6 +405,7 @@ def _slide(
     indices: np.ndarray,
     labels: np.ndarray,
     max_windows: int,
+    embed: Callable[[tuple[int, ...], torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[np.ndarray, list[CubeWindow]]:
     """The sliding-window growth of :func:`segment_clicks_3d` -> (canonical volume mask, cubes)."""
     from collections import deque
@@ -387,7 +442,7 @@ def _slide(
             clicks=np.vstack([seed[None], indices[inside] - begin]).astype(np.int64),
             labels=np.concatenate([[1], labels[inside]]).astype(np.int64),
         )
-        _, _, logits = decode_window(model, volume, window)
+        _, _, logits = decode_window(model, volume, window, embed)
         windows.append(window)
         queue.extend(_neighbours(begin, add(window, logits), volume.shape))
     mean = torch.from_numpy(total / np.maximum(count, 1))
