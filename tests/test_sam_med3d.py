@@ -374,7 +374,12 @@ def test_info_describes_and_the_workbench_refuses_a_sam_med3d_checkpoint(tmp_pat
     (tmp_path / "data").mkdir()
     cmd = [sys.executable, "-m", "medsam", "serve", "--data", str(tmp_path / "data"), "--checkpoint", str(path)]
     serve = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert serve.returncode == 2 and "SAM-Med3D segments from the command line" in serve.stderr
+    assert serve.returncode == 2 and "give SAM-Med3D with --model3d" in serve.stderr
+    from medsam.default_model import bundled_checkpoint
+
+    cmd = [sys.executable, "-m", "medsam", "serve", "--data", str(tmp_path / "data"), "--model3d"]
+    serve = subprocess.run([*cmd, str(bundled_checkpoint())], capture_output=True, text=True, timeout=120)
+    assert serve.returncode == 2 and "--model3d takes a SAM-Med3D checkpoint" in serve.stderr
 
 
 def test_predictor_on_a_volume_embeds_each_crop_once_and_equals_the_function(ours):
@@ -408,3 +413,51 @@ def test_predictor_on_a_volume_embeds_each_crop_once_and_equals_the_function(our
         begins.update(w.begin for w in slid.windows)
         assert np.array_equal(slid.mask, segment_clicks_3d(ours, image, sessions[0], sliding_window=True).mask)
     assert predictor.encoder_calls == len(begins) <= predictor.capacity
+
+
+def test_workbench_segments_volumes_from_voxel_clicks(ours, tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    from conftest import seeded_tiny_model, smooth_image
+    from medsam.io import read_image
+    from medsam.native3d import VoxelClick, segment_clicks_3d
+    from medsam.server import create_app
+    from medsam.server.encoding import rle_decode
+    from workbench_fixtures import client
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(CT, data / "ct.nii.gz")
+    Image.fromarray(smooth_image(32, 40, seed=1)).save(data / "flat.png")
+    clicks = [{"i": 40, "j": 20, "k": 10}, {"i": 30, "j": 20, "k": 10, "positive": False}]
+    with client(create_app(data, model=seeded_tiny_model(), model3d=ours)) as c:
+        r = c.post("/segment3d", json={"image_id": "ct.nii.gz", "clicks": clicks[:1]})
+        assert r.status_code == 200, r.text
+        r = c.post("/segment3d", json={"image_id": "ct.nii.gz", "clicks": clicks})
+        out = r.json()
+        mask = rle_decode(out["mask"]["values"], out["mask"]["counts"], tuple(out["mask"]["shape"]))
+        want = segment_clicks_3d(
+            ours, read_image(data / "ct.nii.gz"), [VoxelClick((40, 20, 10)), VoxelClick((30, 20, 10), False)]
+        )
+        assert np.array_equal(mask, want.mask) and out["area"] == int(want.mask.sum()) > 0
+        assert out["crops"] == [list(w.begin) for w in want.windows]
+        assert out["encoder_calls"] == 1  # the second request reused the first one's crop embedding
+        # the mask can be saved as the volume's label map
+        saved = c.put("/labels/ct.nii.gz/map", json={"mask": out["mask"]}, headers={"If-Match": '"0"'})
+        assert saved.status_code == 200, saved.text
+        bad = [
+            ({"image_id": "flat.png", "clicks": clicks[:1]}, 422),
+            ({"image_id": "ct.nii.gz", "clicks": [{"i": 4000, "j": 1, "k": 1}]}, 422),
+            ({"image_id": "ct.nii.gz", "clicks": [{"i": 1, "j": 1, "k": 1, "positive": False}]}, 422),
+            ({"image_id": "ct.nii.gz", "clicks": []}, 422),
+            ({"image_id": "nope.nii.gz", "clicks": clicks}, 404),
+        ]
+        for body, status in bad:
+            assert c.post("/segment3d", json=body).status_code == status, body
+    with client(create_app(data, model=seeded_tiny_model())) as c:
+        r = c.post("/segment3d", json={"image_id": "ct.nii.gz", "clicks": clicks})
+        assert r.status_code == 409 and "--model3d" in r.json()["detail"]
+    with pytest.raises(ValueError, match="SAM-Med3D"):
+        create_app(data, model=seeded_tiny_model(), model3d=seeded_tiny_model())

@@ -97,6 +97,12 @@ def add_parser(subparsers: Subparsers) -> None:
         help="compute embeddings on an encoder service (medsam serve-encoder) with the same checkpoint; "
         "its token from $MEDSAM_ENCODER_TOKEN",
     )
+    p.add_argument(
+        "--model3d",
+        default=None,
+        metavar="CKPT",
+        help="a SAM-Med3D checkpoint (e.g. sam_med3d_turbo) for POST /segment3d: voxel clicks on volumes",
+    )
     p.set_defaults(func=run)
     _add_encoder_parser(subparsers)
 
@@ -240,6 +246,7 @@ def run(args: argparse.Namespace) -> int:
         database=args.database,
         encoder_url=args.encoder_url,
         encoder_token=os.environ.get("MEDSAM_ENCODER_TOKEN") or None,
+        model3d=args.model3d,
     )
     try:
         app = build_app(config)  # in the parent too when N > 1: a bad checkpoint is one error line

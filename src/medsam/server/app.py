@@ -29,7 +29,8 @@ from .engine import SegmentationEngine
 from .jobs import JobManager
 from .labels import LabelStore
 from .monailabel_sessions import SessionStore
-from .routers import auto, embeddings, images, jobs, labels, monailabel, propagate, segment, train
+from .native3d_engine import Native3DEngine
+from .routers import auto, embeddings, images, jobs, labels, monailabel, propagate, segment, segment3d, train
 from .routers import next as next_router
 from .schemas import ServerInfo
 from .security import TokenAndHostMiddleware
@@ -92,6 +93,7 @@ def create_app(
     serve_startup_model: bool = True,
     encoder_url: str | None = None,
     encoder_token: str | None = None,
+    model3d: Any = None,
 ) -> FastAPI:
     """The workbench app for the images in ``data_dir``.
 
@@ -115,6 +117,7 @@ def create_app(
             processes of ``medsam serve --workers N`` leave this to their parent.
         encoder_url, encoder_token: an encoder service that computes the embeddings
             (:mod:`medsam.server.encoder_service`); it must serve the same encoder as ``model``.
+        model3d: a loaded SAM-Med3D model for ``POST /segment3d`` (voxel clicks on volumes).
     """
     root = Path(data_dir).expanduser().resolve(strict=True)
     if not root.is_dir():
@@ -179,6 +182,7 @@ def create_app(
             shared=shared_training,
         ),
         sessions=SessionStore(settings.state_dir, datastore),
+        native3d=Native3DEngine(model3d) if model3d is not None else None,
     )
 
     @asynccontextmanager
@@ -207,7 +211,19 @@ def create_app(
         return JSONResponse(status_code=502, content={"detail": str(exc)})
 
     # Order matters for the path-style ids: the specific /images/{id}/embeddings first.
-    for module in (embeddings, images, segment, auto, labels, propagate, next_router, jobs, train, monailabel):
+    for module in (
+        embeddings,
+        images,
+        segment,
+        segment3d,
+        auto,
+        labels,
+        propagate,
+        next_router,
+        jobs,
+        train,
+        monailabel,
+    ):
         app.include_router(module.router)
 
     @app.get("/info", response_model=ServerInfo, tags=["server"], summary="Model, limits and counters")

@@ -134,6 +134,33 @@ class RLEMask(_Model):
     counts: list[Annotated[int, Field(ge=0, le=1 << 62)]]
 
 
+# ----------------------------------------------------------------------------- native 3D
+class VoxelClickIn(_Model):
+    """A click at voxel (i, j, k) of the file (``array[k, j, i]``)."""
+
+    i: int = Field(ge=0, le=MAX_SIDE)
+    j: int = Field(ge=0, le=MAX_SIDE)
+    k: int = Field(ge=0, le=MAX_SIDE)
+    positive: bool = True
+
+
+class Segment3DRequest(_Model):
+    """Clicks on one object of a volume, in the order given (SAM-Med3D decodes them one by one)."""
+
+    image_id: str
+    clicks: list[VoxelClickIn] = Field(min_length=1, max_length=64)
+    sliding_window: bool = Field(default=False, description="follow an object larger than the crop")
+
+
+class Segment3DResponse(_Model):
+    image_id: str
+    mask: RLEMask = Field(description="(Z, Y, X) 0/1 mask on the volume's grid")
+    area: int = Field(description="mask voxels")
+    crops: list[list[int]] = Field(description="first (i, j, k) of each cube decoded, on the model's RAS grid")
+    encoder_calls: int = Field(description="cubes embedded for this volume so far (each once)")
+    elapsed_ms: float
+
+
 # ----------------------------------------------------------------------------- images
 class ImageSummary(_Model):
     id: str = Field(description="path relative to the data folder, '/' separated")

@@ -13,6 +13,7 @@ from .engine import SegmentationEngine
 from .jobs import JobManager
 from .labels import LabelStore
 from .monailabel_sessions import SessionStore
+from .native3d_engine import Native3DEngine
 from .security import UnsafePathError
 from .settings import ServerSettings
 from .training_job import TrainingManager
@@ -30,6 +31,7 @@ class Workbench:
     uncertainty: UncertaintyStore
     training: TrainingManager
     sessions: SessionStore
+    native3d: Native3DEngine | None = None  # SAM-Med3D for /segment3d (--model3d)
 
     def load(self, image_id: str) -> LoadedImage:
         """Read an image for a route: 404 for unknown ids, 400 for unsafe ones, 422 unreadable."""

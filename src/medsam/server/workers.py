@@ -41,6 +41,7 @@ class ServeConfig:
     database: str | None = None
     encoder_url: str | None = None
     encoder_token: str | None = None
+    model3d: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -67,9 +68,13 @@ def build_app(config: ServeConfig, worker: bool = False):
     model = load_model(config.checkpoint, device=config.device)
     if isinstance(model, SamMed3DModel):
         raise ModelNotServable(
-            "the workbench serves SAM / MedSAM / SAM2-family models; SAM-Med3D segments from the command "
-            "line (medsam segment VOLUME --point I J K)"
+            "the workbench's --checkpoint is a SAM / MedSAM / SAM2-family model; give SAM-Med3D with --model3d"
         )
+    model3d = None
+    if config.model3d:
+        model3d = load_model(config.model3d, device=config.device)
+        if not isinstance(model3d, SamMed3DModel):
+            raise ModelNotServable(f"--model3d takes a SAM-Med3D checkpoint, not {type(model3d).__name__}")
     checkpoint = config.checkpoint
     if checkpoint is None and not getattr(model, "is_untrained_default", False):
         checkpoint = str(bundled_checkpoint())
@@ -87,6 +92,7 @@ def build_app(config: ServeConfig, worker: bool = False):
         serve_startup_model=not worker,
         encoder_url=config.encoder_url,
         encoder_token=config.encoder_token,
+        model3d=model3d,
     )
 
 
