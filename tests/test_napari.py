@@ -199,3 +199,52 @@ def test_session_tracks_with_memory_for_a_sam2_model(ct):
     others = np.arange(vol.shape[0]) != k
     assert np.array_equal(merged[others] == 1, tracked.labels[others] > 0) and (merged[others] == 1).any()
     assert np.array_equal(merged[k] == 1, organ[k])
+
+
+def test_widget_segments_a_volume_from_clicks_with_sam_med3d(ct, qtbot, tmp_path):
+    """A SAM-Med3D model (tiny, seeded) in the widget: every foreground and background point is one
+    voxel click, the layer's scale is the spacing, the mask is SAM-Med3D's own for those clicks."""
+    import torch
+    from napari.components import ViewerModel
+
+    from medsam.io import MedicalImage
+    from medsam.model.sam_med3d import SamMed3DConfig, SamMed3DModel
+    from medsam.napari.widget import LABELS_LAYER, MedSAMWidget
+    from medsam.native3d import VoxelClick, segment_clicks_3d
+
+    torch.manual_seed(0)
+    model = SamMed3DModel(
+        SamMed3DConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, prompt_embed_dim=48)
+    ).eval()
+    vol, organ, k = ct
+    scale = (3.0, 0.8, 0.7)
+    viewer = ViewerModel()
+    viewer.add_image(vol, name="ct", scale=scale)
+    widget = MedSAMWidget(viewer, model=model)
+    qtbot.addWidget(widget)
+    zs, ys, xs = np.nonzero(organ)
+    inside = (k, int(ys[zs == k].mean()), int(xs[zs == k].mean()))
+    viewer.add_points(np.asarray([inside]) * scale, name="fg")
+    viewer.add_points(np.asarray([(k, 2, 2)]) * scale, name="bg")
+    widget.foreground_box.setCurrentText("fg")
+    widget.background_box.setCurrentText("bg")
+    widget.label_spin.setValue(7)
+    widget.points_button.click()
+    assert "SAM-Med3D" in widget.status.text(), widget.status.text()
+    image = MedicalImage(vol, spacing=scale[::-1], origin=(0.0, 0.0, 0.0), direction=np.eye(3))
+    clicks = [VoxelClick(inside[::-1]), VoxelClick((2, 2, k), False)]
+    want = segment_clicks_3d(model, image, clicks).mask.astype(bool)
+    labels = np.asarray(viewer.layers[LABELS_LAYER].data)
+    assert np.array_equal(labels == 7, want) and 0 < want.sum() < want.size  # not a trivial mask
+    assert widget.session.encoder_calls == 1
+    widget.points_button.click()  # the same clicks again: the crop's embedding is kept
+    assert widget.session.encoder_calls == 1
+
+    viewer.add_shapes([rectangle(k, organ_box(organ, k), scale)], shape_type="rectangle", name="boxes")
+    widget.boxes_button.click()  # rectangles and propagation need a slice-by-slice model
+    assert "use Segment points" in widget.status.text()
+    widget.propagate_button.click()
+    assert "use Segment points" in widget.status.text()
+    viewer.layers["fg"].data = np.asarray([(k, 2, 400)]) * scale  # outside the volume
+    widget.points_button.click()
+    assert "outside the volume" in widget.status.text()

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["boxes_from_shapes", "points_by_slice"]
+__all__ = ["boxes_from_shapes", "points_by_slice", "voxel_clicks"]
 
 
 def _to_image_pixels(vertices: np.ndarray, source: Any, image: Any) -> np.ndarray:
@@ -75,4 +75,24 @@ def points_by_slice(image: Any, foreground: Any, background: Any = None) -> dict
             if not (0 <= index < (spatial[0] if len(spatial) == 3 else 1) and -0.5 <= x < width and -0.5 <= y < height):
                 raise ValueError(f"a point at (x={x:.1f}, y={y:.1f}, slice {index}) lies outside the image")
             out.setdefault(index, []).append((x, y, positive))
+    return out
+
+
+def voxel_clicks(image: Any, foreground: Any, background: Any = None) -> list[tuple[tuple[int, int, int], bool]]:
+    """``[((i, j, k), positive), ...]`` voxel clicks of a volume (``i`` the column, ``k`` the slice:
+    ``array[k, j, i]``) from a foreground Points layer and an optional background one: the
+    foreground points in their layer's order, then the background ones (SAM-Med3D decodes clicks
+    in this order). Points outside the volume are refused (ValueError)."""
+    spatial = _spatial(image)
+    if len(spatial) != 3 or getattr(image, "rgb", False):
+        raise ValueError("voxel clicks need a grey volume")
+    out = []
+    for layer, positive in ((foreground, True), (background, False)):
+        if layer is None or len(layer.data) == 0:
+            continue
+        for p in _to_image_pixels(layer.data, layer, image):
+            k, j, i = (int(np.round(v)) for v in p[-3:])
+            if not (0 <= k < spatial[0] and 0 <= j < spatial[1] and 0 <= i < spatial[2]):
+                raise ValueError(f"a point at voxel (i={i}, j={j}, k={k}) lies outside the volume")
+            out.append(((i, j, k), positive))
     return out

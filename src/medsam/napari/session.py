@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["SegmentationSession"]
+__all__ = ["Native3DSession", "SegmentationSession"]
 
 
 class SegmentationSession:
@@ -148,3 +148,42 @@ class SegmentationSession:
         merged = merge_propagated(np.array(labels, copy=True), result.labels, label, index, replace=False)
         self.encoder_calls += result.embeddings_computed
         return merged, {"slices": result.slices[0], "stop_reasons": list(result.stop_reasons[0])}
+
+
+class Native3DSession:
+    """SAM-Med3D on one volume layer: voxel clicks -> the object's mask
+    (:class:`medsam.native3d.Native3DPredictor`: the volume resampled once, each crop embedded once).
+
+    Args:
+        model: a loaded SAM-Med3D model.
+        volume: the ``(Z, Y, X)`` layer data, in its stored intensities (SAM-Med3D z-scores them).
+        spacing_zyx: the layer's scale, taken as millimetres per voxel along (z, y, x).
+    """
+
+    is_volume = True
+
+    def __init__(self, model: Any, volume: np.ndarray, spacing_zyx: Sequence[float]) -> None:
+        from ..io import MedicalImage
+        from ..native3d import Native3DPredictor
+
+        array = np.asarray(volume)
+        if array.ndim != 3:
+            raise ValueError("SAM-Med3D segments volumes: choose a 3D image layer")
+        spacing = tuple(float(v) for v in reversed(tuple(spacing_zyx)[-3:]))
+        image = MedicalImage(array, spacing=spacing, origin=(0.0, 0.0, 0.0), direction=np.eye(3))
+        self.spatial_shape: tuple[int, ...] = tuple(int(n) for n in array.shape)
+        self.predictor = Native3DPredictor(model)
+        self.predictor.set_volume(image)
+
+    @property
+    def encoder_calls(self) -> int:
+        return self.predictor.encoder_calls
+
+    def segment_clicks(self, clicks: Sequence[tuple[tuple[int, int, int], bool]]) -> np.ndarray:
+        """The ``(Z, Y, X)`` bool mask of one object from its voxel clicks, decoded in order."""
+        from ..native3d import VoxelClick
+
+        if not any(positive for _, positive in clicks):
+            raise ValueError("give at least one foreground point")
+        result = self.predictor.predict([VoxelClick(ijk, positive) for ijk, positive in clicks])
+        return np.asarray(result.mask, dtype=bool)

@@ -4,7 +4,9 @@ What it does, top to bottom: *Model* loads the embedded default (empty path) or 
 (:func:`medsam.load_model`); the layer choosers pick the image, the Shapes layer whose rectangles
 are boxes, and the Points layers of foreground / background clicks; *Segment rectangles* writes one
 object per rectangle (labels ``label``, ``label + 1`` ...), *Segment points* one object per slice
-that has foreground points; *Propagate* spreads ``label`` from the current slice through the
+that has foreground points (with a SAM-Med3D model: one object in 3D from every foreground and
+background point, :class:`medsam.napari.session.Native3DSession`, the layer's scale taken as its
+spacing in mm); *Propagate* spreads ``label`` from the current slice through the
 volume in a worker thread (slices that already hold the label are kept). Results go to the Labels
 layer ``MedSAM labels`` (created with the image's scale and translation). Slice embeddings are
 kept per image (:class:`medsam.napari.session.SegmentationSession`).
@@ -27,8 +29,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .prompts import boxes_from_shapes, points_by_slice
-from .session import SegmentationSession
+from .prompts import boxes_from_shapes, points_by_slice, voxel_clicks
+from .session import Native3DSession, SegmentationSession
 
 __all__ = ["LABELS_LAYER", "MedSAMWidget"]
 
@@ -125,14 +127,14 @@ class MedSAMWidget(QWidget):
         except Exception as exc:  # shown to the user, who may fix the path
             self.say(f"cannot load the model: {str(exc).splitlines()[0]}")
             return
-        if getattr(model.config, "family", "") == "sam_med3d":
-            self.say("SAM-Med3D is not supported in the plugin yet: choose a SAM / MedSAM / SAM2-family model")
-            return
         self.model = model
         self.session, self._session_key = None, None
         self.say(f"model: {getattr(getattr(self.model, 'config', None), 'name', type(self.model).__name__)}")
 
-    def _session(self) -> SegmentationSession:
+    def _is_3d_model(self) -> bool:
+        return getattr(getattr(self.model, "config", None), "family", "") == "sam_med3d"
+
+    def _session(self) -> SegmentationSession | Native3DSession:
         image = self._layer(self.image_box)
         if image is None:
             raise ValueError("add an image layer first")
@@ -141,16 +143,28 @@ class MedSAMWidget(QWidget):
             if self.model is None:
                 raise ValueError("no model loaded")
         modality = self.modality_box.currentText()
-        key = (id(image.data), bool(image.rgb), modality, id(self.model))
+        key = (id(image.data), bool(image.rgb), modality, id(self.model), tuple(image.scale))
         if self.session is None or self._session_key != key:
-            self.session = SegmentationSession(
-                self.model,
-                np.asarray(image.data),
-                rgb=bool(image.rgb),
-                modality=None if modality == "auto" else modality,
-            )
+            if self._is_3d_model():
+                if image.rgb:
+                    raise ValueError("SAM-Med3D segments grey volumes: choose a 3D image layer")
+                self.session = Native3DSession(self.model, np.asarray(image.data), tuple(image.scale))
+            else:
+                self.session = SegmentationSession(
+                    self.model,
+                    np.asarray(image.data),
+                    rgb=bool(image.rgb),
+                    modality=None if modality == "auto" else modality,
+                )
             self._session_key = key
         return self.session
+
+    def _slice_session(self) -> SegmentationSession:
+        """The session of a slice-by-slice model (SAM-Med3D takes clicks only)."""
+        session = self._session()
+        if isinstance(session, Native3DSession):
+            raise ValueError("SAM-Med3D segments from clicks: use Segment points (foreground and background)")
+        return session
 
     def labels_layer(self) -> Any:
         """The ``MedSAM labels`` layer, created (zeros, the image's grid) when missing."""
@@ -181,7 +195,7 @@ class MedSAMWidget(QWidget):
     def segment_rectangles(self) -> None:
         """One object per rectangle of the chosen Shapes layer."""
         try:
-            session = self._session()
+            session = self._slice_session()
             shapes = self._layer(self.shapes_box)
             if shapes is None:
                 raise ValueError("add a Shapes layer and draw rectangles")
@@ -204,6 +218,16 @@ class MedSAMWidget(QWidget):
             foreground = self._layer(self.foreground_box)
             if foreground is None:
                 raise ValueError("add a Points layer of foreground clicks")
+            if isinstance(session, Native3DSession):  # one object in 3D from every click
+                clicks = voxel_clicks(self._layer(self.image_box), foreground, self._layer(self.background_box))
+                mask = session.segment_clicks(clicks)
+                layer = self.labels_layer()
+                data = np.asarray(layer.data)
+                data[mask] = self.label_spin.value()
+                layer.data = data
+                layer.refresh()
+                self.say(f"{int(mask.sum())} voxels from {len(clicks)} click(s) (SAM-Med3D)")
+                return
             grouped = points_by_slice(self._layer(self.image_box), foreground, self._layer(self.background_box))
             done = 0
             for index, points in sorted(grouped.items()):
@@ -224,7 +248,7 @@ class MedSAMWidget(QWidget):
         from napari.qt.threading import create_worker
 
         try:
-            session = self._session()
+            session = self._slice_session()
             layer = self.labels_layer()
             if not session.is_volume:
                 raise ValueError("propagation needs a volume")
