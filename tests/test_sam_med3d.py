@@ -433,6 +433,7 @@ def test_workbench_segments_volumes_from_voxel_clicks(ours, tmp_path):
     Image.fromarray(smooth_image(32, 40, seed=1)).save(data / "flat.png")
     clicks = [{"i": 40, "j": 20, "k": 10}, {"i": 30, "j": 20, "k": 10, "positive": False}]
     with client(create_app(data, model=seeded_tiny_model(), model3d=ours)) as c:
+        assert c.get("/info").json()["model3d"]["img_size"] == ours.config.img_size
         r = c.post("/segment3d", json={"image_id": "ct.nii.gz", "clicks": clicks[:1]})
         assert r.status_code == 200, r.text
         r = c.post("/segment3d", json={"image_id": "ct.nii.gz", "clicks": clicks})
@@ -457,6 +458,7 @@ def test_workbench_segments_volumes_from_voxel_clicks(ours, tmp_path):
         for body, status in bad:
             assert c.post("/segment3d", json=body).status_code == status, body
     with client(create_app(data, model=seeded_tiny_model())) as c:
+        assert c.get("/info").json()["model3d"] is None
         r = c.post("/segment3d", json={"image_id": "ct.nii.gz", "clicks": clicks})
         assert r.status_code == 409 and "--model3d" in r.json()["detail"]
     with pytest.raises(ValueError, match="SAM-Med3D"):

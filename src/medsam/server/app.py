@@ -239,6 +239,7 @@ def create_app(
             encoder_calls=stats["encoder_calls"],
             cache_hits=stats["cache_hits"],
             process_id=os.getpid(),
+            model3d=None if wb.native3d is None else wb.native3d.info(),
         )
 
     static = _static_dir()

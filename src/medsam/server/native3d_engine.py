@@ -37,6 +37,18 @@ class Native3DEngine:
         self.lock = threading.Lock()
         self._predictors: OrderedDict[str, Any] = OrderedDict()
 
+    def info(self) -> dict:
+        """Name, crop size and spacing of the model (``GET /info``)."""
+        from ..embedding_cache import model_fingerprint
+
+        config = self.model.config
+        return {
+            "name": getattr(config, "name", "sam_med3d"),
+            "img_size": int(config.img_size),
+            "spacing_mm": float(config.spacing_mm),
+            "fingerprint": model_fingerprint(self.model),
+        }
+
     def segment(self, loaded: LoadedImage, clicks: Sequence[tuple[tuple[int, int, int], bool]], sliding_window: bool):
         """``(result, encoder calls for this volume, milliseconds)``; ValueError for clicks or an
         image SAM-Med3D cannot take (a 2D or colour image, a click outside the volume, positive

@@ -430,6 +430,7 @@ class ServerInfo(_Model):
     encoder_calls: int
     cache_hits: int
     process_id: int = Field(description="the server process that answered (one of several with --workers)")
+    model3d: dict | None = Field(default=None, description="the SAM-Med3D model of POST /segment3d, if any")
 
 
 # ----------------------------------------------------------------------------- training
