@@ -8,6 +8,7 @@ for every process and follows a choice made through another (:meth:`ServedModels
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import MutableMapping
 from pathlib import Path
@@ -17,6 +18,8 @@ from .shared_training import SharedTraining
 from .trained_models import JOB_ID_RE, STARTUP_MODEL_ID, model_entries, trained_records
 
 __all__ = ["ServedModels", "TrainingRefused"]
+
+log = logging.getLogger("medsam.server")
 
 
 class TrainingRefused(Exception):
@@ -40,6 +43,7 @@ class ServedModels:
     _lock: threading.Lock
     _switching: threading.Lock
     _jobs: MutableMapping[str, Any]
+    _unloadable: str | None = None  # the served id this process could not load (warned once)
 
     def active_job(self) -> Any:
         raise NotImplementedError
@@ -108,6 +112,8 @@ class ServedModels:
         wanted = self.shared.served()
         if wanted is None or wanted == self.served or any(j.active for j in list(self._jobs.values())):
             return
+        if wanted != STARTUP_MODEL_ID and not JOB_ID_RE.match(wanted):
+            return  # not a model id this workbench writes
         with self._switching:
             if wanted == self.served:
                 return
@@ -118,7 +124,10 @@ class ServedModels:
                 path = self.models_dir / wanted / "model.safetensors"
                 try:
                     model = load_model(path, device=self.engine.model.device)
-                except Exception:
+                except Exception as exc:
+                    if self._unloadable != wanted:
+                        self._unloadable = wanted
+                        log.warning("cannot serve model %s that another process serves: %s", wanted, exc)
                     return
             with self._lock:
                 self._switch(wanted, model, path)
