@@ -126,11 +126,7 @@ def _add_encoder_parser(subparsers: Subparsers) -> None:
 
 def run_encoder(args: argparse.Namespace) -> int:
     """Run ``medsam serve-encoder`` until interrupted; returns the exit code."""
-    token = args.token or os.environ.get("MEDSAM_ENCODER_TOKEN") or None
-    if not _is_loopback(args.host) and not token:
-        raise CLIError("binding to a non-loopback address needs --token (or MEDSAM_ENCODER_TOKEN)")
-    if not 0 < args.port < 65536:
-        raise CLIError(f"--port must be 1..65535, got {args.port}")
+    token = _token_for(args, "MEDSAM_ENCODER_TOKEN")
     try:
         import uvicorn
 
@@ -146,6 +142,17 @@ def run_encoder(args: argparse.Namespace) -> int:
     log(f"medsam encoder service: http://{args.host}:{args.port}/encode")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", server_header=False)
     return 0
+
+
+def _token_for(args: argparse.Namespace, env: str) -> str | None:
+    """The bearer token (``--token``, else ``$env``), which a non-loopback ``--host`` requires;
+    ``--port`` checked too."""
+    token = args.token or os.environ.get(env) or None
+    if not _is_loopback(args.host) and not token:
+        raise CLIError(f"binding to a non-loopback address needs --token (or {env})")
+    if not 0 < args.port < 65536:
+        raise CLIError(f"--port must be 1..65535, got {args.port}")
+    return token
 
 
 def _is_loopback(host: str) -> bool:
@@ -205,11 +212,7 @@ def _check_encoder_service(app: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``medsam serve`` until interrupted; returns the exit code."""
-    token = args.token or os.environ.get("MEDSAM_TOKEN") or None
-    if not _is_loopback(args.host) and not token:
-        raise CLIError("binding to a non-loopback address needs --token (or MEDSAM_TOKEN)")
-    if not 0 < args.port < 65536:
-        raise CLIError(f"--port must be 1..65535, got {args.port}")
+    token = _token_for(args, "MEDSAM_TOKEN")
     if args.max_upload_mb <= 0 or args.max_image_mvox <= 0:
         raise CLIError("--max-upload-mb and --max-image-mvox must be > 0")
     if not os.path.isdir(args.data):
