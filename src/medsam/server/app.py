@@ -110,8 +110,9 @@ def create_app(
         modality, model_window: model-input normalisation (see :class:`ServerSettings`).
         train_threads: CPU threads of a training job's process (default: half the cores).
         database: SQLAlchemy URL of the state database (labels' versions and history,
-            uncertainty scores, jobs); default SQLite in ``data_dir/.medsam/state.sqlite3``. Every
-            server process of one data folder must name the same database.
+            uncertainty scores, jobs, training jobs, the served model); default SQLite in
+            ``data_dir/.medsam/state.sqlite3``. Every server process of one data folder must name
+            the same database.
         serve_startup_model: record the start-up model as the served one, so that every process
             on the database serves it (a server starts with the model it was given); the worker
             processes of ``medsam serve --workers N`` leave this to their parent.
