@@ -287,6 +287,9 @@ def _one_step_on_the_mean_gradient(settings: dict, volumes: Path, out: Path) -> 
         outputs = sam2_clips.track_clip(model, clip, False, sam2_clips.plan_corrections(clip, cfg, rng))
         sam2_clips.clip_loss(outputs, clip.targets, cfg).total.backward()
         gradients.append([p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in parameters])
+    # The ranks drew different clips (the draw is keyed by rank): otherwise the mean would equal
+    # either rank's gradient, and the comparison could not see a missing average.
+    assert any(not torch.equal(g0, g1) for g0, g1 in zip(*gradients, strict=True))
     optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=cfg.train.weight_decay)
     for p, g0, g1 in zip(parameters, *gradients, strict=True):
         p.grad = (g0 + g1) / 2

@@ -58,6 +58,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import __version__
 from .io.atomic import write_bytes
 
 __all__ = [
@@ -79,12 +80,6 @@ _StateSignature = tuple[tuple[str, int, int, str], ...]
 
 # model -> (state signature, fingerprint); weak so that caching never keeps a model alive.
 _FINGERPRINTS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[_StateSignature, str]] = weakref.WeakKeyDictionary()
-
-
-def _package_version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 def _state_signature(state: dict[str, torch.Tensor]) -> _StateSignature:
@@ -180,7 +175,7 @@ def slice_key(model_fp: str, contract: Any, slice_array: np.ndarray) -> str:
     header = json.dumps(
         {
             "format": CACHE_FORMAT,
-            "medsam": _package_version(),
+            "medsam": __version__,
             "model": str(model_fp),
             "contract": str(name),
             "input_size": int(size),
@@ -268,7 +263,7 @@ class EmbeddingCache:
         if t.ndim != 4 or t.shape[0] != 1:
             raise ValueError(f"expected a (1, C, E, E) embedding, got shape {tuple(t.shape)}")
         meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-        meta.update(key=key, format=str(CACHE_FORMAT), medsam_version=_package_version())
+        meta.update(key=key, format=str(CACHE_FORMAT), medsam_version=__version__)
         return write_bytes(path, save({_TENSOR_NAME: t}, metadata=meta))
 
     def clear(self) -> int:
@@ -283,8 +278,11 @@ class EmbeddingCache:
                 if p.suffix == ".safetensors":
                     n += 1
                     self._discard(p)
-                elif p.suffix == ".tmp":  # the temporary folder of a write that was killed
-                    shutil.rmtree(p, ignore_errors=True)
+                elif p.suffix == ".tmp":  # left by a write that was killed: a folder, or a file of older versions
+                    if p.is_dir():
+                        shutil.rmtree(p, ignore_errors=True)
+                    else:
+                        p.unlink(missing_ok=True)
             try:
                 sub.rmdir()
             except OSError:

@@ -202,19 +202,24 @@ def _file_stamp(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
+def _stamp(item: RegistryEntry, path: Path, digest: str) -> dict[str, object]:
+    """The ``NAME.verified`` record of ``path`` checked against ``digest``."""
+    return {"sha256": digest, "file": item.filename, "stat": _file_stamp(path)}
+
+
 def _verified(item: RegistryEntry, folder: Path, path: Path, want: str) -> bool:
     """Whether ``path`` passed its check against ``want`` and has not changed since."""
     try:
         stamp = json.loads((folder / f"{item.name}.verified").read_text())
     except (OSError, ValueError):
         return False
-    return bool(stamp == {"sha256": want, "file": item.filename, "stat": _file_stamp(path)})
+    return bool(stamp == _stamp(item, path, want))
 
 
 def _stamp_verified(item: RegistryEntry, folder: Path, path: Path, digest: str) -> None:
     from .io.atomic import write_text
 
-    stamp = {"sha256": digest, "file": item.filename, "stat": _file_stamp(path)}
+    stamp = _stamp(item, path, digest)
     try:
         write_text(folder / f"{item.name}.verified", json.dumps(stamp))
     except OSError:  # a read-only shared cache: the file is hashed at every load instead
@@ -262,6 +267,7 @@ def fetch(name: str, *, offline: bool | None = None, progress: bool = True) -> P
         _pin(item, folder, digest)
     path = folder / item.filename
     os.replace(part, path)
+    _stamp_verified(item, folder, path, digest)  # hashed once: the first load_model(NAME) does not again
     return path
 
 

@@ -9,6 +9,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from ..contract_names import ONNX_CONTRACT_NAMES
+from .options import add_contract_option
 
 if TYPE_CHECKING:
     from .options import Subparsers
@@ -33,12 +34,7 @@ def add_parser(subparsers: Subparsers) -> None:
     p.add_argument("--int8", action="store_true", help="also write encoder.int8.onnx (int8 weights)")
     p.add_argument("--int8-decoder", action="store_true", help="with --int8, quantise the decoders too")
     p.add_argument("--no-points-decoder", action="store_true", help="leave out decoder_points.onnx (box prompts only)")
-    p.add_argument(
-        "--contract",
-        choices=ONNX_CONTRACT_NAMES,
-        default=None,
-        help="override the checkpoint's preprocessing contract",
-    )
+    add_contract_option(p, ONNX_CONTRACT_NAMES)
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 20)")
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime-vs-PyTorch check")
     p.set_defaults(func=run)

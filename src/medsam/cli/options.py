@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -24,13 +25,14 @@ __all__ = [
 ]
 
 
-def add_contract_option(parser: argparse.ArgumentParser) -> None:
-    """``--contract NAME``: override the checkpoint's preprocessing contract."""
+def add_contract_option(parser: argparse.ArgumentParser, choices: Sequence[str] | None = None) -> None:
+    """``--contract NAME``: override the checkpoint's preprocessing contract (``choices``: the
+    contract names allowed, default all)."""
     from ..contract_names import CONTRACT_NAMES
 
     parser.add_argument(
         "--contract",
-        choices=CONTRACT_NAMES,
+        choices=CONTRACT_NAMES if choices is None else choices,
         default=None,
         help="override the checkpoint's preprocessing contract",
     )

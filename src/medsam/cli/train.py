@@ -10,6 +10,7 @@ medsam embed configs/decoder.yaml data.cache_embeddings=/data/store --dask tcp:/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -114,17 +115,11 @@ def _embed(args: argparse.Namespace) -> int:
     if not cfg.data.cache_embeddings:
         raise CLIError("give the store's folder: data.cache_embeddings=DIR (with train.mode=decoder)")
     _setup_logging()
-    engine = None
-    if args.dask:
-        engine = DaskEngine(workers=args.workers, scheduler=dask_scheduler(args.dask))
+    dask = DaskEngine(workers=args.workers, scheduler=dask_scheduler(args.dask)) if args.dask else None
     try:
-        if engine is not None:
-            engine.__enter__()
-        Trainer(cfg, store_engine=engine)
+        with dask if dask is not None else contextlib.nullcontext() as engine:
+            Trainer(cfg, store_engine=engine)
     except EngineUnavailable as exc:
         raise CLIError(str(exc)) from None
-    finally:
-        if engine is not None:
-            engine.close()
     print(f"embedding store ready: {cfg.data.cache_embeddings}")
     return 0

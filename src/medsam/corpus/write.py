@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import __version__
 from ..io.atomic import atomic_output, write_csv, write_json
 from .schema import (
     CASE_FORMAT,
@@ -37,12 +38,6 @@ from .schema import (
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _medsam_version() -> str:
-    from .. import __version__
-
-    return __version__
 
 
 # --------------------------------------------------------------------------- writing cases
@@ -131,7 +126,7 @@ def write_case(
             "n_objects": n_objects,
             "slices": slices_rec,
             "created": _now(),
-            "medsam_version": _medsam_version(),
+            "medsam_version": __version__,
         }
         if started is not None:
             full["seconds"] = round(time.perf_counter() - started, 3)
@@ -352,7 +347,7 @@ def write_corpus_json(out: Path, specs: Sequence[Any], counts: dict[str, Any] | 
         "datasets": [datasets[k] for k in sorted(datasets)],
         "created": old.get("created") or _now(),
         "updated": _now(),
-        "medsam_version": _medsam_version(),
+        "medsam_version": __version__,
         "label_sources": {k: datasets[k].get("label_source", "") for k in sorted(datasets)},
     }
     if counts is not None:

@@ -337,7 +337,7 @@ class LabelStore:
         ``event`` (action, slice, prompts, edits ...) is appended to the history with the version,
         time and ``model``.
         """
-        return self.update(image_id, like, expected_version, lambda _current: labels, event, definitions, model)
+        return self._commit(image_id, like, expected_version, lambda: labels, event, definitions, model)
 
     def update(
         self,
@@ -350,13 +350,19 @@ class LabelStore:
         model: dict | None = None,
     ) -> LabelRecord:
         """Read-modify-write under the lock: ``change(current_map) -> new_map`` (a copy)."""
+
+        def changed() -> np.ndarray:
+            return change(np.array(self.read(image_id, like)[1], copy=True))
+
+        return self._commit(image_id, like, expected_version, changed, event, definitions, model)
+
+    def _commit(self, image_id, like, expected_version, new_map, event, definitions, model) -> LabelRecord:
+        """Under the lock: check ``expected_version``, then write ``new_map()`` as the next one."""
         with self.locked(image_id) as conn:
             rec = self._head_record(conn, image_id)
             if rec.version != int(expected_version):
                 raise VersionConflict(rec.version, int(expected_version))
-            _, current = self.read(image_id, like)
-            new = change(np.array(current, copy=True))
-            return self._write(conn, image_id, like, new, rec, event, definitions, model)
+            return self._write(conn, image_id, like, new_map(), rec, event, definitions, model)
 
     def _head_record(self, conn, image_id: str) -> LabelRecord:
         from sqlalchemy import select

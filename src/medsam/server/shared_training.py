@@ -101,7 +101,13 @@ class SharedTraining:
         return [TrainingSnapshot(str(i), str(s), dict(info)) for i, s, info in rows]
 
     def active(self) -> TrainingSnapshot | None:
-        return next((j for j in self.all() if j.active), None)
+        """The job queued or running in any process, if one is."""
+        from sqlalchemy import select
+
+        t = self.db.training
+        with self.db.read() as conn:
+            row = conn.execute(select(t.c.id, t.c.state, t.c.info).where(t.c.state.in_(_ACTIVE)).limit(1)).first()
+        return None if row is None else TrainingSnapshot(str(row[0]), str(row[1]), dict(row[2]))
 
     def served(self) -> str | None:
         """The id of the model every process serves (None: the start-up model, never switched)."""

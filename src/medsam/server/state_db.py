@@ -134,14 +134,14 @@ class StateDatabase:
             raise StateDatabaseError(f"the state database's driver is not installed: {exc}") from None
 
     def _open(self, url: str) -> None:
-        from sqlalchemy import create_engine, event
+        from sqlalchemy import create_engine, event, make_url
 
+        parsed = make_url(str(url))
         self.url = str(url)
-        self.dialect = self.url.split(":", 1)[0].split("+", 1)[0]
+        self.dialect = parsed.get_backend_name()
         if self.dialect == "sqlite":
-            path = self.url.split("///", 1)[-1]
-            if path and path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            if parsed.database and parsed.database != ":memory:":
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
             engine = create_engine(self.url, connect_args={"timeout": _BUSY_TIMEOUT_S, "check_same_thread": False})
 
             @event.listens_for(engine, "connect")
@@ -172,9 +172,7 @@ class StateDatabase:
     def _create(self) -> None:
         from sqlalchemy import insert, select
 
-        with self.write() as conn:
-            if self.dialect == "postgresql":  # two workers creating the tables at once
-                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7270001)")
+        with self.write_image("\0schema") as conn:  # two workers creating the tables at once
             self.metadata.create_all(conn)
             row = conn.execute(select(self.meta.c.value).where(self.meta.c.key == "schema")).first()
             if row is None:
@@ -202,7 +200,8 @@ class StateDatabase:
 
     @contextmanager
     def write_image(self, image_id: str) -> Iterator[Any]:
-        """:meth:`write`, serialised with every other writer of ``image_id`` in every process."""
+        """:meth:`write`, serialised with every other writer of ``image_id`` in every process (other
+        keys than image ids, starting with a NUL, serialise the database's own one-off writes)."""
         with self.write() as conn:
             if self.dialect == "postgresql":
                 key = int.from_bytes(hashlib.sha256(image_id.encode()).digest()[:8], "big", signed=True)

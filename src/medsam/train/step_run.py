@@ -130,16 +130,14 @@ class StepRun:
     def _average_gradients(self, parameters: list[nn.Parameter]) -> None:
         """Each gradient replaced by its mean over the ranks (a parameter without one on this
         rank counts as zero there), in one flat all-reduce."""
-        import torch.distributed as dist
+        from .distributed import all_reduce_mean
 
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat /= self.info.world_size
+        flat = all_reduce_mean(torch.cat([g.reshape(-1) for g in grads]), self.info)
         offset = 0
         for p in parameters:
             n = p.numel()
-            p.grad = flat[offset : offset + n].view_as(p).clone()
+            p.grad = flat[offset : offset + n].view_as(p)
             offset += n
 
     def save(self) -> None:
