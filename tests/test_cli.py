@@ -295,7 +295,10 @@ def test_segment_zooms_small_2d_boxes_by_default_for_256px_models(tmp_path, png,
     predictor.set_image(image)
     zoomed = predict_with_zoom(predictor, image, np.array([box], float), ZoomPolicy())
     predictor.set_image(image)
-    plain = predictor.predict(boxes=box)
+    plain = predictor.predict(boxes=box, zoom=False)
+    library = predictor.predict(boxes=box)  # the library's default is the CLI's: the model's recipe
+    assert library.zoomed.tolist() == [True]
+    np.testing.assert_array_equal(library.masks, zoomed.masks)
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "auto.png")), zoomed.masks[0].astype(np.uint8))
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "plain.png")), plain.masks[0].astype(np.uint8))
     assert main([*args, "--zoom", "--no-zoom", "-o", str(tmp_path / "x.png")]) == 2

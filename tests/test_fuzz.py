@@ -76,7 +76,7 @@ def test_rle_round_trip(flat, width):
     st.lists(st.lists(floats, min_size=4, max_size=4), min_size=1, max_size=4), st.integers(1, 300), st.integers(1, 300)
 )
 def test_boxes_are_clipped_or_refused(boxes, h, w):
-    from medsam.predictor import PromptError, clip_boxes, validate_boxes
+    from medsam.prompt_checks import PromptError, clip_boxes, validate_boxes
 
     try:
         clipped, _ = clip_boxes(np.array(boxes), (h, w))
@@ -90,7 +90,7 @@ def test_boxes_are_clipped_or_refused(boxes, h, w):
     st.lists(st.lists(floats, min_size=4, max_size=4), min_size=1, max_size=4), st.integers(1, 300), st.integers(1, 300)
 )
 def test_volume_boxes_are_clipped_to_pixel_indices_or_refused(boxes, h, w):
-    from medsam.predictor import PromptError, clip_boxes
+    from medsam.prompt_checks import PromptError, clip_boxes
 
     try:
         clipped, _ = clip_boxes(np.array(boxes), (h, w), inclusive=True)

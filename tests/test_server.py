@@ -163,7 +163,7 @@ def test_segment_zoom_and_candidates(data, model):
 
     image = read_image(data / "a.png").array  # uint8 (64, 80): the model input as it is
     box = [20, 22, 27, 29]  # 8 px: a 32 px crop (min_side) of an 80 px wide image
-    oracle = Predictor(model)
+    oracle = Predictor(model, zoom=False)  # zooms only where asked, as the server's engine
     zoomed = predict_with_zoom(oracle, image, np.asarray([box], float), ZoomPolicy())
     assert zoomed.zoomed.tolist() == [True]
     y0, y1, x0, x1 = zoom_window(box, image.shape[:2], 3.0, 32)

@@ -51,7 +51,7 @@ class FakePredictor:
         self.set_image_calls.append(s)
         self._embedding = torch.full((1, 4, 2, 2), float(s))
 
-    def set_embedding(self, embedding, original_size):
+    def set_embedding(self, embedding, original_size, image=None):
         assert tuple(original_size) == self.truth.shape[1:]
         self._embedding = embedding.clone()
 
@@ -59,7 +59,8 @@ class FakePredictor:
     def embedding(self):
         return self._embedding
 
-    def predict(self, boxes=None, points=None, point_labels=None, mask_input=None, multimask=False):
+    def predict(self, boxes=None, points=None, point_labels=None, mask_input=None, multimask=False, zoom=None):
+        assert zoom is False  # volume walks zoom by their own policy, never inside the predictor
         s = int(round(self._embedding[0, 0, 0, 0].item()))
         boxes = np.asarray(boxes, dtype=np.float64)
         self.predict_log.append((s, boxes.copy(), None if mask_input is None else np.shape(mask_input)))

@@ -49,7 +49,8 @@ class LocatingPredictor(FakePredictor):
         self.set_image_calls.append(s)
         self._embedding = torch.full((1, 4, 2, 2), float(len(self.images) - 1))
 
-    def predict(self, boxes=None, points=None, point_labels=None, mask_input=None, multimask=False):
+    def predict(self, boxes=None, points=None, point_labels=None, mask_input=None, multimask=False, zoom=None):
+        assert zoom is False  # volume walks zoom by their own policy, never inside the predictor
         s, oy, ox, (h, w) = self.images[int(round(self._embedding[0, 0, 0, 0].item()))]
         boxes = np.asarray(boxes, dtype=np.float64)
         self.predict_log.append((s, boxes + [ox, oy, ox, oy], None if mask_input is None else np.shape(mask_input)))

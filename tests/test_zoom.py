@@ -191,11 +191,11 @@ def test_segment_file_with_zoom_writes_the_zoomed_label_map(tiny_model, tmp_path
 
 
 def test_auto_zoom_only_for_small_input_models_and_2d(tiny_model, tmp_path):
-    from types import SimpleNamespace
 
     from PIL import Image
 
-    from medsam.segment import _resolve_auto_zoom, segment_file
+    from medsam.segment import segment_file
+    from medsam.zoom import resolve_zoom
 
     image = smooth_image(120, 150, seed=5)
     Image.fromarray(image).save(tmp_path / "img.png")
@@ -211,13 +211,14 @@ def test_auto_zoom_only_for_small_input_models_and_2d(tiny_model, tmp_path):
     assert expected.zoomed.tolist() == [True, False]
     np.testing.assert_array_equal(np.asarray(Image.open(out.mask_path)), expected.label_map())
     assert any("zoom: on for this 256 px model" in m for m in logs)
-    big = SimpleNamespace(contract=SimpleNamespace(input_size=1024))  # e.g. MedSAM ViT-B
-    assert _resolve_auto_zoom("auto", big, logs.append) is None
+    assert resolve_zoom("auto", 1024) is None  # e.g. MedSAM ViT-B
     policy = ZoomPolicy(context=2.0)
-    assert (
-        _resolve_auto_zoom(policy, big, logs.append) is policy
-        and _resolve_auto_zoom(None, predictor, logs.append) is None
-    )
+    assert resolve_zoom(policy, 1024) is policy and resolve_zoom(None, 256) is None
+    assert resolve_zoom(True, 1024) == ZoomPolicy() and resolve_zoom(False, 256) is None
+    with pytest.raises(ValueError, match="zoom"):
+        resolve_zoom("sometimes", 256)
+    with pytest.raises(TypeError, match="zoom"):
+        resolve_zoom(3.0, 256)  # type: ignore[arg-type]
     for bad in ("sometimes", 3.0):
         with pytest.raises(ValueError, match="zoom"):
             segment_file(tmp_path / "img.png", tmp_path / "m2.png", boxes, model=tiny_model, zoom=bad)

@@ -481,7 +481,7 @@ def refine_proposals(
     if not boxes:
         return []
     predictor.set_image(image)
-    prediction = predictor.predict(boxes=np.asarray(boxes))
+    prediction = predictor.predict(boxes=np.asarray(boxes), zoom=False)
     low, high = _stability_thresholds(predictor, stability_score_offset)
     size = (int(image.shape[0]), int(image.shape[1]))
     found = []

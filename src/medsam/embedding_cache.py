@@ -307,7 +307,8 @@ def set_image_cached(
 ) -> bool:
     """``predictor.set_image(image)`` through ``cache``; returns True on a cache hit.
 
-    On a hit the stored embedding is handed to ``predictor.set_embedding(embedding, (H, W))``;
+    On a hit the stored embedding is handed to ``predictor.set_embedding(embedding, (H, W),
+    image=image)``;
     on a miss the embedding is computed by ``set_image`` and stored. ``cache=None`` just calls
     ``set_image``. ``predictor`` needs ``model``, ``contract``, ``set_image``, ``set_embedding``
     and ``embedding`` (as :class:`medsam.predictor.Predictor` has). ``model_id``: the
@@ -321,7 +322,7 @@ def set_image_cached(
     key = slice_key(fp, predictor.contract, image)
     emb = cache.get(key)
     if emb is not None:
-        predictor.set_embedding(emb, tuple(image.shape[:2]))
+        predictor.set_embedding(emb, tuple(image.shape[:2]), image=image)
         return True
     predictor.set_image(image)
     cache.put(

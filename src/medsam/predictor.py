@@ -9,10 +9,15 @@
 
 Coordinates are pixels of the input image, x to the right and y down; box corners are inclusive
 pixel positions as in MedSAM. All N prompts go through the decoder in one batched call.
+
+Small boxes are segmented on a magnified crop (:mod:`medsam.zoom`) when the model's inference
+recipe says so: by default for models with a network input of at most 256 px (LiteMedSAM and the
+embedded default), never for the 1024 px ones; ``Predictor(model, zoom=False)`` turns it off.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -20,10 +25,15 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from .errors import PromptError
+from .errors import PromptError as PromptError  # re-exported: predictor.PromptError
 from .model.sam import DecoderOutput, MedSAMModel
 from .preprocess import Contract, ImageGeometry, get_contract
 from .preprocess_fast import prepare_image_fast
+from .prompt_checks import CheckedPrompts, check_prompts, multimask_mode
+from .zoom import ZoomPolicy, lowest_score, resolve_zoom, should_zoom, zoom_window
+
+# Crop embeddings a predictor keeps for zoomed boxes of its current image.
+_CROPS_KEPT = 8
 
 
 def native_bf16(device: torch.device | str) -> bool:
@@ -56,8 +66,12 @@ class Prediction:
         masks: (N, H, W) bool, or (N, M, H, W) when ``multimask`` was requested (M = 3, or 4
             for ``multimask="all"``).
         scores: (N,) predicted IoU, or (N, M).
-        low_res_logits: (N, 1 or M, L, L) float32 logits in the network's low-resolution frame.
-        geometry: sizes linking the image to the network input.
+        low_res_logits: (N, 1 or M, L, L) float32 logits in the network's low-resolution frame
+            of the image the object was decoded on: the whole image, or its crop when zoomed.
+        geometry: sizes linking the whole image to the network input.
+        windows: (N, 4) int64 ``(y0, y1, x0, x1)`` (exclusive ends) of the crop each object was
+            segmented on, a row of -1 where it was segmented on the whole image; None when no
+            object was zoomed.
     """
 
     masks: np.ndarray
@@ -65,6 +79,15 @@ class Prediction:
     low_res_logits: np.ndarray
     geometry: ImageGeometry
     contract: Contract = field(repr=False)
+    windows: np.ndarray | None = None
+
+    @property
+    def zoomed(self) -> np.ndarray:
+        """(N,) bool: which objects were segmented on a magnified crop."""
+        if self.windows is None:
+            return np.zeros(len(self.scores), dtype=bool)
+        zoomed: np.ndarray = self.windows[:, 0] >= 0
+        return zoomed
 
     def best(self) -> np.ndarray:
         """(N, H, W) masks: the highest-scoring candidate when multimask, else the masks."""
@@ -78,10 +101,17 @@ class Prediction:
         """Full-resolution per-pixel scores of prompt ``index``: (M, H, W) float32.
 
         Probabilities for the ``medsam``/``lite`` contracts, logits for ``sam``; the mask is
-        ``score_maps(i) > contract.threshold``.
+        ``score_maps(i) > contract.threshold``. Outside a zoomed object's crop the score is the
+        lowest possible one (:func:`medsam.zoom.lowest_score`).
         """
         logits = torch.from_numpy(self.low_res_logits[index : index + 1])
-        return self.contract.mask_scores(logits, self.geometry)[0].numpy()
+        if self.windows is None or self.windows[index, 0] < 0:
+            return self.contract.mask_scores(logits, self.geometry)[0].numpy()
+        y0, y1, x0, x1 = (int(v) for v in self.windows[index])
+        crop = self.contract.mask_scores(logits, self.contract.geometry((y1 - y0, x1 - x0)))[0].numpy()
+        full = np.full((crop.shape[0], *self.geometry.original_size), lowest_score(self.contract), dtype=np.float32)
+        full[:, y0:y1, x0:x1] = crop
+        return full
 
 
 def masks_to_label_map(prediction: Prediction) -> np.ndarray:
@@ -161,6 +191,12 @@ class Predictor:
             one-grey-level rounding difference and is 10-40x faster once its per-size operators
             are built (~0.3 s at the first image of each size). Embedding caches
             (:mod:`medsam.embedding_cache`) do not tell the two apart.
+        zoom: segment a box that :func:`medsam.zoom.should_zoom` calls small on a magnified crop
+            around it (:mod:`medsam.zoom`; one more embedding per distinct crop, the last
+            8 kept). ``"auto"`` (default): the model's recipe, :func:`medsam.zoom.recipe_zoom`
+            (on for networks of at most 256 px, such as LiteMedSAM and the embedded default);
+            ``True``: the default :class:`~medsam.zoom.ZoomPolicy`; ``False``/``None``: never;
+            or a policy. :attr:`zoom` holds the resolved policy (None when off).
     """
 
     def __init__(
@@ -169,6 +205,7 @@ class Predictor:
         contract: str | None = None,
         precision: str | None = None,
         exact_preprocessing: bool = False,
+        zoom: ZoomPolicy | bool | str | None = "auto",
     ) -> None:
         chosen = precision or getattr(model, "preferred_precision", "fp32")
         if chosen not in ("fp32", "bf16", "auto"):
@@ -178,8 +215,13 @@ class Predictor:
         self.precision = resolve_precision(chosen, self.model.device)
         self.exact_preprocessing = exact_preprocessing
         self.contract = get_contract(contract or model.contract, model.input_size)
+        self.zoom: ZoomPolicy | None = resolve_zoom(zoom, self.contract.input_size)
+        self.crop_predictor: Predictor | None = None  # made at the first zoomed box
         self._embedding: torch.Tensor | None = None
         self._geometry: ImageGeometry | None = None
+        self._pixels: np.ndarray | None = None  # the current image, for zoomed crops
+        self._deferred = False  # set_image(defer=True): embedding not computed yet
+        self._crops: OrderedDict[tuple[int, int, int, int], torch.Tensor] = OrderedDict()
 
     @property
     def device(self) -> torch.device:
@@ -187,11 +229,20 @@ class Predictor:
 
     @property
     def is_image_set(self) -> bool:
-        return self._embedding is not None
+        return self._embedding is not None or self._deferred
+
+    @property
+    def has_pixels(self) -> bool:
+        """Whether the current image's pixels are known (zoomed crops need them)."""
+        return self._pixels is not None
 
     @property
     def embedding(self) -> torch.Tensor:
-        """(1, C, E, E) embedding of the current image."""
+        """(1, C, E, E) embedding of the current image (computed here after a deferred
+        :meth:`set_image`)."""
+        if self._deferred:
+            assert self._pixels is not None
+            self._embed_pixels(self._pixels)
         if self._embedding is None:
             raise RuntimeError("call set_image() first")
         return self._embedding
@@ -202,15 +253,31 @@ class Predictor:
             raise RuntimeError("call set_image() first")
         return self._geometry
 
+    def set_image(self, image: np.ndarray, defer: bool = False) -> None:
+        """Preprocess ``image`` by the contract and compute its embedding (once).
+
+        ``image`` is kept (by reference, not copied) until the next image, for zoomed crops.
+        ``defer``: compute the whole image's embedding only when a prompt needs it (a small box
+        that is zoomed does not), at the first :meth:`predict` or :attr:`embedding`.
+        """
+        image = np.asarray(image)
+        self.reset_image()
+        self._pixels = image
+        if defer:
+            self._geometry = self.contract.geometry((int(image.shape[0]), int(image.shape[1])))
+            self._deferred = True
+        else:
+            self._embed_pixels(image)
+
     @torch.inference_mode()
-    def set_image(self, image: np.ndarray) -> None:
-        """Preprocess ``image`` by the contract and compute its embedding (once)."""
+    def _embed_pixels(self, image: np.ndarray) -> None:
         if self.exact_preprocessing:
             x, geom = self.contract.prepare_image(image)
         else:
             x, geom = prepare_image_fast(self.contract, image)
         self._embedding = self.embed(x)
         self._geometry = geom
+        self._deferred = False
 
     @torch.inference_mode()
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -231,15 +298,34 @@ class Predictor:
                 return self.model.embed_image(x).float()
         return self.model.embed_image(x)
 
-    def set_embedding(self, embedding: torch.Tensor, original_size: tuple[int, int]) -> None:
-        """Use a precomputed (1, C, E, E) embedding (e.g. from a cache) for an (H, W) image."""
+    def set_embedding(
+        self, embedding: torch.Tensor, original_size: tuple[int, int], image: np.ndarray | None = None
+    ) -> None:
+        """Use a precomputed (1, C, E, E) embedding (e.g. from a cache) for an (H, W) image.
+
+        Without the image's pixels (``image``, kept by reference) boxes are not zoomed.
+        """
+        self.reset_image()
         self._embedding = embedding.to(self.device)
         height, width = original_size
         self._geometry = self.contract.geometry((height, width))
+        if image is not None:
+            self.attach_pixels(image)
+
+    def attach_pixels(self, image: np.ndarray) -> None:
+        """Give the pixels of the image whose embedding is set (for zoomed crops)."""
+        image = np.asarray(image)
+        if tuple(image.shape[:2]) != self.geometry.original_size:
+            raise ValueError(f"image of {image.shape[:2]} does not match the embedded {self.geometry.original_size}")
+        self._pixels = image
+        self._crops.clear()
 
     def reset_image(self) -> None:
         self._embedding = None
         self._geometry = None
+        self._pixels = None
+        self._deferred = False
+        self._crops.clear()
 
     @torch.inference_mode()
     def predict(
@@ -250,6 +336,7 @@ class Predictor:
         mask_input: np.ndarray | None = None,
         multimask: bool | str = False,
         scribbles: Sequence[Any] | None = None,
+        zoom: ZoomPolicy | bool | str | None = None,
     ) -> Prediction:
         """Segment N objects of the current image.
 
@@ -257,7 +344,9 @@ class Predictor:
             boxes: (N, 4) [x0, y0, x1, y1] in input pixels (a single (4,) box is accepted).
             points: (N, P, 2) (x, y) in input pixels ((P, 2) for a single prompt).
             point_labels: (N, P) 1 = foreground, 0 = background, -1 = padding (not a point).
-            mask_input: (N, 1, L, L) low-resolution logits, e.g. a previous ``low_res_logits``.
+            mask_input: (N, 1, L, L) low-resolution logits, e.g. a previous ``low_res_logits``,
+                read in the frame its object is decoded in (its crop when zoomed: give the same
+                box again).
             multimask: return three candidate masks per prompt instead of one (SAM's multimask
                 tokens 1..3); ``"all"``: four, the single-mask answer (token 0) first and then the
                 three, from one decoder pass.
@@ -265,13 +354,25 @@ class Predictor:
                 object, or N lists (one per object); each is given as the points
                 :func:`medsam.scribbles.scribbles_to_points` samples along it, after the object's
                 ``points``.
+            zoom: this call's zoom setting (as the constructor's); None: :attr:`zoom`. An object
+                is zoomed when its box is small by the policy and all its points lie inside the
+                box's crop; it needs the image's pixels (:meth:`set_image`, or
+                :meth:`set_embedding` with ``image``).
         """
         if scribbles is not None:
             from .scribbles import add_scribble_points
 
             points, point_labels = add_scribble_points(points, point_labels, scribbles, self.geometry.original_size)
+        prompts = self._check_prompts(boxes, points, point_labels, mask_input)
+        policy = self.zoom if zoom is None else resolve_zoom(zoom, self.contract.input_size)
+        windows = self._zoom_windows(prompts, policy)
+        if windows is None:
+            return self._predict_whole(prompts, multimask)
+        return self._predict_zoomed(prompts, windows, multimask)
+
+    def _predict_whole(self, prompts: CheckedPrompts, multimask: bool | str) -> Prediction:
         geom = self.geometry
-        out = self.decode(boxes, points, point_labels, mask_input, multimask)
+        out = self._decode_checked(prompts, multimask)
         logits = out.logits.float()
         n = len(logits)
         masks = np.empty((n, logits.shape[1], *geom.original_size), dtype=bool)
@@ -290,6 +391,92 @@ class Predictor:
             logits = logits.clamp(-limit, limit)
         return Prediction(masks, iou, logits.cpu().numpy(), geom, self.contract)
 
+    def _zoom_windows(self, prompts: CheckedPrompts, policy: ZoomPolicy | None) -> np.ndarray | None:
+        """(N, 4) crop windows (rows of -1 for whole-image objects), or None when none zooms."""
+        if policy is None or prompts.boxes is None or self._pixels is None:
+            return None
+        size = self.geometry.original_size
+        windows = np.full((prompts.n, 4), -1, dtype=np.int64)
+        for i, box in enumerate(prompts.boxes):
+            if not should_zoom(box, size, policy):
+                continue
+            y0, y1, x0, x1 = zoom_window(box, size, policy.context, policy.min_side)
+            if prompts.points is not None and prompts.labels is not None:
+                real = prompts.labels[i] != -1
+                xy = prompts.points[i][real]
+                if ((xy[:, 0] < x0) | (xy[:, 0] > x1) | (xy[:, 1] < y0) | (xy[:, 1] > y1)).any():
+                    continue  # a click outside the crop: the object needs the whole image
+            windows[i] = (y0, y1, x0, x1)
+        return windows if (windows[:, 0] >= 0).any() else None
+
+    def _predict_zoomed(self, prompts: CheckedPrompts, windows: np.ndarray, multimask: bool | str) -> Prediction:
+        """Objects with a window on their crop's embedding, the others in one call on the whole
+        image; masks pasted into the image (False outside a crop)."""
+        geom = self.geometry
+        H, W = geom.original_size
+        zoomed = windows[:, 0] >= 0
+        masks: np.ndarray | None = None
+        scores: np.ndarray | None = None
+        logits: np.ndarray | None = None
+
+        def put(index: np.ndarray | int, part: Prediction, window: np.ndarray | None) -> None:
+            nonlocal masks, scores, logits
+            if masks is None:
+                masks = np.zeros((prompts.n, *part.masks.shape[1:-2], H, W), dtype=bool)
+                scores = np.zeros((prompts.n, *part.scores.shape[1:]), dtype=part.scores.dtype)
+                logits = np.zeros((prompts.n, *part.low_res_logits.shape[1:]), dtype=part.low_res_logits.dtype)
+            assert scores is not None and logits is not None
+            if window is None:
+                masks[index], scores[index], logits[index] = part.masks, part.scores, part.low_res_logits
+            else:
+                y0, y1, x0, x1 = (int(v) for v in window)
+                masks[index, ..., y0:y1, x0:x1] = part.masks[0]
+                scores[index], logits[index] = part.scores[0], part.low_res_logits[0]
+
+        if (~zoomed).any():
+            whole = np.flatnonzero(~zoomed)
+            put(whole, self._predict_whole(prompts.select(whole), multimask), None)
+        crops = self._crop_predictor()
+        for i in np.flatnonzero(zoomed):
+            window = windows[i]
+            self._set_crop(crops, window)
+            y0, _, x0, _ = (int(v) for v in window)
+            part = crops._predict_whole(prompts.select(np.array([i])).shifted(x0, y0), multimask)
+            put(int(i), part, window)
+        assert masks is not None and scores is not None and logits is not None
+        return Prediction(masks, scores, logits, geom, self.contract, windows)
+
+    def _crop_predictor(self) -> Predictor:
+        if self.crop_predictor is None:
+            self.crop_predictor = self._make_crop_predictor()
+        return self.crop_predictor
+
+    def _make_crop_predictor(self) -> Predictor:
+        """A predictor for zoomed crops: the same model, contract and precision, never zooming."""
+        return Predictor(
+            self.model,
+            contract=self.contract.name,
+            precision=self.precision,
+            exact_preprocessing=self.exact_preprocessing,
+            zoom=False,
+        )
+
+    def _set_crop(self, crops: Predictor, window: np.ndarray) -> None:
+        """Put the embedding of ``window`` of the current image into ``crops`` (kept per window)."""
+        assert self._pixels is not None
+        key = (int(window[0]), int(window[1]), int(window[2]), int(window[3]))
+        y0, y1, x0, x1 = key
+        pixels = np.ascontiguousarray(self._pixels[y0:y1, x0:x1])
+        embedding = self._crops.get(key)
+        if embedding is None:
+            crops.set_image(pixels)
+            self._crops[key] = crops.embedding
+            while len(self._crops) > _CROPS_KEPT:
+                self._crops.popitem(last=False)
+        else:
+            self._crops.move_to_end(key)
+            crops.set_embedding(embedding, (y1 - y0, x1 - x0))
+
     @torch.inference_mode()
     def decode(
         self,
@@ -299,16 +486,20 @@ class Predictor:
         mask_input: np.ndarray | None = None,
         multimask: bool | str = False,
     ) -> DecoderOutput:
-        """The decoder's raw answer to N prompts, nothing upsampled: ``logits`` (N, M, L, L) in
-        the network's low-resolution frame and ``iou`` (N, M), as tensors on the model's device.
+        """The decoder's raw answer to N prompts on the whole image (never zoomed), nothing
+        upsampled: ``logits`` (N, M, L, L) in the network's low-resolution frame and ``iou``
+        (N, M), as tensors on the model's device.
 
         Prompts are given and checked as in :meth:`predict`; ``contract.mask_scores(logits,
         geometry)`` turns the logits into full-resolution scores. For callers that look at many
         candidates and upsample only the ones they keep (:mod:`medsam.automatic`).
         """
+        return self._decode_checked(self._check_prompts(boxes, points, point_labels, mask_input), multimask)
+
+    def _decode_checked(self, prompts: CheckedPrompts, multimask: bool | str) -> DecoderOutput:
         all_masks = multimask_mode(multimask)
         three = bool(multimask) and not all_masks
-        _, box_t, pts_t, mask_t = self._prompts_to_tensors(boxes, points, point_labels, mask_input)
+        box_t, pts_t, mask_t = self._prompts_to_tensors(prompts)
         return self.model.decode(
             self.embedding,
             boxes=box_t,
@@ -319,135 +510,32 @@ class Predictor:
         )
 
     # ---------------------------------------------------------------- checks
-    def _prompts_to_tensors(
+    def _check_prompts(
         self,
         boxes: np.ndarray | list[Any] | None,
         points: np.ndarray | list[Any] | None,
         point_labels: np.ndarray | list[Any] | None,
         mask_input: np.ndarray | None,
-    ) -> tuple[int, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
-        """Checked prompts as tensors on the model's device, each expanded to the N objects:
-        (N, boxes (N, 4), (points (N, P, 2), labels (N, P)), mask_input (N, 1, L, L)), in the
-        network input frame; ``None`` where that kind of prompt was not given."""
+    ) -> CheckedPrompts:
+        return check_prompts(
+            boxes, points, point_labels, mask_input, self.geometry.original_size, self.model.mask_input_size
+        )
+
+    def _prompts_to_tensors(
+        self, prompts: CheckedPrompts
+    ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
+        """Boxes (N, 4), (points (N, P, 2), labels (N, P)) and mask_input (N, 1, L, L) as tensors
+        on the model's device, in the network input frame; None where not given."""
         geom = self.geometry
-        H, W = geom.original_size
-        counts: list[int] = []
-        box_t: torch.Tensor | None = None
-        pts_t: tuple[torch.Tensor, torch.Tensor] | None = None
-        mask_t: torch.Tensor | None = None
         dev = self.device
-        if boxes is not None:
-            b = np.asarray(boxes, dtype=np.float64)
-            if b.ndim == 1:
-                b = b[None]
-            if b.ndim != 2 or b.shape[1] != 4 or b.shape[0] == 0:
-                raise PromptError(f"boxes must have shape (N, 4), got {np.asarray(boxes).shape}")
-            validate_boxes(b, (H, W))
-            counts.append(len(b))
-            box_t = torch.as_tensor(self.contract.transform_boxes(b, geom), dtype=torch.float32, device=dev)
-        if points is not None:
-            p = np.asarray(points, dtype=np.float64)
-            if p.ndim == 2:
-                p = p[None]
-            if point_labels is None:
-                raise PromptError("point_labels are required with points (1 = foreground, 0 = background)")
-            lab = np.asarray(point_labels)
-            if lab.ndim == 1:
-                lab = lab[None]
-            if p.ndim != 3 or p.shape[2] != 2 or lab.shape != p.shape[:2]:
-                raise PromptError(f"points must be (N, P, 2) with labels (N, P); got {p.shape} and {lab.shape}")
-            if not np.isfinite(p).all():
-                raise PromptError("points contain NaN or infinite values")
-            if (p[..., 0] < 0).any() or (p[..., 0] > W).any() or (p[..., 1] < 0).any() or (p[..., 1] > H).any():
-                raise PromptError(f"a point lies outside the {W}x{H} image")
-            if not np.isin(lab, (-1, 0, 1)).all():
-                raise PromptError("point labels must be 1 (foreground), 0 (background) or -1 (padding)")
-            if boxes is None and mask_input is None and (lab == -1).all(axis=1).any():
-                raise PromptError("a prompt has only padding points (label -1) and no box or mask")
-            counts.append(len(p))
+        box_t = pts_t = mask_t = None
+        if prompts.boxes is not None:
+            box_t = torch.as_tensor(self.contract.transform_boxes(prompts.boxes, geom), dtype=torch.float32, device=dev)
+        if prompts.points is not None and prompts.labels is not None:
             pts_t = (
-                torch.as_tensor(self.contract.transform_coords(p, geom), dtype=torch.float32, device=dev),
-                torch.as_tensor(lab, dtype=torch.int64, device=dev),
+                torch.as_tensor(self.contract.transform_coords(prompts.points, geom), dtype=torch.float32, device=dev),
+                torch.as_tensor(np.ascontiguousarray(prompts.labels), dtype=torch.int64, device=dev),
             )
-        if mask_input is not None:
-            m = np.asarray(mask_input, dtype=np.float32)
-            L = self.model.mask_input_size
-            if m.ndim == 2:  # (L, L): one prompt
-                m = m[None, None]
-            elif m.ndim == 3:  # (N, L, L)
-                m = m[:, None]
-            if m.ndim != 4 or m.shape[1:] != (1, L, L):
-                raise PromptError(f"mask_input must be (N, 1, {L}, {L}) logits, got {np.asarray(mask_input).shape}")
-            if not np.isfinite(m).all():
-                raise PromptError("mask_input contains NaN or infinite values")
-            counts.append(len(m))
-            mask_t = torch.as_tensor(m, device=dev)
-        if not counts:
-            raise PromptError("give at least one prompt: boxes, points or mask_input")
-        n = max(counts)
-        if any(c not in (1, n) for c in counts):
-            raise PromptError(f"prompt counts do not match: {counts}")
-        if box_t is not None and len(box_t) != n:
-            box_t = box_t.expand(n, -1)
-        if pts_t is not None and len(pts_t[0]) != n:
-            pts_t = (pts_t[0].expand(n, -1, -1), pts_t[1].expand(n, -1))
-        if mask_t is not None and len(mask_t) != n:
-            mask_t = mask_t.expand(n, -1, -1, -1)
-        return n, box_t, pts_t, mask_t
-
-
-def multimask_mode(multimask: object) -> bool:
-    """Whether ``multimask`` asks for all four masks ("all"); other strings are refused, any
-    other value counts by its truth (True, np.True_, 1: the three alternatives)."""
-    if isinstance(multimask, str):
-        if multimask != "all":
-            raise ValueError(f"multimask must be True, False or 'all', got {multimask!r}")
-        return True
-    return False
-
-
-def validate_boxes(boxes: np.ndarray, size: tuple[int, int]) -> None:
-    """Check (N, 4) boxes [x0, y0, x1, y1] against an image of (H, W); raise PromptError.
-
-    Corners are inclusive pixel positions; a corner may also sit on the far edge (x = W, y = H)
-    for users who give exclusive ends.
-    """
-    H, W = size
-    if not np.isfinite(boxes).all():
-        raise PromptError("boxes contain NaN or infinite values")
-    for x0, y0, x1, y1 in boxes:
-        if x1 <= x0 or y1 <= y0:
-            raise PromptError(f"box [{x0:g}, {y0:g}, {x1:g}, {y1:g}] is empty: need x1 > x0 and y1 > y0")
-        if x0 < 0 or y0 < 0 or x1 > W or y1 > H:
-            raise PromptError(f"box [{x0:g}, {y0:g}, {x1:g}, {y1:g}] lies outside the image (width {W}, height {H})")
-
-
-def clip_boxes(boxes: np.ndarray, size: tuple[int, int], inclusive: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Clip (N, 4) boxes [x0, y0, x1, y1] to an (H, W) image, as a drawn box that crosses the
-    image edge is meant: returns ``(clipped boxes, (N,) bool: which ones changed)``.
-
-    Corners are clipped to ``[0, W]`` x ``[0, H]`` (the far edge allowed, as in
-    :func:`validate_boxes`), or with ``inclusive`` to the pixel indices ``[0, W - 1]`` x
-    ``[0, H - 1]`` (a volume's boxes, :mod:`medsam.volume`, where ``x1 == x0`` is one pixel).
-    Raises :class:`PromptError` for NaN or infinite values and for a box that is empty, or lies
-    wholly outside the image.
-    """
-    H, W = size
-    far_x, far_y = (W - 1, H - 1) if inclusive else (W, H)
-    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    if not np.isfinite(b).all():
-        raise PromptError("boxes contain NaN or infinite values")
-    clipped = b.copy()
-    clipped[:, [0, 2]] = np.clip(b[:, [0, 2]], 0, far_x)
-    clipped[:, [1, 3]] = np.clip(b[:, [1, 3]], 0, far_y)
-    for original, (x0, y0, x1, y1) in zip(b, clipped):
-        ox0, oy0, ox1, oy1 = original
-        outside = ox0 > far_x or oy0 > far_y or ox1 < 0 or oy1 < 0
-        empty = (x1 < x0 or y1 < y0) if inclusive else (x1 <= x0 or y1 <= y0)
-        if outside or empty:
-            where = "lies outside the image" if (ox1 > ox0 and oy1 > oy0) else "is empty"
-            need = "x1 >= x0 and y1 >= y0" if inclusive else "x1 > x0 and y1 > y0"
-            raise PromptError(
-                f"box [{', '.join(f'{v:g}' for v in original)}] {where} (width {W}, height {H}): need {need} inside it"
-            )
-    return clipped, (clipped != b).any(axis=1)
+        if prompts.mask_input is not None:
+            mask_t = torch.as_tensor(np.ascontiguousarray(prompts.mask_input), device=dev)
+        return box_t, pts_t, mask_t

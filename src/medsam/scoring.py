@@ -173,10 +173,8 @@ class PredictorMethod:
         from .predictor import Predictor
 
         self.torch = torch
-        self.predictor = Predictor(model, contract=contract, precision=precision)
-        self.zoom = zoom
+        self.predictor = Predictor(model, contract=contract, precision=precision, zoom=zoom or False)
         self.cache = cache
-        self.crop_predictor = Predictor(model, contract=contract, precision=self.predictor.precision) if zoom else None
         self.device = self.predictor.device
 
     def _sync(self) -> None:
@@ -198,16 +196,9 @@ class PredictorMethod:
         assert boxes is not None
         self._sync()
         start = time.perf_counter()
-        if self.zoom is not None:
-            from .zoom import predict_with_zoom
-
-            zp = predict_with_zoom(self.predictor, image, boxes, self.zoom, self.crop_predictor)
-            masks, scores = zp.masks, zp.scores
-        else:
-            prediction = self.predictor.predict(boxes=boxes)
-            masks, scores = prediction.masks, prediction.scores
+        prediction = self.predictor.predict(boxes=boxes)  # small boxes on their crops with zoom
         self._sync()
-        return masks, np.asarray(scores, dtype=np.float64), time.perf_counter() - start
+        return prediction.masks, np.asarray(prediction.scores, dtype=np.float64), time.perf_counter() - start
 
     def reset_peak(self) -> None:
         if self.device.type == "cuda":

@@ -111,12 +111,13 @@ def segment_file(
     pixels = not_constant(to_model_input(image, opts.modality, opts.window), image)
 
     model = resolve_model(opts, log)
-    predictor = Predictor(model, contract=opts.contract)
-    zoom = None if clicks else _resolve_auto_zoom(opts.zoom, predictor, log)
+    predictor = Predictor(model, contract=opts.contract, zoom=opts.zoom)
+    zoom = None if clicks else _logged_zoom(opts.zoom, predictor, log)
     prediction: ZoomedPrediction | Prediction
     if clicks:  # one object from the clicks (and its box)
         set_image_cached(predictor, pixels, embedding_cache(opts))
         prediction = predictor.predict(
+            zoom=False,
             boxes=box_array if len(box_array) else None,
             points=np.asarray([[(x, y) for x, y, _ in clicks]], dtype=np.float64),
             point_labels=np.asarray([[1 if positive else 0 for _, _, positive in clicks]]),
@@ -279,25 +280,17 @@ def _segment_voxel_clicks_file(
     return SegmentationOutput(*written, labels=result.mask, scores=[], extra=report)
 
 
-# Largest network input side for which ``zoom="auto"`` zooms 2D boxes (LiteMedSAM's 256 px).
-AUTO_ZOOM_MAX_INPUT = 256
-
-
-def _resolve_auto_zoom(
+def _logged_zoom(
     zoom: ZoomPolicy | Literal["auto"] | None, predictor: Predictor, log: Callable[[str], None]
 ) -> ZoomPolicy | None:
-    """``zoom`` itself, or for "auto" the default ZoomPolicy when the model's input is small."""
-    if zoom != "auto":
-        return zoom
-    if predictor.contract.input_size > AUTO_ZOOM_MAX_INPUT:
-        return None
-    from .zoom import ZoomPolicy
-
-    log(
-        f"zoom: on for this {predictor.contract.input_size} px model (small boxes on a magnified crop; "
-        "--no-zoom turns it off)"
-    )
-    return ZoomPolicy()
+    """The predictor's resolved zoom policy (:func:`medsam.zoom.resolve_zoom` of ``zoom``); says
+    so when "auto" turned it on."""
+    if zoom == "auto" and predictor.zoom is not None:
+        log(
+            f"zoom: on for this {predictor.contract.input_size} px model (small boxes on a magnified crop; "
+            "--no-zoom turns it off)"
+        )
+    return predictor.zoom
 
 
 def _segment_npz(
@@ -334,8 +327,8 @@ def _segment_npz(
             segs = track_volume(model, case.imgs, prompts, contract=opts.contract).labels.astype(np.uint8)
         write_npz_segs(output_path, segs, spacing=case.spacing)
         return SegmentationOutput(output_path, None, None, labels=segs, scores=[])
-    predictor = Predictor(model, contract=opts.contract)
-    zoom = None if case.is_volume and opts.zoom == "auto" else _resolve_auto_zoom(opts.zoom, predictor, log)
+    predictor = Predictor(model, contract=opts.contract, zoom=opts.zoom)
+    zoom = None if case.is_volume and opts.zoom == "auto" else _logged_zoom(opts.zoom, predictor, log)
     segs = segment_npz_case(predictor, case, zoom=zoom, **options)
     write_npz_segs(output_path, segs, spacing=case.spacing)
     return SegmentationOutput(output_path, None, None, labels=segs, scores=[])

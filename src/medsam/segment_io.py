@@ -72,7 +72,7 @@ class SegmentOptions:
             (:func:`medsam.volume.segment_volume`'s default when None).
         zoom: a :class:`medsam.zoom.ZoomPolicy`, ``None`` (never), or ``"auto"``: the default
             policy for 2D images and 2D ``.npz`` cases when the model's input is at most
-            :data:`AUTO_ZOOM_MAX_INPUT` px (LiteMedSAM's 64 x 64 embedding of a whole slice does not
+            :data:`medsam.zoom.RECIPE_MAX_INPUT` px (LiteMedSAM's 64 x 64 embedding of a whole slice does not
             resolve small structures), no zoom otherwise and never in volumes (docs/model-card.md
             gives the measurements behind both choices).
         auto: automatic mode (:mod:`medsam.automatic`) with these options instead of boxes: every

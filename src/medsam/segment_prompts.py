@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .predictor import clip_boxes
+from .prompt_checks import clip_boxes
 
 __all__ = ["checked_clicks", "clipped", "parse_boxes", "volume_prompts"]
 
@@ -25,7 +25,7 @@ def parse_boxes(values: Sequence[Sequence[float]], width: int) -> np.ndarray:
 
 def clipped(boxes: np.ndarray, size: tuple[int, int], inclusive: bool = False) -> np.ndarray:
     """Boxes clipped to the image (a warning names each one that overhung its edge); ``inclusive``
-    as in :func:`medsam.predictor.clip_boxes`."""
+    as in :func:`medsam.prompt_checks.clip_boxes`."""
     clipped, changed = clip_boxes(boxes, size, inclusive)
     for i in np.flatnonzero(changed):
         before = ", ".join(f"{v:g}" for v in boxes[i])

@@ -195,6 +195,7 @@ class _CropSegmenter:
                 predictor.model,
                 contract=predictor.contract.name,
                 precision=getattr(predictor, "precision", "fp32"),
+                zoom=False,
             )
         self.predictor = crop_predictor
         self.frame = frame
@@ -224,7 +225,8 @@ class _CropSegmenter:
             else:
                 self.computed += 1
             self.current = (s, window)
-        return self.predictor.predict(boxes=(box - np.array([x0, y0, x0, y0], dtype=np.float64))[None]), window
+        shifted = (box - np.array([x0, y0, x0, y0], dtype=np.float64))[None]
+        return self.predictor.predict(boxes=shifted, zoom=False), window
 
 
 # ----------------------------------------------------------------------------- public API
@@ -366,7 +368,7 @@ def segment_volume(
             kwargs: dict[str, Any] = {"boxes": np.stack([g[2] for g in group])}
             if group[0][3] is not None:
                 kwargs["mask_input"] = np.stack([g[3] for g in group if g[3] is not None])  # all of them
-            pred = predictor.predict(**kwargs)
+            pred = predictor.predict(**kwargs, zoom=False)
             for i, (tr, direction, _box, _) in enumerate(group):
                 _handle(tr, direction, s, pred, i, (0, 0), None)
         for (tr, direction, box, _), z in zip(tasks, small):
@@ -558,7 +560,7 @@ def segment_npz_case(
         labels = zoomed.label_map().astype(np.uint8)
     else:
         set_image_cached(predictor, imgs, cache)
-        labels = masks_to_label_map(predictor.predict(boxes=np.stack(prompt))).astype(np.uint8)
+        labels = masks_to_label_map(predictor.predict(boxes=np.stack(prompt), zoom=False)).astype(np.uint8)
     if progress is not None:
         progress(n, n)
     return labels

@@ -243,7 +243,7 @@ def _clicked_mask(p: Clicks2D, activate: Any, predictor: Any, n: int, H: int, W:
     }
     if p.box is not None:
         kwargs["boxes"] = np.asarray([prompt_box(*p.box, H, W)], dtype=np.float64)
-    mask = np.asarray(predictor.predict(**kwargs).masks[0], dtype=bool)
+    mask = np.asarray(predictor.predict(**kwargs, zoom=False).masks[0], dtype=bool)
     if not mask.any():
         raise PromptError(f"object {n}: the clicks on slice {p.slice} give an empty mask")
     return mask

@@ -19,7 +19,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .predictor import Prediction, Predictor
+    from .predictor import Predictor
+    from .preprocess import Contract
+
+# Largest network input side whose models zoom small 2D boxes by default (LiteMedSAM's 256 px:
+# a 64 x 64 embedding of a whole slice does not resolve a rib); the inference recipe the embedded
+# default was trained for (its stage 2 drew the same crops).
+RECIPE_MAX_INPUT = 256
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,35 @@ class ZoomPolicy:
             raise ValueError(f"zoom min_side must be >= 4, got {self.min_side}")
         if not 0.0 < self.max_crop_fraction <= 1.0:
             raise ValueError(f"zoom max_crop_fraction must lie in (0, 1], got {self.max_crop_fraction}")
+
+
+def recipe_zoom(input_size: int) -> ZoomPolicy | None:
+    """The default :class:`ZoomPolicy` of a model whose network input is ``input_size`` px: the
+    standard policy for inputs of at most :data:`RECIPE_MAX_INPUT` px, else None (no zoom)."""
+    return ZoomPolicy() if input_size <= RECIPE_MAX_INPUT else None
+
+
+def resolve_zoom(choice: ZoomPolicy | bool | str | None, input_size: int) -> ZoomPolicy | None:
+    """A zoom setting as the library takes it, resolved for a model of ``input_size`` px:
+    ``"auto"`` the model's recipe (:func:`recipe_zoom`), ``True`` the default policy, ``False``
+    or ``None`` no zoom, a :class:`ZoomPolicy` itself."""
+    if isinstance(choice, ZoomPolicy):
+        return choice
+    if isinstance(choice, str):
+        if choice != "auto":
+            raise ValueError(f"zoom must be 'auto', True, False, None or a ZoomPolicy, got {choice!r}")
+        return recipe_zoom(input_size)
+    if choice is None or choice is False:
+        return None
+    if choice is True:
+        return ZoomPolicy()
+    raise TypeError(f"zoom must be 'auto', True, False, None or a ZoomPolicy, got {type(choice).__name__}")
+
+
+def lowest_score(contract: Contract) -> float:
+    """The per-pixel score outside a zoomed crop: 0 for probabilities (``medsam``/``lite``),
+    minus infinity for logits (``sam``)."""
+    return 0.0 if contract.name in ("medsam", "lite") else float("-inf")
 
 
 def zoom_window(
@@ -128,44 +163,28 @@ def predict_with_zoom(
     crop_predictor: Predictor | None = None,
     score_maps: bool = False,
 ) -> ZoomedPrediction:
-    """Segment ``boxes`` on ``image``, small boxes on a zoomed crop.
+    """Segment ``boxes`` on ``image``, small boxes on a zoomed crop (``policy``).
 
-    ``predictor`` holds ``image``'s embedding, or none yet: then ``image`` is embedded here, and
-    only when some box is too large to zoom (all large boxes go through one batched call on that
-    embedding, as without zoom). Each small box costs one embedding of its crop, made by
-    ``crop_predictor`` (a second :class:`Predictor` on the same model; one is made if not given),
-    and its mask is pasted back (zero outside the crop).
+    ``predictor`` holds ``image``'s embedding, or none yet: then ``image`` is embedded only when
+    some box is too large to zoom (:meth:`Predictor.set_image` with ``defer``). The boxes go
+    through :meth:`Predictor.predict` with ``zoom=policy``: the large ones in one batched call on
+    the whole image, each small one on the embedding of its crop, made by ``crop_predictor`` (a
+    second :class:`Predictor` on the same model; the predictor's own if not given), its mask
+    pasted back (zero outside the crop).
     """
-    from .predictor import Predictor
-
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    H, W = image.shape[:2]
-    zoomed = np.array([should_zoom(b, (H, W), policy) for b in boxes], dtype=np.bool_)
-    masks = np.zeros((len(boxes), H, W), dtype=bool)
-    scores = np.zeros(len(boxes), dtype=np.float64)
-    contract = predictor.contract
-    low = 0.0 if contract.name in ("medsam", "lite") else -np.inf
-    maps = np.full((len(boxes), H, W), low, dtype=np.float32) if score_maps else None
-    if (~zoomed).any():
-        if not predictor.is_image_set:
-            predictor.set_image(image)
-        whole: Prediction = predictor.predict(boxes=boxes[~zoomed])
-        masks[~zoomed] = whole.masks
-        scores[~zoomed] = whole.scores
-        if maps is not None:
-            for j, i in enumerate(np.flatnonzero(~zoomed)):
-                maps[i] = whole.score_maps(j)[0]
-    if zoomed.any():
-        crop_predictor = crop_predictor or Predictor(
-            predictor.model, contract=contract.name, precision=predictor.precision
-        )
-        for i in np.flatnonzero(zoomed):
-            y0, y1, x0, x1 = zoom_window(boxes[i], (H, W), policy.context, policy.min_side)
-            crop_predictor.set_image(np.ascontiguousarray(image[y0:y1, x0:x1]))
-            shifted = boxes[i] - np.array([x0, y0, x0, y0], dtype=np.float64)
-            part = crop_predictor.predict(boxes=shifted[None])
-            masks[i, y0:y1, x0:x1] = part.masks[0]
-            scores[i] = float(part.scores[0])
-            if maps is not None:
-                maps[i, y0:y1, x0:x1] = part.score_maps(0)[0]
-    return ZoomedPrediction(masks, scores, zoomed, maps, float(contract.threshold))
+    if not predictor.is_image_set:
+        predictor.set_image(image, defer=True)
+    elif not predictor.has_pixels:
+        predictor.attach_pixels(image)
+    if crop_predictor is not None:
+        predictor.crop_predictor = crop_predictor
+    prediction = predictor.predict(boxes=boxes, zoom=policy)
+    maps = None
+    if score_maps:
+        H, W = image.shape[:2]
+        maps = np.empty((len(boxes), H, W), dtype=np.float32)
+        for i in range(len(boxes)):
+            maps[i] = prediction.score_maps(i)[0]
+    threshold = float(predictor.contract.threshold)
+    return ZoomedPrediction(prediction.masks, prediction.scores, prediction.zoomed, maps, threshold)

@@ -26,6 +26,7 @@ import torch
 
 from ..model.sam import DecoderOutput
 from ..predictor import Predictor
+from ..zoom import ZoomPolicy
 from .contract import check_contract_spec
 from .onnx import DECODER_OUTPUTS, FORMAT_NAME, METADATA_FILE
 
@@ -220,6 +221,7 @@ class OnnxPredictor(Predictor):
         threads: onnxruntime intra-op threads (default: onnxruntime's choice, all cores).
         providers: onnxruntime execution providers (default CPU).
         exact_preprocessing: as for :class:`~medsam.Predictor`.
+        zoom: as for :class:`~medsam.Predictor` (``"auto"``: on for exports of at most 256 px).
 
     ``set_image``, ``set_embedding``, ``predict``, ``embedding``, ``geometry`` are
     :class:`~medsam.Predictor`'s; ``model`` is the :class:`OnnxModel`. ``multimask="all"`` is
@@ -233,13 +235,20 @@ class OnnxPredictor(Predictor):
         threads: int | None = None,
         providers: Sequence[str] | None = None,
         exact_preprocessing: bool = False,
+        zoom: ZoomPolicy | bool | str | None = "auto",
     ) -> None:
         if precision not in ("fp32", "int8"):
             raise ValueError(f"precision must be 'fp32' or 'int8', got {precision!r}")
         model = OnnxModel(export_dir, int8=precision == "int8", threads=threads, providers=providers)
-        super().__init__(model, precision="fp32", exact_preprocessing=exact_preprocessing)
+        super().__init__(model, precision="fp32", exact_preprocessing=exact_preprocessing, zoom=zoom)
         self.model: OnnxModel = model
         self.precision = precision
+
+    def _make_crop_predictor(self) -> Predictor:
+        # The int8 sessions belong to the OnnxModel; the crops go through the same ones.
+        return Predictor(
+            self.model, contract=self.contract.name, exact_preprocessing=self.exact_preprocessing, zoom=False
+        )
 
     @property
     def export_dir(self) -> Path:

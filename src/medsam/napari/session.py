@@ -75,7 +75,7 @@ class SegmentationSession:
         kept = self._embeddings.get(index)
         if kept is not None:
             self._embeddings.move_to_end(index)
-            self.predictor.set_embedding(kept, picture.shape[:2])
+            self.predictor.set_embedding(kept, picture.shape[:2], image=picture)
         else:
             self.predictor.set_image(picture)
             self.encoder_calls += 1

@@ -114,7 +114,7 @@ class SegmentationEngine:
 
                 if self._model is None:
                     self._model = self._model_or_loader()
-                self._predictor = Predictor(self._model)
+                self._predictor = Predictor(self._model, zoom=False)
             return self._predictor
 
     @property
@@ -160,7 +160,7 @@ class SegmentationEngine:
         with self.lock:
             self._model_or_loader = model
             self._model = model
-            self._predictor = Predictor(model)
+            self._predictor = Predictor(model, zoom=False)
             self._current_key = None
             self._handles.clear()
             self.checkpoint = Path(checkpoint) if checkpoint else None
@@ -288,7 +288,7 @@ class SegmentationEngine:
         whole slice) it came from. ``candidates``: also the decoder's three multimask proposals
         (the same decoder pass).
         """
-        from ..predictor import PromptError, validate_boxes
+        from ..prompt_checks import PromptError, validate_boxes
         from ..scribbles import Scribble
         from ..zoom import ZoomPolicy, should_zoom, zoom_window
 
@@ -438,7 +438,7 @@ class SegmentationEngine:
             result = track_volume(served.model, loaded.model_input, [prompt], progress=progress)
         else:
             result = segment_volume(
-                Predictor(served.model),
+                Predictor(served.model, zoom=False),
                 loaded.model_input,
                 [prompt],
                 iou_threshold=iou_threshold,
@@ -464,7 +464,8 @@ class SegmentationEngine:
             served = self.predictor
             info = self.model_info()
         adapt_threads(background=True)
-        found = generate_masks(Predictor(served.model, precision=served.precision), picture, options, progress)
+        predictor = Predictor(served.model, precision=served.precision, zoom=False)
+        found = generate_masks(predictor, picture, options, progress)
         with self.lock:
             self.encoder_calls += len(crop_boxes(picture.shape[:2], options.crop_n_layers, options.crop_overlap_ratio))
         return found, info

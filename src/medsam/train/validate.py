@@ -55,7 +55,7 @@ def per_object_scores(
                 slice_id = next(ids)
                 predictor.set_embedding(embeddings[k : k + 1].float(), it.original_size)
                 with amp:
-                    pred = predictor.predict(boxes=it.boxes)
+                    pred = predictor.predict(boxes=it.boxes, zoom=False)
                 for j, (mask, gt) in enumerate(zip(pred.masks, it.masks)):
                     rows.append(
                         {
