@@ -76,6 +76,9 @@ class AugmentSection:
         zoom_context: ``[lo, hi]`` range of the crop side as a multiple of the object's longest
             box side.
         zoom_min_side: smallest crop side, original pixels.
+        lesion_prob: probability of replacing the sample's object by a synthetic lesion pasted
+            into its slice (:mod:`medsam.train.lesions`; grey-level slices only); 0 = off.
+        lesion_kinds: the kinds drawn from (``tumour``, ``cyst``, ``nodule``).
     """
 
     flip_prob: float = 0.0
@@ -84,6 +87,8 @@ class AugmentSection:
     zoom_prob: float = 0.0
     zoom_context: list = field(default_factory=lambda: [2.0, 4.0])
     zoom_min_side: int = 32
+    lesion_prob: float = 0.0
+    lesion_kinds: list = field(default_factory=lambda: ["tumour", "cyst", "nodule"])
 
 
 @dataclass
@@ -427,6 +432,7 @@ class TrainConfig:
         for key, value in (
             ("data.click_prob", self.data.click_prob),
             ("data.augment.zoom_prob", self.data.augment.zoom_prob),
+            ("data.augment.lesion_prob", self.data.augment.lesion_prob),
         ):
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{key} must lie in [0, 1], got {value}")
@@ -447,11 +453,18 @@ class TrainConfig:
                 raise ConfigError(
                     "data.cache_embeddings needs train.mode: decoder (a trained encoder changes its embeddings)"
                 )
-            if a.flip_prob > 0 or a.gamma is not None or a.contrast is not None:
+            if a.flip_prob > 0 or a.gamma is not None or a.contrast is not None or a.lesion_prob > 0:
                 raise ConfigError(
                     "data.cache_embeddings cannot cache pixel augmentations: set data.augment.flip_prob=0, "
-                    "data.augment.gamma=null and data.augment.contrast=null"
+                    "data.augment.gamma=null, data.augment.contrast=null and data.augment.lesion_prob=0"
                 )
+        from .lesions import LESION_KINDS
+
+        kinds = self.data.augment.lesion_kinds
+        if not kinds or not set(kinds) <= set(LESION_KINDS):
+            raise ConfigError(
+                f"data.augment.lesion_kinds must be a non-empty list among {sorted(LESION_KINDS)}, got {kinds}"
+            )
         zc = self.data.augment.zoom_context
         if len(zc) != 2 or not 1.0 <= float(zc[0]) <= float(zc[1]):
             raise ConfigError(f"data.augment.zoom_context must be [lo, hi] with 1 <= lo <= hi, got {zc}")

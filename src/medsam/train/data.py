@@ -113,6 +113,8 @@ class AugmentOptions:
     zoom_prob: float = 0.0
     zoom_context: tuple[float, float] = (2.0, 4.0)
     zoom_min_side: int = 32
+    lesion_prob: float = 0.0
+    lesion_kinds: tuple[str, ...] = ("tumour", "cyst", "nodule")
 
     @property
     def active(self) -> bool:
@@ -198,6 +200,12 @@ class SegmentationDataset(Dataset):
             geom = self.contract.geometry(mask.shape)
             sample: dict = {"embedding": self.store[key], "target": mask_to_input_frame(mask, geom)}
         else:
+            a = self.augment
+            if self.train and a.lesion_prob > 0 and image.ndim == 2 and rng.random() < a.lesion_prob:
+                from .lesions import paste_lesion
+
+                lesion = paste_lesion(image, label, rng, a.lesion_kinds)
+                image, mask = lesion.image, lesion.mask
             if self.train and self.augment.zoom_prob > 0 and rng.random() < self.augment.zoom_prob:
                 image, mask = self._zoom(image, mask, rng)
             if self.train and self.augment.active:

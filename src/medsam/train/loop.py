@@ -165,6 +165,8 @@ class Trainer:
                 d.augment.zoom_prob,
                 tuple(float(v) for v in d.augment.zoom_context),
                 d.augment.zoom_min_side,
+                d.augment.lesion_prob,
+                tuple(str(k) for k in d.augment.lesion_kinds),
             ),
             train=True,
             seed=t.seed + (1_000_003 * self.info.rank if rank_shards else 0),  # ranks' draws differ

@@ -1,0 +1,125 @@
+"""Synthetic lesions (medsam.train.lesions) and their use as a training augmentation, on the
+bundled real CT slice and its labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+from medsam.demo import samples_dir
+from medsam.train.lesions import LESION_KINDS, paste_lesion
+
+
+@pytest.fixture(scope="module")
+def ct():
+    image = np.asarray(Image.open(samples_dir() / "ct_slice.png"))
+    labels = np.asarray(Image.open(samples_dir() / "ct_slice_label.png"))
+    return image, labels
+
+
+@pytest.mark.parametrize("kind", sorted(LESION_KINDS))
+def test_lesions_lie_in_their_host_change_only_their_surroundings_and_keep_the_range(ct, kind):
+    image, labels = ct
+    H, W = image.shape
+    for seed in range(4):
+        lesion = paste_lesion(image, labels, np.random.default_rng(seed), kinds=[kind])
+        assert lesion.kind == kind and lesion.image.dtype == image.dtype and lesion.image.shape == image.shape
+        mask = lesion.mask
+        assert mask[lesion.centre] and ndimage.label(mask)[1] >= 1
+        assert lesion.host > 0 and (labels[mask] == lesion.host).all()  # inside the structure
+        # equivalent radius within the kind's range (shrunk at most to fit its host)
+        radius = np.sqrt(mask.sum() / np.pi) / min(H, W)
+        assert radius <= 2.0 * LESION_KINDS[kind].radius[1]
+        # far from the lesion nothing changes; values stay within the input's range
+        near = ndimage.binary_dilation(mask, iterations=12)
+        np.testing.assert_array_equal(lesion.image[~near], image[~near])
+        assert lesion.image.min() >= image.min() and lesion.image.max() <= image.max()
+        # visible: the lesion's mean moved away from its host's, darker for cysts and brighter
+        # for nodules where the host leaves room on that side (else the other way)
+        before, after = float(image[mask].mean()), float(lesion.image[mask].mean())
+        spec = LESION_KINDS[kind]
+        if spec.sign and 0 <= before + spec.sign * spec.contrast[1] * 255 <= 255:
+            assert spec.sign * (after - before) > 0.05 * 255
+        assert abs(after - before) > 0.03 * 255
+
+
+def test_lesions_are_reproducible_and_vary(ct):
+    image, labels = ct
+    a = paste_lesion(image, labels, np.random.default_rng(7))
+    b = paste_lesion(image, labels, np.random.default_rng(7))
+    c = paste_lesion(image, labels, np.random.default_rng(8))
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.mask, b.mask)
+    assert not np.array_equal(a.mask, c.mask)
+    kinds = {paste_lesion(image, labels, np.random.default_rng(s)).kind for s in range(12)}
+    assert kinds == set(LESION_KINDS)
+
+
+def test_without_labels_a_lesion_goes_into_the_body_and_float_images_work(ct):
+    image, _ = ct
+    values = image.astype(np.float32) * 4 - 1000  # CT-like floats
+    lesion = paste_lesion(values, None, np.random.default_rng(3), kinds=["tumour"])
+    assert lesion.host == 0 and lesion.image.dtype == np.float32
+    assert (values[lesion.mask] > np.percentile(values, 20)).mean() > 0.5  # in tissue, not air
+    small = np.random.default_rng(0).integers(0, 255, (20, 24)).astype(np.uint8)
+    assert paste_lesion(small, None, np.random.default_rng(0)).mask.any()
+
+
+@pytest.mark.parametrize(
+    "image, kinds, match",
+    [
+        (np.zeros((64, 64)), ("tumour",), "constant"),
+        (np.zeros((4, 64, 64)), ("tumour",), "2D slice"),
+        (np.zeros((8, 64)), ("tumour",), "16 x 16"),
+        (np.arange(64 * 64).reshape(64, 64), ("polyp",), "lesion kinds"),
+        (np.arange(64 * 64).reshape(64, 64), (), "lesion kinds"),
+    ],
+)
+def test_bad_inputs_are_refused(image, kinds, match):
+    with pytest.raises(ValueError, match=match):
+        paste_lesion(image, None, np.random.default_rng(0), kinds)
+
+
+def test_training_samples_with_lesions(tmp_path):
+    """lesion_prob=1: every training sample's target is a pasted lesion (its box is the lesion's
+    bounding box) on a changed image; validation samples never get one; the config checks."""
+    from medsam.corpus import read_manifest
+    from medsam.preprocess import get_contract
+    from medsam.train.config import ConfigError, TrainConfig
+    from medsam.train.data import AugmentOptions, PromptOptions, SegmentationDataset
+    from medsam.train.synthetic import write_synthetic_corpus
+
+    corpus = write_synthetic_corpus(tmp_path / "corpus", {"train": 2}, slices_per_case=3, size=96)
+    rows = read_manifest(corpus, "train")
+    contract = get_contract("lite", 64)
+    prompts = PromptOptions(jitter=0)
+    cysts = AugmentOptions(lesion_prob=1.0, lesion_kinds=("cyst",))
+    plain = SegmentationDataset(corpus, rows, contract, 64, prompts, AugmentOptions(), train=True, seed=1)
+    lesioned = SegmentationDataset(corpus, rows, contract, 64, prompts, cysts, train=True, seed=1)
+    held = SegmentationDataset(corpus, rows, contract, 64, prompts, cysts, train=False, seed=1)
+    changed = 0
+    for i in range(len(rows)):
+        a, b, v = plain[(0, i)], lesioned[(0, i)], held[(0, i)]
+        assert b["target"].any()
+        changed += int(not np.array_equal(a["target"].numpy(), b["target"].numpy()))
+        assert not np.array_equal(a["image"].numpy(), b["image"].numpy())
+        ys, xs = np.nonzero(b["target"][0].numpy())  # the box holds the lesion (1 px: resampling)
+        x0, y0, x1, y1 = b["box"].tolist()
+        assert x0 <= xs.min() + 1 and y0 <= ys.min() + 1 and x1 >= xs.max() - 1 and y1 >= ys.max() - 1
+        assert (x1 - x0) * (y1 - y0) < 4 * (np.ptp(xs) + 1) * (np.ptp(ys) + 1)  # and is tight to it
+        np.testing.assert_array_equal(v["target"].numpy(), a["target"].numpy())
+    assert changed == len(rows)
+    base = {"data": {"corpus": str(corpus)}, "train": {"max_steps": 1}}
+    config = TrainConfig.from_dict({**base, "data": {"corpus": str(corpus), "augment": {"lesion_prob": 0.5}}})
+    assert config.data.augment.lesion_prob == 0.5
+    for bad, match in (
+        ({"augment": {"lesion_prob": 1.5}}, "lesion_prob"),
+        ({"augment": {"lesion_kinds": ["polyp"]}}, "lesion_kinds"),
+        ({"augment": {"lesion_prob": 0.5}, "cache_embeddings": str(tmp_path / "store")}, "lesion_prob"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            TrainConfig.from_dict(
+                {**base, "data": {"corpus": str(corpus), **bad}, "train": {"max_steps": 1, "mode": "decoder"}}
+            )
