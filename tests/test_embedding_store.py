@@ -11,7 +11,7 @@ import torch
 from medsam.corpus import load_slice, mask_bbox, read_manifest
 from medsam.predictor import Predictor
 from medsam.train.config import ConfigError, load_config
-from medsam.train.data import PromptOptions, SegmentationDataset
+from medsam.train.data import PromptOptions, SegmentationDataset, mask_to_input_frame
 from medsam.train.embedding_store import build_embedding_store, whole_key, zoom_key
 from medsam.train.loop import Trainer
 from medsam.train.synthetic import write_synthetic_corpus
@@ -149,3 +149,54 @@ def test_decoder_mode_keeps_batchnorm_statistics_of_the_frozen_encoder(corpus, t
     trainer.fit()
     for k, v in trainer.model.image_encoder.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_store_lesion_copies_are_the_encoder_outputs_of_the_pasted_slices(corpus, tmp_path, tiny_model):
+    """LesionViews: each slice gets ``variants`` lesion copies (and crops of the small ones), each
+    the encoder's output for the slice with that lesion pasted; a training item with a lesion
+    reads its copy and targets the lesion; a store without lesions keeps its fingerprint."""
+    from medsam.preprocess import get_contract
+    from medsam.train.data import AugmentOptions
+    from medsam.train.embedding_store import LesionViews, lesion_key, lesion_zoom_key
+    from medsam.train.lesions import LESION_KINDS
+
+    rows = read_manifest(corpus, "train")
+    contract = get_contract(tiny_model.contract, tiny_model.input_size)
+    policy = ZoomPolicy(context=3.0, min_side=8, max_crop_fraction=0.5)
+    plain = build_embedding_store(tiny_model, corpus, rows, contract, tmp_path / "plain", policy)
+    lesions = LesionViews(2, seed=5, kinds=tuple(LESION_KINDS))
+    store = build_embedding_store(tiny_model, corpus, rows, contract, tmp_path / "les", policy, lesions=lesions)
+    assert store.fingerprint != plain.fingerprint
+    slices = {r.path: r for r in rows}
+    crops = [(r, k) for r in slices.values() for k in range(2) if lesion_zoom_key(r, k) in store]
+    assert len(store) == len(plain) + 2 * len(slices) + len(crops) and crops
+    predictor = Predictor(tiny_model, zoom=False)
+    for row, k in [(rows[0], 0), (rows[0], 1), crops[0]]:
+        image, label, _ = load_slice(corpus, row)
+        lesion = lesions.lesion(image, label, row.path, k)
+        assert lesion.mask.any() and not np.array_equal(lesion.image, image)
+        for key, picture in ((lesion_key(row, k), lesion.image), (lesion_zoom_key(row, k), None)):
+            if picture is None:
+                if key not in store:
+                    continue
+                y0, y1, x0, x1 = zoom_window(mask_bbox(lesion.mask), label.shape, 3.0, 8)
+                picture = lesion.image[y0:y1, x0:x1].copy()
+            predictor.set_image(picture)
+            expected = predictor.embedding[0]
+            assert torch.allclose(store[key], expected, rtol=2e-3, atol=2e-3 * float(expected.abs().max()))
+    L = tiny_model.prompt_encoder.mask_input_size[0]
+    augment = AugmentOptions(lesion_prob=1.0)
+    data = SegmentationDataset(
+        corpus, rows, contract, L, PromptOptions(jitter=0), augment, True, 3, store=store, store_lesions=lesions
+    )
+    seen = set()
+    for i in range(len(rows)):
+        item = data[(0, i)]
+        image, label, _ = load_slice(corpus, rows[i])
+        matches = [k for k in range(2) if torch.equal(item["embedding"], store[lesion_key(rows[i], k)])]
+        assert len(matches) == 1
+        k = matches[0]
+        seen.add(k)
+        mask = lesions.lesion(image, label, rows[i].path, k).mask
+        torch.testing.assert_close(item["target"], mask_to_input_frame(mask, contract.geometry(mask.shape)))
+    assert seen == {0, 1}

@@ -79,6 +79,8 @@ class AugmentSection:
         lesion_prob: probability of replacing the sample's object by a synthetic lesion pasted
             into its slice (:mod:`medsam.train.lesions`; grey-level slices only); 0 = off.
         lesion_kinds: the kinds drawn from (``tumour``, ``cyst``, ``nodule``).
+        lesion_variants: with ``cache_embeddings``: lesion copies per training slice in the
+            store (each a fixed draw; a sample with a lesion picks one).
     """
 
     flip_prob: float = 0.0
@@ -89,6 +91,7 @@ class AugmentSection:
     zoom_min_side: int = 32
     lesion_prob: float = 0.0
     lesion_kinds: list = field(default_factory=lambda: ["tumour", "cyst", "nodule"])
+    lesion_variants: int = 2
 
 
 @dataclass
@@ -420,6 +423,7 @@ class TrainConfig:
             ("data.jitter", self.data.jitter, 0),
             ("data.clicks", self.data.clicks, 0),
             ("data.augment.zoom_min_side", self.data.augment.zoom_min_side, 4),
+            ("data.augment.lesion_variants", self.data.augment.lesion_variants, 1),
         ):
             if value < low:
                 raise ConfigError(f"{key} must be >= {low}, got {value}")
@@ -453,10 +457,10 @@ class TrainConfig:
                 raise ConfigError(
                     "data.cache_embeddings needs train.mode: decoder (a trained encoder changes its embeddings)"
                 )
-            if a.flip_prob > 0 or a.gamma is not None or a.contrast is not None or a.lesion_prob > 0:
+            if a.flip_prob > 0 or a.gamma is not None or a.contrast is not None:
                 raise ConfigError(
                     "data.cache_embeddings cannot cache pixel augmentations: set data.augment.flip_prob=0, "
-                    "data.augment.gamma=null, data.augment.contrast=null and data.augment.lesion_prob=0"
+                    "data.augment.gamma=null and data.augment.contrast=null"
                 )
         from .lesions import LESION_KINDS
 

@@ -161,9 +161,12 @@ class SegmentationDataset(Dataset):
         seed: int = 0,
         store=None,
         store_zoom=None,
+        store_lesions=None,
     ) -> None:
         self.store = store  # an EmbeddingStore: items carry "embedding" instead of "image"
         self.store_zoom = store_zoom  # the ZoomPolicy the store's crops were made with
+        self.store_lesions = store_lesions  # the LesionViews the store's lesion copies were made with
+        self._lesion_masks: dict[tuple[str, int], tuple[np.ndarray, tuple[int, int]]] = {}  # packed bits
         self.corpus = Path(corpus)
         self.rows = list(rows)
         self.contract = contract
@@ -186,17 +189,19 @@ class SegmentationDataset(Dataset):
         image, label, _ = load_slice(self.corpus, row)
         mask = label == row.label
         if self.store is not None:  # precomputed embeddings: the whole slice or its zoom crop
-            from .embedding_store import object_window, whole_key, zoom_key
+            from .embedding_store import lesion_key, lesion_zoom_key, object_window, whole_key, zoom_key
 
-            key = whole_key(row)
-            if (
-                self.train
-                and self.augment.zoom_prob > 0
-                and zoom_key(row) in self.store
-                and rng.random() < self.augment.zoom_prob
-            ):
+            key, crop_key = whole_key(row), zoom_key(row)
+            a = self.augment
+            lesions = self.store_lesions if self.train and a.lesion_prob > 0 else None
+            if lesions is not None and rng.random() < a.lesion_prob:
+                variant = int(rng.integers(lesions.variants))
+                if lesion_key(row, variant) in self.store:
+                    mask = self._stored_lesion_mask(row, image, label, variant)
+                    key, crop_key = lesion_key(row, variant), lesion_zoom_key(row, variant)
+            if self.train and a.zoom_prob > 0 and crop_key in self.store and rng.random() < a.zoom_prob:
                 y0, y1, x0, x1 = object_window(mask, self.store_zoom)
-                mask, key = mask[y0:y1, x0:x1], zoom_key(row)
+                mask, key = mask[y0:y1, x0:x1], crop_key
             geom = self.contract.geometry(mask.shape)
             sample: dict = {"embedding": self.store[key], "target": mask_to_input_frame(mask, geom)}
         else:
@@ -246,6 +251,15 @@ class SegmentationDataset(Dataset):
         return sample
 
     # ------------------------------------------------------------------ parts
+    def _stored_lesion_mask(self, row: ManifestRow, image: np.ndarray, label: np.ndarray, variant: int) -> np.ndarray:
+        """The mask of the store's lesion copy ``variant`` of ``row``'s slice (made once, kept)."""
+        kept = self._lesion_masks.get((row.path, variant))
+        if kept is None:
+            mask = self.store_lesions.lesion(image, label, row.path, variant).mask
+            kept = self._lesion_masks[(row.path, variant)] = (np.packbits(mask, axis=None), mask.shape)
+        bits, shape = kept
+        return np.unpackbits(bits, count=shape[0] * shape[1]).reshape(shape).astype(bool)
+
     def _augment(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
         a = self.augment
         if a.flip_prob > 0:

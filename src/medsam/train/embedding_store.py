@@ -7,10 +7,14 @@ training reads it back:
 
 - one view per training slice (the whole image, as :class:`medsam.predictor.Predictor` sees it);
 - one view per object that :func:`medsam.zoom.should_zoom` would segment on a crop, cropped by
-  the same deterministic :func:`medsam.zoom.zoom_window` as at inference.
+  the same deterministic :func:`medsam.zoom.zoom_window` as at inference;
+- with :class:`LesionViews` (``data.augment.lesion_prob`` with ``lesion_variants``), for each
+  grey-level training slice ``variants`` copies with a synthetic lesion pasted in
+  (:mod:`medsam.train.lesions`, drawn from a seed of the run's seed, the slice's path and the
+  variant), and the lesion's zoom crop when it is small.
 
-Image augmentations that change pixels (flips, gamma, contrast, random zoom offsets) cannot be
-cached; the config refuses them together with the store.
+Image augmentations that change pixels at random (flips, gamma, contrast, random zoom offsets)
+cannot be cached; the config refuses them together with the store.
 
 Layout of ``FOLDER``: ``part-NNNNNN.f16``, each a (n, C, E, E) float16 raw array (a numpy
 memmap) of up to ``part_rows`` consecutive views, and ``index.json`` (the fingerprint, the shape,
@@ -32,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -48,6 +53,7 @@ from ..zoom import ZoomPolicy, should_zoom, zoom_window
 
 if TYPE_CHECKING:
     from ..cluster import DaskEngine
+    from .lesions import Lesion
 
 FORMAT = "medsam-embedding-store/2"
 PART_ROWS = 256
@@ -59,6 +65,31 @@ def whole_key(row: ManifestRow) -> str:
 
 def zoom_key(row: ManifestRow) -> str:
     return f"zoom:{row.path}:{row.label}"
+
+
+def lesion_key(row: ManifestRow, variant: int) -> str:
+    return f"lesion:{row.path}:{variant}"
+
+
+def lesion_zoom_key(row: ManifestRow, variant: int) -> str:
+    return f"lesionzoom:{row.path}:{variant}"
+
+
+@dataclass(frozen=True)
+class LesionViews:
+    """Lesion copies of every grey-level training slice: ``variants`` per slice, drawn from
+    ``kinds`` with the random state of (``seed``, the slice path's CRC-32, the variant)."""
+
+    variants: int
+    seed: int
+    kinds: tuple[str, ...]
+
+    def lesion(self, image: np.ndarray, labels: np.ndarray, path: str, variant: int) -> Lesion:
+        """Variant ``variant`` of the slice at ``path`` (its image and labels); reproducible."""
+        from .lesions import paste_lesion
+
+        rng = np.random.default_rng([self.seed, zlib.crc32(path.encode()), variant])
+        return paste_lesion(image, labels, rng, self.kinds)
 
 
 def object_window(mask: np.ndarray, policy: ZoomPolicy) -> tuple[int, int, int, int] | None:
@@ -104,25 +135,45 @@ class EmbeddingStore:
         return {**self.__dict__, "_arrays": {}}
 
 
+_View = tuple[str, ManifestRow, "tuple | None", "int | None"]  # key, row, crop window, lesion variant
+
+
 def _views(
-    corpus: Path, rows: Sequence[ManifestRow], policy: ZoomPolicy | None
-) -> list[tuple[str, ManifestRow, tuple | None]]:
-    views: list[tuple[str, ManifestRow, tuple | None]] = []
+    corpus: Path, rows: Sequence[ManifestRow], policy: ZoomPolicy | None, lesions: LesionViews | None = None
+) -> list[_View]:
+    views: list[_View] = []
     seen: set[str] = set()
     for row in rows:
         if whole_key(row) not in seen:
             seen.add(whole_key(row))
-            views.append((whole_key(row), row, None))
+            views.append((whole_key(row), row, None, None))
     if policy is not None:
         for row in rows:
             _, label, _ = load_slice(corpus, row)
             window = object_window(label == row.label, policy)
             if window is not None:
-                views.append((zoom_key(row), row, window))
+                views.append((zoom_key(row), row, window, None))
+    if lesions is not None:
+        done: set[str] = set()
+        for row in rows:
+            if row.path in done:
+                continue
+            done.add(row.path)
+            image, label, _ = load_slice(corpus, row)
+            if image.ndim != 2:
+                continue
+            for k in range(lesions.variants):
+                views.append((lesion_key(row, k), row, None, k))
+                if policy is not None:
+                    window = object_window(lesions.lesion(image, label, row.path, k).mask, policy)
+                    if window is not None:
+                        views.append((lesion_zoom_key(row, k), row, window, k))
     return views
 
 
-def _fingerprint(corpus: Path, views, encoder_fp: str, contract: Contract, policy: ZoomPolicy | None) -> str:
+def _fingerprint(
+    corpus: Path, views, encoder_fp: str, contract: Contract, policy: ZoomPolicy | None, lesions: LesionViews | None
+) -> str:
     h = hashlib.sha256()
     head = {
         "format": FORMAT,
@@ -131,8 +182,10 @@ def _fingerprint(corpus: Path, views, encoder_fp: str, contract: Contract, polic
         "input_size": contract.input_size,
         "zoom": None if policy is None else vars(policy).copy(),
     }
+    if lesions is not None:  # absent without lesions: earlier stores keep their fingerprint
+        head["lesions"] = {"variants": lesions.variants, "seed": lesions.seed, "kinds": list(lesions.kinds)}
     h.update(json.dumps(head, sort_keys=True).encode())
-    for key, row, window in views:
+    for key, row, window, _ in views:
         h.update(f"{key}|{window}|{slice_identity(corpus, row.path)}\n".encode())
     return h.hexdigest()
 
@@ -146,9 +199,10 @@ class _PartTask:
     fingerprint: str
     corpus: str
     contract: Contract
-    views: tuple[tuple[str, str, tuple | None], ...]  # (key, slice path, window)
+    views: tuple[tuple[str, str, tuple | None, int | None], ...]  # (key, slice path, window, lesion variant)
     batch_size: int
     encoder: str = ""  # a saved model (tasks in other processes), "" for the caller's model
+    lesions: LesionViews | None = None
 
 
 def _part_name(number: int) -> str:
@@ -191,8 +245,11 @@ def _embed_part(task: _PartTask, model=None) -> int:
         for start in range(0, len(task.views), task.batch_size):
             chunk = task.views[start : start + task.batch_size]
             images = []
-            for _key, rel, window in chunk:
-                image, _, _ = load_slice(task.corpus, rel)
+            for _key, rel, window, variant in chunk:
+                image, label, _ = load_slice(task.corpus, rel)
+                if variant is not None:
+                    assert task.lesions is not None
+                    image = task.lesions.lesion(image, label, rel, variant).image
                 if window is not None:
                     y0, y1, x0, x1 = window
                     image = np.ascontiguousarray(image[y0:y1, x0:x1])
@@ -223,14 +280,16 @@ def build_embedding_store(
     log: Callable[[str], None] = lambda message: None,
     engine: DaskEngine | None = None,
     part_rows: int = PART_ROWS,
+    lesions: LesionViews | None = None,
 ) -> EmbeddingStore:
-    """Compute (or reuse, when the fingerprint matches) the embeddings of every view of ``rows``;
-    the parts on ``engine`` when given (see the module docstring), finished parts kept."""
+    """Compute (or reuse, when the fingerprint matches) the embeddings of every view of ``rows``
+    (with ``lesions``: their lesion copies too); the parts on ``engine`` when given (see the
+    module docstring), finished parts kept."""
     from ..embedding_cache import model_fingerprint
 
     corpus, folder = Path(corpus), Path(folder)
-    views = _views(corpus, rows, policy)
-    fp = _fingerprint(corpus, views, model_fingerprint(model.image_encoder), contract, policy)
+    views = _views(corpus, rows, policy, lesions)
+    fp = _fingerprint(corpus, views, model_fingerprint(model.image_encoder), contract, policy, lesions)
     if (folder / "index.json").is_file():
         try:
             store = EmbeddingStore(folder)
@@ -246,9 +305,9 @@ def build_embedding_store(
     device = next(model.parameters()).device
     probe = model.embed_image(prepare_image_fast(contract, np.zeros((8, 8), np.uint8))[0].to(device))
     shape = (len(views), *probe.shape[1:])
-    flat = tuple((k, r.path, w) for k, r, w in views)
+    flat = tuple((k, r.path, w, v) for k, r, w, v in views)
     tasks = [
-        _PartTask(str(folder), n, fp, str(corpus), contract, flat[start : start + part_rows], batch_size)
+        _PartTask(str(folder), n, fp, str(corpus), contract, flat[start : start + part_rows], batch_size, "", lesions)
         for n, start in enumerate(range(0, len(views), part_rows))
     ]
     todo = [t for t in tasks if not _part_done(folder, t.number, fp)]
@@ -278,7 +337,7 @@ def build_embedding_store(
         "shape": list(shape),
         "parts": [_part_name(t.number) for t in tasks],
         "part_rows": part_rows,
-        "index": {k: i for i, (k, _, _) in enumerate(views)},
+        "index": {k: i for i, (k, _, _, _) in enumerate(views)},
     }
     write_json(folder / "index.json", meta)
     for stale in folder.glob("part-*.f16"):

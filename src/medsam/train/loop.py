@@ -121,14 +121,17 @@ class Trainer:
                 raise ValueError(
                     f"rank {self.info.rank} has no shard: use at most as many ranks as {d.corpus} has shards"
                 )
-        store, store_zoom = None, None
+        store, store_zoom, store_lesions = None, None, None
         if d.cache_embeddings:
             from ..zoom import ZoomPolicy
-            from .embedding_store import EmbeddingStore, build_embedding_store
+            from .embedding_store import EmbeddingStore, LesionViews, build_embedding_store
 
             if d.augment.zoom_prob > 0:
                 lo, hi = (float(v) for v in d.augment.zoom_context)
                 store_zoom = ZoomPolicy(context=(lo + hi) / 2.0, min_side=d.augment.zoom_min_side)
+            if d.augment.lesion_prob > 0:
+                kinds = tuple(str(k) for k in d.augment.lesion_kinds)
+                store_lesions = LesionViews(d.augment.lesion_variants, t.seed, kinds)
             if self.info.is_main:
                 build_embedding_store(
                     self.model,
@@ -139,6 +142,7 @@ class Trainer:
                     store_zoom,
                     log=log.info,
                     engine=store_engine,
+                    lesions=store_lesions,
                 )
             barrier(self.info)
             store = EmbeddingStore(d.cache_embeddings)
@@ -172,6 +176,7 @@ class Trainer:
             seed=t.seed + (1_000_003 * self.info.rank if rank_shards else 0),  # ranks' draws differ
             store=store,
             store_zoom=store_zoom,
+            store_lesions=store_lesions,
         )
         if rank_shards:
             self.sampler = EpochSampler(len(self.train_set), seed=t.seed + self.info.rank, pad_to=pad_to)
