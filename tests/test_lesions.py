@@ -123,3 +123,39 @@ def test_training_samples_with_lesions(tmp_path):
             TrainConfig.from_dict(
                 {**base, "data": {"corpus": str(corpus), **bad}, "train": {"max_steps": 1, "mode": "decoder"}}
             )
+
+
+def test_lesion_corpus_holds_the_lesions_of_one_split_and_benchmarks(tmp_path, capsys):
+    """medsam prepare-lesions: VARIANTS copies of every slice of the split, each labelled with its
+    lesion only (value by kind), reproducible from the seed; the box baseline scores it."""
+    from medsam.cli import main
+    from medsam.corpus import load_slice, read_manifest
+    from medsam.curate.lesion_corpus import LESION_LABELS
+    from medsam.train.synthetic import write_synthetic_corpus
+
+    source = write_synthetic_corpus(tmp_path / "src", {"train": 1, "test": 2}, slices_per_case=2, size=96)
+    out = tmp_path / "lesions"
+    assert main(["prepare-lesions", str(source), "-o", str(out), "--variants", "2", "--seed", "9"]) == 0
+    rows = read_manifest(out, "test")
+    source_slices = {(r.case, r.slice) for r in read_manifest(source, "test")}
+    assert len(rows) == 2 * len(source_slices)
+    assert {r.dataset for r in rows} == {"synthetic_ct_lesions", "synthetic_mr_lesions"}
+    for row in rows:
+        image, label, _ = load_slice(out, row)
+        original, _, _ = load_slice(
+            source, f"cases/{row.dataset[: -len('_lesions')]}/{row.case}/slices/{row.slice // 2:04d}.npz"
+        )
+        assert set(np.unique(label)) == {0, row.label} and LESION_LABELS[row.label_name] == row.label
+        assert not np.array_equal(image, original) and image.shape == original.shape
+    again = tmp_path / "again"
+    assert main(["prepare-lesions", str(source), "-o", str(again), "--variants", "2", "--seed", "9"]) == 0
+    first, second = load_slice(out, rows[0]), load_slice(again, rows[0])
+    np.testing.assert_array_equal(first[0], second[0])
+    capsys.readouterr()
+    bench = tmp_path / "bench"
+    assert main(["benchmark", "--corpus", str(out), "--baseline", "box", "-o", str(bench), "--no-plot"]) == 0
+    assert "tumour" in (bench / "objects.csv").read_text() or "cyst" in (bench / "objects.csv").read_text()
+    assert main(["prepare-lesions", str(tmp_path / "nothing"), "-o", str(tmp_path / "x")]) == 2
+    assert "not a corpus" in capsys.readouterr().err
+    assert main(["prepare-lesions", str(source), "-o", str(tmp_path / "y"), "--split", "val"]) == 2
+    assert not (tmp_path / "y" / "manifest.csv").exists()

@@ -61,6 +61,43 @@ def add_parser(subparsers: Subparsers) -> None:
     p.set_defaults(func=run, resume_hint="rerun the same command to resume")
     _add_demo_parser(subparsers)
     _add_shard_parser(subparsers)
+    _add_lesion_parser(subparsers)
+
+
+def _add_lesion_parser(subparsers: Subparsers) -> None:
+    p = subparsers.add_parser(
+        "prepare-lesions",
+        help="a corpus of synthetic lesions on another corpus's real slices, for evaluation",
+        description=(
+            "Paste one synthetic lesion (tumour, cyst or nodule; medsam.train.lesions) into VARIANTS copies of "
+            "every grey-level slice of one split of CORPUS, inside a labelled structure that holds it, and write "
+            "them as a corpus whose labels are the lesions only (1 tumour, 2 cyst, 3 nodule). Score models and "
+            "baselines on it with medsam benchmark --corpus OUT."
+        ),
+    )
+    p.add_argument("corpus", type=Path, metavar="CORPUS", help="corpus folder (medsam prepare's OUT)")
+    p.add_argument("-o", "--out", type=Path, required=True, metavar="OUT", help="lesion corpus folder")
+    p.add_argument("--split", default="test", help="the split of CORPUS to use (default test)")
+    p.add_argument("--variants", type=positive_int, default=3, help="lesion copies per slice (default 3)")
+    p.add_argument(
+        "--seed", type=int, default=2027, help="seed of the lesions (default 2027; not a training run's seed)"
+    )
+    p.set_defaults(func=run_lesions)
+
+
+def run_lesions(args: argparse.Namespace) -> int:
+    """Run ``medsam prepare-lesions``; returns the exit code."""
+    from ..corpus import CorpusError
+    from ..curate.lesion_corpus import write_lesion_corpus
+
+    if not (args.corpus / "manifest.csv").is_file():
+        raise CLIError(f"{args.corpus} is not a corpus (no manifest.csv)")
+    try:
+        counts = write_lesion_corpus(args.corpus, args.out, args.split, args.variants, args.seed)
+    except (CorpusError, ValueError) as exc:
+        raise CLIError(str(exc)) from None
+    print(f"lesion corpus {args.out}: {counts}")
+    return EXIT_OK
 
 
 def _add_shard_parser(subparsers: Subparsers) -> None:

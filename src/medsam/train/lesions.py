@@ -161,7 +161,7 @@ def _place(
                 host, radius, where, depth = roomy[int(rng.choice(len(roomy), p=areas / areas.sum()))]
             else:
                 host, radius, where, depth = max(fits, key=lambda f: f[1])
-            ys, xs = np.nonzero(depth >= radius * reach + 1.5)
+            ys, xs = np.nonzero(depth >= min(radius * reach + 1.5, float(depth.max())))
             k = int(rng.integers(len(ys)))
             return (int(ys[k]) + where[0].start, int(xs[k]) + where[1].start), host, radius
     margin = int(np.ceil(reach * r0)) + 2
