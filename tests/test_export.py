@@ -307,3 +307,24 @@ def test_bad_quantize_option_is_refused(tmp_path):
     with pytest.raises(ValueError, match="quantize"):
         export_onnx(medsam.build_model("vit_tiny"), tmp_path, quantize="int4")
     assert not any(tmp_path.iterdir())
+
+
+def test_onnx_predictor_zooms_small_boxes_as_the_predictor(tiny, tiny_predictors):
+    """A 256 px export follows the same recipe: a small box on its crop, through the export's own
+    sessions (fp32 and int8), with the masks of the PyTorch predictor's zoom."""
+    _, out = tiny
+    torch_p, onnx_p = tiny_predictors
+    small = np.array([[50, 60, 62, 71], [20, 30, 150, 170]], float)
+    ref, got = torch_p.predict(boxes=small), onnx_p.predict(boxes=small)
+    assert ref.zoomed.tolist() == got.zoomed.tolist() == [True, False]
+    np.testing.assert_array_equal(got.windows, ref.windows)
+    assert _rel(got.low_res_logits, ref.low_res_logits) < 1e-4
+    _assert_masks_equal_except_ties(ref, got)
+    q = OnnxPredictor(out, precision="int8", threads=torch.get_num_threads())
+    q.set_image(IMAGE)
+    zoomed = q.predict(boxes=small[:1])
+    assert zoomed.zoomed.tolist() == [True] and q.crop_predictor is not None
+    assert q.crop_predictor.model is q.model  # the crops go through the int8 sessions
+    inter, union = (zoomed.masks & ref.masks[:1]).sum(), (zoomed.masks | ref.masks[:1]).sum()
+    assert inter / max(union, 1) > 0.8
+    assert OnnxPredictor(out, zoom=False).zoom is None
