@@ -130,7 +130,7 @@ def cuda_inference(results: dict) -> None:
         enc["ours_bf16_autocast"] = timed(under_bf16(model.image_encoder))
         # A whole set_image (preprocessing of a 512 x 512 uint8 image included).
         image = np.random.default_rng(0).integers(0, 255, (512, 512, 3), dtype=np.uint8)
-        predictor = medsam.Predictor(model)
+        predictor = medsam.Predictor(model, zoom=False)
         enc["ours_set_image_512"] = timed(lambda: predictor.set_image(image))
         from medsam.preprocess_fast import prepare_image_fast
 
@@ -165,7 +165,7 @@ def cuda_inference(results: dict) -> None:
                 prob = F.interpolate(torch.sigmoid(logits), size=(H, W), mode="bilinear", align_corners=False)
                 return (prob > 0.5).cpu().numpy()
 
-            predictor = medsam.Predictor(model)
+            predictor = medsam.Predictor(model, zoom=False)
             predictor.set_embedding(emb, (H, W))
             dec[f"ref_{n}"] = timed(ref_dec)
             dec[f"ours_{n}"] = timed(lambda: predictor.predict(boxes=boxes).masks)

@@ -71,8 +71,8 @@ def main() -> int:
     args = parser.parse_args()
     stroke_options = {k: v for k, v in (("spacing", args.spacing), ("max_points", args.max_points)) if v is not None}
     model = medsam.load_model(args.checkpoint, device="cpu")
-    predictor = medsam.Predictor(model)
-    crop_predictor = medsam.Predictor(model)
+    predictor = medsam.Predictor(model, zoom=False)  # --zoom below, by hand
+    crop_predictor = medsam.Predictor(model, zoom=False)
     policy = None
     if args.zoom is not None:
         from medsam.zoom import ZoomPolicy
