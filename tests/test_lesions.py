@@ -159,3 +159,6 @@ def test_lesion_corpus_holds_the_lesions_of_one_split_and_benchmarks(tmp_path, c
     assert "not a corpus" in capsys.readouterr().err
     assert main(["prepare-lesions", str(source), "-o", str(tmp_path / "y"), "--split", "val"]) == 2
     assert not (tmp_path / "y" / "manifest.csv").exists()
+    one = tmp_path / "one"
+    assert main(["prepare-lesions", str(source), "-o", str(one), "--datasets", "synthetic_mr", "--variants", "1"]) == 0
+    assert {r.dataset for r in read_manifest(one)} == {"synthetic_mr_lesions"}

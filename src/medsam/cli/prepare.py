@@ -82,6 +82,7 @@ def _add_lesion_parser(subparsers: Subparsers) -> None:
     p.add_argument(
         "--seed", type=int, default=2027, help="seed of the lesions (default 2027; not a training run's seed)"
     )
+    p.add_argument("--datasets", nargs="+", default=(), metavar="NAME", help="only these datasets of CORPUS")
     p.set_defaults(func=run_lesions)
 
 
@@ -93,7 +94,9 @@ def run_lesions(args: argparse.Namespace) -> int:
     if not (args.corpus / "manifest.csv").is_file():
         raise CLIError(f"{args.corpus} is not a corpus (no manifest.csv)")
     try:
-        counts = write_lesion_corpus(args.corpus, args.out, args.split, args.variants, args.seed)
+        counts = write_lesion_corpus(
+            args.corpus, args.out, args.split, args.variants, args.seed, datasets=args.datasets
+        )
     except (CorpusError, ValueError) as exc:
         raise CLIError(str(exc)) from None
     print(f"lesion corpus {args.out}: {counts}")

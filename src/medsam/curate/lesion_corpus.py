@@ -32,8 +32,10 @@ def write_lesion_corpus(
     variants: int = 3,
     seed: int = 2027,
     kinds: Sequence[str] = tuple(LESION_KINDS),
+    datasets: Sequence[str] = (),
 ) -> dict:
-    """Write the lesion corpus of ``split`` of ``source`` into ``out``; returns its counts.
+    """Write the lesion corpus of ``split`` of ``source`` (only ``datasets`` when given) into
+    ``out``; returns its counts.
 
     Each case keeps its dataset name with ``_lesions`` appended, its case name, modality and
     spacing; slice ``s`` of the source becomes slices ``s * variants + k`` (k < ``variants``).
@@ -42,7 +44,7 @@ def write_lesion_corpus(
     source, out = Path(source), Path(out)
     if variants < 1:
         raise ValueError(f"variants must be >= 1, got {variants}")
-    rows = read_manifest(source, split)
+    rows = read_manifest(source, split, datasets)
     by_case: dict[tuple[str, str], list] = defaultdict(list)
     seen: set[str] = set()
     for row in rows:
@@ -50,7 +52,7 @@ def write_lesion_corpus(
             seen.add(row.path)
             by_case[(row.dataset, row.case)].append(row)
     names = {str(value): name for name, value in LESION_LABELS.items()}
-    datasets = []
+    written_datasets = []
     written = 0
     for (dataset, case), case_rows in sorted(by_case.items()):
         slices = []
@@ -83,8 +85,9 @@ def write_lesion_corpus(
                 "source_label_source": original.get("label_source"),
             },
         )
-        datasets.append({"name": name, "label_source": "synthetic lesions", "seed": seed, "variants": variants})
+        written_datasets.append({"name": name, "label_source": "synthetic lesions", "seed": seed, "variants": variants})
         written += len(slices)
     if not written:
-        raise ValueError(f"{source}: the {split} split has no grey-level slice to put a lesion on")
-    return index_corpus(out, datasets)
+        which = f" of {', '.join(datasets)}" if datasets else ""
+        raise ValueError(f"{source}: the {split} split{which} has no grey-level slice to put a lesion on")
+    return index_corpus(out, written_datasets)
