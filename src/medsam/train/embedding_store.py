@@ -183,7 +183,14 @@ def _fingerprint(
         "zoom": None if policy is None else vars(policy).copy(),
     }
     if lesions is not None:  # absent without lesions: earlier stores keep their fingerprint
-        head["lesions"] = {"variants": lesions.variants, "seed": lesions.seed, "kinds": list(lesions.kinds)}
+        from .lesions import LESION_MODEL_VERSION
+
+        head["lesions"] = {
+            "variants": lesions.variants,
+            "seed": lesions.seed,
+            "kinds": list(lesions.kinds),
+            "model": LESION_MODEL_VERSION,
+        }
     h.update(json.dumps(head, sort_keys=True).encode())
     for key, row, window, _ in views:
         h.update(f"{key}|{window}|{slice_identity(corpus, row.path)}\n".encode())

@@ -14,8 +14,9 @@ The models, per kind (:data:`LESION_KINDS`):
 - **intensity**: the lesion's mean differs from the host tissue's by a fraction of the image's
   dynamic range (cysts darker, nodules brighter, tumours either way), with part of the host's own
   texture kept (30 %);
-- **texture**: Gaussian-smoothed noise of a drawn strength; tumours may have a darker necrotic
-  core;
+- **texture**: Gaussian-smoothed noise of a drawn strength at two scales (a quarter of the radius
+  and about a pixel); tumours often have a darker necrotic core of a drawn size, which makes the
+  rest an enhancing rim when the tumour is brighter than its host;
 - **boundary**: a ramp of drawn width across the contour (sharp capsule to infiltrative); the mask
   is the inside of the contour.
 
@@ -42,7 +43,9 @@ class LesionKind:
         sign: +1 brighter than the host, -1 darker, 0 either (drawn).
         texture: standard deviation of the lesion's smooth noise, fraction of the value range.
         edge: width of the boundary ramp, pixels.
-        core: probability of a darker necrotic core (half the radius).
+        core: probability of a darker necrotic core.
+        core_size: its radius as a fraction of the lesion's.
+        core_contrast: how much darker it is, fraction of the value range.
     """
 
     radius: tuple[float, float]
@@ -52,10 +55,16 @@ class LesionKind:
     texture: tuple[float, float]
     edge: tuple[float, float]
     core: float = 0.0
+    core_size: tuple[float, float] = (0.3, 0.7)
+    core_contrast: tuple[float, float] = (0.1, 0.35)
 
+
+# The version of the drawing below: embedding stores of lesion copies record it and are rebuilt
+# when it changes.
+LESION_MODEL_VERSION = 2
 
 LESION_KINDS: dict[str, LesionKind] = {
-    "tumour": LesionKind((0.03, 0.14), (0.04, 0.22), (0.08, 0.30), 0, (0.01, 0.06), (0.7, 3.0), core=0.35),
+    "tumour": LesionKind((0.03, 0.18), (0.04, 0.25), (0.05, 0.30), 0, (0.03, 0.15), (0.7, 3.0), core=0.6),
     "cyst": LesionKind((0.02, 0.09), (0.0, 0.05), (0.15, 0.40), -1, (0.0, 0.015), (0.5, 1.2)),
     "nodule": LesionKind((0.008, 0.03), (0.0, 0.25), (0.20, 0.50), 1, (0.0, 0.03), (0.5, 1.5)),
 }
@@ -122,9 +131,10 @@ def paste_lesion(
     field = mean + _HOST_TEXTURE_KEPT * (values - host_mean)
     strength = float(rng.uniform(*kind.texture)) * span
     if strength > 0:
-        field += strength * _smooth_noise(img.shape, max(1.0, r0 / 4.0), rng)
+        coarse, fine = _smooth_noise(img.shape, max(1.0, r0 / 4.0), rng), _smooth_noise(img.shape, 1.0, rng)
+        field += strength * (0.7 * coarse + 0.3 * fine)
     if core is not None:
-        field -= core * float(rng.uniform(0.1, 0.25)) * span
+        field -= core * float(rng.uniform(*kind.core_contrast)) * span
     out = values * (1.0 - alpha) + np.clip(field, lo, hi) * alpha
     out = np.clip(out, lo, hi)
     if np.issubdtype(img.dtype, np.integer):
@@ -227,7 +237,8 @@ class _Contour:
         inside[centre] = True
         core = None
         if kind.core > 0 and rng.random() < kind.core:
-            core = 0.5 * (1.0 - np.tanh((rho - 0.5 * radius) / max(edge, 1.0)))
+            size = float(rng.uniform(*kind.core_size))
+            core = 0.5 * (1.0 - np.tanh((rho - size * radius) / max(edge, 1.0)))
         return inside, alpha, core
 
 
