@@ -11,7 +11,6 @@ lesion was trained on (training draws from the run's ``train.seed``).
 
 from __future__ import annotations
 
-import zlib
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..corpus import index_corpus, load_slice, read_json, read_manifest, write_case
-from ..train.lesions import LESION_KINDS, paste_lesion
+from ..train.lesions import LESION_KINDS, seeded_lesion
 
 LESION_LABELS = {"tumour": 1, "cyst": 2, "nodule": 3}  # label values in the written label maps
 assert set(LESION_LABELS) == set(LESION_KINDS)
@@ -62,8 +61,7 @@ def write_lesion_corpus(
             if image.ndim != 2:
                 continue
             for k in range(variants):
-                rng = np.random.default_rng([seed, zlib.crc32(row.path.encode()), k])
-                lesion = paste_lesion(image, labels, rng, kinds)
+                lesion = seeded_lesion(image, labels, seed, row.path, k, kinds)
                 label = np.where(lesion.mask, LESION_LABELS[lesion.kind], 0).astype(np.uint8)
                 slices.append((row.slice * variants + k, lesion.image, label))
         if not slices:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -86,10 +85,9 @@ class LesionViews:
 
     def lesion(self, image: np.ndarray, labels: np.ndarray, path: str, variant: int) -> Lesion:
         """Variant ``variant`` of the slice at ``path`` (its image and labels); reproducible."""
-        from .lesions import paste_lesion
+        from .lesions import seeded_lesion
 
-        rng = np.random.default_rng([self.seed, zlib.crc32(path.encode()), variant])
-        return paste_lesion(image, labels, rng, self.kinds)
+        return seeded_lesion(image, labels, self.seed, path, variant, self.kinds)
 
 
 def object_window(mask: np.ndarray, policy: ZoomPolicy) -> tuple[int, int, int, int] | None:

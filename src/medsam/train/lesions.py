@@ -26,6 +26,7 @@ and stays inside the input's value range. Coordinates: rows y, columns x.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -140,6 +141,15 @@ def paste_lesion(
     if np.issubdtype(img.dtype, np.integer):
         out = np.rint(out)
     return Lesion(out.astype(img.dtype), inside, name, centre, host)
+
+
+def seeded_lesion(
+    image: np.ndarray, labels: np.ndarray | None, seed: int, path: str, variant: int, kinds: Sequence[str]
+) -> Lesion:
+    """Lesion ``variant`` of the slice stored at ``path``: :func:`paste_lesion` with the random
+    state of (``seed``, the path's CRC-32, ``variant``), the same wherever and whenever it is drawn
+    (training stores and evaluation corpora)."""
+    return paste_lesion(image, labels, np.random.default_rng([seed, zlib.crc32(path.encode()), variant]), kinds)
 
 
 def _place(
