@@ -466,10 +466,9 @@ class Predictor:
         assert self._pixels is not None
         key = (int(window[0]), int(window[1]), int(window[2]), int(window[3]))
         y0, y1, x0, x1 = key
-        pixels = np.ascontiguousarray(self._pixels[y0:y1, x0:x1])
         embedding = self._crops.get(key)
         if embedding is None:
-            crops.set_image(pixels)
+            crops.set_image(np.ascontiguousarray(self._pixels[y0:y1, x0:x1]))
             self._crops[key] = crops.embedding
             while len(self._crops) > _CROPS_KEPT:
                 self._crops.popitem(last=False)

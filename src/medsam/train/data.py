@@ -211,9 +211,9 @@ class SegmentationDataset(Dataset):
 
                 lesion = paste_lesion(image, label, rng, a.lesion_kinds)
                 image, mask = lesion.image, lesion.mask
-            if self.train and self.augment.zoom_prob > 0 and rng.random() < self.augment.zoom_prob:
+            if self.train and a.zoom_prob > 0 and rng.random() < a.zoom_prob:
                 image, mask = self._zoom(image, mask, rng)
-            if self.train and self.augment.active:
+            if self.train and a.active:
                 image, mask = self._augment(image, mask, rng)
             x, geom = prepare_image_fast(self.contract, image)
             sample = {"image": x[0], "target": mask_to_input_frame(mask, geom)}
