@@ -166,3 +166,34 @@ def test_lesion_corpus_holds_the_lesions_of_one_split_and_benchmarks(tmp_path, c
     one = tmp_path / "one"
     assert main(["prepare-lesions", str(source), "-o", str(one), "--datasets", "synthetic_mr", "--variants", "1"]) == 0
     assert {r.dataset for r in read_manifest(one)} == {"synthetic_mr_lesions"}
+    masses = tmp_path / "masses"
+    assert main(["prepare-lesions", str(source), "-o", str(masses), "--kinds", "mass", "--variants", "1"]) == 0
+    assert {(r.label, r.label_name) for r in read_manifest(masses)} == {(4, "mass")}
+    assert main(["prepare-lesions", str(source), "-o", str(tmp_path / "z"), "--kinds", "polyp"]) == 2
+    assert "lesion kinds" in capsys.readouterr().err and not (tmp_path / "z" / "manifest.csv").exists()
+
+
+def test_masses_fill_most_of_their_box_and_hold_parts_on_both_sides_of_the_host(ct):
+    """A mass is the lesion a tight box nearly fills (its box alone scores a DSC near 0.9) and
+    no single intensity range holds: mostly 2-3 parts, some brighter and some darker than the
+    host, so a model must take the union."""
+    image, labels = ct
+    fills, both_sides = [], 0
+    for seed in range(10):
+        lesion = paste_lesion(image, labels, np.random.default_rng(seed), kinds=["mass"])
+        ys, xs = np.nonzero(lesion.mask)
+        fills.append(lesion.mask.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1)))
+        assert ndimage.label(lesion.mask)[1] == 1  # one piece
+        host = float(image[lesion.mask].mean())
+        inner = ndimage.binary_erosion(lesion.mask, iterations=3)
+        moved = lesion.image[inner].astype(float) - host
+        both_sides += int((moved > 0.04 * 255).mean() > 0.1 and (moved < -0.04 * 255).mean() > 0.1)
+    assert 0.75 <= np.mean(fills) <= 0.95 and min(fills) > 0.6
+    # round lesions fill at most pi / 4 of their box
+    tumour_fills = []
+    for seed in range(10):
+        mask = paste_lesion(image, labels, np.random.default_rng(seed), kinds=["cyst"]).mask
+        ys, xs = np.nonzero(mask)
+        tumour_fills.append(mask.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1)))
+    assert np.mean(fills) > np.mean(tumour_fills) + 0.05
+    assert both_sides >= 4

@@ -69,9 +69,9 @@ def _add_lesion_parser(subparsers: Subparsers) -> None:
         "prepare-lesions",
         help="a corpus of synthetic lesions on another corpus's real slices, for evaluation",
         description=(
-            "Paste one synthetic lesion (tumour, cyst or nodule; medsam.train.lesions) into VARIANTS copies of "
-            "every grey-level slice of one split of CORPUS, inside a labelled structure that holds it, and write "
-            "them as a corpus whose labels are the lesions only (1 tumour, 2 cyst, 3 nodule). Score models and "
+            "Paste one synthetic lesion (tumour, cyst, nodule or mass; medsam.train.lesions) into VARIANTS copies "
+            "of every grey-level slice of one split of CORPUS, inside a labelled structure that holds it, and write "
+            "them as a corpus whose labels are the lesions only (1 tumour, 2 cyst, 3 nodule, 4 mass). Score models and "
             "baselines on it with medsam benchmark --corpus OUT."
         ),
     )
@@ -83,6 +83,13 @@ def _add_lesion_parser(subparsers: Subparsers) -> None:
         "--seed", type=int, default=2027, help="seed of the lesions (default 2027; not a training run's seed)"
     )
     p.add_argument("--datasets", nargs="+", default=(), metavar="NAME", help="only these datasets of CORPUS")
+    p.add_argument(
+        "--kinds",
+        nargs="+",
+        default=None,
+        metavar="KIND",
+        help="draw only these kinds (default all: tumour cyst nodule mass)",
+    )
     p.set_defaults(func=run_lesions)
 
 
@@ -90,12 +97,14 @@ def run_lesions(args: argparse.Namespace) -> int:
     """Run ``medsam prepare-lesions``; returns the exit code."""
     from ..corpus import CorpusError
     from ..curate.lesion_corpus import write_lesion_corpus
+    from ..train.lesions import LESION_KINDS
 
     if not (args.corpus / "manifest.csv").is_file():
         raise CLIError(f"{args.corpus} is not a corpus (no manifest.csv)")
+    kinds = tuple(args.kinds or LESION_KINDS)
     try:
         counts = write_lesion_corpus(
-            args.corpus, args.out, args.split, args.variants, args.seed, datasets=args.datasets
+            args.corpus, args.out, args.split, args.variants, args.seed, kinds=kinds, datasets=args.datasets
         )
     except (CorpusError, ValueError) as exc:
         raise CLIError(str(exc)) from None

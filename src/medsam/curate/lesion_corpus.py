@@ -3,8 +3,8 @@
 ``write_lesion_corpus(SOURCE, OUT, split="test")`` takes every grey-level slice of one split of a
 corpus and writes ``variants`` copies of it, each with one lesion pasted in by
 :func:`medsam.train.lesions.paste_lesion` (inside a labelled structure that holds it), whose label
-map holds only the lesion: label 1 ``tumour``, 2 ``cyst``, 3 ``nodule``. ``medsam benchmark
---corpus OUT`` then scores any model or baseline on them, per kind (``per-structure``). The
+map holds only the lesion: label 1 ``tumour``, 2 ``cyst``, 3 ``nodule``, 4 ``mass``. ``medsam
+benchmark --corpus OUT`` then scores any model or baseline on them, per kind (``per-structure``). The
 lesions are drawn from ``seed``; use another seed than a training run's so that no evaluated
 lesion was trained on (training draws from the run's ``train.seed``).
 """
@@ -20,7 +20,7 @@ import numpy as np
 from ..corpus import index_corpus, load_slice, read_json, read_manifest, write_case
 from ..train.lesions import LESION_KINDS, seeded_lesion
 
-LESION_LABELS = {"tumour": 1, "cyst": 2, "nodule": 3}  # label values in the written label maps
+LESION_LABELS = {"tumour": 1, "cyst": 2, "nodule": 3, "mass": 4}  # label values in the written label maps
 assert set(LESION_LABELS) == set(LESION_KINDS)
 
 
@@ -38,11 +38,13 @@ def write_lesion_corpus(
 
     Each case keeps its dataset name with ``_lesions`` appended, its case name, modality and
     spacing; slice ``s`` of the source becomes slices ``s * variants + k`` (k < ``variants``).
-    Raises ValueError when the split has no grey-level slice.
+    Raises ValueError when the split has no grey-level slice or a kind is unknown.
     """
     source, out = Path(source), Path(out)
     if variants < 1:
         raise ValueError(f"variants must be >= 1, got {variants}")
+    if not kinds or not set(kinds) <= set(LESION_KINDS):
+        raise ValueError(f"lesion kinds must be among {sorted(LESION_KINDS)}, got {list(kinds)}")
     rows = read_manifest(source, split, datasets)
     by_case: dict[tuple[str, str], list] = defaultdict(list)
     seen: set[str] = set()

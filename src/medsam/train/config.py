@@ -78,7 +78,7 @@ class AugmentSection:
         zoom_min_side: smallest crop side, original pixels.
         lesion_prob: probability of replacing the sample's object by a synthetic lesion pasted
             into its slice (:mod:`medsam.train.lesions`; grey-level slices only); 0 = off.
-        lesion_kinds: the kinds drawn from (``tumour``, ``cyst``, ``nodule``).
+        lesion_kinds: the kinds drawn from (``tumour``, ``cyst``, ``nodule``, ``mass``).
         lesion_variants: with ``cache_embeddings``: lesion copies per training slice in the
             store (each a fixed draw; a sample with a lesion picks one).
     """

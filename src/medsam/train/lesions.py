@@ -8,15 +8,20 @@ when one is large enough (else inside the body), and returns the new image and t
 
 The models, per kind (:data:`LESION_KINDS`):
 
-- **shape**: a star-shaped contour ``r(t) = r0 (1 + sum_k a_k cos(k t + p_k))``, k = 2..6, the
-  amplitudes drawn up to the kind's irregularity (decaying as 1/k), stretched to an ellipse of
-  axis ratio 0.55-1 and rotated; ``r0`` a fraction of the image's shorter side;
+- **shape**: a star-shaped contour ``r(t) = r0 s(t) (1 + sum_k a_k cos(k t + p_k))``, k = 2..6,
+  the amplitudes drawn up to the kind's irregularity (decaying as 1/k), ``s`` the superellipse
+  ``(|cos t|^e + |sin t|^e)^(-1/e)`` of a drawn exponent ``e`` (2: a circle; larger: squarer, so
+  the lesion fills more of its box), stretched to an ellipse of axis ratio 0.55-1 and rotated;
+  ``r0`` a fraction of the image's shorter side;
 - **intensity**: the lesion's mean differs from the host tissue's by a fraction of the image's
   dynamic range (cysts darker, nodules brighter, tumours either way), with part of the host's own
   texture kept (30 %);
 - **texture**: Gaussian-smoothed noise of a drawn strength at two scales (a quarter of the radius
   and about a pixel); tumours often have a darker necrotic core of a drawn size, which makes the
   rest an enhancing rim when the tumour is brighter than its host;
+- **compartments** (masses): the lesion split into 2-3 parts (the nearest of as many points drawn
+  inside it), each brighter or darker than the host by its own drawn contrast, so that no single
+  intensity range holds the whole lesion (a solid part beside a cystic or necrotic one);
 - **boundary**: a ramp of drawn width across the contour (sharp capsule to infiltrative); the mask
   is the inside of the contour.
 
@@ -47,6 +52,9 @@ class LesionKind:
         core: probability of a darker necrotic core.
         core_size: its radius as a fraction of the lesion's.
         core_contrast: how much darker it is, fraction of the value range.
+        squareness: the superellipse exponent of the contour (2: round; 4: a rounded square).
+        tilt: the largest angle (radians) between the shape's axes and the image's; None: any.
+        parts: probability of 2-3 compartments of their own contrast (see the module's doc).
     """
 
     radius: tuple[float, float]
@@ -58,6 +66,9 @@ class LesionKind:
     core: float = 0.0
     core_size: tuple[float, float] = (0.3, 0.7)
     core_contrast: tuple[float, float] = (0.1, 0.35)
+    squareness: tuple[float, float] = (2.0, 2.0)
+    tilt: float | None = None
+    parts: float = 0.0
 
 
 # The version of the drawing below: embedding stores of lesion copies record it and are rebuilt
@@ -68,6 +79,19 @@ LESION_KINDS: dict[str, LesionKind] = {
     "tumour": LesionKind((0.03, 0.18), (0.04, 0.25), (0.05, 0.30), 0, (0.03, 0.15), (0.7, 3.0), core=0.6),
     "cyst": LesionKind((0.02, 0.09), (0.0, 0.05), (0.15, 0.40), -1, (0.0, 0.015), (0.5, 1.2)),
     "nodule": LesionKind((0.008, 0.03), (0.0, 0.25), (0.20, 0.50), 1, (0.0, 0.03), (0.5, 1.5)),
+    # a large heterogeneous mass that fills most of a tight box (box DSC about 0.92)
+    "mass": LesionKind(
+        (0.06, 0.22),
+        (0.0, 0.10),
+        (0.08, 0.30),
+        0,
+        (0.02, 0.10),
+        (0.5, 2.0),
+        core=0.3,
+        squareness=(2.5, 5.0),
+        tilt=0.15,
+        parts=0.8,
+    ),
 }
 
 _HOST_TEXTURE_KEPT = 0.3  # of the host tissue's variation, inside the lesion
@@ -124,11 +148,9 @@ def paste_lesion(
     inside, alpha, core = contour.raster(img.shape, centre, r0, kind, rng)
     span = hi - lo
     host_mean = float(values[inside].mean())
-    sign = kind.sign or (1 if rng.random() < 0.5 else -1)
-    delta = float(rng.uniform(*kind.contrast)) * span
-    if not lo <= host_mean + sign * delta <= hi:  # no room on that side of the host: the other
-        sign = -sign
-    mean = float(np.clip(host_mean + sign * delta, lo, hi))
+    mean: float | np.ndarray = _level(host_mean, kind, span, lo, hi, rng)
+    if kind.parts > 0 and rng.random() < kind.parts:
+        mean = _compartments(inside, host_mean, kind, span, lo, hi, rng)
     field = mean + _HOST_TEXTURE_KEPT * (values - host_mean)
     strength = float(rng.uniform(*kind.texture)) * span
     if strength > 0:
@@ -141,6 +163,41 @@ def paste_lesion(
     if np.issubdtype(img.dtype, np.integer):
         out = np.rint(out)
     return Lesion(out.astype(img.dtype), inside, name, centre, host)
+
+
+def _level(host_mean: float, kind: LesionKind, span: float, lo: float, hi: float, rng: np.random.Generator) -> float:
+    """A lesion's (or a compartment's) mean: the host's moved by a drawn contrast, to the kind's
+    side (or a drawn one), to the other side where the value range leaves no room."""
+    sign = kind.sign or (1 if rng.random() < 0.5 else -1)
+    delta = float(rng.uniform(*kind.contrast)) * span
+    if not lo <= host_mean + sign * delta <= hi:
+        sign = -sign
+    return float(np.clip(host_mean + sign * delta, lo, hi))
+
+
+def _compartments(
+    inside: np.ndarray, host_mean: float, kind: LesionKind, span: float, lo: float, hi: float, rng: np.random.Generator
+) -> np.ndarray:
+    """(H, W) the mean of each pixel's compartment: 2-3 points drawn inside the lesion, every
+    pixel belonging to the nearest, each compartment of its own :func:`_level` (two at least on
+    opposite sides of the host when the range allows)."""
+    ys, xs = np.nonzero(inside)
+    n = int(rng.integers(2, 4))
+    picks = rng.choice(len(ys), size=min(n, len(ys)), replace=False)
+    H, W = inside.shape
+    yy, xx = np.mgrid[0:H, 0:W]
+    scale = float(np.sqrt(len(ys) / np.pi))  # the lesion's equivalent radius
+    distance = np.stack(
+        [np.hypot(yy - ys[k], xx - xs[k]) + 0.3 * scale * _smooth_noise(inside.shape, scale / 3, rng) for k in picks]
+    )  # wavy borders between the parts
+    levels = np.array([_level(host_mean, kind, span, lo, hi, rng) for _ in picks])
+    if len(levels) > 1 and (np.all(levels > host_mean) or np.all(levels < host_mean)):
+        flipped = 2 * host_mean - levels[-1]  # one part on the other side of the host
+        if lo <= flipped <= hi:
+            levels[-1] = flipped
+    from scipy import ndimage
+
+    return ndimage.gaussian_filter(levels[np.argmin(distance, axis=0)], 0.7)
 
 
 def seeded_lesion(
@@ -206,23 +263,32 @@ class _Contour:
     phases: np.ndarray
     ratio: float
     angle: float
+    exponent: float = 2.0
 
     @classmethod
     def draw(cls, kind: LesionKind, rng: np.random.Generator) -> _Contour:
         amplitude = float(rng.uniform(*kind.irregularity))
         k = np.arange(2, 7)
-        return cls(
-            amplitude / (k - 1) * rng.uniform(-1, 1, size=len(k)),
-            rng.uniform(0, 2 * np.pi, size=len(k)),
-            float(rng.uniform(0.55, 1.0)),
-            float(rng.uniform(0, np.pi)),
-        )
+        amplitudes = amplitude / (k - 1) * rng.uniform(-1, 1, size=len(k))
+        phases = rng.uniform(0, 2 * np.pi, size=len(k))
+        ratio = float(rng.uniform(0.55, 1.0))
+        if kind.tilt is None:
+            angle = float(rng.uniform(0, np.pi))
+        else:  # near one of the image's axes
+            angle = float(rng.integers(2)) * np.pi / 2 + float(rng.uniform(-kind.tilt, kind.tilt))
+        low, high = kind.squareness
+        exponent = float(rng.uniform(low, high)) if high > low else float(low)
+        return cls(amplitudes, phases, ratio, angle, exponent)
 
     def factor(self, theta: np.ndarray) -> np.ndarray:
         """The contour's radius at angles ``theta``, in units of ``r0`` (at least 0.4)."""
         k = np.arange(2, 7).reshape(-1, *([1] * theta.ndim))
         harmonics = (self.amplitudes.reshape(k.shape) * np.cos(k * theta + self.phases.reshape(k.shape))).sum(0)
-        return np.clip(1.0 + harmonics, 0.4, None)
+        radius = np.clip(1.0 + harmonics, 0.4, None)
+        if self.exponent != 2.0:
+            e = self.exponent
+            radius = radius * (np.abs(np.cos(theta)) ** e + np.abs(np.sin(theta)) ** e) ** (-1.0 / e)
+        return radius
 
     @property
     def reach(self) -> float:
