@@ -193,6 +193,33 @@ def test_max_objects_datasets_and_cli(corpus, tmp_path, capsys):
     )
     assert "no manifest rows in split 'nope'" in capsys.readouterr().err
     assert main(["benchmark", "--corpus", str(tmp_path / "missing"), "-o", str(tmp_path / "e")]) == 2
+    box_no_zoom = ["benchmark", "--corpus", str(corpus), "--baseline", "box", "--no-zoom", "-o", str(tmp_path / "f")]
+    assert main(box_no_zoom) == 2
+    assert "apply to models" in capsys.readouterr().err and not (tmp_path / "f").exists()
+
+
+def test_a_model_is_scored_as_the_predictor_gives_it_zoomed_by_its_recipe_unless_told(tmp_path, tiny_model):
+    """Default: the model's recipe, as a user of medsam.Predictor gets it (this 256 px model zooms
+    a small box on a larger image); zoom=False: the whole image; both equal the predictor's masks."""
+    from medsam.predictor import Predictor
+
+    corpus = write_synthetic_corpus(tmp_path / "wide", cases={"test": 2}, slices_per_case=2, size=192)
+    runs = {
+        "auto": run_benchmark(corpus, tmp_path / "auto", model=tiny_model, plot=False),
+        False: run_benchmark(corpus, tmp_path / "off", model=tiny_model, plot=False, zoom=False),
+    }
+    assert runs["auto"].info["zoom"]["context"] == 3.0 and runs[False].info["zoom"] is None
+    zoomed = 0
+    for choice, run in runs.items():
+        predictor = Predictor(tiny_model, zoom=choice)
+        for r in run.objects:
+            with np.load(corpus / "cases" / r["dataset"] / r["case"] / "slices" / f"{int(r['slice']):04d}.npz") as d:
+                image, label = d["image"], d["label"]
+            predictor.set_image(image)
+            prediction = predictor.predict(boxes=np.array([[r[k] for k in ("px0", "py0", "px1", "py1")]], float))
+            zoomed += int(prediction.zoomed[0])
+            assert r["dsc"] == pytest.approx(dice_score(prediction.masks[0], label == int(r["label"])), abs=1e-4)
+    assert zoomed >= 1  # the recipe changed at least one object
 
 
 def test_jitter_and_groups():

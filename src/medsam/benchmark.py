@@ -40,6 +40,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -59,6 +60,9 @@ from .scoring import (  # the engine's columns and helpers, re-exported
     structure_group,
     summarize,
 )
+
+if TYPE_CHECKING:
+    from .zoom import ZoomPolicy
 
 __all__ = [
     "BASELINES",
@@ -190,7 +194,7 @@ def run_benchmark(
     tolerance_mm: float = 2.0,
     name: str | None = None,
     plot: bool = True,
-    zoom=None,
+    zoom: ZoomPolicy | bool | str | None = "auto",
     log: Callable[[str], None] = lambda message: None,
 ) -> BenchmarkResult:
     """Score a model or a baseline on ``split`` of ``corpus``; write the outputs to ``out_dir``.
@@ -205,8 +209,10 @@ def run_benchmark(
         datasets: only these datasets (default all of the split).
         name: method name in the outputs (default: ``default``, the checkpoint's stem, or
             ``baseline-box`` / ``baseline-otsu``).
-        zoom: a :class:`medsam.zoom.ZoomPolicy`: segment small boxes on a magnified crop (one
-            extra embedding each, counted in the decode time); ``None`` = off.
+        zoom: as :class:`medsam.Predictor` takes it: ``"auto"`` (default) the model's recipe, as a
+            user of the predictor gets it (small boxes on a magnified crop for 256 px models),
+            a :class:`medsam.zoom.ZoomPolicy` or ``True`` always, ``None`` or ``False`` never. A
+            zoomed box costs one extra embedding, counted in the decode time.
     """
     from .corpus import read_manifest
 
@@ -247,7 +253,7 @@ def run_benchmark(
             "untrained_default": bool(getattr(model, "is_untrained_default", False)),
             "device": str(method.device),
             "precision": precision,
-            "zoom": None if zoom is None else dataclasses.asdict(zoom),
+            "zoom": None if method.predictor.zoom is None else dataclasses.asdict(method.predictor.zoom),
         }
     out.mkdir(parents=True, exist_ok=True)
 

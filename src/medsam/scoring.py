@@ -159,8 +159,8 @@ class SliceMethod(Protocol):
 
 class PredictorMethod:
     """A model through the :class:`~medsam.predictor.Predictor`: each slice embedded once (through
-    ``cache`` when given), all its boxes decoded in one call; small boxes on a magnified crop when
-    ``zoom`` (a :class:`medsam.zoom.ZoomPolicy`) is given."""
+    ``cache`` when given), all its boxes decoded in one call; small boxes on a magnified crop as
+    ``zoom`` says (what :class:`~medsam.predictor.Predictor` takes; default None: never)."""
 
     prompted = True
     warm_up = True
@@ -173,7 +173,7 @@ class PredictorMethod:
         from .predictor import Predictor
 
         self.torch = torch
-        self.predictor = Predictor(model, contract=contract, precision=precision, zoom=zoom or False)
+        self.predictor = Predictor(model, contract=contract, precision=precision, zoom=False if zoom is None else zoom)
         self.cache = cache
         self.device = self.predictor.device
 

@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .options import add_contract_option
+from .options import add_contract_option, add_zoom_options, zoom_choice
 from .runner import log
 
 if TYPE_CHECKING:
@@ -64,14 +64,7 @@ def add_parser(subparsers: Subparsers) -> None:
     )
     p.add_argument("--datasets", nargs="+", default=[], metavar="NAME", help="only these datasets")
     p.add_argument("--tolerance", type=float, default=2.0, help="NSD tolerance in mm (default 2)")
-    p.add_argument(
-        "--zoom",
-        type=float,
-        default=None,
-        metavar="CONTEXT",
-        help="segment small boxes on a magnified crop CONTEXT x the box's longest side "
-        "(one extra embedding each; see medsam.zoom); default off",
-    )
+    add_zoom_options(p, ", one extra embedding each (in the decode time)")
     p.add_argument("--name", default=None, help="method name in the outputs")
     p.add_argument("--no-plot", action="store_true", help="do not draw dsc_by_structure.png")
     p.add_argument(
@@ -104,13 +97,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--corpus is required (or --compare OUT_DIR ...)")
     if not Path(args.corpus).is_dir():
         raise FileNotFoundError(f"corpus folder not found: {args.corpus}")
-    zoom = None
-    if args.zoom is not None:
-        if args.baseline:
-            raise ValueError("--zoom applies to models, not to baselines")
-        from ..zoom import ZoomPolicy
-
-        zoom = ZoomPolicy(context=args.zoom)
+    if args.baseline and (args.zoom is not None or args.no_zoom):
+        raise ValueError("--zoom and --no-zoom apply to models, not to baselines")
+    zoom = zoom_choice(args)
     result = run_benchmark(
         args.corpus,
         out,

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from typing import TypeAlias
+
+    from ..zoom import ZoomPolicy
 
     # What ``add_parser`` receives: the ``add_subparsers()`` action of the ``medsam`` parser
     # (generic in typeshed only, so the alias exists for the type checker alone).
@@ -17,11 +19,13 @@ if TYPE_CHECKING:
 __all__ = [
     "add_contract_option",
     "add_dask_options",
+    "add_zoom_options",
     "ct_window",
     "dask_scheduler",
     "finite_float",
     "non_negative_int",
     "positive_int",
+    "zoom_choice",
 ]
 
 
@@ -71,6 +75,44 @@ def ct_window(text: str) -> str | tuple[float, float]:
     if not (math.isfinite(level) and math.isfinite(width)) or width <= 0:
         raise argparse.ArgumentTypeError(f"LEVEL,WIDTH must be finite with WIDTH > 0, got {text!r}")
     return (level, width)
+
+
+def add_zoom_options(
+    parser: argparse.ArgumentParser, where: str = "", recipe: str = "on for 256 px models such as the embedded one"
+) -> None:
+    """``--zoom [CONTEXT]`` and ``--no-zoom`` (see :func:`zoom_choice`); ``where`` says what is
+    zoomed (after "segment small boxes on a crop CONTEXT x the box's longest side (default 3)"),
+    ``recipe`` when the model's recipe zooms."""
+    parser.add_argument(
+        "--zoom",
+        type=finite_float,
+        nargs="?",
+        const=3.0,
+        default=None,
+        metavar="CONTEXT",
+        help=f"segment small boxes on a crop CONTEXT x the box's longest side (default 3){where}; see "
+        f"medsam.zoom. Without it: the model's recipe, as medsam.Predictor applies it ({recipe}, off otherwise)",
+    )
+    parser.add_argument("--no-zoom", action="store_true", help="never zoom (not even the 256 px models' default)")
+
+
+def zoom_choice(args: argparse.Namespace) -> ZoomPolicy | Literal["auto"] | None:
+    """The ``zoom`` the library takes from :func:`add_zoom_options`' arguments: None for
+    ``--no-zoom``, a policy for ``--zoom [CONTEXT]``, ``"auto"`` (the model's recipe) for neither.
+    Raises ``CLIError`` for both or a bad context."""
+    from ..zoom import ZoomPolicy
+    from .runner import CLIError
+
+    if args.no_zoom and args.zoom is not None:
+        raise CLIError("--zoom and --no-zoom exclude each other")
+    if args.no_zoom:
+        return None
+    if args.zoom is None:
+        return "auto"
+    try:
+        return ZoomPolicy(context=args.zoom)
+    except ValueError as exc:
+        raise CLIError(f"--zoom: {exc}") from None
 
 
 def finite_float(text: str) -> float:

@@ -4,15 +4,22 @@
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
-from .options import add_contract_option, ct_window, finite_float, non_negative_int, positive_int
+from .options import (
+    add_contract_option,
+    add_zoom_options,
+    ct_window,
+    finite_float,
+    non_negative_int,
+    positive_int,
+    zoom_choice,
+)
 from .runner import CLIError, log
 
 if TYPE_CHECKING:
     from ..automatic import AutoOptions
     from ..segment import SegmentOptions
-    from ..zoom import ZoomPolicy
     from .options import Subparsers
 
 
@@ -132,20 +139,12 @@ def add_parser(sub: Subparsers) -> None:
         help="volumes: stop propagation below this predicted IoU (default: 0.5 for 2D boxes "
         "with --slice; none inside a 3D box's slice range)",
     )
-    p.add_argument(
-        "--zoom",
-        type=finite_float,
-        nargs="?",
-        const=3.0,
-        default=None,
-        metavar="CONTEXT",
-        help="segment small boxes on a crop CONTEXT x the box's longest side (default 3): "
-        "in 2D images and on every slice of a volume where the propagated box is small "
-        "(one extra embedding per such box and slice); see medsam.zoom. Without it: "
-        "on (context 3) for 2D inputs with 256 px models such as the embedded one, "
-        "off otherwise",
+    add_zoom_options(
+        p,
+        ": in 2D images and on every slice of a volume where the propagated box is small (one extra "
+        "embedding per such box and slice)",
+        recipe="on for 2D inputs with 256 px models such as the embedded one",
     )
-    p.add_argument("--no-zoom", action="store_true", help="never zoom (not even the 256 px models' 2D default)")
     auto = p.add_argument_group("automatic mode (medsam.automatic)")
     auto.add_argument("--auto", action="store_true", help="find every object without prompts")
     auto.add_argument(
@@ -177,22 +176,6 @@ def add_parser(sub: Subparsers) -> None:
         help="2D: a specialist U-Net (medsam specialist-train) whose prediction gives the proposals",
     )
     p.set_defaults(func=run)
-
-
-def _zoom_choice(args: argparse.Namespace) -> ZoomPolicy | Literal["auto"] | None:
-    """The ``zoom`` for segment_file: --no-zoom, --zoom [CONTEXT], or "auto" (neither)."""
-    if args.no_zoom and args.zoom is not None:
-        raise CLIError("--zoom and --no-zoom exclude each other")
-    if args.no_zoom:
-        return None
-    if args.zoom is None:
-        return "auto"
-    from ..zoom import ZoomPolicy
-
-    try:
-        return ZoomPolicy(context=args.zoom)
-    except ValueError as exc:
-        raise CLIError(f"--zoom: {exc}") from None
 
 
 def _auto_options(args: argparse.Namespace) -> AutoOptions | None:
@@ -292,7 +275,7 @@ def _clicks(
 
 
 def run(args: argparse.Namespace) -> int:
-    zoom = _zoom_choice(args)
+    zoom = zoom_choice(args)
     if _folder_run(args):
         check_folder_arguments(args)
     else:
