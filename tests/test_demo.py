@@ -20,16 +20,19 @@ def test_bundled_samples_small_documented_and_consistent():
     readme = (folder / "README.md").read_text()
     assert "Apache" in readme and "pseudo-label" in readme
     samples = demo.bundled_samples()
-    assert [s.name for s in samples] == ["ct_slice", "mr_slice", "ct_volume"]
+    assert [s.name for s in samples] == ["ct_slice", "ct_lesions", "mr_slice", "ct_volume"]
     for s in samples:
         image, label = read_image(s.image), read_image(s.label)
         assert image.array.dtype == np.uint8 and image.array.shape == label.array.shape
         assert len(s.spacing) == image.array.ndim
         present = set(np.unique(label.array).tolist()) - {0}
-        assert present == set(s.label_names)
+        if s.lesions:  # the label holds the host structures; the lesions are the reference
+            assert s.label_names == dict(enumerate(s.lesions, start=1)) and present
+        else:
+            assert present == set(s.label_names)
         names = set(s.label_names.values())
         assert set(s.structures) <= names
-    vol = read_image(samples[2].image)
+    vol = read_image(demo.bundled_samples(["ct_volume"])[0].image)
     assert vol.array.shape == (12, 350, 512) and vol.spacing_zyx == pytest.approx((2.0, 0.9765625, 0.9765625))
     with pytest.raises(ValueError, match="unknown demo sample"):
         demo.bundled_samples(["nope"])
@@ -67,6 +70,30 @@ def test_demo_command_on_the_mr_sample_with_the_default_model(tmp_path, monkeypa
         assert float(dsc) == pytest.approx(dice_score(mask == n, label == by_name[name]), abs=6e-4)
         if bundled_checkpoint() is not None:  # the trained default, not the random stand-in
             assert float(dsc) > 0.6
+
+
+def test_demo_lesion_sample_is_scored_against_the_pasted_lesions(tmp_path, tiny_model):
+    """The ct_lesions sample: the CT slice with a mass, a tumour, a cyst and a nodule pasted in
+    (seeded, so the same every run), segmented from the lesions' boxes and scored against their
+    masks; the picture and the written input image are its own."""
+    from medsam.train.lesions import paste_lesions
+
+    report = demo.run_demo(tmp_path, log=lambda m: None, samples=["ct_lesions"], model=tiny_model)
+    text = report.read_text()
+    sample = demo.bundled_samples(["ct_lesions"])[0]
+    image = read_image(tmp_path / "ct_lesions_image.png").array
+    source, hosts = read_image(sample.image).array, read_image(sample.label).array
+    expected, lesions = paste_lesions(source, hosts, np.random.default_rng(2027), ["mass", "tumour", "cyst", "nodule"])
+    np.testing.assert_array_equal(image, expected)
+    assert set(np.unique(lesions).tolist()) == {0, 1, 2, 3, 4} and not np.array_equal(image, source)
+    mask = read_image(tmp_path / "ct_lesions_mask.png").array
+    rows = re.findall(r"^\| #[0-9a-f]{6} \| (\w+) \| \[(.*)\] \| .* \| (\d\.\d{3}) \| (\d\.\d{3}) \|$", text, re.M)
+    assert [r[0] for r in rows] == ["mass", "tumour", "cyst", "nodule"]
+    for n, (_name, box, dsc, _nsd) in enumerate(rows, start=1):
+        ys, xs = np.nonzero(lesions == n)
+        assert [int(v) for v in box.split(",")] == [xs.min(), ys.min(), xs.max(), ys.max()]
+        assert float(dsc) == pytest.approx(dice_score(mask == n, lesions == n), abs=6e-4)
+    assert "the synthetic lesions' own masks" in text and (tmp_path / "ct_lesions_overlay.png").is_file()
 
 
 def test_demo_volume_path_with_a_small_model(tmp_path, tiny_model):

@@ -197,3 +197,23 @@ def test_masses_fill_most_of_their_box_and_hold_parts_on_both_sides_of_the_host(
         tumour_fills.append(mask.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1)))
     assert np.mean(fills) > np.mean(tumour_fills) + 0.05
     assert both_sides >= 4
+
+
+def test_several_lesions_in_one_slice_keep_apart_inside_their_hosts(ct):
+    from medsam.train.lesions import paste_lesions
+
+    image, labels = ct
+    kinds = ["mass", "tumour", "cyst", "nodule"]
+    out, lesions = paste_lesions(image, labels, np.random.default_rng(5), kinds)
+    assert out.dtype == image.dtype and lesions.dtype == np.uint8
+    assert set(np.unique(lesions).tolist()) == {0, 1, 2, 3, 4}
+    for k in range(1, 5):
+        mask = lesions == k
+        others = ndimage.binary_dilation((lesions > 0) & ~mask, iterations=2)
+        assert not (mask & others).any()  # apart from the others
+        assert (labels[mask] > 0).all()  # inside a labelled structure
+    # the first lesion is the one paste_lesion draws alone from the same state
+    first = paste_lesion(image, labels, np.random.default_rng(5), ["mass"])
+    np.testing.assert_array_equal(first.mask, lesions == 1)
+    with pytest.raises(ValueError, match="lesion kinds"):
+        paste_lesions(image, labels, np.random.default_rng(0), ["polyp"])

@@ -4,7 +4,9 @@ The samples live in ``medsam/data/samples/`` (see the README there and ``samples
 slice and a 12-slice CT volume from TotalSegmentator's ``example_ct_dicom`` (a held-out test case
 of the default model, from a scanner it never saw in training) and an abdominal MR slice from
 TotalSegmentator's ``example_mr_sm`` (a case of the training split). Each carries its label map,
-which are TotalSegmentator *pseudo-labels* (model outputs, not manual annotations).
+which are TotalSegmentator *pseudo-labels* (model outputs, not manual annotations). A sample may
+name synthetic ``lesions`` (with a ``lesion_seed``): they are pasted into its image inside its
+labelled structures (:func:`medsam.train.lesions.paste_lesions`) and are its reference instead.
 
 For a few named structures per sample, the box prompt is the bounding box of the structure in the
 label map (2D boxes on slices, 3D boxes on the volume); the images go through the same path as
@@ -41,6 +43,8 @@ class Sample:
     structures: tuple[str, ...]
     source: str
     split: str
+    lesions: tuple[str, ...] = ()  # synthetic lesions pasted into the image (see _lesion_sample)
+    lesion_seed: int = 0
 
 
 def samples_dir() -> Path:
@@ -63,6 +67,9 @@ def bundled_samples(names: Sequence[str] | None = None) -> list[Sample]:
     samples = []
     for e in entries:
         spacing = e.get("spacing_rc") or e.get("spacing_zyx")
+        lesions = tuple(e.get("lesions", ()))
+        if lesions:  # the label file holds the host structures; the reference is the lesions
+            e = {**e, "label_names": {str(k): kind for k, kind in enumerate(lesions, start=1)}, "structures": lesions}
         samples.append(
             Sample(
                 name=e["name"],
@@ -75,6 +82,8 @@ def bundled_samples(names: Sequence[str] | None = None) -> list[Sample]:
                 structures=tuple(e["structures"]),
                 source=e["source"],
                 split=e.get("corpus_split", ""),
+                lesions=lesions,
+                lesion_seed=int(e.get("lesion_seed", 0)),
             )
         )
     return samples
@@ -161,12 +170,35 @@ def _score_objects(sample: Sample, reference: np.ndarray, predicted: np.ndarray,
     return rows
 
 
+def _lesion_sample(sample: Sample, out: Path) -> tuple[Path, np.ndarray]:
+    """A 2D sample with its synthetic lesions pasted in (:func:`medsam.train.lesions.paste_lesions`,
+    inside the sample's labelled structures, from its ``lesion_seed``): the image written to
+    ``out`` as PNG, and the lesion label map (``k + 1`` for ``sample.lesions[k]``)."""
+    from PIL import Image
+
+    from .io import read_image
+    from .io.atomic import atomic_output
+    from .train.lesions import paste_lesions
+
+    image = np.asarray(read_image(sample.image).array)
+    hosts = np.asarray(read_image(sample.label).array)
+    image, lesions = paste_lesions(image, hosts, np.random.default_rng(sample.lesion_seed), sample.lesions)
+    path = out / f"{sample.name}_image.png"
+    with atomic_output(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
+    return path, lesions
+
+
 def _run_sample(sample: Sample, model, out: Path, log, zoom=None) -> dict:
     from .io import read_image
     from .overlay import save_png
     from .segment import segment_file
 
-    reference = np.asarray(read_image(sample.label).array)
+    source = sample.image
+    if sample.lesions:
+        source, reference = _lesion_sample(sample, out)
+    else:
+        reference = np.asarray(read_image(sample.label).array)
     by_name = {v: k for k, v in sample.label_names.items()}
     chosen = [s for s in sample.structures if s in by_name and (reference == by_name[s]).any()]
     if not chosen:
@@ -176,7 +208,7 @@ def _run_sample(sample: Sample, model, out: Path, log, zoom=None) -> dict:
     suffix = ".png" if sample.kind == "2d" else ".nii.gz"
     start = time.perf_counter()
     result = segment_file(
-        sample.image,
+        source,
         out / f"{sample.name}_mask{suffix}",
         boxes,
         model=model,
@@ -191,13 +223,14 @@ def _run_sample(sample: Sample, model, out: Path, log, zoom=None) -> dict:
     ref_n = np.zeros(reference.shape, np.uint8)
     for n, i in enumerate(ids, start=1):
         ref_n[reference == i] = n
-    image = np.asarray(read_image(sample.image).array)
+    image = np.asarray(read_image(source).array)
     picture_path = out / f"{sample.name}_overlay.png"
     if sample.kind == "2d":
         picture = _comparison_picture(image, ref_n, predicted, boxes)
         for o, b in zip(objects, boxes):
             o["box"] = b
-        note = "left: reference (pseudo-label), right: prediction; boxes: the prompts"
+        reference_is = "the synthetic lesions' own masks" if sample.lesions else "pseudo-label"
+        note = f"left: reference ({reference_is}), right: prediction; boxes: the prompts"
     else:
         Z = image.shape[0]
         shown = sorted({Z // 6, Z // 2, (5 * Z) // 6})
@@ -279,7 +312,8 @@ def run_demo(
         )
         + ". Scores compare the prediction with that label map: DSC, and NSD at "
         f"{NSD_TOLERANCE_MM:g} mm with the sample's spacing. **The label maps are TotalSegmentator "
-        "pseudo-labels (the outputs of another model), not manual annotations.**",
+        "pseudo-labels (the outputs of another model), not manual annotations;** a sample with "
+        "synthetic lesions is scored against the lesions' own masks.",
         "",
     ]
     for r in results:

@@ -165,6 +165,32 @@ def paste_lesion(
     return Lesion(out.astype(img.dtype), inside, name, centre, host)
 
 
+def paste_lesions(
+    image: np.ndarray, labels: np.ndarray | None, rng: np.random.Generator, kinds: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Paste one lesion of each of ``kinds``, in turn, into ``image`` (H, W) as
+    :func:`paste_lesion` does, each away from the ones before (their pixels and a 3 px margin
+    leave the host structures of ``labels``).
+
+    Returns the image and an (H, W) uint8 label map: ``k + 1`` where ``kinds[k]``'s lesion is (a
+    later lesion covers an earlier one where they meet, which only happens without ``labels``).
+    """
+    from scipy import ndimage
+
+    if len(kinds) > 255:
+        raise ValueError(f"at most 255 lesions fit a uint8 label map, got {len(kinds)}")
+    out = np.asarray(image)
+    hosts = None if labels is None else np.array(labels, copy=True)
+    lesion_map = np.zeros(out.shape, np.uint8)
+    for k, kind in enumerate(kinds):
+        lesion = paste_lesion(out, hosts, rng, [kind])
+        out = lesion.image
+        lesion_map[lesion.mask] = k + 1
+        if hosts is not None:
+            hosts[ndimage.binary_dilation(lesion.mask, iterations=3)] = 0
+    return out, lesion_map
+
+
 def _level(host_mean: float, kind: LesionKind, span: float, lo: float, hi: float, rng: np.random.Generator) -> float:
     """A lesion's (or a compartment's) mean: the host's moved by a drawn contrast, to the kind's
     side (or a drawn one), to the other side where the value range leaves no room."""
