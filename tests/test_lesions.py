@@ -217,3 +217,33 @@ def test_several_lesions_in_one_slice_keep_apart_inside_their_hosts(ct):
     np.testing.assert_array_equal(first.mask, lesions == 1)
     with pytest.raises(ValueError, match="lesion kinds"):
         paste_lesions(image, labels, np.random.default_rng(0), ["polyp"])
+
+
+def test_fundus_corpus_holds_the_two_retinal_images_with_their_field_of_view(tmp_path):
+    """benchmarks/fundus_corpus.py: the modality no training image has, as a host for lesions."""
+    import importlib.util
+    from pathlib import Path
+
+    from medsam.corpus import load_slice, read_manifest
+    from medsam.curate.lesion_corpus import write_lesion_corpus
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fundus_corpus.py"
+    spec = importlib.util.spec_from_file_location("fundus_corpus", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    corpus = tmp_path / "fundus"
+    module.write_fundus_corpus(corpus)
+    rows = {r.case: r for r in read_manifest(corpus, "test")}
+    assert set(rows) == {"retina", "microaneurysms"} and {r.modality for r in rows.values()} == {"fundus"}
+    image, fov, _ = load_slice(corpus, rows["retina"])
+    assert image.shape == (512, 512) and 0.5 < fov.mean() < 0.85  # the round field of view
+    assert image[fov == 1].mean() > 4 * image[fov == 0].mean()  # and not the dark surround
+    small, small_fov, _ = load_slice(corpus, rows["microaneurysms"])
+    assert small.shape == (102, 102) and small_fov.mean() > 0.95
+    lesions = tmp_path / "lesions"
+    write_lesion_corpus(corpus, lesions, variants=2, seed=1)
+    for row in read_manifest(lesions, "test"):
+        lesion_image, label, _ = load_slice(lesions, row)
+        source, host = (image, fov) if row.case == "retina" else (small, small_fov)
+        assert lesion_image.shape == source.shape and (label > 0).sum() == row.area
+        assert (host[label > 0] == 1).all()  # inside the field of view
