@@ -4,7 +4,8 @@
 # default model (configs/demo_lite.yaml) under a time limit, exports it to fp16 safetensors, and
 # scores it on the held-out split with `medsam benchmark` (plain and zoomed). Writes into $OUT.
 #   TRAIN_SECONDS=390 bash benchmarks/gpu_session.sh [extra config overrides, e.g. data.clicks=3
-#       data.augment.zoom_prob=0.5 train.max_steps=1800]
+#       data.augment.zoom_prob=0.5 data.augment.lesion_prob=0.5
+#       data.augment.lesion_kinds=[tumour,cyst,nodule,mass] train.max_steps=1800]
 set -u
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/*.whl >/dev/null 2>&1
@@ -30,8 +31,8 @@ save_model(model, f"{out}/demo_model.safetensors", extra={"source_checkpoint": o
 print("exported", ckpt, os.path.getsize(f"{out}/demo_model.safetensors"), "bytes")
 PY
 # Quick held-out signal on the GPU (the model card's numbers are re-measured on the CPU).
-for zoom in "" "--zoom 3"; do
-  name=plain; [ -n "$zoom" ] && name=zoom
+for zoom in "--no-zoom" ""; do
+  name=zoom; [ -n "$zoom" ] && name=plain
   timeout 60 python3 -m medsam benchmark --corpus .gpu/corpus --split test \
     --checkpoint "$OUT/demo_model.safetensors" --device cuda --no-plot $zoom \
     -o "/tmp/bench_$name" > "$OUT/bench_$name.log" 2>&1
