@@ -207,6 +207,8 @@ def _compartments(
     """(H, W) the mean of each pixel's compartment: 2-3 points drawn inside the lesion, every
     pixel belonging to the nearest, each compartment of its own :func:`_level` (two at least on
     opposite sides of the host when the range allows)."""
+    from scipy import ndimage
+
     ys, xs = np.nonzero(inside)
     n = int(rng.integers(2, 4))
     picks = rng.choice(len(ys), size=min(n, len(ys)), replace=False)
@@ -221,8 +223,6 @@ def _compartments(
         flipped = 2 * host_mean - levels[-1]  # one part on the other side of the host
         if lo <= flipped <= hi:
             levels[-1] = flipped
-    from scipy import ndimage
-
     return ndimage.gaussian_filter(levels[np.argmin(distance, axis=0)], 0.7)
 
 
