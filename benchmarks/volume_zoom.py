@@ -74,12 +74,6 @@ def score(result_labels: np.ndarray, label: np.ndarray, ids: list[int], spacing)
     return out
 
 
-def bootstrap(diff: np.ndarray, seed: int = 0, rounds: int = 10000) -> tuple[float, float]:
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, diff.size, size=(rounds, diff.size))].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", default=None, help="model weights (default: the embedded model)")
@@ -98,6 +92,7 @@ def main() -> None:
     import torch
 
     from medsam.predictor import Predictor
+    from medsam.scoring import paired_bootstrap
     from medsam.segment import load_reporting
     from medsam.volume import segment_volume
     from medsam.zoom import ZoomPolicy
@@ -147,7 +142,7 @@ def main() -> None:
         for m, j in (("DSC", 0), ("NSD", 1)):
             a = np.array([s[j] for s in whole["scores"]])[mask]
             b = np.array([s[j] for s in zoomed["scores"]])[mask]
-            lo, hi = bootstrap(b - a)
+            _, lo, hi = paired_bootstrap(b - a, resamples=10000)
             print(
                 f"{subset} (n={int(mask.sum())}) {m}: whole {a.mean():.3f}, zoom {b.mean():.3f}, "
                 f"difference {float((b - a).mean()):+.3f} [{lo:+.3f}, {hi:+.3f}]"
@@ -161,7 +156,7 @@ def main() -> None:
             for m, j in (("DSC", 0), ("NSD", 1)):
                 a = np.array([s[j] for s in other["runs"][name]["scores"]])
                 b = np.array([s[j] for s in runs[name]["scores"]])
-                lo, hi = bootstrap(b - a)
+                _, lo, hi = paired_bootstrap(b - a, resamples=10000)
                 print(
                     f"{name}, this run minus {args.against} (n={len(ids)}) {m}: {a.mean():.3f} -> {b.mean():.3f}, "
                     f"difference {float((b - a).mean()):+.3f} [{lo:+.3f}, {hi:+.3f}], "

@@ -40,7 +40,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -71,6 +71,7 @@ __all__ = [
     "compare_runs",
     "jitter_box",
     "otsu_baseline",
+    "paired_differences",
     "run_benchmark",
     "structure_group",
     "summarize",
@@ -468,7 +469,9 @@ def compare_runs(
 ) -> tuple[list[dict], str]:
     """Side-by-side DSC / NSD means of several benchmark outputs: (CSV rows, Markdown table).
 
-    Rows are matched on (level, dataset, case, modality, group, structure).
+    Rows are matched on (level, dataset, case, modality, group, structure). With two runs or more
+    whose ``objects.csv`` is kept, the Markdown also holds the paired differences of the first run
+    from each other one (:func:`paired_differences`).
     """
     runs = [_read_summary(Path(d)) for d in run_dirs]
     keys: OrderedDict[tuple, dict] = OrderedDict()
@@ -498,4 +501,51 @@ def compare_runs(
             d, s = row[f"{n} DSC"], row[f"{n} NSD"]
             cells.append("-" if d is None else f"{d:.3f} / {s:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
+    paths = [Path(d) for d in run_dirs]
+    if len(paths) > 1 and all((p / "objects.csv").is_file() for p in paths):
+        lines += [
+            "",
+            f"Paired differences, {names[0]} minus each method, over the objects both scored "
+            f"(mean [95 % bootstrap interval], resampling slices, {PAIRED_RESAMPLES} resamples, seed 0):",
+            "",
+            "| method | objects | slices | DSC difference | NSD difference |",
+            "|---|---|---|---|---|",
+        ]
+        for name, path in zip(names[1:], paths[1:]):
+            p = paired_differences(paths[0], path)
+            if p["objects"] == 0:
+                lines.append(f"| {name} | 0 | 0 | - | - |")
+                continue
+            cells = [f"{p[m][0]:+.3f} [{p[m][1]:+.3f}, {p[m][2]:+.3f}]" for m in ("dsc", "nsd")]
+            lines.append(f"| {name} | {p['objects']} | {p['slices']} | {cells[0]} | {cells[1]} |")
     return table, "\n".join(lines) + "\n"
+
+
+PAIRED_RESAMPLES = 2000
+
+
+def _object_scores(run_dir: Path) -> dict[tuple[str, str, int, int], tuple[float, float]]:
+    """(dataset, case, slice, label) -> (DSC, NSD) from a benchmark output's ``objects.csv``."""
+    with open(run_dir / "objects.csv", newline="") as f:
+        return {
+            (r["dataset"], r["case"], int(r["slice"]), int(r["label"])): (float(r["dsc"]), float(r["nsd"]))
+            for r in csv.DictReader(f)
+        }
+
+
+def paired_differences(run_dir: str | Path, other_dir: str | Path, seed: int = 0) -> dict[str, Any]:
+    """``run_dir``'s DSC and NSD minus ``other_dir``'s over the objects both scored, matched on
+    (dataset, case, slice, label): ``{"objects", "slices", "dsc": (mean, low, high), "nsd": ...}``,
+    the interval a 95 % bootstrap resampling slices (:func:`medsam.scoring.paired_bootstrap`)."""
+    from .scoring import paired_bootstrap
+
+    first, other = _object_scores(Path(run_dir)), _object_scores(Path(other_dir))
+    common = sorted(set(first) & set(other))
+    out: dict[str, Any] = {"objects": len(common), "slices": len({k[:3] for k in common})}
+    if not common:
+        return out
+    clusters = [k[:3] for k in common]
+    for i, metric in enumerate(("dsc", "nsd")):
+        diff = [first[k][i] - other[k][i] for k in common]
+        out[metric] = paired_bootstrap(diff, clusters, resamples=PAIRED_RESAMPLES, seed=seed)
+    return out

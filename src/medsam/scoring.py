@@ -54,6 +54,7 @@ __all__ = [
     "jitter_box",
     "mean_scores",
     "object_box",
+    "paired_bootstrap",
     "score_objects",
     "select_objects",
     "structure_group",
@@ -486,6 +487,35 @@ def mean_scores(objects: Sequence[dict[str, Any]]) -> dict[str, float]:
         "nsd": float(np.mean([o["nsd"] for o in objects])) if objects else 0.0,
         "n_objects": len(objects),
     }
+
+
+def paired_bootstrap(
+    differences: Sequence[float] | np.ndarray,
+    clusters: Sequence[Any] | None = None,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """The mean of paired per-object ``differences`` and its 95 % percentile bootstrap interval:
+    ``(mean, low, high)``.
+
+    ``clusters`` (one key per object, e.g. its slice) are resampled with replacement, all of a
+    cluster's objects together, since objects of one slice share its image and are not
+    independent; None: each object alone. Each resample's mean is over its objects.
+    """
+    diff = np.asarray(differences, dtype=np.float64)
+    if diff.ndim != 1 or diff.size == 0:
+        raise ValueError(f"differences must be a non-empty 1D sequence, got shape {diff.shape}")
+    if clusters is None:
+        inverse = np.arange(diff.size)
+    else:
+        if len(clusters) != diff.size:
+            raise ValueError(f"{len(clusters)} cluster keys for {diff.size} differences")
+        _, inverse = np.unique(np.array([str(c) for c in clusters]), return_inverse=True)
+    sums = np.bincount(inverse, weights=diff)
+    counts = np.bincount(inverse).astype(np.float64)
+    draws = np.random.default_rng(seed).integers(0, sums.size, size=(resamples, sums.size))
+    means = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
+    return float(diff.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 def summarize(objects: Iterable[dict[str, Any]], slices: Iterable[dict[str, Any]] = ()) -> list[dict[str, Any]]:
