@@ -157,7 +157,7 @@ def test_validation_is_the_predictor_path(corpus):
     got = per_object_scores(model, slices, batch_size=2)
     from medsam.corpus import load_slice, mask_bbox
 
-    predictor = Predictor(model)
+    predictor = Predictor(model, zoom=False)
     expected = []
     for row in rows:
         image, label, _ = load_slice(corpus, row)
@@ -167,6 +167,66 @@ def test_validation_is_the_predictor_path(corpus):
         expected.append(dice_score(pred.masks[0], gt))
     assert [r["dsc"] for r in got] == pytest.approx(expected, abs=1e-9)
     assert any(0 < d < 1 for d in expected)  # a random model still draws masks: not a vacuous match
+
+
+def test_validation_with_lesions_and_the_zoom_recipe_is_what_a_user_gets(tmp_path):
+    """data.val_lesions / data.val_zoom: each grey-level slice also gives fixed lesion copies
+    (modality "<m> lesion"), and every object is segmented as Predictor(model) does by default
+    (small boxes zoomed); the same lesions at every validation."""
+    from medsam.corpus import load_slice, mask_bbox
+    from medsam.train.config import ConfigError, TrainConfig
+    from medsam.train.embedding_store import LesionViews
+    from medsam.train.validate import summarize_by_modality
+
+    corpus = write_synthetic_corpus(tmp_path / "wide", {"val": 2}, slices_per_case=1, size=192)
+    torch.manual_seed(0)
+    model = build_model("vit_tiny").eval()
+    rows = read_manifest(corpus, "val")
+    lesions = LesionViews(2, 7, ("cyst", "nodule"))
+    contract = Predictor(model).contract
+    slices = ValidationSlices(corpus, rows, contract, lesions=lesions, pixels=True)
+    got = per_object_scores(model, slices, batch_size=2)
+    predictor = Predictor(model)  # the default: the model's zoom recipe
+    expected, zoomed = [], 0
+    slice_rows = list({r.path: r for r in rows}.values())
+    for path, row in list({r.path: r for r in rows}.items()):
+        image, label, _ = load_slice(corpus, row)
+        predictor.set_image(image)
+        for r in rows:
+            if r.path == path:
+                gt = label == r.label
+                prediction = predictor.predict(boxes=mask_bbox(gt))
+                expected.append(("plain", dice_score(prediction.masks[0], gt)))
+                zoomed += int(prediction.zoomed[0])
+    for row in slice_rows:
+        image, label, _ = load_slice(corpus, row)
+        for k in range(2):
+            lesion = lesions.lesion(image, label, row.path, k)
+            predictor.set_image(lesion.image)
+            prediction = predictor.predict(boxes=mask_bbox(lesion.mask))
+            expected.append(("lesion", dice_score(prediction.masks[0], lesion.mask)))
+            zoomed += int(prediction.zoomed[0])
+    assert [r["dsc"] for r in got] == pytest.approx([d for _, d in expected], abs=1e-6)
+    assert zoomed >= 1  # the recipe zoomed some object
+    modalities = {r["modality"] for r in got}
+    assert any(m.endswith(" lesion") for m in modalities) and len(modalities) >= 2
+    assert sum(r["modality"].endswith(" lesion") for r in got) == 2 * len(slice_rows)
+    again = per_object_scores(model, ValidationSlices(corpus, rows, contract, lesions=lesions, pixels=True))
+    assert [r["dsc"] for r in again] == [r["dsc"] for r in got]
+    assert summarize_by_modality(got)["all"]["n"] == len(rows) + 2 * len(slice_rows)
+    base = {"model": {"arch": "vit_tiny"}, "data": {"corpus": str(corpus)}, "train": {"max_steps": 1}}
+    with pytest.raises(ConfigError, match=r"data\.val_lesions"):
+        TrainConfig.from_dict({**base, "data": {"corpus": str(corpus), "val_lesions": -1}})
+
+
+def test_a_run_validates_on_lesions_when_asked(small_corpus, tmp_path):
+    extra = ["train.max_steps=2", "train.val_every=2", "data.val_lesions=1", "data.val_zoom=true"]
+    trainer = Trainer(load_config(None, micro_overrides(small_corpus, tmp_path / "run", *extra)))
+    assert trainer.val_slices.pixels and trainer.val_slices.lesions.variants == 1
+    trainer.fit()
+    val = [r for r in read_metrics(tmp_path / "run" / "metrics.csv") if r["split"] == "val"]
+    lesion_rows = [r for r in val if r["modality"].endswith(" lesion")]
+    assert lesion_rows and all(0.0 <= float(r["dsc"]) <= 1.0 for r in lesion_rows)
 
 
 def test_resume_after_a_crash_ends_with_the_same_weights(small_corpus, tmp_path):

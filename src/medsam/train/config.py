@@ -141,6 +141,13 @@ class DataSection:
             gamma, contrast) cannot be cached and are refused with it; ``augment.zoom_prob`` then
             uses the inference crop of :mod:`medsam.zoom` at the middle of ``zoom_context``.
         val_max_samples: validate on at most this many objects (first rows of the split; 0 = all).
+        val_lesions: also validate on this many synthetic lesions per grey-level validation slice
+            (kinds ``augment.lesion_kinds``, drawn from ``train.seed`` and the slice's path, the
+            same at every validation; each its own object, reported as modality ``<modality>
+            lesion``); 0 = off.
+        val_zoom: validate as :class:`medsam.Predictor` segments by default (the model's zoom
+            recipe: small boxes on their crop for 256 px models, one extra embedding each)
+            rather than on whole images.
         augment: see :class:`AugmentSection`.
     """
 
@@ -165,6 +172,8 @@ class DataSection:
     click_loss: str = "last"
     cache_embeddings: str | None = None
     val_max_samples: int = 0
+    val_lesions: int = 0
+    val_zoom: bool = False
     augment: AugmentSection = field(default_factory=AugmentSection)
 
 
@@ -424,6 +433,7 @@ class TrainConfig:
             ("data.clicks", self.data.clicks, 0),
             ("data.augment.zoom_min_side", self.data.augment.zoom_min_side, 4),
             ("data.augment.lesion_variants", self.data.augment.lesion_variants, 1),
+            ("data.val_lesions", self.data.val_lesions, 0),
         ):
             if value < low:
                 raise ConfigError(f"{key} must be >= {low}, got {value}")

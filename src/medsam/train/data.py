@@ -19,6 +19,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ from torch.utils.data.distributed import DistributedSampler
 from ..corpus import ManifestRow, group_by_slice, load_slice, mask_bbox
 from ..preprocess import Contract, ImageGeometry
 from ..preprocess_fast import prepare_image_fast
+
+if TYPE_CHECKING:
+    from .embedding_store import LesionViews
 
 
 def jitter_box(
@@ -431,31 +435,55 @@ class SliceObjects:
     spacing: tuple[float, float]
     modality: str
     labels: list[int]
+    pixels: np.ndarray | None = None  # the original image, where the validation zooms
 
 
 class ValidationSlices(Dataset):
     """Validation items grouped by slice, so each image is embedded once for all its objects.
 
-    ``part = (rank, world_size)``: only the slices ``rank, rank + world_size, ...`` of the grouped
+    With ``lesions``, each grey-level slice also gives ``lesions.variants`` items of one synthetic
+    lesion each (modality ``<modality> lesion``), after all the plain slices. ``pixels``: items
+    carry the original image (for zoomed crops).
+
+    ``part = (rank, world_size)``: only the items ``rank, rank + world_size, ...`` of the whole
     list; ``slice_ids[i]`` is item ``i``'s position in the whole list."""
 
     def __init__(
-        self, corpus: str | Path, rows: Sequence[ManifestRow], contract: Contract, part: tuple[int, int] = (0, 1)
+        self,
+        corpus: str | Path,
+        rows: Sequence[ManifestRow],
+        contract: Contract,
+        part: tuple[int, int] = (0, 1),
+        lesions: LesionViews | None = None,
+        pixels: bool = False,
     ) -> None:
         self.corpus = Path(corpus)
         self.contract = contract
+        self.lesions = lesions
+        self.pixels = pixels
         rank, world = part
         groups = list(group_by_slice(rows).values())
-        self.slice_ids = list(range(rank, len(groups), world))
-        self.groups = [groups[i] for i in self.slice_ids]
+        items: list[tuple[list[ManifestRow], int | None]] = [(g, None) for g in groups]
+        if lesions is not None:
+            grey = [g for g in groups if load_slice(self.corpus, g[0])[0].ndim == 2]
+            items += [(g, k) for g in grey for k in range(lesions.variants)]
+        self.slice_ids = list(range(rank, len(items), world))
+        self.items = [items[i] for i in self.slice_ids]
 
     def __len__(self) -> int:
-        return len(self.groups)
+        return len(self.items)
 
     def __getitem__(self, i: int) -> SliceObjects:
-        rows = self.groups[i]
+        rows, variant = self.items[i]
         image, label, spacing = load_slice(self.corpus, rows[0])
-        masks = np.stack([label == r.label for r in rows])
+        modality = rows[0].modality
+        if variant is None:
+            masks = np.stack([label == r.label for r in rows])
+            labels = [r.label for r in rows]
+        else:
+            assert self.lesions is not None
+            lesion = self.lesions.lesion(image, label, rows[0].path, variant)
+            image, masks, labels, modality = lesion.image, lesion.mask[None], [0], f"{modality} lesion"
         boxes = np.stack([mask_bbox(m) for m in masks])
         # A one-pixel-wide object has x1 == x0: the Predictor wants x1 > x0, so close the box on
         # the far side (an exclusive end, which the Predictor accepts up to the image edge).
@@ -463,7 +491,8 @@ class ValidationSlices(Dataset):
         boxes[:, 2] = np.where(boxes[:, 2] > boxes[:, 0], boxes[:, 2], np.minimum(boxes[:, 0] + 1, W))
         boxes[:, 3] = np.where(boxes[:, 3] > boxes[:, 1], boxes[:, 3], np.minimum(boxes[:, 1] + 1, H))
         x, geom = prepare_image_fast(self.contract, image)
-        return SliceObjects(x[0], geom.original_size, boxes, masks, spacing, rows[0].modality, [r.label for r in rows])
+        pixels = image if self.pixels else None
+        return SliceObjects(x[0], geom.original_size, boxes, masks, spacing, modality, labels, pixels)
 
 
 def steps_per_epoch(samples_per_rank: int, batch_size: int, accumulation: int) -> int:

@@ -197,7 +197,15 @@ class Trainer:
                 val_rows = val_rows[: d.val_max_samples]
             if val_rows:
                 part = (self.info.rank, self.info.world_size)
-                self.val_slices = ValidationSlices(d.corpus, val_rows, self.contract, part)
+                val_lesions = None
+                if d.val_lesions:
+                    from .embedding_store import LesionViews
+
+                    kinds = tuple(str(k) for k in d.augment.lesion_kinds)
+                    val_lesions = LesionViews(d.val_lesions, t.seed, kinds)
+                self.val_slices = ValidationSlices(
+                    d.corpus, val_rows, self.contract, part, lesions=val_lesions, pixels=d.val_zoom
+                )
             elif self.info.is_main:
                 log.warning("no rows of split %r: no validation, no best.pt", d.val_split)
 

@@ -39,8 +39,11 @@ def per_object_scores(
     autocast_dtype: torch.dtype | None = None,
 ) -> list[dict]:
     """One dict per object: ``modality``, ``dsc``, ``nsd`` and ``order`` (the slice's position in
-    the whole validation list, the object's in the slice). The model is left in eval mode."""
-    predictor = Predictor(model)  # sets eval mode; contract = the model's
+    the whole validation list, the object's in the slice). Slices that carry their pixels
+    (``ValidationSlices(pixels=True)``) are segmented with the model's zoom recipe, as
+    :class:`~medsam.predictor.Predictor` does by default; else on whole images. The model is left
+    in eval mode."""
+    predictor = Predictor(model, zoom="auto" if slices.pixels else False)  # sets eval mode; the model's contract
     device = model.device
     loader = DataLoader(slices, batch_size=batch_size, num_workers=workers, collate_fn=_collate_slices)
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
@@ -53,9 +56,9 @@ def per_object_scores(
                 embeddings = model.embed_image(images)
             for k, it in enumerate(items):
                 slice_id = next(ids)
-                predictor.set_embedding(embeddings[k : k + 1].float(), it.original_size)
+                predictor.set_embedding(embeddings[k : k + 1].float(), it.original_size, image=it.pixels)
                 with amp:
-                    pred = predictor.predict(boxes=it.boxes, zoom=False)
+                    pred = predictor.predict(boxes=it.boxes)
                 for j, (mask, gt) in enumerate(zip(pred.masks, it.masks)):
                     rows.append(
                         {
