@@ -200,3 +200,16 @@ def test_store_lesion_copies_are_the_encoder_outputs_of_the_pasted_slices(corpus
         mask = lesions.lesion(image, label, rows[i].path, k).mask
         torch.testing.assert_close(item["target"], mask_to_input_frame(mask, contract.geometry(mask.shape)))
     assert seen == {0, 1}
+    # lesion_weights: a sample takes its slice's copy of the favoured kind wherever there is one
+    kinds = [[lesions.lesion(*load_slice(corpus, r)[:2], r.path, k).kind for k in range(2)] for r in rows]
+    assert kinds == [[lesions.kind(r.path, k) for k in range(2)] for r in rows]  # without drawing
+    favoured = kinds[0][0]
+    weights = tuple(1.0 if k == favoured else 0.0 for k in lesions.kinds)
+    augment = AugmentOptions(lesion_prob=1.0, lesion_kinds=lesions.kinds, lesion_weights=weights)
+    data = SegmentationDataset(
+        corpus, rows, contract, L, PromptOptions(jitter=0), augment, True, 3, store=store, store_lesions=lesions
+    )
+    for i in range(len(rows)):
+        item = data[(0, i)]
+        (k,) = [k for k in range(2) if torch.equal(item["embedding"], store[lesion_key(rows[i], k)])]
+        assert kinds[i][k] == favoured or favoured not in kinds[i]

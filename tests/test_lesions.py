@@ -9,7 +9,7 @@ from PIL import Image
 from scipy import ndimage
 
 from medsam.demo import samples_dir
-from medsam.train.lesions import LESION_KINDS, paste_lesion
+from medsam.train.lesions import LESION_KINDS, draw_kind, paste_lesion
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,16 @@ def test_lesions_are_reproducible_and_vary(ct):
     assert not np.array_equal(a.mask, c.mask)
     kinds = {paste_lesion(image, labels, np.random.default_rng(s)).kind for s in range(12)}
     assert kinds == set(LESION_KINDS)
+    # relative weights: a weight-0 kind never comes, and the kind is the first draw either way
+    weighted = [paste_lesion(image, labels, np.random.default_rng(s), ["cyst", "mass"], [0.0, 2.0]) for s in range(4)]
+    assert {lesion.kind for lesion in weighted} == {"mass"}
+    counts = dict.fromkeys(("cyst", "mass"), 0)
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        counts[draw_kind(rng, ["cyst", "mass"], [1.0, 3.0])] += 1
+    assert 0.70 < counts["mass"] / 2000 < 0.80
+    with pytest.raises(ValueError, match="weights"):
+        draw_kind(rng, ["cyst", "mass"], [0.0, 0.0])
 
 
 def test_without_labels_a_lesion_goes_into_the_body_and_float_images_work(ct):
@@ -115,9 +125,16 @@ def test_training_samples_with_lesions(tmp_path):
     base = {"data": {"corpus": str(corpus)}, "train": {"max_steps": 1}}
     config = TrainConfig.from_dict({**base, "data": {"corpus": str(corpus), "augment": {"lesion_prob": 0.5}}})
     assert config.data.augment.lesion_prob == 0.5
+    weighted = {"lesion_kinds": ["cyst", "mass"], "lesion_weights": {"mass": 3}}
+    config = TrainConfig.from_dict({**base, "data": {"corpus": str(corpus), "augment": weighted}})
+    assert config.data.augment.lesion_weights_tuple() == (1.0, 3.0)
+    assert TrainConfig.from_dict(base).data.augment.lesion_weights_tuple() is None
     for bad, match in (
         ({"augment": {"lesion_prob": 1.5}}, "lesion_prob"),
         ({"augment": {"lesion_kinds": ["polyp"]}}, "lesion_kinds"),
+        ({"augment": {"lesion_weights": {"polyp": 2}}}, "lesion_weights"),
+        ({"augment": {"lesion_weights": {"cyst": -1}}}, "lesion_weights.cyst"),
+        ({"augment": {"lesion_kinds": ["cyst"], "lesion_weights": {"cyst": 0}}}, "weight 0"),
         (
             {"augment": {"lesion_prob": 0.5, "lesion_variants": 0}, "cache_embeddings": str(tmp_path / "s")},
             "lesion_variants",

@@ -79,6 +79,11 @@ class AugmentSection:
         lesion_prob: probability of replacing the sample's object by a synthetic lesion pasted
             into its slice (:mod:`medsam.train.lesions`; grey-level slices only); 0 = off.
         lesion_kinds: the kinds drawn from (``tumour``, ``cyst``, ``nodule``, ``mass``).
+        lesion_weights: relative frequencies of the kinds in training samples, e.g. ``{mass: 3}``
+            (an unnamed kind weighs 1); ``{}`` = uniform. With ``cache_embeddings`` the store's
+            copies are drawn uniformly (they do not change) and a sample picks among its slice's
+            copies by their kinds' weights, so a kind is favoured as far as ``lesion_variants``
+            copies hold it.
         lesion_variants: with ``cache_embeddings``: lesion copies per training slice in the
             store (each a fixed draw; a sample with a lesion picks one).
     """
@@ -91,7 +96,21 @@ class AugmentSection:
     zoom_min_side: int = 32
     lesion_prob: float = 0.0
     lesion_kinds: list = field(default_factory=lambda: ["tumour", "cyst", "nodule"])
+    lesion_weights: dict = field(default_factory=dict)
     lesion_variants: int = 2
+
+    def lesion_weights_tuple(self) -> tuple[float, ...] | None:
+        """``lesion_weights`` as one weight per ``lesion_kinds`` entry; None when uniform."""
+        if not self.lesion_weights:
+            return None
+        return tuple(float(self.lesion_weights.get(k, 1.0)) for k in self.lesion_kinds)
+
+    def lesion_views(self, copies: int, seed: int):
+        """A :class:`medsam.train.embedding_store.LesionViews` of ``copies`` lesions per slice of
+        ``lesion_kinds`` drawn from ``seed`` (the training store's and validation's lesions)."""
+        from .embedding_store import LesionViews
+
+        return LesionViews(int(copies), int(seed), tuple(str(k) for k in self.lesion_kinds))
 
 
 @dataclass
@@ -479,6 +498,14 @@ class TrainConfig:
             raise ConfigError(
                 f"data.augment.lesion_kinds must be a non-empty list among {sorted(LESION_KINDS)}, got {kinds}"
             )
+        weights = self.data.augment.lesion_weights
+        for name, weight in weights.items():
+            if name not in kinds:
+                raise ConfigError(f"data.augment.lesion_weights names {name!r}, which is not in lesion_kinds {kinds}")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
+                raise ConfigError(f"data.augment.lesion_weights.{name} must be a number >= 0, got {weight!r}")
+        if weights and not any(float(weights.get(k, 1.0)) > 0 for k in kinds):
+            raise ConfigError("data.augment.lesion_weights gives every lesion kind weight 0")
         zc = self.data.augment.zoom_context
         if len(zc) != 2 or not 1.0 <= float(zc[0]) <= float(zc[1]):
             raise ConfigError(f"data.augment.zoom_context must be [lo, hi] with 1 <= lo <= hi, got {zc}")

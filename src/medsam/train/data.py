@@ -119,6 +119,7 @@ class AugmentOptions:
     zoom_min_side: int = 32
     lesion_prob: float = 0.0
     lesion_kinds: tuple[str, ...] = ("tumour", "cyst", "nodule")
+    lesion_weights: tuple[float, ...] | None = None  # relative, one per lesion kind; None: uniform
 
     @property
     def active(self) -> bool:
@@ -199,7 +200,7 @@ class SegmentationDataset(Dataset):
             a = self.augment
             lesions = self.store_lesions if self.train and a.lesion_prob > 0 else None
             if lesions is not None and rng.random() < a.lesion_prob:
-                variant = int(rng.integers(lesions.variants))
+                variant = self._lesion_variant(row, rng)
                 if lesion_key(row, variant) in self.store:
                     mask = self._stored_lesion_mask(row, image, label, variant)
                     key, crop_key = lesion_key(row, variant), lesion_zoom_key(row, variant)
@@ -213,7 +214,7 @@ class SegmentationDataset(Dataset):
             if self.train and a.lesion_prob > 0 and image.ndim == 2 and rng.random() < a.lesion_prob:
                 from .lesions import paste_lesion
 
-                lesion = paste_lesion(image, label, rng, a.lesion_kinds)
+                lesion = paste_lesion(image, label, rng, a.lesion_kinds, a.lesion_weights)
                 image, mask = lesion.image, lesion.mask
             if self.train and a.zoom_prob > 0 and rng.random() < a.zoom_prob:
                 image, mask = self._zoom(image, mask, rng)
@@ -255,6 +256,19 @@ class SegmentationDataset(Dataset):
         return sample
 
     # ------------------------------------------------------------------ parts
+    def _lesion_variant(self, row: ManifestRow, rng: np.random.Generator) -> int:
+        """Which of the store's lesion copies of ``row``'s slice a sample takes: uniformly, or by
+        ``augment.lesion_weights`` of the copies' kinds (a kind is favoured only on the slices
+        that have a copy of it; uniform where no copy has weight)."""
+        lesions, a = self.store_lesions, self.augment
+        if a.lesion_weights is None:
+            return int(rng.integers(lesions.variants))
+        weight = dict(zip(a.lesion_kinds, a.lesion_weights, strict=True))
+        w = np.array([weight.get(lesions.kind(row.path, k), 0.0) for k in range(lesions.variants)])
+        if w.sum() <= 0:
+            return int(rng.integers(lesions.variants))
+        return int(rng.choice(lesions.variants, p=w / w.sum()))
+
     def _stored_lesion_mask(self, row: ManifestRow, image: np.ndarray, label: np.ndarray, variant: int) -> np.ndarray:
         """The mask of the store's lesion copy ``variant`` of ``row``'s slice (made once, kept)."""
         kept = self._lesion_masks.get((row.path, variant))

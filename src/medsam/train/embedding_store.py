@@ -89,6 +89,12 @@ class LesionViews:
 
         return seeded_lesion(image, labels, self.seed, path, variant, self.kinds)
 
+    def kind(self, path: str, variant: int) -> str:
+        """The kind of variant ``variant`` of the slice at ``path``, without drawing it."""
+        from .lesions import seeded_lesion_kind
+
+        return seeded_lesion_kind(self.seed, path, variant, self.kinds)
+
 
 def object_window(mask: np.ndarray, policy: ZoomPolicy) -> tuple[int, int, int, int] | None:
     """The inference crop ``(y0, y1, x0, x1)`` of an object's mask, or None when it is not zoomed."""

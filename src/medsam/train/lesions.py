@@ -121,10 +121,12 @@ def paste_lesion(
     labels: np.ndarray | None,
     rng: np.random.Generator,
     kinds: Sequence[str] = tuple(LESION_KINDS),
+    weights: Sequence[float] | None = None,
 ) -> Lesion:
     """Paste one lesion of a kind drawn from ``kinds`` into ``image`` (H, W), inside a structure
     of ``labels`` (H, W ints, 0 = background) large enough to hold it, else inside the body
-    (pixels above the image's 20th percentile).
+    (pixels above the image's 20th percentile). ``weights`` (one per kind, relative) makes some
+    kinds more frequent than others; ``None`` draws them uniformly (:func:`draw_kind`).
 
     Raises ValueError for an image that is not 2D, is constant, is smaller than 16 px or has
     no room for a lesion.
@@ -139,7 +141,7 @@ def paste_lesion(
     lo, hi = float(values.min()), float(values.max())
     if hi <= lo:
         raise ValueError("a constant image has no tissue to place a lesion in")
-    name = str(kinds[int(rng.integers(len(kinds)))])
+    name = draw_kind(rng, kinds, weights)
     kind = LESION_KINDS[name]
     H, W = img.shape
     contour = _Contour.draw(kind, rng)
@@ -226,13 +228,34 @@ def _compartments(
     return ndimage.gaussian_filter(levels[np.argmin(distance, axis=0)], 0.7)
 
 
+def draw_kind(rng: np.random.Generator, kinds: Sequence[str], weights: Sequence[float] | None = None) -> str:
+    """The first draw of every lesion: its kind, uniform over ``kinds`` or in proportion to
+    ``weights`` (one non-negative number per kind, not all zero)."""
+    if weights is None:
+        return str(kinds[int(rng.integers(len(kinds)))])
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (len(kinds),) or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError(f"lesion weights must be one non-negative number per kind, not all 0; got {list(weights)}")
+    return str(kinds[int(rng.choice(len(kinds), p=w / w.sum()))])
+
+
+def seeded_lesion_kind(seed: int, path: str, variant: int, kinds: Sequence[str]) -> str:
+    """The kind of :func:`seeded_lesion` (``seed``, ``path``, ``variant``, ``kinds``) without
+    drawing the lesion."""
+    return draw_kind(_seeded_rng(seed, path, variant), kinds)
+
+
+def _seeded_rng(seed: int, path: str, variant: int) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(path.encode()), variant])
+
+
 def seeded_lesion(
     image: np.ndarray, labels: np.ndarray | None, seed: int, path: str, variant: int, kinds: Sequence[str]
 ) -> Lesion:
     """Lesion ``variant`` of the slice stored at ``path``: :func:`paste_lesion` with the random
     state of (``seed``, the path's CRC-32, ``variant``), the same wherever and whenever it is drawn
     (training stores and evaluation corpora)."""
-    return paste_lesion(image, labels, np.random.default_rng([seed, zlib.crc32(path.encode()), variant]), kinds)
+    return paste_lesion(image, labels, _seeded_rng(seed, path, variant), kinds)
 
 
 def _place(

@@ -124,14 +124,13 @@ class Trainer:
         store, store_zoom, store_lesions = None, None, None
         if d.cache_embeddings:
             from ..zoom import ZoomPolicy
-            from .embedding_store import EmbeddingStore, LesionViews, build_embedding_store
+            from .embedding_store import EmbeddingStore, build_embedding_store
 
             if d.augment.zoom_prob > 0:
                 lo, hi = (float(v) for v in d.augment.zoom_context)
                 store_zoom = ZoomPolicy(context=(lo + hi) / 2.0, min_side=d.augment.zoom_min_side)
             if d.augment.lesion_prob > 0:
-                kinds = tuple(str(k) for k in d.augment.lesion_kinds)
-                store_lesions = LesionViews(d.augment.lesion_variants, t.seed, kinds)
+                store_lesions = d.augment.lesion_views(d.augment.lesion_variants, t.seed)
             if self.info.is_main:
                 build_embedding_store(
                     self.model,
@@ -171,6 +170,7 @@ class Trainer:
                 d.augment.zoom_min_side,
                 d.augment.lesion_prob,
                 tuple(str(k) for k in d.augment.lesion_kinds),
+                d.augment.lesion_weights_tuple(),
             ),
             train=True,
             seed=t.seed + (1_000_003 * self.info.rank if rank_shards else 0),  # ranks' draws differ
@@ -197,12 +197,7 @@ class Trainer:
                 val_rows = val_rows[: d.val_max_samples]
             if val_rows:
                 part = (self.info.rank, self.info.world_size)
-                val_lesions = None
-                if d.val_lesions:
-                    from .embedding_store import LesionViews
-
-                    kinds = tuple(str(k) for k in d.augment.lesion_kinds)
-                    val_lesions = LesionViews(d.val_lesions, t.seed, kinds)
+                val_lesions = d.augment.lesion_views(d.val_lesions, t.seed) if d.val_lesions else None
                 self.val_slices = ValidationSlices(
                     d.corpus, val_rows, self.contract, part, lesions=val_lesions, pixels=d.val_zoom
                 )
