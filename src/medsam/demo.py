@@ -174,19 +174,14 @@ def _lesion_sample(sample: Sample, out: Path) -> tuple[Path, np.ndarray]:
     """A 2D sample with its synthetic lesions pasted in (:func:`medsam.train.lesions.paste_lesions`,
     inside the sample's labelled structures, from its ``lesion_seed``): the image written to
     ``out`` as PNG, and the lesion label map (``k + 1`` for ``sample.lesions[k]``)."""
-    from PIL import Image
-
     from .io import read_image
-    from .io.atomic import atomic_output
+    from .overlay import save_png
     from .train.lesions import paste_lesions
 
     image = np.asarray(read_image(sample.image).array)
     hosts = np.asarray(read_image(sample.label).array)
     image, lesions = paste_lesions(image, hosts, np.random.default_rng(sample.lesion_seed), sample.lesions)
-    path = out / f"{sample.name}_image.png"
-    with atomic_output(path) as tmp:
-        Image.fromarray(image).save(tmp, format="PNG")
-    return path, lesions
+    return save_png(image, out / f"{sample.name}_image.png"), lesions
 
 
 def _run_sample(sample: Sample, model, out: Path, log, zoom=None) -> dict:

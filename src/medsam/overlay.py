@@ -54,7 +54,7 @@ def render_overlay(
 
 
 def save_png(array: np.ndarray, path: str | Path) -> Path:
-    """Write an (H, W, 3) uint8 picture as PNG atomically."""
+    """Write an (H, W, 3) or (H, W) uint8 picture as PNG atomically."""
     from PIL import Image
 
     from .io.atomic import atomic_output
