@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml
 # across cores). --dist loadfile keeps each module, and its module-scoped fixtures, in one worker.
 # MEDSAM_TEST_WORKERS=0 runs serially.
 test: venv lint
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $${MEDSAM_TEST_WORKERS:-2} --dist loadfile
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $${MEDSAM_TEST_WORKERS:-2} --dist loadfile --durations=20
 
 # ruff (lint and format) over the tree, mypy over the public API (pyproject.toml says which files).
 lint: venv
