@@ -27,7 +27,7 @@ import torch
 
 from .errors import PromptError as PromptError  # re-exported: predictor.PromptError
 from .model.sam import DecoderOutput, MedSAMModel
-from .preprocess import Contract, ImageGeometry, get_contract
+from .preprocess import Contract, ImageGeometry, model_contract
 from .preprocess_fast import prepare_image_fast
 from .prompt_checks import CheckedPrompts, check_prompts, multimask_mode
 from .zoom import ZoomPolicy, lowest_score, resolve_zoom, should_zoom, zoom_window
@@ -197,6 +197,10 @@ class Predictor:
             (on for networks of at most 256 px, such as LiteMedSAM and the embedded default);
             ``True``: the default :class:`~medsam.zoom.ZoomPolicy`; ``False``/``None``: never;
             or a policy. :attr:`zoom` holds the resolved policy (None when off).
+        mask_threshold: the threshold on the contract's scores that makes a mask; default: the
+            one the model was calibrated to (``model.mask_threshold``, kept in its checkpoint;
+            the embedded default has one), else the contract's standard (0.5 on probabilities,
+            0 on logits). :attr:`contract` holds it (``contract.threshold``).
     """
 
     def __init__(
@@ -206,6 +210,7 @@ class Predictor:
         precision: str | None = None,
         exact_preprocessing: bool = False,
         zoom: ZoomPolicy | bool | str | None = "auto",
+        mask_threshold: float | None = None,
     ) -> None:
         chosen = precision or getattr(model, "preferred_precision", "fp32")
         if chosen not in ("fp32", "bf16", "auto"):
@@ -214,7 +219,7 @@ class Predictor:
         self.model = model
         self.precision = resolve_precision(chosen, self.model.device)
         self.exact_preprocessing = exact_preprocessing
-        self.contract = get_contract(contract or model.contract, model.input_size)
+        self.contract = model_contract(model, contract, mask_threshold)
         self.zoom: ZoomPolicy | None = resolve_zoom(zoom, self.contract.input_size)
         self.crop_predictor: Predictor | None = None  # made at the first zoomed box
         self._embedding: torch.Tensor | None = None
@@ -459,6 +464,7 @@ class Predictor:
             precision=self.precision,
             exact_preprocessing=self.exact_preprocessing,
             zoom=False,
+            mask_threshold=self.contract.threshold,
         )
 
     def _set_crop(self, crops: Predictor, window: np.ndarray) -> None:

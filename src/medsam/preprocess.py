@@ -34,7 +34,9 @@ upscaling; the LiteMedSAM release used OpenCV's INTER_AREA, which agrees up to r
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -105,14 +107,27 @@ def _chw_tensor(x: np.ndarray) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Contract:
-    """A named preprocessing contract for a model whose square input side is ``input_size``."""
+    """A named preprocessing contract for a model whose square input side is ``input_size``.
+
+    ``mask_threshold``: the threshold on :meth:`mask_scores` that makes a mask, where a model
+    was calibrated to another one than the contract's standard (0.5 on probabilities, 0 on
+    logits; :attr:`threshold`); None = the standard.
+    """
 
     name: str
     input_size: int
+    mask_threshold: float | None = None
 
     def __post_init__(self) -> None:
         if self.name not in CONTRACT_NAMES:
             raise ValueError(f"unknown preprocessing contract {self.name!r}; known: {CONTRACT_NAMES}")
+        t = self.mask_threshold
+        if t is not None:
+            on_probabilities = self.name in _PROBABILITY_SCORES
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+                raise ValueError(f"mask threshold must be a finite number, got {t!r}")
+            if on_probabilities and not 0.0 < t < 1.0:
+                raise ValueError(f"the {self.name!r} contract thresholds probabilities: 0 < threshold < 1, got {t}")
 
     # ------------------------------------------------------------------ image
     def geometry(self, original_size: tuple[int, int]) -> ImageGeometry:
@@ -210,11 +225,29 @@ class Contract:
         return torch.sigmoid(F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False))
 
     @property
+    def standard_threshold(self) -> float:
+        """The contract's own threshold: 0.5 on probabilities (``medsam``, ``lite``), else 0 on logits."""
+        return 0.5 if self.name in _PROBABILITY_SCORES else 0.0
+
+    @property
     def threshold(self) -> float:
-        """Threshold applied to :meth:`mask_scores` (0.5 on probabilities, 0 on SAM logits)."""
-        return 0.0 if self.name in ("sam", "sam2", "medsam2") else 0.5
+        """Threshold applied to :meth:`mask_scores`: ``mask_threshold``, else :attr:`standard_threshold`."""
+        return self.standard_threshold if self.mask_threshold is None else float(self.mask_threshold)
 
 
-def get_contract(name: str, input_size: int) -> Contract:
+_PROBABILITY_SCORES = ("medsam", "lite")  # mask_scores are probabilities; logits for the others
+
+
+def get_contract(name: str, input_size: int, mask_threshold: float | None = None) -> Contract:
     """The contract ``name`` (one of :data:`CONTRACT_NAMES`) for a model of input side S."""
-    return Contract(name, input_size)
+    return Contract(name, input_size, mask_threshold)
+
+
+def model_contract(model: Any, contract: str | None = None, mask_threshold: float | None = None) -> Contract:
+    """The contract ``model`` segments with: its own (``model.contract``) or ``contract``, with
+    ``mask_threshold`` if given, else the threshold the model was calibrated to
+    (``model.mask_threshold``, kept in its checkpoint) when the contract is its own."""
+    name = contract or model.contract
+    if mask_threshold is None and name == model.contract:
+        mask_threshold = getattr(model, "mask_threshold", None)
+    return Contract(name, model.input_size, mask_threshold)

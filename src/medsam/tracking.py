@@ -36,7 +36,7 @@ from .errors import PromptError
 from .intensity import minmax_to_uint8
 from .model.sam2 import SAM2Model
 from .model.sam2_tracking import FrameFeatures, FrameOutput, SAM2Tracker, Track, frame_features
-from .preprocess import get_contract
+from .preprocess import model_contract
 from .volume import Box2D, Box3D, Clicks2D, KeyBoxes, KeyMasks, Mask2D, VolumeSegmentation
 from .volume_prompts import as_prompt, make_tracks
 
@@ -78,7 +78,7 @@ def track_volume(
     S, H, W = frames.shape[:3]
     prompts = [as_prompt(b) for b in boxes]
     plans = _object_plans(prompts, key_slices, S, H, W)
-    the_contract = get_contract(contract or model.contract, model.input_size)
+    the_contract = model_contract(model, contract)
     geometry = the_contract.geometry((H, W))
     tracker = SAM2Tracker(model, fill_hole_area=fill_hole_area)
     device = model.device

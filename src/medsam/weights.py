@@ -31,7 +31,7 @@ from .model.registry import CONFIGS, ModelConfig, build_model
 from .model.sam import MedSAMModel
 from .model.sam2 import SAM2_CONFIGS, SAM2Config, SAM2Model
 from .model.sam_med3d import SAM_MED3D_CONFIGS, SamMed3DConfig, SamMed3DModel
-from .preprocess import CONTRACT_NAMES
+from .preprocess import CONTRACT_NAMES, Contract
 
 PREFIXES = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
 SAFETENSORS_CONFIG_KEY = "medsam_config"
@@ -391,6 +391,12 @@ def load_model(
     except (TypeError, ValueError, RuntimeError, ZeroDivisionError, KeyError) as exc:
         raise CheckpointError(f"{checkpoint}: the model configuration does not build a model ({exc})") from None
     _load_strict(model, state, checkpoint)
+    threshold = metadata.get("mask_threshold")
+    if threshold is not None and chosen == metadata.get("contract") and hasattr(model, "mask_threshold"):
+        try:  # the threshold the model was calibrated to, valid for its contract
+            model.mask_threshold = Contract(chosen, model.input_size, threshold).mask_threshold
+        except ValueError as exc:
+            raise CheckpointError(f"{checkpoint}: stored mask_threshold: {exc}") from None
     return model.to(pick_device(device)).eval()
 
 
@@ -416,7 +422,8 @@ def _load_strict(model: AnyModel, state: Mapping[str, torch.Tensor], path: objec
 
 
 def save_model(model: AnyModel, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
-    """Write ``model`` as safetensors (config and contract in its metadata) plus a JSON sidecar.
+    """Write ``model`` as safetensors (config and contract in its metadata, and its calibrated
+    ``mask_threshold`` when it has one) plus a JSON sidecar.
 
     ``path`` is the ``.safetensors`` file; the sidecar is the same name with ``.json``. Both are
     written atomically (temporary file, then rename).
@@ -428,6 +435,9 @@ def save_model(model: AnyModel, path: str | os.PathLike[str], extra: dict[str, A
         path = path.with_suffix(".safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
     info = {"config": model.config.to_dict(), "contract": model.contract, **(extra or {})}
+    threshold = getattr(model, "mask_threshold", None)
+    if threshold is not None:
+        info["mask_threshold"] = float(threshold)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_output(path) as tmp:
         save_file(tensors, str(tmp), metadata={SAFETENSORS_CONFIG_KEY: json.dumps(info)})

@@ -31,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     family = {"hiera": "SAM2 family", "vit3d": "SAM-Med3D, native 3D"}.get(encoder, "SAM / MedSAM family")
     unit = "voxel cube" if encoder == "vit3d" else "px"
     print(f"architecture: {model.config.name} ({encoder} encoder, {family}), input {model.input_size} {unit}")
-    print(f"contract: {model.contract}")
+    threshold = getattr(model, "mask_threshold", None)
+    print(f"contract: {model.contract}" + ("" if threshold is None else f", mask threshold {threshold:g} (calibrated)"))
     print(f"parameters: {n / 1e6:.1f} M")
     if getattr(model, "is_untrained_default", False):
         print("weights: random (no trained default model bundled)")

@@ -128,6 +128,10 @@ def contract_spec(contract: Contract, embedding_size: int) -> dict[str, Any]:
         }
     else:  # the SAM2 family's contracts: its models are not exported to ONNX
         raise ValueError(f"no ONNX contract description for {name!r}: ONNX export takes SAM, MedSAM and LiteMedSAM")
+    if contract.mask_threshold is not None:  # a model calibrated to another threshold
+        standard = spec["mask"]["threshold"]
+        spec["mask"]["threshold"] = float(contract.mask_threshold)
+        spec["mask"]["rule"] = spec["mask"]["rule"].replace(f"> {standard:g}", f"> {contract.mask_threshold:g}")
     spec["prompts"].update(
         {
             "frame": "pixels, x to the right (column), y down (row); boxes [x0, y0, x1, y1] with "
@@ -149,6 +153,9 @@ def check_contract_spec(spec: dict[str, Any]) -> Contract:
         raise ValueError(f"not a medsam contract spec (name must be one of {CONTRACT_NAMES})")
     try:
         contract = Contract(spec["name"], int(spec["input_size"]))
+        threshold = spec["mask"]["threshold"]
+        if threshold != contract.standard_threshold:
+            contract = Contract(contract.name, contract.input_size, threshold)
         expected = contract_spec(contract, int(spec["embedding_size"]))
     except (KeyError, TypeError) as exc:
         raise ValueError(f"incomplete contract spec: {exc}") from None

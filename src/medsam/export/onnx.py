@@ -51,7 +51,7 @@ from torch import nn
 
 from ..io.checksum import sha256_file
 from ..model.sam import MedSAMModel
-from ..preprocess import get_contract
+from ..preprocess import model_contract
 from .contract import contract_spec
 
 FORMAT_NAME = "medsam-onnx"
@@ -326,7 +326,7 @@ def export_onnx(
 
 
 def _export(model, out, opset, quantize, quantize_decoder, points_decoder, contract, verify, seed, start):
-    the_contract = get_contract(contract or model.contract, model.input_size)
+    the_contract = model_contract(model, contract)
     E = model.prompt_encoder.image_embedding_size[0]
     L = model.prompt_encoder.mask_input_size[0]
     S = model.input_size

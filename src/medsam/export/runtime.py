@@ -109,7 +109,9 @@ class OnnxModel:
         self.export_dir = Path(export_dir)
         self.metadata = load_export_metadata(self.export_dir)
         spec = self.metadata["contract"]
-        self.contract = check_contract_spec(spec).name
+        contract = check_contract_spec(spec)
+        self.contract = contract.name
+        self.mask_threshold = contract.mask_threshold  # the exported model's calibrated threshold
         self.name = self.metadata["model"]["name"]
         self._input_size = int(spec["input_size"])
         self._mask_input_size = int(spec["low_res_mask_size"])
@@ -222,6 +224,7 @@ class OnnxPredictor(Predictor):
         providers: onnxruntime execution providers (default CPU).
         exact_preprocessing: as for :class:`~medsam.Predictor`.
         zoom: as for :class:`~medsam.Predictor` (``"auto"``: on for exports of at most 256 px).
+        mask_threshold: as for :class:`~medsam.Predictor` (default: the export's contract's).
 
     ``set_image``, ``set_embedding``, ``predict``, ``embedding``, ``geometry`` are
     :class:`~medsam.Predictor`'s; ``model`` is the :class:`OnnxModel`. ``multimask="all"`` is
@@ -236,18 +239,25 @@ class OnnxPredictor(Predictor):
         providers: Sequence[str] | None = None,
         exact_preprocessing: bool = False,
         zoom: ZoomPolicy | bool | str | None = "auto",
+        mask_threshold: float | None = None,
     ) -> None:
         if precision not in ("fp32", "int8"):
             raise ValueError(f"precision must be 'fp32' or 'int8', got {precision!r}")
         model = OnnxModel(export_dir, int8=precision == "int8", threads=threads, providers=providers)
-        super().__init__(model, precision="fp32", exact_preprocessing=exact_preprocessing, zoom=zoom)
+        super().__init__(
+            model, precision="fp32", exact_preprocessing=exact_preprocessing, zoom=zoom, mask_threshold=mask_threshold
+        )
         self.model: OnnxModel = model
         self.precision = precision
 
     def _make_crop_predictor(self) -> Predictor:
         # The int8 sessions belong to the OnnxModel; the crops go through the same ones.
         return Predictor(
-            self.model, contract=self.contract.name, exact_preprocessing=self.exact_preprocessing, zoom=False
+            self.model,
+            contract=self.contract.name,
+            exact_preprocessing=self.exact_preprocessing,
+            zoom=False,
+            mask_threshold=self.contract.threshold,
         )
 
     @property

@@ -58,6 +58,7 @@ class MedSAMModel(nn.Module):
         self.mask_decoder = mask_decoder
         self.config = config
         self.contract = contract
+        self.mask_threshold: float | None = None  # calibrated mask threshold (checkpoint metadata)
 
     @property
     def input_size(self) -> int:

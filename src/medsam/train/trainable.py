@@ -52,6 +52,9 @@ def build_initial_model(section, seed: int) -> MedSAMModel:
                 f"model.arch is {section.arch!r} but {section.checkpoint} holds a {model.config.name} model; "
                 f"set model.arch: {model.config.name} (or null to take the checkpoint's architecture)"
             )
+        # A calibrated mask threshold belongs to the weights it was chosen for: the trained model
+        # masks at its contract's standard threshold until it is calibrated again.
+        model.mask_threshold = None
         return model.train()
     if section.arch not in CONFIGS:
         raise ValueError(f"unknown model.arch {section.arch!r}; known: {sorted(CONFIGS)}")
