@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.corpus:
         folder, _, rest = spec.partition(":")
         split, _, cap = rest.partition(":")
-        key = f"{Path(folder).name}:{split or 'val'}"
+        key = f"{Path(folder).name}:{split or 'val'}" + (f":{cap}" if cap else "")
         dsc = sweep(model, Path(folder), split or "val", int(cap) if cap else None, grid)
         means[key] = dsc.mean(axis=0).tolist()
         print(f"{key} ({len(dsc)} objects): " + " ".join(f"{t:g}:{m:.4f}" for t, m in zip(grid, means[key])))
