@@ -198,9 +198,9 @@ class Predictor:
             ``True``: the default :class:`~medsam.zoom.ZoomPolicy`; ``False``/``None``: never;
             or a policy. :attr:`zoom` holds the resolved policy (None when off).
         mask_threshold: the threshold on the contract's scores that makes a mask; default: the
-            one the model was calibrated to (``model.mask_threshold``, kept in its checkpoint;
-            the embedded default has one), else the contract's standard (0.5 on probabilities,
-            0 on logits). :attr:`contract` holds it (``contract.threshold``).
+            one the model was calibrated to (``model.mask_threshold``, kept in its checkpoint),
+            else the contract's standard (0.5 on probabilities, 0 on logits). :attr:`contract`
+            holds it (``contract.threshold``).
     """
 
     def __init__(
